@@ -1,0 +1,55 @@
+"""The one mapping between blockwire's exceptions and gRPC status codes (STYLE.md rule 10).
+
+Servers call `abort_with(context, exc)` from their rpc/ layer; clients call `error_from_rpc(err)` to get
+the typed exception back. Unexpected exceptions become INTERNAL with a message that carries no detail
+of the exception (it may hold a path or a secret); the detail goes to the server's log.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NoReturn
+
+import grpc
+
+from blockwire.errors import (
+    ERRORS_BY_CODE,
+    BlockwireError,
+    InvalidArgument,
+)
+
+log = logging.getLogger(__name__)
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status code for an exception: its `code`, or INTERNAL for anything unexpected."""
+    if isinstance(exc, BlockwireError):
+        return grpc.StatusCode[exc.code]
+    return grpc.StatusCode.INTERNAL
+
+
+def abort_with(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    """Ends the RPC with the status that `exc` maps to."""
+    code = status_code(exc)
+    if isinstance(exc, BlockwireError):
+        message = exc.message
+    else:
+        log.error("internal error", exc_info=exc)
+        message = "internal error (a bug); the server log has the details"
+    context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
+
+
+def error_from_rpc(err: grpc.RpcError) -> BlockwireError:
+    """The typed exception for a failed call; the inverse of `status_code`."""
+    code: grpc.StatusCode = err.code()
+    details: str = err.details() or code.name
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, problem = details.partition(": ")
+        return InvalidArgument(field, problem) if problem else InvalidArgument("request", details)
+    cls = ERRORS_BY_CODE.get(code.name)
+    if cls is None:
+        error = BlockwireError(details)
+        error.code = code.name
+        return error
+    return cls(details)

@@ -1,0 +1,195 @@
+"""Starting and stopping the real host daemons the host tier needs: tgtd, libvirtd (+virtlogd), udevd.
+
+Each `ensure_*` starts the daemon when it is not already running and returns a handle whose `stop()`
+undoes exactly what was started. Waits are bounded and poll the daemon's own control socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TGT_CONTROL_PORT = 7  # our own tgtd instance: socket /var/run/tgtd/socket.7, never the system one
+
+
+class Missing(Exception):
+    """A requirement of the host tier is missing; the message says which and how to get it."""
+
+
+def _wait_for(what: str, ready: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not ready():
+        if time.monotonic() > deadline:
+            raise Missing(f"{what} did not become ready within {timeout:.0f}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.25)
+
+
+def _need(binary: str, package: str) -> str:
+    places = (f"/usr/sbin/{binary}", f"/sbin/{binary}", f"/lib/systemd/{binary}")
+    path = shutil.which(binary) or next((p for p in places if os.access(p, os.X_OK)), None)
+    if path is None:
+        raise Missing(f"{binary} not found: apt-get install {package} (scripts/test does this)")
+    return path
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        raise Missing("needs root (tgtd, libvirtd, udevd and loop devices)")
+
+
+@dataclass
+class Tgtd:
+    """A tgtd instance of our own, on the portals given."""
+
+    portals: tuple[str, ...]
+    control_port: int = TGT_CONTROL_PORT
+    proc: subprocess.Popen[bytes] | None = None
+    tgtadm: str = "tgtadm"
+
+    def adm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.tgtadm, "-C", str(self.control_port), "--lld", "iscsi", *args],
+            check=check,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def start(self) -> None:
+        tgtd = _need("tgtd", "tgt")
+        self.tgtadm = _need("tgtadm", "tgt")
+        Path("/var/run/tgtd").mkdir(parents=True, exist_ok=True)
+        first, *rest = self.portals
+        self.proc = subprocess.Popen(
+            [tgtd, "-f", "-C", str(self.control_port), "--iscsi", f"portal={first}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                raise Missing(f"tgtd exited with {self.proc.returncode}: {err.strip()[:300]}")
+            return self.adm("--op", "show", "--mode", "target", check=False).returncode == 0
+
+        _wait_for("tgtd", ready, 10)
+        for portal in rest:
+            self.adm("--op", "new", "--mode", "portal", "--param", f"portal={portal}")
+
+    def stop(self) -> None:
+        """tgtd ignores SIGTERM: take it offline and delete the system, then reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        subprocess.run(
+            [
+                self.tgtadm,
+                "-C",
+                str(self.control_port),
+                "--op",
+                "update",
+                "--mode",
+                "sys",
+                "--name",
+                "State",
+                "-v",
+                "offline",
+            ],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        subprocess.run(
+            [self.tgtadm, "-C", str(self.control_port), "--op", "delete", "--mode", "system"],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop and start again: the new tgtd has forgotten every target (what a crash does)."""
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Started:
+    """Daemons this process started, to be stopped in reverse order."""
+
+    stops: list[Callable[[], None]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        while self.stops:
+            self.stops.pop()()
+
+
+def _pid_alive(pidfile: str) -> bool:
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def ensure_libvirtd(started: Started) -> None:
+    """Starts virtlogd and libvirtd (no systemd here) unless running; waits until virsh answers."""
+    libvirtd = _need("libvirtd", "libvirt-daemon-system")
+    virtlogd = _need("virtlogd", "libvirt-daemon-system")
+    _need("qemu-system-x86_64", "qemu-system-x86")
+    virsh = _need("virsh", "libvirt-clients")
+
+    def answers() -> bool:
+        return (
+            subprocess.run(
+                [virsh, "-c", "qemu:///system", "version"], capture_output=True, timeout=30, check=False
+            ).returncode
+            == 0
+        )
+
+    if answers():
+        return
+    if not _pid_alive("/run/virtlogd.pid"):
+        subprocess.run([virtlogd, "-d"], check=True, timeout=30)
+    if not _pid_alive("/run/libvirtd.pid"):
+        subprocess.run([libvirtd, "-d"], check=True, timeout=30)
+
+        def stop_libvirtd() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(Path("/run/libvirtd.pid").read_text()), signal.SIGTERM)
+
+        started.stops.append(stop_libvirtd)
+    _wait_for("libvirtd", answers, 60)
+
+
+def ensure_udevd(started: Started) -> None:
+    """Starts systemd-udevd unless running."""
+    udevd = _need("systemd-udevd", "udev")
+    adm = _need("udevadm", "udev")
+    if subprocess.run(["pgrep", "-x", "systemd-udevd"], capture_output=True, check=False).returncode == 0:
+        return
+    subprocess.run([udevd, "--daemon"], check=True, timeout=30)
+    started.stops.append(lambda: subprocess.run([adm, "control", "--exit"], check=False, timeout=30))
+    _wait_for(
+        "udevd",
+        lambda: (
+            subprocess.run(
+                [adm, "control", "--ping"], capture_output=True, check=False, timeout=10
+            ).returncode
+            == 0
+        ),
+        20,
+    )
