@@ -7,10 +7,21 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import tier_unavailable
-from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd, ensure_udevd, need_root
+from tests.host.daemons import (
+    Missing,
+    Started,
+    Tgtd,
+    ensure_libvirtd,
+    ensure_udevd,
+    free_port,
+    free_tgt_control_port,
+    need_root,
+)
 
-# Two portals on loopback addresses: two paths to every LUN.
-PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
+# Two portals on two loopback addresses: two paths to every LUN. The port and the tgtd control port are
+# chosen free per test session, so parallel runs never share a tgtd: use `tgtd.portals` and
+# `tgtd.control_port`, never literals.
+PORTAL_HOSTS = ("127.0.0.1", "127.0.0.2")
 
 
 @pytest.fixture(scope="session")
@@ -29,12 +40,14 @@ def host_daemons() -> Iterator[Started]:
 
 @pytest.fixture(scope="session")
 def tgtd() -> Iterator[Tgtd]:
-    daemon = Tgtd(portals=PORTALS)
     try:
         need_root()
+        port = free_port(PORTAL_HOSTS)
+        daemon = Tgtd(
+            portals=tuple(f"{h}:{port}" for h in PORTAL_HOSTS), control_port=free_tgt_control_port()
+        )
         daemon.start()
     except Missing as exc:
-        daemon.stop()
         tier_unavailable("host", str(exc))
     yield daemon
     daemon.stop()

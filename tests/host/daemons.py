@@ -10,13 +10,14 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TGT_CONTROL_PORT = 7  # our own tgtd instance: socket /var/run/tgtd/socket.7, never the system one
+TGT_CONTROL_PORT = 7  # first control port tried: socket /var/run/tgtd/socket.N, never the system one (0)
 
 
 class Missing(Exception):
@@ -39,6 +40,39 @@ def _need(binary: str, package: str) -> str:
     if path is None:
         raise Missing(f"{binary} not found: apt-get install {package} (scripts/test does this)")
     return path
+
+
+def free_tgt_control_port(start: int = TGT_CONTROL_PORT) -> int:
+    """A tgtd control port whose socket nobody holds, so parallel test runs never share a tgtd."""
+    for n in range(start, start + 200):
+        sock = Path(f"/var/run/tgtd/socket.{n}")
+        if not sock.exists():
+            return n
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            sock.unlink(missing_ok=True)  # stale socket of a dead tgtd
+            return n
+        finally:
+            probe.close()
+    raise Missing("no free tgtd control port")
+
+
+def free_port(hosts: tuple[str, ...]) -> int:
+    """A TCP port free on every one of `hosts` (loopback addresses) at the time of the call."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((hosts[0], 0))
+            port = int(s.getsockname()[1])
+        try:
+            for h in hosts[1:]:
+                with socket.socket() as t:
+                    t.bind((h, port))
+        except OSError:
+            continue
+        return port
+    raise Missing("no TCP port free on all of " + ", ".join(hosts))
 
 
 def need_root() -> None:
