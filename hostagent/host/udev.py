@@ -1,0 +1,187 @@
+"""Waiting on udev (STYLE.md rule 4): a device is ready when udev says so, never after a fixed sleep.
+
+Every wait follows the same order, so that no event can be missed:
+1. start a netlink monitor (source 'udev': events after udev's rules ran and its database is written),
+2. run the trigger (the login, the scan, the map creation) if any,
+3. look at what already exists (enumeration of the udev database),
+4. wait for a matching event until the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from blockwire.errors import DeadlineExceeded, Unavailable
+from hostagent.host.clock import Deadline
+
+log = logging.getLogger(__name__)
+
+_POLL_SLICE = 0.5  # seconds; only bounds how often the deadline is re-checked, events wake us at once
+
+
+@dataclass(frozen=True)
+class UdevDevice:
+    """A device as udev describes it. `action` is "" for a device found by enumeration."""
+
+    sys_name: str
+    sys_path: str = ""
+    subsystem: str = "block"
+    device_node: str = ""
+    action: str = ""
+    properties: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    links: tuple[str, ...] = ()
+    size_bytes: int | None = None
+
+    @property
+    def wwn(self) -> str:
+        """The SCSI identity udev derived (ID_WWN_WITH_EXTENSION / ID_SERIAL), normalized by the caller."""
+        return self.properties.get("ID_WWN_WITH_EXTENSION", "") or self.properties.get("ID_WWN", "")
+
+
+Match = Callable[[UdevDevice], bool]
+
+
+class UdevWaiter(Protocol):
+    """What connectors are given to wait for devices."""
+
+    def wait_for(
+        self,
+        subsystem: str,
+        match: Match,
+        deadline: Deadline,
+        *,
+        trigger: Callable[[], None] | None = None,
+        what: str = "device",
+    ) -> UdevDevice:
+        """The first device (existing or announced) that matches; DeadlineExceeded otherwise."""
+        ...
+
+    def wait_gone(
+        self,
+        subsystem: str,
+        match: Match,
+        deadline: Deadline,
+        *,
+        trigger: Callable[[], None] | None = None,
+        what: str = "device",
+    ) -> None:
+        """Returns once no device matches (each matching one was removed); DeadlineExceeded otherwise."""
+        ...
+
+    def find(self, subsystem: str, match: Match) -> list[UdevDevice]:
+        """Devices that match now (no wait)."""
+        ...
+
+
+def _size(dev: Any) -> int | None:
+    try:
+        raw = dev.attributes.get("size")
+    except (KeyError, OSError):
+        return None
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return int(text.strip()) * 512 if text.strip().isdigit() else None
+
+
+def _describe(dev: Any, action: str) -> UdevDevice:
+    return UdevDevice(
+        sys_name=dev.sys_name,
+        sys_path=dev.sys_path,
+        subsystem=dev.subsystem or "",
+        device_node=dev.device_node or "",
+        action=action,
+        properties=MappingProxyType(dict(dev.properties)),
+        links=tuple(sorted(dev.device_links)),
+        size_bytes=_size(dev) if action != "remove" else None,
+    )
+
+
+class PyudevWaiter:
+    """The real UdevWaiter: pyudev's netlink monitor and udev database."""
+
+    def __init__(self) -> None:
+        import pyudev  # noqa: PLC0415 - imported on first use: unit tests never need it
+
+        self._pyudev = pyudev
+        self._context = pyudev.Context()
+
+    def _monitor(self, subsystem: str) -> Any:
+        try:
+            monitor = self._pyudev.Monitor.from_netlink(self._context, source="udev")
+            monitor.filter_by(subsystem=subsystem)
+            monitor.start()
+        except OSError as exc:
+            raise Unavailable(
+                f"cannot listen to udev events: {exc.strerror} (is systemd-udevd running?)"
+            ) from exc
+        return monitor
+
+    def find(self, subsystem: str, match: Match) -> list[UdevDevice]:
+        found = []
+        for dev in self._context.list_devices(subsystem=subsystem):
+            if not dev.is_initialized:
+                continue
+            desc = _describe(dev, "")
+            if match(desc):
+                found.append(desc)
+        return found
+
+    def wait_for(
+        self,
+        subsystem: str,
+        match: Match,
+        deadline: Deadline,
+        *,
+        trigger: Callable[[], None] | None = None,
+        what: str = "device",
+    ) -> UdevDevice:
+        monitor = self._monitor(subsystem)
+        try:
+            if trigger is not None:
+                trigger()
+            existing = self.find(subsystem, match)
+            if existing:
+                log.debug("%s already present: %s", what, existing[0].sys_name)
+                return existing[0]
+            while not deadline.expired():
+                dev = monitor.poll(timeout=min(_POLL_SLICE, max(deadline.remaining(), 0.001)))
+                if dev is None or dev.action == "remove":
+                    continue
+                desc = _describe(dev, dev.action or "")
+                if match(desc):
+                    log.debug("%s appeared: %s %s", what, desc.action, desc.sys_name)
+                    return desc
+        finally:
+            monitor.stop()
+        raise DeadlineExceeded(f"{what} did not appear within {deadline.seconds:g}s")
+
+    def wait_gone(
+        self,
+        subsystem: str,
+        match: Match,
+        deadline: Deadline,
+        *,
+        trigger: Callable[[], None] | None = None,
+        what: str = "device",
+    ) -> None:
+        monitor = self._monitor(subsystem)
+        try:
+            if trigger is not None:
+                trigger()
+            remaining = {d.sys_path for d in self.find(subsystem, match)}
+            while remaining and not deadline.expired():
+                dev = monitor.poll(timeout=min(_POLL_SLICE, max(deadline.remaining(), 0.001)))
+                if dev is not None and dev.action == "remove":
+                    remaining.discard(dev.sys_path)
+                if dev is None:
+                    # A device may have gone between enumeration and the monitor's first event.
+                    remaining = {d.sys_path for d in self.find(subsystem, match)}
+        finally:
+            monitor.stop()
+        if remaining:
+            raise DeadlineExceeded(f"{what} was not removed within {deadline.seconds:g}s")

@@ -1,0 +1,333 @@
+"""libvirt: the ONLY module that imports it (STYLE.md rule 2). Implements `Hypervisor`.
+
+* attach: attachDeviceFlags with AFFECT_LIVE, plus AFFECT_CONFIG when asked and the domain is
+  persistent (transient domains reject CONFIG); target names are allocated under a per-domain lock from
+  the live (and persistent) XML, so concurrent attaches never collide.
+* detach: detachDeviceFlags, then wait for VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED (or REMOVAL_FAILED) for
+  the disk's alias, with a deadline. Events come from libvirt's default event loop, run by one thread.
+* libvirt errors are mapped to the blockwire error tree here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import libvirt
+from lxml import etree
+
+from blockwire.errors import (
+    BlockwireError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from blockwire.secret import Secret
+from hostagent.host.clock import Deadline
+from hostagent.model import Bus
+from hostagent.virt.diskxml import DiskSpec, LiveDisk, disk_xml, next_target_dev, parse_domain_disks
+from hostagent.virt.hypervisor import DomainInfo
+
+log = logging.getLogger(__name__)
+
+_SECRET_USAGE = {"iscsi": libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, "ceph": libvirt.VIR_SECRET_USAGE_TYPE_CEPH}
+_CONNECTION_ERRORS = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    getattr(libvirt, "VIR_ERR_AUTH_UNAVAILABLE", -1),
+}
+
+# libvirt's default event implementation is process-wide by libvirt's design: it may be registered
+# once per process. This guard is the only process-wide state of the agent.
+_event_impl_lock = threading.Lock()
+_event_impl_started = False
+
+
+def _start_event_loop() -> None:
+    global _event_impl_started  # noqa: PLW0603 - see the comment above
+    with _event_impl_lock:
+        if _event_impl_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        # libvirt prints every error to stderr by default; errors reach us as exceptions instead.
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+        def run() -> None:
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except libvirt.libvirtError:
+                    log.exception("libvirt event loop iteration failed")
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_impl_started = True
+
+
+def map_libvirt_error(exc: libvirt.libvirtError, what: str) -> BlockwireError:  # noqa: PLR0911
+    """The blockwire error for a libvirtError; the message says what failed and libvirt's reason."""
+    code = exc.get_error_code()
+    text = str(exc.get_error_message() or exc)
+    message = f"{what}: {text}"
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return NotFound(message)
+    if code == libvirt.VIR_ERR_NO_SECRET:
+        return NotFound(message)
+    if "Authentication failure" in text or "(513)" in text or code == libvirt.VIR_ERR_AUTH_FAILED:
+        return PermissionDenied(f"{message} (check the CHAP credentials and the target's ACL)")
+    if "Target not found" in text or "(515)" in text:
+        return NotFound(f"{message} (the target is not exported to this host)")
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return DeadlineExceeded(message)
+    if code in _CONNECTION_ERRORS:
+        return Unavailable(f"{message} (is libvirtd running?)")
+    if code == libvirt.VIR_ERR_OPERATION_INVALID:
+        return FailedPrecondition(message)
+    return FailedPrecondition(message)
+
+
+def _raise(exc: libvirt.libvirtError, what: str) -> NoReturn:
+    raise map_libvirt_error(exc, what) from exc
+
+
+class LibvirtHypervisor:
+    """The real Hypervisor on a libvirt connection (`qemu:///system` by default)."""
+
+    def __init__(self, uri: str = "qemu:///system") -> None:
+        self.uri = uri
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._domain_locks: dict[str, threading.Lock] = {}
+        self._waiters: dict[tuple[str, str], tuple[threading.Event, list[str]]] = {}
+        self._waiters_lock = threading.Lock()
+        self._callback_ids: list[int] = []
+
+    # -- connection and events --------------------------------------------------------------------
+    def _connection(self) -> Any:
+        with self._lock:
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                self._conn = None
+            _start_event_loop()
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise Unavailable(
+                    f"cannot connect to libvirt at {self.uri}: {exc} (is libvirtd running?)"
+                ) from exc
+            conn.setKeepAlive(5, 3)
+            self._callback_ids = [
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None
+                ),
+                conn.domainEventRegisterAny(
+                    None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed, None
+                ),
+            ]
+            self._conn = conn
+            return conn
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                for cid in self._callback_ids:
+                    try:
+                        self._conn.domainEventDeregisterAny(cid)
+                    except libvirt.libvirtError:
+                        log.debug("deregistering event callback %d failed", cid)
+                try:
+                    self._conn.close()
+                except libvirt.libvirtError:
+                    log.debug("closing the libvirt connection failed")
+                self._conn = None
+
+    def _signal(self, dom: Any, alias: str, outcome: str) -> None:
+        with self._waiters_lock:
+            waiter = self._waiters.get((dom.UUIDString(), alias))
+        if waiter is not None:
+            waiter[1].append(outcome)
+            waiter[0].set()
+
+    def _on_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
+        log.debug("DEVICE_REMOVED %s %s", dom.name(), alias)
+        self._signal(dom, alias, "removed")
+
+    def _on_removal_failed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
+        log.debug("DEVICE_REMOVAL_FAILED %s %s", dom.name(), alias)
+        self._signal(dom, alias, "failed")
+
+    # -- domains ----------------------------------------------------------------------------------
+    def _domain(self, domain: str) -> Any:
+        conn = self._connection()
+        try:
+            try:
+                return conn.lookupByName(domain)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                try:
+                    uuidlib.UUID(domain)
+                except ValueError:
+                    raise exc from None
+                return conn.lookupByUUIDString(domain)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"domain {domain!r} does not exist on this host") from exc
+            _raise(exc, f"looking up domain {domain!r}")
+
+    def lookup(self, domain: str) -> DomainInfo:
+        dom = self._domain(domain)
+        try:
+            return DomainInfo(dom.name(), dom.UUIDString(), bool(dom.isPersistent()), bool(dom.isActive()))
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"reading domain {domain!r}")
+
+    def _xml(self, dom: Any, inactive: bool = False) -> str:
+        try:
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0))
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"reading the XML of domain {dom.name()!r}")
+
+    def disks(self, domain: str) -> list[LiveDisk]:
+        return parse_domain_disks(self._xml(self._domain(domain)))
+
+    def _domain_lock(self, uuid: str) -> threading.Lock:
+        with self._lock:
+            return self._domain_locks.setdefault(uuid, threading.Lock())
+
+    def attach_disk(
+        self,
+        domain: str,
+        build: Callable[[str], DiskSpec],
+        *,
+        bus: Bus,
+        preferred_target: str = "",
+        persistent: bool = False,
+    ) -> DiskSpec:
+        dom = self._domain(domain)
+        with self._domain_lock(dom.UUIDString()):
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+            used = {d.spec.target_dev for d in parse_domain_disks(self._xml(dom))}
+            if persistent and dom.isPersistent():
+                flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+                used |= {d.spec.target_dev for d in parse_domain_disks(self._xml(dom, inactive=True))}
+            spec = build(next_target_dev(bus, used, preferred_target))
+            xml = disk_xml(spec)
+            log.debug("attaching to %s: %s", dom.name(), xml)
+            try:
+                dom.attachDeviceFlags(xml, flags)
+            except libvirt.libvirtError as exc:
+                _raise(exc, f"attaching {spec.target_dev} to domain {dom.name()!r}")
+            return spec
+
+    def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
+        dom = self._domain(domain)
+        uuid = dom.UUIDString()
+        with self._domain_lock(uuid):
+            live = _disk_elements(self._xml(dom))
+            config = _disk_elements(self._xml(dom, inactive=True)) if dom.isPersistent() else {}
+            if target_dev not in live:
+                if target_dev in config:
+                    self._detach(dom, config[target_dev], libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                    return True
+                return False
+            element = live[target_dev]
+            alias_el = element.find("alias")
+            alias = alias_el.get("name", "") if alias_el is not None else ""
+            flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
+            if target_dev in config:
+                flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
+            done = threading.Event()
+            outcome: list[str] = []
+            key = (uuid, alias)
+            with self._waiters_lock:
+                self._waiters[key] = (done, outcome)
+            try:
+                self._detach(dom, element, flags)
+                done.wait(deadline.remaining())
+            finally:
+                with self._waiters_lock:
+                    self._waiters.pop(key, None)
+            if outcome and outcome[-1] == "failed":
+                raise FailedPrecondition(f"domain {dom.name()!r} refused to release {target_dev}")
+            if target_dev in _disk_elements(self._xml(dom)):
+                raise DeadlineExceeded(
+                    f"domain {dom.name()!r} did not release {target_dev} within {deadline.seconds:g}s; "
+                    "repeat the detach to finish it"
+                )
+            return True
+
+    def _detach(self, dom: Any, element: etree._Element, flags: int) -> None:
+        xml = etree.tostring(element, encoding="unicode")
+        try:
+            dom.detachDeviceFlags(xml, flags)
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"detaching a disk from domain {dom.name()!r}")
+
+    def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None:
+        dom = self._domain(domain)
+        try:
+            dom.blockResize(target_dev, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"resizing {target_dev} of domain {dom.name()!r}")
+
+    # -- secrets ----------------------------------------------------------------------------------
+    def _secret(self, usage: str, secret_type: str) -> Any:
+        conn = self._connection()
+        try:
+            return conn.secretLookupByUsage(_SECRET_USAGE[secret_type], usage)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return None
+            _raise(exc, f"looking up secret {usage!r}")
+
+    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
+        conn = self._connection()
+        secret = self._secret(usage, secret_type)
+        try:
+            if secret is None:
+                root = etree.Element("secret", ephemeral="no", private="yes")
+                etree.SubElement(root, "description").text = "blockwire attachment credential"
+                usage_el = etree.SubElement(root, "usage", type=secret_type)
+                usage_tag = "target" if secret_type == "iscsi" else "name"  # noqa: S105 - a tag name
+                etree.SubElement(usage_el, usage_tag).text = usage
+                secret = conn.secretDefineXML(etree.tostring(root, encoding="unicode"))
+            secret.setValue(value.reveal().encode())
+            return str(secret.UUIDString())
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"defining secret {usage!r}")
+
+    def undefine_secret(self, usage: str, secret_type: str) -> bool:
+        secret = self._secret(usage, secret_type)
+        if secret is None:
+            return False
+        try:
+            secret.undefine()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                return False
+            _raise(exc, f"removing secret {usage!r}")
+        return True
+
+    def secret_exists(self, usage: str, secret_type: str) -> bool:
+        return self._secret(usage, secret_type) is not None
+
+
+def _disk_elements(domain_xml: str) -> dict[str, etree._Element]:
+    root = etree.fromstring(domain_xml.encode())
+    found: dict[str, etree._Element] = {}
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            found[target.get("dev", "")] = disk
+    return found

@@ -1,0 +1,62 @@
+"""What the agent needs from the hypervisor, as a Protocol: libvirt lives behind it in domains.py.
+
+The api and the QEMU-native connector are given a `Hypervisor`; the unit and contract tiers give them a
+fake (tests/fakes/hypervisor.py), the host tier the real `LibvirtHypervisor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from blockwire.secret import Secret
+from hostagent.host.clock import Deadline
+from hostagent.model import Bus
+from hostagent.virt.diskxml import DiskSpec, LiveDisk
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    name: str
+    uuid: str
+    persistent: bool
+    running: bool
+
+
+class Hypervisor(Protocol):
+    def lookup(self, domain: str) -> DomainInfo:
+        """The domain by name or UUID; NotFound when there is none."""
+        ...
+
+    def disks(self, domain: str) -> list[LiveDisk]:
+        """The disks of the domain's live XML."""
+        ...
+
+    def attach_disk(
+        self,
+        domain: str,
+        build: Callable[[str], DiskSpec],
+        *,
+        bus: Bus,
+        preferred_target: str = "",
+        persistent: bool = False,
+    ) -> DiskSpec:
+        """Allocates a free target name (per-domain lock), builds the spec with it and hot-plugs it."""
+        ...
+
+    def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
+        """Unplugs the disk and waits for DEVICE_REMOVED. False when there was no such disk (a repeat)."""
+        ...
+
+    def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None: ...
+
+    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
+        """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""
+        ...
+
+    def undefine_secret(self, usage: str, secret_type: str) -> bool:
+        """Removes the secret; False when there was none."""
+        ...
+
+    def secret_exists(self, usage: str, secret_type: str) -> bool: ...
