@@ -107,7 +107,14 @@ class Executor:
         start = time.monotonic()
         try:
             proc = subprocess.run(
-                real, input=data, capture_output=True, text=True, timeout=limit, env=full_env, check=False
+                real,
+                input=data,
+                capture_output=True,
+                text=True,
+                errors="replace",  # binary fields in tool output (SCSI designators) must not crash
+                timeout=limit,
+                env=full_env,
+                check=False,
             )
         except FileNotFoundError as exc:
             raise Unavailable(f"{shown[0]} is not installed or not on PATH") from exc
