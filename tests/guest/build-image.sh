@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Stage 2 of the guest tier's image: the base root from build-base.sh + a venv with the project's
+# dependencies from the wheelhouse -> OUT/{vmlinuz,initrd.img,rootfs.img,versions.txt}. Like stage 1 it
+# writes only into OUT, which tests/guest/image.py renames into the cache on success. Needs root and
+# e2fsprogs (mkfs.ext4 -d: no mount needed). Changing this file changes the cache key.
+#
+#   build-image.sh BASE WHEELHOUSE OUT
+set -euo pipefail
+
+IMAGE_SIZE=6G
+VENV=/opt/blockwire/venv
+
+log() { echo "build-image: $*" >&2; }
+
+# Runs a command chrooted into $1 with /dev, /proc and /sys in a private mount namespace: the mounts go
+# away with the process, even when it fails.
+in_root() {
+  local root=$1
+  shift
+  unshare --mount --propagation private -- /bin/sh -ec '
+    root=$1; shift
+    mount --rbind /dev "$root/dev"
+    mount -t proc proc "$root/proc"
+    mount -t sysfs sysfs "$root/sys"
+    exec chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"
+  ' in_root "$root" "$@"
+}
+
+stage_image() {
+  local base=$1 wheelhouse=$2 out=$3
+  local root=$out/rootfs
+  log "copying the base root"
+  cp -a "$base/rootfs" "$root"
+
+  log "creating $VENV from the wheelhouse"
+  mkdir -p "$root/tmp/wheelhouse"
+  cp "$wheelhouse"/*.whl "$root/tmp/wheelhouse/"
+  # Everything in the wheelhouse except blockwire itself, which each run installs from the checkout.
+  local wheels=()
+  for w in "$root"/tmp/wheelhouse/*.whl; do
+    case "$(basename "$w")" in blockwire-*) ;; *) wheels+=("/tmp/wheelhouse/$(basename "$w")") ;; esac
+  done
+  in_root "$root" /usr/bin/python3 -m venv "$VENV"
+  in_root "$root" "$VENV/bin/pip" install -q --no-index --no-cache-dir --find-links /tmp/wheelhouse \
+    "${wheels[@]}"
+  rm -rf "$root/tmp/wheelhouse"
+
+  {
+    echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "kernel: $(ls "$root/lib/modules")"
+    for p in linux-image-amd64 open-iscsi multipath-tools tgt udev libvirt-daemon qemu-system-x86 \
+      python3 targetcli-fb python3-rtslib-fb sg3-utils lvm2; do
+      echo "$p: $(in_root "$root" dpkg-query -W -f='${Version}' "$p" 2>/dev/null || echo '?')"
+    done
+    echo "venv:"
+    in_root "$root" "$VENV/bin/pip" list --format=freeze 2>/dev/null | sed 's/^/  /'
+  } >"$out/versions.txt"
+
+  log "extracting the kernel and initrd"
+  # The symlinks at / point at the newest installed kernel.
+  cp -L "$root/vmlinuz" "$out/vmlinuz"
+  cp -L "$root/initrd.img" "$out/initrd.img"
+
+  log "making rootfs.img ($IMAGE_SIZE)"
+  mkfs.ext4 -q -F -L blockwire-guest -d "$root" "$out/rootfs.img" "$IMAGE_SIZE"
+  rm -rf "$root"
+}
+
+stage_image "$1" "$2" "$3"

@@ -1,0 +1,241 @@
+"""Helpers for tests that run inside the guest: commands with deadlines, tgt targets, and the kernel's
+iSCSI / SCSI / multipath state (what exists, and making sure nothing is left).
+
+Raw tools only (iscsiadm, tgtadm, multipath, udevadm, sysfs): scenarios use them to set up and to check
+what blockwire's own code did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from tests.host.daemons import Tgtd
+
+T = TypeVar("T")
+
+# open-iscsi exit codes seen in practice (iscsi_err.h)
+ISCSI_ERR_SESS_EXISTS = 15
+ISCSI_ERR_NO_OBJS_FOUND = 21
+ISCSI_ERR_LOGIN_AUTH_FAILED = 24
+
+PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
+BY_PATH = Path("/dev/disk/by-path")
+BY_ID = Path("/dev/disk/by-id")
+SYS_BLOCK = Path("/sys/block")
+
+
+def run(
+    argv: Sequence[str], *, ok: Sequence[int] = (0,), timeout: float = 60, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs argv (no shell); fails the test with the output unless the exit code is in `ok`."""
+    proc = subprocess.run(
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, input=input
+    )
+    if proc.returncode not in ok:
+        raise AssertionError(
+            f"{' '.join(argv)} exited {proc.returncode} (expected {tuple(ok)}):\n{proc.stdout}{proc.stderr}"
+        )
+    return proc
+
+
+def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 60, every: float = 0.1) -> T:
+    """Polls `probe` until it returns something truthy, at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+def settle(timeout: int = 60) -> None:
+    run(["udevadm", "settle", f"--timeout={timeout}"], timeout=timeout + 10)
+
+
+# --- tgt ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Lun:
+    tid: int
+    iqn: str
+    lun: int
+    backing: Path
+
+
+def make_target(
+    tgtd: Tgtd,
+    tid: int,
+    iqn: str,
+    backing: Path,
+    *,
+    size_mb: int = 64,
+    scsi_id: str | None = None,
+    scsi_sn: str | None = None,
+    initiators: str = "ALL",
+) -> Lun:
+    """A tgt target `iqn` with LUN 1 on a sparse file; scsi_id/scsi_sn set the identity it announces."""
+    with backing.open("wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    tgtd.adm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", iqn)
+    tgtd.adm("--op", "new", "--mode", "logicalunit", "--tid", str(tid), "--lun", "1", "-b", str(backing))
+    params = ",".join(
+        p for p in (f"scsi_id={scsi_id}" if scsi_id else "", f"scsi_sn={scsi_sn}" if scsi_sn else "") if p
+    )
+    if params:
+        tgtd.adm(
+            "--op", "update", "--mode", "logicalunit", "--tid", str(tid), "--lun", "1", "--params", params
+        )
+    tgtd.adm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", initiators)
+    return Lun(tid=tid, iqn=iqn, lun=1, backing=backing)
+
+
+def delete_target(tgtd: Tgtd, tid: int) -> None:
+    tgtd.adm("--op", "delete", "--mode", "target", "--tid", str(tid), "--force", check=False)
+
+
+# --- open-iscsi ----------------------------------------------------------------------------------------
+
+
+def node_new(iqn: str, portal: str) -> None:
+    run(["iscsiadm", "-m", "node", "-o", "new", "-T", iqn, "-p", portal])
+
+
+def login(iqn: str, portal: str, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
+    return run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--login"], ok=ok, timeout=120)
+
+
+def logout(iqn: str, portal: str, ok: Sequence[int] = (0,)) -> subprocess.CompletedProcess[str]:
+    return run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, "--logout"], ok=ok, timeout=120)
+
+
+def sessions() -> list[str]:
+    """`iscsiadm -m session` lines ([] when there are none: exit 21)."""
+    proc = run(["iscsiadm", "-m", "session"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def nodes() -> list[str]:
+    proc = run(["iscsiadm", "-m", "node"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    return [line for line in proc.stdout.splitlines() if line.strip()]
+
+
+def by_path_link(portal: str, iqn: str, lun: int = 1) -> Path:
+    return BY_PATH / f"ip-{portal}-iscsi-{iqn}-lun-{lun}"
+
+
+def disk_for(portal: str, iqn: str, lun: int = 1, timeout: float = 60) -> str:
+    """Waits for udev's by-path link of the LUN behind `portal` and returns its kernel name (sdX)."""
+    link = by_path_link(portal, iqn, lun)
+    wait_until(f"{link}", link.exists, timeout)
+    return link.resolve().name
+
+
+# --- multipath ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MapPath:
+    dev: str
+    wwid: str
+    dm_state: str  # active / failed
+    checker: str  # ready / faulty / ...
+
+
+def map_paths() -> list[MapPath]:
+    proc = run(["multipathd", "show", "paths", "raw", "format", "%d %w %t %T"])
+    result = []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] != "dev":
+            result.append(MapPath(*parts))
+    return result
+
+
+def maps() -> dict[str, str]:
+    """name -> WWID of every multipath map multipathd knows."""
+    proc = run(["multipathd", "show", "maps", "raw", "format", "%n %w"])
+    return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
+
+
+def dm_maps() -> list[str]:
+    proc = run(["dmsetup", "ls"])
+    if "No devices found" in proc.stdout:
+        return []
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def map_for(wwid: str) -> str | None:
+    return next((name for name, w in maps().items() if w == wwid), None)
+
+
+# --- SCSI --------------------------------------------------------------------------------------------
+
+
+def scsi_disks() -> list[str]:
+    return sorted(p.name for p in SYS_BLOCK.glob("sd*"))
+
+
+def sysfs_wwid(dev: str) -> str:
+    return (SYS_BLOCK / dev / "device" / "wwid").read_text().strip()
+
+
+def udev_properties(name: str) -> dict[str, str]:
+    proc = run(["udevadm", "info", "--query=property", f"--name={name}"])
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+def iscsi_links() -> list[str]:
+    return sorted(p.name for p in BY_PATH.glob("*-iscsi-*")) if BY_PATH.exists() else []
+
+
+# --- the state a clean host is in ----------------------------------------------------------------------
+
+
+def leftovers() -> dict[str, list[str]]:
+    """What iSCSI/SCSI/multipath state exists; {} on a clean host."""
+    found = {
+        "scsi disks": scsi_disks(),
+        "dm maps": dm_maps(),
+        "iscsi sessions": sessions(),
+        "iscsi node records": nodes(),
+        "by-path links": iscsi_links(),
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def assert_nothing_left() -> None:
+    settle()
+    left = leftovers()
+    assert not left, f"left behind: {left}"
+
+
+def force_cleanup() -> None:
+    """Best effort: flush maps, log out every session, delete every node record (after a failed test)."""
+    with contextlib.suppress(Exception):
+        run(["multipath", "-F"], ok=(0, 1))
+    with contextlib.suppress(Exception):
+        run(["iscsiadm", "-m", "node", "--logoutall=all"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND), timeout=120)
+    with contextlib.suppress(Exception):
+        run(["iscsiadm", "-m", "node", "-o", "delete"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND))
+    with contextlib.suppress(Exception):
+        settle()
+
+
+_DM_NAME = re.compile(r"^dm-\d+$")
+
+
+def dm_device(map_name: str) -> str:
+    """/dev/mapper/NAME -> dm-N."""
+    name = Path("/dev/mapper", map_name).resolve().name
+    assert _DM_NAME.match(name), name
+    return name
