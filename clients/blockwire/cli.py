@@ -115,6 +115,16 @@ _DETACH_EVENTS: Final = (
     hostagent_pb2.EVENT_TYPE_DETACH_FAILED,
 )
 
+_FINAL_EVENTS: Final = frozenset(
+    {
+        hostagent_pb2.EVENT_TYPE_ATTACHED,
+        hostagent_pb2.EVENT_TYPE_ATTACH_FAILED,
+        hostagent_pb2.EVENT_TYPE_DETACHED,
+        hostagent_pb2.EVENT_TYPE_DETACH_FAILED,
+    }
+)
+_FINAL_EVENT_WAIT: Final = 2.0
+
 
 class UsageError(Exception):
     """A command line that cannot work; exits with EXIT_USAGE."""
@@ -366,6 +376,7 @@ class _EventProgress:
         self.ctx = ctx
         self.stream = ctx.agent.watch_events(domain=domain, volume_id=volume_id, types=types)  # type: ignore[arg-type]
         self.thread = threading.Thread(target=self._run, name="blockwire-progress", daemon=True)
+        self.finished = threading.Event()  # the final event was shown, or the stream ended
 
     def _run(self) -> None:
         try:
@@ -378,14 +389,21 @@ class _EventProgress:
                 if event.message:
                     text += f" ({event.message})"
                 print(text, file=self.ctx.stderr, flush=True)
+                if event.type in _FINAL_EVENTS:
+                    self.finished.set()
         except BlockwireError:
             return  # progress is best effort: an agent without events still attaches
+        finally:
+            self.finished.set()
 
     def __enter__(self) -> _EventProgress:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            # The call's answer can overtake its last event: give the event a moment to arrive.
+            self.finished.wait(timeout=_FINAL_EVENT_WAIT)
         self.stream.cancel()
         self.thread.join(timeout=5.0)
 

@@ -1,0 +1,601 @@
+"""The `blockwire` CLI, driven in-process against fake storage and agent servicers over real gRPC."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from blockwire import cli, output
+from blockwire.v1 import types_pb2
+from tests.fakes.agent_servicer import CHAP_PASSWORD, STEPS, FakeAgentServicer
+from tests.fakes.clock import FakeClock
+from tests.fakes.grpc_server import AGENT_SERVICE, Running, serve
+from tests.fakes.storage_servicer import FakeStorageServicer
+
+GIB = 1024**3
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+@dataclass
+class Env:
+    storage: FakeStorageServicer
+    agent: FakeAgentServicer
+    storage_server: Running
+    agent_server: Running
+    capsys: pytest.CaptureFixture[str]
+    clock: FakeClock
+
+    def run(self, *args: str) -> Result:
+        self.capsys.readouterr()
+        argv = ["--storage", self.storage_server.address, "--agent", self.agent_server.address, *args]
+        code = cli.main(argv, clock=self.clock)
+        captured = self.capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    def volume(self, name: str = "data1", size: str = "10G") -> str:
+        r = self.run("--json", "volume", "create", name, size)
+        assert r.code == 0, r.err
+        return str(r.json()["id"])
+
+
+@pytest.fixture
+def env(capsys: pytest.CaptureFixture[str]) -> Iterator[Env]:
+    storage = FakeStorageServicer()
+    agent = FakeAgentServicer(storage, wait_for_watchers=False)
+    with serve(storage) as s, serve(agent) as a:
+        yield Env(storage, agent, s, a, capsys, FakeClock())
+
+
+# volume create
+
+
+def test_volume_create_shows_the_volume(env: Env) -> None:
+    r = env.run("volume", "create", "data1", "10G", "--label", "app=db")
+    assert r.code == 0, r.err
+    assert "name:" in r.out
+    assert "data1" in r.out
+    assert "10GiB (10737418240 bytes)" in r.out
+    assert "available" in r.out
+    assert "app=db" in r.out
+    assert r.err == ""
+
+
+def test_volume_create_json_is_the_proto_json_with_field_names(env: Env) -> None:
+    r = env.run("volume", "create", "data1", "512M", "--json")
+    assert r.code == 0, r.err
+    data = r.json()
+    assert data["name"] == "data1"
+    assert data["size_bytes"] == str(512 * 1024**2)
+    assert data["state"] == "VOLUME_STATE_AVAILABLE"
+    assert data["multiattach"] is False  # zero values are present: a stable shape
+    assert data["attachment_ids"] == []
+    assert set(data) >= {"id", "name", "size_bytes", "state", "backend", "labels", "wwn", "create_time"}
+
+
+def test_volume_create_is_idempotent_and_a_conflict_exits_4(env: Env) -> None:
+    first = env.volume("data1", "10G")
+    assert env.volume("data1", "10G") == first
+    r = env.run("volume", "create", "data1", "20G")
+    assert r.code == cli.EXIT_CONFLICT
+    assert "taken" in r.err
+
+
+@pytest.mark.parametrize("size", ["10X", "ten", "1.5", "1,5G"])
+def test_volume_create_with_a_bad_size_exits_2(env: Env, size: str) -> None:
+    r = env.run("volume", "create", "data1", size)
+    assert r.code == cli.EXIT_USAGE
+    assert "size" in r.err
+    assert env.storage.script.count("CreateVolume") == 0
+
+
+def test_volume_create_without_size_or_source_is_a_usage_error(env: Env) -> None:
+    r = env.run("volume", "create", "data1")
+    assert r.code == cli.EXIT_USAGE
+    assert "SIZE" in r.err
+
+
+def test_volume_create_refused_by_the_service_exits_2(env: Env) -> None:
+    r = env.run("volume", "create", "data1", "1000")  # not a multiple of 1 MiB
+    assert r.code == cli.EXIT_USAGE
+    assert "size_bytes" in r.err
+
+
+def test_volume_create_from_image_waits_and_shows_progress(env: Env) -> None:
+    r = env.run(
+        "--progress",
+        "volume",
+        "create",
+        "root",
+        "2G",
+        "--from-image",
+        "/srv/debian.qcow2",
+        "--image-format",
+        "qcow2",
+    )
+    assert r.code == 0, r.err
+    assert "available" in r.out
+    assert "image /srv/debian.qcow2 (qcow2)" in r.out
+    lines = r.err.splitlines()
+    assert any("creating 33%" in line for line in lines), r.err
+    assert any("creating 66%" in line for line in lines), r.err
+    assert lines[-1] == "root: available"
+
+
+def test_volume_create_no_progress_unless_asked_on_a_pipe(env: Env) -> None:
+    r = env.run("volume", "create", "root", "2G", "--from-image", "/srv/debian.raw")
+    assert r.code == 0
+    assert r.err == ""
+    assert env.storage.script.count("WatchVolume") == 1
+
+
+def test_volume_create_no_wait_returns_while_creating(env: Env) -> None:
+    r = env.run("--json", "volume", "create", "root", "2G", "--from-image", "/srv/x.raw", "--no-wait")
+    assert r.code == 0
+    assert r.json()["state"] == "VOLUME_STATE_CREATING"
+    assert env.storage.script.count("WatchVolume") == 0
+
+
+def test_volume_create_from_a_missing_snapshot_exits_3(env: Env) -> None:
+    r = env.run("volume", "create", "copy", "--from-snapshot", "snap-9999")
+    assert r.code == cli.EXIT_NOT_FOUND
+    assert "snap-9999" in r.err
+
+
+# volume list, show, delete, extend
+
+
+def test_volume_list_table_follows_every_page(env: Env) -> None:
+    for i in range(5):  # the fake's pages hold 2
+        env.volume(f"v{i}", "1G")
+    r = env.run("volume", "list")
+    assert r.code == 0
+    lines = r.out.splitlines()
+    assert lines[0].split() == ["ID", "NAME", "SIZE", "STATE", "BACKEND", "ATTACHMENTS"]
+    assert [line.split()[1] for line in lines[1:]] == ["v0", "v1", "v2", "v3", "v4"]
+    assert lines[1].split()[2:] == ["1GiB", "available", "file", "0"]
+    assert env.storage.script.count("ListVolumes") == 3
+
+
+def test_volume_list_json_and_label_selector(env: Env) -> None:
+    env.run("volume", "create", "a", "1G", "--label", "tier=gold")
+    env.run("volume", "create", "b", "1G", "--label", "tier=bronze")
+    r = env.run("volume", "list", "--json", "--label", "tier=gold")
+    assert r.code == 0
+    data = r.json()
+    assert isinstance(data, list)
+    assert [v["name"] for v in data] == ["a"]
+
+
+def test_volume_list_empty(env: Env) -> None:
+    assert env.run("volume", "list").out.strip() == "no volumes"
+    assert env.run("volume", "list", "--json").json() == []
+
+
+def test_volume_label_must_be_key_value(env: Env) -> None:
+    r = env.run("volume", "list", "--label", "novalue")
+    assert r.code == cli.EXIT_USAGE
+    assert "KEY=VALUE" in r.err
+
+
+def test_volume_show(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("volume", "show", vid)
+    assert r.code == 0
+    assert f"id:           {vid}" in r.out
+    assert env.run("volume", "show", vid, "--json").json()["id"] == vid
+
+
+def test_volume_show_missing_exits_3_with_a_hint(env: Env) -> None:
+    r = env.run("volume", "show", "vol-nope")
+    assert r.code == cli.EXIT_NOT_FOUND
+    assert "blockwire: error: volume vol-nope not found" in r.err
+    assert "hint:" in r.err
+    assert "volume list" in r.err
+
+
+def test_volume_delete_and_again(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("volume", "delete", vid)
+    assert (r.code, r.out.strip()) == (0, f"deleted volume {vid}")
+    assert vid not in env.storage.volumes
+    r = env.run("volume", "delete", vid, "--json")  # gone already: still fine
+    assert r.code == 0
+    assert r.json() == {"deleted": [vid]}
+
+
+def test_volume_delete_of_an_attached_volume_exits_4(env: Env) -> None:
+    vid = env.volume()
+    assert env.run("attach", "vm1", vid).code == 0
+    r = env.run("volume", "delete", vid)
+    assert r.code == cli.EXIT_CONFLICT
+    assert "detach it first" in r.err
+    assert vid in env.storage.volumes
+
+
+def test_volume_extend(env: Env) -> None:
+    vid = env.volume(size="10G")
+    r = env.run("volume", "extend", vid, "20G")
+    assert r.code == 0, r.err
+    assert "20GiB" in r.out
+    assert env.storage.volumes[vid].size_bytes == 20 * GIB
+    assert env.agent.script.count("ExtendVolume") == 0
+
+
+def test_volume_extend_smaller_exits_4(env: Env) -> None:
+    vid = env.volume(size="10G")
+    r = env.run("volume", "extend", vid, "5G")
+    assert r.code == cli.EXIT_CONFLICT
+    assert "only grow" in r.err
+
+
+def test_volume_extend_with_host_tells_the_agent(env: Env) -> None:
+    vid = env.volume(size="10G")
+    env.run("attach", "vm1", vid)
+    r = env.run("volume", "extend", vid, "12G", "--host", "--json")
+    assert r.code == 0, r.err
+    data = r.json()
+    assert data["host_size_bytes"] == str(12 * GIB)
+    assert data["volume"]["size_bytes"] == str(12 * GIB)
+
+
+def test_volume_extend_with_host_of_a_detached_volume_exits_3(env: Env) -> None:
+    vid = env.volume(size="10G")
+    r = env.run("volume", "extend", vid, "12G", "--host")
+    assert r.code == cli.EXIT_NOT_FOUND
+    assert "not attached" in r.err
+
+
+# snapshots
+
+
+def test_snapshot_lifecycle(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("snapshot", "create", vid, "before-upgrade", "--label", "k=v")
+    assert r.code == 0, r.err
+    assert "before-upgrade" in r.out
+    assert "k=v" in r.out
+    sid = env.run("--json", "snapshot", "create", vid, "before-upgrade").json()["id"]  # idempotent
+    assert len(env.storage.snapshots) == 1
+    r = env.run("snapshot", "list")
+    assert r.out.splitlines()[0].split() == ["ID", "NAME", "VOLUME", "SIZE", "STATE"]
+    assert r.out.splitlines()[1].split() == [sid, "before-upgrade", vid, "10GiB", "available"]
+    assert [s["id"] for s in env.run("snapshot", "list", "--volume", vid, "--json").json()] == [sid]
+    assert env.run("snapshot", "list", "--volume", "other").out.strip() == "no snapshots"
+    assert env.run("snapshot", "show", sid, "--json").json()["volume_id"] == vid
+    assert "before-upgrade" in env.run("snapshot", "show", sid).out
+    r = env.run("snapshot", "delete", sid)
+    assert (r.code, r.out.strip()) == (0, f"deleted snapshot {sid}")
+    assert env.run("snapshot", "delete", sid, "--json").json() == {"deleted": [sid]}
+
+
+def test_snapshot_errors(env: Env) -> None:
+    assert env.run("snapshot", "show", "snap-x").code == cli.EXIT_NOT_FOUND
+    assert env.run("snapshot", "create", "vol-x", "s").code == cli.EXIT_NOT_FOUND
+
+
+# attach, detach, attachments, connector
+
+
+def test_attach_and_detach(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("attach", "vm1", vid, "--bus", "scsi", "--target-dev", "sdc", "--persistent")
+    assert r.code == 0, r.err
+    assert "attached" in r.out
+    assert "sdc" in r.out
+    assert "vm1" in r.out
+    assert "iscsi 192.0.2.1:3260" in r.out
+    assert CHAP_PASSWORD not in r.out
+    assert env.run("attach", "vm1", vid).code == 0  # idempotent
+    assert len(env.agent.attachments) == 1
+    r = env.run("detach", "vm1", vid)
+    assert (r.code, r.out.strip()) == (0, f"detached volume {vid} from vm1")
+    assert env.agent.attachments == {}
+    assert env.run("detach", "vm1", vid).code == 0  # gone already: fine
+
+
+def test_attach_json_redacts_secrets(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("attach", "vm1", vid, "--json", "--read-only")
+    assert r.code == 0
+    data = r.json()
+    assert data["state"] == "ATTACHMENT_STATE_ATTACHED"
+    assert data["access_mode"] == "ACCESS_MODE_READ_ONLY"
+    assert data["connection_info"]["iscsi"]["chap"] == {"username": "user1", "password": "********"}
+    assert CHAP_PASSWORD not in r.out
+
+
+def test_attach_shows_progress_steps(env: Env) -> None:
+    env.agent.wait_for_watchers = True
+    vid = env.volume()
+    r = env.run("--progress", "attach", "vm1", vid)
+    assert r.code == 0, r.err
+    shown = r.err.splitlines()
+    assert shown[0] == "attach started"
+    assert shown[1:6] == [f"  {s}: done" for s in STEPS]
+    assert shown[6] == "attached"
+    r = env.run("--progress", "detach", "vm1", vid)
+    assert r.err.splitlines() == ["detach started", "detached"]
+
+
+def test_attach_progress_is_best_effort(env: Env) -> None:
+    env.agent.script.fail["WatchEvents"] = [(grpc.StatusCode.UNIMPLEMENTED, "no events")]
+    vid = env.volume()
+    r = env.run("--progress", "attach", "vm1", vid)
+    assert r.code == 0, r.err
+
+
+def test_attach_to_a_missing_domain_exits_3(env: Env) -> None:
+    vid = env.volume()
+    r = env.run("attach", "vm9", vid)
+    assert r.code == cli.EXIT_NOT_FOUND
+    assert "domain 'vm9' not found" in r.err
+
+
+def test_attach_permission_denied_exits_6(env: Env) -> None:
+    env.agent.script.fail["AttachVolume"] = [(grpc.StatusCode.PERMISSION_DENIED, "CHAP login refused")]
+    r = env.run("attach", "vm1", env.volume())
+    assert r.code == cli.EXIT_PERMISSION
+    assert "CHAP login refused" in r.err
+    assert "hint:" in r.err
+
+
+def test_attachments_from_both_sides(env: Env) -> None:
+    v1, v2 = env.volume("a"), env.volume("b")
+    env.run("attach", "vm1", v1)
+    env.run("attach", "vm2", v2)
+    r = env.run("attachments")
+    assert r.code == 0
+    lines = r.out.splitlines()
+    assert lines[0].split()[:4] == ["FROM", "ID", "VOLUME", "DOMAIN"]
+    assert sorted(line.split()[0] for line in lines[1:]) == ["agent", "agent", "storage", "storage"]
+    data = env.run("attachments", "--json").json()
+    assert set(data) == {"agent", "storage"}
+    assert "connection_info" in data["agent"][0]
+    only = env.run("attachments", "--from", "agent", "--domain", "vm2", "--json").json()
+    assert set(only) == {"agent"}
+    assert [a["volume_id"] for a in only["agent"]] == [v2]
+    storage = env.run("attachments", "--from", "storage", "--volume", v1, "--json").json()
+    assert [a["volume_id"] for a in storage["storage"]] == [v1]
+
+
+def test_attachments_empty(env: Env) -> None:
+    assert env.run("attachments").out.strip() == "no attachments"
+
+
+def test_connector(env: Env) -> None:
+    r = env.run("connector")
+    assert r.code == 0
+    assert "iqn.2004-10.com.example:compute1" in r.out
+    assert "no (QEMU's initiator)" in r.out
+    data = env.run("connector", "--json").json()
+    assert data["host"] == "compute1"
+    assert data["transports"] == ["TRANSPORT_ISCSI"]
+
+
+def test_capacity(env: Env) -> None:
+    env.volume(size="10G")
+    r = env.run("capacity")
+    assert r.out.splitlines()[1].split() == ["file", "100GiB", "90GiB", "10GiB", "90GiB"]
+    assert env.run("capacity", "--json").json()[0]["backend"] == "file"
+    assert env.run("capacity", "lvm").code == cli.EXIT_NOT_FOUND
+
+
+# health
+
+
+def test_health_of_both_daemons(env: Env) -> None:
+    r = env.run("health")
+    assert r.code == 0, r.err
+    rows = [line.split()[:3] for line in r.out.splitlines()[1:]]
+    assert rows == [
+        ["storage", env.storage_server.address, "SERVING"],
+        ["agent", env.agent_server.address, "SERVING"],
+    ]
+
+
+def test_health_not_serving_exits_5(env: Env) -> None:
+    env.agent_server.set_serving(AGENT_SERVICE, serving=False)
+    r = env.run("health", "--json")
+    assert r.code == cli.EXIT_UNAVAILABLE
+    assert [d["status"] for d in r.json()] == ["SERVING", "NOT_SERVING"]
+    assert "blockwire-agent" in r.err
+    assert env.run("health", "--only", "storage").code == 0
+
+
+def test_health_unreachable_daemon(env: Env) -> None:
+    env.capsys.readouterr()
+    code = cli.main(
+        ["--storage", "127.0.0.1:1", "--timeout", "1", "health", "--only", "storage"], clock=env.clock
+    )
+    captured = env.capsys.readouterr()
+    assert code == cli.EXIT_UNAVAILABLE
+    assert "UNREACHABLE" in captured.out
+
+
+# errors, retries, deadlines
+
+
+def test_unavailable_twice_then_ok_is_retried(env: Env) -> None:
+    env.storage.script.fail["ListVolumes"] = [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
+    r = env.run("volume", "list")
+    assert r.code == 0, r.err
+    assert env.storage.script.count("ListVolumes") == 3
+    assert len(env.clock.sleeps) == 2
+    assert env.clock.sleeps[1] > env.clock.sleeps[0] * 0.9 or env.clock.sleeps[1] >= 0.2
+
+
+def test_aborted_is_retried(env: Env) -> None:
+    env.storage.script.fail["DeleteVolume"] = [(grpc.StatusCode.ABORTED, "volume busy")]
+    assert env.run("volume", "delete", "vol-1").code == 0
+    assert env.storage.script.count("DeleteVolume") == 2
+
+
+def test_retries_are_bounded_and_unavailable_exits_5(env: Env) -> None:
+    env.storage.script.fail["GetVolume"] = [(grpc.StatusCode.UNAVAILABLE, "target daemon down")] * 10
+    r = env.run("volume", "show", "vol-1")
+    assert r.code == cli.EXIT_UNAVAILABLE
+    assert env.storage.script.count("GetVolume") == 5
+    assert "target daemon down" in r.err
+    assert "blockwire-storage" in r.err
+    assert "--storage" in r.err
+
+
+def test_not_found_is_not_retried(env: Env) -> None:
+    env.run("volume", "show", "vol-x")
+    assert env.storage.script.count("GetVolume") == 1
+    assert env.clock.sleeps == []
+
+
+def test_deadline_exits_7(env: Env) -> None:
+    env.storage.script.hang.add("GetVolume")
+    try:
+        r = env.run("--timeout", "0.3", "volume", "show", "vol-1")
+    finally:
+        env.storage.script.release.set()
+    assert r.code == cli.EXIT_DEADLINE
+    assert "--timeout" in r.err
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code"),
+    [
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, cli.EXIT_NO_SPACE),
+        (grpc.StatusCode.UNAUTHENTICATED, cli.EXIT_PERMISSION),
+        (grpc.StatusCode.FAILED_PRECONDITION, cli.EXIT_CONFLICT),
+        (grpc.StatusCode.INTERNAL, cli.EXIT_ERROR),
+        (grpc.StatusCode.UNIMPLEMENTED, cli.EXIT_ERROR),
+        (grpc.StatusCode.DATA_LOSS, cli.EXIT_ERROR),
+    ],
+)
+def test_status_codes_map_to_exit_codes(env: Env, code: grpc.StatusCode, exit_code: int) -> None:
+    env.storage.script.fail["CreateVolume"] = [(code, "what went wrong")]
+    r = env.run("volume", "create", "data1", "1G")
+    assert r.code == exit_code
+    assert "blockwire: error: what went wrong" in r.err
+
+
+def test_unreachable_agent_names_the_agent(env: Env) -> None:
+    env.capsys.readouterr()
+    code = cli.main(["--agent", "127.0.0.1:1", "--timeout", "1", "connector"], clock=env.clock)
+    err = env.capsys.readouterr().err
+    assert code == cli.EXIT_UNAVAILABLE
+    assert "blockwire-agent" in err
+    assert "--agent" in err
+    assert "BLOCKWIRE_AGENT" in err
+
+
+# the command line itself
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main([]) == cli.EXIT_USAGE
+    assert cli.main(["volume", "frobnicate"]) == cli.EXIT_USAGE
+    assert cli.main(["attach", "vm1"]) == cli.EXIT_USAGE
+    assert cli.main(["--timeout", "-1", "volume", "list"]) == cli.EXIT_USAGE
+    assert cli.main(["attach", "vm1", "v", "--bus", "ide"]) == cli.EXIT_USAGE
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text
+    for code in ("0", "1", "2", "3", "4", "5", "6", "7", "8"):
+        assert f"\n  {code}  " in text
+    for command in (
+        "volume",
+        "snapshot",
+        "attach",
+        "detach",
+        "attachments",
+        "connector",
+        "health",
+        "completion",
+    ):
+        assert command in text
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    commands = [
+        ["volume", "create"],
+        ["volume", "list"],
+        ["volume", "show"],
+        ["volume", "delete"],
+        ["volume", "extend"],
+        ["snapshot", "create"],
+        ["snapshot", "list"],
+        ["snapshot", "show"],
+        ["snapshot", "delete"],
+        ["attach"],
+        ["detach"],
+        ["attachments"],
+        ["connector"],
+        ["capacity"],
+        ["health"],
+        ["completion"],
+    ]
+    for command in commands:
+        capsys.readouterr()
+        assert cli.main([*command, "--help"]) == 0
+        assert "usage: blockwire " + " ".join(command) in capsys.readouterr().out
+
+
+def test_addresses_default_to_the_environment(monkeypatch: pytest.MonkeyPatch, env: Env) -> None:
+    monkeypatch.setenv("BLOCKWIRE_STORAGE", env.storage_server.address)
+    env.capsys.readouterr()
+    assert cli.main(["volume", "list", "--json"]) == 0
+    assert json.loads(env.capsys.readouterr().out) == []
+
+
+def test_default_addresses_are_the_daemons_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BLOCKWIRE_STORAGE", raising=False)
+    monkeypatch.delenv("BLOCKWIRE_AGENT", raising=False)
+    args = cli.build_parser().parse_args(["health"])
+    assert args.storage == "unix:///run/blockwire/storage.sock"
+    assert args.agent == "unix:///run/blockwire/agent.sock"
+
+
+def test_global_options_work_before_and_after_the_command(env: Env) -> None:
+    env.volume()
+    before = env.run("--json", "volume", "list").json()
+    after = env.run("volume", "list", "--json").json()
+    assert before == after
+
+
+def test_unix_socket_target(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    storage = FakeStorageServicer()
+    sock = tmp_path / "storage.sock"
+    with serve(storage, address=f"unix://{sock}"):
+        assert cli.main(["--storage", str(sock), "volume", "create", "x", "1G", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "x"
+
+
+def test_missing_tls_file_is_reported(env: Env, tmp_path: Any) -> None:
+    r = env.run("--tls-ca", str(tmp_path / "missing.pem"), "volume", "list")
+    assert r.code == cli.EXIT_ERROR
+    assert "missing.pem" in r.err
+
+
+def test_tls_cert_without_key_is_a_usage_error(env: Env, tmp_path: Any) -> None:
+    r = env.run("--tls-cert", str(tmp_path / "c.pem"), "volume", "list")
+    assert r.code == cli.EXIT_USAGE
+    assert "key" in r.err
+
+
+def test_volume_state_names_in_tables() -> None:
+    assert output.volume_state(types_pb2.VOLUME_STATE_IN_USE) == "in_use"
+    assert output.volume_state(99) == "99"
