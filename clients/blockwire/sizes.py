@@ -13,7 +13,7 @@ from typing import Final
 from blockwire.errors import InvalidArgument
 
 _UNITS: Final = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
-_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGTPE]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(?P<num>\d+(?:\.\d+)?)\s*(?:(?P<unit>[KMGTPE])(?:IB|I|B)?|B)?\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str, field: str = "size") -> int:
@@ -27,7 +27,7 @@ def parse_size(text: str, field: str = "size") -> int:
     m = _SIZE.match(text)
     if m is None:
         raise InvalidArgument(field, f"{text!r} is not a size; write e.g. 10G, 512M or a number of bytes")
-    unit = m["unit"].upper()
+    unit = (m["unit"] or "").upper()
     try:
         value = Decimal(m["num"]) * (1024 ** _UNITS[unit])
     except InvalidOperation:  # pragma: no cover - the regex admits only decimal numbers
