@@ -158,7 +158,8 @@ def record(out: Path) -> None:
         rec.save("iscsiadm_session.txt", ["iscsiadm", "-m", "session"])
         rec.save("iscsiadm_session_P1.txt", ["iscsiadm", "-m", "session", "-P", "1"])
         rec.save("iscsiadm_session_P3.txt", ["iscsiadm", "-m", "session", "-P", "3"])
-        rec.save("iscsiadm_session_r1_P3.txt", ["iscsiadm", "-m", "session", "-r", "1", "-P", "3"])
+        sid = kernel.run(["iscsiadm", "-m", "session"]).stdout.split("[", 1)[1].split("]", 1)[0]
+        rec.save("iscsiadm_session_r_P3.txt", ["iscsiadm", "-m", "session", "-r", sid, "-P", "3"])
         rec.save("iscsiadm_node.txt", ["iscsiadm", "-m", "node"])
         rec.save("iscsiadm_node_record.txt", ["iscsiadm", "-m", "node", "-T", IQN, "-p", P1])
         rec.save("iscsiadm_iface.txt", ["iscsiadm", "-m", "iface"])
@@ -225,6 +226,13 @@ def record(out: Path) -> None:
         kernel.settle()
         kernel.wait_until("one path left", lambda: sum(p.wwid == serial for p in kernel.map_paths()) == 1, 60)
         rec.save("multipath_ll_one_path.txt", ["multipath", "-ll", name])
+        kernel.run(["multipath", "-f", name])
+        kernel.logout(IQN, P1)
+        kernel.run(["multipath", "-F"])
+        kernel.logout(IQN_DEFAULT, P1)
+        kernel.run(["iscsiadm", "-m", "node", "-o", "delete"])
+        kernel.settle()
+        rec.write("identity_variants.txt", _identity_variants(tgtd, work), "see identity_variants()")
         rec.write(
             "identity_summary.txt",
             f"scsi_id={SCSI_ID} scsi_sn={SCSI_SN}\nsysfs wwid: {wwid}\nID_SERIAL: {serial}\nmap: {name}\n",
@@ -232,13 +240,63 @@ def record(out: Path) -> None:
         )
     finally:
         kernel.force_cleanup()
-        for tid in (1, 2, 3):
+        for tid in (1, 2, 3, 4):
             kernel.delete_target(tgtd, tid)
         tgtd.stop()
         (out / "INDEX.txt").write_text("\n".join(rec.index) + "\n")
     left = kernel.leftovers()
     if left:
         raise SystemExit(f"record: left behind {left}")
+
+
+# scsi_id / scsi_sn values whose announced identity is recorded (identity_variants.txt)
+VARIANTS = (
+    ("0123456789abcdef", "SN16CHARS0000001"),
+    ("0123456789abcdef01234567", "6f1c2d3e-4b5a-6978-8a9b-0c1d2e3f4a5b"),
+    ("0123456789abcdef012345678", "SN-25"),
+    ("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef0123456789"),
+    ("0123456789ABCDEF", "UPPER"),
+    ("vol-0f3c2a9e", "vol-0f3c2a9e"),
+)
+
+
+def _identity_variants(tgtd: Tgtd, work: Path) -> str:
+    """One target with a LUN per (scsi_id, scsi_sn) in VARIANTS: what the kernel, udev and multipath read."""
+    iqn = "iqn.2024-01.test.blockwire:rec4"
+    tgtd.adm("--op", "new", "--mode", "target", "--tid", "4", "-T", iqn)
+    for lun, (scsi_id, scsi_sn) in enumerate(VARIANTS, start=1):
+        backing = work / f"variant{lun}.img"
+        with backing.open("wb") as f:
+            f.truncate(8 * 1024 * 1024)
+        tgtd.adm("--op", "new", "--mode", "logicalunit", "--tid", "4", "--lun", str(lun), "-b", str(backing))
+        tgtd.adm("--op", "update", "--mode", "logicalunit", "--tid", "4", "--lun", str(lun),
+                 "--params", f"scsi_id={scsi_id},scsi_sn={scsi_sn}")  # fmt: skip
+    tgtd.adm("--op", "bind", "--mode", "target", "--tid", "4", "-I", "ALL")
+    kernel.node_new(iqn, P1)
+    kernel.login(iqn, P1)
+    rows = ["scsi_id\tscsi_sn\tsysfs wwid\tID_SERIAL\tID_WWN_WITH_EXTENSION\tID_SCSI_SERIAL\t"
+            "SCSI_IDENT_LUN_T10\tmultipath map WWID\tvpd_pg83 hex"]  # fmt: skip
+    try:
+        for lun, (scsi_id, scsi_sn) in enumerate(VARIANTS, start=1):
+            sd = kernel.disk_for(P1, iqn, lun)
+            kernel.settle()
+            props = kernel.udev_properties(f"/dev/{sd}")
+            serial = props.get("ID_SERIAL", "")
+            name = kernel.wait_until(f"map of LUN {lun}", lambda s=serial: kernel.map_for(s), 60)
+            vpd83 = Path("/sys/block", sd, "device", "vpd_pg83").read_bytes().hex()
+            rows.append("\t".join((
+                scsi_id, scsi_sn, kernel.sysfs_wwid(sd), serial, props.get("ID_WWN_WITH_EXTENSION", ""),
+                props.get("ID_SCSI_SERIAL", ""), props.get("SCSI_IDENT_LUN_T10", ""),
+                kernel.maps()[name], vpd83,
+            )))  # fmt: skip
+    finally:
+        kernel.run(["multipath", "-F"], ok=(0, 1))
+        kernel.logout(iqn, P1, ok=(0, kernel.ISCSI_ERR_NO_OBJS_FOUND))
+        kernel.run(
+            ["iscsiadm", "-m", "node", "-o", "delete", "-T", iqn], ok=(0, kernel.ISCSI_ERR_NO_OBJS_FOUND)
+        )
+        kernel.settle()
+    return "\n".join(rows) + "\n"
 
 
 def _sysfs_sessions() -> str:
