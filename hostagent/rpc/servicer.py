@@ -1,9 +1,156 @@
-"""The HostAgentService servicer: validate -> convert -> domain call -> convert (STYLE.md)."""
+"""The HostAgentService servicer: validate -> convert -> api call -> convert (STYLE.md).
+
+Thin on purpose: every decision is in `hostagent.api.HostAgent`; errors leave only through
+`blockwire.status.abort_with`.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from blockwire import convert
+from blockwire.errors import InvalidArgument
+from blockwire.status import abort_with
+from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
+from hostagent.api import HostAgent
+from hostagent.rpc.convert import (
+    attachment_to_pb,
+    disk_options_from_pb,
+    event_to_pb,
+    event_types_from_pb,
+    host_device_to_pb,
+)
+
+log = logging.getLogger(__name__)
+
+_WATCH_SLICE = 0.25  # seconds between checks that the watcher is still there
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Servicer = TypeVar("Servicer")
+
+
+def _unary(
+    fn: Callable[[Servicer, Req, grpc.ServicerContext], Resp],
+) -> Callable[[Servicer, Req, grpc.ServicerContext], Resp]:
+    """Every exception leaves through the one mapping, blockwire.status.abort_with."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Servicer, request: Req, context: grpc.ServicerContext) -> Resp:
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code, INTERNAL for bugs
+            abort_with(context, exc)
+
+    return wrapper
 
 
 class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
-    """Serves blockwire.v1.HostAgentService. RPCs not overridden here answer UNIMPLEMENTED."""
+    """Serves blockwire.v1.HostAgentService on a HostAgent."""
+
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+
+    @_unary
+    def GetConnector(
+        self, request: hpb.GetConnectorRequest, context: grpc.ServicerContext
+    ) -> hpb.GetConnectorResponse:
+        return hpb.GetConnectorResponse(connector=convert.connector_to_pb(self.agent.connector))
+
+    @_unary
+    def AttachVolume(
+        self, request: hpb.AttachVolumeRequest, context: grpc.ServicerContext
+    ) -> hpb.AttachVolumeResponse:
+        if not request.domain:
+            raise InvalidArgument("domain", "required")
+        which = request.WhichOneof("volume")
+        if which is None:
+            raise InvalidArgument("volume", "set volume_id or connection_info")
+        info = (
+            convert.connection_info_from_pb(request.connection_info) if which == "connection_info" else None
+        )
+        a = self.agent.attach(
+            request.domain,
+            volume_id=request.volume_id if which == "volume_id" else "",
+            connection_info=info,
+            disk=disk_options_from_pb(request.disk),
+            access_mode=convert.access_mode_from_pb(request.access_mode),
+            persistent=request.persistent,
+        )
+        return hpb.AttachVolumeResponse(attachment=attachment_to_pb(a, self.agent.connector))
+
+    @_unary
+    def DetachVolume(
+        self, request: hpb.DetachVolumeRequest, context: grpc.ServicerContext
+    ) -> hpb.DetachVolumeResponse:
+        self.agent.detach(request.domain, request.volume_id, force=request.force)
+        return hpb.DetachVolumeResponse()
+
+    @_unary
+    def ExtendVolume(
+        self, request: hpb.HostAgentServiceExtendVolumeRequest, context: grpc.ServicerContext
+    ) -> hpb.HostAgentServiceExtendVolumeResponse:
+        size = self.agent.extend(request.volume_id, request.new_size_bytes)
+        return hpb.HostAgentServiceExtendVolumeResponse(size_bytes=size)
+
+    @_unary
+    def GetAttachment(
+        self, request: hpb.HostAgentServiceGetAttachmentRequest, context: grpc.ServicerContext
+    ) -> hpb.HostAgentServiceGetAttachmentResponse:
+        a = self.agent.get(request.volume_id, request.domain)
+        return hpb.HostAgentServiceGetAttachmentResponse(attachment=attachment_to_pb(a, self.agent.connector))
+
+    @_unary
+    def ListAttachments(
+        self, request: hpb.HostAgentServiceListAttachmentsRequest, context: grpc.ServicerContext
+    ) -> hpb.HostAgentServiceListAttachmentsResponse:
+        found = self.agent.list_attachments(request.domain)
+        return hpb.HostAgentServiceListAttachmentsResponse(
+            attachments=[attachment_to_pb(a, self.agent.connector) for a in found]
+        )
+
+    @_unary
+    def ConnectVolume(
+        self, request: hpb.ConnectVolumeRequest, context: grpc.ServicerContext
+    ) -> hpb.ConnectVolumeResponse:
+        if not request.HasField("connection_info"):
+            raise InvalidArgument("connection_info", "required")
+        info = convert.connection_info_from_pb(request.connection_info)
+        return hpb.ConnectVolumeResponse(device=host_device_to_pb(self.agent.connect_volume(info)))
+
+    @_unary
+    def DisconnectVolume(
+        self, request: hpb.DisconnectVolumeRequest, context: grpc.ServicerContext
+    ) -> hpb.DisconnectVolumeResponse:
+        if not request.HasField("connection_info"):
+            raise InvalidArgument("connection_info", "required")
+        info = convert.connection_info_from_pb(request.connection_info)
+        self.agent.disconnect_volume(info, force=request.force)
+        return hpb.DisconnectVolumeResponse()
+
+    def WatchEvents(
+        self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[hpb.WatchEventsResponse]:
+        try:
+            types = event_types_from_pb(list(request.types))
+        except InvalidArgument as exc:
+            abort_with(context, exc)
+        with self.agent.events.subscribe() as sub:
+            while context.is_active():
+                event = sub.get(timeout=_WATCH_SLICE)
+                if event is None:
+                    continue
+                if request.domain and event.domain != request.domain:
+                    continue
+                if request.volume_id and event.volume_id != request.volume_id:
+                    continue
+                if types and event.type not in types:
+                    continue
+                yield event_to_pb(event)

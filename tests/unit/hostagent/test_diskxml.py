@@ -141,7 +141,7 @@ def test_live_xml_keeps_auth_iotune_and_alias() -> None:
 
 
 def test_unknown_enum_value_is_invalid() -> None:
-    with pytest.raises(InvalidArgument, match="disk.driver.cache"):
+    with pytest.raises(InvalidArgument, match=r"disk\.driver\.cache"):
         parse_disk("<disk type='file' device='disk'><driver cache='bogus'/><target dev='sda'/></disk>")
 
 

@@ -1,0 +1,446 @@
+"""HostAgent: the facade a virt manager embeds (attach / detach / extend / list / reconcile). No grpc.
+
+Attach is journal first, act second, undo on failure (STYLE.md rule 6):
+
+    journal(ATTACHING) -> storage.create_attachment -> connector.connect (identity verified)
+      -> hypervisor.attach_disk -> storage.complete_attachment -> journal(ATTACHED)
+
+Each step that made something pushes its compensation on an ExitStack; a failure unwinds them in
+reverse and removes the journal record, so a failed attach leaves nothing (no export, no device, no
+libvirt secret, no disk). If a compensation itself fails, the record stays in ERROR and a detach or
+`reconcile()` finishes the job. Calls on one volume are serialized (a concurrent one gets ABORTED);
+calls on different volumes run in parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, fields, replace
+
+from blockwire.errors import BlockwireError, FailedPrecondition, InvalidArgument, NotFound
+from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
+from hostagent.connectors.base import VolumeConnector
+from hostagent.events import EventBus
+from hostagent.host.clock import Clock, Deadline
+from hostagent.journal import Journal
+from hostagent.locks import KeyedLocks
+from hostagent.model import (
+    Attachment,
+    AttachmentState,
+    Cache,
+    Discard,
+    DiskOptions,
+    Event,
+    EventType,
+    HostDevice,
+    Io,
+)
+from hostagent.storage import StorageApi
+from hostagent.virt.diskxml import BlockSource, DiskSpec, LiveDisk
+from hostagent.virt.hypervisor import DomainInfo, Hypervisor
+
+log = logging.getLogger(__name__)
+
+_SERIAL = re.compile(r"[A-Za-z0-9._-]{1,20}")
+_SERIAL_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class ReconcileAction:
+    volume_id: str
+    domain: str
+    action: str  # "kept", "finished", "rolled back", "failed"
+    detail: str = ""
+
+
+def combine_iotune(a: IoTune, b: IoTune) -> IoTune:
+    """Field by field, the stricter non-zero limit wins."""
+    values: dict[str, int | str] = {}
+    for f in fields(IoTune):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "group_name":
+            values[f.name] = x or y
+        else:
+            values[f.name] = min(v for v in (x, y) if v) if (x or y) else 0
+    return IoTune(**values)  # type: ignore[arg-type]
+
+
+def default_serial(volume_id: str, info_serial: str) -> str:
+    if info_serial and _SERIAL.fullmatch(info_serial):
+        return info_serial
+    return _SERIAL_BAD.sub("", volume_id)[:20] or "blockwire"
+
+
+class HostAgent:
+    """Attaches volumes to this host's libvirt domains. Every collaborator is injected."""
+
+    def __init__(
+        self,
+        *,
+        hypervisor: Hypervisor,
+        connectors: Mapping[Transport, VolumeConnector],
+        journal: Journal,
+        connector: Connector,
+        clock: Clock,
+        storage: StorageApi | None = None,
+        events: EventBus | None = None,
+        detach_timeout: float = 30.0,
+        extra_connectors: tuple[VolumeConnector, ...] = (),
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.connectors = dict(connectors)
+        self._by_kind = {c.kind: c for c in (*connectors.values(), *extra_connectors)}
+        self.journal = journal
+        self.connector = connector
+        self.clock = clock
+        self.storage = storage
+        self.events = events or EventBus()
+        self.detach_timeout = detach_timeout
+        self._locks = KeyedLocks()
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _emit(self, type_: EventType, a: Attachment | None = None, **kw: str) -> None:
+        base: dict[str, str] = {}
+        if a is not None:
+            base = {"volume_id": a.volume_id, "domain": a.domain, "attachment_id": a.attachment_id}
+        self.events.publish(Event(type=type_, time=self.clock.now(), **{**base, **kw}))
+
+    def _connector_for(self, info: ConnectionInfo, kind: str = "") -> VolumeConnector:
+        if kind and kind in self._by_kind:
+            return self._by_kind[kind]
+        try:
+            return self.connectors[info.kind]
+        except KeyError:
+            raise InvalidArgument(
+                "connection_info", f"transport {info.kind.value} is not supported on this host"
+            ) from None
+
+    def _domain_or_none(self, domain: str) -> DomainInfo | None:
+        try:
+            return self.hypervisor.lookup(domain)
+        except NotFound:
+            return None
+
+    def _disk_by_serial(self, domain: str, serial: str) -> LiveDisk | None:
+        return next((d for d in self.hypervisor.disks(domain) if d.spec.serial == serial), None)
+
+    @staticmethod
+    def _validate_options(disk: DiskOptions) -> None:
+        if disk.serial and not _SERIAL.fullmatch(disk.serial):
+            raise InvalidArgument("disk.serial", "at most 20 characters of [A-Za-z0-9._-]")
+        if disk.target_dev and not re.fullmatch(r"(sd|vd|hd)[a-z]{1,3}", disk.target_dev):
+            raise InvalidArgument("disk.target_dev", f"{disk.target_dev!r} is not a disk name like sdb")
+        for name in ("logical_block_size", "physical_block_size"):
+            v = getattr(disk, name)
+            if v and (v < 512 or v & (v - 1)):
+                raise InvalidArgument(f"disk.{name}", "must be 0 or a power of two >= 512")
+
+    def _spec(
+        self, target: str, a: Attachment, info: ConnectionInfo, device: HostDevice, disk: DiskOptions
+    ) -> DiskSpec:
+        source = self._connector_for(info, a.connector_kind).disk_source(info, device)
+        is_block = isinstance(source, BlockSource)
+        io = disk.io or (
+            Io.NATIVE if is_block and disk.cache in (Cache.NONE, Cache.DIRECTSYNC) else Io.THREADS
+        )
+        discard = disk.discard or (Discard.UNMAP if info.discard else None)
+        logical = disk.logical_block_size or (
+            info.logical_block_size if info.logical_block_size != 512 else 0
+        )
+        physical = disk.physical_block_size or (
+            info.physical_block_size if info.physical_block_size not in (512, logical) else 0
+        )
+        return DiskSpec(
+            source=source,
+            target_dev=target,
+            bus=disk.bus,
+            cache=disk.cache,
+            io=io,
+            discard=discard,
+            iotune=combine_iotune(disk.iotune, info.qos),
+            serial=a.serial,
+            read_only=disk.read_only or a.access_mode is AccessMode.READ_ONLY,
+            shareable=disk.shareable,
+            logical_block_size=logical,
+            physical_block_size=physical,
+        )
+
+    def _undo(self, stack: ExitStack, failures: list[str], name: str, fn: Callable[[], object]) -> None:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                log.exception("undoing %s failed", name)
+                failures.append(f"{name}: {exc}")
+
+        stack.callback(run)
+
+    # -- attach -----------------------------------------------------------------------------------
+    def attach(
+        self,
+        domain: str,
+        *,
+        volume_id: str = "",
+        connection_info: ConnectionInfo | None = None,
+        disk: DiskOptions | None = None,
+        access_mode: AccessMode = AccessMode.READ_WRITE,
+        persistent: bool = False,
+    ) -> Attachment:
+        """Attaches a volume (by id, through storage; or by connection info) to a running domain."""
+        disk = disk or DiskOptions()
+        if not domain:
+            raise InvalidArgument("domain", "required")
+        if bool(volume_id) == (connection_info is not None):
+            raise InvalidArgument("volume", "give exactly one of volume_id and connection_info")
+        if connection_info is not None:
+            if not connection_info.volume_id:
+                raise InvalidArgument("connection_info.volume_id", "required")
+            self._connector_for(connection_info).validate(connection_info)
+            volume_id = connection_info.volume_id
+        elif self.storage is None:
+            raise FailedPrecondition("no storage service is configured; pass connection_info instead")
+        self._validate_options(disk)
+        if access_mode is AccessMode.READ_ONLY:
+            disk = replace(disk, read_only=True)
+        dom = self.hypervisor.lookup(domain)
+        if not dom.running:
+            raise FailedPrecondition(f"domain {dom.name!r} is not running; start it first")
+        with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
+            existing = self.journal.get(volume_id, dom.name)
+            if existing is not None:
+                if existing.state is AttachmentState.ATTACHED and self._disk_by_serial(
+                    dom.name, existing.serial
+                ):
+                    return existing
+                log.warning("finishing a half-done attachment of %s to %s first", volume_id, dom.name)
+                self._teardown(existing)
+            others = [a for a in self.journal.of_volume(volume_id) if a.domain != dom.name]
+            if others and not disk.shareable:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is attached to domain {others[0].domain!r} on this host; "
+                    "detach it first or attach it shareable (multiattach volumes)"
+                )
+            return self._attach(
+                dom=dom,
+                volume_id=volume_id,
+                given=connection_info,
+                disk=disk,
+                access_mode=access_mode,
+                persistent=persistent,
+            )
+
+    def _attach(
+        self,
+        *,
+        dom: DomainInfo,
+        volume_id: str,
+        given: ConnectionInfo | None,
+        disk: DiskOptions,
+        access_mode: AccessMode,
+        persistent: bool,
+    ) -> Attachment:
+        now = self.clock.now()
+        info = given or ConnectionInfo(transport=LocalConnection(""), volume_id=volume_id)
+        a = Attachment(
+            volume_id=volume_id,
+            domain=dom.name,
+            state=AttachmentState.ATTACHING,
+            connection_info=info,
+            access_mode=access_mode,
+            owns_export=given is None,
+            persistent=persistent,
+            serial=disk.serial or default_serial(volume_id, info.serial),
+            create_time=now,
+            update_time=now,
+        )
+        failures: list[str] = []
+        self._emit(EventType.ATTACH_STARTED, a)
+        with ExitStack() as stack:
+            try:
+                self.journal.put(a)
+                self._undo(stack, failures, "journal", lambda: self.journal.delete(volume_id, dom.name))
+                if given is None:
+                    assert self.storage is not None
+                    storage = self.storage
+                    sa = storage.create_attachment(volume_id, self.connector, access_mode, dom.name)
+                    self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id))
+                    info = sa.connection_info
+                    a = self.journal.update(
+                        a,
+                        attachment_id=sa.id,
+                        connection_info=info,
+                        serial=disk.serial or default_serial(volume_id, info.serial),
+                    )
+                    self._emit(EventType.PROGRESS, a, step="export")
+                conn = self._connector_for(info)
+                conn.validate(info)
+                a = self.journal.update(a, connector_kind=conn.kind)
+                self._undo(stack, failures, "host connection", lambda: conn.disconnect(info, True))
+                device = conn.connect(info)
+                a = self.journal.update(a, host_device=device.path)
+                self._emit(EventType.PROGRESS, a, step="connect", path=device.path)
+                att = a
+                spec = self.hypervisor.attach_disk(
+                    dom.name,
+                    lambda target: self._spec(target, att, info, device, disk),
+                    bus=disk.bus,
+                    preferred_target=disk.target_dev,
+                    persistent=persistent,
+                )
+                self._undo(
+                    stack,
+                    failures,
+                    "hot-plug",
+                    lambda: self.hypervisor.detach_disk(
+                        dom.name, spec.target_dev, Deadline(self.clock, self.detach_timeout)
+                    ),
+                )
+                a = self.journal.update(a, target_dev=spec.target_dev)
+                self._emit(EventType.PROGRESS, a, step="hotplug", path=spec.target_dev)
+                if a.owns_export and self.storage is not None:
+                    self.storage.complete_attachment(a.attachment_id, spec.target_dev, device.path)
+                a = self.journal.update(a, state=AttachmentState.ATTACHED, update_time=self.clock.now())
+            except BaseException as exc:
+                message = exc.message if isinstance(exc, BlockwireError) else type(exc).__name__
+                stack.close()
+                if failures:
+                    self.journal.put(
+                        replace(a, state=AttachmentState.ERROR, error_message="; ".join(failures)[:1000])
+                    )
+                self._emit(EventType.ATTACH_FAILED, a, message=message)
+                raise
+            stack.pop_all()
+        self._emit(EventType.ATTACHED, a, path=a.target_dev)
+        log.info("attached volume %s to %s as %s", volume_id, dom.name, a.target_dev)
+        return a
+
+    # -- detach -----------------------------------------------------------------------------------
+    def detach(self, domain: str, volume_id: str, *, force: bool = False) -> bool:
+        """Detaches and disconnects; False when nothing was attached (a repeat)."""
+        if not domain:
+            raise InvalidArgument("domain", "required")
+        if not volume_id:
+            raise InvalidArgument("volume_id", "required")
+        with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
+            dom = self._domain_or_none(domain)
+            name = dom.name if dom is not None else domain
+            a = self.journal.get(volume_id, name)
+            if a is None:
+                return False
+            a = self.journal.update(a, state=AttachmentState.DETACHING, update_time=self.clock.now())
+            self._emit(EventType.DETACH_STARTED, a)
+            try:
+                self._teardown(a, force=force)
+            except BaseException as exc:
+                self._emit(EventType.DETACH_FAILED, a, message=getattr(exc, "message", type(exc).__name__))
+                raise
+            self._emit(EventType.DETACHED, a)
+            log.info("detached volume %s from %s", volume_id, name)
+            return True
+
+    def _teardown(self, a: Attachment, *, force: bool = True) -> None:
+        """Undoes whatever of `a` exists, in reverse order, then drops the record. Idempotent."""
+        a = self.journal.update(a, state=AttachmentState.DETACHING)
+        dom = self._domain_or_none(a.domain)
+        if dom is not None and dom.running:
+            live = self._disk_by_serial(dom.name, a.serial)
+            target = live.spec.target_dev if live is not None else ""
+            if target:
+                self.hypervisor.detach_disk(dom.name, target, Deadline(self.clock, self.detach_timeout))
+        if a.connector_kind:  # connect may have begun: disconnect (idempotent)
+            self._connector_for(a.connection_info, a.connector_kind).disconnect(a.connection_info, force)
+        if a.owns_export and self.storage is not None:
+            attachment_id = a.attachment_id
+            if not attachment_id:
+                # Crashed between CreateAttachment and recording its id: a repeat (idempotent per
+                # volume and host) tells us the id, which is then deleted.
+                attachment_id = self.storage.create_attachment(
+                    a.volume_id, self.connector, a.access_mode, a.domain
+                ).id
+            self.storage.delete_attachment(attachment_id)
+        self.journal.delete(a.volume_id, a.domain)
+
+    # -- extend, read -----------------------------------------------------------------------------
+    def extend(self, volume_id: str, new_size_bytes: int = 0) -> int:
+        if not volume_id:
+            raise InvalidArgument("volume_id", "required")
+        with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
+            records = [a for a in self.journal.of_volume(volume_id) if a.state is AttachmentState.ATTACHED]
+            if not records:
+                raise NotFound(f"volume {volume_id} is not attached on this host")
+            size = 0
+            for a in records:
+                size = self._connector_for(a.connection_info, a.connector_kind).extend(a.connection_info)
+                if new_size_bytes and size < new_size_bytes:
+                    raise FailedPrecondition(
+                        f"the host still sees {size} bytes for volume {volume_id}, not {new_size_bytes}; "
+                        "check that storage finished the extend, then repeat"
+                    )
+                if a.target_dev:
+                    self.hypervisor.block_resize(a.domain, a.target_dev, size)
+                self._emit(EventType.RESIZED, a, message=f"{size} bytes")
+            return size
+
+    def get(self, volume_id: str, domain: str = "") -> Attachment:
+        if not volume_id:
+            raise InvalidArgument("volume_id", "required")
+        found = [a for a in self.journal.of_volume(volume_id) if not domain or a.domain == domain]
+        if not found and domain:
+            dom = self._domain_or_none(domain)
+            if dom is not None:
+                found = [a for a in self.journal.of_volume(volume_id) if a.domain == dom.name]
+        if not found:
+            raise NotFound(
+                f"volume {volume_id} has no attachment on this host" + (f" to {domain}" if domain else "")
+            )
+        if len(found) > 1:
+            raise FailedPrecondition(f"volume {volume_id} has {len(found)} attachments here; name the domain")
+        return found[0]
+
+    def list_attachments(self, domain: str = "") -> list[Attachment]:
+        return [a for a in self.journal.all() if not domain or a.domain == domain]
+
+    # -- host-only connect ------------------------------------------------------------------------
+    def connect_volume(self, info: ConnectionInfo) -> HostDevice:
+        conn = self._connector_for(info)
+        conn.validate(info)
+        with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
+            return conn.connect(info)
+
+    def disconnect_volume(self, info: ConnectionInfo, *, force: bool = False) -> None:
+        conn = self._connector_for(info)
+        conn.validate(info)
+        with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
+            conn.disconnect(info, force)
+
+    # -- restart ----------------------------------------------------------------------------------
+    def reconcile(self) -> list[ReconcileAction]:
+        """Compares the journal with what libvirt and the host have; finishes or rolls back half-done work."""
+        actions = []
+        for a in self.journal.all():
+            with self._locks.hold(a.volume_id):
+                actions.append(self._reconcile_one(a))
+        for act in actions:
+            log.info("reconcile %s@%s: %s %s", act.volume_id, act.domain, act.action, act.detail)
+        return actions
+
+    def _reconcile_one(self, a: Attachment) -> ReconcileAction:
+        try:
+            dom = self._domain_or_none(a.domain)
+            live = self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
+            if a.state is AttachmentState.ATTACHED and (
+                live is not None or (dom is not None and not dom.running)
+            ):
+                return ReconcileAction(a.volume_id, a.domain, "kept")
+            if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind:
+                if a.owns_export and self.storage is not None and a.attachment_id:
+                    self.storage.complete_attachment(a.attachment_id, live.spec.target_dev, a.host_device)
+                self.journal.update(a, state=AttachmentState.ATTACHED, target_dev=live.spec.target_dev)
+                return ReconcileAction(a.volume_id, a.domain, "finished", live.spec.target_dev)
+            self._teardown(a)
+            return ReconcileAction(a.volume_id, a.domain, "rolled back", a.state.value)
+        except BlockwireError as exc:
+            return ReconcileAction(a.volume_id, a.domain, "failed", exc.message)

@@ -1,0 +1,67 @@
+"""The one connector interface (os-brick's shape, typed): connect / disconnect / extend / paths.
+
+Each transport has one implementation with its collaborators injected (Runner, Sysfs, UdevWaiter,
+Clock, tools). Connectors see frozen `ConnectionInfo`, never dicts or proto messages.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from blockwire.errors import InvalidArgument
+from blockwire.model import ConnectionInfo
+from hostagent.model import HostDevice
+from hostagent.virt.diskxml import Source
+
+
+class VolumeConnector(Protocol):
+    """Connects one transport's volumes to this host."""
+
+    kind: str  # "iscsi-kernel", "iscsi-qemu", "fc", "local"
+
+    def validate(self, info: ConnectionInfo) -> None:
+        """Raises InvalidArgument (naming the field) when the connection info is malformed. No I/O."""
+        ...
+
+    def connect(self, info: ConnectionInfo) -> HostDevice:
+        """Makes the volume usable here and verifies its identity. A repeat returns the same device."""
+        ...
+
+    def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
+        """Removes everything connect made. A repeat, or a volume not connected, returns quietly."""
+        ...
+
+    def extend(self, info: ConnectionInfo) -> int:
+        """Rescans after the volume grew; returns the size the host now sees, in bytes."""
+        ...
+
+    def paths(self, info: ConnectionInfo) -> list[str]:
+        """The host paths (devices or portals) currently leading to the volume."""
+        ...
+
+    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
+        """The libvirt <source> for the connected volume."""
+        ...
+
+
+def split_portal(portal: str, field: str = "portal") -> tuple[str, int]:
+    """ "10.0.0.1:3260" -> ("10.0.0.1", 3260); "[::1]:3260" -> ("::1", 3260); no port means 3260."""
+    p = portal.strip()
+    if not p:
+        raise InvalidArgument(field, "empty portal")
+    if p.startswith("["):
+        host, sep, rest = p[1:].partition("]")
+        if not sep:
+            raise InvalidArgument(field, f"{portal!r}: unterminated IPv6 bracket")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif p.count(":") == 1:
+        host, _, port_text = p.partition(":")
+    elif ":" in p:
+        raise InvalidArgument(field, f"{portal!r}: IPv6 addresses go in brackets ([::1]:3260)")
+    else:
+        host, port_text = p, ""
+    if not host:
+        raise InvalidArgument(field, f"{portal!r}: no address")
+    if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise InvalidArgument(field, f"{portal!r}: port must be 1-65535")
+    return host, int(port_text) if port_text else 3260

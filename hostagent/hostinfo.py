@@ -1,0 +1,128 @@
+"""Building this host's Connector (GetConnector): initiator names, FC ports, NQN, capabilities.
+
+Identities the host already has (/etc/iscsi/initiatorname.iscsi, /etc/nvme/hostnqn) are used as they
+are; missing ones are generated once and persisted in the agent's state dir, so the host keeps the same
+name across restarts (storage ACLs depend on it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockwire.model import Connector, Transport
+from hostagent.host.sysfs import Sysfs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HostFiles:
+    state_dir: str
+    initiator_file: str = "/etc/iscsi/initiatorname.iscsi"
+    hostnqn_file: str = "/etc/nvme/hostnqn"
+    hostid_file: str = "/etc/nvme/hostid"
+
+
+def parse_initiatorname(text: str) -> str:
+    """ "InitiatorName=iqn...." (comments allowed) -> the IQN, or ""."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line.startswith("InitiatorName="):
+            return line.partition("=")[2].strip()
+    return ""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _persist(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def initiator_iqn(files: HostFiles) -> str:
+    iqn = parse_initiatorname(_read(files.initiator_file))
+    if iqn:
+        return iqn
+    own = Path(files.state_dir) / "initiatorname.iscsi"
+    iqn = parse_initiatorname(_read(str(own)))
+    if not iqn:
+        iqn = f"iqn.2026-01.io.blockwire:{uuid.uuid4().hex[:12]}"
+        _persist(own, f"InitiatorName={iqn}\n")
+        log.info("generated initiator name %s (stored in %s)", iqn, own)
+    return iqn
+
+
+def host_nqn(files: HostFiles) -> tuple[str, str]:
+    nqn = _read(files.hostnqn_file).strip()
+    hostid = _read(files.hostid_file).strip()
+    if not nqn:
+        own = Path(files.state_dir) / "hostnqn"
+        nqn = _read(str(own)).strip()
+        if not nqn:
+            nqn = f"nqn.2014-08.org.nvmexpress:uuid:{uuid.uuid4()}"
+            _persist(own, nqn + "\n")
+    if not hostid and ":uuid:" in nqn:
+        hostid = nqn.rpartition(":uuid:")[2]
+    return nqn, hostid
+
+
+def fc_ports(sysfs: Sysfs) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """WWPNs and WWNNs of every FC HBA port (/sys/class/fc_host/host*/port_name, node_name)."""
+    wwpns: list[str] = []
+    wwnns: list[str] = []
+    for host in sysfs.listdir("class/fc_host"):
+        for attr, out in (("port_name", wwpns), ("node_name", wwnns)):
+            value = (sysfs.read(f"class/fc_host/{host}/{attr}") or "").lower().removeprefix("0x")
+            if value:
+                out.append(value)
+    return tuple(wwpns), tuple(wwnns)
+
+
+def kernel_iscsi_available(sysfs: Sysfs) -> bool:
+    return sysfs.exists("module/iscsi_tcp") or sysfs.exists("class/iscsi_transport")
+
+
+def host_ips() -> tuple[str, ...]:
+    ips: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            ips.add(str(info[4][0]))
+    except OSError:
+        log.debug("host name does not resolve; no IPs reported")
+    return tuple(sorted(ip for ip in ips if not ip.startswith("127.") and ip != "::1"))
+
+
+def build_connector(sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool) -> Connector:
+    wwpns, wwnns = fc_ports(sysfs)
+    nqn, hostid = host_nqn(files)
+    transports = [Transport.ISCSI]
+    if wwpns:
+        transports.append(Transport.FC)
+    transports.append(Transport.LOCAL)
+    return Connector(
+        host=socket.gethostname(),
+        ips=host_ips(),
+        initiator_iqn=initiator_iqn(files),
+        wwpns=wwpns,
+        wwnns=wwnns,
+        nvme_host_nqn=nqn,
+        nvme_host_id=hostid,
+        multipath=shutil.which("multipathd") is not None and kernel_iscsi,
+        transports=tuple(transports),
+        kernel_iscsi=kernel_iscsi,
+        platform=platform.machine(),
+    )

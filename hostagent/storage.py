@@ -1,0 +1,39 @@
+"""What the agent needs from the storage service, as a Protocol. rpc/storage_client.py is the gRPC one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from blockwire.model import AccessMode, ConnectionInfo, Connector
+
+
+@dataclass(frozen=True)
+class StorageAttachment:
+    id: str
+    connection_info: ConnectionInfo
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: str
+    size_bytes: int
+    wwn: str = ""
+    serial: str = ""
+    multiattach: bool = False
+
+
+class StorageApi(Protocol):
+    def create_attachment(
+        self, volume_id: str, connector: Connector, access_mode: AccessMode, domain: str
+    ) -> StorageAttachment:
+        """Exports the volume to this host; idempotent per (volume, host)."""
+        ...
+
+    def complete_attachment(self, attachment_id: str, target_dev: str, host_device: str) -> None: ...
+
+    def delete_attachment(self, attachment_id: str) -> None:
+        """Removes the export; an unknown id is OK."""
+        ...
+
+    def get_volume(self, volume_id: str) -> VolumeInfo: ...

@@ -1,0 +1,73 @@
+"""Builds a HostAgent from an AgentConfig with the real collaborators. No grpc: embedders use it too.
+
+This is the only place that chooses implementations; everything below it is given its collaborators.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from blockwire.errors import FailedPrecondition
+from blockwire.model import Transport
+from hostagent.api import HostAgent
+from hostagent.config import AgentConfig
+from hostagent.connectors.base import VolumeConnector
+from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
+from hostagent.connectors.local import LocalConnector
+from hostagent.events import EventBus
+from hostagent.host.clock import SystemClock
+from hostagent.host.executor import Executor
+from hostagent.host.sysfs import Sysfs
+from hostagent.host.udev import PyudevWaiter
+from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available
+from hostagent.journal import Journal
+from hostagent.storage import StorageApi
+from hostagent.tools.libiscsi import Libiscsi
+from hostagent.virt.domains import LibvirtHypervisor
+
+log = logging.getLogger(__name__)
+
+
+def use_kernel_iscsi(config: AgentConfig, sysfs: Sysfs) -> bool:
+    if config.iscsi_mode == "auto":
+        return kernel_iscsi_available(sysfs)
+    return config.iscsi_mode == "kernel"
+
+
+def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAgent, LibvirtHypervisor]:
+    """The agent and its hypervisor (close it on shutdown)."""
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.chmod(0o700)
+    clock = SystemClock()
+    runner = Executor()
+    sysfs = Sysfs(config.sysfs_root)
+    udev = PyudevWaiter()
+    hypervisor = LibvirtHypervisor(config.libvirt_uri)
+    kernel = use_kernel_iscsi(config, sysfs)
+    files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
+    connector = build_connector(sysfs, files, kernel_iscsi=kernel)
+    qemu_iscsi = QemuIscsiConnector(
+        hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
+    )
+    connectors: dict[Transport, VolumeConnector] = {
+        Transport.LOCAL: LocalConnector(udev, sysfs, clock, device_timeout=config.device_timeout),
+        Transport.ISCSI: qemu_iscsi,
+    }
+    extra: tuple[VolumeConnector, ...] = ()
+    if kernel:
+        raise FailedPrecondition('the kernel iSCSI connector is not built in yet; set iscsi_mode = "qemu"')
+    log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
+    agent = HostAgent(
+        hypervisor=hypervisor,
+        connectors=connectors,
+        journal=Journal(state),
+        connector=connector,
+        clock=clock,
+        storage=storage,
+        events=EventBus(),
+        detach_timeout=config.detach_timeout,
+        extra_connectors=extra,
+    )
+    return agent, hypervisor

@@ -1,0 +1,80 @@
+"""FakeHypervisor: domains, disks and secrets in memory, with the real target allocation and disk XML."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blockwire.errors import BlockwireError, NotFound
+from blockwire.secret import Secret
+from hostagent.host.clock import Deadline
+from hostagent.model import Bus
+from hostagent.virt.diskxml import DiskSpec, LiveDisk, disk_xml, next_target_dev, parse_disk
+from hostagent.virt.hypervisor import DomainInfo
+
+
+@dataclass
+class FakeHypervisor:
+    domains: dict[str, DomainInfo] = field(default_factory=dict)
+    disks_by_domain: dict[str, list[DiskSpec]] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], Secret] = field(default_factory=dict)
+    fail_attach: BlockwireError | None = None
+    fail_detach: BlockwireError | None = None
+    attached_xml: list[str] = field(default_factory=list)
+    resized: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def add_domain(self, name: str, *, running: bool = True, persistent: bool = True) -> DomainInfo:
+        info = DomainInfo(name, f"00000000-0000-0000-0000-{len(self.domains):012d}", persistent, running)
+        self.domains[name] = info
+        self.disks_by_domain[name] = []
+        return info
+
+    def lookup(self, domain: str) -> DomainInfo:
+        for d in self.domains.values():
+            if domain in (d.name, d.uuid):
+                return d
+        raise NotFound(f"domain {domain!r} does not exist on this host")
+
+    def disks(self, domain: str) -> list[LiveDisk]:
+        name = self.lookup(domain).name
+        return [LiveDisk(s, alias=f"scsi0-0-0-{i}") for i, s in enumerate(self.disks_by_domain[name])]
+
+    def attach_disk(
+        self,
+        domain: str,
+        build: Callable[[str], DiskSpec],
+        *,
+        bus: Bus,
+        preferred_target: str = "",
+        persistent: bool = False,
+    ) -> DiskSpec:
+        name = self.lookup(domain).name
+        used = {s.target_dev for s in self.disks_by_domain[name]}
+        spec = build(next_target_dev(bus, used, preferred_target))
+        xml = disk_xml(spec)
+        if self.fail_attach is not None:
+            raise self.fail_attach
+        self.attached_xml.append(xml)
+        self.disks_by_domain[name].append(parse_disk(xml))
+        return spec
+
+    def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
+        name = self.lookup(domain).name
+        if self.fail_detach is not None:
+            raise self.fail_detach
+        before = self.disks_by_domain[name]
+        self.disks_by_domain[name] = [s for s in before if s.target_dev != target_dev]
+        return len(before) != len(self.disks_by_domain[name])
+
+    def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None:
+        self.resized.append((domain, target_dev, size_bytes))
+
+    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
+        self.secrets[(usage, secret_type)] = value
+        return "11111111-2222-3333-4444-555555555555"
+
+    def undefine_secret(self, usage: str, secret_type: str) -> bool:
+        return self.secrets.pop((usage, secret_type), None) is not None
+
+    def secret_exists(self, usage: str, secret_type: str) -> bool:
+        return (usage, secret_type) in self.secrets
