@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from hostagent.rpc.servicer import HostAgentServicer
 from storagesvc.rpc.servicer import StorageServicer
+from tests.fakes.agent import fake_agent
 
 
 def _serve(add: object, servicer: object) -> Iterator[grpc.Channel]:
@@ -33,6 +35,7 @@ def storage_stub() -> Iterator[storage_pb2_grpc.StorageServiceStub]:
 
 
 @pytest.fixture
-def agent_stub() -> Iterator[hostagent_pb2_grpc.HostAgentServiceStub]:
-    for channel in _serve(hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server, HostAgentServicer()):
+def agent_stub(tmp_path: Path) -> Iterator[hostagent_pb2_grpc.HostAgentServiceStub]:
+    servicer = HostAgentServicer(fake_agent(tmp_path))
+    for channel in _serve(hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server, servicer):
         yield hostagent_pb2_grpc.HostAgentServiceStub(channel)

@@ -49,9 +49,7 @@ AGENT_EXPECTED = {
     "DisconnectVolume": INVALID,
     "WatchEvents": OPEN_STREAM,
 }
-PENDING: set[str] = {f"StorageService.{m}" for m in STORAGE_EXPECTED} | {
-    f"HostAgentService.{m}" for m in AGENT_EXPECTED
-}
+PENDING: set[str] = {f"StorageService.{m}" for m in STORAGE_EXPECTED}
 
 
 def _call(stub: Any, method: Any) -> grpc.StatusCode:
