@@ -14,7 +14,7 @@ from hostagent.tools.libiscsi import Libiscsi
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import FakeRunner
 from tests.fakes.hypervisor import FakeHypervisor
-from tests.fakes.storage import FakeStorage
+from tests.fakes.storage_api import FakeStorage
 from tests.fakes.udev import FakeUdev
 
 FAKE_IQN = "iqn.2026-01.io.blockwire:fake-host"

@@ -19,7 +19,7 @@ from hostagent.tools.libiscsi import Libiscsi
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import FakeRunner, Reply
 from tests.fakes.hypervisor import FakeHypervisor
-from tests.fakes.storage import FakeStorage
+from tests.fakes.storage_api import FakeStorage
 from tests.fakes.udev import FakeUdev
 
 DATA = Path(__file__).resolve().parents[2] / "data"
