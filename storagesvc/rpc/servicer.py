@@ -1,9 +1,191 @@
-"""The StorageService servicer: validate -> convert -> domain call -> convert (STYLE.md)."""
+"""The StorageService servicer: validate -> convert -> domain call -> convert (STYLE.md).
+
+Every exception is mapped to a status by `blockwire.status.abort_with`, nowhere else.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import grpc
+
+from blockwire import convert as shared
+from blockwire.errors import InvalidArgument
+from blockwire.status import abort_with
+from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
+from blockwire.v1 import types_pb2 as pb
+from storagesvc.model import Attachment
+from storagesvc.rpc import convert
+from storagesvc.service import StorageService
+
+T = TypeVar("T")
+
+
+def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the one place exceptions become statuses
+        abort_with(context, exc)
 
 
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
-    """Serves blockwire.v1.StorageService. RPCs not overridden here answer UNIMPLEMENTED."""
+    """Serves blockwire.v1.StorageService on a `StorageService`."""
+
+    def __init__(self, service: StorageService, *, watch_interval: float = 1.0) -> None:
+        self.service = service
+        self.watch_interval = watch_interval
+
+    def CreateVolume(
+        self, request: spb.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> spb.CreateVolumeResponse:
+        v = _call(context, lambda: self.service.create_volume(convert.create_volume_from_pb(request)))
+        return spb.CreateVolumeResponse(volume=convert.volume_to_pb(v))
+
+    def GetVolume(
+        self, request: spb.GetVolumeRequest, context: grpc.ServicerContext
+    ) -> spb.GetVolumeResponse:
+        v = _call(context, lambda: self.service.get_volume(request.volume_id))
+        return spb.GetVolumeResponse(volume=convert.volume_to_pb(v))
+
+    def ListVolumes(
+        self, request: spb.ListVolumesRequest, context: grpc.ServicerContext
+    ) -> spb.ListVolumesResponse:
+        page = _call(
+            context,
+            lambda: self.service.list_volumes(
+                request.page_size, request.page_token, dict(request.label_selector)
+            ),
+        )
+        return spb.ListVolumesResponse(
+            volumes=[convert.volume_to_pb(v) for v in page.items], next_page_token=page.next_token
+        )
+
+    def WatchVolume(
+        self, request: spb.WatchVolumeRequest, context: grpc.ServicerContext
+    ) -> Iterator[spb.WatchVolumeResponse]:
+        stream = _call(
+            context,
+            lambda: self.service.watch_volume(
+                request.volume_id, active=context.is_active, interval=self.watch_interval
+            ),
+        )
+        first = _call(context, lambda: next(stream))
+        yield spb.WatchVolumeResponse(volume=convert.volume_to_pb(first))
+        while True:
+            v = _call(context, lambda: next(stream, None))
+            if v is None:
+                return
+            yield spb.WatchVolumeResponse(volume=convert.volume_to_pb(v))
+
+    def DeleteVolume(
+        self, request: spb.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteVolumeResponse:
+        _call(context, lambda: self.service.delete_volume(request.volume_id))
+        return spb.DeleteVolumeResponse()
+
+    def ExtendVolume(
+        self, request: spb.ExtendVolumeRequest, context: grpc.ServicerContext
+    ) -> spb.ExtendVolumeResponse:
+        v = _call(context, lambda: self.service.extend_volume(request.volume_id, request.new_size_bytes))
+        return spb.ExtendVolumeResponse(volume=convert.volume_to_pb(v))
+
+    def CreateSnapshot(
+        self, request: spb.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.CreateSnapshotResponse:
+        s = _call(
+            context,
+            lambda: self.service.create_snapshot(request.volume_id, request.name, dict(request.labels)),
+        )
+        return spb.CreateSnapshotResponse(snapshot=convert.snapshot_to_pb(s))
+
+    def GetSnapshot(
+        self, request: spb.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.GetSnapshotResponse:
+        s = _call(context, lambda: self.service.get_snapshot(request.snapshot_id))
+        return spb.GetSnapshotResponse(snapshot=convert.snapshot_to_pb(s))
+
+    def ListSnapshots(
+        self, request: spb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> spb.ListSnapshotsResponse:
+        page = _call(
+            context,
+            lambda: self.service.list_snapshots(request.volume_id, request.page_size, request.page_token),
+        )
+        return spb.ListSnapshotsResponse(
+            snapshots=[convert.snapshot_to_pb(s) for s in page.items], next_page_token=page.next_token
+        )
+
+    def DeleteSnapshot(
+        self, request: spb.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteSnapshotResponse:
+        _call(context, lambda: self.service.delete_snapshot(request.snapshot_id))
+        return spb.DeleteSnapshotResponse()
+
+    def CreateAttachment(
+        self, request: spb.CreateAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.CreateAttachmentResponse:
+        def create() -> Attachment:
+            if request.transport not in (pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_ISCSI):
+                raise InvalidArgument("transport", "this service exports over iSCSI only")
+            if not request.HasField("connector"):
+                raise InvalidArgument("connector", "required")
+            connector = shared.connector_from_pb(request.connector)
+            mode = shared.access_mode_from_pb(request.access_mode)
+            return self.service.create_attachment(request.volume_id, connector, mode, request.domain)
+
+        a = _call(context, create)
+        return spb.CreateAttachmentResponse(attachment=convert.attachment_to_pb(a))
+
+    def CompleteAttachment(
+        self, request: spb.CompleteAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.CompleteAttachmentResponse:
+        a = _call(
+            context,
+            lambda: self.service.complete_attachment(
+                request.attachment_id, request.target_dev, request.host_device
+            ),
+        )
+        return spb.CompleteAttachmentResponse(attachment=convert.attachment_to_pb(a))
+
+    def DeleteAttachment(
+        self, request: spb.DeleteAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteAttachmentResponse:
+        _call(context, lambda: self.service.delete_attachment(request.attachment_id))
+        return spb.DeleteAttachmentResponse()
+
+    def GetAttachment(
+        self, request: spb.GetAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.GetAttachmentResponse:
+        a = _call(context, lambda: self.service.get_attachment(request.attachment_id))
+        return spb.GetAttachmentResponse(attachment=convert.attachment_to_pb(a))
+
+    def ListAttachments(
+        self, request: spb.ListAttachmentsRequest, context: grpc.ServicerContext
+    ) -> spb.ListAttachmentsResponse:
+        page = _call(
+            context,
+            lambda: self.service.list_attachments(
+                request.volume_id, request.host, request.page_size, request.page_token
+            ),
+        )
+        return spb.ListAttachmentsResponse(
+            attachments=[convert.attachment_to_pb(a, with_connection=False) for a in page.items],
+            next_page_token=page.next_token,
+        )
+
+    def GetCapacity(
+        self, request: spb.GetCapacityRequest, context: grpc.ServicerContext
+    ) -> spb.GetCapacityResponse:
+        caps = _call(context, lambda: self.service.capacity(request.backend))
+        return spb.GetCapacityResponse(backends=[convert.capacity_to_pb(c) for c in caps])
+
+    def GetBackendStats(
+        self, request: spb.GetBackendStatsRequest, context: grpc.ServicerContext
+    ) -> spb.GetBackendStatsResponse:
+        backends, operations = _call(context, self.service.backend_stats)
+        return spb.GetBackendStatsResponse(
+            backends=[convert.backend_stats_to_pb(b) for b in backends],
+            operations=[convert.operation_stats_to_pb(o) for o in operations],
+        )

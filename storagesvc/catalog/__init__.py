@@ -1,0 +1,90 @@
+"""The catalog: where volumes, snapshots and attachments are recorded (before their side effects).
+
+`Catalog` is the interface the service uses; `storagesvc.catalog.sqlite.SqliteCatalog` is the embedded
+default. A server database (PostgreSQL, ...) implements the same protocol.
+
+Listing order is (create_time, id); a page cursor is that pair of the last item returned. The catalog
+knows nothing of tokens (see `storagesvc.paging`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from storagesvc.model import Attachment, Snapshot, Volume
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Position after which a listing continues."""
+
+    create_ns: int
+    id: str
+
+
+def time_key(t: datetime) -> int:
+    """The listing order key of a create time: nanoseconds since the epoch (microsecond precision)."""
+    return int(t.timestamp() * 1_000_000) * 1000
+
+
+class Catalog(Protocol):
+    """Durable records. Every method is atomic; `insert_*` raise `Conflict` on a duplicate name."""
+
+    # volumes
+    def insert_volume(self, volume: Volume) -> None: ...
+
+    def update_volume(self, volume: Volume) -> None: ...
+
+    def delete_volume(self, volume_id: str) -> None: ...
+
+    def get_volume(self, volume_id: str) -> Volume | None: ...
+
+    def volume_by_name(self, name: str) -> Volume | None: ...
+
+    def list_volumes(
+        self, *, after: Cursor | None, limit: int, labels: Mapping[str, str] | None = None
+    ) -> Sequence[Volume]: ...
+
+    def volumes_from(self, *, snapshot_id: str = "", volume_id: str = "") -> Sequence[Volume]: ...
+
+    # snapshots
+    def insert_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def update_snapshot(self, snapshot: Snapshot) -> None: ...
+
+    def delete_snapshot(self, snapshot_id: str) -> None: ...
+
+    def get_snapshot(self, snapshot_id: str) -> Snapshot | None: ...
+
+    def snapshot_by_name(self, name: str) -> Snapshot | None: ...
+
+    def list_snapshots(
+        self, *, volume_id: str = "", after: Cursor | None, limit: int
+    ) -> Sequence[Snapshot]: ...
+
+    # attachments
+    def insert_attachment(self, attachment: Attachment) -> None: ...
+
+    def update_attachment(self, attachment: Attachment) -> None: ...
+
+    def delete_attachment(self, attachment_id: str) -> None: ...
+
+    def get_attachment(self, attachment_id: str) -> Attachment | None: ...
+
+    def list_attachments(
+        self, *, volume_id: str = "", host: str = "", after: Cursor | None, limit: int
+    ) -> Sequence[Attachment]: ...
+
+    # aggregates
+    def backend_counts(self, backend: str) -> tuple[int, int, int]:
+        """(volumes, snapshots, provisioned bytes) of one backend."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Conflict(Exception):
+    """A unique constraint (a name) is already taken; the service re-reads and decides."""

@@ -1,0 +1,151 @@
+"""The storage service's configuration: one frozen object, read from TOML (deploy/storage.example.toml
+documents every key). No globals: the daemon loads it and passes it on."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockwire.errors import InvalidArgument
+from storagesvc import validate
+
+BACKEND_KINDS = ("file", "lvm-thin")
+EXPORTER_KINDS = ("tgt", "lio")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    unix_socket: str = "/run/blockwire/storage.sock"
+    listen: tuple[str, ...] = ()  # "host:port" TCP addresses
+    workers: int = 16
+    log_format: str = "json"  # or "kv"
+    log_level: str = "INFO"
+    grace_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    catalog_path: str = "/var/lib/blockwire/storage.db"
+    default_backend: str = ""
+    iqn_prefix: str = "iqn.2026-01.io.blockwire"
+    naa_oui: str = "001405"
+    mutual_chap: bool = False
+    lock_timeout: float = 30.0
+    copy_workers: int = 2
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    kind: str
+    exporter: str
+    path: str = ""  # file
+    vg: str = ""  # lvm-thin
+    pool: str = ""  # lvm-thin
+    oversubscription_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    kind: str
+    portals: tuple[str, ...]
+    control_port: int = 0  # tgt
+    tgtadm: str = "tgtadm"  # tgt
+    command_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
+    backends: tuple[BackendConfig, ...] = ()
+    exporters: Mapping[str, ExporterConfig] = field(default_factory=dict, hash=False)
+
+
+class ConfigError(Exception):
+    """The configuration file is wrong; the message names the key."""
+
+
+def _take(table: Mapping[str, Any], where: str, known: tuple[str, ...]) -> dict[str, Any]:
+    unknown = set(table) - set(known)
+    if unknown:
+        raise ConfigError(f"[{where}]: unknown key(s) {', '.join(sorted(unknown))}")
+    return dict(table)
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _exporters(tables: Mapping[str, Any]) -> dict[str, ExporterConfig]:
+    exporters: dict[str, ExporterConfig] = {}
+    for name, table in tables.items():
+        t = _take(table, f"exporters.{name}", _fields(ExporterConfig))
+        t.setdefault("kind", name)
+        t["portals"] = tuple(t.get("portals", ()))
+        exp = ExporterConfig(**t)
+        if exp.kind not in EXPORTER_KINDS:
+            raise ConfigError(f"[exporters.{name}] kind: one of {', '.join(EXPORTER_KINDS)}")
+        if not exp.portals:
+            raise ConfigError(f"[exporters.{name}] portals: at least one address:port")
+        for i, p in enumerate(exp.portals):
+            try:
+                validate.portal(p, f"exporters.{name}.portals[{i}]")
+            except InvalidArgument as exc:
+                raise ConfigError(exc.message) from None
+        exporters[name] = exp
+    return exporters
+
+
+def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterConfig]) -> BackendConfig:
+    b = BackendConfig(**_take(table, f"backends[{i}]", _fields(BackendConfig)))
+    if b.kind not in BACKEND_KINDS:
+        raise ConfigError(f"[[backends]] {b.name}: kind is one of {', '.join(BACKEND_KINDS)}")
+    if b.exporter not in exporters:
+        raise ConfigError(f"[[backends]] {b.name}: exporter {b.exporter!r} is not defined under [exporters]")
+    if b.kind == "file" and not b.path:
+        raise ConfigError(f"[[backends]] {b.name}: a file backend needs path")
+    if b.kind == "lvm-thin" and not (b.vg and b.pool):
+        raise ConfigError(f"[[backends]] {b.name}: an lvm-thin backend needs vg and pool")
+    return b
+
+
+def parse(data: Mapping[str, Any]) -> Config:
+    top = _take(data, "top level", ("server", "service", "backends", "exporters"))
+    server = _take(top.get("server", {}), "server", _fields(ServerConfig))
+    if "listen" in server:
+        server["listen"] = tuple(server["listen"])
+    srv = ServerConfig(**server)
+    if srv.log_format not in ("json", "kv"):
+        raise ConfigError("[server] log_format: json or kv")
+    service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
+    try:
+        validate.iqn(service.iqn_prefix, "service.iqn_prefix")
+        validate.naa_oui(service.naa_oui, "service.naa_oui")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
+    exporters = _exporters(top.get("exporters", {}))
+    backends = [_backend(i, t, exporters) for i, t in enumerate(top.get("backends", []))]
+    if not backends:
+        raise ConfigError("[[backends]]: at least one backend")
+    if len({b.name for b in backends}) != len(backends):
+        raise ConfigError("[[backends]]: names must be unique")
+    if service.default_backend and service.default_backend not in {b.name for b in backends}:
+        raise ConfigError(f"[service] default_backend {service.default_backend!r} is not a backend")
+    return Config(server=srv, service=service, backends=tuple(backends), exporters=exporters)
+
+
+def load(path: str | Path) -> Config:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    try:
+        return parse(data)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

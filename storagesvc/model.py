@@ -1,0 +1,194 @@
+"""The storage service's domain values: frozen dataclasses, no grpc, no protobuf (STYLE.md rule 9).
+
+The wire-level values both services share (Connector, ConnectionInfo, Chap, ...) live in
+`blockwire.model`; this module adds what only the storage service keeps: volumes, snapshots,
+attachments and the export record that says what a target must look like.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Generic, TypeVar
+
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector
+
+MIB = 1024 * 1024
+
+
+class VolumeState(enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    RESERVED = "reserved"
+    ATTACHING = "attaching"
+    IN_USE = "in-use"
+    DETACHING = "detaching"
+    EXTENDING = "extending"
+    DELETING = "deleting"
+    ERROR = "error"
+
+
+SETTLED_VOLUME_STATES = frozenset({VolumeState.AVAILABLE, VolumeState.IN_USE, VolumeState.ERROR})
+
+
+class SnapshotState(enum.Enum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    DELETING = "deleting"
+    ERROR = "error"
+
+
+class AttachmentState(enum.Enum):
+    RESERVED = "reserved"
+    ATTACHING = "attaching"
+    ATTACHED = "attached"
+    DETACHING = "detaching"
+    ERROR = "error"
+
+
+class ImageFormat(enum.Enum):
+    PROBE = "probe"
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    path: str
+    format: ImageFormat = ImageFormat.PROBE
+
+
+@dataclass(frozen=True)
+class VolumeSource:
+    """Where a volume's content comes from: at most one of the three is set."""
+
+    snapshot_id: str = ""
+    volume_id: str = ""
+    image: ImageSource | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.snapshot_id or self.volume_id or self.image)
+
+
+@dataclass(frozen=True)
+class Progress:
+    done_bytes: int = 0
+    total_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """What the volume's target must look like; kept in the catalog so a restart can rebuild it.
+
+    The CHAP secrets are stored so that a restarted target accepts the credentials hosts already hold:
+    the catalog file is therefore as sensitive as the secrets (the daemon creates it mode 0600).
+    """
+
+    target_iqn: str
+    lun: int
+    chap: Chap | None
+    mutual_chap: Chap | None
+    access_mode: AccessMode
+
+
+@dataclass(frozen=True)
+class Volume:
+    id: str
+    name: str
+    size_bytes: int
+    state: VolumeState
+    backend: str
+    wwn: str
+    serial: str
+    create_time: datetime
+    update_time: datetime
+    multiattach: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    source: VolumeSource = field(default_factory=VolumeSource)
+    progress: Progress = field(default_factory=Progress)
+    error_message: str = ""
+    export: ExportRecord | None = None
+    #: Filled in on reads from the attachments recorded for the volume; not stored with it.
+    attachment_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    name: str
+    volume_id: str
+    size_bytes: int
+    state: SnapshotState
+    backend: str
+    create_time: datetime
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    error_message: str = ""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    id: str
+    volume_id: str
+    connector: Connector
+    access_mode: AccessMode
+    state: AttachmentState
+    create_time: datetime
+    update_time: datetime
+    connection_info: ConnectionInfo | None = None
+    domain: str = ""
+    target_dev: str = ""
+    host_device: str = ""
+    error_message: str = ""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: tuple[T, ...]
+    next_token: str = ""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    backend: str
+    total_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    max_volume_bytes: int
+
+
+@dataclass(frozen=True)
+class OperationStats:
+    operation: str
+    count: int
+    errors: int
+    p50_micros: int
+    p95_micros: int
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    backend: str
+    kind: str
+    exporter: str
+    volume_count: int
+    snapshot_count: int
+    export_count: int
+    portals: tuple[str, ...]
+    healthy: bool
+
+
+@dataclass(frozen=True)
+class CreateVolumeSpec:
+    """A validated CreateVolume request."""
+
+    name: str
+    size_bytes: int  # 0 with a source means the source's size
+    backend: str = ""
+    multiattach: bool = False
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    source: VolumeSource = field(default_factory=VolumeSource)

@@ -1,0 +1,30 @@
+"""Opaque page tokens: base64url of "v1:<create_ns>:<id>" of the last item of the previous page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from blockwire.errors import InvalidArgument
+from storagesvc.catalog import Cursor
+
+
+def encode(cursor: Cursor) -> str:
+    raw = f"v1:{cursor.create_ns}:{cursor.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode(token: str, field: str = "page_token") -> Cursor | None:
+    """None for an empty token (the first page); InvalidArgument for one not from `encode`."""
+    if not token:
+        return None
+    bad = InvalidArgument(field, "not a token from a previous response; start again with an empty one")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise bad from None
+    version, _, rest = raw.partition(":")
+    ns, _, ident = rest.partition(":")
+    if version != "v1" or not ns.isdigit() or not ident:
+        raise bad
+    return Cursor(int(ns), ident)
