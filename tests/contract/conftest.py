@@ -11,8 +11,8 @@ import pytest
 
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from hostagent.rpc.servicer import HostAgentServicer
-from storagesvc.rpc.servicer import StorageServicer
 from tests.fakes.agent import fake_agent
+from tests.fakes.storage_rig import StorageRig
 
 
 def _serve(add: object, servicer: object) -> Iterator[grpc.Channel]:
@@ -29,9 +29,13 @@ def _serve(add: object, servicer: object) -> Iterator[grpc.Channel]:
 
 
 @pytest.fixture
-def storage_stub() -> Iterator[storage_pb2_grpc.StorageServiceStub]:
-    for channel in _serve(storage_pb2_grpc.add_StorageServiceServicer_to_server, StorageServicer()):
-        yield storage_pb2_grpc.StorageServiceStub(channel)
+def storage_stub(tmp_path: Path) -> Iterator[storage_pb2_grpc.StorageServiceStub]:
+    rig = StorageRig.make(tmp_path)  # file backend in tmp_path, in-memory exporter
+    try:
+        for channel in _serve(storage_pb2_grpc.add_StorageServiceServicer_to_server, rig.servicer):
+            yield storage_pb2_grpc.StorageServiceStub(channel)
+    finally:
+        rig.close()
 
 
 @pytest.fixture
