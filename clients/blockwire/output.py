@@ -26,8 +26,26 @@ _SECRET_KEYS = frozenset({"password", "key"})
 def message_to_dict(message: Message) -> dict[str, Any]:
     """The stable JSON form of a message, secrets redacted."""
     data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    redacted: dict[str, Any] = _redact(data)
+    redacted: dict[str, Any] = _redact(_ordered(message.DESCRIPTOR, data))
     return redacted
+
+
+def _ordered(descriptor: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its keys in the order of the .proto (MessageToDict puts zero values last)."""
+    out: dict[str, Any] = {}
+    for f in descriptor.fields:
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        nested = f.message_type
+        if nested is not None and not nested.GetOptions().map_entry:
+            if isinstance(value, dict):
+                value = _ordered(nested, value)
+            elif isinstance(value, list):
+                value = [_ordered(nested, v) if isinstance(v, dict) else v for v in value]
+        out[f.name] = value
+    out.update((k, v) for k, v in data.items() if k not in out)
+    return out
 
 
 def _redact(value: Any) -> Any:
