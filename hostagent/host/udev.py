@@ -101,6 +101,13 @@ def _describe(dev: Any, action: str) -> UdevDevice:
     )
 
 
+def _close(monitor: Any) -> None:
+    """pyudev has no stop(): the netlink socket closes when libudev's monitor is released (on GC)."""
+    stop = getattr(monitor, "stop", None)
+    if callable(stop):
+        stop()
+
+
 class PyudevWaiter:
     """The real UdevWaiter: pyudev's netlink monitor and udev database."""
 
@@ -157,7 +164,7 @@ class PyudevWaiter:
                     log.debug("%s appeared: %s %s", what, desc.action, desc.sys_name)
                     return desc
         finally:
-            monitor.stop()
+            _close(monitor)
         raise DeadlineExceeded(f"{what} did not appear within {deadline.seconds:g}s")
 
     def wait_gone(
@@ -182,6 +189,6 @@ class PyudevWaiter:
                     # A device may have gone between enumeration and the monitor's first event.
                     remaining = {d.sys_path for d in self.find(subsystem, match)}
         finally:
-            monitor.stop()
+            _close(monitor)
         if remaining:
             raise DeadlineExceeded(f"{what} was not removed within {deadline.seconds:g}s")
