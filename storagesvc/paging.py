@@ -1,16 +1,21 @@
-"""Opaque page tokens: base64url of "v1:<create_ns>:<id>" of the last item of the previous page."""
+"""Opaque page tokens: base64url of "v1:<create_ns>:<id>:<crc32>" of the last item of the previous page.
+
+The checksum catches truncated or hand-edited tokens (INVALID_ARGUMENT), it does not make them secret.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import zlib
 
 from blockwire.errors import InvalidArgument
 from storagesvc.catalog import Cursor
 
 
 def encode(cursor: Cursor) -> str:
-    raw = f"v1:{cursor.create_ns}:{cursor.id}".encode()
+    body = f"v1:{cursor.create_ns}:{cursor.id}"
+    raw = f"{body}:{zlib.crc32(body.encode()):08x}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -23,8 +28,9 @@ def decode(token: str, field: str = "page_token") -> Cursor | None:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise bad from None
-    version, _, rest = raw.partition(":")
+    body, _, crc = raw.rpartition(":")
+    version, _, rest = body.partition(":")
     ns, _, ident = rest.partition(":")
-    if version != "v1" or not ns.isdigit() or not ident:
+    if version != "v1" or not ns.isdigit() or not ident or crc != f"{zlib.crc32(body.encode()):08x}":
         raise bad
     return Cursor(int(ns), ident)

@@ -1,0 +1,151 @@
+"""SqliteCatalog: migrations, round trips (secrets included), uniqueness, paging order, label filters."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.secret import Secret
+from storagesvc.catalog import Conflict, Cursor, time_key
+from storagesvc.catalog.sqlite import MIGRATIONS, SqliteCatalog
+from storagesvc.model import (
+    Attachment,
+    AttachmentState,
+    ExportRecord,
+    ImageFormat,
+    ImageSource,
+    Snapshot,
+    SnapshotState,
+    Volume,
+    VolumeSource,
+    VolumeState,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def volume(i: int, **kw: object) -> Volume:
+    base = dict(
+        id=f"{i:032x}",
+        name=f"vol-{i}",
+        size_bytes=(i + 1) << 20,
+        state=VolumeState.AVAILABLE,
+        backend="file",
+        wwn="6001405" + f"{i:020x}" + "00000",
+        serial=f"{i:020x}",
+        create_time=T0 + timedelta(seconds=i),
+        update_time=T0 + timedelta(seconds=i),
+    )
+    base.update(kw)
+    return Volume(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def catalog(tmp_path: Path) -> SqliteCatalog:
+    return SqliteCatalog(tmp_path / "c.db")
+
+
+def test_new_file_is_migrated_private_and_in_wal_mode(tmp_path: Path) -> None:
+    c = SqliteCatalog(tmp_path / "c.db")
+    assert c.schema_version == len(MIGRATIONS)
+    assert (tmp_path / "c.db").stat().st_mode & 0o777 == 0o600
+    mode = sqlite3.connect(tmp_path / "c.db").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    c.close()
+    again = SqliteCatalog(tmp_path / "c.db")  # reopening applies nothing twice
+    assert again.schema_version == len(MIGRATIONS)
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    SqliteCatalog(tmp_path / "c.db").close()
+    db = sqlite3.connect(tmp_path / "c.db")
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        SqliteCatalog(tmp_path / "c.db")
+
+
+def test_volume_round_trip_keeps_export_secrets(catalog: SqliteCatalog) -> None:
+    export = ExportRecord(
+        "iqn.2026-01.io.x:v",
+        1,
+        Chap("in-x", Secret("s" * 16)),
+        Chap("out-x", Secret("m" * 16)),
+        AccessMode.READ_ONLY,
+    )
+    v = volume(
+        1,
+        labels={"a": "b"},
+        source=VolumeSource(image=ImageSource("/i.qcow2", ImageFormat.QCOW2)),
+        export=export,
+    )
+    catalog.insert_volume(v)
+    assert catalog.get_volume(v.id) == v
+    assert catalog.volume_by_name("vol-1") == v
+    got = catalog.get_volume(v.id)
+    assert got is not None
+    assert got.export is not None
+    assert got.export.chap is not None
+    assert got.export.chap.password.reveal() == "s" * 16
+
+
+def test_names_are_unique(catalog: SqliteCatalog) -> None:
+    catalog.insert_volume(volume(1))
+    with pytest.raises(Conflict):
+        catalog.insert_volume(volume(2, name="vol-1"))
+
+
+def test_update_and_delete(catalog: SqliteCatalog) -> None:
+    v = volume(1)
+    catalog.insert_volume(v)
+    catalog.update_volume(Volume(**{**v.__dict__, "size_bytes": 8 << 20, "state": VolumeState.IN_USE}))
+    got = catalog.get_volume(v.id)
+    assert got is not None
+    assert got.size_bytes == 8 << 20
+    assert got.state is VolumeState.IN_USE
+    assert catalog.backend_counts("file") == (1, 0, 8 << 20)
+    catalog.delete_volume(v.id)
+    assert catalog.get_volume(v.id) is None
+
+
+def test_listing_is_ordered_by_creation_and_pages_after_a_cursor(catalog: SqliteCatalog) -> None:
+    for i in (3, 1, 4, 0, 2):
+        catalog.insert_volume(volume(i, labels={"even": str(i % 2 == 0)}))
+    first = catalog.list_volumes(after=None, limit=2)
+    assert [v.name for v in first] == ["vol-0", "vol-1"]
+    rest = catalog.list_volumes(after=Cursor(time_key(first[-1].create_time), first[-1].id), limit=10)
+    assert [v.name for v in rest] == ["vol-2", "vol-3", "vol-4"]
+    evens = catalog.list_volumes(after=None, limit=10, labels={"even": "True"})
+    assert [v.name for v in evens] == ["vol-0", "vol-2", "vol-4"]
+
+
+def test_snapshots_and_attachments(catalog: SqliteCatalog) -> None:
+    v = volume(1)
+    catalog.insert_volume(v)
+    s = Snapshot("s" * 32, "snap", v.id, v.size_bytes, SnapshotState.AVAILABLE, "file", T0)
+    catalog.insert_snapshot(s)
+    assert catalog.list_snapshots(volume_id=v.id, after=None, limit=5) == [s]
+    assert catalog.list_snapshots(volume_id="other", after=None, limit=5) == []
+    info = ConnectionInfo(
+        IscsiConnection((IscsiPath("127.0.0.1:3260", "iqn.2026-01.io.x:v", 1),), Chap("u", Secret("p" * 16))),
+        volume_id=v.id,
+        wwn=v.wwn,
+    )
+    a = Attachment(
+        "a" * 32,
+        v.id,
+        Connector(host="h", initiator_iqn="iqn.2026-01.io.x:h", transports=(Transport.ISCSI,)),
+        AccessMode.READ_WRITE,
+        AttachmentState.ATTACHING,
+        T0,
+        T0,
+        connection_info=info,
+    )
+    catalog.insert_attachment(a)
+    assert catalog.get_attachment(a.id) == a
+    assert catalog.list_attachments(host="h", after=None, limit=5) == [a]
+    assert catalog.list_attachments(host="x", after=None, limit=5) == []
