@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from blockwire.errors import FailedPrecondition
 from blockwire.model import Transport
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig
@@ -57,7 +56,31 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
     }
     extra: tuple[VolumeConnector, ...] = ()
     if kernel:
-        raise FailedPrecondition('the kernel iSCSI connector is not built in yet; set iscsi_mode = "qemu"')
+        from hostagent.connectors.fc import FcConnector  # noqa: PLC0415 - kernel paths only
+        from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
+        from hostagent.tools.iscsiadm import Iscsiadm  # noqa: PLC0415
+        from hostagent.tools.multipath import Multipath  # noqa: PLC0415
+
+        multipath = Multipath(runner)
+        connectors[Transport.ISCSI] = IscsiConnector(
+            Iscsiadm(runner, clock, timeout=config.login_timeout),
+            sysfs,
+            udev,
+            multipath,
+            clock,
+            initiator_iqn=connector.initiator_iqn,
+            device_timeout=config.device_timeout,
+            use_multipath=connector.multipath,
+        )
+        connectors[Transport.FC] = FcConnector(
+            sysfs,
+            udev,
+            multipath,
+            clock,
+            device_timeout=config.device_timeout,
+            use_multipath=connector.multipath,
+        )
+        extra = (qemu_iscsi,)  # attachments made before a mode change can still be detached
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,8 @@ class FakeUdev:
     # Called after a trigger ran: may change `present` (the kernel and udev reacting to it).
     on_trigger: list[Callable[[FakeUdev], None]] = field(default_factory=list)
     waits: list[str] = field(default_factory=list)
+    # One wait at a time: the kernel's reaction to a trigger is atomic in this fake.
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def add(self, dev: UdevDevice) -> None:
         self.present.setdefault(dev.subsystem, []).append(dev)
@@ -42,9 +45,10 @@ class FakeUdev:
         trigger: Callable[[], None] | None = None,
         what: str = "device",
     ) -> UdevDevice:
-        self.waits.append(what)
-        self._after(trigger)
-        found = self.find(subsystem, match)
+        with self.lock:
+            self.waits.append(what)
+            self._after(trigger)
+            found = self.find(subsystem, match)
         if not found:
             deadline.clock.sleep(deadline.remaining())  # a FakeClock: time passes, nothing came
             raise DeadlineExceeded(f"{what} did not appear within {deadline.seconds:g}s")
@@ -59,7 +63,9 @@ class FakeUdev:
         trigger: Callable[[], None] | None = None,
         what: str = "device",
     ) -> None:
-        self.waits.append(f"gone:{what}")
-        self._after(trigger)
-        if self.find(subsystem, match):
+        with self.lock:
+            self.waits.append(f"gone:{what}")
+            self._after(trigger)
+            left = self.find(subsystem, match)
+        if left:
             raise DeadlineExceeded(f"{what} was not removed within {deadline.seconds:g}s")

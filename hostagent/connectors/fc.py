@@ -1,0 +1,131 @@
+"""Fibre Channel: targeted scans of the zoned target ports, the disk by its SCSI address, WWN check,
+multipath. Initiator ports come from /sys/class/fc_host/host*/port_name; remote ports (and their
+channel:target numbers) from /sys/class/fc_transport/target*/port_name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from blockwire.errors import FailedPrecondition, InvalidArgument
+from blockwire.model import ConnectionInfo, FcConnection
+from hostagent.connectors.scsi import ScsiDevices
+from hostagent.host.clock import Clock
+from hostagent.host.sysfs import Sysfs
+from hostagent.host.udev import UdevWaiter
+from hostagent.identity import normalize_wwn
+from hostagent.model import HostDevice
+from hostagent.tools.multipath import Multipath
+from hostagent.virt.diskxml import BlockSource, Source
+
+log = logging.getLogger(__name__)
+
+
+def _wwpn(value: str) -> str:
+    return value.strip().lower().removeprefix("0x").replace(":", "")
+
+
+def fc_of(info: ConnectionInfo) -> FcConnection:
+    t = info.transport
+    if not isinstance(t, FcConnection):
+        raise InvalidArgument("connection_info", "the FC connector needs an fc transport")
+    if not t.target_wwpns:
+        raise InvalidArgument("connection_info.fc.target_wwpns", "at least one target WWPN is required")
+    for w in t.target_wwpns:
+        if len(_wwpn(w)) != 16:
+            raise InvalidArgument("connection_info.fc.target_wwpns", f"{w!r} is not 16 hex digits")
+    return t
+
+
+class FcConnector:
+    kind = "fc"
+
+    def __init__(
+        self,
+        sysfs: Sysfs,
+        udev: UdevWaiter,
+        multipath: Multipath,
+        clock: Clock,
+        *,
+        device_timeout: float = 30.0,
+        use_multipath: bool = True,
+    ) -> None:
+        self.sysfs = sysfs
+        self.scsi = ScsiDevices(
+            sysfs, udev, multipath, clock, device_timeout=device_timeout, use_multipath=use_multipath
+        )
+
+    def validate(self, info: ConnectionInfo) -> None:
+        fc_of(info)
+
+    def _hosts(self) -> dict[str, int]:
+        """Initiator WWPN -> SCSI host number."""
+        out = {}
+        for name in self.sysfs.listdir("class/fc_host"):
+            wwpn = _wwpn(self.sysfs.read(f"class/fc_host/{name}/port_name") or "")
+            if wwpn and name.startswith("host"):
+                out[wwpn] = int(name[4:])
+        return out
+
+    def _targets(self, t: FcConnection) -> list[tuple[int, str, str]]:
+        """(host, channel, target) of every remote port that is one of the announced target WWPNs and
+        is zoned to an initiator port of this host (per initiator_target_map when given)."""
+        wanted = {_wwpn(w) for w in t.target_wwpns}
+        zoning = {_wwpn(i): {_wwpn(x) for x in ts} for i, ts in t.initiator_target_map.items()}
+        hosts = self._hosts()
+        found = []
+        for name in self.sysfs.listdir("class/fc_transport"):
+            wwpn = _wwpn(self.sysfs.read(f"class/fc_transport/{name}/port_name") or "")
+            if wwpn not in wanted:
+                continue
+            host_s, channel, target = name.removeprefix("target").split(":")
+            host = int(host_s)
+            initiator = next((i for i, h in hosts.items() if h == host), "")
+            if zoning and wwpn not in zoning.get(initiator, set()):
+                continue
+            found.append((host, channel, target))
+        return found
+
+    def connect(self, info: ConnectionInfo) -> HostDevice:
+        t = fc_of(info)
+        rports = self._targets(t)
+        if not rports:
+            raise FailedPrecondition(
+                f"no FC port of this host sees the target ports {', '.join(t.target_wwpns)}; check the zoning"
+            )
+        devs = []
+        try:
+            for host, channel, target in rports:
+                devs.append(
+                    self.scsi.wait_disk(
+                        host,
+                        t.lun,
+                        trigger=lambda h=host, c=channel, tg=target: self.scsi.scan(h, t.lun, c, tg),  # type: ignore[misc]
+                        what=f"FC LUN {t.lun} behind host{host} {channel}:{target}",
+                    )
+                )
+            return self.scsi.assemble(info, sorted(set(devs)))
+        except BaseException:
+            self.disconnect(info, force=True)
+            raise
+
+    def _devices(self, t: FcConnection) -> list[str]:
+        devs: set[str] = set()
+        for host, channel, target in self._targets(t):
+            for p in self.sysfs.glob(f"bus/scsi/devices/{host}:{channel}:{target}:{t.lun}/block/*"):
+                devs.add(p.rsplit("/", 1)[1])
+        return sorted(devs)
+
+    def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
+        devs = self._devices(fc_of(info))
+        wwn = normalize_wwn(info.wwn) or (self.scsi.wwn_of(devs[0]) if devs else "")
+        self.scsi.remove(wwn, devs, force=force)
+
+    def extend(self, info: ConnectionInfo) -> int:
+        return self.scsi.rescan(self._devices(fc_of(info)), info.wwn)
+
+    def paths(self, info: ConnectionInfo) -> list[str]:
+        return [f"/dev/{d}" for d in self._devices(fc_of(info))]
+
+    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
+        return BlockSource(device.path)

@@ -1,0 +1,159 @@
+"""What every SCSI transport (kernel iSCSI, FC) shares: targeted scans, udev waits for the disks,
+identity checks, multipath maps, and removal of everything that was made.
+
+Disks are found by their SCSI address (host:channel:target:lun) in the udev event's sysfs path, never
+by "the newest sdX", and their WWN (/sys/block/sdX/device/wwid) must be the announced one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+from blockwire.errors import FailedPrecondition
+from blockwire.model import ConnectionInfo
+from hostagent.host.clock import Clock, Deadline
+from hostagent.host.executor import CommandFailed
+from hostagent.host.sysfs import Sysfs
+from hostagent.host.udev import UdevDevice, UdevWaiter
+from hostagent.identity import normalize_wwn, verify_wwn
+from hostagent.model import HostDevice
+from hostagent.tools.multipath import Multipath
+
+log = logging.getLogger(__name__)
+
+
+def mpath_wwid(wwn: str) -> str:
+    """multipath's WWID for an NAA WWN: the designator type "3" in front."""
+    return "3" + normalize_wwn(wwn)
+
+
+class ScsiDevices:
+    def __init__(
+        self,
+        sysfs: Sysfs,
+        udev: UdevWaiter,
+        multipath: Multipath,
+        clock: Clock,
+        *,
+        device_timeout: float,
+        use_multipath: bool,
+    ) -> None:
+        self.sysfs = sysfs
+        self.udev = udev
+        self.multipath = multipath
+        self.clock = clock
+        self.device_timeout = device_timeout
+        self.use_multipath = use_multipath
+
+    def scan(self, host: int, lun: int, channel: str = "-", target: str = "-") -> None:
+        """A targeted scan of one LUN (never a wildcard LUN scan)."""
+        self.sysfs.write(f"class/scsi_host/host{host}/scan", f"{channel} {target} {lun}")
+
+    def wait_disk(self, host: int, lun: int, trigger: Callable[[], None], what: str) -> str:
+        """The sdX at host:*:*:lun, after `trigger` (a login or a scan) made it appear."""
+        pattern = re.compile(rf"/{host}:\d+:\d+:{lun}/block/(sd[a-z]+)$")
+
+        def match(dev: UdevDevice) -> bool:
+            return dev.properties.get("DEVTYPE", "disk") == "disk" and bool(pattern.search(dev.sys_path))
+
+        dev = self.udev.wait_for(
+            "block", match, Deadline(self.clock, self.device_timeout), trigger=trigger, what=what
+        )
+        return dev.sys_name
+
+    def disks_at(self, host: int, lun: int | None = None) -> list[str]:
+        """sdX names the kernel has at host:*:*:lun (any LUN when None)."""
+        lun_glob = "*" if lun is None else str(lun)
+        return sorted(
+            p.rsplit("/", 1)[1] for p in self.sysfs.glob(f"bus/scsi/devices/{host}:*:*:{lun_glob}/block/*")
+        )
+
+    def wwn_of(self, dev: str) -> str:
+        return normalize_wwn(self.sysfs.read(f"block/{dev}/device/wwid") or "")
+
+    def assemble(self, info: ConnectionInfo, devs: list[str]) -> HostDevice:
+        """Verifies every path's identity, then builds (or finds) the multipath map over them."""
+        for dev in devs:
+            verify_wwn(info.wwn, self.wwn_of(dev), f"/dev/{dev}")
+        wwn = normalize_wwn(info.wwn) or self.wwn_of(devs[0])
+        if not self.use_multipath:
+            dev = devs[0]
+            return HostDevice(
+                path=f"/dev/{dev}",
+                wwn=wwn,
+                size_bytes=self.sysfs.block_size_bytes(dev) or 0,
+                path_devices=(f"/dev/{dev}",),
+            )
+        wwid = mpath_wwid(wwn)
+
+        def trigger() -> None:
+            self.multipath.allow_wwid(wwid)
+            for d in devs:
+                self.multipath.add_path(d)
+
+        dm = self.udev.wait_for(
+            "block",
+            lambda d: d.properties.get("DM_UUID") == f"mpath-{wwid}",
+            Deadline(self.clock, self.device_timeout),
+            trigger=trigger,
+            what=f"multipath map of {wwid}",
+        )
+        return HostDevice(
+            path=f"/dev/{dm.sys_name}",
+            wwn=wwn,
+            size_bytes=self.sysfs.block_size_bytes(dm.sys_name) or dm.size_bytes or 0,
+            multipath_name=dm.properties.get("DM_NAME", ""),
+            path_devices=tuple(f"/dev/{d}" for d in devs),
+        )
+
+    def map_name(self, wwn: str) -> str:
+        if not wwn or not self.use_multipath:
+            return ""
+        wwid = mpath_wwid(wwn)
+        return next((m.name for m in self.multipath.show_maps() if m.wwid == wwid), "")
+
+    def remove(self, wwn: str, devs: list[str], *, force: bool) -> None:
+        """Flushes and removes the map, then deletes each SCSI device; waits for udev to see them go."""
+        name = self.map_name(wwn)
+        if name:
+            wwid = mpath_wwid(wwn)
+            try:
+                self.udev.wait_gone(
+                    "block",
+                    lambda d: d.properties.get("DM_UUID") == f"mpath-{wwid}",
+                    Deadline(self.clock, self.device_timeout),
+                    trigger=lambda: self._flush(name),
+                    what=f"multipath map {name}",
+                )
+            except CommandFailed as exc:
+                if not force:
+                    raise FailedPrecondition(
+                        f"map {name} is in use ({exc.message}); detach first or force"
+                    ) from exc
+                log.warning("flushing %s failed (%s); removing its paths anyway (force)", name, exc.message)
+        for dev in devs:
+            if not self.sysfs.exists(f"block/{dev}/device/delete"):
+                continue
+            self.udev.wait_gone(
+                "block",
+                lambda d, dev=dev: d.sys_name == dev,  # type: ignore[misc]
+                Deadline(self.clock, self.device_timeout),
+                trigger=lambda dev=dev: self.sysfs.write(f"block/{dev}/device/delete", "1"),  # type: ignore[misc]
+                what=f"/dev/{dev}",
+            )
+
+    def _flush(self, name: str) -> None:
+        self.multipath.flush(name)
+
+    def rescan(self, devs: list[str], wwn: str) -> int:
+        for dev in devs:
+            self.sysfs.write(f"block/{dev}/device/rescan", "1")
+        name = self.map_name(wwn)
+        if name:
+            self.multipath.resize(name)
+            dm = next((m.sysfs for m in self.multipath.show_maps() if m.name == name), "")
+            if dm:
+                return self.sysfs.block_size_bytes(dm) or 0
+        return self.sysfs.block_size_bytes(devs[0]) or 0 if devs else 0
