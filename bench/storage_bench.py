@@ -1,0 +1,277 @@
+"""Storage service benchmark: create + attach + detach + delete cycles over gRPC against the real
+`blockwire-storage` daemon and a real tgtd of its own (free control port, loopback portals).
+
+    sudo python bench/storage_bench.py [--cycles 50] [--parallel 4] [--out bench/results]
+
+Runs `cycles` cycles one after another, then `cycles` cycles spread over `parallel` threads (different
+volumes, so they may proceed in parallel). Reports ops/s and p50/p95 per RPC and per cycle, and how much
+of the time tgtadm took: the daemon runs with DEBUG logs, where the Executor logs every command with its
+duration; the bench sums the tgtadm ones inside each phase and compares them with the phase's wall time
+(with parallel threads, tgtadm seconds can exceed wall seconds). Writes
+bench/results/storage-YYYY-MM-DD.{md,json} with the machine's facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from blockwire.v1 import storage_pb2 as spb  # noqa: E402
+from blockwire.v1 import storage_pb2_grpc  # noqa: E402
+from blockwire.v1 import types_pb2 as pb  # noqa: E402
+from tests.host.daemons import Tgtd, free_port, free_tgt_control_port, need_root  # noqa: E402
+
+MIB = 1 << 20
+RAN = re.compile(r'logger=hostagent\.host\.executor msg="ran \((.*?)\) -> \d+ in ([0-9.]+)s"')
+TS = re.compile(r"^ts=(\S+) ")
+
+
+def pct(samples: list[float], p: float) -> float:
+    s = sorted(samples)
+    return s[max(0, min(len(s) - 1, round(p / 100 * len(s) + 0.5) - 1))] if s else 0.0
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        line.split()[1]
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    tgt = subprocess.run(["tgtd", "-V"], capture_output=True, text=True, check=False).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "memory_gib": round(int(mem) / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "tgt": tgt,
+    }
+
+
+class Daemon:
+    def __init__(self, tmp: Path, tgtd: Tgtd) -> None:
+        self.tmp = tmp
+        self.prefix = f"iqn.2026-01.io.blockwire.bench{uuid.uuid4().hex[:8]}"
+        self.socket = tmp / "storage.sock"
+        self.log = tmp / "storage.log"
+        portals = ", ".join(f'"{p}"' for p in tgtd.portals)
+        self.config = tmp / "storage.toml"
+        self.config.write_text(
+            f'[server]\nunix_socket = "{self.socket}"\nlog_format = "kv"\nlog_level = "DEBUG"\nworkers = 16\n'
+            f'[service]\ncatalog_path = "{tmp}/catalog.db"\niqn_prefix = "{self.prefix}"\n'
+            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
+            f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(self.config)],
+            cwd=ROOT,
+            stderr=open(self.log, "wb"),  # noqa: SIM115
+        )
+        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    break
+            except grpc.RpcError:
+                time.sleep(0.05)
+        else:
+            raise SystemExit("blockwire-storage did not start: " + self.log.read_text()[-2000:])
+        self.stub = storage_pb2_grpc.StorageServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+    def tgtadm_seconds(self, start: datetime, end: datetime) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for line in self.log.read_text().splitlines():
+            m, t = RAN.search(line), TS.match(line)
+            if m and t and "tgtadm" in m.group(1):
+                at = datetime.fromisoformat(t.group(1))
+                if start <= at <= end:
+                    total += float(m.group(2))
+                    count += 1
+        return total, count
+
+
+def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading.Lock) -> float:
+    connector = pb.Connector(host=f"h-{name}", initiator_iqn=f"iqn.2026-01.io.blockwire.bench:{name}")
+    began = time.perf_counter()
+    marks: list[tuple[str, float]] = []
+
+    def timed(op: str, call: Any) -> Any:
+        t = time.perf_counter()
+        out = call()
+        marks.append((op, time.perf_counter() - t))
+        return out
+
+    vol = timed(
+        "CreateVolume",
+        lambda: stub.CreateVolume(spb.CreateVolumeRequest(name=name, size_bytes=64 * MIB), timeout=60),
+    ).volume
+    att = timed(
+        "CreateAttachment",
+        lambda: stub.CreateAttachment(
+            spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector), timeout=60
+        ),
+    ).attachment
+    timed(
+        "DeleteAttachment",
+        lambda: stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=60),
+    )
+    timed("DeleteVolume", lambda: stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=60))
+    total = time.perf_counter() - began
+    with lock:
+        for op, s in marks:
+            timings.setdefault(op, []).append(s)
+        timings.setdefault("cycle", []).append(total)
+    return total
+
+
+def phase(daemon: Daemon, label: str, cycles: int, parallel: int) -> dict[str, Any]:
+    timings: dict[str, list[float]] = {}
+    lock = threading.Lock()
+    start = datetime.now(UTC)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        list(pool.map(lambda i: cycle(daemon.stub, f"{label}-{i}", timings, lock), range(cycles)))
+    wall = time.perf_counter() - t0
+    end = datetime.now(UTC)
+    time.sleep(0.2)  # let the daemon's log lines reach the file before reading them
+    tgtadm, calls = daemon.tgtadm_seconds(start, end)
+    return {
+        "phase": label,
+        "cycles": cycles,
+        "parallel": parallel,
+        "wall_s": round(wall, 3),
+        "cycles_per_s": round(cycles / wall, 2),
+        "rpcs_per_s": round(4 * cycles / wall, 2),
+        "tgtadm_calls": calls,
+        "tgtadm_s": round(tgtadm, 3),
+        "tgtadm_share_of_wall": round(tgtadm / wall, 3),
+        "latency_ms": {
+            op: {
+                "p50": round(pct(v, 50) * 1000, 2),
+                "p95": round(pct(v, 95) * 1000, 2),
+                "mean": round(statistics.mean(v) * 1000, 2),
+            }
+            for op, v in timings.items()
+        },
+    }
+
+
+def report(results: dict[str, Any], out: Path) -> None:
+    day = results["date"][:10]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"storage-{day}.json").write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    lines = [
+        f"# storagesvc benchmark, {day}",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
+        f"Python {m['python']}, tgt {m['tgt']}. Daemon `blockwire-storage` over a unix socket, file backend "
+        "(64 MiB sparse files), tgt exporter with 2 loopback portals, CHAP, one ACL entry. A cycle is "
+        "CreateVolume + CreateAttachment + DeleteAttachment + DeleteVolume.",
+        "",
+        "| phase | cycles | threads | wall s | cycles/s | RPCs/s | tgtadm calls | tgtadm s | tgtadm / wall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in results["phases"]:
+        lines.append(
+            f"| {p['phase']} | {p['cycles']} | {p['parallel']} | {p['wall_s']} | {p['cycles_per_s']} "
+            f"| {p['rpcs_per_s']} | {p['tgtadm_calls']} | {p['tgtadm_s']} | {p['tgtadm_share_of_wall']:.0%} |"
+        )
+    lines += [
+        "",
+        "Latency per RPC (ms, client side):",
+        "",
+        "| phase | RPC | p50 | p95 | mean |",
+        "|---|---|---|---|---|",
+    ]
+    for p in results["phases"]:
+        for op, v in p["latency_ms"].items():
+            lines.append(f"| {p['phase']} | {op} | {v['p50']} | {v['p95']} | {v['mean']} |")
+    (out / f"storage-{day}.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=50)
+    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    if not 1 <= args.cycles <= 1000 or not 1 <= args.parallel <= 32:
+        raise SystemExit("--cycles 1-1000, --parallel 1-32")
+    need_root()
+    hosts = ("127.0.0.1", "127.0.0.2")
+    port = free_port(hosts)
+    tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in hosts), control_port=free_tgt_control_port())
+    tgtd.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="storage-bench-") as tmp:
+            daemon = Daemon(Path(tmp), tgtd)
+            try:
+                phase(daemon, "warmup", 3, 1)
+                phases = [
+                    phase(daemon, "serial", args.cycles, 1),
+                    phase(daemon, "parallel", args.cycles, args.parallel),
+                ]
+                stats = daemon.stub.GetBackendStats(spb.GetBackendStatsRequest(), timeout=10)
+            finally:
+                daemon.stop()
+    finally:
+        tgtd.stop()
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "phases": phases,
+        "server_operations": [
+            {
+                "operation": o.operation,
+                "count": o.count,
+                "errors": o.errors,
+                "p50_us": o.p50_micros,
+                "p95_us": o.p95_micros,
+            }
+            for o in stats.operations
+        ],
+    }
+    report(results, args.out)
+    print(json.dumps(results["phases"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
