@@ -14,7 +14,7 @@ PACKAGES=(
   linux-image-amd64 initramfs-tools systemd-sysv udev kmod iproute2
   open-iscsi multipath-tools tgt lvm2 sg3-utils lsscsi libiscsi-bin
   python3 python3-venv python3-rtslib-fb targetcli-fb dbus
-  procps util-linux e2fsprogs psmisc
+  procps util-linux e2fsprogs psmisc thin-provisioning-tools nvme-cli
   libvirt-daemon-system libvirt-daemon-system-systemd libpam-systemd iptables libvirt-clients
   qemu-system-x86 qemu-utils
 )
@@ -70,9 +70,10 @@ EOF
   cat >"$root/sbin/blockwire-init" <<'EOF'
 #!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+# The initramfs has moved /proc, /sys and /dev over already; mount them when it has not.
+mountpoint -q /proc || mount -t proc proc /proc
+mountpoint -q /sys || mount -t sysfs sysfs /sys
+mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 modprobe -a 9pnet_virtio 9p
 mkdir -p /mnt/src /mnt/results
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 src /mnt/src

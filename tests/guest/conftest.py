@@ -7,6 +7,7 @@ Inside the guest (BLOCKWIRE_IN_GUEST=1) this file only lets pytest collect tests
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -40,11 +41,15 @@ def guest_results(request: pytest.FixtureRequest) -> GuestReport:
     missing = image.requirements_missing()
     if missing:
         tier_unavailable("guest", missing)
-    try:
-        built = image.ensure_image()
-    except (image.GuestError, OSError) as exc:
-        pytest.fail(f"[guest tier] the guest image could not be built: {exc}", pytrace=False)
-    run = image.run_guest(_selected_inside_files(request.session), image=built)
+    # Progress lines ("guest: building ...", a few minutes on a cold cache) go straight to the terminal.
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    live = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+    with live:
+        try:
+            built = image.ensure_image()
+        except (image.GuestError, OSError) as exc:
+            pytest.fail(f"[guest tier] the guest image could not be built: {exc}", pytrace=False)
+        run = image.run_guest(_selected_inside_files(request.session), image=built)
     request.config.stash[_RUN_KEY] = run
     if not run.junit.exists():
         pytest.fail(

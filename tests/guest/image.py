@@ -280,6 +280,7 @@ def run_guest(
     command = qemu_command(image, overlay, run.results, run.serial)
     (run.directory / "qemu.cmd").write_text(" ".join(command) + "\n")
     started = time.monotonic()
+    _log(f"booting the guest ({run.directory}), at most {timeout:.0f}s")
     with (run.directory / "qemu.log").open("wb") as qemu_log:
         proc = subprocess.Popen(command, stdout=qemu_log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -293,6 +294,7 @@ def run_guest(
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
     run.seconds = time.monotonic() - started
+    _log(f"QEMU ended after {run.seconds:.0f}s")
     with contextlib.suppress(FileNotFoundError):
         overlay.unlink()
     rc_file = run.results / "rc"

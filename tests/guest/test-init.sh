@@ -7,8 +7,9 @@
 # (tests/guest/inside/conftest.py): they start, crash and restart it.
 # Each step's time since boot goes to the console (the host keeps it as serial.log).
 export PATH=/opt/blockwire/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root LANG=C.UTF-8 BLOCKWIRE_IN_GUEST=1 PYTHONUNBUFFERED=1
 R=/mnt/results
+# BLOCKWIRE_GUEST_RESULTS: inside tests may leave artifacts there; the host keeps the last runs.
+export HOME=/root LANG=C.UTF-8 BLOCKWIRE_IN_GUEST=1 PYTHONUNBUFFERED=1 BLOCKWIRE_GUEST_RESULTS=$R
 VENV=/opt/blockwire/venv
 
 step() { echo "test-init: [$(cut -d' ' -f1 /proc/uptime)s] $*"; }
@@ -80,7 +81,7 @@ if [ "${BLOCKWIRE_RECORD:-0}" = 1 ]; then
 else
   step "pytest $BLOCKWIRE_INSIDE_FILES"
   # shellcheck disable=SC2086
-  (python -m pytest $BLOCKWIRE_INSIDE_FILES -p no:cacheprovider -o junit_family=xunit1 \
+  (python -m pytest $BLOCKWIRE_INSIDE_FILES -p no:cacheprovider -o junit_family=xunit1 --continue-on-collection-errors \
     --junitxml="$R/junit.xml" -ra -v --timeout="$BLOCKWIRE_INSIDE_TEST_TIMEOUT"; echo $? >/tmp/rc) 2>&1 |
     tee "$R/pytest.log"
 fi

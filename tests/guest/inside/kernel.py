@@ -8,7 +8,6 @@ what blockwire's own code did.
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -231,11 +230,9 @@ def force_cleanup() -> None:
         settle()
 
 
-_DM_NAME = re.compile(r"^dm-\d+$")
-
-
 def dm_device(map_name: str) -> str:
-    """/dev/mapper/NAME -> dm-N."""
-    name = Path("/dev/mapper", map_name).resolve().name
-    assert _DM_NAME.match(name), name
-    return name
+    """Map name -> dm-N, from sysfs (/dev/mapper/NAME may still be a plain node before udev links it)."""
+    for dm in SYS_BLOCK.glob("dm-*"):
+        if (dm / "dm" / "name").read_text().strip() == map_name:
+            return dm.name
+    raise AssertionError(f"no dm device is named {map_name}")
