@@ -40,7 +40,8 @@ def new_tid() -> int:
 
 @pytest.fixture
 def lun(clean_host: None, tgtd: Tgtd, tmp_path: Path) -> Iterator[kernel.Lun]:
-    """A 64 MiB LUN on both portals, with a fixed announced identity (scsi_id, scsi_sn). Uses
+    """A 64 MiB LUN on both portals, with its own announced identity (scsi_id, scsi_sn; `lun.naa` is what
+    the kernel reads). Uses
     `clean_host`: the test fails if it leaves sessions, node records, disks, maps or links behind."""
     tid = new_tid()
     made = kernel.make_target(
@@ -48,7 +49,7 @@ def lun(clean_host: None, tgtd: Tgtd, tmp_path: Path) -> Iterator[kernel.Lun]:
         tid,
         f"iqn.2024-01.test.blockwire:lun{tid}",
         tmp_path / f"lun{tid}.img",
-        scsi_id=f"blockwire-{tid:04d}",
+        scsi_id=f"b10c{tid:020x}",  # 24 hex digits: the kernel reads them unchanged (kernel.tgt_naa)
         scsi_sn=f"BWSN{tid:04d}",
     )
     yield made

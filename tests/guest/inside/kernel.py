@@ -69,6 +69,21 @@ class Lun:
     iqn: str
     lun: int
     backing: Path
+    scsi_id: str | None = None
+    scsi_sn: str | None = None
+
+    @property
+    def naa(self) -> str:
+        """The NAA the kernel reads for this LUN (wwid `naa.<naa>`, ID_SERIAL and multipath `3<naa>`)."""
+        assert self.scsi_id is not None, "tgt's default identity depends on tid and LUN only"
+        return tgt_naa(self.scsi_id)
+
+
+def tgt_naa(scsi_id: str) -> str:
+    """tgt's NAA 6 designator for `--params scsi_id=ID` (tests/data/recorded/README.md): each character's
+    hex value (0 unless a hex digit), right-aligned in 32 digits, the first digit replaced by 6."""
+    digits = "".join(c.lower() if c in "0123456789abcdefABCDEF" else "0" for c in scsi_id)
+    return "6" + digits.rjust(32, "0")[-31:]
 
 
 def make_target(
@@ -95,7 +110,7 @@ def make_target(
             "--op", "update", "--mode", "logicalunit", "--tid", str(tid), "--lun", "1", "--params", params
         )
     tgtd.adm("--op", "bind", "--mode", "target", "--tid", str(tid), "-I", initiators)
-    return Lun(tid=tid, iqn=iqn, lun=1, backing=backing)
+    return Lun(tid=tid, iqn=iqn, lun=1, backing=backing, scsi_id=scsi_id, scsi_sn=scsi_sn)
 
 
 def delete_target(tgtd: Tgtd, tid: int) -> None:
@@ -166,6 +181,21 @@ def maps() -> dict[str, str]:
     return dict(line.split()[:2] for line in proc.stdout.splitlines() if len(line.split()) >= 2)
 
 
+def flush_map(name: str, timeout: float = 30) -> None:
+    """`multipath -f NAME` once udev is done with the map. Closing a map opened for writing makes udev
+    probe it (blkid) and `multipath -f` says "map in use" meanwhile: settle, then retry to a deadline."""
+    settle()
+
+    def flushed() -> bool:
+        proc = run(["multipath", "-f", name], ok=(0, 1))
+        if proc.returncode == 0:
+            return True
+        assert "in use" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        return False
+
+    wait_until(f"multipath -f {name} (map in use)", flushed, timeout, every=0.5)
+
+
 def dm_maps() -> list[str]:
     proc = run(["dmsetup", "ls"])
     if "No devices found" in proc.stdout:
@@ -221,6 +251,7 @@ def assert_nothing_left() -> None:
 def force_cleanup() -> None:
     """Best effort: flush maps, log out every session, delete every node record (after a failed test)."""
     with contextlib.suppress(Exception):
+        settle()
         run(["multipath", "-F"], ok=(0, 1))
     with contextlib.suppress(Exception):
         run(["iscsiadm", "-m", "node", "--logoutall=all"], ok=(0, ISCSI_ERR_NO_OBJS_FOUND), timeout=120)

@@ -226,7 +226,7 @@ def record(out: Path) -> None:
         kernel.settle()
         kernel.wait_until("one path left", lambda: sum(p.wwid == serial for p in kernel.map_paths()) == 1, 60)
         rec.save("multipath_ll_one_path.txt", ["multipath", "-ll", name])
-        kernel.run(["multipath", "-f", name])
+        kernel.flush_map(name)
         kernel.logout(IQN, P1)
         kernel.run(["multipath", "-F"])
         kernel.logout(IQN_DEFAULT, P1)

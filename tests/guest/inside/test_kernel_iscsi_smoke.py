@@ -53,12 +53,16 @@ def test_two_portals_multipath_io_and_clean_teardown(lun: kernel.Lun, tmp_path: 
     took("by-path links")
     assert len(set(disks.values())) == 2, disks
     assert all(d.startswith("sd") for d in disks.values()), disks
-    wwids = {kernel.sysfs_wwid(d) for d in disks.values()}
-    assert len(wwids) == 1, wwids
+    # The identity tgt announces (scsi_id, scsi_sn) is what the kernel and udev read, on both paths.
+    for dev in disks.values():
+        assert kernel.sysfs_wwid(dev) == f"naa.{lun.naa}"
+        props = kernel.udev_properties(f"/dev/{dev}")
+        assert props["ID_SERIAL"] == f"3{lun.naa}"
+        assert props["ID_WWN_WITH_EXTENSION"] == f"0x{lun.naa}"
+        assert props["ID_SCSI_SERIAL"] == lun.scsi_sn
 
-    # multipath: one map over both disks, both paths active and ready.
-    props = kernel.udev_properties(f"/dev/{disks[PORTALS[0]]}")
-    wwid = props["ID_SERIAL"]
+    # multipath: one map over both disks with the same WWID, both paths active and ready.
+    wwid = f"3{lun.naa}"
     name = wait_until("the multipath map", lambda: kernel.map_for(wwid), 60)
 
     def both_paths_up() -> bool:
@@ -96,7 +100,7 @@ def test_two_portals_multipath_io_and_clean_teardown(lun: kernel.Lun, tmp_path: 
     took("I/O on 1 path")
 
     # Clean up the way a connector must: flush the map, log out, delete the node records.
-    run(["multipath", "-f", name])
+    kernel.flush_map(name)
     kernel.logout(lun.iqn, PORTALS[0])
     run(["iscsiadm", "-m", "node", "-o", "delete", "-T", lun.iqn])
     kernel.settle()
