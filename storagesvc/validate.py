@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 
@@ -10,16 +11,24 @@ from blockwire.errors import InvalidArgument
 from blockwire.model import Connector, Transport
 from storagesvc.model import MIB
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,62}$")
-LABEL_KEY_RE = re.compile(r"^[a-z0-9._/-]{1,63}$")
-# RFC 3720 3.2.6.3: iqn.yyyy-mm.reversed-domain[:anything], or eui. + 16 hex digits.
+# Every pattern is applied with fullmatch: "$" alone would also accept a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}")
+LABEL_KEY_RE = re.compile(r"[a-z0-9._/-]{1,63}")
+# RFC 3720 3.2.6.3: iqn.yyyy-mm.reversed-domain[:id], or eui. + 16 hex digits. The id part is held to the
+# characters initiators really use ([A-Za-z0-9._:-]): IQNs reach tgtadm's and iscsiadm's command lines.
 IQN_RE = re.compile(
-    r"^iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*(:[^\s]+)?$"
+    r"iqn\.\d{4}-(0[1-9]|1[0-2])\.[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
+    r"(:[A-Za-z0-9._:-]+)?"
 )
-EUI_RE = re.compile(r"^eui\.[0-9A-Fa-f]{16}$")
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
-HEX_RE = re.compile(r"^[0-9a-f]+$")
+EUI_RE = re.compile(r"eui\.[0-9A-Fa-f]{16}")
+ID_RE = re.compile(r"[0-9a-f]{32}")
+HEX_RE = re.compile(r"[0-9a-f]+")
+# Host names: RFC 1123 labels, plus '_' (seen in the wild); no spaces, no shell or XML metacharacters.
+HOST_RE = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*)(\.[A-Za-z0-9_]([A-Za-z0-9_-]*))*\.?")
+WWPN_RE = re.compile(r"[0-9a-f]{16}")
 MAX_IQN = 223
+MAX_TEXT = 255  # informational strings (domain names, device names) are kept, never interpreted
+MAX_PATH = 4096
 MAX_SIZE = 1 << 60  # 1 EiB: anything larger is a typo
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -28,7 +37,7 @@ DEFAULT_PAGE = 100
 def name(value: str, field: str = "name") -> str:
     if not value:
         raise InvalidArgument(field, "required; 1-63 characters of [A-Za-z0-9._-]")
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise InvalidArgument(
             field,
             f"{value[:80]!r} is not 1-63 characters of [A-Za-z0-9._-] starting with a letter, digit or '_'",
@@ -61,10 +70,12 @@ def labels(value: Mapping[str, str], field: str = "labels") -> dict[str, str]:
     if len(value) > 64:
         raise InvalidArgument(field, "at most 64 labels")
     for k, v in value.items():
-        if not LABEL_KEY_RE.match(k):
+        if not LABEL_KEY_RE.fullmatch(k):
             raise InvalidArgument(f"{field}[{k[:80]!r}]", "keys are 1-63 characters of [a-z0-9._/-]")
         if len(v) > 255:
             raise InvalidArgument(f"{field}[{k!r}]", "values are at most 255 characters")
+        if not v.isprintable():
+            raise InvalidArgument(f"{field}[{k!r}]", "values must be printable (no control characters)")
     return dict(value)
 
 
@@ -73,7 +84,7 @@ def iqn(value: str, field: str) -> str:
         raise InvalidArgument(
             field, "required: an iSCSI name (iqn.YYYY-MM.reverse.domain[:id] or eui.<16 hex>)"
         )
-    if len(value) > MAX_IQN or not (IQN_RE.match(value) or EUI_RE.match(value)):
+    if len(value) > MAX_IQN or not (IQN_RE.fullmatch(value) or EUI_RE.fullmatch(value)):
         raise InvalidArgument(
             field,
             f"{value[:80]!r} is not an iSCSI name "
@@ -85,8 +96,8 @@ def iqn(value: str, field: str) -> str:
 def portal(value: str, field: str = "portal") -> str:
     """'address:port' with an IPv4 address or a bracketed IPv6 one; returned unchanged."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(field, f"{value!r} is not address:port")
+    if len(value) > 64 or not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise InvalidArgument(field, f"{value[:80]!r} is not address:port")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         version = 6
@@ -120,14 +131,67 @@ def iscsi_connector(c: Connector, field: str = "connector") -> Connector:
             f"{field}.transports", "this service exports over iSCSI only; the host does not list it"
         )
     iqn(c.initiator_iqn, f"{field}.initiator_iqn")
+    _connector_extras(c, field)
     return c
 
 
+def _connector_extras(c: Connector, field: str) -> None:
+    """The fields an iSCSI export does not use are still stored and returned: keep them sane."""
+    if len(c.ips) > 64:
+        raise InvalidArgument(f"{field}.ips", "at most 64 addresses")
+    for i, ip in enumerate(c.ips):
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise InvalidArgument(f"{field}.ips[{i}]", f"{ip[:80]!r} is not an IP address") from None
+    for name, values in (("wwpns", c.wwpns), ("wwnns", c.wwnns)):
+        if len(values) > 64:
+            raise InvalidArgument(f"{field}.{name}", "at most 64 port names")
+        for i, w in enumerate(values):
+            if not WWPN_RE.fullmatch(w):
+                raise InvalidArgument(f"{field}.{name}[{i}]", f"{w[:80]!r} is not 16 lower-case hex digits")
+    for name, value in (
+        ("nvme_host_nqn", c.nvme_host_nqn),
+        ("nvme_host_id", c.nvme_host_id),
+        ("platform", c.platform),
+    ):
+        text(value, f"{field}.{name}")
+
+
 def name_like_host(value: str) -> bool:
-    return 0 < len(value) <= 255 and value.isprintable() and " " not in value
+    return 0 < len(value) <= 253 and HOST_RE.fullmatch(value) is not None
+
+
+def host(value: str, field: str = "host") -> str:
+    """A compute host's name (RFC 1123)."""
+    if not name_like_host(value):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a host name (RFC 1123, at most 253 characters)")
+    return value
+
+
+def text(value: str, field: str, max_len: int = MAX_TEXT) -> str:
+    """An informational string (a domain name, a device name): stored and returned, never interpreted.
+    At most `max_len` characters, printable (no NUL, newline or other control characters)."""
+    if len(value) > max_len:
+        raise InvalidArgument(field, f"at most {max_len} characters")
+    if not value.isprintable():
+        raise InvalidArgument(field, "must be printable (no control characters)")
+    return value
+
+
+def image_path(value: str, field: str = "source_image.path") -> str:
+    """An absolute, normalized path on the storage host: no '..', no '//', no control characters."""
+    if not value:
+        raise InvalidArgument(field, "required")
+    text(value, field, MAX_PATH)
+    if not os.path.isabs(value):
+        raise InvalidArgument(field, "must be an absolute path on the storage host")
+    if os.path.normpath(value) != value or "/../" in f"{value}/" or value.startswith("//"):
+        raise InvalidArgument(field, f"{value[:80]!r} is not a normalized path (no '..', '.', '//')")
+    return value
 
 
 def naa_oui(value: str, field: str = "naa_oui") -> str:
-    if len(value) != 6 or not HEX_RE.match(value):
+    if len(value) != 6 or not HEX_RE.fullmatch(value):
         raise InvalidArgument(field, f"{value!r} is not 6 lower-case hex digits (an IEEE company id)")
     return value

@@ -20,6 +20,10 @@ from blockwire.errors import (
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE = 1024
+"""Characters of a status message at most: a message that quotes a huge input is cut, so that it always
+fits gRPC's metadata limit (16 KiB) and the client sees the real code, not RESOURCE_EXHAUSTED."""
+
 
 def status_code(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status code for an exception: its `code`, or INTERNAL for anything unexpected."""
@@ -36,6 +40,8 @@ def abort_with(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     else:
         log.error("internal error", exc_info=exc)
         message = "internal error (a bug); the server log has the details"
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 14] + " ... (cut)"
     context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 

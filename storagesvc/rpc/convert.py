@@ -10,6 +10,7 @@ from blockwire import convert as shared
 from blockwire.errors import InvalidArgument
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
+from storagesvc import validate
 from storagesvc.model import (
     Attachment,
     AttachmentState,
@@ -69,24 +70,20 @@ def image_from_pb(m: pb.ImageSource) -> ImageSource:
         fmt = _IMAGE_FORMATS[m.format]
     except KeyError:
         raise InvalidArgument("source_image.format", f"unknown image format {m.format}") from None
-    if not m.path:
-        raise InvalidArgument("source_image.path", "required")
-    return ImageSource(path=m.path, format=fmt)
+    return ImageSource(path=validate.image_path(m.path, "source_image.path"), format=fmt)
 
 
 def create_volume_from_pb(m: spb.CreateVolumeRequest) -> CreateVolumeSpec:
     which = m.WhichOneof("source")
     source = VolumeSource()
     if which == "source_snapshot_id":
-        if not m.source_snapshot_id:
-            raise InvalidArgument("source_snapshot_id", "empty")
-        source = VolumeSource(snapshot_id=m.source_snapshot_id)
+        source = VolumeSource(snapshot_id=validate.object_id(m.source_snapshot_id, "source_snapshot_id"))
     elif which == "source_volume_id":
-        if not m.source_volume_id:
-            raise InvalidArgument("source_volume_id", "empty")
-        source = VolumeSource(volume_id=m.source_volume_id)
+        source = VolumeSource(volume_id=validate.object_id(m.source_volume_id, "source_volume_id"))
     elif which == "source_image":
         source = VolumeSource(image=image_from_pb(m.source_image))
+    if m.backend:
+        validate.name(m.backend, "backend")
     return CreateVolumeSpec(
         name=m.name,
         size_bytes=m.size_bytes,

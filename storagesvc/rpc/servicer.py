@@ -16,7 +16,8 @@ from blockwire.status import abort_with
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
-from storagesvc.model import Attachment
+from storagesvc import validate
+from storagesvc.model import Attachment, Capacity, Page, Snapshot
 from storagesvc.rpc import convert
 from storagesvc.service import StorageService
 
@@ -55,7 +56,9 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         page = _call(
             context,
             lambda: self.service.list_volumes(
-                request.page_size, request.page_token, dict(request.label_selector)
+                request.page_size,
+                request.page_token,
+                validate.labels(request.label_selector, "label_selector"),
             ),
         )
         return spb.ListVolumesResponse(
@@ -109,10 +112,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def ListSnapshots(
         self, request: spb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> spb.ListSnapshotsResponse:
-        page = _call(
-            context,
-            lambda: self.service.list_snapshots(request.volume_id, request.page_size, request.page_token),
-        )
+        def list_snapshots() -> Page[Snapshot]:
+            if request.volume_id:
+                validate.object_id(request.volume_id, "volume_id")
+            return self.service.list_snapshots(request.volume_id, request.page_size, request.page_token)
+
+        page = _call(context, list_snapshots)
         return spb.ListSnapshotsResponse(
             snapshots=[convert.snapshot_to_pb(s) for s in page.items], next_page_token=page.next_token
         )
@@ -133,6 +138,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 raise InvalidArgument("connector", "required")
             connector = shared.connector_from_pb(request.connector)
             mode = shared.access_mode_from_pb(request.access_mode)
+            validate.text(request.domain, "domain")
             return self.service.create_attachment(request.volume_id, connector, mode, request.domain)
 
         a = _call(context, create)
@@ -141,12 +147,14 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def CompleteAttachment(
         self, request: spb.CompleteAttachmentRequest, context: grpc.ServicerContext
     ) -> spb.CompleteAttachmentResponse:
-        a = _call(
-            context,
-            lambda: self.service.complete_attachment(
+        def complete() -> Attachment:
+            validate.text(request.target_dev, "target_dev")
+            validate.text(request.host_device, "host_device", validate.MAX_PATH)
+            return self.service.complete_attachment(
                 request.attachment_id, request.target_dev, request.host_device
-            ),
-        )
+            )
+
+        a = _call(context, complete)
         return spb.CompleteAttachmentResponse(attachment=convert.attachment_to_pb(a))
 
     def DeleteAttachment(
@@ -164,12 +172,16 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def ListAttachments(
         self, request: spb.ListAttachmentsRequest, context: grpc.ServicerContext
     ) -> spb.ListAttachmentsResponse:
-        page = _call(
-            context,
-            lambda: self.service.list_attachments(
+        def list_attachments() -> Page[Attachment]:
+            if request.volume_id:
+                validate.object_id(request.volume_id, "volume_id")
+            if request.host:
+                validate.host(request.host, "host")
+            return self.service.list_attachments(
                 request.volume_id, request.host, request.page_size, request.page_token
-            ),
-        )
+            )
+
+        page = _call(context, list_attachments)
         return spb.ListAttachmentsResponse(
             attachments=[convert.attachment_to_pb(a, with_connection=False) for a in page.items],
             next_page_token=page.next_token,
@@ -178,7 +190,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def GetCapacity(
         self, request: spb.GetCapacityRequest, context: grpc.ServicerContext
     ) -> spb.GetCapacityResponse:
-        caps = _call(context, lambda: self.service.capacity(request.backend))
+        def capacity() -> list[Capacity]:
+            if request.backend:
+                validate.name(request.backend, "backend")
+            return self.service.capacity(request.backend)
+
+        caps = _call(context, capacity)
         return spb.GetCapacityResponse(backends=[convert.capacity_to_pb(c) for c in caps])
 
     def GetBackendStats(
