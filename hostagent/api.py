@@ -19,8 +19,17 @@ import re
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, fields, replace
+from typing import Protocol, runtime_checkable
 
-from blockwire.errors import BlockwireError, FailedPrecondition, InvalidArgument, NotFound
+from blockwire import failpoints
+from blockwire.errors import (
+    BlockwireError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
@@ -38,14 +47,52 @@ from hostagent.model import (
     HostDevice,
     Io,
 )
-from hostagent.storage import StorageApi
+from hostagent.storage import StorageApi, StorageAttachment
 from hostagent.virt.diskxml import BlockSource, DiskSpec, LiveDisk
 from hostagent.virt.hypervisor import DomainInfo, Hypervisor
 
 log = logging.getLogger(__name__)
 
+# Failpoints (blockwire.failpoints; armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# the agent. The recovery rule of each is in `HostAgent.reconcile`.
+FP_ATTACH_AFTER_JOURNAL = "agent.attach.after_journal"
+FP_ATTACH_AFTER_CREATE_ATTACHMENT = "agent.attach.after_create_attachment"
+FP_ATTACH_AFTER_CONNECT = "agent.attach.after_connect"
+FP_ATTACH_AFTER_HOTPLUG = "agent.attach.after_hotplug"
+FP_ATTACH_BEFORE_COMPLETE = "agent.attach.before_complete"
+FP_ATTACH_AFTER_COMPLETE = "agent.attach.after_complete"
+FP_DETACH_AFTER_JOURNAL = "agent.detach.after_journal"
+FP_DETACH_AFTER_UNPLUG = "agent.detach.after_unplug"
+FP_DETACH_AFTER_DISCONNECT = "agent.detach.after_disconnect"
+FP_DETACH_BEFORE_DELETE_ATTACHMENT = "agent.detach.before_delete_attachment"
+FP_DETACH_AFTER_DELETE_ATTACHMENT = "agent.detach.after_delete_attachment"
+ATTACH_FAILPOINTS = (
+    FP_ATTACH_AFTER_JOURNAL,
+    FP_ATTACH_AFTER_CREATE_ATTACHMENT,
+    FP_ATTACH_AFTER_CONNECT,
+    FP_ATTACH_AFTER_HOTPLUG,
+    FP_ATTACH_BEFORE_COMPLETE,
+    FP_ATTACH_AFTER_COMPLETE,
+)
+DETACH_FAILPOINTS = (
+    FP_DETACH_AFTER_JOURNAL,
+    FP_DETACH_AFTER_UNPLUG,
+    FP_DETACH_AFTER_DISCONNECT,
+    FP_DETACH_BEFORE_DELETE_ATTACHMENT,
+    FP_DETACH_AFTER_DELETE_ATTACHMENT,
+)
+
 _SERIAL = re.compile(r"[A-Za-z0-9._-]{1,20}")
 _SERIAL_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@runtime_checkable
+class Sweeper(Protocol):
+    """A connector that can find host state it made which no journal record accounts for."""
+
+    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
+        """Removes what this connector made on the host for volumes not in `keep`; returns what it removed."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -262,11 +309,12 @@ class HostAgent:
             try:
                 self.journal.put(a)
                 self._undo(stack, failures, "journal", lambda: self.journal.delete(volume_id, dom.name))
+                failpoints.hit(FP_ATTACH_AFTER_JOURNAL)
                 if given is None:
-                    assert self.storage is not None
-                    storage = self.storage
-                    sa = storage.create_attachment(volume_id, self.connector, access_mode, dom.name)
+                    storage = self._storage()
+                    sa = self._create_export(storage, volume_id, access_mode, dom.name, failures)
                     self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id))
+                    failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
                     info = sa.connection_info
                     a = self.journal.update(
                         a,
@@ -280,6 +328,7 @@ class HostAgent:
                 a = self.journal.update(a, connector_kind=conn.kind)
                 self._undo(stack, failures, "host connection", lambda: conn.disconnect(info, True))
                 device = conn.connect(info)
+                failpoints.hit(FP_ATTACH_AFTER_CONNECT)
                 a = self.journal.update(a, host_device=device.path)
                 self._emit(EventType.PROGRESS, a, step="connect", path=device.path)
                 att = a
@@ -290,6 +339,7 @@ class HostAgent:
                     preferred_target=disk.target_dev,
                     persistent=persistent,
                 )
+                failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 self._undo(
                     stack,
                     failures,
@@ -300,8 +350,10 @@ class HostAgent:
                 )
                 a = self.journal.update(a, target_dev=spec.target_dev)
                 self._emit(EventType.PROGRESS, a, step="hotplug", path=spec.target_dev)
+                failpoints.hit(FP_ATTACH_BEFORE_COMPLETE)
                 if a.owns_export and self.storage is not None:
                     self.storage.complete_attachment(a.attachment_id, spec.target_dev, device.path)
+                failpoints.hit(FP_ATTACH_AFTER_COMPLETE)
                 a = self.journal.update(a, state=AttachmentState.ATTACHED, update_time=self.clock.now())
             except BaseException as exc:
                 message = exc.message if isinstance(exc, BlockwireError) else type(exc).__name__
@@ -317,6 +369,22 @@ class HostAgent:
         log.info("attached volume %s to %s as %s", volume_id, dom.name, a.target_dev)
         return a
 
+    def _storage(self) -> StorageApi:
+        assert self.storage is not None
+        return self.storage
+
+    def _create_export(
+        self, storage: StorageApi, volume_id: str, mode: AccessMode, domain: str, failures: list[str]
+    ) -> StorageAttachment:
+        try:
+            return storage.create_attachment(volume_id, self.connector, mode, domain)
+        except (Unavailable, DeadlineExceeded):
+            # Storage may have made the export and lost the answer: keep the record (ERROR) so that a
+            # repeat attach, a detach or reconcile finds the export (a repeat CreateAttachment) and
+            # deletes it.
+            failures.append("export: outcome unknown, storage did not answer")
+            raise
+
     # -- detach -----------------------------------------------------------------------------------
     def detach(self, domain: str, volume_id: str, *, force: bool = False) -> bool:
         """Detaches and disconnects; False when nothing was attached (a repeat)."""
@@ -331,6 +399,7 @@ class HostAgent:
             if a is None:
                 return False
             a = self.journal.update(a, state=AttachmentState.DETACHING, update_time=self.clock.now())
+            failpoints.hit(FP_DETACH_AFTER_JOURNAL)
             self._emit(EventType.DETACH_STARTED, a)
             try:
                 self._teardown(a, force=force)
@@ -350,9 +419,12 @@ class HostAgent:
             target = live.spec.target_dev if live is not None else ""
             if target:
                 self.hypervisor.detach_disk(dom.name, target, Deadline(self.clock, self.detach_timeout))
+                failpoints.hit(FP_DETACH_AFTER_UNPLUG)
         if a.connector_kind:  # connect may have begun: disconnect (idempotent)
             self._connector_for(a.connection_info, a.connector_kind).disconnect(a.connection_info, force)
+            failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
         if a.owns_export and self.storage is not None:
+            failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
             attachment_id = a.attachment_id
             if not attachment_id:
                 # Crashed between CreateAttachment and recording its id: a repeat (idempotent per
@@ -361,6 +433,7 @@ class HostAgent:
                     a.volume_id, self.connector, a.access_mode, a.domain
                 ).id
             self.storage.delete_attachment(attachment_id)
+            failpoints.hit(FP_DETACH_AFTER_DELETE_ATTACHMENT)
         self.journal.delete(a.volume_id, a.domain)
 
     # -- extend, read -----------------------------------------------------------------------------
@@ -418,13 +491,60 @@ class HostAgent:
 
     # -- restart ----------------------------------------------------------------------------------
     def reconcile(self) -> list[ReconcileAction]:
-        """Compares the journal with what libvirt and the host have; finishes or rolls back half-done work."""
+        """Compares the journal with what the host really has (libvirt's live XML, libvirt secrets, the
+        connector's devices and sessions, storage's attachment) and finishes or rolls back half-done work.
+
+        Run at start, before serving. The journal record is written before each side effect and deleted
+        last, so after a crash (kill -9) at any step the record says how far the agent may have got; the
+        live disk (found by its serial) says whether the guest already sees the volume. The rule per step
+        of attach (failpoint names in brackets, see `ATTACH_FAILPOINTS`):
+
+        ================================================  ====================================================
+        crashed                                           on restart
+        ================================================  ====================================================
+        after the journal write [after_journal]           roll back: drop the record (nothing else was made)
+        after storage CreateAttachment, before its id     roll back: a repeat CreateAttachment (idempotent per
+        reached the journal [after_create_attachment]     volume and host) tells the id, which is deleted:
+                                                          storage drops the row and the target
+        after connect / login [after_connect]             roll back: disconnect (libvirt secret, sessions,
+                                                          multipath map, node records), delete the attachment
+        after the hot-plug [after_hotplug], before or     roll forward: the guest already sees the disk, so
+        after CompleteAttachment [before_complete,        CompleteAttachment (a repeat is OK) and the record
+        after_complete]                                   becomes ATTACHED with the live target name
+        ================================================  ====================================================
+
+        Detach writes DETACHING first and is always rolled forward (the caller asked for it): unplug if
+        the disk is still live, disconnect, DeleteAttachment, drop the record; every step is idempotent,
+        so a crash after any of them [`DETACH_FAILPOINTS`] ends with nothing attached. Records in ERROR (a
+        compensation failed) are rolled back the same way.
+
+        ATTACHED records are kept when the disk is live (or the domain is shut off: its persistent
+        config still has it); an ATTACHED record whose disk vanished from a running domain is rolled
+        back. For a kept record the connector's paths are compared with the connection info: a kernel
+        attachment that lost some of its sessions is logged in again (never when it lost all of them:
+        that would tear down the multipath map the guest still uses; it is reported "kept, degraded").
+
+        Last, connectors that can (`Sweeper`) remove host state that no record accounts for: libvirt
+        secrets under "blockwire/" of attachments that are gone. Storage-side leftovers are storage's
+        to clean: its own reconcile undoes attachments that never left RESERVED, and a repeat attach or
+        detach of a volume finishes the rest. A record whose step fails (storage unreachable, libvirt
+        down) is reported "failed" and left as it is for the next reconcile, attach or detach.
+        """
         actions = []
         for a in self.journal.all():
             with self._locks.hold(a.volume_id):
                 actions.append(self._reconcile_one(a))
         for act in actions:
             log.info("reconcile %s@%s: %s %s", act.volume_id, act.domain, act.action, act.detail)
+        keep = [a.connection_info for a in self.journal.all()]
+        for conn in {id(c): c for c in self._by_kind.values()}.values():
+            if isinstance(conn, Sweeper):
+                try:
+                    for what in conn.sweep(keep):
+                        log.warning("reconcile: removed %s, which no attachment accounts for", what)
+                        actions.append(ReconcileAction("", "", "swept", what))
+                except BlockwireError as exc:
+                    log.error("reconcile: sweeping %s state failed: %s", conn.kind, exc.message)
         return actions
 
     def _reconcile_one(self, a: Attachment) -> ReconcileAction:
@@ -434,13 +554,34 @@ class HostAgent:
             if a.state is AttachmentState.ATTACHED and (
                 live is not None or (dom is not None and not dom.running)
             ):
-                return ReconcileAction(a.volume_id, a.domain, "kept")
+                return ReconcileAction(a.volume_id, a.domain, "kept", self._check_paths(a))
             if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind:
                 if a.owns_export and self.storage is not None and a.attachment_id:
                     self.storage.complete_attachment(a.attachment_id, live.spec.target_dev, a.host_device)
-                self.journal.update(a, state=AttachmentState.ATTACHED, target_dev=live.spec.target_dev)
+                self.journal.update(
+                    a,
+                    state=AttachmentState.ATTACHED,
+                    target_dev=live.spec.target_dev,
+                    update_time=self.clock.now(),
+                )
                 return ReconcileAction(a.volume_id, a.domain, "finished", live.spec.target_dev)
             self._teardown(a)
             return ReconcileAction(a.volume_id, a.domain, "rolled back", a.state.value)
         except BlockwireError as exc:
             return ReconcileAction(a.volume_id, a.domain, "failed", exc.message)
+
+    def _check_paths(self, a: Attachment) -> str:
+        """Compares a kept attachment's host paths (devices, sessions) with its connection info."""
+        if not a.connector_kind:
+            return ""
+        conn = self._connector_for(a.connection_info, a.connector_kind)
+        have = conn.paths(a.connection_info)
+        transport = a.connection_info.transport
+        want = len(getattr(transport, "paths", ())) if conn.kind == "iscsi-kernel" else 1
+        if len(have) >= want:
+            return ""
+        if not have:
+            return f"degraded: no path to the volume is left on this host (want {want})"
+        log.warning("%s@%s has %d of %d paths: logging in again", a.volume_id, a.domain, len(have), want)
+        conn.connect(a.connection_info)
+        return f"paths restored ({len(conn.paths(a.connection_info))} of {want})"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import re
 import secrets
 import string
 import threading
@@ -25,6 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
+from blockwire import failpoints
 from blockwire.errors import (
     Aborted,
     AlreadyExists,
@@ -57,7 +59,7 @@ from storagesvc.model import (
     Volume,
     VolumeState,
 )
-from storagesvc.targets.base import Exporter, TargetSpec
+from storagesvc.targets.base import AccountPruner, Exporter, TargetSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,16 @@ ATTACHABLE = frozenset(
     {VolumeState.AVAILABLE, VolumeState.RESERVED, VolumeState.ATTACHING, VolumeState.IN_USE}
 )
 T = TypeVar("T")
+
+# Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# the service in the middle of an export (more in storagesvc/targets/tgt.py). See `reconcile`.
+FP_EXPORT_AFTER_CATALOG = "storage.export.after_catalog"  # attachment RESERVED, nothing exported
+FP_EXPORT_AFTER_TARGET = "storage.export.after_target"  # target, LUN and CHAP made, no ACL entry
+FP_EXPORT_AFTER_ACL = "storage.export.after_acl"  # the host is admitted; still RESERVED in the catalog
+FP_EXPORT_AFTER_ATTACHING = "storage.export.after_attaching"  # ATTACHING recorded, the answer not sent
+FP_UNEXPORT_AFTER_DETACHING = "storage.unexport.after_detaching"  # DETACHING recorded, target still there
+FP_UNEXPORT_AFTER_TARGET_REMOVED = "storage.unexport.after_target_removed"  # target gone, row still there
+_CHAP_USER = re.compile(r"(in|out)-[0-9a-f]{1,24}")
 
 
 def new_chap_secret() -> Secret:
@@ -641,14 +653,17 @@ class StorageService:
             undo.callback(self.catalog.delete_attachment, att.id)
             reserved = self._save(replace(v, state=VolumeState.RESERVED if first else v.state, export=export))
             undo.callback(self._save, before)
+            failpoints.hit(FP_EXPORT_AFTER_CATALOG)
             # ... then act, with compensations
             if first:
                 undo.callback(exporter.remove_target, export.target_iqn)
                 exporter.ensure_target(self._spec(reserved, export))
+                failpoints.hit(FP_EXPORT_AFTER_TARGET)
             undo.callback(
                 self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
             )
             exporter.allow(self._spec(reserved, export), connector.initiator_iqn)
+            failpoints.hit(FP_EXPORT_AFTER_ACL)
             info = ConnectionInfo(
                 transport=IscsiConnection(
                     paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
@@ -671,6 +686,7 @@ class StorageService:
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
             self._save(replace(reserved, state=state))
             undo.pop_all()
+        failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
         log.info(
             "volume %s exported to host %s (%s) as attachment %s",
             v.id,
@@ -752,12 +768,14 @@ class StorageService:
         self.catalog.update_attachment(a)
         if v is not None and not others:
             v = self._save(replace(v, state=VolumeState.DETACHING))
+        failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
         if v is not None and v.export is not None:
             exporter = self.pools[v.backend].exporter
             if others:
                 self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
             else:
                 exporter.remove_target(v.export.target_iqn)
+        failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
         self.catalog.delete_attachment(a.id)
         if v is not None:
             if others:
@@ -843,7 +861,16 @@ class StorageService:
         * attachments caught half-way (RESERVED: export never confirmed) are undone, DETACHING ones
           finished; volumes caught CREATING lose their partial copy and become ERROR;
         * every volume with live attachments gets its target, LUN, CHAP and ACL back;
-        * targets under our IQN prefix that the catalog does not know are removed.
+        * targets under our IQN prefix that the catalog does not know are removed, and CHAP accounts of
+          ours (``in-<id>``, ``out-<id>``) that no target uses (exporters with global accounts: tgt).
+
+        Killed in the middle of an export (failpoints above), a restart therefore rolls back every
+        attachment the catalog still has RESERVED: after the catalog write, after the target (and
+        its LUN, CHAP account) was made, after the ACL entry: the row, the target and the accounts go,
+        the volume is available again, and the host, whose CreateAttachment failed, retries or undoes.
+        Once the catalog says ATTACHING (the answer may have been lost), the export is rebuilt
+        (roll forward): a repeated CreateAttachment from the host returns that same attachment. An
+        attachment caught DETACHING is finished (roll forward of the delete).
         """
         with self.stats.measure("reconcile"):
             exporters: dict[int, Exporter] = {}
@@ -862,6 +889,9 @@ class StorageService:
                     if t.target_iqn not in known:
                         log.warning("removing target %s: the catalog does not know it", t.target_iqn)
                         exporter.remove_target(t.target_iqn)
+                if isinstance(exporter, AccountPruner):
+                    for user in exporter.prune_accounts(lambda u: _CHAP_USER.fullmatch(u) is not None):
+                        log.warning("removed CHAP account %s: no target uses it", user)
 
     def _reconcile_volume(self, v: Volume) -> str:
         pool = self.pools.get(v.backend)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Protocol, runtime_checkable
 
 from blockwire.errors import FailedPrecondition, IdentityMismatch, InvalidArgument, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
@@ -24,6 +25,16 @@ from hostagent.virt.hypervisor import Hypervisor
 log = logging.getLogger(__name__)
 
 SECRET_TYPE = "iscsi"  # noqa: S105 - libvirt secret usage type, not a password
+SECRET_PREFIX = "blockwire/"  # noqa: S105 - the usage ids of our secrets start with it
+
+
+@runtime_checkable
+class SecretInventory(Protocol):
+    """A hypervisor that can list secrets no domain uses (LibvirtHypervisor)."""
+
+    def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
+        """Usage ids under `prefix` that no domain's live or persistent XML refers to."""
+        ...
 
 
 def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
@@ -117,6 +128,20 @@ class QemuIscsiConnector:
         t = iscsi_of(info)
         if t.chap is not None or self.hypervisor.secret_exists(secret_usage(info), SECRET_TYPE):
             self.hypervisor.undefine_secret(secret_usage(info), SECRET_TYPE)
+
+    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
+        """Undefines our libvirt secrets that neither a journal record (`keep`) nor a domain refers to."""
+        if not isinstance(self.hypervisor, SecretInventory):
+            return []
+        wanted = set()
+        for info in keep:
+            if isinstance(info.transport, IscsiConnection) and info.transport.paths:
+                wanted.add(secret_usage(info))
+        removed = []
+        for usage in self.hypervisor.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
+            if usage not in wanted and self.hypervisor.undefine_secret(usage, SECRET_TYPE):
+                removed.append(f"libvirt secret {usage}")
+        return removed
 
     def extend(self, info: ConnectionInfo) -> int:
         t = iscsi_of(info)

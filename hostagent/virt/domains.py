@@ -322,6 +322,28 @@ class LibvirtHypervisor:
     def secret_exists(self, usage: str, secret_type: str) -> bool:
         return self._secret(usage, secret_type) is not None
 
+    def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
+        """Usage ids of secrets of `secret_type` under `prefix` that no domain's XML (live or persistent)
+        refers to: what a crash between defining a secret and hot-plugging its disk could leave."""
+        conn = self._connection()
+        try:
+            usages = {
+                str(s.usageID())
+                for s in conn.listAllSecrets(0)
+                if s.usageType() == _SECRET_USAGE[secret_type] and str(s.usageID() or "").startswith(prefix)
+            }
+            used: set[str] = set()
+            for dom in conn.listAllDomains(0):
+                xmls = [self._xml(dom)]
+                if dom.isPersistent():
+                    xmls.append(self._xml(dom, inactive=True))
+                for xml in xmls:
+                    root = etree.fromstring(xml.encode())
+                    used.update(e.get("usage", "") for e in root.iterfind("devices/disk/source/auth/secret"))
+        except libvirt.libvirtError as exc:
+            _raise(exc, "listing secrets and domains")
+        return sorted(usages - used)
+
 
 def _disk_elements(domain_xml: str) -> dict[str, etree._Element]:
     root = etree.fromstring(domain_xml.encode())

@@ -8,8 +8,9 @@ repeat calls after a crash and undo half-done work with the same calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from blockwire.model import Chap
 
@@ -72,3 +73,13 @@ class Exporter(Protocol):
         ...
 
     def healthy(self) -> bool: ...
+
+
+@runtime_checkable
+class AccountPruner(Protocol):
+    """An exporter whose CHAP accounts live apart from targets (tgt: accounts are global in tgtd), so a
+    crash between creating an account and binding it can leave one behind."""
+
+    def prune_accounts(self, is_ours: Callable[[str], bool]) -> list[str]:
+        """Deletes accounts `is_ours` claims that no target uses; returns their names."""
+        ...

@@ -22,9 +22,10 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from blockwire import failpoints
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import Chap
 from blockwire.secret import Secret
@@ -37,6 +38,10 @@ REFUSED = 22  # tgtadm's exit code for every refused request
 NOT_RUNNING = 107
 _EXISTS = ("already exists",)
 _MISSING = ("can't find", "not found", "doesn't exist", "does not exist", "no such")
+
+# Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS) for the recovery tests.
+FP_AFTER_TARGET_CREATE = "storage.tgt.after_target_create"  # a target with no LUN, no CHAP
+FP_AFTER_ACCOUNT_CREATE = "storage.tgt.after_account_create"  # a CHAP account bound to no target
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ def parse_targets(text: str) -> list[TgtTarget]:
     if current is not None:
         targets.append(current.done())
     return targets
+
+
+def parse_accounts(text: str) -> list[str]:
+    """Parses `tgtadm --lld iscsi --op show --mode account` ("Account list:" then one user a line)."""
+    return [line.strip() for line in text.splitlines() if line.startswith(" ") and line.strip()]
 
 
 def parse_portals(text: str) -> list[str]:
@@ -195,6 +205,7 @@ class TgtExporter:
             if existing is None:
                 tid = self._create_target(spec.target_iqn)
                 undo.callback(self._delete_target, tid)
+                failpoints.hit(FP_AFTER_TARGET_CREATE)
                 luns: tuple[int, ...] = ()
             else:
                 tid, luns = existing.tid, existing.luns
@@ -231,6 +242,7 @@ class TgtExporter:
         self._delete_account(chap.username)
         password: Secret = chap.password
         self._adm("--op", "new", "--mode", "account", "--user", chap.username, "--password", password)
+        failpoints.hit(FP_AFTER_ACCOUNT_CREATE)
         bind = ["--op", "bind", "--mode", "account", "--tid", str(tid), "--user", chap.username]
         self._adm(*bind, *(["--outgoing"] if outgoing else []), tolerate=_EXISTS)
 
@@ -289,6 +301,15 @@ class TgtExporter:
                 f"target {target_iqn} is gone from tgtd (restarted?); restart storagesvc to rebuild it"
             )
         return target
+
+    def prune_accounts(self, is_ours: Callable[[str], bool]) -> list[str]:
+        bound = {u for t in self._show() for u in (*t.accounts, *t.outgoing_accounts)}
+        pruned = []
+        for user in parse_accounts(self._adm("--op", "show", "--mode", "account").stdout):
+            if is_ours(user) and user not in bound:
+                self._delete_account(user)
+                pruned.append(user)
+        return pruned
 
     def list_targets(self, prefix: str) -> list[TargetState]:
         return [TargetState(t.iqn, t.acl) for t in self._show() if t.iqn.startswith(prefix)]
