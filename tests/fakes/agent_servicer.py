@@ -2,7 +2,8 @@
 
 Attach and detach record attachments (and, given a FakeStorageServicer, the storage side too) and emit
 the events a real agent emits, PROGRESS steps included, to every WatchEvents stream. With
-`wait_for_watchers`, AttachVolume and DetachVolume wait (bounded) until a stream is open, so that tests
+`wait_for_watchers`, AttachVolume and DetachVolume wait (bounded) until a stream opened after the previous
+call is there (the previous call's stream may not have been torn down yet), so that tests
 of progress display are deterministic.
 """
 
@@ -44,6 +45,8 @@ class FakeAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         )
         self._watchers: list[queue.Queue[hostagent_pb2.WatchEventsResponse]] = []
         self._watching = threading.Condition()
+        self._registered = 0  # streams ever opened
+        self._claimed = 0  # streams already waited for by an earlier call
         self._seq = 0
 
     def _emit(self, **fields: object) -> None:
@@ -55,7 +58,8 @@ class FakeAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def _await_watcher(self) -> None:
         if self.wait_for_watchers:
             with self._watching:
-                self._watching.wait_for(lambda: bool(self._watchers), timeout=5.0)
+                self._watching.wait_for(lambda: self._registered > self._claimed, timeout=5.0)
+                self._claimed = self._registered
 
     def GetConnector(
         self, request: hostagent_pb2.GetConnectorRequest, context: grpc.ServicerContext
@@ -155,6 +159,7 @@ class FakeAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         q: queue.Queue[hostagent_pb2.WatchEventsResponse] = queue.Queue()
         with self._watching:
             self._watchers.append(q)
+            self._registered += 1
             self._watching.notify_all()
         try:
             for _ in range(600):  # bounded: 60 s at most
