@@ -9,6 +9,7 @@ import logging
 
 from blockwire.errors import FailedPrecondition, InvalidArgument
 from blockwire.model import ConnectionInfo, FcConnection
+from hostagent.connectors import checks
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
 from hostagent.host.sysfs import Sysfs
@@ -33,7 +34,8 @@ def fc_of(info: ConnectionInfo) -> FcConnection:
         raise InvalidArgument("connection_info.fc.target_wwpns", "at least one target WWPN is required")
     for w in t.target_wwpns:
         if len(_wwpn(w)) != 16:
-            raise InvalidArgument("connection_info.fc.target_wwpns", f"{w!r} is not 16 hex digits")
+            raise InvalidArgument("connection_info.fc.target_wwpns", f"{w[:80]!r} is not 16 hex digits")
+    checks.fc(info, t)
     return t
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from blockwire.errors import BlockwireError
+from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
 from hostagent.connectors.iscsi_qemu import iscsi_of
 from hostagent.connectors.scsi import ScsiDevices
@@ -87,7 +87,7 @@ class IscsiConnector:
             self.iscsiadm.login(path.portal, path.target_iqn)
             session = self._session(path)
             if session is None or session.host_number < 0:
-                raise BlockwireError(f"no session to {path.target_iqn} on {path.portal} after the login")
+                raise Unavailable(f"no session to {path.target_iqn} on {path.portal} after the login; retry")
             host = session.host_number
             return self.scsi.wait_disk(
                 host,

@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 
 from blockwire.errors import FailedPrecondition, IdentityMismatch, InvalidArgument, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
+from hostagent.connectors import checks
 from hostagent.connectors.base import split_portal
 from hostagent.identity import normalize_wwn, verify_wwn
 from hostagent.model import HostDevice
@@ -53,6 +54,7 @@ def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
         raise InvalidArgument("connection_info.iscsi.chap.username", "empty CHAP user name")
     if t.mutual_chap is not None and t.chap is None:
         raise InvalidArgument("connection_info.iscsi.mutual_chap", "mutual CHAP needs chap too")
+    checks.iscsi(info, t)
     return t
 
 

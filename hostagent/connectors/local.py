@@ -12,6 +12,7 @@ import os
 
 from blockwire.errors import InvalidArgument, NotFound
 from blockwire.model import ConnectionInfo, LocalConnection
+from hostagent.connectors import checks
 from hostagent.host.clock import Clock, Deadline
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
@@ -27,7 +28,8 @@ def _local(info: ConnectionInfo) -> LocalConnection:
         raise InvalidArgument("connection_info", "the local connector needs a local transport")
     path = info.transport.path
     if not path or not os.path.isabs(path):
-        raise InvalidArgument("connection_info.local.path", f"{path!r} is not an absolute path")
+        raise InvalidArgument("connection_info.local.path", f"{path[:80]!r} is not an absolute path")
+    checks.local(info, info.transport)
     return info.transport
 
 

@@ -19,6 +19,7 @@ from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.api import HostAgent
+from hostagent.connectors import checks
 from hostagent.rpc.convert import (
     attachment_to_pb,
     disk_options_from_pb,
@@ -68,11 +69,13 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def AttachVolume(
         self, request: hpb.AttachVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.AttachVolumeResponse:
-        if not request.domain:
-            raise InvalidArgument("domain", "required")
+        checks.domain(request.domain)
         which = request.WhichOneof("volume")
         if which is None:
             raise InvalidArgument("volume", "set volume_id or connection_info")
+        if which == "volume_id":
+            checks.volume_id(request.volume_id)
+        checks.iotune(convert.iotune_from_pb(request.disk.iotune), "disk.iotune")
         info = (
             convert.connection_info_from_pb(request.connection_info) if which == "connection_info" else None
         )
@@ -90,6 +93,8 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def DetachVolume(
         self, request: hpb.DetachVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.DetachVolumeResponse:
+        checks.domain(request.domain)
+        checks.volume_id(request.volume_id)
         self.agent.detach(request.domain, request.volume_id, force=request.force)
         return hpb.DetachVolumeResponse()
 
@@ -97,6 +102,7 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def ExtendVolume(
         self, request: hpb.HostAgentServiceExtendVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceExtendVolumeResponse:
+        checks.volume_id(request.volume_id)
         size = self.agent.extend(request.volume_id, request.new_size_bytes)
         return hpb.HostAgentServiceExtendVolumeResponse(size_bytes=size)
 
@@ -104,6 +110,9 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def GetAttachment(
         self, request: hpb.HostAgentServiceGetAttachmentRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceGetAttachmentResponse:
+        checks.volume_id(request.volume_id)
+        if request.domain:
+            checks.domain(request.domain)
         a = self.agent.get(request.volume_id, request.domain)
         return hpb.HostAgentServiceGetAttachmentResponse(attachment=attachment_to_pb(a, self.agent.connector))
 
@@ -111,6 +120,7 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def ListAttachments(
         self, request: hpb.HostAgentServiceListAttachmentsRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceListAttachmentsResponse:
+        checks.text(request.domain, "domain")
         found = self.agent.list_attachments(request.domain)
         return hpb.HostAgentServiceListAttachmentsResponse(
             attachments=[attachment_to_pb(a, self.agent.connector) for a in found]
@@ -139,6 +149,8 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[hpb.WatchEventsResponse]:
         try:
+            checks.text(request.domain, "domain")
+            checks.text(request.volume_id, "volume_id")
             types = event_types_from_pb(list(request.types))
         except InvalidArgument as exc:
             abort_with(context, exc)
