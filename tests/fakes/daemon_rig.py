@@ -1,0 +1,422 @@
+"""A rig of REAL daemons for the host tier's reliability tests (crash, faults, soak): `blockwire-storage`
+and `blockwire-agent` as subprocesses over unix sockets in a work directory, on the session's tgtd and
+the host's libvirtd, with failpoints armed per start (BLOCKWIRE_FAILPOINTS), kill -9, restart, and
+probes of every place state can leak to: libvirt live XML and secrets, the journal, storage's
+attachment rows, tgtd targets and CHAP accounts, the daemons' fds and RSS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import libvirt
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lxml import etree
+
+from blockwire.failpoints import ENV as FAILPOINTS_ENV
+from blockwire.v1 import hostagent_pb2 as hpb
+from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
+from blockwire.v1 import storage_pb2 as spb
+from blockwire.v1 import types_pb2 as pb
+from tests.host.daemons import Tgtd
+
+ROOT = Path(__file__).resolve().parents[2]
+MIB = 1 << 20
+KILLED = -signal.SIGKILL
+
+DOMAIN_XML = """<domain type='kvm'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='scsi' index='0' model='virtio-scsi'/>
+  </devices>
+</domain>"""
+
+
+def wait_until(what: str, ready: Callable[[], Any], timeout: float) -> Any:
+    """Polls `ready` (bounded backoff) until it returns something truthy; AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = ready()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout}s")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def healthy(address: str) -> bool:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.RpcError:
+            return False
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+@dataclass
+class Proc:
+    """One run of a daemon."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    channel: grpc.Channel
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def died(self, timeout: float = 30) -> int:
+        """Waits for the process to end (a failpoint killed it); its return code."""
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def kill(self) -> None:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@dataclass
+class Rig:
+    work: Path
+    tgtd: Tgtd
+    virt: libvirt.virConnect
+    iqn_prefix: str = field(default_factory=lambda: f"iqn.2026-01.io.blockwire.t{uuid.uuid4().hex[:6]}")
+    storage_proc: Proc | None = None
+    agent_proc: Proc | None = None
+    backend_dir: Path | None = None
+    oversubscription: float = 1.0
+
+    # -- daemons
+
+    def _spawn(self, argv: list[str], address: str, log: Path, name: str, failpoints: str) -> Proc:
+        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
+        if failpoints:
+            env[FAILPOINTS_ENV] = failpoints
+        out = open(log, "ab")  # noqa: SIM115 - the daemon writes it while it runs
+        out.write(f"\n===== start {name} failpoints={failpoints!r} =====\n".encode())
+        out.flush()
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        out.close()
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            return healthy(address)
+
+        try:
+            wait_until(name, ready, 60)
+        except BaseException:
+            proc.kill()
+            proc.wait(10)
+            raise
+        return Proc(proc, address, grpc.insecure_channel(address))
+
+    def start_storage(self, failpoints: str = "") -> Proc:
+        sock = self.work / "storage.sock"
+        volumes = self.backend_dir or self.work / "volumes"
+        volumes.mkdir(exist_ok=True)
+        config = self.work / "storage.toml"
+        portals = ", ".join(f'"{p}"' for p in self.tgtd.portals)
+        config.write_text(
+            f"""[server]
+unix_socket = "{sock}"
+log_format = "kv"
+log_level = "DEBUG"
+
+[service]
+catalog_path = "{self.work / "storage.db"}"
+iqn_prefix = "{self.iqn_prefix}"
+
+[exporters.tgt]
+kind = "tgt"
+portals = [{portals}]
+control_port = {self.tgtd.control_port}
+
+[[backends]]
+name = "file"
+kind = "file"
+exporter = "tgt"
+path = "{volumes}"
+oversubscription_ratio = {self.oversubscription}
+"""
+        )
+        argv = [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(config)]
+        self.storage_proc = self._spawn(
+            argv, f"unix://{sock}", self.work / "storage.log", "blockwire-storage", failpoints
+        )
+        return self.storage_proc
+
+    def start_agent(self, failpoints: str = "") -> Proc:
+        sock = self.work / "agent.sock"
+        config = self.work / "agent.toml"
+        config.write_text(
+            f"""state_dir = "{self.state}"
+storage_address = "unix://{self.work / "storage.sock"}"
+storage_timeout = 20.0
+iscsi_mode = "qemu"
+listen_unix = "{sock}"
+initiator_file = "{self.work / "no-initiatorname"}"
+hostnqn_file = "{self.work / "no-hostnqn"}"
+device_timeout = 10.0
+detach_timeout = 10.0
+log_level = "DEBUG"
+"""
+        )
+        argv = [sys.executable, "-m", "hostagent.rpc.server", "--config", str(config)]
+        self.agent_proc = self._spawn(
+            argv, f"unix://{sock}", self.work / "agent.log", "blockwire-agent", failpoints
+        )
+        return self.agent_proc
+
+    def stop(self) -> None:
+        for p in (self.agent_proc, self.storage_proc):
+            if p is not None:
+                p.stop()
+        self.agent_proc = self.storage_proc = None
+
+    @property
+    def state(self) -> Path:
+        return self.work / "agent-state"
+
+    @property
+    def storage(self) -> storage_pb2_grpc.StorageServiceStub:
+        assert self.storage_proc is not None
+        return storage_pb2_grpc.StorageServiceStub(self.storage_proc.channel)
+
+    @property
+    def agent(self) -> hostagent_pb2_grpc.HostAgentServiceStub:
+        assert self.agent_proc is not None
+        return hostagent_pb2_grpc.HostAgentServiceStub(self.agent_proc.channel)
+
+    # -- objects
+
+    def create_volume(self, size: int = 8 * MIB) -> pb.Volume:
+        v = self.storage.CreateVolume(
+            spb.CreateVolumeRequest(name=f"vol-{uuid.uuid4().hex[:10]}", size_bytes=size, backend="file"),
+            timeout=60,
+        ).volume
+        assert v.state == pb.VOLUME_STATE_AVAILABLE, v
+        return v
+
+    def volume(self, volume_id: str) -> pb.Volume:
+        return self.storage.GetVolume(spb.GetVolumeRequest(volume_id=volume_id), timeout=10).volume
+
+    def delete_volume(self, volume_id: str) -> None:
+        for a in self.attachments(volume_id):
+            self.storage.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=a.id), timeout=30)
+        self.storage.DeleteVolume(spb.DeleteVolumeRequest(volume_id=volume_id), timeout=30)
+
+    def attach(self, domain: str, volume_id: str, timeout: float = 60) -> pb.Attachment:
+        return self.agent.AttachVolume(  # type: ignore[no-any-return]
+            hpb.AttachVolumeRequest(domain=domain, volume_id=volume_id), timeout=timeout
+        ).attachment
+
+    def detach(self, domain: str, volume_id: str, timeout: float = 60) -> None:
+        self.agent.DetachVolume(hpb.DetachVolumeRequest(domain=domain, volume_id=volume_id), timeout=timeout)
+
+    # -- probes
+
+    def attachments(self, volume_id: str) -> list[pb.Attachment]:
+        return list(
+            self.storage.ListAttachments(
+                spb.ListAttachmentsRequest(volume_id=volume_id), timeout=10
+            ).attachments
+        )
+
+    def journal(self) -> list[str]:
+        d = self.state / "attachments"
+        return sorted(p.name for p in d.glob("*.json")) if d.exists() else []
+
+    def live_disks(self, domain: str) -> list[etree._Element]:
+        root = etree.fromstring(self.virt.lookupByName(domain).XMLDesc(0).encode())
+        return root.findall("devices/disk")
+
+    def secrets(self) -> list[str]:
+        return [
+            u for u in (s.usageID() for s in self.virt.listAllSecrets()) if u and u.startswith("blockwire/")
+        ]
+
+    def targets(self) -> dict[str, list[str]]:
+        """Our targets in tgtd: IQN -> its ACL (initiator names)."""
+        out = self.tgtd.adm("--op", "show", "--mode", "target").stdout
+        found: dict[str, list[str]] = {}
+        current = ""
+        section = ""
+        for line in out.splitlines():
+            m = re.match(r"^Target \d+: (\S+)$", line)
+            if m:
+                current = m.group(1) if m.group(1).startswith(self.iqn_prefix + ":") else ""
+                if current:
+                    found[current] = []
+                continue
+            if line.startswith("    ") and not line.startswith("     "):
+                section = line.strip().rstrip(":")
+            elif current and section == "ACL information" and line.strip():
+                found[current].append(line.strip())
+        return found
+
+    def accounts(self) -> list[str]:
+        out = self.tgtd.adm("--op", "show", "--mode", "account").stdout
+        return [line.strip() for line in out.splitlines() if line.startswith(" ") and line.strip()]
+
+    def agent_iqn(self) -> str:
+        return str(self.agent.GetConnector(hpb.GetConnectorRequest(), timeout=10).connector.initiator_iqn)
+
+    def nothing_left(self, domain: str, volume_id: str) -> dict[str, object]:
+        """Everything an attachment of `volume_id` to `domain` could have left, anywhere; {} when clean."""
+        left: dict[str, object] = {}
+        if self.live_disks(domain):
+            left["libvirt disks"] = len(self.live_disks(domain))
+        if self.secrets():
+            left["libvirt secrets"] = self.secrets()
+        if self.journal():
+            left["journal"] = self.journal()
+        if volume_id and self.storage_proc is not None:
+            rows = self.attachments(volume_id)
+            if rows:
+                left["storage attachments"] = [pb.AttachmentState.Name(a.state) for a in rows]
+            state = self.volume(volume_id).state
+            if state != pb.VOLUME_STATE_AVAILABLE:
+                left["volume state"] = pb.VolumeState.Name(state)
+        if self.targets():
+            left["tgt targets"] = self.targets()
+        ours = [a for a in self.accounts() if re.fullmatch(r"(in|out)-[0-9a-f]{1,24}", a)]
+        if ours:
+            left["tgt accounts"] = ours
+        return left
+
+    def complete(self, domain: str, volume_id: str) -> dict[str, object]:
+        """What is missing or wrong for one complete attachment of `volume_id` to `domain`; {} if none."""
+        wrong: dict[str, object] = {}
+        disks = self.live_disks(domain)
+        if len(disks) != 1:
+            wrong["libvirt disks"] = len(disks)
+        recs = self.journal()
+        if len(recs) != 1:
+            wrong["journal"] = recs
+        else:
+            got = self.agent.GetAttachment(
+                hpb.HostAgentServiceGetAttachmentRequest(volume_id=volume_id), timeout=10
+            ).attachment
+            if got.state != pb.ATTACHMENT_STATE_ATTACHED:
+                wrong["journal state"] = pb.AttachmentState.Name(got.state)
+        rows = self.attachments(volume_id)
+        if [a.state for a in rows] != [pb.ATTACHMENT_STATE_ATTACHED]:
+            wrong["storage attachments"] = [pb.AttachmentState.Name(a.state) for a in rows]
+        if self.volume(volume_id).state != pb.VOLUME_STATE_IN_USE:
+            wrong["volume state"] = pb.VolumeState.Name(self.volume(volume_id).state)
+        targets = self.targets()
+        if list(targets.values()) != [[self.agent_iqn()]]:
+            wrong["tgt targets"] = targets
+        return wrong
+
+
+def define_domain(virt: libvirt.virConnect, prefix: str = "bw-rel") -> str:
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    dom = virt.defineXML(DOMAIN_XML.format(name=name))
+    try:
+        dom.create()
+    except BaseException:
+        dom.undefine()
+        raise
+    return name
+
+
+def remove_domain(virt: libvirt.virConnect, name: str) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        dom = virt.lookupByName(name)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        dom.undefine()
+
+
+def force_cleanup(rig: Rig, domain: str) -> None:
+    """After a failed test: removes what the test's attachments may have left (disks, secrets, targets,
+    accounts, journal), so that the next test starts clean."""
+    with contextlib.suppress(libvirt.libvirtError):
+        dom = rig.virt.lookupByName(domain)
+        for disk in rig.live_disks(domain):
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.detachDeviceFlags(
+                    etree.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE
+                )
+    for s in rig.virt.listAllSecrets():
+        if (s.usageID() or "").startswith("blockwire/"):
+            with contextlib.suppress(libvirt.libvirtError):
+                s.undefine()
+    for p in (rig.state / "attachments").glob("*.json") if (rig.state / "attachments").exists() else []:
+        p.unlink()
+    out = rig.tgtd.adm("--op", "show", "--mode", "target").stdout
+    for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.M):
+        if m.group(2).startswith(rig.iqn_prefix + ":"):
+            rig.tgtd.adm("--op", "delete", "--mode", "target", "--tid", m.group(1), "--force", check=False)
+    for a in rig.accounts():
+        if re.fullmatch(r"(in|out)-[0-9a-f]{1,24}", a):
+            rig.tgtd.adm("--op", "delete", "--mode", "account", "--user", a, check=False)
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, size: int = 8 * MIB) -> Iterator[str]:
+    """A loop device (first free) on a new sparse file; detached afterwards."""
+    with open(backing, "wb") as f:
+        f.truncate(size)
+    path = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], check=True, capture_output=True, text=True, timeout=30
+    ).stdout.strip()
+    try:
+        yield path
+    finally:
+        subprocess.run(["losetup", "-d", path], check=False, timeout=30)
+
+
+def loop_devices_of(backing_dir: Path) -> list[str]:
+    """Loop devices whose backing file is under `backing_dir`."""
+    out = subprocess.run(["losetup", "-l", "-n", "-O", "NAME,BACK-FILE"], capture_output=True, text=True,
+                         check=False, timeout=30).stdout  # fmt: skip
+    return [line.split()[0] for line in out.splitlines() if str(backing_dir) in line]
