@@ -339,7 +339,6 @@ class HostAgent:
                     preferred_target=disk.target_dev,
                     persistent=persistent,
                 )
-                failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 self._undo(
                     stack,
                     failures,
@@ -348,6 +347,7 @@ class HostAgent:
                         dom.name, spec.target_dev, Deadline(self.clock, self.detach_timeout)
                     ),
                 )
+                failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 a = self.journal.update(a, target_dev=spec.target_dev)
                 self._emit(EventType.PROGRESS, a, step="hotplug", path=spec.target_dev)
                 failpoints.hit(FP_ATTACH_BEFORE_COMPLETE)

@@ -6,12 +6,18 @@ Clock, tools). Connectors see frozen `ConnectionInfo`, never dicts or proto mess
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Protocol
 
-from blockwire.errors import InvalidArgument
+from blockwire.errors import DeadlineExceeded, InvalidArgument
 from blockwire.model import ConnectionInfo
+from hostagent.host.clock import Deadline
+from hostagent.host.udev import Match, UdevDevice, UdevWaiter
 from hostagent.model import HostDevice
 from hostagent.virt.diskxml import Source
+
+log = logging.getLogger(__name__)
 
 
 class VolumeConnector(Protocol):
@@ -42,6 +48,29 @@ class VolumeConnector(Protocol):
     def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
         """The libvirt <source> for the connected volume."""
         ...
+
+
+def wait_device(
+    udev: UdevWaiter,
+    subsystem: str,
+    match: Match,
+    deadline: Deadline,
+    *,
+    trigger: Callable[[], None] | None = None,
+    what: str = "device",
+) -> UdevDevice:
+    """`udev.wait_for`, then, when the deadline passed without a matching event, one re-check of the
+    real state: an event can be lost (netlink buffer overrun, udevd restarted during the wait) while
+    the device is there and initialized. Only when the re-check finds nothing either is it
+    DEADLINE_EXCEEDED."""
+    try:
+        return udev.wait_for(subsystem, match, deadline, trigger=trigger, what=what)
+    except DeadlineExceeded:
+        found = udev.find(subsystem, match)
+        if not found:
+            raise
+        log.warning("no udev event for %s within %gs, but it is there: event missed", what, deadline.seconds)
+        return found[0]
 
 
 def split_portal(portal: str, field: str = "portal") -> tuple[str, int]:

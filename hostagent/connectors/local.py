@@ -13,6 +13,7 @@ import os
 from blockwire.errors import InvalidArgument, NotFound
 from blockwire.model import ConnectionInfo, LocalConnection
 from hostagent.connectors import checks
+from hostagent.connectors.base import wait_device
 from hostagent.host.clock import Clock, Deadline
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
@@ -60,8 +61,12 @@ class LocalConnector:
         def ready(dev: UdevDevice) -> bool:
             return (dev.device_node == path or path in dev.links) and bool(dev.size_bytes)
 
-        dev = self.udev.wait_for(
-            "block", ready, Deadline(self.clock, self.device_timeout), what=f"block device {path} with media"
+        dev = wait_device(
+            self.udev,
+            "block",
+            ready,
+            Deadline(self.clock, self.device_timeout),
+            what=f"block device {path} with media",
         )
         verify_wwn(info.wwn, dev.wwn, path)
         log.debug("local device %s ready (%s, %s bytes)", path, dev.sys_name, dev.size_bytes)

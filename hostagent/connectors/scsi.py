@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
+from hostagent.connectors.base import wait_device
 from hostagent.host.clock import Clock, Deadline
 from hostagent.host.executor import CommandFailed
 from hostagent.host.sysfs import Sysfs
@@ -58,8 +59,8 @@ class ScsiDevices:
         def match(dev: UdevDevice) -> bool:
             return dev.properties.get("DEVTYPE", "disk") == "disk" and bool(pattern.search(dev.sys_path))
 
-        dev = self.udev.wait_for(
-            "block", match, Deadline(self.clock, self.device_timeout), trigger=trigger, what=what
+        dev = wait_device(
+            self.udev, "block", match, Deadline(self.clock, self.device_timeout), trigger=trigger, what=what
         )
         return dev.sys_name
 
@@ -93,7 +94,8 @@ class ScsiDevices:
             for d in devs:
                 self.multipath.add_path(d)
 
-        dm = self.udev.wait_for(
+        dm = wait_device(
+            self.udev,
             "block",
             lambda d: d.properties.get("DM_UUID") == f"mpath-{wwid}",
             Deadline(self.clock, self.device_timeout),
