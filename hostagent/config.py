@@ -3,13 +3,38 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from blockwire.errors import InvalidArgument
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """[tls]: TLS on the agent's TCP listener. Only admin certificates may call (README "Security")."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    require_client_cert: bool = True
+    allow_insecure_tcp: bool = False
+
+
+@dataclass(frozen=True)
+class StorageTlsConfig:
+    """[storage_tls]: how the agent reaches a storage service over TLS. The client certificate should
+    carry SAN URI blockwire://agent/<this host's name>; empty ca_file means plaintext."""
+
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    server_name: str = ""  # the name to check the server's certificate against, when not the address's
+
+
+_TABLES: dict[str, type] = {"tls": TlsConfig, "storage_tls": StorageTlsConfig}
 
 
 @dataclass(frozen=True)
@@ -33,6 +58,8 @@ class AgentConfig:
     reconcile_on_start: bool = True
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    storage_tls: StorageTlsConfig = field(default_factory=StorageTlsConfig)
 
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
@@ -42,6 +69,16 @@ class AgentConfig:
         for name in ("storage_timeout", "device_timeout", "detach_timeout", "login_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
+        if bool(self.tls.cert_file) != bool(self.tls.key_file):
+            raise InvalidArgument("tls", "cert_file and key_file go together")
+        if self.tls.cert_file and self.tls.require_client_cert and not self.tls.client_ca_file:
+            raise InvalidArgument("tls.client_ca_file", "required with require_client_cert")
+        if self.listen_tcp and not self.tls.cert_file and not self.tls.allow_insecure_tcp:
+            raise InvalidArgument(
+                "listen_tcp", "TCP needs [tls] cert_file and key_file, or [tls] allow_insecure_tcp = true"
+            )
+        if bool(self.storage_tls.cert_file) != bool(self.storage_tls.key_file):
+            raise InvalidArgument("storage_tls", "cert_file and key_file go together")
 
 
 def config_from_mapping(data: dict[str, Any]) -> AgentConfig:
@@ -51,6 +88,9 @@ def config_from_mapping(data: dict[str, Any]) -> AgentConfig:
         value = raw
         if key not in known:
             raise InvalidArgument(key, f"unknown config key (known: {', '.join(sorted(known))})")
+        if key in _TABLES:
+            values[key] = _table(key, raw)
+            continue
         default = known[key].default
         if isinstance(default, bool) and not isinstance(value, bool):
             raise InvalidArgument(key, "must be true or false")
@@ -60,6 +100,19 @@ def config_from_mapping(data: dict[str, Any]) -> AgentConfig:
             raise InvalidArgument(key, f"must be a {type(default).__name__}")
         values[key] = value
     return AgentConfig(**values)
+
+
+def _table(name: str, raw: Any) -> Any:
+    cls = _TABLES[name]
+    if not isinstance(raw, dict):
+        raise InvalidArgument(name, "must be a table ([" + name + "])")
+    defaults = cls()
+    for key, value in raw.items():
+        if not hasattr(defaults, key):
+            raise InvalidArgument(f"{name}.{key}", "unknown key")
+        if type(value) is not type(getattr(defaults, key)):
+            raise InvalidArgument(f"{name}.{key}", f"must be a {type(getattr(defaults, key)).__name__}")
+    return cls(**raw)
 
 
 def load_config(path: str | Path) -> AgentConfig:

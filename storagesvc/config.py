@@ -25,6 +25,18 @@ class ServerConfig:
     log_format: str = "json"  # or "kv"
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    unix_socket_mode: int = 0o660  # who can reach the socket is admin: keep it root:blockwire-admin
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """[tls]: TLS and client certificates on the TCP listeners (see README "Security")."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""  # the CA that signs agent and admin client certificates
+    require_client_cert: bool = True
+    allow_insecure_tcp: bool = False  # plaintext TCP listeners; every caller is then an admin
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,7 @@ class Config:
     service: ServiceConfig = field(default_factory=ServiceConfig)
     backends: tuple[BackendConfig, ...] = ()
     exporters: Mapping[str, ExporterConfig] = field(default_factory=dict, hash=False)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
 
 class ConfigError(Exception):
@@ -115,13 +128,24 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    top = _take(data, "top level", ("server", "service", "backends", "exporters"))
+    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls"))
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
         server["listen"] = tuple(server["listen"])
     srv = ServerConfig(**server)
     if srv.log_format not in ("json", "kv"):
         raise ConfigError("[server] log_format: json or kv")
+    if srv.unix_socket_mode & 0o007:
+        raise ConfigError("[server] unix_socket_mode: no access for others (the socket is admin access)")
+    tls = TlsConfig(**_take(top.get("tls", {}), "tls", _fields(TlsConfig)))
+    if bool(tls.cert_file) != bool(tls.key_file):
+        raise ConfigError("[tls] cert_file and key_file go together")
+    if tls.cert_file and tls.require_client_cert and not tls.client_ca_file:
+        raise ConfigError("[tls] require_client_cert needs client_ca_file")
+    if srv.listen and not tls.cert_file and not tls.allow_insecure_tcp:
+        raise ConfigError(
+            "[server] listen: TCP needs [tls] cert_file and key_file, or [tls] allow_insecure_tcp = true"
+        )
     service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
     try:
         validate.iqn(service.iqn_prefix, "service.iqn_prefix")
@@ -136,7 +160,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError("[[backends]]: names must be unique")
     if service.default_backend and service.default_backend not in {b.name for b in backends}:
         raise ConfigError(f"[service] default_backend {service.default_backend!r} is not a backend")
-    return Config(server=srv, service=service, backends=tuple(backends), exporters=exporters)
+    return Config(server=srv, service=service, backends=tuple(backends), exporters=exporters, tls=tls)
 
 
 def load(path: str | Path) -> Config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from blockwire import convert
+from blockwire.client import TlsOptions, make_channel
 from blockwire.model import AccessMode, Connector
 from blockwire.status import error_from_rpc
 from blockwire.v1 import storage_pb2 as spb
@@ -12,9 +13,22 @@ from blockwire.v1 import storage_pb2_grpc
 from hostagent.storage import StorageAttachment, VolumeInfo
 
 
-def channel_for(address: str) -> grpc.Channel:
-    """ "unix:///path" or "host:port" -> an insecure channel (local sockets and loopback)."""
-    return grpc.insecure_channel(address)
+def channel_for(address: str, tls: TlsOptions | None = None) -> grpc.Channel:
+    """ "unix:///path" or "host:port" -> a channel; TLS (mutual with a client certificate) when `tls`
+    is given. The agent's certificate should carry SAN URI blockwire://agent/<host>."""
+    return make_channel(address, tls)
+
+
+def tls_options(ca_file: str, cert_file: str, key_file: str, server_name: str) -> TlsOptions | None:
+    """TlsOptions from the agent's [storage_tls] keys; None (plaintext) when no CA is configured."""
+    if not ca_file:
+        return None
+    return TlsOptions(
+        ca_file=ca_file,
+        cert_file=cert_file or None,
+        key_file=key_file or None,
+        server_name=server_name or None,
+    )
 
 
 class GrpcStorageApi:

@@ -3,31 +3,24 @@
     blockwire-storage --config /etc/blockwire/storage.toml
 
 Serves blockwire.v1.StorageService, grpc.health.v1.Health (service "" and "blockwire.v1.StorageService")
-and server reflection. On start it reconciles the target side with the catalog before it reports
-SERVING. SIGTERM or SIGINT: NOT_SERVING, stop accepting, finish calls in flight within
-`server.grace_seconds`, exit 0. Logging is configured here and only here (JSON or key=value lines).
+and server reflection, through `blockwire.serving` (listeners, TLS, logging, signals). Callers are
+authorized by `storagesvc.rpc.auth` (admin and agent roles). On start it reconciles the target side with
+the catalog before it reports SERVING. SIGTERM or SIGINT: NOT_SERVING, stop accepting, finish calls in
+flight within `server.grace_seconds`, exit 0. Logging is configured here and only here.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from types import FrameType
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from blockwire import serving
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
 from hostagent.host.clock import SystemClock
 from hostagent.host.executor import Executor, Runner
@@ -36,6 +29,7 @@ from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
+from storagesvc.rpc import auth
 from storagesvc.rpc.servicer import StorageServicer
 from storagesvc.service import Pool, StorageService
 from storagesvc.targets.base import Exporter
@@ -44,39 +38,6 @@ from storagesvc.targets.tgt import TgtExporter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name
-_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        out.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
-
-
-class KvFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        level = record.levelname.lower()
-        line = f"ts={ts} level={level} logger={record.name} msg={json.dumps(record.getMessage())}"
-        if record.exc_info:
-            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
-        return line
-
-
-def configure_logging(fmt: str, level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def make_exporter(cfg: ExporterConfig, runner: Runner, naa_oui: str) -> Exporter:
@@ -98,14 +59,15 @@ def make_backend(cfg: BackendConfig, runner: Runner) -> Backend:
 @dataclass
 class Daemon:
     service: StorageService
-    server: grpc.Server
-    health: health.HealthServicer
+    serving: serving.Serving
     jobs: futures.ThreadPoolExecutor
-    addresses: tuple[str, ...]
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        return self.serving.addresses
 
     def stop(self, grace: float) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait(grace + 1)
+        self.serving.stop(grace)
         self.jobs.shutdown(wait=False, cancel_futures=True)
         self.service.catalog.close()
 
@@ -138,32 +100,34 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     )
     service.reconcile()
 
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="rpc")
+    def register(server: grpc.Server) -> None:
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(service), server)
+
+    def host_of(attachment_id: str) -> str | None:
+        a = service.catalog.get_attachment(attachment_id)
+        return a.connector.host if a is not None else None
+
+    tls = config.tls
+    listeners = serving.Listeners(
+        unix_socket=config.server.unix_socket,
+        unix_mode=config.server.unix_socket_mode,
+        tcp=config.server.listen,
+        tls=serving.TlsServer(tls.cert_file, tls.key_file, tls.client_ca_file, tls.require_client_cert),
+        allow_insecure_tcp=tls.allow_insecure_tcp,
     )
-    storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(service), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    addresses = []
-    if config.server.unix_socket:
-        path = Path(config.server.unix_socket)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            path.unlink()  # a stale socket of a previous run
-        server.add_insecure_port(f"unix:{path}")
-        addresses.append(f"unix:{path}")
-    for address in config.server.listen:
-        port = server.add_insecure_port(address)
-        addresses.append(f"{address.rpartition(':')[0]}:{port}")
-    if not addresses:
-        raise ConfigError("[server]: set unix_socket or listen")
-    server.start()
-    if config.server.unix_socket:
-        os.chmod(config.server.unix_socket, 0o660)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Daemon(service, server, health_servicer, jobs, tuple(addresses))
+    try:
+        running = serving.start(
+            services=(SERVICE_NAME,),
+            register=register,
+            listeners=listeners,
+            workers=config.server.workers,
+            interceptors=(auth.interceptor(host_of),),
+        )
+    except serving.ServingError as exc:
+        jobs.shutdown(wait=False)
+        service.catalog.close()
+        raise ConfigError(str(exc)) from exc
+    return Daemon(service, running, jobs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,15 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"blockwire-storage: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.server.log_format, config.server.log_level)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    serving.configure_logging(config.server.log_format, config.server.log_level)
+    stop = serving.stop_on_signals()
     try:
         daemon = build(config)
     except ConfigError as exc:

@@ -1,0 +1,321 @@
+"""What both daemons' servers share: listeners (unix socket, TCP with TLS or mutual TLS), health,
+reflection, logging, signal handling, and who the caller is.
+
+* Unix sockets: the socket is made mode 0660 (or the configured mode) and its directory, when this
+  module creates it, 0750. Access to the socket is access to the service: a caller on the socket is an
+  **admin** (file modes are the credential, as for docker.sock or libvirt-sock).
+* TCP: with `TlsServer.cert_file` set, every TCP listener is TLS; with `client_ca_file` the client
+  certificate is checked against that CA, and `require_client_cert` refuses a handshake without one
+  (the client then sees UNAVAILABLE: the connection closes before any RPC). With
+  `require_client_cert = false` gRPC does not ask for client certificates at all, so TCP callers have
+  no role and every call is UNAUTHENTICATED (health and reflection still answer). Plaintext TCP is refused
+  unless `allow_insecure_tcp` says so; it is logged as a warning at start, and its callers are admins.
+* Roles come from the client certificate's SAN URI: ``blockwire://agent/<host>`` (a compute host's
+  agent) or ``blockwire://admin/<name>`` (an operator or a controller). See `identify`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+ROLE_URI_PREFIX = "blockwire://"
+ADMIN = "admin"
+AGENT = "agent"
+_STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+
+
+class ServingError(Exception):
+    """A listener cannot be set up as configured; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TlsServer:
+    """TLS of a daemon's TCP listeners. All files are PEM; the key file should be mode 0600."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    client_ca_file: str = ""
+    require_client_cert: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+    def check(self, where: str = "tls") -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ServingError(f"[{where}] cert_file and key_file go together")
+        if self.require_client_cert and self.enabled and not self.client_ca_file:
+            raise ServingError(f"[{where}] require_client_cert needs client_ca_file")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise ServingError(f"[{where}] {name}: {path} is not readable")
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials(
+            [(Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes())],
+            root_certificates=Path(self.client_ca_file).read_bytes() if self.client_ca_file else None,
+            require_client_auth=self.require_client_cert,
+        )
+
+
+@dataclass(frozen=True)
+class Listeners:
+    unix_socket: str = ""
+    unix_mode: int = 0o660
+    tcp: tuple[str, ...] = ()
+    tls: TlsServer = TlsServer()
+    allow_insecure_tcp: bool = False
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who called: `role` is "admin" or "agent"; `name` is the agent's host or the admin's name;
+    `via` is "unix", "tls" or "insecure-tcp"."""
+
+    role: str
+    name: str
+    via: str
+
+
+def identify(context: grpc.ServicerContext) -> Identity | None:
+    """The caller's identity, or None when it presented no credential (TLS without a client
+    certificate). A certificate without a blockwire role URI gives role ""."""
+    if context.peer().startswith("unix:"):
+        return Identity(ADMIN, "local", "unix")
+    auth: dict[str, list[bytes]] = dict(context.auth_context())  # type: ignore[arg-type]
+    if b"ssl" not in auth.get("transport_security_type", []):
+        return Identity(ADMIN, "insecure-tcp", "insecure-tcp")
+    if not auth.get("x509_pem_cert"):
+        return None
+    for raw in auth.get("peer_uri", []):
+        uri = raw.decode(errors="replace")
+        if not uri.startswith(ROLE_URI_PREFIX):
+            continue
+        role, _, name = uri.removeprefix(ROLE_URI_PREFIX).partition("/")
+        if role in (ADMIN, AGENT) and name and "/" not in name:
+            return Identity(role, name, "tls")
+    subject = b",".join(auth.get("x509_subject", [])).decode(errors="replace")
+    return Identity("", subject[:200], "tls")
+
+
+Policy = Callable[[Identity, str, Any], None]
+"""Raises `blockwire.errors.PermissionDenied` when `identity` may not call `method` with `request`."""
+
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor  # generic in the stubs only
+
+
+class AuthInterceptor(_Interceptor):
+    """Checks every call of the services under `prefix` ("/blockwire.v1.StorageService/") with `policy`
+    before the handler runs. No credential -> UNAUTHENTICATED; refused -> PERMISSION_DENIED."""
+
+    def __init__(self, prefix: str, policy: Policy) -> None:
+        self.prefix = prefix
+        self.policy = policy
+
+    def _check(self, method: str, request: Any, context: grpc.ServicerContext) -> None:
+        from blockwire.errors import PermissionDenied  # noqa: PLC0415 - keeps this module's imports small
+
+        who = identify(context)
+        if who is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        if not who.role:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the client certificate names no blockwire role (SAN URI blockwire://agent/<host> "
+                "or blockwire://admin/<name>)",
+            )
+        try:
+            self.policy(who, method, request)
+        except PermissionDenied as exc:
+            log.warning("denied %s to %s %s (%s): %s", method, who.role, who.name, who.via, exc.message)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None or not details.method.startswith(self.prefix):
+            return handler
+        method = details.method.rsplit("/", 1)[1]
+        check = self._check
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                check(method, request, context)
+                return inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Any:
+                check(method, request, context)
+                yield from stream(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer
+            )
+        return handler  # no client-streaming RPCs in v1
+
+
+def admin_only(identity: Identity, method: str, request: Any) -> None:
+    """The agent's policy: admins (TLS admin certificate, or the unix socket) only."""
+    from blockwire.errors import PermissionDenied  # noqa: PLC0415
+
+    if identity.role != ADMIN:
+        raise PermissionDenied(
+            f"{method} needs an admin credential; {identity.role} {identity.name} has none"
+        )
+
+
+@dataclass
+class Serving:
+    server: grpc.Server
+    health: health.HealthServicer
+    addresses: tuple[str, ...]
+    services: tuple[str, ...]
+
+    def stop(self, grace: float) -> None:
+        """NOT_SERVING, stop accepting, let calls in flight finish within `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait(grace + 1)
+
+
+def _prepare_unix(path: Path) -> None:
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o750)
+    if path.is_socket() or path.is_symlink():
+        path.unlink()  # a stale socket of a previous run
+    elif path.exists():
+        raise ServingError(f"{path} exists and is not a socket")
+
+
+def start(
+    *,
+    services: Sequence[str],
+    register: Callable[[grpc.Server], None],
+    listeners: Listeners,
+    workers: int = 16,
+    interceptors: Iterable[grpc.ServerInterceptor[Any, Any]] = (),
+) -> Serving:
+    """Builds, binds and starts a server with `register`'s services, health and reflection; health
+    reports SERVING for "" and each of `services` once every listener is bound."""
+    if listeners.tls.enabled:
+        listeners.tls.check()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        interceptors=list(interceptors),
+    )
+    register(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    addresses: list[str] = []
+    if listeners.unix_socket:
+        path = Path(listeners.unix_socket)
+        _prepare_unix(path)
+        server.add_insecure_port(f"unix:{path}")
+        addresses.append(f"unix://{path}")
+    for address in listeners.tcp:
+        try:
+            if listeners.tls.enabled:
+                port = server.add_secure_port(address, listeners.tls.credentials())
+            elif listeners.allow_insecure_tcp:
+                log.warning("%s: plaintext TCP without authentication (allow_insecure_tcp = true)", address)
+                port = server.add_insecure_port(address)
+            else:
+                raise ServingError(
+                    f"TCP listener {address}: configure [tls] cert_file and key_file, "
+                    "or set allow_insecure_tcp = true (plaintext, no authentication)"
+                )
+        except RuntimeError as exc:
+            raise ServingError(f"cannot listen on {address}: {exc}") from exc
+        if port == 0:
+            raise ServingError(f"cannot listen on {address}")
+        scheme = "tls" if listeners.tls.enabled else "tcp"
+        addresses.append(f"{scheme}://{address.rpartition(':')[0]}:{port}")
+    if not addresses:
+        raise ServingError("no listener: set a unix socket or a TCP address")
+    server.start()
+    if listeners.unix_socket:
+        os.chmod(listeners.unix_socket, listeners.unix_mode)
+    for name in ("", *services):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Serving(server, health_servicer, tuple(addresses), tuple(services))
+
+
+# -- logging and signals (daemons only: the libraries never configure logging)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in record.__dict__.items() if k not in _STD_ATTRS})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class KvFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
+        level = record.levelname.lower()
+        line = f"ts={ts} level={level} logger={record.name} msg={json.dumps(record.getMessage())}"
+        if record.exc_info:
+            line += f" exc={json.dumps(self.formatException(record.exc_info))}"
+        return line
+
+
+def configure_logging(fmt: str, level: str) -> None:
+    """One handler on stderr: "json" (an object a line) or "kv" (key=value)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KvFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stop
