@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 LIO_DEFAULT_OUI = "001405"
 CONFIGFS = Path("/sys/kernel/config/target")
+DBROOT = Path("/etc/target")  # rtslib-fb's preferred dbroot
 
 
 def _rtslib() -> Any:
@@ -66,6 +67,21 @@ class LioExporter:
                 f"LIO is not available: {CONFIGFS} is missing (mount configfs, load target_core_mod)"
             )
         _rtslib()
+        self._ensure_dbroot()
+
+    def _ensure_dbroot(self) -> None:
+        """rtslib-fb (2.1.76 and later) points LIO's dbroot (persistent reservation metadata) at
+        /etc/target whenever it opens the configuration, and fails every call with "Cannot set dbroot"
+        when that directory is missing (the kernel logs "db_root: cannot open: /etc/target"); targetcli
+        creates it on first save. Create it here, as the first user of LIO on this host would."""
+        if (CONFIGFS / "dbroot").is_file() and not DBROOT.is_dir():
+            try:
+                DBROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise Unavailable(
+                    f"LIO needs {DBROOT} (rtslib-fb's dbroot); cannot create it: {exc}"
+                ) from exc
+            log.info("created %s, LIO's configuration directory", DBROOT)
 
     def healthy(self) -> bool:
         return CONFIGFS.is_dir()

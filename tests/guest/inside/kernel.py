@@ -8,6 +8,8 @@ what blockwire's own code did.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -54,6 +56,17 @@ def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 60, ev
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(every)
+
+
+def keep_log(path: Path, name: str) -> None:
+    """Copies a daemon's log into the run's results (BLOCKWIRE_GUEST_RESULTS/logs/NAME), which the host
+    keeps with the last runs (/var/tmp/blockwire-guest/run-*/results/logs/)."""
+    results = os.environ.get("BLOCKWIRE_GUEST_RESULTS")
+    if not results or not path.exists():
+        return
+    logs = Path(results, "logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(path, logs / name)
 
 
 def settle(timeout: int = 60) -> None:
@@ -267,3 +280,103 @@ def dm_device(map_name: str) -> str:
         if (dm / "dm" / "name").read_text().strip() == map_name:
             return dm.name
     raise AssertionError(f"no dm device is named {map_name}")
+
+
+# --- libvirt (virsh) and data ---------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def virsh(*args: str, ok: Sequence[int] = (0,), timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return run(["virsh", "-q", "-c", "qemu:///system", *args], ok=ok, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    target: str  # "sda"
+    bus: str
+    source: str  # the block device (source dev=) or "" for network disks
+    serial: str
+
+
+def domain_disks(domain: str) -> list[DomainDisk]:
+    """The disks of the domain's live XML."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    root = ET.fromstring(virsh("dumpxml", domain).stdout)
+    disks = []
+    for disk in root.findall("devices/disk"):
+        target = disk.find("target")
+        source = disk.find("source")
+        serial = disk.find("serial")
+        disks.append(
+            DomainDisk(
+                target=target.get("dev", "") if target is not None else "",
+                bus=target.get("bus", "") if target is not None else "",
+                source=source.get("dev", "") if source is not None else "",
+                serial=serial.text or "" if serial is not None else "",
+            )
+        )
+    return disks
+
+
+def domain_xml(domain: str) -> str:
+    return virsh("dumpxml", domain).stdout
+
+
+def domblk_capacity(domain: str, target: str) -> int:
+    """What QEMU reports as the disk's size (`virsh domblkinfo`)."""
+    out = virsh("domblkinfo", domain, target).stdout
+    for line in out.splitlines():
+        if line.startswith("Capacity:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Capacity in virsh domblkinfo {domain} {target}:\n{out}")
+
+
+def write_pattern(device: Path | str, offset_mib: int, size_mib: int = 1) -> bytes:
+    """Writes random data at `offset_mib` of `device` (O_DIRECT, fsync) and returns it."""
+    pattern = os.urandom(size_mib * MiB)
+    fd = os.open(str(device), os.O_WRONLY)
+    try:
+        os.pwrite(fd, pattern, offset_mib * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return pattern
+
+
+def read_at(path: Path | str, offset_mib: int, size_mib: int = 1) -> bytes:
+    """Reads from a device with O_DIRECT (past the page cache) or from a file."""
+    is_block = Path(path).resolve().is_block_device()
+    if is_block:
+        proc = subprocess.run(
+            ["dd", f"if={path}", "bs=1M", f"count={size_mib}", f"skip={offset_mib}", "iflag=direct",
+             "status=none"],
+            capture_output=True, timeout=120, check=True,
+        )  # fmt: skip
+        return proc.stdout
+    with open(path, "rb") as f:
+        f.seek(offset_mib * MiB)
+        return f.read(size_mib * MiB)
+
+
+def session_ids(iqn: str) -> dict[str, int]:
+    """portal -> SID of the sessions to target `iqn`."""
+    found = {}
+    for line in sessions():
+        # "tcp: [3] 127.0.0.1:3260,1 iqn... (non-flash)"
+        parts = line.split()
+        if len(parts) >= 4 and parts[3] == iqn:
+            found[parts[2].rsplit(",", 1)[0]] = int(parts[1].strip("[]"))
+    return found
+
+
+def map_slaves(map_name: str) -> list[str]:
+    return sorted(os.listdir(SYS_BLOCK / dm_device(map_name) / "slaves"))
+
+
+def active_paths(wwid: str) -> list[str]:
+    """sd devices of the map with this WWID that multipathd sees active and ready."""
+    return sorted(
+        p.dev for p in map_paths() if p.wwid == wwid and p.dm_state == "active" and p.checker == "ready"
+    )

@@ -156,6 +156,7 @@ def storaged(lio: None, thin_pool: ThinPool, tmp_path: Path) -> Iterator[Daemon]
         yield daemon
     finally:
         daemon.stop()
+        kernel.keep_log(config.with_suffix(".log"), f"{tmp_path.name}-storage.log")
         kernel.force_cleanup()
         for target in LIO_ISCSI.glob(f"{prefix}*") if LIO_ISCSI.is_dir() else []:
             _delete_lio_target(target.name)
