@@ -44,7 +44,8 @@ RUNS = Path(os.environ.get("BLOCKWIRE_GUEST_RUNS", "/var/tmp/blockwire-guest"))
 KEEP_RUNS = 3
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Beyond the project's own dependencies (pyproject.toml), what the inside tests run with.
-REQUIREMENTS = ("pytest", "hypothesis", "pytest-timeout", "rtslib-fb", "setuptools", "wheel")
+# os-brick: the peer the attach benchmark (bench/attach.py) compares with, run inside the guest.
+REQUIREMENTS = ("pytest", "hypothesis", "pytest-timeout", "rtslib-fb", "setuptools", "wheel", "os-brick")
 BUILD_TIMEOUT = 1800.0
 RUN_TIMEOUT = float(os.environ.get("BLOCKWIRE_GUEST_TIMEOUT", "1500"))
 INSIDE_TEST_TIMEOUT = 600  # pytest-timeout inside, per test

@@ -1,0 +1,282 @@
+"""Attach/detach benchmark: blockwire against os-brick and the raw iscsiadm floor, side by side in the guest.
+
+    sudo python -m bench.attach            # full plan, ~15-20 min of guest time; writes bench/results/
+    sudo python -m bench.attach --plan quick
+    sudo python -m bench.attach --from-raw /var/tmp/blockwire-guest/run-.../results/attach-raw.json
+
+Boots the guest tier once (tests/guest/image.py) and runs bench/attach_guest.py in it: the same tgtd
+targets (two portals, volumes and CHAP from a real blockwire-storage) for every contender, single path
+and two-path multipath, 1, 8 and 32 volumes at once, leftovers counted after every detach. Then writes
+bench/results/attach-YYYY-MM-DD.json and .md: p50/p95/max per contender and scenario, ratios against
+the floor and against os-brick, leftovers, where blockwire's time goes, the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.attach_guest import CONTENDERS, pct
+
+ROOT = Path(__file__).resolve().parents[1]
+GUEST_TIMEOUT = {"full": 1800.0, "quick": 900.0, "smoke": 400.0}
+
+
+def host_machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_before": list(os.getloadavg()),
+    }
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": round(pct(values, 50), 3),
+        "p95": round(pct(values, 95), 3),
+        "max": round(max(values), 3) if values else 0.0,
+    }
+
+
+def aggregate(raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (paths, volumes, contender): per-volume connect/disconnect latency and batch walls."""
+    rows: dict[tuple[int, int, str], dict[str, Any]] = {}
+    for r in raw["scenarios"]:
+        key = (r["paths"], r["volumes"], r["contender"])
+        row = rows.setdefault(
+            key,
+            {
+                "paths": r["paths"],
+                "volumes": r["volumes"],
+                "contender": r["contender"],
+                "reps": 0,
+                "_c": [],
+                "_d": [],
+                "_cw": [],
+                "_dw": [],
+                "leftovers": 0,
+                "leftover_detail": [],
+                "errors": [],
+            },
+        )
+        row["reps"] += 1
+        row["_c"] += r["connect_s"]
+        row["_d"] += r["disconnect_s"]
+        row["_cw"].append(r["connect_wall_s"])
+        row["_dw"].append(r["disconnect_wall_s"])
+        row["leftovers"] += sum(len(v) for v in r["leftovers"].values())
+        if r["leftovers"]:
+            row["leftover_detail"].append(r["leftovers"])
+        row["errors"] += r["errors"]
+    out = []
+    for row in rows.values():
+        row["connect"] = _stats(row.pop("_c"))
+        row["disconnect"] = _stats(row.pop("_d"))
+        row["connect_wall"] = _stats(row.pop("_cw"))
+        row["disconnect_wall"] = _stats(row.pop("_dw"))
+        out.append(row)
+    by_key = {(r["paths"], r["volumes"], r["contender"]): r for r in out}
+    for r in out:
+        for peer in ("floor", "os-brick"):
+            base = by_key.get((r["paths"], r["volumes"], peer))
+            if base is None:
+                continue
+            metric = "connect" if r["volumes"] == 1 else "connect_wall"
+            dmetric = "disconnect" if r["volumes"] == 1 else "disconnect_wall"
+            r[f"connect_vs_{peer}"] = _ratio(r[metric]["p50"], base[metric]["p50"])
+            r[f"disconnect_vs_{peer}"] = _ratio(r[dmetric]["p50"], base[dmetric]["p50"])
+    return sorted(out, key=lambda r: (r["paths"], r["volumes"], CONTENDERS.index(r["contender"])))
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 3) if b > 0 else None
+
+
+def profiles(raw: dict[str, Any]) -> dict[str, Any]:
+    """Mean seconds per step of bw-lib's single-volume connects and disconnects, and bw-e2e's event gaps."""
+    out: dict[str, Any] = {}
+    for paths in (1, 2):
+        reps = [
+            r
+            for r in raw["scenarios"]
+            if r["contender"] == "bw-lib" and r["volumes"] == 1 and r["paths"] == paths
+        ]
+        for op in ("connect", "disconnect"):
+            prof = [r.get(f"profile_{op}", {}) for r in reps if r.get(f"profile_{op}")]
+            if not prof:
+                continue
+            total = sum(r[f"{op}_s"][0] for r in reps) / len(reps)
+            steps: dict[str, float] = {}
+            for p in prof:
+                for k, v in p.items():
+                    steps[k] = steps.get(k, 0.0) + v / len(prof)
+            out[f"bw-lib {paths}-path {op}"] = {
+                "total_s": round(total, 3),
+                "steps_s": {k: round(v, 3) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])},
+            }
+        e2e = [
+            r
+            for r in raw["scenarios"]
+            if r["contender"] == "bw-e2e" and r["volumes"] == 1 and r["paths"] == paths
+        ]
+        gaps: dict[str, list[float]] = {}
+        for r in e2e:
+            for ev in r.get("events", []):
+                seq = sorted(ev.items(), key=lambda kv: kv[1])
+                for (a, ta), (b, tb) in itertools.pairwise(seq):
+                    gaps.setdefault(f"{a} -> {b}", []).append(tb - ta)
+        if gaps:
+            out[f"bw-e2e {paths}-path events"] = {k: round(sum(v) / len(v), 3) for k, v in gaps.items()}
+    return out
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    return "-" if v is None else f"{v:g}{unit}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, g = results["machine"], results["guest"]
+    lines = [
+        f"# Attach/detach benchmark, {results['date'][:10]}",
+        "",
+        f"Host: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']}; load average "
+        f"before the run {', '.join(f'{x:.2f}' for x in m['load_before'])}, after "
+        f"{', '.join(f'{x:.2f}' for x in m['load_after'])}. Guest: Debian 12 under QEMU **TCG** (no KVM: "
+        f"every number is several times slower than on hardware), {g.get('guest_cpus')} vCPUs, kernel "
+        f"{g.get('kernel')}, {g.get('open-iscsi', 'open-iscsi')}, os-brick {g.get('os_brick', '?')}. "
+        f"Guest time {results['guest_seconds']} s.",
+        "",
+        "Targets: one tgtd, portals 127.0.0.1:3260 and 127.0.0.2:3260; 64 MiB volumes made by blockwire-"
+        "storage (file backend, tgt exporter, CHAP, per-initiator ACL), exported once; every contender "
+        "gets that connection info (single path: the first portal only). Seconds. Single volume: per-"
+        "operation latency; 8 and 32 volumes: wall time for the whole batch (all started at once, one "
+        "thread each). Ratios compare p50s.",
+        "",
+        "| paths | volumes | contender | reps | connect p50 | p95 | max | detach p50 | p95 | max "
+        "| connect / floor | connect / os-brick | detach / os-brick | leftovers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        c = r["connect"] if r["volumes"] == 1 else r["connect_wall"]
+        d = r["disconnect"] if r["volumes"] == 1 else r["disconnect_wall"]
+        lines.append(
+            f"| {r['paths']} | {r['volumes']} | {r['contender']} | {r['reps']} | {c['p50']} | {c['p95']} "
+            f"| {c['max']} | {d['p50']} | {d['p95']} | {d['max']} | {fmt(r.get('connect_vs_floor'))} "
+            f"| {fmt(r.get('connect_vs_os-brick'))} | {fmt(r.get('disconnect_vs_os-brick'))} "
+            f"| {r['leftovers']} |"
+        )
+    errors = [(r["contender"], r["paths"], r["volumes"], e) for r in results["rows"] for e in r["errors"]]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"* {c} {p}-path x{n}: {e}" for c, p, n, e in errors[:20]]
+    left = [
+        (r["contender"], r["paths"], r["volumes"], d) for r in results["rows"] for d in r["leftover_detail"]
+    ]
+    if left:
+        lines += ["", "Leftovers after detach:", ""] + [
+            f"* {c} {p}-path x{n}: {d}" for c, p, n, d in left[:20]
+        ]
+    lines += ["", "## Where blockwire's time goes", ""]
+    for name, prof in results["profile"].items():
+        if "steps_s" in prof:
+            steps = ", ".join(f"{k} {v}" for k, v in prof["steps_s"].items())
+            lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
+        else:
+            lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+    lines += [
+        "",
+        "bw-lib steps are the connector's own commands and waits (its runner and udev waiter, timed); "
+        "with two paths the per-path steps run in parallel, so they add up to more than the total. bw-e2e: "
+        "gaps between the agent's events (attach_started -> progress:connect is the connector, "
+        "progress:connect -> progress:hotplug libvirt's hot-plug).",
+    ]
+    for note in results.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def write(raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str]) -> Path:
+    date = datetime.now(UTC)
+    results = {
+        "date": date.isoformat(timespec="seconds"),
+        "machine": machine,
+        "guest": raw.get("versions", {}),
+        "guest_seconds": raw.get("guest_seconds"),
+        "rows": aggregate(raw),
+        "profile": profiles(raw),
+        "notes": notes,
+        "raw": raw,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"attach-{date:%Y-%m-%d}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(results))
+    return stem
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.attach", description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", choices=sorted(GUEST_TIMEOUT), default="full")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--from-raw", type=Path, help="report on an earlier run's attach-raw.json")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report")
+    args = parser.parse_args(argv)
+    machine = host_machine()
+    if args.from_raw:
+        raw = json.loads(args.from_raw.read_text())
+        machine = raw.get("host_machine", machine)
+    else:
+        from tests.guest import image  # noqa: PLC0415
+
+        missing = image.requirements_missing()
+        if missing:
+            print(f"bench: {missing}", file=sys.stderr)
+            return 2
+        run = image.run_guest(
+            [f"bench/attach_guest.py::test_attach_bench[{args.plan}]"], timeout=GUEST_TIMEOUT[args.plan]
+        )
+        raw_file = run.results / "attach-raw.json"
+        print(f"bench: guest run {run.directory} rc={run.returncode} {run.seconds:.0f}s", file=sys.stderr)
+        if not raw_file.exists():
+            print(
+                (run.results / "pytest.log").read_text()[-5000:]
+                if (run.results / "pytest.log").exists()
+                else run.serial_tail(),
+                file=sys.stderr,
+            )
+            return 1
+        raw = json.loads(raw_file.read_text())
+        machine["load_after"] = list(os.getloadavg())
+        raw["host_machine"] = machine
+        raw_file.write_text(json.dumps(raw, indent=1) + "\n")
+    machine.setdefault("load_after", list(os.getloadavg()))
+    stem = write(raw, machine, args.out, args.note)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

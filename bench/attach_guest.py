@@ -1,0 +1,757 @@
+"""The attach benchmark's inside half: runs in the guest (root, kernel iSCSI, multipath, udev, libvirtd).
+
+Started by `python -m bench.attach` (bench/attach.py) through the guest tier; it is a pytest file only so
+that the guest's init can run it, and it is never part of the default suite (not under tests/, not
+named test_*). Writes `attach-raw.json` into $BLOCKWIRE_GUEST_RESULTS.
+
+Same targets for every contender: one tgtd with two portals (127.0.0.1:3260, 127.0.0.2:3260), volumes
+made by a real `blockwire-storage` (file backend, tgt exporter, CHAP, per-initiator ACL), exported once
+to this host with CreateAttachment; each contender is fed that connection info (single path: its first
+portal only).
+
+Contenders:
+  floor      raw iscsiadm: static node record + CHAP updates, login (paths in parallel), wait for the
+             by-path link(s) and, for two paths, the multipath map; detach: multipath -f, logout,
+             node delete, wait for the links to go.
+  os-brick   os_brick ISCSIConnector.connect_volume / disconnect_volume, in-process as root (its privsep
+             context in direct mode: no privsep daemon, no sudo).
+  bw-lib     hostagent.connectors.iscsi.IscsiConnector connect / disconnect as a library call.
+  bw-e2e     AttachVolume / DetachVolume over gRPC to the blockwire-agent daemon, hot-plugging into a
+             no-OS type='qemu' libvirt domain with virtio-scsi (connection info given: no export step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guest.inside import kernel
+from tests.guest.inside.kernel import run, wait_until
+from tests.host.daemons import Started, Tgtd, ensure_libvirtd
+
+pytestmark = pytest.mark.skipif(os.environ.get("BLOCKWIRE_IN_GUEST") != "1", reason="inside the guest only")
+
+ROOT = Path(__file__).resolve().parents[1]
+PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
+MIB = 1 << 20
+RESULTS = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", "/tmp"))
+CONTENDERS = ("floor", "os-brick", "bw-lib", "bw-e2e")
+MULTIPATH_CONF = """defaults {{
+	user_friendly_names yes
+	find_multipaths {find}
+}}
+blacklist {{
+	devnode "^(ram|loop|fd|md|sr|scd|st|vd)[0-9a-z]*"
+}}
+"""
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='scsi' index='0' model='virtio-scsi'/>
+  </devices>
+</domain>"""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to measure: (paths, volumes at once, repetitions) per scenario, and which contenders."""
+
+    scenarios: tuple[tuple[int, int, int], ...]
+    contenders: tuple[str, ...] = CONTENDERS
+    # os-brick at 32 volumes serializes behind its host-wide lock: at most this many repetitions.
+    osbrick_max_reps_32: int = 1
+
+
+FULL = Plan(scenarios=((1, 1, 3), (1, 8, 1), (1, 32, 1), (2, 1, 3), (2, 8, 1), (2, 32, 1)))
+QUICK = Plan(scenarios=((1, 1, 2), (2, 1, 2), (2, 8, 1)))
+SMOKE = Plan(scenarios=((2, 1, 1),))
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+# --- timing hooks: the connector's injected collaborators, wrapped (no change to product code) -----------
+
+
+class Recorder:
+    """Spans (label, start, end) from every thread; `window` gives those inside [t0, t1]."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.spans: list[tuple[str, float, float]] = []
+
+    def add(self, label: str, start: float, end: float) -> None:
+        with self._lock:
+            self.spans.append((label, start, end))
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with self._lock:
+            for label, s, e in self.spans:
+                if s >= t0 and e <= t1:
+                    out[label] = out.get(label, 0.0) + (e - s)
+        return out
+
+
+def command_label(argv: Sequence[Any]) -> str:
+    a = [str(x) for x in argv]
+    tool = a[0]
+    if tool == "iscsiadm":
+        if "--login" in a:
+            return "iscsiadm login"
+        if "--logout" in a:
+            return "iscsiadm logout"
+        if "-o" in a:
+            return f"iscsiadm node {a[a.index('-o') + 1]}"
+        if "-P" in a:
+            return "iscsiadm session -P 3"
+        return "iscsiadm " + " ".join(a[1:3])
+    if tool == "multipathd":
+        return "multipathd " + " ".join(a[1:3])
+    if tool == "multipath":
+        return "multipath " + a[1]
+    return tool
+
+
+class TimedRunner:
+    def __init__(self, inner: Any, rec: Recorder) -> None:
+        self.inner, self.rec = inner, rec
+
+    def run(self, argv: Sequence[Any], **kw: Any) -> Any:
+        t = now()
+        try:
+            return self.inner.run(argv, **kw)
+        finally:
+            self.rec.add(command_label(argv), t, now())
+
+
+def wait_kind(what: str) -> str:
+    if what.startswith("LUN "):
+        return "disk"
+    if what.startswith("multipath map of"):
+        return "map"
+    if what.startswith("multipath map "):
+        return "map removal"
+    if what.startswith("/dev/"):
+        return "sd removal"
+    return what
+
+
+class TimedUdev:
+    """Times each udev wait apart from its trigger; the sysfs-write triggers (scan, delete) as well."""
+
+    def __init__(self, inner: Any, rec: Recorder) -> None:
+        self.inner, self.rec = inner, rec
+
+    def _wrap(self, kind: str, trigger: Callable[[], None] | None, spent: list[float]) -> Any:
+        if trigger is None:
+            return None
+
+        def timed() -> None:
+            t = now()
+            try:
+                trigger()
+            finally:
+                spent.append(now() - t)
+                if kind in ("disk", "sd removal"):
+                    self.rec.add("sysfs scan" if kind == "disk" else "sysfs delete", t, now())
+
+        return timed
+
+    def _timed(self, method: str, subsystem: str, match: Any, deadline: Any, trigger: Any, what: str) -> Any:
+        kind = wait_kind(what)
+        spent: list[float] = []
+        t = now()
+        try:
+            return getattr(self.inner, method)(
+                subsystem, match, deadline, trigger=self._wrap(kind, trigger, spent), what=what
+            )
+        finally:
+            end = now()
+            # The wait alone: the span is placed at its end so that it falls in the operation's window.
+            wait = max(0.0, end - t - sum(spent))
+            self.rec.add(f"udev wait {kind}", end - wait, end)
+
+    def wait_for(
+        self, subsystem: str, match: Any, deadline: Any, *, trigger: Any = None, what: str = ""
+    ) -> Any:
+        return self._timed("wait_for", subsystem, match, deadline, trigger, what)
+
+    def wait_gone(
+        self, subsystem: str, match: Any, deadline: Any, *, trigger: Any = None, what: str = ""
+    ) -> Any:
+        return self._timed("wait_gone", subsystem, match, deadline, trigger, what)
+
+    def find(self, subsystem: str, match: Any) -> Any:
+        return self.inner.find(subsystem, match)
+
+
+# --- the environment: tgtd, blockwire-storage, libvirtd + a domain, blockwire-agent ----------------------
+
+
+def initiator_name() -> str:
+    for line in Path("/etc/iscsi/initiatorname.iscsi").read_text().splitlines():
+        if line.startswith("InitiatorName="):
+            return line.split("=", 1)[1].strip()
+    raise AssertionError("no InitiatorName")
+
+
+def set_find_multipaths(value: str) -> None:
+    """`no`: multipathd maps every SCSI disk (the two-path scenarios, the guest's default); `strict`: only
+    WWIDs in /etc/multipath/wwids (the single-path scenarios: plain /dev/sdX, as without multipath)."""
+    Path("/etc/multipath.conf").write_text(MULTIPATH_CONF.format(find=value))
+    wwids = Path("/etc/multipath/wwids")
+    wwids.parent.mkdir(parents=True, exist_ok=True)
+    wwids.write_text("# cleared by the attach benchmark\n")
+    run(["multipathd", "reconfigure"])
+    wait_until(
+        "multipathd answers", lambda: run(["multipathd", "show", "daemon"], ok=(0, 1)).returncode == 0, 30
+    )
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_daemon(module: str, config: Path, address: str, log: Path) -> Daemon:
+    import grpc  # noqa: PLC0415
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    out = log.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    out.close()
+    daemon = Daemon(proc, log)
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{module} exited {proc.returncode}: {log.read_text()[-3000:]}")
+        with grpc.insecure_channel(address) as ch, contextlib.suppress(grpc.RpcError):
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        return False
+
+    try:
+        wait_until(f"{module} SERVING", serving, 120, 0.1)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+@dataclass
+class Env:
+    work: Path
+    tgtd: Tgtd
+    storage: Daemon
+    agent: Daemon
+    storage_client: Any
+    agent_client: Any
+    domain: str
+    virt: Any
+    volumes: list[str] = field(default_factory=list)
+    attachments: list[str] = field(default_factory=list)
+    infos: list[Any] = field(default_factory=list)  # blockwire.model.ConnectionInfo, two paths
+    events: list[Any] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def environment(work: Path, volumes: int) -> Iterator[Env]:
+    import libvirt  # noqa: PLC0415
+
+    from blockwire import convert  # noqa: PLC0415
+    from blockwire.client import HostAgentClient, StorageClient  # noqa: PLC0415
+    from blockwire.v1 import types_pb2 as pb  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        tgtd = Tgtd(portals=PORTALS)
+        tgtd.start()
+        stack.callback(tgtd.stop)
+        started = Started()
+        ensure_libvirtd(started)
+        stack.callback(started.stop)
+
+        (work / "volumes").mkdir()
+        ssock, asock = work / "storage.sock", work / "agent.sock"
+        portals = ", ".join(f'"{p}"' for p in PORTALS)
+        (work / "storage.toml").write_text(
+            f'[server]\nunix_socket = "{ssock}"\nlog_format = "kv"\nlog_level = "INFO"\nworkers = 16\n'
+            f'[service]\ncatalog_path = "{work}/catalog.db"\niqn_prefix = "iqn.2026-01.io.blockwire.bench"\n'
+            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{work}/volumes"\nexporter = "tgt"\n'
+            f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
+        )
+        storage = start_daemon(
+            "storagesvc.rpc.server", work / "storage.toml", f"unix:{ssock}", work / "storage.log"
+        )
+        stack.callback(storage.stop)
+        (work / "agent.toml").write_text(
+            f'state_dir = "{work}/agent-state"\nstorage_address = "unix://{ssock}"\niscsi_mode = "kernel"\n'
+            f'listen_unix = "{asock}"\nlog_level = "INFO"\nreconcile_on_start = false\n'
+        )
+        agent = start_daemon("hostagent.rpc.server", work / "agent.toml", f"unix:{asock}", work / "agent.log")
+        stack.callback(agent.stop)
+        sc = StorageClient(f"unix://{ssock}")
+        stack.callback(sc.close)
+        ac = HostAgentClient(f"unix://{asock}")
+        stack.callback(ac.close)
+
+        virt = libvirt.open("qemu:///system")
+        stack.callback(virt.close)
+        name = f"bw-bench-{uuid.uuid4().hex[:6]}"
+        dom = virt.createXML(DOMAIN_XML.format(name=name), 0)
+
+        def destroy() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+
+        stack.callback(destroy)
+
+        env = Env(work, tgtd, storage, agent, sc, ac, name, virt)
+        connector = pb.Connector(
+            host="bench-guest",
+            initiator_iqn=initiator_name(),
+            multipath=True,
+            kernel_iscsi=True,
+            transports=[pb.TRANSPORT_ISCSI],
+        )
+
+        def cleanup_volumes() -> None:
+            for att in env.attachments:
+                with contextlib.suppress(Exception):
+                    sc.delete_attachment(att, timeout=60)
+            for vid in env.volumes:
+                with contextlib.suppress(Exception):
+                    sc.delete_volume(vid, timeout=60)
+
+        stack.callback(cleanup_volumes)
+        for i in range(volumes):
+            vol = sc.create_volume(f"bench{i:02d}", 64 * MIB, timeout=60)
+            env.volumes.append(vol.id)
+            att = sc.create_attachment(vol.id, connector, timeout=60)
+            env.attachments.append(att.id)
+            env.infos.append(convert.connection_info_from_pb(att.connection_info))
+
+        watch = ac.watch_events()
+        stack.callback(watch.cancel)
+
+        def collect() -> None:
+            with contextlib.suppress(Exception):
+                for e in watch:
+                    env.events.append(
+                        (e.volume_id, e.type, e.step, e.time.ToMicroseconds() / 1e6, time.time())
+                    )
+
+        threading.Thread(target=collect, daemon=True, name="events").start()
+        yield env
+
+
+def single_path(info: Any) -> Any:
+    return replace(info, transport=replace(info.transport, paths=info.transport.paths[:1]))
+
+
+def dom_disks(env: Env) -> int:
+    return env.virt.lookupByName(env.domain).XMLDesc(0).count("<disk ")
+
+
+# --- contenders ----------------------------------------------------------------------------------------
+
+
+class Floor:
+    """Only what the raw tools need: no framework, no identity check beyond udev's links."""
+
+    name = "floor"
+
+    def __init__(self, multipath: bool) -> None:
+        self.multipath = multipath
+
+    @staticmethod
+    def _node(iqn: str, portal: str, *args: str, ok: Sequence[int] = (0,)) -> None:
+        run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok=ok, timeout=120)
+
+    def _login(self, info: Any, path: Any) -> None:
+        t = info.transport
+        self._node(path.target_iqn, path.portal, "-o", "new")
+        if t.chap is not None:
+            for n, v in (
+                ("node.session.auth.authmethod", "CHAP"),
+                ("node.session.auth.username", t.chap.username),
+                ("node.session.auth.password", t.chap.password.reveal()),
+            ):
+                self._node(path.target_iqn, path.portal, "-o", "update", "-n", n, "-v", v)
+        self._node(path.target_iqn, path.portal, "--login")
+
+    def _paths(self, info: Any, fn: Callable[[Any], None]) -> None:
+        paths = info.transport.paths
+        if len(paths) == 1:
+            fn(paths[0])
+            return
+        with ThreadPoolExecutor(len(paths)) as pool:
+            for f in [pool.submit(fn, p) for p in paths]:
+                f.result()
+
+    def connect(self, info: Any) -> Any:
+        self._paths(info, lambda p: self._login(info, p))
+        links = [kernel.by_path_link(p.portal, p.target_iqn, p.lun) for p in info.transport.paths]
+        wait_until("by-path links", lambda: all(link.exists() for link in links), 60, 0.01)
+        if not self.multipath:
+            return str(links[0].resolve())
+        wwid = "3" + info.wwn.lower().removeprefix("0x").removeprefix("naa.")
+        link = Path("/dev/disk/by-id", f"dm-uuid-mpath-{wwid}")
+
+        def map_ready() -> bool:
+            if not link.exists():
+                return False
+            dm = link.resolve().name
+            return len(os.listdir(f"/sys/block/{dm}/slaves")) == len(info.transport.paths)
+
+        wait_until("multipath map", map_ready, 60, 0.01)
+        return str(link.resolve())
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        if self.multipath:
+            name = Path(f"/sys/block/{Path(device).name}/dm/name").read_text().strip()
+            # `multipath -f` says "in use" while udev still probes the map (blkid): retry to a deadline.
+            wait_until(
+                f"multipath -f {name}",
+                lambda: run(["multipath", "-f", name], ok=(0, 1)).returncode == 0,
+                60,
+                0.05,
+            )
+
+        def out(p: Any) -> None:
+            self._node(p.target_iqn, p.portal, "--logout", ok=(0, kernel.ISCSI_ERR_NO_OBJS_FOUND))
+            self._node(p.target_iqn, p.portal, "-o", "delete", ok=(0, kernel.ISCSI_ERR_NO_OBJS_FOUND))
+
+        self._paths(info, out)
+        links = [kernel.by_path_link(p.portal, p.target_iqn, p.lun) for p in info.transport.paths]
+        wait_until("by-path links gone", lambda: not any(link.exists() for link in links), 60, 0.01)
+
+
+class OsBrick:
+    """os-brick's ISCSIConnector, in-process as root: os_brick.privileged.default in direct mode (its
+    privileged functions run in this process; no privsep-helper daemon, no sudo, no rootwrap)."""
+
+    name = "os-brick"
+
+    def __init__(self, multipath: bool, lock_dir: Path) -> None:
+        import os_brick  # noqa: PLC0415
+        from os_brick import privileged  # noqa: PLC0415
+        from os_brick.initiator import connector  # noqa: PLC0415
+        from oslo_config import cfg  # noqa: PLC0415
+
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        if not getattr(OsBrick, "_configured", False):
+            with contextlib.suppress(cfg.ArgsAlreadyParsedError, Exception):
+                cfg.CONF([], project="attach-bench")
+            if hasattr(os_brick, "setup"):
+                os_brick.setup(cfg.CONF)
+            cfg.CONF.set_override("lock_path", str(lock_dir), group="oslo_concurrency")
+            privileged.default.set_client_mode(False)
+            OsBrick._configured = True  # type: ignore[attr-defined]
+        self.multipath = multipath
+        self.conn = connector.InitiatorConnector.factory(
+            "ISCSI", "sudo", use_multipath=multipath, device_scan_attempts=5
+        )
+
+    @staticmethod
+    def props(info: Any) -> dict[str, Any]:
+        t = info.transport
+        first = t.paths[0]
+        p: dict[str, Any] = {
+            "target_portal": first.portal,
+            "target_iqn": first.target_iqn,
+            "target_lun": first.lun,
+            "target_discovered": False,
+            "volume_id": info.volume_id,
+            "discard": info.discard,
+            "encrypted": False,
+        }
+        if len(t.paths) > 1:
+            p["target_portals"] = [x.portal for x in t.paths]
+            p["target_iqns"] = [x.target_iqn for x in t.paths]
+            p["target_luns"] = [x.lun for x in t.paths]
+        if t.chap is not None:
+            p.update(
+                auth_method="CHAP", auth_username=t.chap.username, auth_password=t.chap.password.reveal()
+            )
+        return p
+
+    def connect(self, info: Any) -> Any:
+        return self.conn.connect_volume(self.props(info))
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.conn.disconnect_volume(self.props(info), device)
+
+
+class BwLib:
+    """hostagent's kernel iSCSI connector as a library, its runner and udev waiter timed."""
+
+    name = "bw-lib"
+
+    def __init__(self, multipath: bool, rec: Recorder) -> None:
+        from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
+        from hostagent.host.clock import SystemClock  # noqa: PLC0415
+        from hostagent.host.executor import Executor  # noqa: PLC0415
+        from hostagent.host.sysfs import Sysfs  # noqa: PLC0415
+        from hostagent.host.udev import PyudevWaiter  # noqa: PLC0415
+        from hostagent.tools.iscsiadm import Iscsiadm  # noqa: PLC0415
+        from hostagent.tools.multipath import Multipath  # noqa: PLC0415
+
+        clock = SystemClock()
+        runner = TimedRunner(Executor(), rec)
+        self.conn = IscsiConnector(
+            Iscsiadm(runner, clock),
+            Sysfs("/sys"),
+            TimedUdev(PyudevWaiter(), rec),
+            Multipath(runner),
+            clock,
+            initiator_iqn=initiator_name(),
+            use_multipath=multipath,
+        )
+
+    def connect(self, info: Any) -> Any:
+        return self.conn.connect(info)
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.conn.disconnect(info)
+
+
+class BwE2e:
+    """AttachVolume / DetachVolume over gRPC: the agent daemon connects and hot-plugs into the domain."""
+
+    name = "bw-e2e"
+
+    def __init__(self, env: Env) -> None:
+        from blockwire.v1 import types_pb2 as pb  # noqa: PLC0415
+
+        self.env = env
+        self.disk = pb.DiskOptions(bus=pb.DISK_BUS_SCSI)
+
+    def connect(self, info: Any) -> Any:
+        return self.env.agent_client.attach_volume(
+            self.env.domain, connection_info=info, disk=self.disk, timeout=600
+        )
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.env.agent_client.detach_volume(self.env.domain, info.volume_id, timeout=600)
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return 0.0
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": round(pct(values, 50), 3),
+        "p95": round(pct(values, 95), 3),
+        "max": round(max(values), 3) if values else 0.0,
+        "mean": round(statistics.mean(values), 3) if values else 0.0,
+    }
+
+
+def leftovers(env: Env, contender: str) -> dict[str, list[str]]:
+    kernel.settle()
+    found = kernel.leftovers()
+    if contender == "bw-e2e" and dom_disks(env):
+        found["domain disks"] = [f"{dom_disks(env)} disk(s) in {env.domain}"]
+    return found
+
+
+def batch(contender: Any, infos: list[Any], rec: Recorder | None) -> dict[str, Any]:
+    """Connects every volume at once (one thread each), then disconnects every one at once."""
+    n = len(infos)
+    devices: list[Any] = [None] * n
+    conn_t: list[float] = [0.0] * n
+    disc_t: list[float] = [0.0] * n
+    spans: list[tuple[float, float, float, float]] = [(0, 0, 0, 0)] * n
+    errors: list[str] = []
+
+    def one_connect(i: int) -> None:
+        t = now()
+        try:
+            devices[i] = contender.connect(infos[i])
+        except Exception as exc:
+            errors.append(f"connect {i}: {type(exc).__name__}: {exc}"[:500])
+        conn_t[i] = now() - t
+        spans[i] = (t, now(), 0, 0)
+
+    def one_disconnect(i: int) -> None:
+        t = now()
+        try:
+            contender.disconnect(infos[i], devices[i])
+        except Exception as exc:
+            errors.append(f"disconnect {i}: {type(exc).__name__}: {exc}"[:500])
+        disc_t[i] = now() - t
+        spans[i] = (spans[i][0], spans[i][1], t, now())
+
+    t0 = now()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one_connect, range(n)))
+    connect_wall = now() - t0
+    t1 = now()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one_disconnect, range(n)))
+    disconnect_wall = now() - t1
+    out: dict[str, Any] = {
+        "connect_s": conn_t,
+        "disconnect_s": disc_t,
+        "connect_wall_s": connect_wall,
+        "disconnect_wall_s": disconnect_wall,
+        "errors": errors,
+    }
+    if rec is not None and n == 1:
+        out["profile_connect"] = rec.window(spans[0][0], spans[0][1])
+        out["profile_disconnect"] = rec.window(spans[0][2], spans[0][3])
+    return out
+
+
+def e2e_steps(env: Env, volume_ids: set[str], t0_wall: float) -> list[dict[str, float]]:
+    """Per attach/detach of the e2e contender: the agent's event times, relative to each other."""
+    from blockwire.v1 import hostagent_pb2 as hpb  # noqa: PLC0415
+
+    names = {v: k for k, v in hpb.EventType.items()}
+    by_vol: dict[str, list[tuple[str, float]]] = {}
+    for vid, typ, step, at, _ in list(env.events):
+        if vid in volume_ids and at >= t0_wall:
+            label = names.get(typ, str(typ)).removeprefix("EVENT_TYPE_").lower()
+            by_vol.setdefault(vid, []).append((f"{label}:{step}" if step else label, at))
+    return [{k: t for k, t in evs} for evs in by_vol.values()]
+
+
+def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
+    max_n = max(n for _, n, _ in plan.scenarios)
+    results: dict[str, Any] = {"scenarios": [], "versions": versions()}
+    rec = Recorder()
+    with environment(work, max_n) as env:
+        results["volume_size_mib"] = 64
+        results["chap"] = env.infos[0].transport.chap is not None
+        for paths, n, reps in plan.scenarios:
+            multipath = paths == 2
+            set_find_multipaths("no" if multipath else "strict")
+            infos = [i if multipath else single_path(i) for i in env.infos[:n]]
+            kernel.force_cleanup()
+            for name in plan.contenders:
+                if name == "floor":
+                    contender: Any = Floor(multipath)
+                elif name == "os-brick":
+                    contender = OsBrick(multipath, work / "locks")
+                elif name == "bw-lib":
+                    contender = BwLib(multipath, rec)
+                else:
+                    contender = BwE2e(env)
+                r_reps = min(reps, plan.osbrick_max_reps_32) if name == "os-brick" and n >= 32 else reps
+                if n == 1 and name != "bw-e2e":  # warm-up: imports, first-use paths
+                    batch(contender, infos, None)
+                    leftovers(env, name) and kernel.force_cleanup()
+                print(f"bench: {paths} path(s) x {n} volume(s): {name} x {r_reps}", flush=True)
+                for rep in range(r_reps):
+                    t_wall = time.time()
+                    r = batch(contender, infos, rec if name == "bw-lib" else None)
+                    left = leftovers(env, name)
+                    if left:
+                        kernel.force_cleanup()
+                        if name == "bw-e2e":
+                            with contextlib.suppress(Exception):
+                                for i in infos:
+                                    env.agent_client.detach_volume(env.domain, i.volume_id, force=True)
+                    r.update(contender=name, paths=paths, volumes=n, rep=rep, leftovers=left)
+                    if name == "bw-e2e" and n == 1:
+                        r["events"] = e2e_steps(env, {i.volume_id for i in infos}, t_wall)
+                    print(
+                        f"bench:   rep {rep}: connect {r['connect_wall_s']:.2f}s disconnect "
+                        f"{r['disconnect_wall_s']:.2f}s errors {len(r['errors'])} leftovers {left}",
+                        flush=True,
+                    )
+                    results["scenarios"].append(r)
+                if name == "bw-e2e":  # the agent's connector adds WWIDs (multipath -a): reset between runs
+                    set_find_multipaths("no" if multipath else "strict")
+        set_find_multipaths("no")
+    return results
+
+
+def versions() -> dict[str, str]:
+    out = {"kernel": os.uname().release}
+    for mod in ("os_brick", "oslo_privsep"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version  # noqa: PLC0415
+
+            out[mod] = version(mod.replace("_", "-").replace("os-brick", "os-brick"))
+    for cmd, key in ((["iscsiadm", "--version"], "open-iscsi"), (["multipath", "-t"], "")):
+        if key:
+            with contextlib.suppress(Exception):
+                out[key] = run(cmd).stdout.strip()
+    with contextlib.suppress(Exception):
+        out["cpu"] = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    out["guest_cpus"] = str(os.cpu_count())
+    return out
+
+
+def run_and_write(plan: Plan, work: Path, name: str) -> dict[str, Any]:
+    started = time.time()
+    try:
+        results = run_plan(plan, work)
+    except BaseException:
+        (RESULTS / f"{name}.error.txt").write_text(traceback.format_exc())
+        raise
+    results["guest_seconds"] = round(time.time() - started, 1)
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+PLANS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+
+
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_attach_bench(plan: str, tmp_path: Path) -> None:
+    """One plan (select it by node id: `...::test_attach_bench[full]`); results in
+    $BLOCKWIRE_GUEST_RESULTS/attach-raw.json."""
+    run_and_write(PLANS[plan], tmp_path, "attach-raw")
