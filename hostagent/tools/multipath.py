@@ -50,9 +50,13 @@ def parse_show_maps(text: str) -> list[MapInfo]:
     return [MapInfo(r[0], r[1], r[2], int(r[3])) for r in _rows(text) if len(r) >= 4 and r[3].isdigit()]
 
 
+_HCIL = re.compile(r"\d+:\d+:\d+:\d+")
+
+
 def parse_show_paths(text: str) -> list[PathInfo]:
-    """`multipathd show paths format '%d %w %t %T %o %i'`."""
-    return [PathInfo(*r[:6]) for r in _rows(text) if len(r) >= 6]
+    """`multipathd show paths format '%d %w %t %T %o %i'`. Rows in another layout (the default one starts
+    with the H:C:T:L) are not taken for ours: only rows whose sixth field is an H:C:T:L count."""
+    return [PathInfo(*r[:6]) for r in _rows(text) if len(r) >= 6 and _HCIL.fullmatch(r[5])]
 
 
 _LL_HEAD = re.compile(r"^(?P<name>\S+) \((?P<wwid>\w+)\) (?P<dm>dm-\d+)")

@@ -137,3 +137,60 @@ def test_libiscsi_parsers_on_host_recordings() -> None:
     assert identities(parse_vpd83(sample("iscsi_inq_vpd83_tgt.txt"))) == []
     assert parse_vpd80(sample("iscsi_inq_vpd80_tgt.txt")) == "SERIAL1"
     assert parse_readcapacity16("RETURNED LOGICAL BLOCK ADDRESS:32767\nTotal size:16777216\n") == 16 << 20
+
+
+def test_parse_session_details_of_one_session_recorded() -> None:
+    """`iscsiadm -m session -r SID -P 3`: the one session, with its host and disk."""
+    (d,) = parse_session_details(recorded("iscsiadm_session_r_P3.txt"))
+    assert (d.target, d.portal, d.sid, d.host_number, d.disks) == (TARGET, "127.0.0.1:3260", 3, 6, {1: "sda"})
+
+
+def test_session_details_need_print_level_3() -> None:
+    """`-P 1` has no SCSI host or disks: the connector must ask for `-P 3` (host_number stays -1)."""
+    details = parse_session_details(recorded("iscsiadm_session_P1.txt"))
+    assert [(d.portal, d.sid, d.host_number, d.disks) for d in details] == [
+        ("127.0.0.1:3260", 3, -1, {}),
+        ("127.0.0.2:3260", 4, -1, {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("multipath_ll_one_path.txt", [("mpatha", WWID, "dm-0", ["sda"])]),
+        ("multipath_ll_v3.txt", [("mpatha", WWID, "dm-0", ["sda", "sdb"])]),  # after -v3's paths list
+        ("multipathd_show_topology.txt", [("mpatha", WWID, "dm-0", ["sda", "sdb"])]),
+        (
+            "default_identity_multipath_ll.txt",
+            [
+                ("mpatha", WWID, "dm-0", ["sda", "sdb"]),
+                ("mpathb", "360000000000000000e00000000020001", "dm-1", ["sdc"]),
+            ],
+        ),
+    ],
+)
+def test_parse_multipath_ll_variants_recorded(
+    name: str, expected: list[tuple[str, str, str, list[str]]]
+) -> None:
+    maps = parse_multipath_ll(recorded(name))
+    assert [(m.name, m.wwid, m.sysfs, [p[1] for p in m.paths]) for m in maps] == expected
+    assert all(m.size == "64M" for m in maps)
+    assert all(p[2] == "active ready running" for m in maps for p in m.paths)
+
+
+def test_show_paths_in_the_default_layout_is_not_taken_for_ours() -> None:
+    assert parse_show_paths(recorded("multipathd_show_paths_default.txt")) == []
+
+
+def test_default_identity_wwn_forms_recorded_agree() -> None:
+    """tgt's default identity (no scsi_id): sysfs, udev and multipath name the same NAA."""
+    sysfs = recorded("default_identity_sysfs_wwid.txt").strip()
+    udev = dict(
+        line.split("=", 1)
+        for line in recorded("default_identity_udevadm_info_sd.txt").splitlines()
+        if "=" in line
+    )
+    (_, mpathb) = parse_multipath_ll(recorded("default_identity_multipath_ll.txt"))
+    assert same_wwn(normalize_wwn(sysfs), wwn_from_wwid(mpathb.wwid))
+    assert same_wwn(normalize_wwn(sysfs), udev["ID_WWN_WITH_EXTENSION"])
+    assert wwn_from_wwid(udev["ID_SERIAL"]) == normalize_wwn(sysfs)
