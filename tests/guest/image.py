@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 FORMAT = 1  # bump to rebuild every cache entry
 HERE = Path(__file__).resolve().parent
@@ -211,13 +212,33 @@ class GuestRun:
         return "\n".join(self.serial.read_text(errors="replace").splitlines()[-lines:])
 
 
+# Lock files of this process's run directories, held open (flock) until the process exits: a run that
+# is still booting, or whose results are still being read, is never pruned by a concurrent run.
+_LIVE_RUNS: list[IO[str]] = []
+
+
+def _in_use(run_directory: Path) -> bool:
+    try:
+        with (run_directory / ".live").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _new_run_directory() -> Path:
     RUNS.mkdir(parents=True, exist_ok=True)
     old = sorted((p for p in RUNS.iterdir() if p.name.startswith("run-")), key=lambda p: p.stat().st_mtime)
     for stale in old[: max(0, len(old) - (KEEP_RUNS - 1))]:
-        shutil.rmtree(stale, ignore_errors=True)
-    directory = RUNS / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        if not _in_use(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    directory = RUNS / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{len(_LIVE_RUNS)}"
     (directory / "results").mkdir(parents=True)
+    lock = (directory / ".live").open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _LIVE_RUNS.append(lock)
     return directory
 
 
