@@ -25,6 +25,15 @@ from hostagent.tools.multipath import Multipath
 log = logging.getLogger(__name__)
 
 
+FLUSH_RETRY_FIRST = 0.1  # seconds; backoff of `multipath -f` while the map is in use, doubling ...
+FLUSH_RETRY_MAX = 1.0  # ... up to this
+
+
+def map_in_use(exc: CommandFailed) -> bool:
+    """`multipath -f` refused because the map is open ("<name>: map in use"; exit 1)."""
+    return "in use" in exc.stderr or "in use" in exc.message
+
+
 def mpath_wwid(wwn: str) -> str:
     """multipath's WWID for an NAA WWN: the designator type "3" in front."""
     return "3" + normalize_wwn(wwn)
@@ -90,9 +99,15 @@ class ScsiDevices:
         wwid = mpath_wwid(wwn)
 
         def trigger() -> None:
-            self.multipath.allow_wwid(wwid)
+            # multipathd may have built the map from udev's events already (find_multipaths no, or a
+            # known WWID): then only paths it lacks are added, and the WWID is known to it.
+            found = self.map_in_sysfs(wwid)
+            held = set(self.sysfs.listdir(f"block/{found[0]}/slaves")) if found else set()
+            if found is None:
+                self.multipath.allow_wwid(wwid)
             for d in devs:
-                self.multipath.add_path(d)
+                if d not in held:
+                    self.multipath.add_path(d)
 
         dm = wait_device(
             self.udev,
@@ -114,40 +129,91 @@ class ScsiDevices:
         if not wwn or not self.use_multipath:
             return ""
         wwid = mpath_wwid(wwn)
+        found = self.map_in_sysfs(wwid)
+        if found is not None and found[1]:
+            return found[1]
         return next((m.name for m in self.multipath.show_maps() if m.wwid == wwid), "")
 
+    def map_in_sysfs(self, wwid: str) -> tuple[str, str] | None:
+        """(dm-N, name) of the multipath map of `wwid`, read from sysfs: no round trip to multipathd."""
+        for rel in self.sysfs.glob("block/dm-*/dm/uuid"):
+            if self.sysfs.read(rel) == f"mpath-{wwid}":
+                dm = rel.split("/")[1]
+                return dm, self.sysfs.read(f"block/{dm}/dm/name") or ""
+        return None
+
+    def holder_maps(self, devs: list[str]) -> dict[str, str]:
+        """Multipath maps (name -> dm uuid) that hold any of `devs`, found in sysfs (holders/), whatever
+        their WWID: multipathd may have built a map over a disk whose identity was then refused."""
+        found: dict[str, str] = {}
+        for dev in devs:
+            for holder in self.sysfs.listdir(f"block/{dev}/holders"):
+                uuid = (self.sysfs.read(f"block/{holder}/dm/uuid") or "").strip()
+                name = (self.sysfs.read(f"block/{holder}/dm/name") or "").strip()
+                if name and uuid.startswith("mpath-"):
+                    found[name] = uuid
+        return found
+
     def remove(self, wwn: str, devs: list[str], *, force: bool) -> None:
-        """Flushes and removes the map, then deletes each SCSI device; waits for udev to see them go."""
+        """Flushes and removes the map (the announced WWN's, and any map holding these disks), then
+        deletes each SCSI device; waits for udev to see them go."""
+        maps = self.holder_maps(devs)
         name = self.map_name(wwn)
         if name:
-            wwid = mpath_wwid(wwn)
+            maps.setdefault(name, f"mpath-{mpath_wwid(wwn)}")
+        for map_name, dm_uuid in sorted(maps.items()):
             try:
-                self.udev.wait_gone(
-                    "block",
-                    lambda d: d.properties.get("DM_UUID") == f"mpath-{wwid}",
-                    Deadline(self.clock, self.device_timeout),
-                    trigger=lambda: self._flush(name),
-                    what=f"multipath map {name}",
-                )
+                self._flush(map_name, dm_uuid)
             except CommandFailed as exc:
                 if not force:
                     raise FailedPrecondition(
-                        f"map {name} is in use ({exc.message}); detach first or force"
+                        f"map {map_name} is in use ({exc.message}); detach first or force"
                     ) from exc
-                log.warning("flushing %s failed (%s); removing its paths anyway (force)", name, exc.message)
-        for dev in devs:
-            if not self.sysfs.exists(f"block/{dev}/device/delete"):
-                continue
+                log.warning(
+                    "flushing %s failed (%s); removing its paths anyway (force)", map_name, exc.message
+                )
+        present = [dev for dev in devs if self.sysfs.exists(f"block/{dev}/device/delete")]
+        if present:
+            # Every path deleted at once, then one wait for udev to see them all go.
+            def delete() -> None:
+                for dev in present:
+                    self.sysfs.write(f"block/{dev}/device/delete", "1")
+
             self.udev.wait_gone(
                 "block",
-                lambda d, dev=dev: d.sys_name == dev,  # type: ignore[misc]
+                lambda d: d.sys_name in present,
                 Deadline(self.clock, self.device_timeout),
-                trigger=lambda dev=dev: self.sysfs.write(f"block/{dev}/device/delete", "1"),  # type: ignore[misc]
-                what=f"/dev/{dev}",
+                trigger=delete,
+                what=" ".join(f"/dev/{dev}" for dev in present),
             )
 
-    def _flush(self, name: str) -> None:
-        self.multipath.flush(name)
+    def _flush(self, name: str, dm_uuid: str) -> None:
+        """`multipath -f NAME` until udev reports the map removed. Closing a map that was open for writing
+        (QEMU on unplug, a writer) makes udev probe it (blkid), and `multipath -f` meanwhile fails with
+        "map in use": retried with backoff on the injected clock until `device_timeout`; other failures,
+        or "in use" at the deadline, are raised (CommandFailed)."""
+        deadline = Deadline(self.clock, self.device_timeout)
+        delay = FLUSH_RETRY_FIRST
+
+        def flush() -> None:
+            self.multipath.flush(name)
+
+        while True:
+            try:
+                self.udev.wait_gone(
+                    "block",
+                    lambda d: d.properties.get("DM_UUID") == dm_uuid,
+                    deadline,
+                    trigger=flush,
+                    what=f"multipath map {name}",
+                )
+                return
+            except CommandFailed as exc:
+                if not map_in_use(exc) or deadline.remaining() <= delay:
+                    raise
+                log.debug("map %s in use; flushing again in %.2fs", name, delay)
+            self.clock.sleep(delay)
+            delay = min(delay * 2, FLUSH_RETRY_MAX)
 
     def rescan(self, devs: list[str], wwn: str) -> int:
         for dev in devs:

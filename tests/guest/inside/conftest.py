@@ -9,11 +9,20 @@ Helpers: tests/guest/inside/kernel.py.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from blockwire.client import HostAgentClient, StorageClient
 from tests.guest.inside import kernel
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 
@@ -78,3 +87,257 @@ def libvirtd() -> Iterator[None]:
         pytest.fail(f"libvirtd is not available in the guest: {exc}", pytrace=False)
     yield
     started.stop()
+
+
+# --- blockwire's own daemons, end to end (tests/guest/inside/test_e2e_*.py) -------------------------
+
+ROOT = Path(__file__).resolve().parents[3]
+DAEMON_START_TIMEOUT = 120.0  # python + grpc imports under TCG take seconds; a hung start fails here
+
+DOMAIN_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>32</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='scsi' index='0' model='virtio-scsi'/>
+  </devices>
+</domain>"""
+
+
+@dataclass
+class Daemon:
+    """One of blockwire's daemons as a subprocess (`python -m MODULE --config FILE`), on a unix socket."""
+
+    name: str
+    module: str
+    config: Path
+    socket: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.config.with_suffix(".log")
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module, "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        started = time.monotonic()
+
+        def serving() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
+                )
+            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                except grpc.RpcError:
+                    return False
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        kernel.wait_until(f"{self.name} SERVING", serving, DAEMON_START_TIMEOUT, 0.2)
+        print(f"{self.name} serving after {time.monotonic() - started:.1f}s")
+
+    def stop(self) -> None:
+        """SIGTERM (the daemons drain and exit 0); SIGKILL after a minute, which fails the test."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"{self.name} ignored SIGTERM for 60s; killed") from None
+        assert rc == 0, f"{self.name} exited with {rc}:\n{self.log.read_text()[-4000:]}"
+
+
+@dataclass
+class Stack:
+    """blockwire-storage and blockwire-agent (iscsi_mode = "kernel"), and SDK clients of both."""
+
+    workdir: Path
+    prefix: str  # the storage service's iqn_prefix: its targets are "<prefix>:<volume id>"
+    storage_daemon: Daemon
+    agent_daemon: Daemon
+    storage: StorageClient = field(init=False)
+    agent: HostAgentClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.storage = StorageClient(f"unix://{self.storage_daemon.socket}")
+        self.agent = HostAgentClient(f"unix://{self.agent_daemon.socket}")
+
+    def volume_file(self, volume_id: str) -> Path:
+        """The `file` backend's file of a volume (tgt_stack)."""
+        return self.workdir / "backend" / "volumes" / f"{volume_id}.raw"
+
+    def restart_agent(self) -> None:
+        """Stop and start the agent (it reconciles its journal against the host on start)."""
+        self.agent.close()
+        self.agent_daemon.stop()
+        self.agent_daemon.start()
+        self.agent = HostAgentClient(f"unix://{self.agent_daemon.socket}")
+
+    def stop(self) -> None:
+        self.agent.close()
+        self.storage.close()
+        try:
+            self.agent_daemon.stop()
+        finally:
+            self.storage_daemon.stop()
+            for daemon in (self.agent_daemon, self.storage_daemon):
+                kernel.keep_log(daemon.log, f"{self.workdir.name}-{daemon.name}.log")
+
+
+def start_stack(workdir: Path, storage_sections: str) -> Stack:
+    """Writes both daemons' configs into `workdir` and starts them. `storage_sections`: the storage
+    service's [[backends]] and [exporters.*] tables."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    prefix = f"iqn.2026-01.io.blockwire.e{uuid.uuid4().hex[:8]}"
+    storage_toml = workdir / "storage.toml"
+    storage_toml.write_text(
+        f'[server]\nunix_socket = "{workdir}/storage.sock"\nlog_format = "kv"\nlog_level = "DEBUG"\n'
+        f'[service]\ncatalog_path = "{workdir}/catalog.db"\niqn_prefix = "{prefix}"\n{storage_sections}'
+    )
+    agent_toml = workdir / "agent.toml"
+    agent_toml.write_text(
+        f'state_dir = "{workdir}/agent-state"\nstorage_address = "unix://{workdir}/storage.sock"\n'
+        f'iscsi_mode = "kernel"\nlisten_unix = "{workdir}/agent.sock"\nlog_level = "DEBUG"\n'
+        # TCG: logins take 0.5 s, udev settles in 2-4 s; eight parallel attaches need headroom.
+        "device_timeout = 90.0\ndetach_timeout = 60.0\nlogin_timeout = 60.0\n"
+    )
+    storage = Daemon("blockwire-storage", "storagesvc.rpc.server", storage_toml, workdir / "storage.sock")
+    agent = Daemon("blockwire-agent", "hostagent.rpc.server", agent_toml, workdir / "agent.sock")
+    storage.start()
+    try:
+        agent.start()
+    except BaseException:
+        storage.stop()
+        kernel.keep_log(storage.log, f"{workdir.name}-blockwire-storage.log")
+        kernel.keep_log(agent.log, f"{workdir.name}-blockwire-agent.log")
+        raise
+    return Stack(workdir, prefix, storage, agent)
+
+
+@pytest.fixture(scope="session")
+def tgt_stack(tgtd: Tgtd, libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The daemons with the `file` backend exported by the `tgt` exporter (our tgtd, both portals)."""
+    workdir = tmp_path_factory.mktemp("stack-tgt")
+    portals = ", ".join(f'"{p}"' for p in kernel.PORTALS)
+    stack = start_stack(
+        workdir,
+        f'[[backends]]\nname = "file"\nkind = "file"\npath = "{workdir}/backend"\nexporter = "tgt"\n'
+        f'[exporters.tgt]\nkind = "tgt"\nportals = [{portals}]\ncontrol_port = {tgtd.control_port}\n',
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def domain(libvirtd: None) -> Iterator[str]:
+    """A running no-OS `type='qemu'` domain with a virtio-scsi controller (bus='scsi' disks unplug
+    without a guest OS). Destroyed and undefined afterwards."""
+    name = f"bw-e2e-{uuid.uuid4().hex[:8]}"
+    xml = Path(f"/tmp/{name}.xml")
+    xml.write_text(DOMAIN_XML.format(name=name))
+    kernel.virsh("define", str(xml))
+    xml.unlink()
+    try:
+        kernel.virsh("start", name, timeout=120)
+        yield name
+    finally:
+        kernel.virsh("destroy", name, ok=(0, 1))
+        kernel.virsh("undefine", name, ok=(0, 1))
+
+
+def two_paths_scenario(
+    s: Stack, domain: str, *, backend: str, backing: Callable[[str], Path], portals: Sequence[str]
+) -> tuple[str, dict[str, float]]:
+    """AttachVolume of a new volume over two portals -> checks on the host (sessions, map, WWN) and in
+    the domain (live XML) -> data through the map is in `backing(volume_id)` -> one session killed
+    (`iscsiadm -m session -r SID -u`), I/O goes on -> the agent restarted: its reconcile logs the path
+    in again -> DetachVolume -> nothing left on the host -> DeleteVolume. Returns the target IQN and
+    the time of each step."""
+    timings: dict[str, float] = {}
+    mark = time.monotonic()
+
+    def took(step: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        timings[step] = round(now - mark, 2)
+        mark = now
+
+    vol = s.storage.create_volume(f"e2e-mp-{uuid.uuid4().hex[:6]}", 64 * kernel.MiB, backend=backend)
+    vol = s.storage.wait_volume(vol.id, timeout=120)
+    attached = False
+    try:
+        att = s.agent.attach_volume(domain, volume_id=vol.id)
+        attached = True
+        took("attach")
+        ci = att.connection_info
+        iqn = ci.iscsi.paths[0].target_iqn
+        assert sorted(p.portal for p in ci.iscsi.paths) == sorted(portals)
+        wwid = f"3{ci.wwn}"
+
+        # The host: a session per portal, a map over two active paths, each with the announced WWN.
+        assert sorted(kernel.session_ids(iqn)) == sorted(portals)
+        name = kernel.map_for(wwid)
+        assert name, f"no multipath map for {wwid}: {kernel.maps()}"
+        kernel.wait_until("two active paths", lambda: len(kernel.active_paths(wwid)) == 2)
+        for dev in kernel.active_paths(wwid):
+            assert kernel.sysfs_wwid(dev) == f"naa.{ci.wwn}"
+        assert att.host_device == f"/dev/{kernel.dm_device(name)}"
+
+        # The domain: the map, hot-plugged on the SCSI bus.
+        disk = next(d for d in kernel.domain_disks(domain) if d.target == att.target_dev)
+        assert (disk.bus, disk.source) == ("scsi", att.host_device)
+
+        # Data written through the map is in the volume's backing store.
+        pattern = kernel.write_pattern(att.host_device, 5)
+        assert kernel.read_at(backing(vol.id), 5) == pattern
+        took("checks + I/O")
+
+        # One path lost: its session killed. The map keeps the other path and I/O goes on.
+        lost = portals[1]
+        sid = kernel.session_ids(iqn)[lost]
+        kernel.run(["iscsiadm", "-m", "session", "-r", str(sid), "-u"], timeout=120)
+        kernel.wait_until("the map down to one active path", lambda: len(kernel.active_paths(wwid)) == 1, 60)
+        assert not kernel.by_path_link(lost, iqn, ci.iscsi.paths[0].lun).exists()
+        pattern = kernel.write_pattern(att.host_device, 9)
+        assert kernel.read_at(backing(vol.id), 9) == pattern
+        assert kernel.read_at(att.host_device, 5) == kernel.read_at(backing(vol.id), 5)
+        took("path lost, I/O")
+
+        # The path comes back: the restarted agent finds the attachment with one of its two paths and
+        # logs in again (reconcile); multipath takes the new disk into the same map.
+        s.restart_agent()
+        kernel.wait_until("two active paths again", lambda: len(kernel.active_paths(wwid)) == 2, 90)
+        assert sorted(kernel.session_ids(iqn)) == sorted(portals)
+        assert kernel.map_for(wwid) == name
+        pattern = kernel.write_pattern(att.host_device, 13)
+        assert kernel.read_at(backing(vol.id), 13) == pattern
+        took("path back (agent restart)")
+
+        s.agent.detach_volume(domain, vol.id)
+        attached = False
+        took("detach")
+        assert not [d for d in kernel.domain_disks(domain) if d.target == att.target_dev]
+        kernel.settle()
+        assert kernel.leftovers() == {}
+    finally:
+        if attached:
+            s.agent.detach_volume(domain, vol.id, force=True)
+        s.storage.delete_volume(vol.id)
+    assert vol.id not in {v.id for v in s.storage.list_volumes()}
+    took("delete")
+    return iqn, timings
