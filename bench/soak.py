@@ -86,7 +86,7 @@ def leaks(rig: Rig, domains: list[str], volume_ids: list[str], loops_before: int
 def run_soak(rig: Rig, *, cycles: int, volumes: int, domains: int = 2) -> dict[str, Any]:
     """Runs the soak on a rig whose storage and agent are started; returns the numbers (and leaks)."""
     loops_before = loop_devices()
-    doms = [define_domain(rig.virt, "bw-soak") for _ in range(domains)]
+    doms = [define_domain(rig.lv(), "bw-soak") for _ in range(domains)]
     vols = [rig.create_volume(8 * MIB).id for _ in range(volumes)]
     attach_s: list[float] = []
     detach_s: list[float] = []
@@ -160,7 +160,7 @@ def run_soak(rig: Rig, *, cycles: int, volumes: int, domains: int = 2) -> dict[s
     finally:
         for d in doms:
             force_cleanup(rig, d)
-            remove_domain(rig.virt, d)
+            remove_domain(rig.lv(), d)
         for v in vols:
             rig.delete_volume(v)
 

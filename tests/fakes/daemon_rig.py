@@ -131,6 +131,20 @@ class Rig:
     agent_proc: Proc | None = None
     backend_dir: Path | None = None
     oversubscription: float = 1.0
+    # Volume ids this rig's tests used: probes and cleanup look only at their libvirt secrets, since
+    # libvirtd (and its secrets) is shared with whatever else runs on the machine.
+    volume_ids: set[str] = field(default_factory=set)
+
+    def lv(self) -> libvirt.virConnect:
+        """The libvirt connection, opened again when libvirtd restarted under it."""
+        try:  # no event loop runs in tests: only a call tells that the connection is gone
+            self.virt.getLibVersion()
+            alive = True
+        except libvirt.libvirtError:
+            alive = False
+        if not alive:
+            self.virt = libvirt.open("qemu:///system")
+        return self.virt
 
     # -- daemons
 
@@ -242,6 +256,7 @@ log_level = "DEBUG"
             timeout=60,
         ).volume
         assert v.state == pb.VOLUME_STATE_AVAILABLE, v
+        self.volume_ids.add(v.id)
         return v
 
     def volume(self, volume_id: str) -> pb.Volume:
@@ -274,13 +289,13 @@ log_level = "DEBUG"
         return sorted(p.name for p in d.glob("*.json")) if d.exists() else []
 
     def live_disks(self, domain: str) -> list[etree._Element]:
-        root = etree.fromstring(self.virt.lookupByName(domain).XMLDesc(0).encode())
+        root = etree.fromstring(self.lv().lookupByName(domain).XMLDesc(0).encode())
         return root.findall("devices/disk")
 
     def secrets(self) -> list[str]:
-        return [
-            u for u in (s.usageID() for s in self.virt.listAllSecrets()) if u and u.startswith("blockwire/")
-        ]
+        """libvirt secrets of this rig's volumes."""
+        ours = tuple(f"blockwire/{v}/" for v in self.volume_ids)
+        return [u for u in (s.usageID() for s in self.lv().listAllSecrets()) if u and u.startswith(ours)]
 
     def targets(self) -> dict[str, list[str]]:
         """Our targets in tgtd: IQN -> its ACL (initiator names)."""
@@ -380,14 +395,15 @@ def force_cleanup(rig: Rig, domain: str) -> None:
     """After a failed test: removes what the test's attachments may have left (disks, secrets, targets,
     accounts, journal), so that the next test starts clean."""
     with contextlib.suppress(libvirt.libvirtError):
-        dom = rig.virt.lookupByName(domain)
+        dom = rig.lv().lookupByName(domain)
         for disk in rig.live_disks(domain):
             with contextlib.suppress(libvirt.libvirtError):
                 dom.detachDeviceFlags(
                     etree.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE
                 )
-    for s in rig.virt.listAllSecrets():
-        if (s.usageID() or "").startswith("blockwire/"):
+    ours = tuple(f"blockwire/{v}/" for v in rig.volume_ids)
+    for s in rig.lv().listAllSecrets():
+        if (s.usageID() or "").startswith(ours):
             with contextlib.suppress(libvirt.libvirtError):
                 s.undefine()
     for p in (rig.state / "attachments").glob("*.json") if (rig.state / "attachments").exists() else []:

@@ -84,9 +84,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory, tgtd: Tgtd, virt: libvirt.virC
 
 @pytest.fixture(scope="module")
 def domain(rig: Rig) -> Iterator[str]:
-    name = define_domain(rig.virt, "bw-crash")
+    name = define_domain(rig.lv(), "bw-crash")
     yield name
-    remove_domain(rig.virt, name)
+    remove_domain(rig.lv(), name)
 
 
 @pytest.fixture
@@ -153,6 +153,7 @@ def test_agent_killed_at_each_step_local_loop_device(
 ) -> None:
     with loop_device(tmp_path / "backing.img") as path:
         info = pb.ConnectionInfo(local=pb.LocalConnection(path=path), volume_id=f"loc-{uuid.uuid4().hex[:6]}")
+        rig.volume_ids.add(info.volume_id)
         request = hpb.AttachVolumeRequest(domain=domain, connection_info=info)
         agent = rig.start_agent(failpoints=f"{failpoint}=kill")
         if failpoint in api.DETACH_FAILPOINTS:

@@ -60,12 +60,12 @@ def rig(tmp_path: Path, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
 
 @pytest.fixture
 def domain(rig: Rig) -> Iterator[str]:
-    name = define_domain(rig.virt, "bw-fault")
+    name = define_domain(rig.lv(), "bw-fault")
     try:
         yield name
     finally:
         force_cleanup(rig, name)
-        remove_domain(rig.virt, name)
+        remove_domain(rig.lv(), name)
 
 
 def qemu_read(domain: str, target_dev: str) -> str:
@@ -131,7 +131,6 @@ def test_libvirtd_restart_agent_recovers(rig: Rig, domain: str, tmp_path: Path) 
     try:
         rig.attach(domain, v1.id)
         _restart_libvirtd()
-        rig.virt = libvirt.open("qemu:///system")  # the test's own connection died with it too
         assert len(rig.live_disks(domain)) == 1  # the domain and its disk survived
         # the agent's connection recovers: a new attach works, the earlier disk detaches (its
         # DEVICE_REMOVED event arrives on the new connection)
@@ -153,6 +152,7 @@ def test_udev_event_consumed_before_the_wait_starts(rig: Rig, domain: str, tmp_p
     with loop_device(tmp_path / "backing.img") as path:
         subprocess.run(["udevadm", "settle", "-t", "30"], check=True, timeout=60)  # its events are gone
         info = pb.ConnectionInfo(local=pb.LocalConnection(path=path), volume_id=f"loc-{uuid.uuid4().hex[:6]}")
+        rig.volume_ids.add(info.volume_id)
         t0 = time.monotonic()
         rig.agent.AttachVolume(hpb.AttachVolumeRequest(domain=domain, connection_info=info), timeout=30)
         took = time.monotonic() - t0
