@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
+from blockwire.secret import Secret
 from hostagent.connectors.iscsi_qemu import iscsi_of
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
@@ -66,29 +67,50 @@ class IscsiConnector:
             None,
         )
 
+    def _host_number(self, path: IscsiPath) -> int:
+        """The SCSI host of the session to `path` (-1: none), read from sysfs: the iscsi_session's
+        targetname, its connection's persistent address and port, the scsi_host it hangs under. Falls
+        back to `iscsiadm -m session -P 3` when sysfs does not tell."""
+        sysfs = self.scsi.sysfs
+        for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
+            if sysfs.read(rel) != path.target_iqn:
+                continue
+            sid = rel.split("/")[2].removeprefix("session")
+            for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
+                address = sysfs.read(f"{conn}/persistent_address") or ""
+                port = sysfs.read(f"{conn}/persistent_port") or ""
+                shown = f"[{address}]" if ":" in address else address
+                hosts = sysfs.glob(f"class/scsi_host/host*/device/session{sid}")
+                if f"{shown}:{port}" == path.portal and hosts:
+                    return int(hosts[0].split("/")[2].removeprefix("host"))
+        session = self._session(path)
+        return session.host_number if session is not None else -1
+
     def _prepare_node(self, t: IscsiConnection, path: IscsiPath) -> None:
         p, iqn = path.portal, path.target_iqn
         self.iscsiadm.node_new(p, iqn)
-        self.iscsiadm.node_update(p, iqn, "node.startup", "manual")
-        self.iscsiadm.node_update(p, iqn, "node.session.scan", "manual")
+        settings: list[tuple[str, str | Secret]] = [
+            ("node.startup", "manual"),
+            ("node.session.scan", "manual"),
+        ]
         if t.initiator_iqn and t.initiator_iqn != self.initiator_iqn:
-            self.iscsiadm.node_update(p, iqn, "iface.initiatorname", t.initiator_iqn)
+            settings.append(("iface.initiatorname", t.initiator_iqn))
         if t.chap is not None:
-            self.iscsiadm.node_update(p, iqn, "node.session.auth.authmethod", "CHAP")
-            self.iscsiadm.node_update(p, iqn, "node.session.auth.username", t.chap.username)
-            self.iscsiadm.node_update(p, iqn, "node.session.auth.password", t.chap.password)
+            settings.append(("node.session.auth.authmethod", "CHAP"))
+            settings.append(("node.session.auth.username", t.chap.username))
+            settings.append(("node.session.auth.password", t.chap.password))
             if t.mutual_chap is not None:
-                self.iscsiadm.node_update(p, iqn, "node.session.auth.username_in", t.mutual_chap.username)
-                self.iscsiadm.node_update(p, iqn, "node.session.auth.password_in", t.mutual_chap.password)
+                settings.append(("node.session.auth.username_in", t.mutual_chap.username))
+                settings.append(("node.session.auth.password_in", t.mutual_chap.password))
+        self.iscsiadm.node_update_many(p, iqn, settings)  # one iscsiadm run, not one per setting
 
     def _connect_path(self, t: IscsiConnection, path: IscsiPath) -> str:
         with self._targets.hold(f"{path.portal}|{path.target_iqn}"):
             self._prepare_node(t, path)
             self.iscsiadm.login(path.portal, path.target_iqn)
-            session = self._session(path)
-            if session is None or session.host_number < 0:
+            host = self._host_number(path)
+            if host < 0:
                 raise Unavailable(f"no session to {path.target_iqn} on {path.portal} after the login; retry")
-            host = session.host_number
             return self.scsi.wait_disk(
                 host,
                 path.lun,
@@ -129,18 +151,31 @@ class IscsiConnector:
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
         t = iscsi_of(info)
-        devs, _ = self._devices(t)
+        devs, mine = self._devices(t)
         wwn = normalize_wwn(info.wwn) or (self.scsi.wwn_of(devs[0]) if devs else "")
         self.scsi.remove(wwn, devs, force=force)
-        for p in t.paths:
+
+        def log_out(p: IscsiPath) -> None:
             with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
-                session = self._session(p)
+                # A session seen above keeps its SCSI host while it lives (a logout of one already gone
+                # is OK); only a path that had none is looked up again, under the target's lock.
+                session = next(
+                    (s for s in mine if s.portal == p.portal and s.target == p.target_iqn), None
+                ) or self._session(p)
                 if session is not None and self.scsi.disks_at(session.host_number):
                     log.info("keeping the session to %s on %s: other LUNs use it", p.target_iqn, p.portal)
-                    continue
+                    return
                 if session is not None:
                     self.iscsiadm.logout(p.portal, p.target_iqn)
                 self.iscsiadm.node_delete(p.portal, p.target_iqn)
+
+        if len(t.paths) == 1:
+            log_out(t.paths[0])
+            return
+        with ThreadPoolExecutor(max_workers=len(t.paths), thread_name_prefix="iscsi-logout") as pool:
+            futures = [pool.submit(log_out, p) for p in t.paths]
+        for f in futures:
+            f.result()  # the first failure, once every path had its turn
 
     def extend(self, info: ConnectionInfo) -> int:
         devs, _ = self._devices(iscsi_of(info))
