@@ -134,9 +134,11 @@ def profiles(raw: dict[str, Any]) -> dict[str, Any]:
             for p in prof:
                 for k, v in p.items():
                     steps[k] = steps.get(k, 0.0) + v / len(prof)
+            calls = reps[-1].get(f"calls_{op}", {})
             out[f"bw-lib {paths}-path {op}"] = {
                 "total_s": round(total, 3),
                 "steps_s": {k: round(v, 3) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])},
+                "calls": calls,
             }
         e2e = [
             r
@@ -202,7 +204,11 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Where blockwire's time goes", ""]
     for name, prof in results["profile"].items():
         if "steps_s" in prof:
-            steps = ", ".join(f"{k} {v}" for k, v in prof["steps_s"].items())
+            calls = prof.get("calls", {})
+            steps = ", ".join(
+                f"{k} {v}" + (f" (x{calls[k]})" if calls.get(k, 1) > 1 else "")
+                for k, v in prof["steps_s"].items()
+            )
             lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
         else:
             lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
@@ -249,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         raw = json.loads(args.from_raw.read_text())
         machine = raw.get("host_machine", machine)
     else:
+        # Our own run directory: the guest tier keeps only the last few runs in its shared one, and other
+        # guests booted meanwhile would prune this run's results before they are read.
+        os.environ.setdefault("BLOCKWIRE_GUEST_RUNS", "/var/tmp/blockwire-bench")
         from tests.guest import image  # noqa: PLC0415
 
         missing = image.requirements_missing()

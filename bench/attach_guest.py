@@ -79,11 +79,14 @@ class Plan:
     contenders: tuple[str, ...] = CONTENDERS
     # os-brick at 32 volumes serializes behind its host-wide lock: at most this many repetitions.
     osbrick_max_reps_32: int = 1
+    # One unrecorded single-volume round per contender first (imports, first use of each tool).
+    warmup: bool = True
 
 
 FULL = Plan(scenarios=((1, 1, 3), (1, 8, 1), (1, 32, 1), (2, 1, 3), (2, 8, 1), (2, 32, 1)))
 QUICK = Plan(scenarios=((1, 1, 2), (2, 1, 2), (2, 8, 1)))
-SMOKE = Plan(scenarios=((2, 1, 1),))
+# The guest tier's smoke: no agent daemon, libvirtd or domain to start (the e2e guest tests cover those).
+SMOKE = Plan(scenarios=((1, 1, 1),), contenders=("floor", "os-brick", "bw-lib"), warmup=False)
 
 
 def now() -> float:
@@ -110,6 +113,14 @@ class Recorder:
             for label, s, e in self.spans:
                 if s >= t0 and e <= t1:
                     out[label] = out.get(label, 0.0) + (e - s)
+        return out
+
+    def calls(self, t0: float, t1: float) -> dict[str, int]:
+        out: dict[str, int] = {}
+        with self._lock:
+            for label, s, e in self.spans:
+                if s >= t0 and e <= t1:
+                    out[label] = out.get(label, 0) + 1
         return out
 
 
@@ -279,7 +290,7 @@ class Env:
     work: Path
     tgtd: Tgtd
     storage: Daemon
-    agent: Daemon
+    agent: Daemon | None
     storage_client: Any
     agent_client: Any
     domain: str
@@ -291,7 +302,10 @@ class Env:
 
 
 @contextlib.contextmanager
-def environment(work: Path, volumes: int) -> Iterator[Env]:
+def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bool = True) -> Iterator[Env]:
+    """tgtd (ours, or the one given: it must serve PORTALS), blockwire-storage with `volumes` volumes
+    exported to this host; with `agent`, libvirtd with a running no-OS domain, blockwire-agent and its
+    event stream."""
     import libvirt  # noqa: PLC0415
 
     from blockwire import convert  # noqa: PLC0415
@@ -299,13 +313,10 @@ def environment(work: Path, volumes: int) -> Iterator[Env]:
     from blockwire.v1 import types_pb2 as pb  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
-        tgtd = Tgtd(portals=PORTALS)
-        tgtd.start()
-        stack.callback(tgtd.stop)
-        started = Started()
-        ensure_libvirtd(started)
-        stack.callback(started.stop)
-
+        if tgtd is None:
+            tgtd = Tgtd(portals=PORTALS)
+            tgtd.start()
+            stack.callback(tgtd.stop)
         (work / "volumes").mkdir()
         ssock, asock = work / "storage.sock", work / "agent.sock"
         portals = ", ".join(f'"{p}"' for p in PORTALS)
@@ -319,29 +330,34 @@ def environment(work: Path, volumes: int) -> Iterator[Env]:
             "storagesvc.rpc.server", work / "storage.toml", f"unix:{ssock}", work / "storage.log"
         )
         stack.callback(storage.stop)
-        (work / "agent.toml").write_text(
-            f'state_dir = "{work}/agent-state"\nstorage_address = "unix://{ssock}"\niscsi_mode = "kernel"\n'
-            f'listen_unix = "{asock}"\nlog_level = "INFO"\nreconcile_on_start = false\n'
-        )
-        agent = start_daemon("hostagent.rpc.server", work / "agent.toml", f"unix:{asock}", work / "agent.log")
-        stack.callback(agent.stop)
         sc = StorageClient(f"unix://{ssock}")
         stack.callback(sc.close)
-        ac = HostAgentClient(f"unix://{asock}")
-        stack.callback(ac.close)
+        env = Env(work, tgtd, storage, None, sc, None, "", None)
+        if agent:
+            started = Started()
+            ensure_libvirtd(started)
+            stack.callback(started.stop)
+            (work / "agent.toml").write_text(
+                f'state_dir = "{work}/agent-state"\nstorage_address = "unix://{ssock}"\n'
+                f'iscsi_mode = "kernel"\nlisten_unix = "{asock}"\nlog_level = "INFO"\n'
+                "reconcile_on_start = false\n"
+            )
+            env.agent = start_daemon(
+                "hostagent.rpc.server", work / "agent.toml", f"unix:{asock}", work / "agent.log"
+            )
+            stack.callback(env.agent.stop)
+            env.agent_client = HostAgentClient(f"unix://{asock}")
+            stack.callback(env.agent_client.close)
+            env.virt = libvirt.open("qemu:///system")
+            stack.callback(env.virt.close)
+            env.domain = f"bw-bench-{uuid.uuid4().hex[:6]}"
+            dom = env.virt.createXML(DOMAIN_XML.format(name=env.domain), 0)
 
-        virt = libvirt.open("qemu:///system")
-        stack.callback(virt.close)
-        name = f"bw-bench-{uuid.uuid4().hex[:6]}"
-        dom = virt.createXML(DOMAIN_XML.format(name=name), 0)
+            def destroy() -> None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    dom.destroy()
 
-        def destroy() -> None:
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
-
-        stack.callback(destroy)
-
-        env = Env(work, tgtd, storage, agent, sc, ac, name, virt)
+            stack.callback(destroy)
         connector = pb.Connector(
             host="bench-guest",
             initiator_iqn=initiator_name(),
@@ -366,17 +382,18 @@ def environment(work: Path, volumes: int) -> Iterator[Env]:
             env.attachments.append(att.id)
             env.infos.append(convert.connection_info_from_pb(att.connection_info))
 
-        watch = ac.watch_events()
-        stack.callback(watch.cancel)
+        if env.agent_client is not None:
+            watch = env.agent_client.watch_events()
+            stack.callback(watch.cancel)
 
-        def collect() -> None:
-            with contextlib.suppress(Exception):
-                for e in watch:
-                    env.events.append(
-                        (e.volume_id, e.type, e.step, e.time.ToMicroseconds() / 1e6, time.time())
-                    )
+            def collect() -> None:
+                with contextlib.suppress(Exception):
+                    for e in watch:
+                        env.events.append(
+                            (e.volume_id, e.type, e.step, e.time.ToMicroseconds() / 1e6, time.time())
+                        )
 
-        threading.Thread(target=collect, daemon=True, name="events").start()
+            threading.Thread(target=collect, daemon=True, name="events").start()
         yield env
 
 
@@ -646,6 +663,8 @@ def batch(contender: Any, infos: list[Any], rec: Recorder | None) -> dict[str, A
     if rec is not None and n == 1:
         out["profile_connect"] = rec.window(spans[0][0], spans[0][1])
         out["profile_disconnect"] = rec.window(spans[0][2], spans[0][3])
+        out["calls_connect"] = rec.calls(spans[0][0], spans[0][1])
+        out["calls_disconnect"] = rec.calls(spans[0][2], spans[0][3])
     return out
 
 
@@ -662,11 +681,13 @@ def e2e_steps(env: Env, volume_ids: set[str], t0_wall: float) -> list[dict[str, 
     return [{k: t for k, t in evs} for evs in by_vol.values()]
 
 
-def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
+def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]:
     max_n = max(n for _, n, _ in plan.scenarios)
     results: dict[str, Any] = {"scenarios": [], "versions": versions()}
     rec = Recorder()
-    with environment(work, max_n) as env:
+    with contextlib.ExitStack() as stack:
+        stack.callback(set_find_multipaths, "no")  # the guest's default, whatever happens
+        env = stack.enter_context(environment(work, max_n, tgtd, agent="bw-e2e" in plan.contenders))
         results["volume_size_mib"] = 64
         results["chap"] = env.infos[0].transport.chap is not None
         for paths, n, reps in plan.scenarios:
@@ -684,7 +705,7 @@ def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
                 else:
                     contender = BwE2e(env)
                 r_reps = min(reps, plan.osbrick_max_reps_32) if name == "os-brick" and n >= 32 else reps
-                if n == 1 and name != "bw-e2e":  # warm-up: imports, first-use paths
+                if plan.warmup and n == 1 and name != "bw-e2e":  # warm-up: imports, first-use paths
                     batch(contender, infos, None)
                     leftovers(env, name) and kernel.force_cleanup()
                 print(f"bench: {paths} path(s) x {n} volume(s): {name} x {r_reps}", flush=True)
@@ -709,7 +730,6 @@ def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
                     results["scenarios"].append(r)
                 if name == "bw-e2e":  # the agent's connector adds WWIDs (multipath -a): reset between runs
                     set_find_multipaths("no" if multipath else "strict")
-        set_find_multipaths("no")
     return results
 
 
@@ -734,10 +754,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_and_write(plan: Plan, work: Path, name: str) -> dict[str, Any]:
+def run_and_write(plan: Plan, work: Path, name: str, tgtd: Tgtd | None = None) -> dict[str, Any]:
     started = time.time()
     try:
-        results = run_plan(plan, work)
+        results = run_plan(plan, work, tgtd)
     except BaseException:
         (RESULTS / f"{name}.error.txt").write_text(traceback.format_exc())
         raise
