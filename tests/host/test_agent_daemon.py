@@ -129,7 +129,7 @@ catalog_path = "{work / "storage.db"}"
 
 [exporters.tgt]
 kind = "tgt"
-portals = ["127.0.0.1:3260", "127.0.0.2:3260"]
+portals = [{", ".join(f'"{p}"' for p in tgtd.portals)}]
 control_port = {tgtd.control_port}
 
 [[backends]]
