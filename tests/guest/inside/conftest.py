@@ -9,6 +9,7 @@ Helpers: tests/guest/inside/kernel.py.
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire.client import HostAgentClient, StorageClient
+from blockwire.failpoints import ENV as FAILPOINTS_ENV
 from tests.guest.inside import kernel
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 
@@ -99,9 +101,11 @@ DOMAIN_XML = """<domain type='qemu'>
   <memory unit='MiB'>32</memory>
   <vcpu>1</vcpu>
   <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <features><acpi/></features>
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <controller type='scsi' index='0' model='virtio-scsi'/>
+    <controller type='scsi' index='1' model='virtio-scsi'/>
   </devices>
 </domain>"""
 
@@ -120,13 +124,21 @@ class Daemon:
     def log(self) -> Path:
         return self.config.with_suffix(".log")
 
-    def start(self) -> None:
+    def start(self, failpoints: str = "") -> None:
+        """Starts the daemon and waits until it serves. `failpoints` ("agent.attach.after_hotplug=kill")
+        arms blockwire.failpoints in this run's environment only."""
+        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
+        if failpoints:
+            env[FAILPOINTS_ENV] = failpoints
         with self.log.open("ab") as out:
+            out.write(f"\n===== start {self.name} failpoints={failpoints!r} =====\n".encode())
+            out.flush()
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module, "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
+                env=env,
             )
         started = time.monotonic()
 
@@ -245,8 +257,10 @@ def tgt_stack(tgtd: Tgtd, libvirtd: None, tmp_path_factory: pytest.TempPathFacto
 
 @pytest.fixture
 def domain(libvirtd: None) -> Iterator[str]:
-    """A running no-OS `type='qemu'` domain with a virtio-scsi controller (bus='scsi' disks unplug
-    without a guest OS). Destroyed and undefined afterwards."""
+    """A running no-OS `type='qemu'` domain with two virtio-scsi controllers (bus='scsi' disks unplug
+    without a guest OS; libvirt addresses 7 disks per controller by target name, sda-sdg on the first,
+    and would otherwise hot-plug a new controller on the PCI bus for sdh). Destroyed and undefined
+    afterwards."""
     name = f"bw-e2e-{uuid.uuid4().hex[:8]}"
     xml = Path(f"/tmp/{name}.xml")
     xml.write_text(DOMAIN_XML.format(name=name))

@@ -210,7 +210,8 @@ def flush_map(name: str, timeout: float = 30) -> None:
 
 
 def dm_maps() -> list[str]:
-    proc = run(["dmsetup", "ls"])
+    """Multipath maps (the initiator's; LVM's thin pools and volumes on the storage side are not ours)."""
+    proc = run(["dmsetup", "ls", "--target", "multipath"])
     if "No devices found" in proc.stdout:
         return []
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
