@@ -26,7 +26,7 @@ from typing import Any
 from bench.attach_guest import CONTENDERS, pct
 
 ROOT = Path(__file__).resolve().parents[1]
-GUEST_TIMEOUT = {"full": 1800.0, "quick": 900.0, "smoke": 400.0}
+GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "smoke": 600.0}
 
 
 def host_machine() -> dict[str, Any]:

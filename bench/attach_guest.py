@@ -79,11 +79,17 @@ class Plan:
     contenders: tuple[str, ...] = CONTENDERS
     # os-brick at 32 volumes serializes behind its host-wide lock: at most this many repetitions.
     osbrick_max_reps_32: int = 1
+    # (paths, volumes, contender) left out: os-brick's 32 serialized two-path attaches alone would take
+    # ~10 minutes under TCG, so its lock contention is measured once, on single paths.
+    skip: tuple[tuple[int, int, str], ...] = ()
     # One unrecorded single-volume round per contender first (imports, first use of each tool).
     warmup: bool = True
 
 
-FULL = Plan(scenarios=((1, 1, 3), (1, 8, 1), (1, 32, 1), (2, 1, 3), (2, 8, 1), (2, 32, 1)))
+FULL = Plan(
+    scenarios=((1, 1, 3), (1, 8, 1), (1, 32, 1), (2, 1, 3), (2, 8, 1), (2, 32, 1)),
+    skip=((2, 32, "os-brick"),),
+)
 QUICK = Plan(scenarios=((1, 1, 2), (2, 1, 2), (2, 8, 1)))
 # The guest tier's smoke: no agent daemon, libvirtd or domain to start (the e2e guest tests cover those).
 SMOKE = Plan(scenarios=((1, 1, 1),), contenders=("floor", "os-brick", "bw-lib"), warmup=False)
@@ -696,6 +702,8 @@ def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]
             infos = [i if multipath else single_path(i) for i in env.infos[:n]]
             kernel.force_cleanup()
             for name in plan.contenders:
+                if (paths, n, name) in plan.skip:
+                    continue
                 if name == "floor":
                     contender: Any = Floor(multipath)
                 elif name == "os-brick":
@@ -769,7 +777,7 @@ def run_and_write(plan: Plan, work: Path, name: str, tgtd: Tgtd | None = None) -
 PLANS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
 
 
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_attach_bench(plan: str, tmp_path: Path) -> None:
     """One plan (select it by node id: `...::test_attach_bench[full]`); results in
