@@ -22,7 +22,7 @@ from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
-from hostagent.identity import normalize_wwn
+from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
 from hostagent.locks import KeyedLocks
 from hostagent.model import HostDevice
 from hostagent.tools.iscsiadm import Iscsiadm, SessionDetail
@@ -184,6 +184,55 @@ class IscsiConnector:
     def paths(self, info: ConnectionInfo) -> list[str]:
         devs, _ = self._devices(iscsi_of(info))
         return [f"/dev/{d}" for d in devs]
+
+    def restore_paths(self, info: ConnectionInfo) -> list[str]:
+        """Logs in again the paths of a live attachment that have no disk for its LUN and adds their disks
+        to its map; returns the disks added. Unlike `connect`, a failure never touches what the
+        attachment still uses (its map, its other paths): a path that fails (login, udev, identity) only
+        has its own disk removed and its own session logged out."""
+        t = iscsi_of(info)
+        sessions = self.iscsiadm.session_details()
+
+        def disk_of(p: IscsiPath) -> str:
+            return next(
+                (
+                    s.disks[p.lun]
+                    for s in sessions
+                    if s.portal == p.portal and s.target == p.target_iqn and p.lun in s.disks
+                ),
+                "",
+            )
+
+        kept = [d for d in (disk_of(p) for p in t.paths) if d]
+        added: list[str] = []
+        for p in (p for p in t.paths if not disk_of(p)):
+            try:
+                dev = self._connect_path(t, p)
+                verify_wwn(info.wwn, self.scsi.wwn_of(dev), f"/dev/{dev}")
+                added.append(dev)
+            except BlockwireError as exc:
+                log.warning("path %s to %s not restored: %s", p.portal, p.target_iqn, exc.message)
+                self._drop_path(p, info.wwn)
+        if added:
+            self.scsi.assemble(info, sorted({*kept, *added}))
+        return [f"/dev/{d}" for d in added]
+
+    def _drop_path(self, p: IscsiPath, wwn: str) -> None:
+        """After `restore_paths` failed on `p`: a disk there with another identity is removed (with any map
+        multipathd built over it, which cannot be the volume's), and the session is logged out unless
+        some LUN still has a disk on it. A disk of the volume itself (a udev wait that ran out) is left
+        to multipathd: it is one of the attachment's paths."""
+        with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
+            session = self._session(p)
+            if session is None:
+                return
+            dev = session.disks.get(p.lun, "")
+            if dev and wwn and same_wwn(wwn, self.scsi.wwn_of(dev)):
+                return
+            if dev:
+                self.scsi.remove("", [dev], force=True)  # no WWN given: only maps holding this disk
+            if not self.scsi.disks_at(session.host_number):
+                self.iscsiadm.logout(p.portal, p.target_iqn)
 
     def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
         return BlockSource(device.path)
