@@ -95,6 +95,16 @@ class Sweeper(Protocol):
         ...
 
 
+@runtime_checkable
+class PathRestorer(Protocol):
+    """A multipath connector that can log in again the lost paths of a live attachment without ever
+    touching the paths and map the attachment still uses."""
+
+    def restore_paths(self, info: ConnectionInfo) -> list[str]:
+        """Reconnects the paths of `info` that have no device; returns the devices added."""
+        ...
+
+
 @dataclass(frozen=True)
 class ReconcileAction:
     volume_id: str
@@ -521,8 +531,11 @@ class HostAgent:
         ATTACHED records are kept when the disk is live (or the domain is shut off: its persistent
         config still has it); an ATTACHED record whose disk vanished from a running domain is rolled
         back. For a kept record the connector's paths are compared with the connection info: a kernel
-        attachment that lost some of its sessions is logged in again (never when it lost all of them:
-        that would tear down the multipath map the guest still uses; it is reported "kept, degraded").
+        attachment that lost some of its sessions has those paths logged in again (`PathRestorer`:
+        only the lost paths; one that fails again, or shows another LUN, is dropped alone, and the map
+        and paths the guest still uses are never touched; the record is reported "kept, degraded"
+        until every path is back). Not when it lost all of them: that would tear down the multipath
+        map the guest still uses; it is reported "kept, degraded".
 
         Last, connectors that can (`Sweeper`) remove host state that no record accounts for: libvirt
         secrets under "blockwire/" of attachments that are gone. Storage-side leftovers are storage's
@@ -582,6 +595,13 @@ class HostAgent:
             return ""
         if not have:
             return f"degraded: no path to the volume is left on this host (want {want})"
+        if not isinstance(conn, PathRestorer):
+            return f"degraded: {len(have)} of {want} paths"
+        # Never `connect` here: a connect that fails undoes everything it finds, and this map is in use.
         log.warning("%s@%s has %d of %d paths: logging in again", a.volume_id, a.domain, len(have), want)
-        conn.connect(a.connection_info)
-        return f"paths restored ({len(conn.paths(a.connection_info))} of {want})"
+        try:
+            conn.restore_paths(a.connection_info)
+        except BlockwireError as exc:
+            log.error("%s@%s: restoring its paths failed: %s", a.volume_id, a.domain, exc.message)
+        now = len(conn.paths(a.connection_info))
+        return f"paths restored ({now} of {want})" if now >= want else f"degraded: {now} of {want} paths"
