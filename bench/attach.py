@@ -219,12 +219,67 @@ def markdown(results: dict[str, Any]) -> str:
         "gaps between the agent's events (attach_started -> progress:connect is the connector, "
         "progress:connect -> progress:hotplug libvirt's hot-plug).",
     ]
+    b = results.get("before")
+    if b:
+        lines += [
+            "",
+            "## Before the connector changes",
+            "",
+            f"The same harness on the code before them (load average {b['load']}):",
+            "",
+            "| paths | volumes | contender | connect p50 | detach p50 |",
+            "|---|---|---|---|---|",
+        ]
+        for r in b["rows"]:
+            c = r["connect"] if r["volumes"] == 1 else r["connect_wall"]
+            d = r["disconnect"] if r["volumes"] == 1 else r["disconnect_wall"]
+            lines.append(f"| {r['paths']} | {r['volumes']} | {r['contender']} | {c['p50']} | {d['p50']} |")
+        lines.append("")
+        for name, prof in b["profile"].items():
+            if "steps_s" in prof:
+                calls = prof.get("calls", {})
+                steps = ", ".join(
+                    f"{k} {v}" + (f" (x{calls[k]})" if calls.get(k, 1) > 1 else "")
+                    for k, v in prof["steps_s"].items()
+                )
+                lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
+            else:
+                lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
     for note in results.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
-def write(raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str]) -> Path:
+def before_section(before: dict[str, Any]) -> dict[str, Any]:
+    """An earlier run (the code before a change): its blockwire rows and profile, for before/after."""
+    rows = [r for r in aggregate(before) if r["contender"].startswith("bw-")]
+    return {
+        "date": before.get("date", ""),
+        "load": before.get("host_machine", {}).get("load_before"),
+        "rows": [
+            {
+                k: r[k]
+                for k in (
+                    "paths",
+                    "volumes",
+                    "contender",
+                    "reps",
+                    "connect",
+                    "disconnect",
+                    "connect_wall",
+                    "disconnect_wall",
+                    "leftovers",
+                )
+            }
+            for r in rows
+        ],
+        "profile": profiles(before),
+    }
+
+
+def write(
+    raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str], before: dict[str, Any] | None
+) -> Path:
     date = datetime.now(UTC)
     results = {
         "date": date.isoformat(timespec="seconds"),
@@ -234,6 +289,7 @@ def write(raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[s
         "rows": aggregate(raw),
         "profile": profiles(raw),
         "notes": notes,
+        "before": before_section(before) if before else None,
         "raw": raw,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -249,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--from-raw", type=Path, help="report on an earlier run's attach-raw.json")
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
+    parser.add_argument("--before", type=Path, help="attach-raw.json of a run on the code before a change")
     args = parser.parse_args(argv)
     machine = host_machine()
     if args.from_raw:
@@ -282,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         raw["host_machine"] = machine
         raw_file.write_text(json.dumps(raw, indent=1) + "\n")
     machine.setdefault("load_after", list(os.getloadavg()))
-    stem = write(raw, machine, args.out, args.note)
+    before = json.loads(args.before.read_text()) if args.before else None
+    stem = write(raw, machine, args.out, args.note, before)
     print(stem.with_suffix(".md").read_text())
     return 0
 

@@ -51,6 +51,7 @@ PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 MIB = 1 << 20
 RESULTS = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", "/tmp"))
 CONTENDERS = ("floor", "os-brick", "bw-lib", "bw-e2e")
+IDBM = 6  # iscsiadm: node database failure, retry
 MULTIPATH_CONF = """defaults {{
 	user_friendly_names yes
 	find_multipaths {find}
@@ -424,7 +425,16 @@ class Floor:
 
     @staticmethod
     def _node(iqn: str, portal: str, *args: str, ok: Sequence[int] = (0,)) -> None:
-        run(["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok=ok, timeout=120)
+        # Concurrent node-database writers make iscsiadm fail with exit 6 (ISCSI_ERR_IDBM): any caller
+        # must retry it, so the floor does too (bounded, short backoff).
+        for attempt in range(6):
+            proc = run(
+                ["iscsiadm", "-m", "node", "-T", iqn, "-p", portal, *args], ok=(*ok, IDBM), timeout=120
+            )
+            if proc.returncode != IDBM:
+                return
+            time.sleep(0.05 * 2**attempt)
+        raise AssertionError(f"iscsiadm node {' '.join(args)}: database busy (exit 6) six times")
 
     def _login(self, info: Any, path: Any) -> None:
         t = info.transport
