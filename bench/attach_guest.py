@@ -100,6 +100,13 @@ def now() -> float:
     return time.monotonic()
 
 
+def progress(line: str) -> None:
+    """A progress line on stdout and in the results share (readable on the host while the guest runs)."""
+    print(line, flush=True)
+    with contextlib.suppress(OSError), (RESULTS / "attach-progress.log").open("a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
 # --- timing hooks: the connector's injected collaborators, wrapped (no change to product code) -----------
 
 
@@ -726,7 +733,7 @@ def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]
                 if plan.warmup and n == 1 and name != "bw-e2e":  # warm-up: imports, first-use paths
                     batch(contender, infos, None)
                     leftovers(env, name) and kernel.force_cleanup()
-                print(f"bench: {paths} path(s) x {n} volume(s): {name} x {r_reps}", flush=True)
+                progress(f"bench: {paths} path(s) x {n} volume(s): {name} x {r_reps}")
                 for rep in range(r_reps):
                     t_wall = time.time()
                     r = batch(contender, infos, rec if name == "bw-lib" else None)
@@ -740,10 +747,9 @@ def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]
                     r.update(contender=name, paths=paths, volumes=n, rep=rep, leftovers=left)
                     if name == "bw-e2e" and n == 1:
                         r["events"] = e2e_steps(env, {i.volume_id for i in infos}, t_wall)
-                    print(
+                    progress(
                         f"bench:   rep {rep}: connect {r['connect_wall_s']:.2f}s disconnect "
-                        f"{r['disconnect_wall_s']:.2f}s errors {len(r['errors'])} leftovers {left}",
-                        flush=True,
+                        f"{r['disconnect_wall_s']:.2f}s errors {len(r['errors'])} leftovers {left}"
                     )
                     results["scenarios"].append(r)
                 if name == "bw-e2e":  # the agent's connector adds WWIDs (multipath -a): reset between runs
