@@ -172,7 +172,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{g.get('kernel')}, {g.get('open-iscsi', 'open-iscsi')}, os-brick {g.get('os_brick', '?')}. "
         f"Guest time {results['guest_seconds']} s.",
         "",
-        "Targets: one tgtd, portals 127.0.0.1:3260 and 127.0.0.2:3260; 64 MiB volumes made by blockwire-"
+        "Targets: one tgtd, portals 127.0.0.1:3260 and 127.0.0.2:3260; 32 MiB volumes made by blockwire-"
         "storage (file backend, tgt exporter, CHAP, per-initiator ACL), exported once; every contender "
         "gets that connection info (single path: the first portal only). Seconds. Single volume: per-"
         "operation latency; 8 and 32 volumes: wall time for the whole batch (all started at once, one "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +50,10 @@ pytestmark = pytest.mark.skipif(os.environ.get("BLOCKWIRE_IN_GUEST") != "1", rea
 ROOT = Path(__file__).resolve().parents[1]
 PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 MIB = 1 << 20
+VOLUME_MIB = 32
+# Volumes on the guest's root filesystem: /tmp is a tmpfs too small for 32 of them (the file backend
+# counts each volume's full size against the free space).
+VOLUMES = Path("/var/tmp/attach-bench-volumes")
 RESULTS = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", "/tmp"))
 CONTENDERS = ("floor", "os-brick", "bw-lib", "bw-e2e")
 IDBM = 6  # iscsiadm: node database failure, retry
@@ -331,13 +336,15 @@ def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bo
             tgtd = Tgtd(portals=PORTALS)
             tgtd.start()
             stack.callback(tgtd.stop)
-        (work / "volumes").mkdir()
+        shutil.rmtree(VOLUMES, ignore_errors=True)
+        VOLUMES.mkdir(parents=True)
+        stack.callback(shutil.rmtree, VOLUMES, True)
         ssock, asock = work / "storage.sock", work / "agent.sock"
         portals = ", ".join(f'"{p}"' for p in PORTALS)
         (work / "storage.toml").write_text(
             f'[server]\nunix_socket = "{ssock}"\nlog_format = "kv"\nlog_level = "INFO"\nworkers = 16\n'
             f'[service]\ncatalog_path = "{work}/catalog.db"\niqn_prefix = "iqn.2026-01.io.blockwire.bench"\n'
-            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{work}/volumes"\nexporter = "tgt"\n'
+            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{VOLUMES}"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
         )
         storage = start_daemon(
@@ -390,7 +397,7 @@ def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bo
 
         stack.callback(cleanup_volumes)
         for i in range(volumes):
-            vol = sc.create_volume(f"bench{i:02d}", 64 * MIB, timeout=60)
+            vol = sc.create_volume(f"bench{i:02d}", VOLUME_MIB * MIB, timeout=60)
             env.volumes.append(vol.id)
             att = sc.create_attachment(vol.id, connector, timeout=60)
             env.attachments.append(att.id)
@@ -711,7 +718,7 @@ def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]
     with contextlib.ExitStack() as stack:
         stack.callback(set_find_multipaths, "no")  # the guest's default, whatever happens
         env = stack.enter_context(environment(work, max_n, tgtd, agent="bw-e2e" in plan.contenders))
-        results["volume_size_mib"] = 64
+        results["volume_size_mib"] = VOLUME_MIB
         results["chap"] = env.infos[0].transport.chap is not None
         for paths, n, reps in plan.scenarios:
             multipath = paths == 2
