@@ -85,11 +85,18 @@ def _placeholder(d: dict[str, Any]) -> model.ConnectionInfo:
     return model.ConnectionInfo(transport=model.LocalConnection(""), volume_id=d["volume_id"])
 
 
+_TMP_PREFIX = ".tmp-"
+
+
 class Journal:
     def __init__(self, state_dir: str | Path) -> None:
         self.dir = Path(state_dir) / "attachments"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)
+        # A crash between writing a temporary record and renaming it leaves the temporary file; the record
+        # it was to replace (or its absence) is still the truth. One agent owns a state dir.
+        for stale in self.dir.glob(f"{_TMP_PREFIX}*"):
+            stale.unlink(missing_ok=True)
 
     def _path(self, volume_id: str, domain: str) -> Path:
         return self.dir / f"{_key(volume_id, domain)}.json"
@@ -97,7 +104,7 @@ class Journal:
     def put(self, a: Attachment) -> None:
         """Writes the record atomically and durably, replacing any previous one."""
         data = json.dumps(to_json(a), indent=1, sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=_TMP_PREFIX, suffix=".json")
         try:
             os.fchmod(fd, 0o600)
             os.write(fd, data)
@@ -132,8 +139,12 @@ class Journal:
     def all(self) -> list[Attachment]:
         found = []
         for p in sorted(self.dir.glob("*.json")):
+            if p.name.startswith(_TMP_PREFIX):
+                continue  # a record being written by put(); its rename is atomic
             try:
                 found.append(from_json(json.loads(p.read_bytes())))
+            except FileNotFoundError:
+                continue  # deleted since the listing
             except (OSError, ValueError, KeyError) as exc:
                 log.error("journal record %s is unreadable (%s); leaving it for an operator", p.name, exc)
         return found

@@ -1,0 +1,56 @@
+"""Journal listing while records are being written and deleted, and after a crash mid-write."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from blockwire.model import ConnectionInfo, LocalConnection
+from hostagent.journal import Journal
+from hostagent.model import Attachment, AttachmentState
+
+
+def _record(n: int) -> Attachment:
+    return Attachment(
+        volume_id=f"vol-{n}",
+        domain="dom",
+        state=AttachmentState.ATTACHING,
+        connection_info=ConnectionInfo(transport=LocalConnection(f"/dev/loop{n}"), volume_id=f"vol-{n}"),
+    )
+
+
+def test_listing_never_sees_records_in_flight(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal = Journal(tmp_path)
+    stop = threading.Event()
+
+    def churn(n: int) -> None:
+        for _ in range(200):
+            journal.put(_record(n))
+            journal.delete(f"vol-{n}", "dom")
+        stop.set()
+
+    writers = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+    for w in writers:
+        w.start()
+    listings = 0
+    while not stop.is_set() or any(w.is_alive() for w in writers):
+        for a in journal.all():
+            assert a.volume_id.startswith("vol-")
+        listings += 1
+        if listings > 100_000:
+            break
+    for w in writers:
+        w.join(timeout=30)
+    assert listings > 0
+    assert "unreadable" not in caplog.text
+
+
+def test_a_temporary_record_left_by_a_crash_is_removed_on_open(tmp_path: Path) -> None:
+    Journal(tmp_path).put(_record(1))
+    leftover = tmp_path / "attachments" / ".tmp-crashed.json"
+    leftover.write_text('{"half": ')
+    journal = Journal(tmp_path)
+    assert not leftover.exists()
+    assert [a.volume_id for a in journal.all()] == ["vol-1"]
