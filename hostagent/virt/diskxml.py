@@ -63,6 +63,22 @@ class NetworkSource:
 
 Source = BlockSource | FileSource | NetworkSource
 
+# virtio-scsi addresses LUNs 0..16383 behind target 0; libvirt's default address for a disk without one is
+# derived from its target name, seven units a controller (the LSI limit), and past that it tries to
+# hot-plug a new controller, which a running q35 domain refuses. So the agent gives SCSI disks explicit
+# addresses on the domain's virtio-scsi controllers, as Nova does.
+VIRTIO_SCSI_MAX_UNIT = 16383
+
+
+@dataclass(frozen=True)
+class DriveAddress:
+    """<address type='drive' controller= bus= target= unit=/>."""
+
+    controller: int = 0
+    bus: int = 0
+    target: int = 0
+    unit: int = 0
+
 
 @dataclass(frozen=True)
 class DiskSpec:
@@ -83,6 +99,7 @@ class DiskSpec:
     shareable: bool = False
     logical_block_size: int = 0
     physical_block_size: int = 0
+    address: DriveAddress | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,17 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
         etree.SubElement(disk, "serial").text = spec.serial
     if spec.wwn:
         etree.SubElement(disk, "wwn").text = spec.wwn
+    if spec.address is not None:
+        a = spec.address
+        etree.SubElement(
+            disk,
+            "address",
+            type="drive",
+            controller=str(a.controller),
+            bus=str(a.bus),
+            target=str(a.target),
+            unit=str(a.unit),
+        )
 
 
 def disk_xml(spec: DiskSpec) -> str:
@@ -227,6 +255,12 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
         iotune = IoTune(**values)  # type: ignore[arg-type]
     blockio = disk.find("blockio")
     alias = disk.find("alias")
+    address_el = disk.find("address[@type='drive']")
+    address = None
+    if address_el is not None:
+        address = DriveAddress(
+            *(_int(address_el.get(k, "0")) for k in ("controller", "bus", "target", "unit"))
+        )
     spec = DiskSpec(
         source=_parse_source(disk),
         target_dev=target.get("dev", "") if target is not None else "",
@@ -243,6 +277,7 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
         shareable=disk.find("shareable") is not None,
         logical_block_size=_int(blockio.get("logical_block_size")) if blockio is not None else 0,
         physical_block_size=_int(blockio.get("physical_block_size")) if blockio is not None else 0,
+        address=address,
     )
     return LiveDisk(spec=spec, alias=alias.get("name", "") if alias is not None else "")
 
@@ -256,6 +291,33 @@ def parse_domain_disks(domain_xml: str) -> list[LiveDisk]:
     """Every <disk> of a domain's XML (live or persistent), in document order."""
     root = etree.fromstring(domain_xml.encode())
     return [parse_disk_element(d) for d in root.findall("devices/disk")]
+
+
+def next_drive_address(domain_xml: str, *other_xmls: str) -> DriveAddress | None:
+    """The first free unit behind target 0 of the domain's first virtio-scsi controller, or None when the
+    domain has no virtio-scsi controller (libvirt then picks, as before). Units used in `other_xmls` (the
+    persistent definition, when the disk goes there too) are taken as well."""
+    root = etree.fromstring(domain_xml.encode())
+    controllers = sorted(
+        _int(c.get("index", "0"))
+        for c in root.findall("devices/controller[@type='scsi']")
+        if c.get("model") == "virtio-scsi"
+    )
+    if not controllers:
+        return None
+    controller = controllers[0]
+    used = {
+        _int(a.get("unit", "0"))
+        for tree in (root, *(etree.fromstring(x.encode()) for x in other_xmls))
+        for a in tree.findall("devices/*/address[@type='drive']")
+        if _int(a.get("controller", "0")) == controller
+        and _int(a.get("bus", "0")) == 0
+        and _int(a.get("target", "0")) == 0
+    }
+    for unit in range(VIRTIO_SCSI_MAX_UNIT + 1):
+        if unit not in used:
+            return DriveAddress(controller=controller, unit=unit)
+    raise InvalidArgument("disk", f"virtio-scsi controller {controller} has no free unit left")
 
 
 def target_prefix(bus: Bus) -> str:

@@ -14,6 +14,7 @@ import logging
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import libvirt
@@ -30,7 +31,14 @@ from blockwire.errors import (
 from blockwire.secret import Secret
 from hostagent.host.clock import Deadline
 from hostagent.model import Bus
-from hostagent.virt.diskxml import DiskSpec, LiveDisk, disk_xml, next_target_dev, parse_domain_disks
+from hostagent.virt.diskxml import (
+    DiskSpec,
+    LiveDisk,
+    disk_xml,
+    next_drive_address,
+    next_target_dev,
+    parse_domain_disks,
+)
 from hostagent.virt.hypervisor import DomainInfo
 
 log = logging.getLogger(__name__)
@@ -217,11 +225,14 @@ class LibvirtHypervisor:
         dom = self._domain(domain)
         with self._domain_lock(dom.UUIDString()):
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
-            used = {d.spec.target_dev for d in parse_domain_disks(self._xml(dom))}
+            xmls = [self._xml(dom)]
             if persistent and dom.isPersistent():
                 flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-                used |= {d.spec.target_dev for d in parse_domain_disks(self._xml(dom, inactive=True))}
+                xmls.append(self._xml(dom, inactive=True))
+            used = {d.spec.target_dev for xml in xmls for d in parse_domain_disks(xml)}
             spec = build(next_target_dev(bus, used, preferred_target))
+            if spec.bus is Bus.SCSI and spec.address is None:
+                spec = replace(spec, address=next_drive_address(*xmls))
             xml = disk_xml(spec)
             log.debug("attaching to %s: %s", dom.name(), xml)
             try:

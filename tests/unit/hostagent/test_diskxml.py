@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,12 @@ from hostagent.virt.diskxml import (
     Auth,
     BlockSource,
     DiskSpec,
+    DriveAddress,
     FileSource,
     NetHost,
     NetworkSource,
     disk_xml,
+    next_drive_address,
     next_target_dev,
     parse_disk,
     parse_domain_disks,
@@ -50,6 +53,7 @@ SPECS = {
         shareable=True,
         logical_block_size=512,
         physical_block_size=4096,
+        address=DriveAddress(controller=1, unit=12),
     ),
     "file_virtio_readonly": DiskSpec(
         source=FileSource("/var/lib/blockwire/volumes/v1.raw"),
@@ -134,7 +138,8 @@ LIVE_DOMAIN = """<domain type='kvm' id='7'>
 def test_live_xml_keeps_auth_iotune_and_alias() -> None:
     first, second = parse_domain_disks(LIVE_DOMAIN)
     assert first.alias == "scsi0-0-0-3"
-    assert first.spec == SPECS["network_iscsi_chap"]
+    # the address libvirt assigned is read back, never lost
+    assert first.spec == replace(SPECS["network_iscsi_chap"], address=DriveAddress(0, 0, 0, 3))
     assert isinstance(second.spec.source, NetworkSource)
     assert second.spec.source.auth == Auth("old", "iscsi", "legacy")
     assert second.spec.cache is None
@@ -153,3 +158,46 @@ def test_next_target_dev() -> None:
     assert next_target_dev(Bus.SCSI, {"sda"}, preferred="sdq") == "sdq"
     with pytest.raises(InvalidArgument):
         next_target_dev(Bus.SCSI, {"sda"}, preferred="sda")
+
+
+UNITS_DOMAIN = """<domain type='kvm'>
+  <devices>
+    <controller type='scsi' index='1' model='virtio-scsi'/>
+    <controller type='scsi' index='0' model='lsilogic'/>
+    <disk type='file' device='disk'><target dev='sda' bus='scsi'/>
+      <address type='drive' controller='1' bus='0' target='0' unit='0'/></disk>
+    <disk type='file' device='disk'><target dev='sdb' bus='scsi'/>
+      <address type='drive' controller='1' bus='0' target='0' unit='1'/></disk>
+    <disk type='file' device='disk'><target dev='sdc' bus='scsi'/>
+      <address type='drive' controller='0' bus='0' target='0' unit='2'/></disk>
+  </devices>
+</domain>"""
+
+
+def test_next_drive_address_takes_the_first_free_unit_of_the_virtio_scsi_controller() -> None:
+    assert next_drive_address(UNITS_DOMAIN) == DriveAddress(controller=1, unit=2)
+
+
+def test_next_drive_address_goes_past_seven_units() -> None:
+    disks = "".join(
+        f"<disk type='file'><target dev='sd{chr(97 + u)}' bus='scsi'/>"
+        f"<address type='drive' controller='0' bus='0' target='0' unit='{u}'/></disk>"
+        for u in range(9)
+    )
+    xml = (
+        f"<domain><devices><controller type='scsi' index='0' model='virtio-scsi'/>{disks}</devices></domain>"
+    )
+    assert next_drive_address(xml) == DriveAddress(controller=0, unit=9)
+
+
+def test_next_drive_address_counts_the_persistent_definition_too() -> None:
+    live = "<domain><devices><controller type='scsi' index='0' model='virtio-scsi'/></devices></domain>"
+    config = (
+        "<domain><devices><disk type='file'><target dev='sda' bus='scsi'/>"
+        "<address type='drive' controller='0' bus='0' target='0' unit='0'/></disk></devices></domain>"
+    )
+    assert next_drive_address(live, config) == DriveAddress(controller=0, unit=1)
+
+
+def test_next_drive_address_without_virtio_scsi_leaves_it_to_libvirt() -> None:
+    assert next_drive_address("<domain><devices/></domain>") is None
