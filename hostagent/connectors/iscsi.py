@@ -32,6 +32,14 @@ from hostagent.virt.diskxml import BlockSource, Source
 log = logging.getLogger(__name__)
 
 
+LOGIN_ATTEMPT_SECONDS = 15  # open-iscsi's node.conn[0].timeo.login_timeout default
+
+
+def login_retries(deadline: float) -> int:
+    """iscsid's initial_login_retry_max that ends its attempts well within `deadline` seconds."""
+    return max(1, int(deadline // LOGIN_ATTEMPT_SECONDS) - 2)
+
+
 class IscsiConnector:
     kind = "iscsi-kernel"
 
@@ -92,6 +100,10 @@ class IscsiConnector:
         settings: list[tuple[str, str | Secret]] = [
             ("node.startup", "manual"),
             ("node.session.scan", "manual"),
+            # iscsid retries a failed login (a portal down) on its own, 15 s an attempt: fewer retries than
+            # fit in our login deadline, or iscsid goes on logging in after iscsiadm was stopped at the
+            # deadline and the session appears later, owned by nothing.
+            ("node.session.initial_login_retry_max", str(login_retries(self.iscsiadm.timeout))),
         ]
         if t.initiator_iqn and t.initiator_iqn != self.initiator_iqn:
             settings.append(("iface.initiatorname", t.initiator_iqn))

@@ -175,9 +175,15 @@ class Iscsiadm:
 
     def login(self, portal: str, target: str) -> bool:
         """True when this call logged in, False when a session existed already."""
-        rc, _ = self._run(
-            [*self._node(portal, target), "--login"], {0: "ok", ISCSI_ERR_SESS_EXISTS: "session exists"}
-        )
+        try:
+            rc, _ = self._run(
+                [*self._node(portal, target), "--login"], {0: "ok", ISCSI_ERR_SESS_EXISTS: "session exists"}
+            )
+        except CommandFailed as exc:  # not one of the codes _translate names: say which portal
+            raise Unavailable(
+                f"login to {target} on portal {portal} failed ({exc.message}); check that the portal is "
+                "reachable, then retry"
+            ) from exc
         return rc == 0
 
     def logout(self, portal: str, target: str) -> bool:

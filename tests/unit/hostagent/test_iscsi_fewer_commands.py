@@ -26,6 +26,7 @@ def test_node_settings_are_one_update_per_path(kernel: Kernel) -> None:
         assert names == [
             "node.startup",
             "node.session.scan",
+            "node.session.initial_login_retry_max",
             "node.session.auth.authmethod",
             "node.session.auth.username",
             "node.session.auth.password",
