@@ -48,6 +48,7 @@ class ServiceConfig:
     mutual_chap: bool = False
     lock_timeout: float = 30.0
     copy_workers: int = 2
+    export_check_interval: float = 2.0  # seconds between export checks (ExportSupervisor); 0 disables
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def parse(data: Mapping[str, Any]) -> Config:
             "[server] listen: TCP needs [tls] cert_file and key_file, or [tls] allow_insecure_tcp = true"
         )
     service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
+    if not service.export_check_interval >= 0:
+        raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
     try:
         validate.iqn(service.iqn_prefix, "service.iqn_prefix")
         validate.naa_oui(service.naa_oui, "service.naa_oui")

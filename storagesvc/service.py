@@ -79,6 +79,7 @@ FP_EXPORT_AFTER_ATTACHING = "storage.export.after_attaching"  # ATTACHING record
 FP_UNEXPORT_AFTER_DETACHING = "storage.unexport.after_detaching"  # DETACHING recorded, target still there
 FP_UNEXPORT_AFTER_TARGET_REMOVED = "storage.unexport.after_target_removed"  # target gone, row still there
 _CHAP_USER = re.compile(r"(in|out)-[0-9a-f]{1,24}")
+_EXPORTED = frozenset({VolumeState.ATTACHING, VolumeState.IN_USE})  # states whose export must be live
 
 
 def new_chap_secret() -> Secret:
@@ -927,10 +928,7 @@ class StorageService:
         if v.export is None:
             log.error("volume %s has attachments but no export record; not exporting it", v.id)
             return ""
-        spec = self._spec(v, v.export)
-        pool.exporter.ensure_target(spec)
-        for a in live:
-            pool.exporter.allow(spec, a.connector.initiator_iqn)
+        self._restore_export(v, pool, live)
         state = (
             VolumeState.IN_USE
             if any(a.state is AttachmentState.ATTACHED for a in live)
@@ -940,3 +938,86 @@ class StorageService:
             self._save(replace(v, state=state))
         log.info("volume %s: export %s restored for %d attachment(s)", v.id, v.export.target_iqn, len(live))
         return v.export.target_iqn
+
+    def _restore_export(self, v: Volume, pool: Pool, live: Sequence[Attachment]) -> None:
+        """Target, LUN (with the volume's identity), CHAP accounts and one ACL entry per live attachment:
+        what `reconcile` and `repair_exports` rebuild. Idempotent."""
+        assert v.export is not None
+        spec = self._spec(v, v.export)
+        pool.exporter.ensure_target(spec)
+        for a in live:
+            pool.exporter.allow(spec, a.connector.initiator_iqn)
+
+    # -- export supervision
+
+    def repair_exports(self) -> list[str]:
+        """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
+        returns the ids of the volumes repaired. Run by `storagesvc.supervisor.ExportSupervisor`.
+
+        One listing per exporter (tgt: one `tgtadm --op show --mode target`); an export is lost when its
+        target is gone (tgtd restarted and forgot it) or an attached initiator is missing from its ACL.
+        Only volumes the catalog has ATTACHING or IN_USE are looked at; each repair takes the volume's
+        lock, reads the volume again and rebuilds it with the same code as `reconcile`
+        (`_restore_export`), so a call in flight on that volume is never raced. Counted as the
+        "export_repair" operation in GetBackendStats.
+        """
+        wanted: dict[int, list[Volume]] = {}
+        exporters: dict[int, Exporter] = {}
+        for v in self._all_volumes():
+            pool = self.pools.get(v.backend)
+            if pool is None or v.export is None or v.state not in _EXPORTED:
+                continue
+            exporters[id(pool.exporter)] = pool.exporter
+            wanted.setdefault(id(pool.exporter), []).append(v)
+        repaired: list[str] = []
+        for key, volumes in wanted.items():
+            exporter = exporters[key]
+            try:
+                targets = exporter.list_targets(self.iqn_prefix + ":")
+                live = {t.target_iqn: set(t.initiators) for t in targets}
+                lost = [v for v in volumes if not self._export_intact(v, live)]
+                if not lost:
+                    continue
+                exporter.start()  # a restarted tgtd forgot its portals too
+            except (BlockwireError, OSError) as exc:
+                log.warning("exporter %s: checking its exports failed: %s", exporter.kind, exc)
+                continue
+            for v in lost:
+                try:
+                    with self.stats.measure("export_repair"), self.locks.hold(v.id, f"volume {v.id}"):
+                        if self._repair_export(v.id):
+                            repaired.append(v.id)
+                except BlockwireError as exc:
+                    log.error("volume %s: repairing its export failed: %s", v.id, exc.message)
+        return repaired
+
+    def _live_attachments(self, volume_id: str) -> list[Attachment]:
+        return [
+            a
+            for a in self.catalog.list_attachments(volume_id=volume_id, after=None, limit=10_000)
+            if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
+        ]
+
+    def _export_intact(self, v: Volume, live: Mapping[str, set[str]]) -> bool:
+        assert v.export is not None
+        acl = live.get(v.export.target_iqn)
+        if acl is None:
+            return False
+        return all(a.connector.initiator_iqn in acl for a in self._live_attachments(v.id))
+
+    def _repair_export(self, volume_id: str) -> bool:
+        """Under the volume's lock: rebuilds the export if the catalog still wants it."""
+        v = self.catalog.get_volume(volume_id)
+        if v is None or v.export is None or v.state not in _EXPORTED:
+            return False
+        atts = self._live_attachments(v.id)
+        if not atts:
+            return False
+        self._restore_export(v, self.pools[v.backend], atts)
+        log.warning(
+            "volume %s: export %s was lost on the target side; rebuilt for %d attachment(s)",
+            v.id,
+            v.export.target_iqn,
+            len(atts),
+        )
+        return True

@@ -5,8 +5,10 @@
 Serves blockwire.v1.StorageService, grpc.health.v1.Health (service "" and "blockwire.v1.StorageService")
 and server reflection, through `blockwire.serving` (listeners, TLS, logging, signals). Callers are
 authorized by `storagesvc.rpc.auth` (admin and agent roles). On start it reconciles the target side with
-the catalog before it reports SERVING. SIGTERM or SIGINT: NOT_SERVING, stop accepting, finish calls in
-flight within `server.grace_seconds`, exit 0. Logging is configured here and only here.
+the catalog before it reports SERVING, then checks every `service.export_check_interval` seconds that
+the target side still has the catalog's exports (`storagesvc.supervisor`). SIGTERM or SIGINT:
+NOT_SERVING, stop accepting, finish calls in flight within `server.grace_seconds`, exit 0. Logging is
+configured here and only here.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig
 from storagesvc.rpc import auth
 from storagesvc.rpc.servicer import StorageServicer
 from storagesvc.service import Pool, StorageService
+from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
 from storagesvc.targets.lio import LioExporter
 from storagesvc.targets.tgt import TgtExporter
@@ -61,12 +64,14 @@ class Daemon:
     service: StorageService
     serving: serving.Serving
     jobs: futures.ThreadPoolExecutor
+    supervisor: ExportSupervisor
 
     @property
     def addresses(self) -> tuple[str, ...]:
         return self.serving.addresses
 
     def stop(self, grace: float) -> None:
+        self.supervisor.stop()
         self.serving.stop(grace)
         self.jobs.shutdown(wait=False, cancel_futures=True)
         self.service.catalog.close()
@@ -127,7 +132,9 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         jobs.shutdown(wait=False)
         service.catalog.close()
         raise ConfigError(str(exc)) from exc
-    return Daemon(service, running, jobs)
+    supervisor = ExportSupervisor(service, svc.export_check_interval)
+    supervisor.start()
+    return Daemon(service, running, jobs, supervisor)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

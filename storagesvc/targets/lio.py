@@ -159,7 +159,7 @@ class LioExporter:
         rts = _rtslib()
         target = self._target(rts, spec.target_iqn)
         if target is None:
-            raise Unavailable(f"target {spec.target_iqn} is gone from LIO; restart storagesvc to rebuild it")
+            raise Unavailable(f"target {spec.target_iqn} is gone from LIO; export checks rebuild it: retry")
         tpg = next(iter(target.tpgs))
         acl = rts.NodeACL(tpg, initiator_iqn)
         if spec.chap is not None:

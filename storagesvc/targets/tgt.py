@@ -298,7 +298,7 @@ class TgtExporter:
         target = self._find(target_iqn)
         if target is None:
             raise Unavailable(
-                f"target {target_iqn} is gone from tgtd (restarted?); restart storagesvc to rebuild it"
+                f"target {target_iqn} is gone from tgtd (restarted?); the export checks rebuild it: retry"
             )
         return target
 
