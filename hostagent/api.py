@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
@@ -164,6 +164,17 @@ class HostAgent:
         if a is not None:
             base = {"volume_id": a.volume_id, "domain": a.domain, "attachment_id": a.attachment_id}
         self.events.publish(Event(type=type_, time=self.clock.now(), **{**base, **kw}))
+
+    def emit(self, type_: EventType, a: Attachment | None = None, **kw: str) -> None:
+        """Publishes an event on the agent's bus (for supervisors working beside the api)."""
+        self._emit(type_, a, **kw)
+
+    def connector_of_kind(self, kind: str) -> VolumeConnector | None:
+        return self._by_kind.get(kind)
+
+    def hold_volume(self, volume_id: str) -> AbstractContextManager[None]:
+        """The volume's lock, or Aborted at once when a call on the volume is in flight."""
+        return self._locks.hold_or_abort(volume_id, f"volume {volume_id}")
 
     def _connector_for(self, info: ConnectionInfo, kind: str = "") -> VolumeConnector:
         if kind and kind in self._by_kind:

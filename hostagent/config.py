@@ -51,6 +51,7 @@ class AgentConfig:
     device_timeout: float = 30.0
     detach_timeout: float = 30.0
     login_timeout: float = 30.0
+    path_check_interval: float = 5.0  # seconds between kernel iSCSI session checks; 0 disables them
     sysfs_root: str = "/sys"
     initiator_file: str = "/etc/iscsi/initiatorname.iscsi"
     hostnqn_file: str = "/etc/nvme/hostnqn"
@@ -69,6 +70,8 @@ class AgentConfig:
         for name in ("storage_timeout", "device_timeout", "detach_timeout", "login_timeout"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
+        if not self.path_check_interval >= 0:
+            raise InvalidArgument("path_check_interval", "seconds, 0 or more (0 disables the checks)")
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             raise InvalidArgument("tls", "cert_file and key_file go together")
         if self.tls.cert_file and self.tls.require_client_cert and not self.tls.client_ca_file:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockwire.model import Transport
 from hostagent.api import HostAgent
@@ -24,6 +25,9 @@ from hostagent.journal import Journal
 from hostagent.storage import StorageApi
 from hostagent.tools.libiscsi import Libiscsi
 from hostagent.virt.domains import LibvirtHypervisor
+
+if TYPE_CHECKING:
+    from hostagent.pathcheck import PathSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +98,13 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
         extra_connectors=extra,
     )
     return agent, hypervisor
+
+
+def build_path_supervisor(config: AgentConfig, agent: HostAgent) -> PathSupervisor | None:
+    """The kernel iSCSI session supervisor (hostagent.pathcheck), when the agent uses the kernel initiator;
+    start it after `reconcile()`, stop it before the agent goes."""
+    from hostagent.pathcheck import KERNEL_ISCSI, PathSupervisor  # noqa: PLC0415 - kernel paths only
+
+    if agent.connector_of_kind(KERNEL_ISCSI) is None:
+        return None
+    return PathSupervisor(agent, Sysfs(config.sysfs_root), SystemClock(), config.path_check_interval)

@@ -12,6 +12,7 @@ uses, delete the node records. Idempotent; nothing left behind.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 
 from blockwire.errors import BlockwireError, Unavailable
@@ -228,6 +229,17 @@ class IscsiConnector:
         if added:
             self.scsi.assemble(info, sorted({*kept, *added}))
         return [f"/dev/{d}" for d in added]
+
+    def relogin_paths(self, info: ConnectionInfo, portals: Collection[str]) -> list[str]:
+        """Logs out the sessions of the attachment's paths on `portals` (sessions the kernel holds FAILED
+        and iscsid no longer recovers: a restarted target answered "target not found"), which removes
+        their disks, then logs those paths in again with `restore_paths`; returns the disks added. The
+        map and the attachment's other paths are never touched."""
+        for p in iscsi_of(info).paths:
+            if p.portal in portals:
+                with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
+                    self.iscsiadm.logout(p.portal, p.target_iqn)
+        return self.restore_paths(info)
 
     def _drop_path(self, p: IscsiPath, wwn: str) -> None:
         """After `restore_paths` failed on `p`: a disk there with another identity is removed (with any map

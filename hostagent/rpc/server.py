@@ -5,7 +5,8 @@
 Listeners, TLS, logging and signals come from `blockwire.serving`; only admins may call (the unix
 socket, or a TLS client certificate with SAN URI blockwire://admin/<name>). Logging is configured here
 and only here. SIGTERM/SIGINT stop the server gracefully (running calls get `grace_seconds` to finish).
-On start the agent reconciles its journal with the host.
+On start the agent reconciles its journal with the host; with the kernel initiator it then checks the
+attached volumes' iSCSI sessions every `path_check_interval` seconds (`hostagent.pathcheck`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from blockwire.v1 import hostagent_pb2, hostagent_pb2_grpc
 from hostagent.config import AgentConfig, load_config
 from hostagent.rpc.servicer import HostAgentServicer
 from hostagent.rpc.storage_client import GrpcStorageApi, channel_for, tls_options
-from hostagent.wiring import build_agent
+from hostagent.wiring import build_agent, build_path_supervisor
 
 log = logging.getLogger("hostagent")
 
@@ -39,6 +40,7 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     agent, hypervisor = build_agent(config, storage)
     if config.reconcile_on_start:
         agent.reconcile()
+    supervisor = build_path_supervisor(config, agent)
 
     def register(server: grpc.Server) -> None:
         hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(HostAgentServicer(agent), server)
@@ -60,9 +62,13 @@ def serve(config: AgentConfig, stop: threading.Event) -> int:
     except serving.ServingError as exc:
         hypervisor.close()
         raise BlockwireError(str(exc)) from exc
+    if supervisor is not None:
+        supervisor.start()
     log.info("blockwire-agent serving on %s (host %s)", ", ".join(running.addresses), agent.connector.host)
     stop.wait()
     log.info("stopping (grace %.0fs)", config.grace_seconds)
+    if supervisor is not None:
+        supervisor.stop()
     running.stop(config.grace_seconds)
     hypervisor.close()
     if channel is not None:

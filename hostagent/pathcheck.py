@@ -1,0 +1,164 @@
+"""PathSupervisor: keeps the kernel iSCSI sessions of attached volumes logged in.
+
+When a target restarts (tgtd forgets its targets until storage rebuilds them), the kernel marks the
+sessions FAILED and iscsid reconnects; a reconnect that meets "target not found" makes iscsid give up,
+and the session stays FAILED with its disk offline until someone logs it in again. Like multipathd's
+path checker, this is supervision in the background, not a wait in the attach path: every `interval`
+seconds it reads the sessions' state from sysfs (/sys/class/iscsi_session/session*/state) and, for each
+ATTACHED kernel iSCSI record of the journal, finds its paths whose session is FAILED, or gone after it
+was seen (LOGGED_IN or FAILED: a FAILED session was logged in before). A path never seen with a session,
+such as a portal down during the attach, is left alone: a login to it would hold the volume's lock for
+the whole login timeout at every round; reconcile at start and a new attach deal with it.
+
+* PATH_DOWN is published once per path when it is first seen down, PATH_UP when it is LOGGED_IN again;
+* a path without a session is logged in again at once (`restore_paths`);
+* a FAILED session is left to iscsid's own recovery for one interval; still FAILED after that, it is
+  logged out and that path logged in again (`relogin_paths`), one path at a time.
+
+Each repair takes the volume's lock (a call in flight on it: skipped until the next round) and the
+connector's per-target locks; the multipath map and the healthy paths are never touched. An interval of
+0 disables it; `stop()` ends the thread within a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from typing import Protocol, runtime_checkable
+
+from blockwire.errors import BlockwireError
+from blockwire.model import ConnectionInfo, IscsiConnection
+from hostagent.api import HostAgent, PathRestorer
+from hostagent.host.clock import Clock
+from hostagent.host.periodic import Periodic, Waiter, event_wait
+from hostagent.host.sysfs import Sysfs
+from hostagent.model import Attachment, AttachmentState, EventType
+
+log = logging.getLogger(__name__)
+
+KERNEL_ISCSI = "iscsi-kernel"
+LOGGED_IN = "LOGGED_IN"
+FAILED = "FAILED"
+
+
+@runtime_checkable
+class PathRelogin(Protocol):
+    def relogin_paths(self, info: ConnectionInfo, portals: Collection[str]) -> list[str]: ...
+
+
+def session_states(sysfs: Sysfs) -> dict[tuple[str, str], str]:
+    """(portal, target IQN) -> the kernel's session state (LOGGED_IN, FAILED, FREE), from sysfs: each
+    iscsi_session's targetname and state, its connection's persistent address and port."""
+    out: dict[tuple[str, str], str] = {}
+    for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
+        target = sysfs.read(rel) or ""
+        base = rel.rsplit("/", 1)[0]
+        sid = base.rsplit("/", 1)[1].removeprefix("session")
+        state = sysfs.read(f"{base}/state") or ""
+        for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
+            address = sysfs.read(f"{conn}/persistent_address") or ""
+            port = sysfs.read(f"{conn}/persistent_port") or ""
+            shown = f"[{address}]" if ":" in address else address
+            out[(f"{shown}:{port}", target)] = state
+    return out
+
+
+class PathSupervisor:
+    def __init__(
+        self, agent: HostAgent, sysfs: Sysfs, clock: Clock, interval: float, *, waiter: Waiter = event_wait
+    ) -> None:
+        self.agent = agent
+        self.sysfs = sysfs
+        self.clock = clock
+        self.interval = interval
+        self.periodic = Periodic("path-supervisor", interval, self.check, waiter=waiter)
+        self._down: dict[tuple[str, str, str], float] = {}  # (volume, domain, portal) -> first seen down
+        self._seen_up: set[tuple[str, str, str]] = set()  # paths seen LOGGED_IN: the ones supervised
+
+    def start(self) -> None:
+        if self.interval:
+            log.info("path supervisor: checking kernel iSCSI sessions every %.1fs", self.interval)
+        self.periodic.start()
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        return self.periodic.stop(timeout)
+
+    def check(self) -> list[str]:
+        """One round; returns the devices added by the paths it logged in again."""
+        states = session_states(self.sysfs)
+        added: list[str] = []
+        watched: set[tuple[str, str, str]] = set()
+        for a in self.agent.journal.all():
+            t = a.connection_info.transport
+            if a.state is not AttachmentState.ATTACHED or a.connector_kind != KERNEL_ISCSI:
+                continue
+            if not isinstance(t, IscsiConnection):
+                continue
+            gone, failed = [], []
+            for p in t.paths:
+                key = (a.volume_id, a.domain, p.portal)
+                watched.add(key)
+                state = states.get((p.portal, p.target_iqn))
+                if state == LOGGED_IN:
+                    self._seen_up.add(key)
+                    self._up(a, key)
+                    continue
+                if state == FAILED:
+                    self._seen_up.add(key)  # it was logged in before it failed
+                if key not in self._seen_up or state not in (None, FAILED):
+                    continue  # FREE: a login or logout in progress
+                first = self._down_since(a, key, state or "gone")
+                if state is None:
+                    gone.append(p.portal)
+                elif self.clock.monotonic() - first >= self.interval:
+                    failed.append(p.portal)
+            if gone or failed:
+                added += self._repair(a, gone, failed)
+        for key in set(self._down) - watched:  # detached meanwhile
+            del self._down[key]
+        self._seen_up &= watched
+        return added
+
+    def _down_since(self, a: Attachment, key: tuple[str, str, str], state: str) -> float:
+        """When the path was first seen down; PATH_DOWN is published then."""
+        if key not in self._down:
+            self._down[key] = self.clock.monotonic()
+            log.warning("%s@%s: path %s is down (session %s)", a.volume_id, a.domain, key[2], state)
+            self.agent.emit(EventType.PATH_DOWN, a, path=key[2], message=f"iSCSI session {state}")
+        return self._down[key]
+
+    def _up(self, a: Attachment, key: tuple[str, str, str]) -> None:
+        if self._down.pop(key, None) is not None:
+            log.info("%s@%s: path %s is up again", a.volume_id, a.domain, key[2])
+            self.agent.emit(EventType.PATH_UP, a, path=key[2], message="iSCSI session logged in")
+
+    def _repair(self, a: Attachment, gone: list[str], failed: list[str]) -> list[str]:
+        conn = self.agent.connector_of_kind(a.connector_kind)
+        if not isinstance(conn, PathRestorer):
+            return []
+        added: list[str] = []
+        try:
+            with self.agent.hold_volume(a.volume_id):
+                current = self.agent.journal.get(a.volume_id, a.domain)
+                if current is None or current.state is not AttachmentState.ATTACHED:
+                    return []
+                info = current.connection_info
+                if gone:
+                    log.warning("%s@%s: logging in again %s", a.volume_id, a.domain, ", ".join(gone))
+                    added += conn.restore_paths(info)
+                if failed and isinstance(conn, PathRelogin):
+                    for portal in failed:  # one at a time: the map keeps its other paths meanwhile
+                        log.warning("%s@%s: session on %s stays FAILED: logging it out and in again",
+                                    a.volume_id, a.domain, portal)  # fmt: skip
+                        added += conn.relogin_paths(info, (portal,))
+        except BlockwireError as exc:
+            log.warning("%s@%s: restoring paths failed (next round in %.1fs): %s",
+                        a.volume_id, a.domain, self.interval, exc.message)  # fmt: skip
+            return added
+        states = session_states(self.sysfs)
+        t = a.connection_info.transport
+        assert isinstance(t, IscsiConnection)
+        for p in t.paths:
+            if p.portal in (*gone, *failed) and states.get((p.portal, p.target_iqn)) == LOGGED_IN:
+                self._up(a, (a.volume_id, a.domain, p.portal))
+        return added
