@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.attach_guest import CONTENDERS, pct
+from bench.attach_guest import CONTENDERS, pct, scrub
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "smoke": 600.0}
@@ -60,6 +60,12 @@ def _stats(values: list[float]) -> dict[str, float]:
         "p95": round(pct(values, 95), 3),
         "max": round(max(values), 3) if values else 0.0,
     }
+
+
+def scrub_raw(raw: dict[str, Any]) -> None:
+    """CHAP secrets never reach a report: error texts are scrubbed again here (older raw files)."""
+    for r in raw.get("scenarios", []):
+        r["errors"] = [scrub(e, ()) for e in r.get("errors", [])]
 
 
 def aggregate(raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -170,7 +176,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{', '.join(f'{x:.2f}' for x in m['load_after'])}. Guest: Debian 12 under QEMU **TCG** (no KVM: "
         f"every number is several times slower than on hardware), {g.get('guest_cpus')} vCPUs, kernel "
         f"{g.get('kernel')}, {g.get('open-iscsi', 'open-iscsi')}, os-brick {g.get('os_brick', '?')}. "
-        f"Guest time {results['guest_seconds']} s.",
+        f"Guest time {results['guest_seconds'] or '- (partial results)'} s.",
         "",
         "Targets: one tgtd, portals 127.0.0.1:3260 and 127.0.0.2:3260; 32 MiB volumes made by blockwire-"
         "storage (file backend, tgt exporter, CHAP, per-initiator ACL), exported once; every contender "
@@ -281,6 +287,9 @@ def write(
     raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str], before: dict[str, Any] | None
 ) -> Path:
     date = datetime.now(UTC)
+    scrub_raw(raw)
+    if before:
+        scrub_raw(before)
     results = {
         "date": date.isoformat(timespec="seconds"),
         "machine": machine,

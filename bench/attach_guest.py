@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -63,6 +64,7 @@ IDBM = 6  # iscsiadm: node database failure, retry
 # every later iscsiadm (exit 6). The floor allows 120 s too; os-brick sets no limit.
 ISCSIADM_TIMEOUT = 120.0
 STALE_LOCK = Path("/run/lock/iscsi/lock.write")
+SECRET_ARG = re.compile(r"(node\.session\.auth\.password(?:_in)?'?,? '?-v'?,? '?)[^' ,\]]+")
 MULTIPATH_CONF = """defaults {{
 	user_friendly_names yes
 	find_multipaths {find}
@@ -496,7 +498,7 @@ class Floor:
         return str(link.resolve())
 
     def disconnect(self, info: Any, device: Any) -> None:
-        if self.multipath:
+        if self.multipath and device:
             name = Path(f"/sys/block/{Path(device).name}/dm/name").read_text().strip()
             # `multipath -f` says "in use" while udev still probes the map (blkid): retry to a deadline.
             wait_until(
@@ -627,6 +629,14 @@ class BwE2e:
 # --- measuring -----------------------------------------------------------------------------------------
 
 
+def scrub(text: str, secrets: Sequence[str]) -> str:
+    """Error text as it may be stored: CHAP secrets (a timed-out command's argv holds them) replaced."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "********")
+    return SECRET_ARG.sub(r"\1********", text)
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     if not s:
@@ -689,6 +699,8 @@ def batch(contender: Any, infos: list[Any], rec: Recorder | None) -> dict[str, A
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(one_disconnect, range(n)))
     disconnect_wall = now() - t1
+    secrets = [i.transport.chap.password.reveal() for i in infos if i.transport.chap is not None]
+    errors = [scrub(e, secrets) for e in errors]
     out: dict[str, Any] = {
         "connect_s": conn_t,
         "disconnect_s": disc_t,
