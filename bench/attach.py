@@ -231,7 +231,8 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## Before the connector changes",
             "",
-            f"The same harness on the code before them (load average {b['load']}):",
+            "The same harness (quick plan) on the code before them, load average "
+            f"{', '.join(f'{x:.2f}' for x in b['load'] or [])}:",
             "",
             "| paths | volumes | contender | connect p50 | detach p50 |",
             "|---|---|---|---|---|",
