@@ -124,18 +124,29 @@ def parse_session_details(text: str) -> list[SessionDetail]:
     return out
 
 
+# iscsiadm waits up to 30 s for open-iscsi's node-database lock (idbm_lock). A process killed while it
+# holds that lock leaves /run/lock/iscsi/lock.write behind, and every later iscsiadm then fails with 6
+# (ISCSI_ERR_IDBM) until an operator removes it. So a process is never killed before it could have waited
+# for the lock and then spent the whole operation budget; logins are bounded by iscsid's own retry
+# settings (see connectors/iscsi.py), not by killing iscsiadm.
+IDBM_LOCK_WAIT_SECONDS = 30.0
+KILL_MARGIN_SECONDS = 10.0
+
+
 class Iscsiadm:
     def __init__(self, runner: Runner, clock: Clock, *, timeout: float = 30.0) -> None:
+        """`timeout` is the budget of one operation; the process limit adds the lock wait to it."""
         self.runner = runner
         self.clock = clock
         self.timeout = timeout
+        self.kill_after = timeout + IDBM_LOCK_WAIT_SECONDS + KILL_MARGIN_SECONDS
 
     def _run(self, args: list[Arg], ok: dict[int, str] | None = None) -> tuple[int, str]:
         accepted = ok or {ISCSI_ERR_SUCCESS: "ok"}
         delay = 0.1
         for attempt in range(IDBM_RETRIES + 1):
             try:
-                r = self.runner.run([ISCSIADM, *args], ok=accepted, timeout=self.timeout)
+                r = self.runner.run([ISCSIADM, *args], ok=accepted, timeout=self.kill_after)
                 return r.returncode, r.stdout
             except CommandFailed as exc:
                 if exc.returncode == ISCSI_ERR_IDBM and attempt < IDBM_RETRIES:

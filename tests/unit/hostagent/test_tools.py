@@ -9,7 +9,13 @@ import pytest
 from blockwire.errors import NotFound, PermissionDenied, Unavailable
 from blockwire.secret import Secret
 from hostagent.identity import normalize_wwn, same_wwn, wwn_from_wwid
-from hostagent.tools.iscsiadm import Iscsiadm, parse_nodes, parse_session_details, parse_sessions
+from hostagent.tools.iscsiadm import (
+    IDBM_LOCK_WAIT_SECONDS,
+    Iscsiadm,
+    parse_nodes,
+    parse_session_details,
+    parse_sessions,
+)
 from hostagent.tools.libiscsi import identities, parse_readcapacity16, parse_vpd80, parse_vpd83
 from hostagent.tools.multipath import parse_multipath_ll, parse_show_maps, parse_show_paths
 from tests.fakes.clock import FakeClock
@@ -194,3 +200,17 @@ def test_default_identity_wwn_forms_recorded_agree() -> None:
     assert same_wwn(normalize_wwn(sysfs), wwn_from_wwid(mpathb.wwid))
     assert same_wwn(normalize_wwn(sysfs), udev["ID_WWN_WITH_EXTENSION"])
     assert wwn_from_wwid(udev["ID_SERIAL"]) == normalize_wwn(sysfs)
+
+
+def test_iscsiadm_is_never_killed_before_it_could_release_the_node_database_lock() -> None:
+    seen: list[float | None] = []
+
+    class Recording(FakeRunner):
+        def run(self, argv, *, ok=None, timeout=None, stdin=None, env=None):  # type: ignore[no-untyped-def]
+            seen.append(timeout)
+            return super().run(argv, ok=ok or {0: "ok"}, timeout=timeout, stdin=stdin, env=env)
+
+    Iscsiadm(Recording(), FakeClock(), timeout=30.0)._run(["-m", "session"])
+    assert seen
+    assert seen[0] is not None
+    assert seen[0] > 30.0 + IDBM_LOCK_WAIT_SECONDS
