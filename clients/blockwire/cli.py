@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TextIO, TypeVar
 
+from google.protobuf.message import Message
+
 from blockwire import __version__, completion
 from blockwire import output as out
 from blockwire.client import (
@@ -280,15 +282,31 @@ def _show_volume(ctx: _Context, volume: types_pb2.Volume) -> None:
         ctx.print(out.volume_fields(volume))
 
 
+def _print_list(ctx: _Context, items: Sequence[Message], table: Callable[[Any], str], noun: str) -> int:
+    """A listing as JSON, as a table, or "no <noun>s" when empty."""
+    if ctx.args.json:
+        ctx.json([out.message_to_dict(i) for i in items])
+    elif items:
+        ctx.print(table(items))
+    else:
+        ctx.print(f"no {noun}s")
+    return EXIT_OK
+
+
+def _delete_each(ctx: _Context, ids: Sequence[str], delete: Callable[[str], None], noun: str) -> int:
+    """Deletes each id in order (a failure stops there, with its exit code); JSON lists what was deleted."""
+    for object_id in ids:
+        delete(object_id)
+        if not ctx.args.json:
+            ctx.print(f"deleted {noun} {object_id}")
+    if ctx.args.json:
+        ctx.json({"deleted": list(ids)})
+    return EXIT_OK
+
+
 def cmd_volume_list(ctx: _Context) -> int:
     volumes = ctx.storage.list_volumes(label_selector=_labels(ctx.args.label))
-    if ctx.args.json:
-        ctx.json([out.message_to_dict(v) for v in volumes])
-    elif volumes:
-        ctx.print(out.volume_table(volumes))
-    else:
-        ctx.print("no volumes")
-    return EXIT_OK
+    return _print_list(ctx, volumes, out.volume_table, "volume")
 
 
 def cmd_volume_show(ctx: _Context) -> int:
@@ -297,13 +315,7 @@ def cmd_volume_show(ctx: _Context) -> int:
 
 
 def cmd_volume_delete(ctx: _Context) -> int:
-    for volume_id in ctx.args.volume_ids:
-        ctx.storage.delete_volume(volume_id)
-        if not ctx.args.json:
-            ctx.print(f"deleted volume {volume_id}")
-    if ctx.args.json:
-        ctx.json({"deleted": list(ctx.args.volume_ids)})
-    return EXIT_OK
+    return _delete_each(ctx, ctx.args.volume_ids, ctx.storage.delete_volume, "volume")
 
 
 def cmd_volume_extend(ctx: _Context) -> int:
@@ -342,13 +354,7 @@ def cmd_snapshot_create(ctx: _Context) -> int:
 
 def cmd_snapshot_list(ctx: _Context) -> int:
     snapshots = ctx.storage.list_snapshots(volume_id=ctx.args.volume or "")
-    if ctx.args.json:
-        ctx.json([out.message_to_dict(s) for s in snapshots])
-    elif snapshots:
-        ctx.print(out.snapshot_table(snapshots))
-    else:
-        ctx.print("no snapshots")
-    return EXIT_OK
+    return _print_list(ctx, snapshots, out.snapshot_table, "snapshot")
 
 
 def cmd_snapshot_show(ctx: _Context) -> int:
@@ -357,13 +363,7 @@ def cmd_snapshot_show(ctx: _Context) -> int:
 
 
 def cmd_snapshot_delete(ctx: _Context) -> int:
-    for snapshot_id in ctx.args.snapshot_ids:
-        ctx.storage.delete_snapshot(snapshot_id)
-        if not ctx.args.json:
-            ctx.print(f"deleted snapshot {snapshot_id}")
-    if ctx.args.json:
-        ctx.json({"deleted": list(ctx.args.snapshot_ids)})
-    return EXIT_OK
+    return _delete_each(ctx, ctx.args.snapshot_ids, ctx.storage.delete_snapshot, "snapshot")
 
 
 # Attach and detach
