@@ -9,8 +9,9 @@ Every wait follows the same order, so that no event can be missed:
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -108,6 +109,11 @@ def _close(monitor: Any) -> None:
         stop()
 
 
+def _next_event(monitor: Any, deadline: Deadline) -> Any:
+    """The next event, or None after at most _POLL_SLICE (so the caller re-checks its deadline)."""
+    return monitor.poll(timeout=min(_POLL_SLICE, max(deadline.remaining(), 0.001)))
+
+
 class PyudevWaiter:
     """The real UdevWaiter: pyudev's netlink monitor and udev database."""
 
@@ -116,6 +122,17 @@ class PyudevWaiter:
 
         self._pyudev = pyudev
         self._context = pyudev.Context()
+
+    @contextlib.contextmanager
+    def _watching(self, subsystem: str, trigger: Callable[[], None] | None) -> Iterator[Any]:
+        """A started monitor, with `trigger` run only once it listens (no event can be missed)."""
+        monitor = self._monitor(subsystem)
+        try:
+            if trigger is not None:
+                trigger()
+            yield monitor
+        finally:
+            _close(monitor)
 
     def _monitor(self, subsystem: str) -> Any:
         try:
@@ -147,24 +164,19 @@ class PyudevWaiter:
         trigger: Callable[[], None] | None = None,
         what: str = "device",
     ) -> UdevDevice:
-        monitor = self._monitor(subsystem)
-        try:
-            if trigger is not None:
-                trigger()
+        with self._watching(subsystem, trigger) as monitor:
             existing = self.find(subsystem, match)
             if existing:
                 log.debug("%s already present: %s", what, existing[0].sys_name)
                 return existing[0]
             while not deadline.expired():
-                dev = monitor.poll(timeout=min(_POLL_SLICE, max(deadline.remaining(), 0.001)))
+                dev = _next_event(monitor, deadline)
                 if dev is None or dev.action == "remove":
                     continue
                 desc = _describe(dev, dev.action or "")
                 if match(desc):
                     log.debug("%s appeared: %s %s", what, desc.action, desc.sys_name)
                     return desc
-        finally:
-            _close(monitor)
         raise DeadlineExceeded(f"{what} did not appear within {deadline.seconds:g}s")
 
     def wait_gone(
@@ -176,19 +188,14 @@ class PyudevWaiter:
         trigger: Callable[[], None] | None = None,
         what: str = "device",
     ) -> None:
-        monitor = self._monitor(subsystem)
-        try:
-            if trigger is not None:
-                trigger()
+        with self._watching(subsystem, trigger) as monitor:
             remaining = {d.sys_path for d in self.find(subsystem, match)}
             while remaining and not deadline.expired():
-                dev = monitor.poll(timeout=min(_POLL_SLICE, max(deadline.remaining(), 0.001)))
+                dev = _next_event(monitor, deadline)
                 if dev is not None and dev.action == "remove":
                     remaining.discard(dev.sys_path)
                 if dev is None:
                     # A device may have gone between enumeration and the monitor's first event.
                     remaining = {d.sys_path for d in self.find(subsystem, match)}
-        finally:
-            _close(monitor)
         if remaining:
             raise DeadlineExceeded(f"{what} was not removed within {deadline.seconds:g}s")
