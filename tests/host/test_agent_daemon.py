@@ -26,7 +26,6 @@ from pathlib import Path
 import grpc
 import libvirt
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lxml import etree
 
 from blockwire.v1 import hostagent_pb2 as hpb
@@ -34,42 +33,13 @@ from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
+from tests.fakes.daemon_rig import DOMAIN_XML, healthy, wait_until
 from tests.host.daemons import Started, Tgtd
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_REMOVE = 0x4C81
 MIB = 1 << 20
-
-DOMAIN_XML = """<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-  </devices>
-</domain>"""
-
-
-def _wait(what: str, ready: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while not ready():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not ready within {timeout}s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def _healthy(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return r.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -96,10 +66,10 @@ def _start(argv: list[str], address: str, log: Path, name: str) -> Daemon:
     def ready() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        return _healthy(address)
+        return healthy(address)
 
     try:
-        _wait(name, ready, 60)
+        wait_until(name, ready, 60)
     except BaseException:
         daemon.stop()
         raise
@@ -299,7 +269,7 @@ def new_loop_device(backing: Path) -> Iterator[tuple[str, threading.Event]]:
     def create() -> None:
         go.wait(30)
         fcntl.ioctl(ctl, LOOP_CTL_ADD, n)
-        _wait(path, lambda: os.path.exists(path), 10)
+        wait_until(path, lambda: os.path.exists(path), 10)
         subprocess.run(["losetup", path, str(backing)], check=True, timeout=30)
         created.set()
 
@@ -361,7 +331,7 @@ def test_b2_local_loop_device_already_present(
         f.truncate(8 * MIB)
     with new_loop_device(backing) as (path, go):
         go.set()
-        _wait(
+        wait_until(
             "loop device with media",
             lambda: (
                 os.path.exists(path)
