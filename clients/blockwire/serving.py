@@ -16,10 +16,12 @@ reflection, logging, signal handling, and who the caller is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -308,14 +310,42 @@ def configure_logging(fmt: str, level: str) -> None:
     root.setLevel(level.upper())
 
 
-def stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM or SIGINT."""
-    stop = threading.Event()
+class ShutdownSignal:
+    """Set by SIGTERM or SIGINT (or `set()`); `wait()` blocks the main thread until then.
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    A bare `threading.Event.wait()` is not enough: the kernel may deliver a process-directed signal to
+    any thread (a gRPC poller, a worker), and then CPython only flags the handler for the main thread,
+    which stays asleep in the lock until something else wakes it. Here the C-level handler also writes
+    a byte to `signal.set_wakeup_fd`'s socket, whichever thread takes the signal, and `wait()` sleeps on
+    that socket, so the main thread wakes, runs the Python handler and sees the event.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
+        self.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return stop
+    def set(self) -> None:
+        self._event.set()
+        with contextlib.suppress(BlockingIOError):
+            self._writer.send(b"\0")
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self) -> None:
+        """Returns once shutdown was asked for. Only the main thread may call it."""
+        while not self._event.is_set():
+            self._reader.recv(512)  # a signal's byte, or set()'s; the Python handler runs on return
+
+
+def stop_on_signals() -> ShutdownSignal:
+    """Installs the SIGTERM and SIGINT handlers (main thread, before any other thread starts)."""
+    return ShutdownSignal()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -32,7 +31,7 @@ log = logging.getLogger("hostagent")
 SERVICE = hostagent_pb2.DESCRIPTOR.services_by_name["HostAgentService"].full_name
 
 
-def serve(config: AgentConfig, stop: threading.Event) -> int:
+def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     st = config.storage_tls
     tls = tls_options(st.ca_file, st.cert_file, st.key_file, st.server_name)
     channel = channel_for(config.storage_address, tls) if config.storage_address else None
