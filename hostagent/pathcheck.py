@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 from blockwire.errors import BlockwireError
 from blockwire.model import ConnectionInfo, IscsiConnection
 from hostagent.api import HostAgent, PathRestorer
+from hostagent.connectors.iscsi import kernel_sessions
 from hostagent.host.clock import Clock
 from hostagent.host.periodic import Periodic, Waiter, event_wait
 from hostagent.host.sysfs import Sysfs
@@ -47,20 +48,8 @@ class PathRelogin(Protocol):
 
 
 def session_states(sysfs: Sysfs) -> dict[tuple[str, str], str]:
-    """(portal, target IQN) -> the kernel's session state (LOGGED_IN, FAILED, FREE), from sysfs: each
-    iscsi_session's targetname and state, its connection's persistent address and port."""
-    out: dict[tuple[str, str], str] = {}
-    for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
-        target = sysfs.read(rel) or ""
-        base = rel.rsplit("/", 1)[0]
-        sid = base.rsplit("/", 1)[1].removeprefix("session")
-        state = sysfs.read(f"{base}/state") or ""
-        for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
-            address = sysfs.read(f"{conn}/persistent_address") or ""
-            port = sysfs.read(f"{conn}/persistent_port") or ""
-            shown = f"[{address}]" if ":" in address else address
-            out[(f"{shown}:{port}", target)] = state
-    return out
+    """(portal, target IQN) -> the kernel's session state (LOGGED_IN, FAILED, FREE), from sysfs."""
+    return {(s.portal, s.target): s.state for s in kernel_sessions(sysfs)}
 
 
 class PathSupervisor:

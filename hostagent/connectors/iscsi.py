@@ -7,6 +7,11 @@ CHAP / mutual CHAP set through `-o update` (secrets as Secret); logins to every 
 the WWN check (IdentityMismatch, and everything made is removed); a multipath map through multipathd.
 disconnect: flush and remove the map, delete each SCSI device, log out only sessions no other LUN
 uses, delete the node records. Idempotent; nothing left behind.
+
+Which sessions exist, their SCSI hosts and their disks are read from sysfs (`kernel_sessions`), not from
+`iscsiadm -m session -P 3`: that command walks every session of the host (one process and a sysfs walk
+per call, contending for CPU with every other attach), which made detach cost grow with the number of
+volumes attached. iscsiadm runs only to change state (node records, login, logout).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
@@ -26,7 +32,7 @@ from hostagent.host.udev import UdevWaiter
 from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
 from hostagent.locks import KeyedLocks
 from hostagent.model import HostDevice
-from hostagent.tools.iscsiadm import Iscsiadm, SessionDetail
+from hostagent.tools.iscsiadm import Iscsiadm
 from hostagent.tools.multipath import Multipath
 from hostagent.virt.diskxml import BlockSource, Source
 
@@ -34,6 +40,41 @@ log = logging.getLogger(__name__)
 
 
 LOGIN_ATTEMPT_SECONDS = 15  # open-iscsi's node.conn[0].timeo.login_timeout default
+
+
+@dataclass(frozen=True)
+class KernelSession:
+    """An iSCSI session as the kernel shows it in sysfs."""
+
+    sid: str
+    portal: str  # "address:port" (IPv6 in brackets), as connection info announces it
+    target: str
+    state: str  # LOGGED_IN, FAILED, FREE
+
+
+def kernel_sessions(sysfs: Sysfs, target: str | None = None) -> list[KernelSession]:
+    """The kernel's iSCSI sessions (of `target` only, when given): each iscsi_session's targetname and
+    state, and its connection's persistent address and port."""
+    out = []
+    for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
+        name = sysfs.read(rel) or ""
+        if target is not None and name != target:
+            continue
+        base = rel.rsplit("/", 1)[0]
+        sid = base.rsplit("/", 1)[1].removeprefix("session")
+        state = sysfs.read(f"{base}/state") or ""
+        for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
+            address = sysfs.read(f"{conn}/persistent_address") or ""
+            port = sysfs.read(f"{conn}/persistent_port") or ""
+            shown = f"[{address}]" if ":" in address else address
+            out.append(KernelSession(sid, f"{shown}:{port}", name, state))
+    return out
+
+
+def session_host(sysfs: Sysfs, sid: str) -> int:
+    """The SCSI host number the session hangs under (-1: not (yet) in sysfs)."""
+    hosts = sysfs.glob(f"class/scsi_host/host*/device/session{sid}")
+    return int(hosts[0].split("/")[2].removeprefix("host")) if hosts else -1
 
 
 def login_retries(deadline: float) -> int:
@@ -66,8 +107,20 @@ class IscsiConnector:
     def validate(self, info: ConnectionInfo) -> None:
         iscsi_of(info)
 
-    def _session(self, path: IscsiPath) -> SessionDetail | None:
-        return next(
+    def _host_of(self, path: IscsiPath) -> int | None:
+        """The SCSI host of the session to `path`: None when there is no session, -1 when it has no
+        SCSI host (yet)."""
+        for session in kernel_sessions(self.scsi.sysfs, path.target_iqn):
+            if session.portal == path.portal:
+                return session_host(self.scsi.sysfs, session.sid)
+        return None
+
+    def _host_number(self, path: IscsiPath) -> int:
+        """The SCSI host of the session to `path` (-1: none). Asks iscsiadm only if sysfs does not tell."""
+        host = self._host_of(path)
+        if host is not None and host >= 0:
+            return host
+        session = next(
             (
                 s
                 for s in self.iscsiadm.session_details()
@@ -75,24 +128,6 @@ class IscsiConnector:
             ),
             None,
         )
-
-    def _host_number(self, path: IscsiPath) -> int:
-        """The SCSI host of the session to `path` (-1: none), read from sysfs: the iscsi_session's
-        targetname, its connection's persistent address and port, the scsi_host it hangs under. Falls
-        back to `iscsiadm -m session -P 3` when sysfs does not tell."""
-        sysfs = self.scsi.sysfs
-        for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
-            if sysfs.read(rel) != path.target_iqn:
-                continue
-            sid = rel.split("/")[2].removeprefix("session")
-            for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
-                address = sysfs.read(f"{conn}/persistent_address") or ""
-                port = sysfs.read(f"{conn}/persistent_port") or ""
-                shown = f"[{address}]" if ":" in address else address
-                hosts = sysfs.glob(f"class/scsi_host/host*/device/session{sid}")
-                if f"{shown}:{port}" == path.portal and hosts:
-                    return int(hosts[0].split("/")[2].removeprefix("host"))
-        session = self._session(path)
         return session.host_number if session is not None else -1
 
     def _prepare_node(self, t: IscsiConnection, path: IscsiPath) -> None:
@@ -151,20 +186,15 @@ class IscsiConnector:
             self.disconnect(info, force=True)
             raise
 
-    def _devices(self, t: IscsiConnection) -> tuple[list[str], list[SessionDetail]]:
-        sessions = self.iscsiadm.session_details()
-        devs, mine = [], []
-        for p in t.paths:
-            for s in sessions:
-                if s.portal == p.portal and s.target == p.target_iqn:
-                    mine.append(s)
-                    if p.lun in s.disks:
-                        devs.append(s.disks[p.lun])
-        return sorted(set(devs)), mine
+    def _devices(self, t: IscsiConnection) -> tuple[list[str], dict[IscsiPath, int]]:
+        """The disks of the LUN on every path, and the SCSI host of each path that has a session."""
+        hosts = {p: h for p in t.paths if (h := self._host_of(p)) is not None}
+        devs = {d for p, h in hosts.items() if h >= 0 for d in self.scsi.disks_at(h, p.lun)}
+        return sorted(devs), hosts
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
         t = iscsi_of(info)
-        devs, mine = self._devices(t)
+        devs, hosts = self._devices(t)
         wwn = normalize_wwn(info.wwn) or (self.scsi.wwn_of(devs[0]) if devs else "")
         self.scsi.remove(wwn, devs, force=force)
 
@@ -172,13 +202,11 @@ class IscsiConnector:
             with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
                 # A session seen above keeps its SCSI host while it lives (a logout of one already gone
                 # is OK); only a path that had none is looked up again, under the target's lock.
-                session = next(
-                    (s for s in mine if s.portal == p.portal and s.target == p.target_iqn), None
-                ) or self._session(p)
-                if session is not None and self.scsi.disks_at(session.host_number):
+                host = hosts[p] if p in hosts else self._host_of(p)
+                if host is not None and host >= 0 and self.scsi.disks_at(host):
                     log.info("keeping the session to %s on %s: other LUNs use it", p.target_iqn, p.portal)
                     return
-                if session is not None:
+                if host is not None:
                     self.iscsiadm.logout(p.portal, p.target_iqn)
                 self.iscsiadm.node_delete(p.portal, p.target_iqn)
 
@@ -204,17 +232,11 @@ class IscsiConnector:
         attachment still uses (its map, its other paths): a path that fails (login, udev, identity) only
         has its own disk removed and its own session logged out."""
         t = iscsi_of(info)
-        sessions = self.iscsiadm.session_details()
+        _, hosts = self._devices(t)
 
         def disk_of(p: IscsiPath) -> str:
-            return next(
-                (
-                    s.disks[p.lun]
-                    for s in sessions
-                    if s.portal == p.portal and s.target == p.target_iqn and p.lun in s.disks
-                ),
-                "",
-            )
+            host = hosts.get(p, -1)
+            return next(iter(self.scsi.disks_at(host, p.lun)), "") if host >= 0 else ""
 
         kept = [d for d in (disk_of(p) for p in t.paths) if d]
         added: list[str] = []
@@ -247,15 +269,15 @@ class IscsiConnector:
         some LUN still has a disk on it. A disk of the volume itself (a udev wait that ran out) is left
         to multipathd: it is one of the attachment's paths."""
         with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
-            session = self._session(p)
-            if session is None:
+            host = self._host_of(p)
+            if host is None:
                 return
-            dev = session.disks.get(p.lun, "")
+            dev = next(iter(self.scsi.disks_at(host, p.lun)), "") if host >= 0 else ""
             if dev and wwn and same_wwn(wwn, self.scsi.wwn_of(dev)):
                 return
             if dev:
                 self.scsi.remove("", [dev], force=True)  # no WWN given: only maps holding this disk
-            if not self.scsi.disks_at(session.host_number):
+            if host < 0 or not self.scsi.disks_at(host):
                 self.iscsiadm.logout(p.portal, p.target_iqn)
 
     def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:

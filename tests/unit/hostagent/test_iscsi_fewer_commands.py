@@ -66,3 +66,15 @@ def test_a_map_multipathd_built_is_used_as_it_is(kernel: Kernel) -> None:
     conn.disconnect(info())
     assert runner.ran(r"multipath -f mpatha")
     assert not runner.ran(r"multipathd show maps")
+
+
+def test_disconnect_finds_sessions_and_disks_in_sysfs(kernel: Kernel) -> None:
+    conn, runner, _ = rig(kernel)
+    conn.connect(info())
+    conn.disconnect(info())
+    assert not runner.ran(r"-m session")  # no `iscsiadm -m session -P 3` walk of every session
+    assert len(runner.ran(r"--logout")) == 2
+    assert not list((kernel.root / "class/iscsi_session").iterdir())
+    conn.disconnect(info())  # a repeat: the sessions are gone, so no logout is tried again
+    assert len(runner.ran(r"--logout")) == 2
+    assert len(runner.ran(r"-o delete")) == 4  # node records: deleted again, idempotently

@@ -58,6 +58,24 @@ class Kernel:
         self.write(f"class/block/{name}/size", "131072\n")
         (self.root / f"bus/scsi/devices/{host}:0:0:{lun}/block/{name}").mkdir(parents=True, exist_ok=True)
 
+    def add_session(self, sid: int, host: int, address: str, target: str = TARGET) -> None:
+        """What a login leaves in sysfs: the session, its connection, the SCSI host it hangs under."""
+        self.write(f"class/iscsi_session/session{sid}/targetname", target + "\n")
+        self.write(f"class/iscsi_session/session{sid}/state", "LOGGED_IN\n")
+        self.write(f"class/iscsi_connection/connection{sid}:0/persistent_address", address + "\n")
+        self.write(f"class/iscsi_connection/connection{sid}:0/persistent_port", "3260\n")
+        (self.root / f"class/scsi_host/host{host}/device/session{sid}").mkdir(parents=True, exist_ok=True)
+
+    def remove_session(self, sid: int, host: int) -> None:
+        import shutil  # noqa: PLC0415
+
+        for rel in (
+            f"class/iscsi_session/session{sid}",
+            f"class/iscsi_connection/connection{sid}:0",
+            f"class/scsi_host/host{host}/device/session{sid}",
+        ):
+            shutil.rmtree(self.root / rel, ignore_errors=True)
+
     def remove_disk(self, host: int, lun: int, name: str) -> None:
         import shutil  # noqa: PLC0415
 
@@ -94,6 +112,22 @@ def rig(
     state = {"p3": recorded("iscsiadm_session_P3.txt") if logged_in else ""}
     scanned_luns: list[int] = []
     runner = FakeRunner().on(r"-m session -P 3", lambda argv: Reply(0 if state["p3"] else 21, state["p3"]))
+    sessions = {"127.0.0.1:3260": (1, 6), "127.0.0.2:3260": (2, 7)}  # portal -> (sid, SCSI host)
+
+    def login(argv: tuple[str, ...]) -> Reply:
+        portal = argv[argv.index("-p") + 1]
+        kernel.add_session(*sessions[portal], portal.rsplit(":", 1)[0])
+        return Reply()
+
+    def logout(argv: tuple[str, ...]) -> Reply:
+        portal = argv[argv.index("-p") + 1]
+        sid, host = sessions[portal]
+        if not (kernel.root / f"class/iscsi_session/session{sid}").exists():
+            return Reply(21, stderr="iscsiadm: No matching sessions found")
+        kernel.remove_session(sid, host)
+        return Reply()
+
+    runner.on(r"--login", login).on(r"--logout", logout)
 
     def scanned(u: FakeUdev) -> None:
         for host, name in ((6, "sda"), (7, "sdb")):
