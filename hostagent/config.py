@@ -10,6 +10,7 @@ from typing import Any
 from blockwire.errors import InvalidArgument
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
+MULTIPATH_MODES = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class AgentConfig:
     storage_timeout: float = 30.0
     libvirt_uri: str = "qemu:///system"
     iscsi_mode: str = "auto"
+    # kernel paths (iSCSI, FC) on a host with multipathd: "auto" maps volumes announced with two or more
+    # paths and uses a single-path volume's disk as it is; "always" maps every volume (a path added later
+    # joins the map); "never" uses one path's disk (as with Nova's volume_use_multipath = false)
+    multipath: str = "auto"
     listen_unix: str = "/run/blockwire/agent.sock"
     listen_tcp: str = ""  # "127.0.0.1:50052"; empty: no TCP listener
     device_timeout: float = 30.0
@@ -65,6 +70,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
             raise InvalidArgument("iscsi_mode", f"must be one of {', '.join(ISCSI_MODES)}")
+        if self.multipath not in MULTIPATH_MODES:
+            raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
         for name in ("storage_timeout", "device_timeout", "detach_timeout", "login_timeout"):

@@ -106,7 +106,9 @@ def host_ips() -> tuple[str, ...]:
     return tuple(sorted(ip for ip in ips if not ip.startswith("127.") and ip != "::1"))
 
 
-def build_connector(sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool) -> Connector:
+def build_connector(
+    sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool, multipath_allowed: bool = True
+) -> Connector:
     wwpns, wwnns = fc_ports(sysfs)
     nqn, hostid = host_nqn(files)
     transports = [Transport.ISCSI]
@@ -121,7 +123,7 @@ def build_connector(sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool) -> Co
         wwnns=wwnns,
         nvme_host_nqn=nqn,
         nvme_host_id=hostid,
-        multipath=shutil.which("multipathd") is not None and kernel_iscsi,
+        multipath=multipath_allowed and kernel_iscsi and shutil.which("multipathd") is not None,
         transports=tuple(transports),
         kernel_iscsi=kernel_iscsi,
         platform=platform.machine(),

@@ -50,7 +50,9 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
     hypervisor = LibvirtHypervisor(config.libvirt_uri)
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
-    connector = build_connector(sysfs, files, kernel_iscsi=kernel)
+    connector = build_connector(
+        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never"
+    )
     qemu_iscsi = QemuIscsiConnector(
         hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
     )
@@ -75,6 +77,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             initiator_iqn=connector.initiator_iqn,
             device_timeout=config.device_timeout,
             use_multipath=connector.multipath,
+            map_single_path=config.multipath == "always",
         )
         connectors[Transport.FC] = FcConnector(
             sysfs,
@@ -83,6 +86,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             clock,
             device_timeout=config.device_timeout,
             use_multipath=connector.multipath,
+            map_single_path=config.multipath == "always",
         )
         extra = (qemu_iscsi,)  # attachments made before a mode change can still be detached
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")

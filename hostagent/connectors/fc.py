@@ -51,10 +51,17 @@ class FcConnector:
         *,
         device_timeout: float = 30.0,
         use_multipath: bool = True,
+        map_single_path: bool = False,
     ) -> None:
         self.sysfs = sysfs
         self.scsi = ScsiDevices(
-            sysfs, udev, multipath, clock, device_timeout=device_timeout, use_multipath=use_multipath
+            sysfs,
+            udev,
+            multipath,
+            clock,
+            device_timeout=device_timeout,
+            use_multipath=use_multipath,
+            map_single_path=map_single_path,
         )
 
     def validate(self, info: ConnectionInfo) -> None:
@@ -106,7 +113,7 @@ class FcConnector:
                         what=f"FC LUN {t.lun} behind host{host} {channel}:{target}",
                     )
                 )
-            return self.scsi.assemble(info, sorted(set(devs)))
+            return self.scsi.assemble(info, sorted(set(devs)), len(rports))  # a path per zoned remote port
         except BaseException:
             self.disconnect(info, force=True)
             raise

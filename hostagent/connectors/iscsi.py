@@ -96,11 +96,18 @@ class IscsiConnector:
         initiator_iqn: str,
         device_timeout: float = 30.0,
         use_multipath: bool = True,
+        map_single_path: bool = False,
     ) -> None:
         self.iscsiadm = iscsiadm
         self.initiator_iqn = initiator_iqn
         self.scsi = ScsiDevices(
-            sysfs, udev, multipath, clock, device_timeout=device_timeout, use_multipath=use_multipath
+            sysfs,
+            udev,
+            multipath,
+            clock,
+            device_timeout=device_timeout,
+            use_multipath=use_multipath,
+            map_single_path=map_single_path,
         )
         self._targets = KeyedLocks()
 
@@ -181,7 +188,7 @@ class IscsiConnector:
         try:
             if not devs:
                 raise errors[0]
-            return self.scsi.assemble(info, sorted(devs))
+            return self.scsi.assemble(info, sorted(devs), len(t.paths))
         except BaseException:
             self.disconnect(info, force=True)
             raise
@@ -249,7 +256,7 @@ class IscsiConnector:
                 log.warning("path %s to %s not restored: %s", p.portal, p.target_iqn, exc.message)
                 self._drop_path(p, info.wwn)
         if added:
-            self.scsi.assemble(info, sorted({*kept, *added}))
+            self.scsi.assemble(info, sorted({*kept, *added}), len(t.paths))
         return [f"/dev/{d}" for d in added]
 
     def relogin_paths(self, info: ConnectionInfo, portals: Collection[str]) -> list[str]:

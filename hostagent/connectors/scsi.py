@@ -49,13 +49,23 @@ class ScsiDevices:
         *,
         device_timeout: float,
         use_multipath: bool,
+        map_single_path: bool = False,
     ) -> None:
+        """`use_multipath`: multipathd runs here and maps are wanted. `map_single_path`: a map even over a
+        volume announced with one path (the agent's `multipath = "always"`); otherwise such a volume is
+        its plain disk, as with os-brick's and Nova's multipath off, and only volumes announced with two
+        or more paths get a map."""
         self.sysfs = sysfs
         self.udev = udev
         self.multipath = multipath
         self.clock = clock
         self.device_timeout = device_timeout
         self.use_multipath = use_multipath
+        self.map_single_path = map_single_path
+
+    def wants_map(self, paths: int) -> bool:
+        """Whether a volume announced with `paths` paths gets a multipath map."""
+        return self.use_multipath and (paths > 1 or self.map_single_path)
 
     def scan(self, host: int, lun: int, channel: str = "-", target: str = "-") -> None:
         """A targeted scan of one LUN (never a wildcard LUN scan)."""
@@ -83,12 +93,13 @@ class ScsiDevices:
     def wwn_of(self, dev: str) -> str:
         return normalize_wwn(self.sysfs.read(f"block/{dev}/device/wwid") or "")
 
-    def assemble(self, info: ConnectionInfo, devs: list[str]) -> HostDevice:
-        """Verifies every path's identity, then builds (or finds) the multipath map over them."""
+    def assemble(self, info: ConnectionInfo, devs: list[str], paths: int) -> HostDevice:
+        """Verifies every path's identity, then builds (or finds) the multipath map over them when a
+        volume announced with `paths` paths gets one (`wants_map`), or returns the disk."""
         for dev in devs:
             verify_wwn(info.wwn, self.wwn_of(dev), f"/dev/{dev}")
         wwn = normalize_wwn(info.wwn) or self.wwn_of(devs[0])
-        if not self.use_multipath:
+        if not self.wants_map(paths):
             dev = devs[0]
             return HostDevice(
                 path=f"/dev/{dev}",
@@ -130,7 +141,9 @@ class ScsiDevices:
             return ""
         wwid = mpath_wwid(wwn)
         found = self.map_in_sysfs(wwid)
-        if found is not None and found[1]:
+        if found is None:
+            return ""  # every dm map is in /sys/block: no map of this WWID, no need to ask multipathd
+        if found[1]:
             return found[1]
         return next((m.name for m in self.multipath.show_maps() if m.wwid == wwid), "")
 

@@ -24,6 +24,7 @@ def test_example_config_documents_the_defaults() -> None:
     [
         ({"no_such_key": 1}, "no_such_key"),
         ({"iscsi_mode": "fast"}, "iscsi_mode"),
+        ({"multipath": "yes"}, "multipath"),
         ({"device_timeout": "10"}, "device_timeout"),
         ({"reconcile_on_start": 1}, "reconcile_on_start"),
         ({"listen_unix": "", "listen_tcp": ""}, "listen_unix"),

@@ -3,7 +3,10 @@ SCSI host read from sysfs (no `iscsiadm -m session -P 3` during connect), the ma
 
 from __future__ import annotations
 
-from tests.unit.hostagent.test_scsi_connectors import TARGET, WWID, Kernel, info, kernel, rig
+from dataclasses import replace
+
+from blockwire.model import ConnectionInfo, IscsiConnection
+from tests.unit.hostagent.test_scsi_connectors import TARGET, WWID, Kernel, dm, info, kernel, rig
 
 __all__ = ["kernel"]  # the fixture, shared with test_scsi_connectors
 
@@ -45,8 +48,6 @@ def test_the_session_host_comes_from_sysfs(kernel: Kernel) -> None:
 
 def test_a_map_multipathd_built_is_used_as_it_is(kernel: Kernel) -> None:
     conn, runner, udev = rig(kernel)
-    from tests.unit.hostagent.test_scsi_connectors import dm  # noqa: PLC0415
-
     built: list[bool] = []
 
     def multipathd_maps_both(u: object) -> None:
@@ -78,3 +79,39 @@ def test_disconnect_finds_sessions_and_disks_in_sysfs(kernel: Kernel) -> None:
     conn.disconnect(info())  # a repeat: the sessions are gone, so no logout is tried again
     assert len(runner.ran(r"--logout")) == 2
     assert len(runner.ran(r"-o delete")) == 4  # node records: deleted again, idempotently
+
+
+def single_path() -> ConnectionInfo:
+    two = info()
+    assert isinstance(two.transport, IscsiConnection)
+    return replace(two, transport=replace(two.transport, paths=two.transport.paths[:1]))
+
+
+def test_a_volume_announced_with_one_path_is_its_disk_without_a_map(kernel: Kernel) -> None:
+    conn, runner, _ = rig(kernel)
+    dev = conn.connect(single_path())
+    assert dev.path == "/dev/sda"
+    assert dev.multipath_name == ""
+    assert not runner.ran(r"multipath")  # no WWID allowed, no path added, no map waited for
+    conn.disconnect(single_path())
+    assert not runner.ran(r"multipath")
+    assert not (kernel.root / "block/sda").exists()
+    assert len(runner.ran(r"--logout")) == 1
+
+
+def test_multipath_always_maps_a_single_path_volume(kernel: Kernel) -> None:
+    conn, runner, udev = rig(kernel)
+    conn.scsi.map_single_path = True
+
+    def multipathd_maps_sda(u: object) -> None:
+        added = runner.ran(r"multipathd add path sda") and not runner.ran(r"multipath -f")
+        if added and not udev.find("block", lambda d: d.sys_name == "dm-0"):
+            kernel.add_map("dm-0", "mpatha", ["sda"])
+            udev.add(dm())
+
+    udev.on_trigger.append(multipathd_maps_sda)
+    dev = conn.connect(single_path())
+    assert dev.path == "/dev/dm-0"
+    assert runner.ran(rf"multipath -a {WWID}")
+    conn.disconnect(single_path())
+    assert runner.ran(r"multipath -f mpatha")

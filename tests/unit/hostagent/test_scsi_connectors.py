@@ -76,6 +76,21 @@ class Kernel:
         ):
             shutil.rmtree(self.root / rel, ignore_errors=True)
 
+    def add_map(self, dm: str, name: str, slaves: list[str]) -> None:
+        """A multipath map as sysfs shows it: its uuid and name, its slaves, and the holder links."""
+        self.write(f"block/{dm}/dm/uuid", f"mpath-{WWID}\n")
+        self.write(f"block/{dm}/dm/name", name + "\n")
+        for sd in slaves:
+            (self.root / f"block/{dm}/slaves/{sd}").mkdir(parents=True, exist_ok=True)
+            (self.root / f"block/{sd}/holders/{dm}").mkdir(parents=True, exist_ok=True)
+
+    def remove_map(self, dm: str, slaves: list[str]) -> None:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(self.root / f"block/{dm}", ignore_errors=True)
+        for sd in slaves:
+            shutil.rmtree(self.root / f"block/{sd}/holders/{dm}", ignore_errors=True)
+
     def remove_disk(self, host: int, lun: int, name: str) -> None:
         import shutil  # noqa: PLC0415
 
@@ -137,8 +152,10 @@ def rig(
                 kernel.add_disk(host, 1, name, wwid)
                 u.add(disk(host, 1, name))
         if runner.ran(r"multipathd add path sdb") and not u.find("block", lambda d: d.sys_name == "dm-0"):
+            kernel.add_map("dm-0", "mpatha", ["sda", "sdb"])
             u.add(dm())
-        if runner.ran(r"multipath -f mpatha"):
+        if runner.ran(r"multipath -f mpatha") and u.find("block", lambda d: d.sys_name == "dm-0"):
+            kernel.remove_map("dm-0", ["sda", "sdb"])
             u.remove("dm-0")
         for host, name in ((6, "sda"), (7, "sdb")):
             if (kernel.root / f"block/{name}/device/delete").exists() and (
