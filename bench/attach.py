@@ -26,7 +26,7 @@ from typing import Any
 from bench.attach_guest import CONTENDERS, pct, scrub
 
 ROOT = Path(__file__).resolve().parents[1]
-GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "smoke": 600.0}
+GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "scale": 900.0, "smoke": 600.0}
 
 
 def host_machine() -> dict[str, Any]:
@@ -123,25 +123,28 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 def profiles(raw: dict[str, Any]) -> dict[str, Any]:
-    """Mean seconds per step of bw-lib's single-volume connects and disconnects, and bw-e2e's event gaps."""
+    """Mean seconds per step (per volume) of bw-lib's connects and disconnects, single volumes and
+    the largest batch, and bw-e2e's event gaps."""
     out: dict[str, Any] = {}
-    for paths in (1, 2):
+    largest = max((r["volumes"] for r in raw["scenarios"]), default=1)
+    for paths, volumes in itertools.product((1, 2), sorted({1, largest})):
         reps = [
             r
             for r in raw["scenarios"]
-            if r["contender"] == "bw-lib" and r["volumes"] == 1 and r["paths"] == paths
+            if r["contender"] == "bw-lib" and r["volumes"] == volumes and r["paths"] == paths
         ]
         for op in ("connect", "disconnect"):
             prof = [r.get(f"profile_{op}", {}) for r in reps if r.get(f"profile_{op}")]
             if not prof:
                 continue
-            total = sum(r[f"{op}_s"][0] for r in reps) / len(reps)
+            total = sum(sum(r[f"{op}_s"]) / len(r[f"{op}_s"]) for r in reps) / len(reps)
             steps: dict[str, float] = {}
             for p in prof:
                 for k, v in p.items():
                     steps[k] = steps.get(k, 0.0) + v / len(prof)
             calls = reps[-1].get(f"calls_{op}", {})
-            out[f"bw-lib {paths}-path {op}"] = {
+            batch = f" x{volumes}" if volumes > 1 else ""
+            out[f"bw-lib {paths}-path{batch} {op}"] = {
                 "total_s": round(total, 3),
                 "steps_s": {k: round(v, 3) for k, v in sorted(steps.items(), key=lambda kv: -kv[1])},
                 "calls": calls,
@@ -149,7 +152,7 @@ def profiles(raw: dict[str, Any]) -> dict[str, Any]:
         e2e = [
             r
             for r in raw["scenarios"]
-            if r["contender"] == "bw-e2e" and r["volumes"] == 1 and r["paths"] == paths
+            if r["contender"] == "bw-e2e" and volumes == 1 and r["volumes"] == 1 and r["paths"] == paths
         ]
         gaps: dict[str, list[float]] = {}
         for r in e2e:
