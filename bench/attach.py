@@ -232,10 +232,10 @@ def markdown(results: dict[str, Any]) -> str:
     if b:
         lines += [
             "",
-            "## Before the connector changes",
+            "## Before",
             "",
-            "The same harness (quick plan) on the code before them, load average "
-            f"{', '.join(f'{x:.2f}' for x in b['load'] or [])}:",
+            "The same harness on the code before the change (`--before`: an earlier run's raw results), "
+            f"load average {', '.join(f'{x:.2f}' for x in b['load'] or [])}:",
             "",
             "| paths | volumes | contender | connect p50 | detach p50 |",
             "|---|---|---|---|---|",
