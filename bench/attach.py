@@ -169,6 +169,22 @@ def fmt(v: float | None, unit: str = "") -> str:
     return "-" if v is None else f"{v:g}{unit}"
 
 
+def profile_lines(profile: dict[str, Any]) -> list[str]:
+    """A bullet per profile entry: bw-lib's steps (with call counts) or bw-e2e's event gaps."""
+    lines = []
+    for name, prof in profile.items():
+        if "steps_s" in prof:
+            calls = prof.get("calls", {})
+            steps = ", ".join(
+                f"{k} {v}" + (f" (x{calls[k]})" if calls.get(k, 1) > 1 else "")
+                for k, v in prof["steps_s"].items()
+            )
+            lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
+        else:
+            lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     m, g = results["machine"], results["guest"]
     lines = [
@@ -211,16 +227,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"* {c} {p}-path x{n}: {d}" for c, p, n, d in left[:20]
         ]
     lines += ["", "## Where blockwire's time goes", ""]
-    for name, prof in results["profile"].items():
-        if "steps_s" in prof:
-            calls = prof.get("calls", {})
-            steps = ", ".join(
-                f"{k} {v}" + (f" (x{calls[k]})" if calls.get(k, 1) > 1 else "")
-                for k, v in prof["steps_s"].items()
-            )
-            lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
-        else:
-            lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+    lines += profile_lines(results["profile"])
     lines += [
         "",
         "bw-lib steps are the connector's own commands and waits (its runner and udev waiter, timed); "
@@ -245,16 +252,7 @@ def markdown(results: dict[str, Any]) -> str:
             d = r["disconnect"] if r["volumes"] == 1 else r["disconnect_wall"]
             lines.append(f"| {r['paths']} | {r['volumes']} | {r['contender']} | {c['p50']} | {d['p50']} |")
         lines.append("")
-        for name, prof in b["profile"].items():
-            if "steps_s" in prof:
-                calls = prof.get("calls", {})
-                steps = ", ".join(
-                    f"{k} {v}" + (f" (x{calls[k]})" if calls.get(k, 1) > 1 else "")
-                    for k, v in prof["steps_s"].items()
-                )
-                lines.append(f"* {name} (mean {prof['total_s']} s): {steps}")
-            else:
-                lines.append(f"* {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items()))
+        lines += profile_lines(b["profile"])
     for note in results.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
