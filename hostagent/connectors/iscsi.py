@@ -17,7 +17,7 @@ volumes attached. iscsiadm runs only to change state (node records, login, logou
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -52,13 +52,13 @@ class KernelSession:
     state: str  # LOGGED_IN, FAILED, FREE
 
 
-def kernel_sessions(sysfs: Sysfs, target: str | None = None) -> list[KernelSession]:
-    """The kernel's iSCSI sessions (of `target` only, when given): each iscsi_session's targetname and
+def kernel_sessions(sysfs: Sysfs, targets: Collection[str] | None = None) -> list[KernelSession]:
+    """The kernel's iSCSI sessions (to `targets` only, when given): each iscsi_session's targetname and
     state, and its connection's persistent address and port."""
     out = []
     for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
         name = sysfs.read(rel) or ""
-        if target is not None and name != target:
+        if targets is not None and name not in targets:
             continue
         base = rel.rsplit("/", 1)[0]
         sid = base.rsplit("/", 1)[1].removeprefix("session")
@@ -114,13 +114,25 @@ class IscsiConnector:
     def validate(self, info: ConnectionInfo) -> None:
         iscsi_of(info)
 
+    def _hosts(self, paths: Sequence[IscsiPath]) -> dict[IscsiPath, int]:
+        """The SCSI host of each of `paths` that has a session (-1: not in sysfs yet), from one walk of
+        the sessions; a path without a session is not in the result."""
+        sessions = kernel_sessions(self.scsi.sysfs, {p.target_iqn for p in paths})
+        sids = {(s.portal, s.target): s.sid for s in sessions}
+        return {
+            p: session_host(self.scsi.sysfs, sids[(p.portal, p.target_iqn)])
+            for p in paths
+            if (p.portal, p.target_iqn) in sids
+        }
+
     def _host_of(self, path: IscsiPath) -> int | None:
         """The SCSI host of the session to `path`: None when there is no session, -1 when it has no
         SCSI host (yet)."""
-        for session in kernel_sessions(self.scsi.sysfs, path.target_iqn):
-            if session.portal == path.portal:
-                return session_host(self.scsi.sysfs, session.sid)
-        return None
+        return self._hosts([path]).get(path)
+
+    def _disk(self, host: int, lun: int) -> str:
+        """The disk of `lun` on SCSI host `host` ("" when there is none, or no host)."""
+        return next(iter(self.scsi.disks_at(host, lun)), "") if host >= 0 else ""
 
     def _host_number(self, path: IscsiPath) -> int:
         """The SCSI host of the session to `path` (-1: none). Asks iscsiadm only if sysfs does not tell."""
@@ -195,7 +207,7 @@ class IscsiConnector:
 
     def _devices(self, t: IscsiConnection) -> tuple[list[str], dict[IscsiPath, int]]:
         """The disks of the LUN on every path, and the SCSI host of each path that has a session."""
-        hosts = {p: h for p in t.paths if (h := self._host_of(p)) is not None}
+        hosts = self._hosts(t.paths)
         devs = {d for p, h in hosts.items() if h >= 0 for d in self.scsi.disks_at(h, p.lun)}
         return sorted(devs), hosts
 
@@ -239,11 +251,10 @@ class IscsiConnector:
         attachment still uses (its map, its other paths): a path that fails (login, udev, identity) only
         has its own disk removed and its own session logged out."""
         t = iscsi_of(info)
-        _, hosts = self._devices(t)
+        hosts = self._hosts(t.paths)
 
         def disk_of(p: IscsiPath) -> str:
-            host = hosts.get(p, -1)
-            return next(iter(self.scsi.disks_at(host, p.lun)), "") if host >= 0 else ""
+            return self._disk(hosts.get(p, -1), p.lun)
 
         kept = [d for d in (disk_of(p) for p in t.paths) if d]
         added: list[str] = []
@@ -279,7 +290,7 @@ class IscsiConnector:
             host = self._host_of(p)
             if host is None:
                 return
-            dev = next(iter(self.scsi.disks_at(host, p.lun)), "") if host >= 0 else ""
+            dev = self._disk(host, p.lun)
             if dev and wwn and same_wwn(wwn, self.scsi.wwn_of(dev)):
                 return
             if dev:
