@@ -337,9 +337,6 @@ class ShutdownSignal:
         with contextlib.suppress(BlockingIOError):
             self._writer.send(b"\0")
 
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
     def wait(self) -> None:
         """Returns once shutdown was asked for. Only the main thread may call it."""
         while not self._event.is_set():
