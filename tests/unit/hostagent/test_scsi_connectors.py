@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import MappingProxyType
 
@@ -67,8 +68,6 @@ class Kernel:
         (self.root / f"class/scsi_host/host{host}/device/session{sid}").mkdir(parents=True, exist_ok=True)
 
     def remove_session(self, sid: int, host: int) -> None:
-        import shutil  # noqa: PLC0415
-
         for rel in (
             f"class/iscsi_session/session{sid}",
             f"class/iscsi_connection/connection{sid}:0",
@@ -85,15 +84,11 @@ class Kernel:
             (self.root / f"block/{sd}/holders/{dm}").mkdir(parents=True, exist_ok=True)
 
     def remove_map(self, dm: str, slaves: list[str]) -> None:
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(self.root / f"block/{dm}", ignore_errors=True)
         for sd in slaves:
             shutil.rmtree(self.root / f"block/{sd}/holders/{dm}", ignore_errors=True)
 
     def remove_disk(self, host: int, lun: int, name: str) -> None:
-        import shutil  # noqa: PLC0415
-
         shutil.rmtree(self.root / f"block/{name}")
         shutil.rmtree(self.root / f"bus/scsi/devices/{host}:0:0:{lun}")
 
