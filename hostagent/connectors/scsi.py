@@ -29,9 +29,19 @@ FLUSH_RETRY_FIRST = 0.1  # seconds; backoff of `multipath -f` while the map is i
 FLUSH_RETRY_MAX = 1.0  # ... up to this
 
 
+IN_USE_MARKERS = (
+    "in use",  # multipath saw the map's open count above zero: "<name>: map in use"
+    # The open count was zero when multipath looked, but an opener (udev's blkid after a path event or a
+    # writer's close) got in before the remove ioctl: "device-mapper: remove ioctl on <name> failed:
+    # Device or resource busy".
+    "Device or resource busy",
+)
+
+
 def map_in_use(exc: CommandFailed) -> bool:
-    """`multipath -f` refused because the map is open ("<name>: map in use"; exit 1)."""
-    return "in use" in exc.stderr or "in use" in exc.message
+    """`multipath -f` refused because the map is open (exit 1), whichever of the two checks saw it."""
+    text = exc.stderr + exc.message
+    return any(marker in text for marker in IN_USE_MARKERS)
 
 
 def mpath_wwid(wwn: str) -> str:

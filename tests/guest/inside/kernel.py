@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from hostagent.connectors.scsi import IN_USE_MARKERS
 from tests.host.daemons import Tgtd
 
 T = TypeVar("T")
@@ -196,14 +197,16 @@ def maps() -> dict[str, str]:
 
 def flush_map(name: str, timeout: float = 30) -> None:
     """`multipath -f NAME` once udev is done with the map. Closing a map opened for writing makes udev
-    probe it (blkid) and `multipath -f` says "map in use" meanwhile: settle, then retry to a deadline."""
+    probe it (blkid) and `multipath -f` says "map in use" (or its remove ioctl gets EBUSY) meanwhile:
+    settle, then retry to a deadline."""
     settle()
 
     def flushed() -> bool:
         proc = run(["multipath", "-f", name], ok=(0, 1))
         if proc.returncode == 0:
             return True
-        assert "in use" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+        said = proc.stdout + proc.stderr
+        assert any(marker in said for marker in IN_USE_MARKERS), said
         return False
 
     wait_until(f"multipath -f {name} (map in use)", flushed, timeout, every=0.5)

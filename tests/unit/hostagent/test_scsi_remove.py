@@ -20,6 +20,13 @@ from tests.fakes.udev import FakeUdev
 from tests.unit.hostagent.test_tools import WWID, WWN, recorded
 
 IN_USE = Reply(1, "", "mpatha: map in use\n")
+# multipath's open-count check passed, then the remove ioctl met an opener (recorded on a guest run).
+REMOVE_BUSY = Reply(
+    1,
+    "",
+    "307.543790 | libdevmapper: ioctl/libdm-iface.c(1980): device-mapper: remove ioctl on mpatha  "
+    "failed: Device or resource busy\n",
+)
 OTHER_WWID = "36001405bbbbbbbbbbbbbbbbbbbb00000"
 
 
@@ -61,6 +68,14 @@ def _rig(
 
 def test_a_map_in_use_is_flushed_again_with_backoff_until_it_goes(tmp_path: Path) -> None:
     devices, runner, udev, clock = _rig(tmp_path, [IN_USE, IN_USE, IN_USE, Reply(0)])
+    devices.remove(WWN, ["sda", "sdb"], force=False)
+    assert len(runner.ran(r"multipath -f mpatha")) == 4
+    assert clock.sleeps == [0.1, 0.2, 0.4]
+    assert not udev.find("block", lambda d: d.sys_name == "dm-0")
+
+
+def test_a_busy_remove_ioctl_is_retried_like_a_map_in_use(tmp_path: Path) -> None:
+    devices, runner, udev, clock = _rig(tmp_path, [REMOVE_BUSY, IN_USE, REMOVE_BUSY, Reply(0)])
     devices.remove(WWN, ["sda", "sdb"], force=False)
     assert len(runner.ran(r"multipath -f mpatha")) == 4
     assert clock.sleeps == [0.1, 0.2, 0.4]
