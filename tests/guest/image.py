@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -211,6 +212,27 @@ class GuestRun:
             return "(no serial log)"
         return "\n".join(self.serial.read_text(errors="replace").splitlines()[-lines:])
 
+    def kernel_crash(self) -> str:
+        """The guest kernel's first oops or panic on the serial console ("" if none): its headline, the
+        faulting function and the test that was running."""
+        if not self.serial.exists():
+            return ""
+        lines = self.serial.read_text(errors="replace").splitlines()
+        start = next((i for i, line in enumerate(lines) if CRASH.search(line)), None)
+        if start is None:
+            return ""
+        rip = next((CONSOLE_STAMP.sub("", line) for line in lines[start:] if "RIP:" in line), "")
+        running = next(
+            (m.group(0) for line in reversed(lines[: start + 1]) if (m := RUNNING_TEST.search(line))), ""
+        )
+        parts = [CONSOLE_STAMP.sub("", lines[start]), rip, f"while {running} ran" if running else ""]
+        return "; ".join(part for part in parts if part)
+
+
+# A kernel oops or panic on the guest's console, the console's timestamps, and pytest's verbose test ids.
+CRASH = re.compile(r"\] (BUG: |Oops: |Kernel panic - |general protection fault)")
+CONSOLE_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
+RUNNING_TEST = re.compile(r"tests/guest/inside/\S+\.py::\S+")
 
 # Lock files of this process's run directories, held open (flock) until the process exits: a run that
 # is still booting, or whose results are still being read, is never pruned by a concurrent run.
@@ -256,7 +278,9 @@ def qemu_command(image: Path, overlay: Path, results: Path, serial: Path) -> lis
         "-nic", "none",
         "-kernel", str(image / "vmlinuz"),
         "-initrd", str(image / "initrd.img"),
-        "-append", "console=ttyS0 root=/dev/vda rw init=/sbin/blockwire-init panic=-1 loglevel=4",
+        # oops=panic with panic=-1 and -no-reboot: a kernel oops ends QEMU at once, and the run reports it
+        # (GuestRun.kernel_crash), instead of a wedged guest waiting out the run's timeout.
+        "-append", "console=ttyS0 root=/dev/vda rw init=/sbin/blockwire-init oops=panic panic=-1 loglevel=4",
         "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
         "-virtfs", f"local,path={REPO},mount_tag=src,security_model=none,readonly=on",
         "-virtfs", f"local,path={results},mount_tag=results,security_model=none",
@@ -323,6 +347,9 @@ def run_guest(
     if rc_file.exists():
         with contextlib.suppress(ValueError):
             run.returncode = int(rc_file.read_text().strip())
+    crash = run.kernel_crash()
+    if crash:
+        run.notes.append(f"the guest kernel crashed: {crash}")
     if run.returncode is None and not run.timed_out:
         run.notes.append(f"QEMU exited with {proc.returncode} before the guest wrote its exit code")
     return run

@@ -26,6 +26,7 @@ from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
+from tests.host import libiscsi
 from tests.host.daemons import Tgtd
 
 MIB = 1024 * 1024
@@ -131,11 +132,6 @@ def naa_wwn(designators: list[tuple[int, int, str]]) -> str:
     naa6 = [h for t, assoc, h in designators if t == 3 and assoc == 0 and h.startswith("6") and len(h) == 32]
     assert len(naa6) == 1, designators
     return naa6[0]
-
-
-def _url(path: spb.IscsiPath | pb.IscsiPath, user: str = "", password: str = "") -> str:
-    cred = f"{user}%{password}@" if user else ""
-    return f"iscsi://{cred}{path.portal}/{path.target_iqn}/{path.lun}"
 
 
 def run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -312,12 +308,12 @@ def test_lun_is_visible_on_every_portal_with_the_announced_identity_and_size(
             path.portal, path.target_iqn, path.lun, HOST_IQN, chap.username, chap.password
         )
         assert naa_wwn(designators) == ci.wwn, path.portal
-        cap = run("iscsi-readcapacity16", "-i", HOST_IQN, _url(path, chap.username, chap.password))
+        cap = run("iscsi-readcapacity16", "-i", HOST_IQN, libiscsi.url(path, chap.username, chap.password))
         assert cap.returncode == 0, cap.stderr
         assert f"Total size:{64 * MIB}" in cap.stdout
         assert ci.size_bytes == 64 * MIB
-        inq = run(
-            "iscsi-inq", "-i", HOST_IQN, "-e", "1", "-c", "128", _url(path, chap.username, chap.password)
+        inq = libiscsi.inquiry(
+            HOST_IQN, libiscsi.url(path, chap.username, chap.password), "-e", "1", "-c", "128"
         )
         assert inq.returncode == 0, inq.stderr
         serial = re.search(r"Unit Serial Number:\[\s*(\S+)\]", inq.stdout)
@@ -345,11 +341,9 @@ def test_an_initiator_outside_the_acl_is_refused(storaged: StorageDaemon) -> Non
     vol, att = attach(storaged, "acl")
     chap = att.connection_info.iscsi.chap
     for path in att.connection_info.iscsi.paths:
-        url = _url(path, chap.username, chap.password)
-        refused = run("iscsi-inq", "-i", OTHER_IQN, url)
-        assert refused.returncode != 0
-        assert "Target not found" in refused.stderr + refused.stdout
-        assert run("iscsi-inq", "-i", HOST_IQN, url).returncode == 0
+        url = libiscsi.url(path, chap.username, chap.password)
+        assert "Target not found" in libiscsi.refused(OTHER_IQN, url)
+        libiscsi.accepted(HOST_IQN, url)
     detach(storaged, vol, att)
 
 
@@ -357,13 +351,9 @@ def test_wrong_chap_is_refused_and_the_right_one_accepted(storaged: StorageDaemo
     vol, att = attach(storaged, "chap")
     path = att.connection_info.iscsi.paths[0]
     chap = att.connection_info.iscsi.chap
-    wrong = run("iscsi-inq", "-i", HOST_IQN, _url(path, chap.username, "x" * 16))
-    assert wrong.returncode != 0
-    assert "Authentication failure" in wrong.stderr + wrong.stdout
-    anonymous = run("iscsi-inq", "-i", HOST_IQN, _url(path))
-    assert anonymous.returncode != 0
-    right = run("iscsi-inq", "-i", HOST_IQN, _url(path, chap.username, chap.password))
-    assert right.returncode == 0, right.stderr
+    assert "Authentication failure" in libiscsi.refused(HOST_IQN, libiscsi.url(path, chap.username, "x" * 16))
+    libiscsi.refused(HOST_IQN, libiscsi.url(path))
+    libiscsi.accepted(HOST_IQN, libiscsi.url(path, chap.username, chap.password))
     detach(storaged, vol, att)
 
 
@@ -409,12 +399,7 @@ def test_a_tgtd_restart_then_a_service_restart_brings_every_export_back(
                 path.portal, path.target_iqn, path.lun, HOST_IQN, chap.username, chap.password
             )
             assert naa_wwn(designators) == ci.wwn
-        assert (
-            run(
-                "iscsi-inq", "-i", OTHER_IQN, _url(ci.iscsi.paths[0], chap.username, chap.password)
-            ).returncode
-            != 0
-        )
+        libiscsi.refused(OTHER_IQN, libiscsi.url(ci.iscsi.paths[0], chap.username, chap.password))
     states = [
         storaged.stub.GetVolume(spb.GetVolumeRequest(volume_id=v.id), timeout=10).volume.state
         for v, _ in exports

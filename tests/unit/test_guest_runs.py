@@ -1,4 +1,5 @@
-"""The guest harness never prunes a run directory that a live run still holds."""
+"""The guest harness: it never prunes a run directory that a live run still holds, and it names a guest
+kernel crash from the serial console."""
 
 from __future__ import annotations
 
@@ -25,3 +26,27 @@ def test_live_runs_survive_pruning_and_dead_ones_go(tmp_path: Path, monkeypatch:
     assert live != second
     for lock in image._LIVE_RUNS:
         lock.close()
+
+
+SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
+
+
+def test_a_guest_kernel_oops_is_named_with_the_test_that_was_running(tmp_path: Path) -> None:
+    run = image.GuestRun(directory=tmp_path)
+    (tmp_path / "serial.log").write_text((SAMPLES / "guest_serial_oops.txt").read_text())
+    crash = run.kernel_crash()
+    assert crash.startswith("BUG: kernel NULL pointer dereference, address: 0000000000000018"), crash
+    assert "RIP: 0010:iscsi_sw_tcp_release_conn+0x67/0x160 [iscsi_tcp]" in crash
+    assert crash.endswith(
+        "while tests/guest/inside/test_storage_lio_lvm.py::"
+        "test_lvm_thin_volume_over_lio_reaches_the_kernel_with_the_announced_identity ran"
+    )
+
+
+def test_a_clean_console_has_no_crash(tmp_path: Path) -> None:
+    run = image.GuestRun(directory=tmp_path)
+    assert run.kernel_crash() == ""  # no serial log at all
+    lines = (SAMPLES / "guest_serial_oops.txt").read_text().splitlines()
+    clean = [line for line in lines if "372.1" not in line]  # everything before the oops
+    (tmp_path / "serial.log").write_text("\n".join(clean))
+    assert run.kernel_crash() == ""

@@ -25,7 +25,6 @@ T = TypeVar("T")
 # open-iscsi exit codes seen in practice (iscsi_err.h)
 ISCSI_ERR_SESS_EXISTS = 15
 ISCSI_ERR_NO_OBJS_FOUND = 21
-ISCSI_ERR_LOGIN_AUTH_FAILED = 24
 
 PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 BY_PATH = Path("/dev/disk/by-path")
