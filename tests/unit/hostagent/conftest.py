@@ -26,6 +26,7 @@ DATA = Path(__file__).resolve().parents[2] / "data"
 HOST_IQN = "iqn.2026-01.io.blockwire:host-a"
 TARGET = "iqn.2026-01.io.blockwire:vol-1"
 WWN = "6001405abcdef0123456789abcdef012"
+PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 
 
 def sample(name: str) -> str:
@@ -36,7 +37,7 @@ def sample(name: str) -> str:
 def iscsi_info(volume_id: str = "vol-1", *, wwn: str = WWN, password: str = "secretpass12") -> ConnectionInfo:
     return ConnectionInfo(
         transport=IscsiConnection(
-            paths=(IscsiPath("127.0.0.1:3260", TARGET, 1),),
+            paths=(IscsiPath(PORTALS[0], TARGET, 1),),
             chap=Chap("user1", Secret(password)),
             initiator_iqn=HOST_IQN,
         ),
@@ -44,6 +45,15 @@ def iscsi_info(volume_id: str = "vol-1", *, wwn: str = WWN, password: str = "sec
         wwn=wwn,
         serial="SERIAL1",
         size_bytes=16 << 20,
+    )
+
+
+def two_paths() -> ConnectionInfo:
+    """The LUN of `iscsi_info` on both PORTALS, without CHAP: what the path checks work on."""
+    return ConnectionInfo(
+        transport=IscsiConnection(paths=tuple(IscsiPath(p, TARGET, 1) for p in PORTALS)),
+        volume_id="vol-1",
+        wwn=WWN,
     )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from blockwire.errors import InvalidArgument, Unavailable
-from blockwire.model import ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import ConnectionInfo, Connector, Transport
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig, config_from_mapping
 from hostagent.events import EventBus, Subscription
@@ -25,18 +25,9 @@ from hostagent.virt.diskxml import BlockSource, Source
 from tests.fakes.clock import FakeClock
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.storage_api import FakeStorage
-from tests.unit.hostagent.conftest import HOST_IQN, TARGET, WWN
+from tests.unit.hostagent.conftest import HOST_IQN, PORTALS, TARGET, WWN, two_paths
 
-PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 RECORDED = Path(__file__).parents[2] / "data" / "recorded" / "sysfs_iscsi_session.txt"
-
-
-def two_paths() -> ConnectionInfo:
-    return ConnectionInfo(
-        transport=IscsiConnection(paths=tuple(IscsiPath(p, TARGET, 1) for p in PORTALS)),
-        volume_id="vol-1",
-        wwn=WWN,
-    )
 
 
 @dataclass

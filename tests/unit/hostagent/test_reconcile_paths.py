@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blockwire.errors import Unavailable
-from blockwire.model import ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import ConnectionInfo, Connector, Transport
 from hostagent.api import HostAgent, PathRestorer
 from hostagent.events import EventBus
 from hostagent.journal import Journal
@@ -17,17 +17,7 @@ from hostagent.virt.diskxml import BlockSource, Source
 from tests.fakes.clock import FakeClock
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.storage_api import FakeStorage
-from tests.unit.hostagent.conftest import HOST_IQN, TARGET, WWN
-
-PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
-
-
-def two_paths() -> ConnectionInfo:
-    return ConnectionInfo(
-        transport=IscsiConnection(paths=tuple(IscsiPath(p, TARGET, 1) for p in PORTALS)),
-        volume_id="vol-1",
-        wwn=WWN,
-    )
+from tests.unit.hostagent.conftest import HOST_IQN, WWN, two_paths
 
 
 @dataclass
