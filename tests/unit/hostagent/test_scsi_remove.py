@@ -66,16 +66,15 @@ def _rig(
     return devices, runner, udev, clock
 
 
-def test_a_map_in_use_is_flushed_again_with_backoff_until_it_goes(tmp_path: Path) -> None:
-    devices, runner, udev, clock = _rig(tmp_path, [IN_USE, IN_USE, IN_USE, Reply(0)])
-    devices.remove(WWN, ["sda", "sdb"], force=False)
-    assert len(runner.ran(r"multipath -f mpatha")) == 4
-    assert clock.sleeps == [0.1, 0.2, 0.4]
-    assert not udev.find("block", lambda d: d.sys_name == "dm-0")
-
-
-def test_a_busy_remove_ioctl_is_retried_like_a_map_in_use(tmp_path: Path) -> None:
-    devices, runner, udev, clock = _rig(tmp_path, [REMOVE_BUSY, IN_USE, REMOVE_BUSY, Reply(0)])
+@pytest.mark.parametrize(
+    "refusals",
+    [[IN_USE, IN_USE, IN_USE], [REMOVE_BUSY, IN_USE, REMOVE_BUSY]],
+    ids=["map-in-use", "remove-ioctl-busy"],
+)
+def test_a_map_in_use_is_flushed_again_with_backoff_until_it_goes(
+    tmp_path: Path, refusals: list[Reply]
+) -> None:
+    devices, runner, udev, clock = _rig(tmp_path, [*refusals, Reply(0)])
     devices.remove(WWN, ["sda", "sdb"], force=False)
     assert len(runner.ran(r"multipath -f mpatha")) == 4
     assert clock.sleeps == [0.1, 0.2, 0.4]
