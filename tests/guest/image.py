@@ -185,6 +185,12 @@ def _prune(keep: set[str]) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+# A kernel oops or panic on the guest's console, the console's timestamps, and pytest's verbose test ids.
+CRASH = re.compile(r"\] (BUG: |Oops: |Kernel panic - |general protection fault)")
+CONSOLE_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
+RUNNING_TEST = re.compile(r"tests/guest/inside/\S+\.py::\S+")
+
+
 @dataclass
 class GuestRun:
     """One boot of the guest: where its files are, and how it ended."""
@@ -228,11 +234,6 @@ class GuestRun:
         parts = [CONSOLE_STAMP.sub("", lines[start]), rip, f"while {running} ran" if running else ""]
         return "; ".join(part for part in parts if part)
 
-
-# A kernel oops or panic on the guest's console, the console's timestamps, and pytest's verbose test ids.
-CRASH = re.compile(r"\] (BUG: |Oops: |Kernel panic - |general protection fault)")
-CONSOLE_STAMP = re.compile(r"^\[\s*\d+\.\d+\]\s*")
-RUNNING_TEST = re.compile(r"tests/guest/inside/\S+\.py::\S+")
 
 # Lock files of this process's run directories, held open (flock) until the process exits: a run that
 # is still booting, or whose results are still being read, is never pruned by a concurrent run.
