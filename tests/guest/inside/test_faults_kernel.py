@@ -38,6 +38,15 @@ def _targets(tgtd: Tgtd, prefix: str) -> list[str]:
     ]
 
 
+def _nothing_left(s: Stack, tgtd: Tgtd, volume_id: str) -> None:
+    """No trace of the volume on the host (sessions, node records, disks, maps, links), among storage's
+    attachments, or among tgtd's targets."""
+    kernel.settle()
+    assert kernel.leftovers() == {}
+    assert s.storage.list_attachments(volume_id=volume_id) == []
+    assert _targets(tgtd, s.prefix) == []
+
+
 def _session_states(iqn: str) -> dict[str, str]:
     """SID -> the kernel's state of each session to `iqn` (LOGGED_IN, FAILED, ...)."""
     found = {}
@@ -137,10 +146,7 @@ def test_tgtd_restart_while_attached_recovers_without_restarting_a_daemon(
         s.agent.detach_volume(domain, vol.id)
         attached = False
         assert kernel.domain_disks(domain) == []
-        kernel.settle()
-        assert kernel.leftovers() == {}
-        assert s.storage.list_attachments(volume_id=vol.id) == []
-        assert _targets(tgtd, s.prefix) == []
+        _nothing_left(s, tgtd, vol.id)
         assert _pids(s) == pids  # neither daemon was restarted
         print(f"export rebuilt {exported_s:.1f}s after the tgtd restart (sessions seen {sorted(seen)}); "
               f"both paths active again after {recovered_s:.1f}s")  # fmt: skip
@@ -180,10 +186,7 @@ def test_a_portal_down_during_attach_the_other_path_serves_then_nothing_left(
         s.agent.detach_volume(domain, vol.id)
         attached = False
         assert kernel.domain_disks(domain) == []
-        kernel.settle()
-        assert kernel.leftovers() == {}
-        assert s.storage.list_attachments(volume_id=vol.id) == []
-        assert _targets(tgtd, s.prefix) == []
+        _nothing_left(s, tgtd, vol.id)
         print(f"attach with {portal_down} down: {attach_s:.1f}s")
     finally:
         if attached:
@@ -210,11 +213,8 @@ def test_the_only_portal_down_fails_clearly_and_leaves_nothing(
         assert kernel.domain_xml(domain) == before
         assert s.agent.list_attachments() == []
         assert not list((s.workdir / "agent-state" / "attachments").glob("*.json"))
-        kernel.settle()
-        assert kernel.leftovers() == {}
-        assert s.storage.list_attachments(volume_id=vol.id) == []
+        _nothing_left(s, tgtd, vol.id)
         assert s.storage.get_volume(vol.id).state == pb.VOLUME_STATE_AVAILABLE
-        assert _targets(tgtd, s.prefix) == []
         print(f"failed in {failed_s:.1f}s: {err.value.code}: {err.value.message}")
     finally:
         s.storage.delete_volume(vol.id)
