@@ -14,6 +14,7 @@ calls on different volumes run in parallel.
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Callable, Mapping
@@ -48,7 +49,7 @@ from hostagent.model import (
     Io,
 )
 from hostagent.storage import StorageApi, StorageAttachment
-from hostagent.virt.diskxml import BlockSource, DiskSpec, LiveDisk
+from hostagent.virt.diskxml import BlockSource, DiskSpec, FileSource, LiveDisk, Source
 from hostagent.virt.hypervisor import DomainInfo, Hypervisor
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,83 @@ def default_serial(volume_id: str, info_serial: str) -> str:
     return _SERIAL_BAD.sub("", volume_id)[:20] or "blockwire"
 
 
+def require_identity(info: ConnectionInfo, allow_unverified: bool) -> None:
+    """Connection info must announce the identity the device is checked against (STYLE.md rule 7),
+    unless the caller opts out for this call; a local path has none to check."""
+    if info.kind is Transport.LOCAL or info.wwn or info.serial or allow_unverified:
+        return
+    raise FailedPrecondition(
+        f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial), "
+        "so the device it reaches cannot be checked; give the volume's wwn, or set "
+        "allow_unverified_identity for this call"
+    )
+
+
+def check_sharing(info: ConnectionInfo, disk: DiskOptions, others: list[Attachment]) -> None:
+    """Storage is the authority on whether a volume may reach several domains (STYLE.md rule 13)."""
+    if info.multiattach:
+        return
+    if others:
+        raise FailedPrecondition(
+            f"volume {info.volume_id} is attached to domain {others[0].domain!r} on this host and is not "
+            "multiattach; detach it there first"
+        )
+    if disk.shareable:
+        raise FailedPrecondition(
+            f"volume {info.volume_id} is not multiattach, so its disk cannot be shareable; "
+            "create the volume multiattach to share it"
+        )
+
+
+def source_path(source: Source) -> str:
+    """The host path a disk source opens ("" for a network disk, which QEMU connects by itself)."""
+    if isinstance(source, BlockSource):
+        return source.dev
+    if isinstance(source, FileSource):
+        return source.file
+    return ""
+
+
+def option_differences(
+    a: Attachment, live: LiveDisk, disk: DiskOptions, access_mode: AccessMode, persistent: bool
+) -> list[str]:
+    """What a repeated attach asks differently from the attachment that exists (empty: the same).
+    Options left at their default ("the volume's", "next free") match whatever was chosen."""
+    spec = live.spec
+    differs: list[str] = []
+
+    def differ(name: str, have: object, want: object) -> None:
+        if have != want:
+            differs.append(f"{name} is {_shown(have)}, asked {_shown(want)}")
+
+    differ("access_mode", a.access_mode, access_mode)
+    differ("persistent", a.persistent, persistent)
+    differ("bus", spec.bus, disk.bus)
+    differ("read_only", spec.read_only, disk.read_only or access_mode is AccessMode.READ_ONLY)
+    differ("cache", spec.cache, disk.cache)
+    if disk.io is not None:
+        differ("io", spec.io, disk.io)
+    if disk.discard is not None:
+        differ("discard", spec.discard, disk.discard)
+    if disk.serial:
+        differ("serial", spec.serial, disk.serial)
+    if disk.target_dev:
+        differ("target_dev", spec.target_dev, disk.target_dev)
+    if disk.shareable:
+        differ("shareable", spec.shareable, True)
+    if not disk.iotune.is_empty():
+        differ("iotune", spec.iotune, combine_iotune(disk.iotune, a.connection_info.qos))
+    if disk.logical_block_size:
+        differ("logical_block_size", spec.logical_block_size or 512, disk.logical_block_size)
+    if disk.physical_block_size:
+        differ("physical_block_size", spec.physical_block_size or 512, disk.physical_block_size)
+    return differs
+
+
+def _shown(value: object) -> str:
+    return str(value.value) if isinstance(value, enum.Enum) else str(value)
+
+
 class HostAgent:
     """Attaches volumes to this host's libvirt domains. Every collaborator is injected."""
 
@@ -192,8 +270,79 @@ class HostAgent:
         except NotFound:
             return None
 
-    def _disk_by_serial(self, domain: str, serial: str) -> LiveDisk | None:
-        return next((d for d in self.hypervisor.disks(domain) if d.spec.serial == serial), None)
+    def _disk_by_serial(self, domain: str, serial: str, *, inactive: bool = False) -> LiveDisk | None:
+        disks = self.hypervisor.disks(domain, inactive=inactive)
+        return next((d for d in disks if d.spec.serial == serial), None)
+
+    def _domain_of(self, a: Attachment) -> DomainInfo | None:
+        """The domain a record is about, or None when it is gone. A domain defined later under the same
+        name (another UUID) is not it: its disks are never taken for the record's."""
+        dom = self._domain_or_none(a.domain)
+        if dom is not None and a.domain_uuid and dom.uuid != a.domain_uuid:
+            log.warning(
+                "domain %r is now %s, not %s of the record of %s: treating the record's domain as gone",
+                a.domain,
+                dom.uuid,
+                a.domain_uuid,
+                a.volume_id,
+            )
+            return None
+        return dom
+
+    def _live_disk(self, a: Attachment) -> LiveDisk | None:
+        dom = self._domain_of(a)
+        return self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
+
+    def _unplug_or_hold(self, a: Attachment, held: list[str]) -> None:
+        """The hot-plug's undo: unplugs `a`'s disk if the domain has it. When the domain does not let
+        go, `held` names it, so that nothing under the disk is disconnected or unexported."""
+        dom = self._domain_of(a)
+        if dom is None or not dom.running:
+            return
+        live = self._disk_by_serial(dom.name, a.serial)
+        if live is None:
+            return
+        try:
+            self.hypervisor.detach_disk(
+                dom.name, live.spec.target_dev, Deadline(self.clock, self.detach_timeout)
+            )
+        except BlockwireError:
+            if self._disk_by_serial(dom.name, a.serial) is not None:
+                held.append(f"domain {dom.name!r} ({live.spec.target_dev})")
+            raise
+
+    def _holders(self, a: Attachment) -> tuple[list[str], list[str]]:
+        """Who holds what `a`'s disconnect would remove: (running domains outside the journal's
+        accounting, domains of other records of the volume that share the host device)."""
+        sharing = {o.domain for o in self.journal.of_volume(a.volume_id) if o.domain != a.domain}
+        foreign: list[str] = []
+        shared: list[str] = []
+        for name, disks in self.hypervisor.running_disks().items():
+            for d in disks:
+                ours = name == a.domain and bool(a.serial) and d.spec.serial == a.serial
+                same_device = bool(a.host_device) and source_path(d.spec.source) == a.host_device
+                if not (ours or same_device):
+                    continue
+                where = f"domain {name!r} ({d.spec.target_dev})"
+                (shared if name in sharing and not ours else foreign).append(where)
+        return foreign, shared
+
+    def _disconnect(self, a: Attachment, *, force: bool) -> None:
+        """Disconnects `a` on the host unless a running domain holds it (never, whatever `force`
+        says: force only overrides a device held open by a process) or another domain's attachment of
+        the same multiattach volume shares the host device (then it stays for that one)."""
+        if not a.connector_kind:
+            return
+        foreign, shared = self._holders(a)
+        if foreign:
+            raise FailedPrecondition(
+                f"{', '.join(foreign)} still holds volume {a.volume_id}; not disconnecting it from the "
+                "host. Detach it from that domain first, then repeat"
+            )
+        if shared:
+            log.info("volume %s: host connection kept for %s", a.volume_id, ", ".join(shared))
+            return
+        self._connector_for(a.connection_info, a.connector_kind).disconnect(a.connection_info, force)
 
     @staticmethod
     def _validate_options(disk: DiskOptions) -> None:
@@ -231,18 +380,34 @@ class HostAgent:
             iotune=combine_iotune(disk.iotune, info.qos),
             serial=a.serial,
             read_only=disk.read_only or a.access_mode is AccessMode.READ_ONLY,
-            shareable=disk.shareable,
+            shareable=info.multiattach,
             logical_block_size=logical,
             physical_block_size=physical,
         )
 
-    def _undo(self, stack: ExitStack, failures: list[str], name: str, fn: Callable[[], object]) -> None:
+    def _undo(
+        self,
+        stack: ExitStack,
+        failures: list[str],
+        name: str,
+        fn: Callable[[], object],
+        *,
+        unless_held: list[str] | None = None,
+    ) -> None:
+        """Pushes a compensation. One that would take away what a domain still holds (`unless_held`
+        names the holder, set by the failed unplug) is not run: it is recorded as a failure, so the
+        record stays ERROR with everything under the disk intact for a later detach."""
+
         def run() -> None:
+            if unless_held:
+                failures.append(f"{name}: kept, {unless_held[0]} still holds the disk")
+                log.error("not undoing %s: %s still holds the disk", name, unless_held[0])
+                return
             try:
                 fn()
             except Exception as exc:
                 log.exception("undoing %s failed", name)
-                failures.append(f"{name}: {exc}")
+                failures.append(f"{name}: {getattr(exc, 'message', type(exc).__name__)}")
 
         stack.callback(run)
 
@@ -256,8 +421,13 @@ class HostAgent:
         disk: DiskOptions | None = None,
         access_mode: AccessMode = AccessMode.READ_WRITE,
         persistent: bool = False,
+        allow_unverified_identity: bool = False,
     ) -> Attachment:
-        """Attaches a volume (by id, through storage; or by connection info) to a running domain."""
+        """Attaches a volume (by id, through storage; or by connection info) to a running domain.
+
+        A repeat with the same options returns the attachment; with other options it is
+        FailedPrecondition naming what differs. Connection info that announces no identity is refused
+        unless `allow_unverified_identity` (local paths excepted)."""
         disk = disk or DiskOptions()
         if not domain:
             raise InvalidArgument("domain", "required")
@@ -267,6 +437,7 @@ class HostAgent:
             if not connection_info.volume_id:
                 raise InvalidArgument("connection_info.volume_id", "required")
             self._connector_for(connection_info).validate(connection_info)
+            require_identity(connection_info, allow_unverified_identity)
             volume_id = connection_info.volume_id
         elif self.storage is None:
             raise FailedPrecondition("no storage service is configured; pass connection_info instead")
@@ -279,18 +450,20 @@ class HostAgent:
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             existing = self.journal.get(volume_id, dom.name)
             if existing is not None:
-                if existing.state is AttachmentState.ATTACHED and self._disk_by_serial(
-                    dom.name, existing.serial
-                ):
+                live = self._live_disk(existing) if existing.state is AttachmentState.ATTACHED else None
+                if live is not None:
+                    differs = option_differences(existing, live, disk, access_mode, persistent)
+                    if differs:
+                        raise FailedPrecondition(
+                            f"volume {volume_id} is already attached to {dom.name!r} with other options "
+                            f"({'; '.join(differs)}); detach it first to attach it this way"
+                        )
                     return existing
                 log.warning("finishing a half-done attachment of %s to %s first", volume_id, dom.name)
                 self._teardown(existing)
             others = [a for a in self.journal.of_volume(volume_id) if a.domain != dom.name]
-            if others and not disk.shareable:
-                raise FailedPrecondition(
-                    f"volume {volume_id} is attached to domain {others[0].domain!r} on this host; "
-                    "detach it first or attach it shareable (multiattach volumes)"
-                )
+            if connection_info is not None:
+                check_sharing(connection_info, disk, others)
             return self._attach(
                 dom=dom,
                 volume_id=volume_id,
@@ -298,6 +471,8 @@ class HostAgent:
                 disk=disk,
                 access_mode=access_mode,
                 persistent=persistent,
+                others=others,
+                allow_unverified_identity=allow_unverified_identity,
             )
 
     def _attach(
@@ -309,12 +484,15 @@ class HostAgent:
         disk: DiskOptions,
         access_mode: AccessMode,
         persistent: bool,
+        others: list[Attachment],
+        allow_unverified_identity: bool,
     ) -> Attachment:
         now = self.clock.now()
         info = given or ConnectionInfo(transport=LocalConnection(""), volume_id=volume_id)
         a = Attachment(
             volume_id=volume_id,
             domain=dom.name,
+            domain_uuid=dom.uuid,
             state=AttachmentState.ATTACHING,
             connection_info=info,
             access_mode=access_mode,
@@ -325,16 +503,29 @@ class HostAgent:
             update_time=now,
         )
         failures: list[str] = []
+        held: list[str] = []  # who still holds the disk after a failed unplug: nothing under it is undone
         self._emit(EventType.ATTACH_STARTED, a)
         with ExitStack() as stack:
             try:
                 self.journal.put(a)
-                self._undo(stack, failures, "journal", lambda: self.journal.delete(volume_id, dom.name))
+                # Last to run: the record goes only when every other compensation succeeded.
+                self._undo(
+                    stack,
+                    failures,
+                    "journal",
+                    lambda: None if failures else self.journal.delete(volume_id, dom.name),
+                )
                 failpoints.hit(FP_ATTACH_AFTER_JOURNAL)
                 if given is None:
                     storage = self._storage()
                     sa = self._create_export(storage, volume_id, access_mode, dom.name, failures)
-                    self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id))
+                    self._undo(
+                        stack,
+                        failures,
+                        "export",
+                        lambda: storage.delete_attachment(sa.id),
+                        unless_held=held,
+                    )
                     failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
                     info = sa.connection_info
                     a = self.journal.update(
@@ -344,29 +535,32 @@ class HostAgent:
                         serial=disk.serial or default_serial(volume_id, info.serial),
                     )
                     self._emit(EventType.PROGRESS, a, step="export")
+                    require_identity(info, allow_unverified_identity)
+                    check_sharing(info, disk, others)
                 conn = self._connector_for(info)
                 conn.validate(info)
                 a = self.journal.update(a, connector_kind=conn.kind)
-                self._undo(stack, failures, "host connection", lambda: conn.disconnect(info, True))
+                self._undo(
+                    stack,
+                    failures,
+                    "host connection",
+                    lambda: self._disconnect(a, force=True),
+                    unless_held=held,
+                )
                 device = conn.connect(info)
                 failpoints.hit(FP_ATTACH_AFTER_CONNECT)
                 a = self.journal.update(a, host_device=device.path)
                 self._emit(EventType.PROGRESS, a, step="connect", path=device.path)
                 att = a
+                # Registered before the hot-plug: libvirt can fail after QEMU added the device, and
+                # the undo then finds it by its serial in the live XML.
+                self._undo(stack, failures, "hot-plug", lambda: self._unplug_or_hold(att, held))
                 spec = self.hypervisor.attach_disk(
                     dom.name,
                     lambda target: self._spec(target, att, info, device, disk),
                     bus=disk.bus,
                     preferred_target=disk.target_dev,
                     persistent=persistent,
-                )
-                self._undo(
-                    stack,
-                    failures,
-                    "hot-plug",
-                    lambda: self.hypervisor.detach_disk(
-                        dom.name, spec.target_dev, Deadline(self.clock, self.detach_timeout)
-                    ),
                 )
                 failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 a = self.journal.update(a, target_dev=spec.target_dev)
@@ -432,17 +626,24 @@ class HostAgent:
             return True
 
     def _teardown(self, a: Attachment, *, force: bool = True) -> None:
-        """Undoes whatever of `a` exists, in reverse order, then drops the record. Idempotent."""
+        """Undoes whatever of `a` exists, in reverse order, then drops the record. Idempotent.
+
+        The disk goes from the live domain and from a persistent definition (also of a shut-off
+        domain: its next start must not find a stale path); the host side is disconnected only when no
+        running domain holds it (`_disconnect`)."""
         a = self.journal.update(a, state=AttachmentState.DETACHING)
-        dom = self._domain_or_none(a.domain)
-        if dom is not None and dom.running:
-            live = self._disk_by_serial(dom.name, a.serial)
-            target = live.spec.target_dev if live is not None else ""
-            if target:
-                self.hypervisor.detach_disk(dom.name, target, Deadline(self.clock, self.detach_timeout))
+        dom = self._domain_of(a)
+        if dom is not None:
+            live = self._disk_by_serial(dom.name, a.serial) if dom.running else None
+            if live is None and dom.persistent:
+                live = self._disk_by_serial(dom.name, a.serial, inactive=True)
+            if live is not None:
+                self.hypervisor.detach_disk(
+                    dom.name, live.spec.target_dev, Deadline(self.clock, self.detach_timeout)
+                )
                 failpoints.hit(FP_DETACH_AFTER_UNPLUG)
         if a.connector_kind:  # connect may have begun: disconnect (idempotent)
-            self._connector_for(a.connection_info, a.connector_kind).disconnect(a.connection_info, force)
+            self._disconnect(a, force=force)
             failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
         if a.owns_export and self.storage is not None:
             failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
@@ -498,16 +699,25 @@ class HostAgent:
         return [a for a in self.journal.all() if not domain or a.domain == domain]
 
     # -- host-only connect ------------------------------------------------------------------------
-    def connect_volume(self, info: ConnectionInfo) -> HostDevice:
+    def connect_volume(self, info: ConnectionInfo, *, allow_unverified_identity: bool = False) -> HostDevice:
         conn = self._connector_for(info)
         conn.validate(info)
+        require_identity(info, allow_unverified_identity)
         with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
             return conn.connect(info)
 
     def disconnect_volume(self, info: ConnectionInfo, *, force: bool = False) -> None:
+        """Disconnects what connect_volume made. Never a volume the agent attached to a domain (that
+        is DetachVolume's); the connector itself refuses a device another volume or a process holds."""
         conn = self._connector_for(info)
         conn.validate(info)
         with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
+            attached = self.journal.of_volume(info.volume_id) if info.volume_id else []
+            if attached:
+                raise FailedPrecondition(
+                    f"volume {info.volume_id} is attached to domain {attached[0].domain!r} by this agent; "
+                    "detach it with DetachVolume instead"
+                )
             conn.disconnect(info, force)
 
     # -- restart ----------------------------------------------------------------------------------
@@ -573,7 +783,7 @@ class HostAgent:
 
     def _reconcile_one(self, a: Attachment) -> ReconcileAction:
         try:
-            dom = self._domain_or_none(a.domain)
+            dom = self._domain_of(a)
             live = self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
             if a.state is AttachmentState.ATTACHED and (
                 live is not None or (dom is not None and not dom.running)

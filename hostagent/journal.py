@@ -1,13 +1,22 @@
 """The attachment journal (STYLE.md rule 6): one JSON record per attachment, written before each side effect.
 
-Layout: `<state_dir>/attachments/<volume>@<domain>.json`. The directory is 0700 and every file 0600:
-records hold connection info with its CHAP secrets, needed to undo an attach after a crash. Writes are
-atomic (temporary file, fsync, rename, directory fsync), so a crash leaves either the old record or
-the new one, never half of one.
+Layout: `<state_dir>/attachments/<volume>@<domain>.json`, each part percent-encoded (every byte
+outside `[A-Za-z0-9._-]` becomes `%XX`), so the name is a reversible, collision-free function of the
+pair: "hv 1" and "hv_1" are two records, never one. A name that would pass the file system's limit is
+replaced by a digest of the encoded pair (collision-free for any practical purpose). Every record read
+is checked against the pair it was asked for. The directory is 0700 and every file 0600: records hold
+connection info with its CHAP secrets, needed to undo an attach after a crash. Writes are atomic
+(temporary file, complete write, fsync, rename, directory fsync), so a crash leaves either the old
+record or the new one, never half of one.
+
+Records written under the older, lossy naming (`[^A-Za-z0-9._-]` replaced by `_`) are renamed to their
+new name when the journal opens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,17 +30,27 @@ from typing import Any
 from google.protobuf import json_format
 
 from blockwire import model
+from blockwire.errors import FailedPrecondition
 from blockwire.convert import connection_info_from_pb, connection_info_to_pb
 from blockwire.v1 import types_pb2
 from hostagent.model import Attachment, AttachmentState
 
 log = logging.getLogger(__name__)
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_UNSAFE = re.compile(rb"[^A-Za-z0-9._-]")
+_MAX_NAME = 200  # bytes of a record's file name before ".json"; file systems allow 255
+
+
+def _encode(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"%{m.group()[0]:02X}".encode(), text.encode()).decode()
 
 
 def _key(volume_id: str, domain: str) -> str:
-    return f"{_SAFE.sub('_', volume_id)}@{_SAFE.sub('_', domain)}"
+    """The record's file name stem: collision-free for any pair (percent-encoding is reversible)."""
+    key = f"{_encode(volume_id)}@{_encode(domain)}"
+    if len(key) > _MAX_NAME:
+        return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+    return key
 
 
 def to_json(a: Attachment) -> dict[str, Any]:
@@ -40,6 +59,7 @@ def to_json(a: Attachment) -> dict[str, Any]:
         "version": 1,
         "volume_id": a.volume_id,
         "domain": a.domain,
+        "domain_uuid": a.domain_uuid,
         "state": a.state.value,
         "connection_info": info,
         "attachment_id": a.attachment_id,
@@ -63,6 +83,7 @@ def from_json(d: dict[str, Any]) -> Attachment:
     return Attachment(
         volume_id=d["volume_id"],
         domain=d["domain"],
+        domain_uuid=d.get("domain_uuid", ""),
         state=AttachmentState(d["state"]),
         connection_info=info,
         attachment_id=d.get("attachment_id", ""),
@@ -97,6 +118,20 @@ class Journal:
         # it was to replace (or its absence) is still the truth. One agent owns a state dir.
         for stale in self.dir.glob(f"{_TMP_PREFIX}*"):
             stale.unlink(missing_ok=True)
+        self._rename_legacy()
+
+    def _rename_legacy(self) -> None:
+        """Gives records named by the older, lossy scheme their collision-free name."""
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                a = from_json(json.loads(p.read_bytes()))
+            except (OSError, ValueError, KeyError):
+                continue  # all() reports it
+            want = self._path(a.volume_id, a.domain)
+            if p != want and not want.exists():
+                log.info("journal record %s renamed to %s", p.name, want.name)
+                os.replace(p, want)
+                self._sync_dir()
 
     def _path(self, volume_id: str, domain: str) -> Path:
         return self.dir / f"{_key(volume_id, domain)}.json"
@@ -106,15 +141,18 @@ class Journal:
         data = json.dumps(to_json(a), indent=1, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=_TMP_PREFIX, suffix=".json")
         try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
+            try:
+                os.fchmod(fd, 0o600)
+                view = memoryview(data)
+                while view:  # os.write may write less than asked (a signal, a full disk)
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, self._path(a.volume_id, a.domain))
-        except OSError:
-            os.unlink(tmp)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
         self._sync_dir()
 
@@ -131,10 +169,18 @@ class Journal:
         self._sync_dir()
 
     def get(self, volume_id: str, domain: str) -> Attachment | None:
+        path = self._path(volume_id, domain)
         try:
-            return from_json(json.loads(self._path(volume_id, domain).read_bytes()))
+            a = from_json(json.loads(path.read_bytes()))
         except FileNotFoundError:
             return None
+        if (a.volume_id, a.domain) != (volume_id, domain):
+            # Only a hand-made or damaged file can get here: never act on another pair's record.
+            raise FailedPrecondition(
+                f"journal record {path.name} is for volume {a.volume_id!r} on domain {a.domain!r}, not "
+                f"{volume_id!r} on {domain!r}; move it away and run reconcile"
+            )
+        return a
 
     def all(self) -> list[Attachment]:
         found = []

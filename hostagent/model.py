@@ -78,6 +78,7 @@ class Attachment:
     domain: str
     state: AttachmentState
     connection_info: ConnectionInfo
+    domain_uuid: str = ""  # the domain this record is about; a same-named domain defined later is another
     attachment_id: str = ""
     access_mode: AccessMode = AccessMode.READ_WRITE
     connector_kind: str = ""

@@ -86,6 +86,10 @@ def new_chap_secret() -> Secret:
     return Secret("".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_LENGTH)))
 
 
+def _consumer(host: str, domain: str) -> str:
+    return f"domain {domain!r} on host {host}" if domain else f"host {host}"
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -610,8 +614,12 @@ class StorageService:
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
         atts = self.catalog.list_attachments(volume_id=v.id, after=None, limit=10_000)
+        # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
+        # on this host or another, is a second attachment, which only a multiattach volume may have
+        # (a repeat from the same host must never stand in for another domain's attachment: its
+        # deletion would unexport the volume under the first domain).
         for a in atts:
-            if a.connector.host != connector.host:
+            if a.connector.host != connector.host or a.domain != domain:
                 continue
             if (
                 a.connector.initiator_iqn == connector.initiator_iqn
@@ -620,12 +628,14 @@ class StorageService:
             ):
                 return a
             raise FailedPrecondition(
-                f"volume {v.id} is already attached to host {connector.host} ({a.id}, {a.access_mode.value}, "
-                f"{a.connector.initiator_iqn}); delete that attachment first"
+                f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
+                f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
+                "attachment first"
             )
         if atts and not v.multiattach:
             raise FailedPrecondition(
-                f"volume {v.id} is attached to host {atts[0].connector.host} and was not created multiattach"
+                f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
+                "not created multiattach; detach it there first"
             )
         if atts and v.export is not None and v.export.access_mode is not mode:
             raise FailedPrecondition(
@@ -681,6 +691,7 @@ class StorageService:
                 discard=False,
                 logical_block_size=512,
                 physical_block_size=512,
+                multiattach=v.multiattach,
             )
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=self._now())
             self.catalog.update_attachment(att)

@@ -700,11 +700,14 @@ class HostAgentClient(_Client):
         disk: types_pb2.DiskOptions | None = None,
         access_mode: types_pb2.AccessMode.ValueType = types_pb2.ACCESS_MODE_UNSPECIFIED,
         persistent: bool = False,
+        allow_unverified_identity: bool = False,
         timeout: float | None = None,
     ) -> types_pb2.Attachment:
         """Attaches a volume (by id, or by connection info you hold) to a running domain.
 
-        Idempotent per (domain, volume). Default deadline: 300 s. Example::
+        Idempotent per (domain, volume); a repeat with other options is FAILED_PRECONDITION.
+        `allow_unverified_identity` admits connection info without wwn or serial (the device is then
+        not checked). Default deadline: 300 s. Example::
 
             disk = types_pb2.DiskOptions(bus=types_pb2.DISK_BUS_SCSI, target_dev="sdb")
             att = agent.attach_volume("vm1", volume_id=vol.id, disk=disk)
@@ -712,7 +715,11 @@ class HostAgentClient(_Client):
         if (volume_id is None) == (connection_info is None):
             raise InvalidArgument("volume", "give exactly one of volume_id and connection_info")
         request = hostagent_pb2.AttachVolumeRequest(
-            domain=domain, access_mode=access_mode, persistent=persistent, disk=disk
+            domain=domain,
+            access_mode=access_mode,
+            persistent=persistent,
+            disk=disk,
+            allow_unverified_identity=allow_unverified_identity,
         )
         if volume_id is not None:
             request.volume_id = volume_id
@@ -752,10 +759,14 @@ class HostAgentClient(_Client):
         self,
         connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo,
         *,
+        allow_unverified_identity: bool = False,
         timeout: float | None = None,
     ) -> types_pb2.HostDevice:
         """Connects a volume to the host only (no libvirt) and returns the verified device."""
-        request = hostagent_pb2.ConnectVolumeRequest(connection_info=_connection_info_pb(connection_info))
+        request = hostagent_pb2.ConnectVolumeRequest(
+            connection_info=_connection_info_pb(connection_info),
+            allow_unverified_identity=allow_unverified_identity,
+        )
         return self._unary("ConnectVolume", self.stub.ConnectVolume, request, timeout).device
 
     def disconnect_volume(

@@ -173,6 +173,7 @@ def connection_info_from_pb(m: pb.ConnectionInfo, field: str = "connection_info"
         logical_block_size=m.logical_block_size or 512,
         physical_block_size=m.physical_block_size or m.logical_block_size or 512,
         qos=iotune_from_pb(m.qos),
+        multiattach=m.multiattach,
     )
 
 
@@ -189,6 +190,7 @@ def connection_info_to_pb(c: model.ConnectionInfo, *, with_secrets: bool = True)
         logical_block_size=c.logical_block_size,
         physical_block_size=c.physical_block_size,
         qos=iotune_to_pb(c.qos),
+        multiattach=c.multiattach,
     )
     t = c.transport
     if isinstance(t, model.IscsiConnection):

@@ -138,6 +138,7 @@ class ConnectionInfo:
     logical_block_size: int = 512
     physical_block_size: int = 512
     qos: IoTune = field(default_factory=IoTune)
+    multiattach: bool = False
 
     @property
     def kind(self) -> Transport:

@@ -86,6 +86,7 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
             disk=disk_options_from_pb(request.disk),
             access_mode=convert.access_mode_from_pb(request.access_mode),
             persistent=request.persistent,
+            allow_unverified_identity=request.allow_unverified_identity,
         )
         return hpb.AttachVolumeResponse(attachment=attachment_to_pb(a, self.agent.connector))
 
@@ -133,7 +134,8 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         if not request.HasField("connection_info"):
             raise InvalidArgument("connection_info", "required")
         info = convert.connection_info_from_pb(request.connection_info)
-        return hpb.ConnectVolumeResponse(device=host_device_to_pb(self.agent.connect_volume(info)))
+        device = self.agent.connect_volume(info, allow_unverified_identity=request.allow_unverified_identity)
+        return hpb.ConnectVolumeResponse(device=host_device_to_pb(device))
 
     @_unary
     def DisconnectVolume(

@@ -206,8 +206,24 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             _raise(exc, f"reading the XML of domain {dom.name()!r}")
 
-    def disks(self, domain: str) -> list[LiveDisk]:
-        return parse_domain_disks(self._xml(self._domain(domain)))
+    def disks(self, domain: str, *, inactive: bool = False) -> list[LiveDisk]:
+        return parse_domain_disks(self._xml(self._domain(domain), inactive=inactive))
+
+    def running_disks(self) -> dict[str, list[LiveDisk]]:
+        conn = self._connection()
+        try:
+            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        except libvirt.libvirtError as exc:
+            _raise(exc, "listing the running domains")
+        found: dict[str, list[LiveDisk]] = {}
+        for dom in doms:
+            try:
+                found[dom.name()] = parse_domain_disks(str(dom.XMLDesc(0)))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    _raise(exc, "reading a running domain's XML")
+                # it stopped since the listing: it holds nothing now
+        return found
 
     def _domain_lock(self, uuid: str) -> threading.Lock:
         with self._lock:

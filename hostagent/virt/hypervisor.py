@@ -29,8 +29,12 @@ class Hypervisor(Protocol):
         """The domain by name or UUID; NotFound when there is none."""
         ...
 
-    def disks(self, domain: str) -> list[LiveDisk]:
-        """The disks of the domain's live XML."""
+    def disks(self, domain: str, *, inactive: bool = False) -> list[LiveDisk]:
+        """The disks of the domain's live XML (`inactive`: of its persistent definition)."""
+        ...
+
+    def running_disks(self) -> dict[str, list[LiveDisk]]:
+        """The live disks of every running domain of the host, by domain name: who holds what."""
         ...
 
     def attach_disk(

@@ -35,9 +35,14 @@ class FakeHypervisor:
                 return d
         raise NotFound(f"domain {domain!r} does not exist on this host")
 
-    def disks(self, domain: str) -> list[LiveDisk]:
+    def disks(self, domain: str, *, inactive: bool = False) -> list[LiveDisk]:
+        """A running domain's disks are live (and persistent when attached so); a shut-off one's are
+        its definition's."""
         name = self.lookup(domain).name
         return [LiveDisk(s, alias=f"scsi0-0-0-{i}") for i, s in enumerate(self.disks_by_domain[name])]
+
+    def running_disks(self) -> dict[str, list[LiveDisk]]:
+        return {n: self.disks(n) for n, d in self.domains.items() if d.running}
 
     def attach_disk(
         self,

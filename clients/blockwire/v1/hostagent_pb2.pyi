@@ -128,6 +128,7 @@ class AttachVolumeRequest(_message.Message):
     DISK_FIELD_NUMBER: _builtins.int
     ACCESS_MODE_FIELD_NUMBER: _builtins.int
     PERSISTENT_FIELD_NUMBER: _builtins.int
+    ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
     """libvirt domain name or UUID; the domain must be running."""
     volume_id: _builtins.str
@@ -136,6 +137,11 @@ class AttachVolumeRequest(_message.Message):
     """Read-write or read-only; UNSPECIFIED means READ_WRITE."""
     persistent: _builtins.bool
     """Also add the disk to the persistent definition (AFFECT_CONFIG) when the domain is persistent."""
+    allow_unverified_identity: _builtins.bool
+    """Attach even though the connection info announces no identity (neither wwn nor serial), so that
+    the device reached cannot be checked. Without it such connection info is FAILED_PRECONDITION.
+    Local paths are never checked and need no opt-out.
+    """
     @_builtins.property
     def connection_info(self) -> _types_pb2.ConnectionInfo:
         """Connection info a virt manager already holds (the agent then does not call the storage service)."""
@@ -153,10 +159,11 @@ class AttachVolumeRequest(_message.Message):
         disk: _types_pb2.DiskOptions | None = ...,
         access_mode: _types_pb2.AccessMode.ValueType = ...,
         persistent: _builtins.bool = ...,
+        allow_unverified_identity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info", "disk", b"disk", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "connection_info", b"connection_info", "disk", b"disk", "domain", b"domain", "persistent", b"persistent", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "allow_unverified_identity", b"allow_unverified_identity", "connection_info", b"connection_info", "disk", b"disk", "domain", b"domain", "persistent", b"persistent", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_volume: _TypeAlias = _typing.Literal["volume_id", "connection_info"]  # noqa: Y015
     _WhichOneofArgType_volume: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
@@ -386,6 +393,9 @@ class ConnectVolumeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     CONNECTION_INFO_FIELD_NUMBER: _builtins.int
+    ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
+    allow_unverified_identity: _builtins.bool
+    """Connect even though the connection info announces no identity (see AttachVolumeRequest)."""
     @_builtins.property
     def connection_info(self) -> _types_pb2.ConnectionInfo:
         """How to reach it and how to recognise it."""
@@ -394,10 +404,11 @@ class ConnectVolumeRequest(_message.Message):
         self,
         *,
         connection_info: _types_pb2.ConnectionInfo | None = ...,
+        allow_unverified_identity: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unverified_identity", b"allow_unverified_identity", "connection_info", b"connection_info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

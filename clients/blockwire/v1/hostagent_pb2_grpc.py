@@ -128,11 +128,17 @@ class HostAgentServiceServicer:
     def AttachVolume(self, request, context):
         """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
         connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
-        Idempotent per (domain, volume): a repeat returns the existing attachment; the same volume on
-        another domain of this host gives FAILED_PRECONDITION unless the volume is multiattach.
+        Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
+        a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
+        what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
+        storage says the volume is multiattach (ConnectionInfo.multiattach; DiskOptions.shareable never
+        overrides it). When an attach fails after the hot-plug and the domain does not release the disk,
+        nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
+        finishes it once the domain lets go.
         Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-        volume), FAILED_PRECONDITION (identity mismatch, domain not running), PERMISSION_DENIED (CHAP,
-        ACL), DEADLINE_EXCEEDED, UNAVAILABLE.
+        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
+        options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+        DEADLINE_EXCEEDED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,7 +147,8 @@ class HostAgentServiceServicer:
     def DetachVolume(self, request, context):
         """Detaches a volume from a domain: unplug (waiting for libvirt's DEVICE_REMOVED), disconnect on the
         host leaving no device, map, session or node record behind, storage DeleteAttachment. A repeat, or
-        a volume that is not attached, returns OK.
+        a volume that is not attached, returns OK. A shut-off persistent domain loses the disk from its
+        definition. Nothing a running domain still holds is disconnected or unexported (also with force).
         Errors: INVALID_ARGUMENT, DEADLINE_EXCEEDED (the guest did not release the disk; the attachment
         stays DETACHING and a repeat finishes it), UNAVAILABLE.
         """

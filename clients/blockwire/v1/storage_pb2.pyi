@@ -617,7 +617,9 @@ class CreateAttachmentRequest(_message.Message):
     access_mode: _types_pb2.AccessMode.ValueType
     """Read-write or read-only; UNSPECIFIED means READ_WRITE."""
     domain: _builtins.str
-    """The consumer on that host (a domain name or UUID); informational."""
+    """The consumer on that host (a domain name or UUID). Part of the attachment's key: the same volume on
+    two domains of one host is two attachments (allowed for multiattach volumes only).
+    """
     transport: _types_pb2.Transport.ValueType
     """Preferred transport; UNSPECIFIED lets the service pick the first of connector.transports it
     supports.

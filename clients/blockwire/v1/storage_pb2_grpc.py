@@ -240,9 +240,12 @@ class StorageServiceServicer:
         """Exports a volume to a host's connector and returns the attachment with its connection info; the
         volume moves AVAILABLE -> RESERVED -> ATTACHING. Only the connector's initiator may log in; CHAP
         secrets are fresh per export.
-        Idempotent per (volume, host): a repeat with the same connector and mode returns the existing
-        attachment and the same connection info. Another host on a volume that is not multiattach, or the
-        same host with another mode, gives FAILED_PRECONDITION.
+        Idempotent per (volume, host, domain): a repeat with the same connector, domain and mode returns the
+        existing attachment and the same connection info. Another host or another domain on a volume that is
+        not multiattach, or the same host and domain with another mode or initiator, gives
+        FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
+        deleting one never removes what another still uses (the initiator's ACL entry stays while any
+        attachment of that initiator does).
         Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
         UNAVAILABLE (the target daemon).
         """

@@ -730,6 +730,7 @@ class ConnectionInfo(_message.Message):
     LOGICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     PHYSICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     QOS_FIELD_NUMBER: _builtins.int
+    MULTIATTACH_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     """The volume this connection reaches."""
     attachment_id: _builtins.str
@@ -750,6 +751,10 @@ class ConnectionInfo(_message.Message):
     """Logical block size in bytes (512 or 4096)."""
     physical_block_size: _builtins.int
     """Physical block size in bytes."""
+    multiattach: _builtins.bool
+    """Whether the volume may reach several domains at once (the volume's multiattach property, as storage
+    knows it). The host marks the disk shareable exactly then, and refuses a second domain otherwise.
+    """
     @_builtins.property
     def iscsi(self) -> Global___IscsiConnection:
         """iSCSI."""
@@ -792,10 +797,11 @@ class ConnectionInfo(_message.Message):
         logical_block_size: _builtins.int = ...,
         physical_block_size: _builtins.int = ...,
         qos: Global___IoTune | None = ...,
+        multiattach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fc", b"fc", "iscsi", b"iscsi", "local", b"local", "nvmeof", b"nvmeof", "qos", b"qos", "rbd", b"rbd", "transport", b"transport"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "attachment_id", b"attachment_id", "discard", b"discard", "fc", b"fc", "iscsi", b"iscsi", "local", b"local", "logical_block_size", b"logical_block_size", "nvmeof", b"nvmeof", "physical_block_size", b"physical_block_size", "qos", b"qos", "rbd", b"rbd", "serial", b"serial", "size_bytes", b"size_bytes", "transport", b"transport", "volume_id", b"volume_id", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "attachment_id", b"attachment_id", "discard", b"discard", "fc", b"fc", "iscsi", b"iscsi", "local", b"local", "logical_block_size", b"logical_block_size", "multiattach", b"multiattach", "nvmeof", b"nvmeof", "physical_block_size", b"physical_block_size", "qos", b"qos", "rbd", b"rbd", "serial", b"serial", "size_bytes", b"size_bytes", "transport", b"transport", "volume_id", b"volume_id", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_transport: _TypeAlias = _typing.Literal["iscsi", "fc", "nvmeof", "rbd", "local"]  # noqa: Y015
     _WhichOneofArgType_transport: _TypeAlias = _typing.Literal["transport", b"transport"]  # noqa: Y015
@@ -1215,7 +1221,9 @@ class DiskOptions(_message.Message):
     read_only: _builtins.bool
     """Attach read-only (also forced when the attachment is read-only)."""
     shareable: _builtins.bool
-    """Mark the disk shareable (multiattach volumes)."""
+    """Mark the disk shareable. Only multiattach volumes may be shareable (FAILED_PRECONDITION otherwise);
+    their disks are always shareable, whatever this says.
+    """
     target_dev: _builtins.str
     """Preferred target device name ("sdb"); empty means the next free one on the bus."""
     logical_block_size: _builtins.int
