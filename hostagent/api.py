@@ -307,7 +307,11 @@ class HostAgent:
                 dom.name, live.spec.target_dev, Deadline(self.clock, self.detach_timeout)
             )
         except BlockwireError:
-            if self._disk_by_serial(dom.name, a.serial) is not None:
+            try:
+                still = self._disk_by_serial(dom.name, a.serial) is not None
+            except BlockwireError:
+                still = True  # cannot tell (libvirt down): assume the domain still has it
+            if still:
                 held.append(f"domain {dom.name!r} ({live.spec.target_dev})")
             raise
 

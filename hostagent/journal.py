@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -30,8 +31,8 @@ from typing import Any
 from google.protobuf import json_format
 
 from blockwire import model
-from blockwire.errors import FailedPrecondition
 from blockwire.convert import connection_info_from_pb, connection_info_to_pb
+from blockwire.errors import FailedPrecondition
 from blockwire.v1 import types_pb2
 from hostagent.model import Attachment, AttachmentState
 
@@ -109,8 +110,13 @@ def _placeholder(d: dict[str, Any]) -> model.ConnectionInfo:
 _TMP_PREFIX = ".tmp-"
 
 
+Writer = Callable[[int, memoryview], int]
+
+
 class Journal:
-    def __init__(self, state_dir: str | Path) -> None:
+    def __init__(self, state_dir: str | Path, *, write: Writer = os.write) -> None:
+        """`write` is os.write; tests inject one that writes less than asked, as os.write may."""
+        self._write = write
         self.dir = Path(state_dir) / "attachments"
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.dir, 0o700)
@@ -145,7 +151,7 @@ class Journal:
                 os.fchmod(fd, 0o600)
                 view = memoryview(data)
                 while view:  # os.write may write less than asked (a signal, a full disk)
-                    view = view[os.write(fd, view) :]
+                    view = view[self._write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

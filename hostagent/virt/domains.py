@@ -259,6 +259,8 @@ class LibvirtHypervisor:
 
     def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
         dom = self._domain(domain)
+        if not dom.isActive():  # shut off: only its definition has disks (a transient one is gone)
+            return self._detach_config(dom, target_dev)
         uuid = dom.UUIDString()
         with self._domain_lock(uuid):
             live = _disk_elements(self._xml(dom))
@@ -293,6 +295,13 @@ class LibvirtHypervisor:
                     "repeat the detach to finish it"
                 )
             return True
+
+    def _detach_config(self, dom: Any, target_dev: str) -> bool:
+        config = _disk_elements(self._xml(dom, inactive=True))
+        if target_dev not in config:
+            return False
+        self._detach(dom, config[target_dev], libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        return True
 
     def _detach(self, dom: Any, element: etree._Element, flags: int) -> None:
         xml = etree.tostring(element, encoding="unicode")

@@ -131,6 +131,7 @@ class Rig:
     agent_proc: Proc | None = None
     backend_dir: Path | None = None
     oversubscription: float = 1.0
+    detach_timeout: float = 10.0
     # Volume ids this rig's tests used: probes and cleanup look only at their libvirt secrets, since
     # libvirtd (and its secrets) is shared with whatever else runs on the machine.
     volume_ids: set[str] = field(default_factory=set)
@@ -218,7 +219,7 @@ listen_unix = "{sock}"
 initiator_file = "{self.work / "no-initiatorname"}"
 hostnqn_file = "{self.work / "no-hostnqn"}"
 device_timeout = 10.0
-detach_timeout = 10.0
+detach_timeout = {self.detach_timeout}
 log_level = "DEBUG"
 """
         )

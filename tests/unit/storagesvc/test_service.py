@@ -183,6 +183,32 @@ def test_multiattach_shares_one_target_with_an_acl_entry_per_host(rig: Rig) -> N
     assert rig.exporter.targets == {}
 
 
+def test_a_second_domain_of_one_host_is_a_second_attachment_only_for_multiattach(rig: Rig) -> None:
+    vid = rig.volume()
+    a = rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE, "vm1")
+    assert rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE, "vm1") == a
+    with pytest.raises(FailedPrecondition, match=r"domain 'vm1' on host a .*not created multiattach"):
+        rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE, "vm2")
+    assert a.connection_info is not None
+    assert not a.connection_info.multiattach
+
+
+def test_multiattach_on_two_domains_of_one_host_keeps_the_export_until_the_last(rig: Rig) -> None:
+    vid = rig.volume(multiattach=True)
+    a = rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE, "vm1")
+    b = rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE, "vm2")
+    assert a.id != b.id
+    assert b.connection_info is not None
+    assert b.connection_info.multiattach
+    target = rig.exporter.targets[f"{PREFIX}:{vid}"]
+    rig.service.delete_attachment(a.id)
+    assert target.initiators == {HOST_A.initiator_iqn}  # vm2 logs in with the same initiator
+    assert rig.exporter.targets
+    rig.service.delete_attachment(b.id)
+    assert rig.exporter.targets == {}
+    assert rig.service.get_volume(vid).state is VolumeState.AVAILABLE
+
+
 @pytest.mark.parametrize("failing", ["ensure_target", "allow"])
 def test_a_failed_export_leaves_no_target_no_acl_no_record(rig: Rig, failing: str) -> None:
     vid = rig.volume()
