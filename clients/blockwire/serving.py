@@ -41,7 +41,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from blockwire.limits import LIMIT_METADATA, RESERVE, Limits
+from blockwire.limits import RESERVE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,9 @@ class LimitsInterceptor(_Interceptor):
     "stream", the methods in `long_methods` (full names, "/blockwire.v1.HostAgentService/AttachVolume")
     "long", the rest "quick"; Health/Check is exempt. A call past its class's bound is refused at once
     with RESOURCE_EXHAUSTED, a message naming the bound, its value and what to do, and trailing metadata
-    `blockwire.limits.LIMIT_METADATA` = the bound's key. The count is taken in the worker thread, when
-    the handler starts, and given back when it ends (a stream: when its generator ends or is closed)."""
+    `blockwire.limits.LIMIT_METADATA` = the bound's key (`blockwire.status.abort_with` of a
+    `ConcurrencyLimit`). The count is taken in the worker thread when the handler starts, and given
+    back when it ends (a stream: when its generator ends or is closed)."""
 
     def __init__(
         self, limits: Limits, long_methods: Collection[str] = (), daemon: str = "the server"
@@ -293,6 +294,9 @@ class LimitsInterceptor(_Interceptor):
     def _admit(self, gate: _Gate, method: str, context: grpc.ServicerContext) -> None:
         if gate.enter():
             return
+        from blockwire.errors import ConcurrencyLimit  # noqa: PLC0415 - keeps this module's imports small
+        from blockwire.status import abort_with  # noqa: PLC0415
+
         kind = gate.kind
         message = (
             f"{method.rsplit('/', 1)[-1]} refused: {self.daemon} has {gate.bound} {kind.running}, its "
@@ -300,8 +304,7 @@ class LimitsInterceptor(_Interceptor):
             "config. This is a concurrency bound, not a lack of space."
         )
         log.debug("refused %s: %s at its bound %d", method, kind.key, gate.bound)
-        context.set_trailing_metadata(((LIMIT_METADATA, kind.key),))
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        abort_with(context, ConcurrencyLimit(message, kind.key))
 
     def intercept_service(
         self,
@@ -363,7 +366,7 @@ class Serving:
     health: health.HealthServicer
     addresses: tuple[str, ...]
     services: tuple[str, ...]
-    limits: LimitsInterceptor
+    gates: LimitsInterceptor
 
     def stop(self, grace: float) -> None:
         """NOT_SERVING, stop accepting, let calls in flight finish within `grace` seconds."""

@@ -44,6 +44,9 @@ def abort_with(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
         message = "internal error (a bug); the server log has the details"
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 14] + " ... (cut)"
+    if isinstance(exc, ConcurrencyLimit):
+        # Says "a bound, not space" to the next client too (the agent passing on storage's refusal).
+        context.set_trailing_metadata(((LIMIT_METADATA, exc.bound or "unknown"),))
     context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 

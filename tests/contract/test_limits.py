@@ -41,7 +41,7 @@ class Server:
 
     @property
     def gates(self) -> serving.LimitsInterceptor:
-        return self.running.limits
+        return self.running.gates
 
     def health(self) -> int:
         r = health_pb2_grpc.HealthStub(self.channel).Check(

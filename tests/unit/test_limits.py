@@ -11,7 +11,7 @@ import pytest
 
 from blockwire import errors
 from blockwire.limits import GRPC_LIMIT_DETAILS, LIMIT_METADATA, RESERVE, Limits
-from blockwire.status import error_from_rpc
+from blockwire.status import abort_with, error_from_rpc
 from hostagent.config import config_from_mapping
 from storagesvc.config import ConfigError, parse
 
@@ -92,3 +92,26 @@ def test_a_refusal_by_a_bound_is_a_concurrency_limit_not_a_lack_of_space() -> No
 
     space = error_from_rpc(_RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "backend file is full"))
     assert type(space) is errors.ResourceExhausted
+
+
+class _Context:
+    def __init__(self) -> None:
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _RpcError(code, details, self.trailing)
+
+
+def test_a_concurrency_limit_passed_on_stays_one() -> None:
+    """The agent passing on storage's refusal (e.g. of CreateAttachment) keeps it a concurrency bound."""
+    context = _Context()
+    refusal = errors.ConcurrencyLimit("CreateAttachment refused: blockwire-storage has ...", "max_long_calls")
+    with pytest.raises(_RpcError) as raised:
+        abort_with(context, refusal)  # type: ignore[arg-type]
+    assert raised.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    back = error_from_rpc(raised.value)
+    assert isinstance(back, errors.ConcurrencyLimit)
+    assert back.bound == "max_long_calls"
