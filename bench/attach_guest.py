@@ -353,7 +353,7 @@ def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bo
         ssock, asock = work / "storage.sock", work / "agent.sock"
         portals = ", ".join(f'"{p}"' for p in PORTALS)
         (work / "storage.toml").write_text(
-            f'[server]\nunix_socket = "{ssock}"\nlog_format = "kv"\nlog_level = "INFO"\nworkers = 16\n'
+            f'[server]\nunix_socket = "{ssock}"\nlog_format = "kv"\nlog_level = "INFO"\n'
             f'[service]\ncatalog_path = "{work}/catalog.db"\niqn_prefix = "iqn.2026-01.io.blockwire.bench"\n'
             f'[[backends]]\nname = "file"\nkind = "file"\npath = "{VOLUMES}"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"

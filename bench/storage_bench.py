@@ -86,7 +86,7 @@ class Daemon:
         portals = ", ".join(f'"{p}"' for p in tgtd.portals)
         self.config = tmp / "storage.toml"
         self.config.write_text(
-            f'[server]\nunix_socket = "{self.socket}"\nlog_format = "kv"\nlog_level = "DEBUG"\nworkers = 16\n'
+            f'[server]\nunix_socket = "{self.socket}"\nlog_format = "kv"\nlog_level = "DEBUG"\n'
             f'[service]\ncatalog_path = "{tmp}/catalog.db"\niqn_prefix = "{self.prefix}"\n'
             f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blockwire.errors import InvalidArgument
+from blockwire.limits import Limits
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
 MULTIPATH_MODES = ("auto", "always", "never")
@@ -35,7 +36,7 @@ class StorageTlsConfig:
     server_name: str = ""  # the name to check the server's certificate against, when not the address's
 
 
-_TABLES: dict[str, type] = {"tls": TlsConfig, "storage_tls": StorageTlsConfig}
+_TABLES: dict[str, type] = {"tls": TlsConfig, "storage_tls": StorageTlsConfig, "limits": Limits}
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,11 @@ class AgentConfig:
     reconcile_on_start: bool = True
     log_level: str = "INFO"
     grace_seconds: float = 10.0
+    # seconds a call waits for a connection to libvirtd; one that does not answer in time is UNAVAILABLE
+    libvirt_connect_timeout: float = 10.0
     tls: TlsConfig = field(default_factory=TlsConfig)
     storage_tls: StorageTlsConfig = field(default_factory=StorageTlsConfig)
+    limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
 
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
@@ -74,7 +78,13 @@ class AgentConfig:
             raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
-        for name in ("storage_timeout", "device_timeout", "detach_timeout", "login_timeout"):
+        for name in (
+            "storage_timeout",
+            "device_timeout",
+            "detach_timeout",
+            "login_timeout",
+            "libvirt_connect_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
         if not self.path_check_interval >= 0:
@@ -117,9 +127,10 @@ def _table(name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise InvalidArgument(name, "must be a table ([" + name + "])")
     defaults = cls()
+    known = {f.name for f in fields(cls)}
     for key, value in raw.items():
-        if not hasattr(defaults, key):
-            raise InvalidArgument(f"{name}.{key}", "unknown key")
+        if key not in known:
+            raise InvalidArgument(f"{name}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
         if type(value) is not type(getattr(defaults, key)):
             raise InvalidArgument(f"{name}.{key}", f"must be a {type(getattr(defaults, key)).__name__}")
     return cls(**raw)

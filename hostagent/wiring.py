@@ -47,7 +47,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
     runner = Executor()
     sysfs = Sysfs(config.sysfs_root)
     udev = PyudevWaiter()
-    hypervisor = LibvirtHypervisor(config.libvirt_uri)
+    hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
     connector = build_connector(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from blockwire.errors import InvalidArgument
+from blockwire.limits import Limits
 from storagesvc import validate
 
 BACKEND_KINDS = ("file", "lvm-thin")
@@ -21,7 +22,7 @@ EXPORTER_KINDS = ("tgt", "lio")
 class ServerConfig:
     unix_socket: str = "/run/blockwire/storage.sock"
     listen: tuple[str, ...] = ()  # "host:port" TCP addresses
-    workers: int = 16
+    workers: int = 0  # deprecated and ignored: threads follow [limits]; the daemon warns when it is set
     log_format: str = "json"  # or "kv"
     log_level: str = "INFO"
     grace_seconds: float = 10.0
@@ -78,6 +79,7 @@ class Config:
     backends: tuple[BackendConfig, ...] = ()
     exporters: Mapping[str, ExporterConfig] = field(default_factory=dict, hash=False)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
 
 
 class ConfigError(Exception):
@@ -129,7 +131,7 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls"))
+    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls", "limits"))
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
         server["listen"] = tuple(server["listen"])
@@ -147,6 +149,10 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError(
             "[server] listen: TCP needs [tls] cert_file and key_file, or [tls] allow_insecure_tcp = true"
         )
+    try:
+        limits = Limits(**_take(top.get("limits", {}), "limits", _fields(Limits)))
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
     service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
     if not service.export_check_interval >= 0:
         raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
@@ -163,7 +169,9 @@ def parse(data: Mapping[str, Any]) -> Config:
         raise ConfigError("[[backends]]: names must be unique")
     if service.default_backend and service.default_backend not in {b.name for b in backends}:
         raise ConfigError(f"[service] default_backend {service.default_backend!r} is not a backend")
-    return Config(server=srv, service=service, backends=tuple(backends), exporters=exporters, tls=tls)
+    return Config(
+        server=srv, service=service, backends=tuple(backends), exporters=exporters, tls=tls, limits=limits
+    )
 
 
 def load(path: str | Path) -> Config:

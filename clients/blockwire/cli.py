@@ -29,7 +29,7 @@ from blockwire.client import (
     StorageClient,
     TlsOptions,
 )
-from blockwire.errors import BlockwireError, InvalidArgument
+from blockwire.errors import BlockwireError, ConcurrencyLimit, InvalidArgument
 from blockwire.sizes import format_size, parse_size
 from blockwire.v1 import hostagent_pb2, types_pb2
 
@@ -44,6 +44,7 @@ EXIT_UNAVAILABLE: Final = 5
 EXIT_PERMISSION: Final = 6
 EXIT_DEADLINE: Final = 7
 EXIT_NO_SPACE: Final = 8
+EXIT_BUSY: Final = 9
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final[dict[str, int]] = {
@@ -72,6 +73,8 @@ exit codes:
   6  permission denied (PERMISSION_DENIED, UNAUTHENTICATED)
   7  deadline exceeded (DEADLINE_EXCEEDED); raise --timeout or look at the daemon's log
   8  out of space (RESOURCE_EXHAUSTED)
+  9  busy: a daemon runs as many calls of that kind as its [limits] allow (RESOURCE_EXHAUSTED naming
+     the bound); run the command again in a moment
   130 interrupted
 
 environment:
@@ -803,7 +806,19 @@ _HINTS: Final[dict[str, str]] = {
 }
 
 
+def _exit_code(exc: BlockwireError) -> int:
+    if isinstance(exc, ConcurrencyLimit):
+        return EXIT_BUSY  # RESOURCE_EXHAUSTED, but not space: a script must not free space for it
+    return EXIT_CODES.get(exc.code, EXIT_ERROR)
+
+
 def _hint(ctx: _Context | None, exc: BlockwireError) -> str | None:
+    if isinstance(exc, ConcurrencyLimit):
+        return (
+            "the daemon is busy (a concurrency bound, not a lack of space): run the command again in a "
+            "moment; if it stays busy, close idle watches or raise the bound in the [limits] table of "
+            "its config"
+        )
     if exc.code == "UNAVAILABLE" and ctx is not None and ctx.daemon:
         address = getattr(ctx.args, ctx.daemon)
         flag, env = f"--{ctx.daemon}", f"BLOCKWIRE_{ctx.daemon.upper()}"
@@ -839,7 +854,7 @@ def main(argv: Sequence[str] | None = None, *, clock: Clock | None = None) -> in
         hint = _hint(ctx, exc)
         if hint:
             print(f"hint: {hint}", file=ctx.stderr)
-        return EXIT_CODES.get(exc.code, EXIT_ERROR)
+        return _exit_code(exc)
     except OSError as exc:  # a TLS file that cannot be read, a closed pipe
         print(f"blockwire: error: {exc}", file=ctx.stderr)
         return EXIT_ERROR

@@ -13,7 +13,8 @@ Both wrap the generated stubs with what every caller needs:
 * typed results: methods return the resource message of the v1 API (`types_pb2.Volume`,
   `types_pb2.Attachment`, ...), never the response envelope; deletes return None; listings return
   every page as a list. Failures raise the `blockwire.errors` exception that the status code maps to
-  (`blockwire.status.error_from_rpc`), e.g. `blockwire.errors.NotFound`;
+  (`blockwire.status.error_from_rpc`), e.g. `blockwire.errors.NotFound`; a daemon at one of its
+  concurrency bounds ([limits]) raises `blockwire.errors.ConcurrencyLimit`, not retried;
 * server streams (`watch_volume`, `watch_events`) as `Stream` iterators that can be cancelled.
 
 Example::

@@ -63,6 +63,16 @@ class ResourceExhausted(BlockwireError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class ConcurrencyLimit(ResourceExhausted):
+    """A daemon runs as many calls of this kind as its [limits] allow (`bound` names the key, e.g.
+    "max_streams"); the call was refused before it did anything. Not a lack of space: retry later,
+    close idle streams, or raise the bound."""
+
+    def __init__(self, message: str, bound: str = "") -> None:
+        super().__init__(message)
+        self.bound = bound
+
+
 class DeadlineExceeded(BlockwireError):
     """A wait ran past its deadline; what was started has been undone unless the message says not."""
 

@@ -12,6 +12,11 @@ reflection, logging, signal handling, and who the caller is.
   unless `allow_insecure_tcp` says so; it is logged as a warning at start, and its callers are admins.
 * Roles come from the client certificate's SAN URI: ``blockwire://agent/<host>`` (a compute host's
   agent) or ``blockwire://admin/<name>`` (an operator or a controller). See `identify`.
+* Concurrency: every call but Health/Check belongs to a class (stream, long, quick) with its own bound
+  (`blockwire.limits.Limits`, the daemon's [limits] table); past it the call is refused at once with
+  RESOURCE_EXHAUSTED naming the bound (`LimitsInterceptor`). The thread pool has a thread for every call
+  the bounds admit plus a reserve, and gRPC's maximum_concurrent_rpcs is the same number, so nothing
+  ever queues for a thread and health always answers.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from blockwire.limits import RESERVE, Limits
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +205,168 @@ def admin_only(identity: Identity, method: str, request: Any) -> None:
         )
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+"""The one method no class bound refuses: it has the reserve threads (and is answered at once)."""
+
+
+@dataclass(frozen=True)
+class _CallClass:
+    key: str  # the [limits] key
+    running: str  # "streams open", as in "has 64 streams open"
+    advice: str
+
+
+_STREAM = _CallClass(
+    "max_streams",
+    "streams open",
+    "close idle streams (each open WatchEvents or WatchVolume holds one), or raise",
+)
+_LONG = _CallClass("max_long_calls", "long calls running", "retry when some have finished, or raise")
+_QUICK = _CallClass("max_quick_calls", "calls running", "retry in a moment, or raise")
+
+
+class _Gate:
+    """A non-blocking bound of one call class: `enter` admits a call or says how many run."""
+
+    def __init__(self, kind: _CallClass, bound: int) -> None:
+        self.kind = kind
+        self.bound = bound
+        self._lock = threading.Lock()
+        self._running = 0
+        self._full_logged = False
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return self._running
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self._running >= self.bound:
+                first = not self._full_logged
+                self._full_logged = True
+            else:
+                self._running += 1
+                return True
+        if first:
+            log.warning(
+                "%d %s: the bound [limits] %s is reached; further calls of that kind are refused "
+                "(RESOURCE_EXHAUSTED) until some end",
+                self.bound,
+                self.kind.running,
+                self.kind.key,
+            )
+        return False
+
+    def leave(self) -> None:
+        with self._lock:
+            self._running -= 1
+            if self._running < self.bound:
+                self._full_logged = False
+
+
+class LimitsInterceptor(_Interceptor):
+    """Bounds concurrent calls per class (`blockwire.limits`): server or client streaming handlers are
+    "stream", the methods in `long_methods` (full names, "/blockwire.v1.HostAgentService/AttachVolume")
+    "long", the rest "quick"; Health/Check is exempt. A call past its class's bound is refused at once
+    with RESOURCE_EXHAUSTED, a message naming the bound, its value and what to do, and trailing metadata
+    `blockwire.limits.LIMIT_METADATA` = the bound's key (`blockwire.status.abort_with` of a
+    `ConcurrencyLimit`). The count is taken in the worker thread when the handler starts, and given
+    back when it ends (a stream: when its generator ends or is closed)."""
+
+    def __init__(
+        self, limits: Limits, long_methods: Collection[str] = (), daemon: str = "the server"
+    ) -> None:
+        self.limits = limits
+        self.long_methods = frozenset(long_methods)
+        self.daemon = daemon
+        self.streams = _Gate(_STREAM, limits.max_streams)
+        self.long = _Gate(_LONG, limits.max_long_calls)
+        self.quick = _Gate(_QUICK, limits.max_quick_calls)
+
+    def gate_for(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> _Gate | None:
+        if method == HEALTH_CHECK:
+            return None
+        if handler.request_streaming or handler.response_streaming:
+            return self.streams
+        return self.long if method in self.long_methods else self.quick
+
+    def _admit(self, gate: _Gate, method: str, context: grpc.ServicerContext) -> None:
+        if gate.enter():
+            return
+        from blockwire.errors import ConcurrencyLimit  # noqa: PLC0415 - keeps this module's imports small
+        from blockwire.status import abort_with  # noqa: PLC0415
+
+        kind = gate.kind
+        message = (
+            f"{method.rsplit('/', 1)[-1]} refused: {self.daemon} has {gate.bound} {kind.running}, its "
+            f"bound ([limits] {kind.key} = {gate.bound}); {kind.advice} [limits] {kind.key} in its "
+            "config. This is a concurrency bound, not a lack of space."
+        )
+        log.debug("refused %s: %s at its bound %d", method, kind.key, gate.bound)
+        abort_with(context, ConcurrencyLimit(message, kind.key))
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method: str = details.method
+        gate = self.gate_for(method, handler)
+        if gate is None:
+            return handler
+        return _gated(handler, lambda context: self._admit(gate, method, context), gate.leave)
+
+
+def _gated(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    admit: Callable[[grpc.ServicerContext], None],
+    leave: Callable[[], None],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with `admit` before its behavior runs and `leave` once it has ended."""
+
+    def once(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            admit(context)
+            try:
+                return behavior(request, context)
+            finally:
+                leave()
+
+        return run
+
+    def streamed(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+        def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            admit(context)  # in the generator: runs when the worker starts the stream
+            try:
+                yield from behavior(request, context)
+            finally:
+                leave()
+
+        return run
+
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(once(handler.unary_unary), des, ser)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streamed(handler.unary_stream), des, ser)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(once(handler.stream_unary), des, ser)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream), des, ser)
+    return handler
+
+
 @dataclass
 class Serving:
     server: grpc.Server
     health: health.HealthServicer
     addresses: tuple[str, ...]
     services: tuple[str, ...]
+    gates: LimitsInterceptor
 
     def stop(self, grace: float) -> None:
         """NOT_SERVING, stop accepting, let calls in flight finish within `grace` seconds."""
@@ -225,16 +388,25 @@ def start(
     services: Sequence[str],
     register: Callable[[grpc.Server], None],
     listeners: Listeners,
-    workers: int = 16,
+    limits: Limits | None = None,
+    long_methods: Collection[str] = (),
+    daemon: str = "the server",
     interceptors: Iterable[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> Serving:
     """Builds, binds and starts a server with `register`'s services, health and reflection; health
-    reports SERVING for "" and each of `services` once every listener is bound."""
+    reports SERVING for "" and each of `services` once every listener is bound.
+
+    Every call passes a `LimitsInterceptor` with `limits` (`long_methods`: full method names of the
+    daemon's long calls; `daemon` names it in refusals) before `interceptors`. The pool has
+    `limits.threads` threads and the server takes no more calls in flight than that."""
     if listeners.tls.enabled:
         listeners.tls.check()
+    limits = limits or Limits()
+    gates = LimitsInterceptor(limits, long_methods, daemon)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
-        interceptors=list(interceptors),
+        futures.ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="rpc"),
+        interceptors=[gates, *interceptors],
+        maximum_concurrent_rpcs=limits.threads,
     )
     register(server)
     health_servicer = health.HealthServicer()
@@ -271,7 +443,16 @@ def start(
         os.chmod(listeners.unix_socket, listeners.unix_mode)
     for name in ("", *services):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Serving(server, health_servicer, tuple(addresses), tuple(services))
+    log.info(
+        "%s takes %d streams, %d long calls and %d other calls at once (%d threads, %d kept for health)",
+        daemon,
+        limits.max_streams,
+        limits.max_long_calls,
+        limits.max_quick_calls,
+        limits.threads,
+        RESERVE,
+    )
+    return Serving(server, health_servicer, tuple(addresses), tuple(services), gates)
 
 
 # -- logging and signals (daemons only: the libraries never configure logging)

@@ -15,8 +15,10 @@ import grpc
 from blockwire.errors import (
     ERRORS_BY_CODE,
     BlockwireError,
+    ConcurrencyLimit,
     InvalidArgument,
 )
+from blockwire.limits import GRPC_LIMIT_DETAILS, LIMIT_METADATA
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ def abort_with(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
         message = "internal error (a bug); the server log has the details"
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 14] + " ... (cut)"
+    if isinstance(exc, ConcurrencyLimit):
+        # Says "a bound, not space" to the next client too (the agent passing on storage's refusal).
+        context.set_trailing_metadata(((LIMIT_METADATA, exc.bound or "unknown"),))
     context.abort(code, message)
     raise AssertionError("context.abort returned")  # pragma: no cover - abort always raises
 
@@ -53,9 +58,33 @@ def error_from_rpc(err: grpc.RpcError) -> BlockwireError:
     if code is grpc.StatusCode.INVALID_ARGUMENT:
         field, _, problem = details.partition(": ")
         return InvalidArgument(field, problem) if problem else InvalidArgument("request", details)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        bound = _limit_of(err)
+        if bound:
+            return ConcurrencyLimit(details, bound)
+        if details == GRPC_LIMIT_DETAILS:
+            return ConcurrencyLimit(
+                "the daemon has as many calls in flight as it takes at all (its [limits] together, "
+                "gRPC maximum_concurrent_rpcs); retry in a moment. This is a concurrency bound, not a "
+                "lack of space.",
+                "maximum_concurrent_rpcs",
+            )
     cls = ERRORS_BY_CODE.get(code.name)
     if cls is None:
         error = BlockwireError(details)
         error.code = code.name
         return error
     return cls(details)
+
+
+def _limit_of(err: grpc.RpcError) -> str:
+    """The bound named by a refusal of `blockwire.serving.LimitsInterceptor`, or ""."""
+    trailing = getattr(err, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # noqa: BLE001 - an error object without call state: no bound
+        return ""
+    for key, value in metadata or ():
+        if key == LIMIT_METADATA:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""

@@ -2,11 +2,12 @@
 
     blockwire-agent --config /etc/blockwire/agent.toml
 
-Listeners, TLS, logging and signals come from `blockwire.serving`; only admins may call (the unix
-socket, or a TLS client certificate with SAN URI blockwire://admin/<name>). Logging is configured here
-and only here. SIGTERM/SIGINT stop the server gracefully (running calls get `grace_seconds` to finish).
-On start the agent reconciles its journal with the host; with the kernel initiator it then checks the
-attached volumes' iSCSI sessions every `path_check_interval` seconds (`hostagent.pathcheck`).
+Listeners, TLS, concurrency bounds ([limits]), logging and signals come from `blockwire.serving`; only
+admins may call (the unix socket, or a TLS client certificate with SAN URI blockwire://admin/<name>).
+Logging is configured here and only here. SIGTERM/SIGINT stop the server gracefully (running calls get
+`grace_seconds` to finish). On start the agent reconciles its journal with the host; with the kernel
+initiator it then checks the attached volumes' iSCSI sessions every `path_check_interval` seconds
+(`hostagent.pathcheck`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from hostagent.wiring import build_agent, build_path_supervisor
 log = logging.getLogger("hostagent")
 
 SERVICE = hostagent_pb2.DESCRIPTOR.services_by_name["HostAgentService"].full_name
+LONG_METHODS = frozenset(
+    f"/{SERVICE}/{name}"
+    for name in ("AttachVolume", "DetachVolume", "ExtendVolume", "ConnectVolume", "DisconnectVolume")
+)
+"""The agent's long calls ([limits] max_long_calls): logins, udev and DEVICE_REMOVED waits, rescans."""
 
 
 def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
@@ -56,6 +62,9 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
             services=(SERVICE,),
             register=register,
             listeners=listeners,
+            limits=config.limits,
+            long_methods=LONG_METHODS,
+            daemon="blockwire-agent",
             interceptors=(serving.AuthInterceptor(f"/{SERVICE}/", serving.admin_only),),
         )
     except serving.ServingError as exc:

@@ -157,6 +157,8 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         except InvalidArgument as exc:
             abort_with(context, exc)
         with self.agent.events.subscribe() as sub:
+            # Headers now: a client that waits for them knows every later event will reach it.
+            context.send_initial_metadata(())
             while context.is_active():
                 event = sub.get(timeout=_WATCH_SLICE)
                 if event is None:

@@ -3,18 +3,25 @@
 * attach: attachDeviceFlags with AFFECT_LIVE, plus AFFECT_CONFIG when asked and the domain is
   persistent (transient domains reject CONFIG); target names are allocated under a per-domain lock from
   the live (and persistent) XML, so concurrent attaches never collide.
-* detach: detachDeviceFlags, then wait for VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED (or REMOVAL_FAILED) for
-  the disk's alias, with a deadline. Events come from libvirt's default event loop, run by one thread.
+* detach: detachDeviceFlags under the per-domain lock, then, with the lock released, wait for
+  VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED (or REMOVAL_FAILED) for the disk's alias, with a deadline: other
+  attaches and detaches on the domain go on meanwhile (a disk being removed is still in the live XML, so
+  its target name is not given out again until it is gone). Events come from libvirt's default event
+  loop, run by one thread.
+* connection: `libvirt.open` runs in a helper thread, one at a time; callers wait for it at most
+  `connect_timeout` seconds from when it began, then get Unavailable, so a hung libvirtd cannot hold the
+  agent's threads.
 * libvirt errors are mapped to the blockwire error tree here, and nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid as uuidlib
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 import libvirt
@@ -29,7 +36,8 @@ from blockwire.errors import (
     Unavailable,
 )
 from blockwire.secret import Secret
-from hostagent.host.clock import Deadline
+from hostagent.host.clock import Clock, Deadline, SystemClock
+from hostagent.locks import KeyedLocks
 from hostagent.model import Bus
 from hostagent.virt.diskxml import (
     DiskSpec,
@@ -104,20 +112,56 @@ def _raise(exc: libvirt.libvirtError, what: str) -> NoReturn:
     raise map_libvirt_error(exc, what) from exc
 
 
-class LibvirtHypervisor:
-    """The real Hypervisor on a libvirt connection (`qemu:///system` by default)."""
+@dataclass(eq=False)
+class _Opening:
+    """One `libvirt.open` in its helper thread; `done` is set when it returned (conn or error)."""
 
-    def __init__(self, uri: str = "qemu:///system") -> None:
+    started: float
+    done: threading.Event = field(default_factory=threading.Event)
+    conn: Any = None
+    error: str = ""
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A detach waiting for DEVICE_REMOVED or DEVICE_REMOVAL_FAILED of one alias."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[str] = field(default_factory=list)
+
+
+class LibvirtHypervisor:
+    """The real Hypervisor on a libvirt connection (`qemu:///system` by default).
+
+    `opener` (libvirt.open) and `start_events` (libvirt's default event loop) are injected for tests."""
+
+    def __init__(
+        self,
+        uri: str = "qemu:///system",
+        *,
+        connect_timeout: float = 10.0,
+        opener: Callable[[str], Any] = libvirt.open,
+        start_events: Callable[[], None] = _start_event_loop,
+        clock: Clock | None = None,
+    ) -> None:
         self.uri = uri
-        self._lock = threading.Lock()
+        self.connect_timeout = connect_timeout
+        self._opener = opener
+        self._start_events = start_events
+        self._clock: Clock = clock or SystemClock()
+        self._lock = threading.Lock()  # guards _conn, _opening and _callback_ids; never held for a call
         self._conn: Any = None
-        self._domain_locks: dict[str, threading.Lock] = {}
-        self._waiters: dict[tuple[str, str], tuple[threading.Event, list[str]]] = {}
+        self._opening: _Opening | None = None
+        self._domain_locks = KeyedLocks()
+        self._waiters: dict[tuple[str, str], list[_Waiter]] = {}
         self._waiters_lock = threading.Lock()
         self._callback_ids: list[int] = []
 
     # -- connection and events --------------------------------------------------------------------
     def _connection(self) -> Any:
+        """The open connection, or a new one. At most one `libvirt.open` runs (in a helper thread);
+        every caller waits for it until `connect_timeout` seconds after it began, then gets Unavailable
+        naming the URI and the bound (a caller that comes later does not wait longer)."""
         with self._lock:
             if self._conn is not None:
                 try:
@@ -126,15 +170,31 @@ class LibvirtHypervisor:
                 except libvirt.libvirtError:
                     pass
                 self._conn = None
-            _start_event_loop()
-            try:
-                conn = libvirt.open(self.uri)
-            except libvirt.libvirtError as exc:
-                raise Unavailable(
-                    f"cannot connect to libvirt at {self.uri}: {exc} (is libvirtd running?)"
-                ) from exc
+            opening = self._opening
+            if opening is None:
+                self._start_events()
+                opening = self._opening = _Opening(self._clock.monotonic())
+                threading.Thread(target=self._open, args=(opening,), name="libvirt-open", daemon=True).start()
+        left = opening.started + self.connect_timeout - self._clock.monotonic()
+        if not opening.done.wait(max(0.0, left)):
+            waited = self._clock.monotonic() - opening.started
+            raise Unavailable(
+                f"cannot connect to libvirt at {self.uri}: no answer for {waited:.1f}s, past the bound "
+                f"of {self.connect_timeout:g}s (libvirt_connect_timeout); is libvirtd hung? Check it with "
+                f"`virsh -c {self.uri} version`, restart it, and retry"
+            )
+        if opening.conn is None:
+            raise Unavailable(opening.error)
+        return opening.conn
+
+    def _open(self, opening: _Opening) -> None:
+        """The helper thread of `_connection`: opens, sets keepalive, registers the event callbacks."""
+        conn: Any = None
+        ids: list[int] = []
+        try:
+            conn = self._opener(self.uri)
             conn.setKeepAlive(5, 3)
-            self._callback_ids = [
+            ids = [
                 conn.domainEventRegisterAny(
                     None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, self._on_removed, None
                 ),
@@ -142,11 +202,32 @@ class LibvirtHypervisor:
                     None, libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, self._on_removal_failed, None
                 ),
             ]
-            self._conn = conn
-            return conn
+        except Exception as exc:  # every failure must reach the waiting callers
+            if not isinstance(exc, libvirt.libvirtError):
+                log.exception("opening libvirt at %s failed", self.uri)
+            opening.error = f"cannot connect to libvirt at {self.uri}: {exc} (is libvirtd running?)"
+            if conn is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+            conn = None
+        with self._lock:
+            current = self._opening is opening
+            if current:
+                self._opening = None
+                if conn is not None:
+                    self._conn = conn
+                    self._callback_ids = ids
+        if conn is not None and not current:  # close() ran meanwhile: nobody owns this connection
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
+            conn = None
+            opening.error = f"the libvirt connection to {self.uri} was closed while it was being opened"
+        opening.conn = conn
+        opening.done.set()
 
     def close(self) -> None:
         with self._lock:
+            self._opening = None  # an open still running closes what it gets
             if self._conn is not None:
                 for cid in self._callback_ids:
                     try:
@@ -161,10 +242,10 @@ class LibvirtHypervisor:
 
     def _signal(self, dom: Any, alias: str, outcome: str) -> None:
         with self._waiters_lock:
-            waiter = self._waiters.get((dom.UUIDString(), alias))
-        if waiter is not None:
-            waiter[1].append(outcome)
-            waiter[0].set()
+            waiters = list(self._waiters.get((dom.UUIDString(), alias), ()))
+        for waiter in waiters:
+            waiter.outcomes.append(outcome)
+            waiter.done.set()
 
     def _on_removed(self, conn: Any, dom: Any, alias: str, opaque: Any) -> None:
         log.debug("DEVICE_REMOVED %s %s", dom.name(), alias)
@@ -225,10 +306,6 @@ class LibvirtHypervisor:
                 # it stopped since the listing: it holds nothing now
         return found
 
-    def _domain_lock(self, uuid: str) -> threading.Lock:
-        with self._lock:
-            return self._domain_locks.setdefault(uuid, threading.Lock())
-
     def attach_disk(
         self,
         domain: str,
@@ -239,7 +316,7 @@ class LibvirtHypervisor:
         persistent: bool = False,
     ) -> DiskSpec:
         dom = self._domain(domain)
-        with self._domain_lock(dom.UUIDString()):
+        with self._domain_locks.hold(dom.UUIDString()):
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
             xmls = [self._xml(dom)]
             if persistent and dom.isPersistent():
@@ -262,7 +339,7 @@ class LibvirtHypervisor:
         if not dom.isActive():  # shut off: only its definition has disks (a transient one is gone)
             return self._detach_config(dom, target_dev)
         uuid = dom.UUIDString()
-        with self._domain_lock(uuid):
+        with self._domain_locks.hold(uuid):
             live = _disk_elements(self._xml(dom))
             config = _disk_elements(self._xml(dom, inactive=True)) if dom.isPersistent() else {}
             if target_dev not in live:
@@ -276,25 +353,37 @@ class LibvirtHypervisor:
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
             if target_dev in config:
                 flags |= libvirt.VIR_DOMAIN_AFFECT_CONFIG
-            done = threading.Event()
-            outcome: list[str] = []
             key = (uuid, alias)
+            waiter = _Waiter()
             with self._waiters_lock:
-                self._waiters[key] = (done, outcome)
+                self._waiters.setdefault(key, []).append(waiter)
             try:
                 self._detach(dom, element, flags)
-                done.wait(deadline.remaining())
-            finally:
-                with self._waiters_lock:
-                    self._waiters.pop(key, None)
-            if outcome and outcome[-1] == "failed":
-                raise FailedPrecondition(f"domain {dom.name()!r} refused to release {target_dev}")
-            if target_dev in _disk_elements(self._xml(dom)):
-                raise DeadlineExceeded(
-                    f"domain {dom.name()!r} did not release {target_dev} within {deadline.seconds:g}s; "
-                    "repeat the detach to finish it"
-                )
-            return True
+            except BaseException:
+                self._drop_waiter(key, waiter)
+                raise
+        # The domain lock is free while the guest releases the disk: the disk stays in the live XML
+        # until DEVICE_REMOVED, so an attach meanwhile never takes its target name.
+        try:
+            waiter.done.wait(deadline.remaining())
+        finally:
+            self._drop_waiter(key, waiter)
+        if waiter.outcomes and waiter.outcomes[-1] == "failed":
+            raise FailedPrecondition(f"domain {dom.name()!r} refused to release {target_dev}")
+        if target_dev in _disk_elements(self._xml(dom)):
+            raise DeadlineExceeded(
+                f"domain {dom.name()!r} did not release {target_dev} within {deadline.seconds:g}s; "
+                "repeat the detach to finish it"
+            )
+        return True
+
+    def _drop_waiter(self, key: tuple[str, str], waiter: _Waiter) -> None:
+        with self._waiters_lock:
+            waiters = self._waiters.get(key, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(key, None)
 
     def _detach_config(self, dom: Any, target_dev: str) -> bool:
         config = _disk_elements(self._xml(dom, inactive=True))

@@ -4,11 +4,11 @@
 
 Serves blockwire.v1.StorageService, grpc.health.v1.Health (service "" and "blockwire.v1.StorageService")
 and server reflection, through `blockwire.serving` (listeners, TLS, logging, signals). Callers are
-authorized by `storagesvc.rpc.auth` (admin and agent roles). On start it reconciles the target side with
-the catalog before it reports SERVING, then checks every `service.export_check_interval` seconds that
-the target side still has the catalog's exports (`storagesvc.supervisor`). SIGTERM or SIGINT:
-NOT_SERVING, stop accepting, finish calls in flight within `server.grace_seconds`, exit 0. Logging is
-configured here and only here.
+authorized by `storagesvc.rpc.auth` (admin and agent roles); concurrent calls are bounded per class by
+[limits] (`blockwire.limits`). On start it reconciles the target side with the catalog before it reports
+SERVING, then checks every `service.export_check_interval` seconds that the target side still has the
+catalog's exports (`storagesvc.supervisor`). SIGTERM or SIGINT: NOT_SERVING, stop accepting, finish
+calls in flight within `server.grace_seconds`, exit 0. Logging is configured here and only here.
 """
 
 from __future__ import annotations
@@ -41,6 +41,19 @@ from storagesvc.targets.tgt import TgtExporter
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = storage_pb2.DESCRIPTOR.services_by_name["StorageService"].full_name
+LONG_METHODS = frozenset(
+    f"/{SERVICE_NAME}/{name}"
+    for name in (
+        "CreateVolume",
+        "DeleteVolume",
+        "ExtendVolume",
+        "CreateSnapshot",
+        "DeleteSnapshot",
+        "CreateAttachment",
+        "DeleteAttachment",
+    )
+)
+"""Storage's long calls ([limits] max_long_calls): backend and target commands, each up to its timeout."""
 
 
 def make_exporter(cfg: ExporterConfig, runner: Runner, naa_oui: str) -> Exporter:
@@ -104,6 +117,12 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         lock_timeout=svc.lock_timeout,
     )
     service.reconcile()
+    if config.server.workers:
+        log.warning(
+            "[server] workers = %d is ignored: the server's threads follow [limits] (max_streams, "
+            "max_long_calls, max_quick_calls); remove the key",
+            config.server.workers,
+        )
 
     def register(server: grpc.Server) -> None:
         storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(service), server)
@@ -125,7 +144,9 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
             services=(SERVICE_NAME,),
             register=register,
             listeners=listeners,
-            workers=config.server.workers,
+            limits=config.limits,
+            long_methods=LONG_METHODS,
+            daemon="blockwire-storage",
             interceptors=(auth.interceptor(host_of),),
         )
     except serving.ServingError as exc:

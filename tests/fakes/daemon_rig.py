@@ -132,6 +132,9 @@ class Rig:
     backend_dir: Path | None = None
     oversubscription: float = 1.0
     detach_timeout: float = 10.0
+    # TOML appended to each daemon's config (tables such as "[limits]" go last, so appending works)
+    storage_config: str = ""
+    agent_config: str = ""
     # Volume ids this rig's tests used: probes and cleanup look only at their libvirt secrets, since
     # libvirtd (and its secrets) is shared with whatever else runs on the machine.
     volume_ids: set[str] = field(default_factory=set)
@@ -199,7 +202,7 @@ kind = "file"
 exporter = "tgt"
 path = "{volumes}"
 oversubscription_ratio = {self.oversubscription}
-"""
+{self.storage_config}"""
         )
         argv = [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(config)]
         self.storage_proc = self._spawn(
@@ -221,7 +224,7 @@ hostnqn_file = "{self.work / "no-hostnqn"}"
 device_timeout = 10.0
 detach_timeout = {self.detach_timeout}
 log_level = "DEBUG"
-"""
+{self.agent_config}"""
         )
         argv = [sys.executable, "-m", "hostagent.rpc.server", "--config", str(config)]
         self.agent_proc = self._spawn(
