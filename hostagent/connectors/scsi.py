@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 FLUSH_RETRY_FIRST = 0.1  # seconds; backoff of `multipath -f` while the map is in use, doubling ...
 FLUSH_RETRY_MAX = 1.0  # ... up to this
+# seconds a holder of a device about to be removed gets to let go before the removal is refused: QEMU
+# finishing its blockdev-del after an unplug, a program a udev rule ran that `Openers` cannot tell as
+# udev's. A real user (a running domain, a mount) is refused after this, not after `device_timeout`.
+USERS_GRACE = 3.0
 
 
 IN_USE_MARKERS = (
@@ -249,6 +253,19 @@ class ScsiDevices:
             said.setdefault(self._label(dev), []).extend(who)
         return said
 
+    def _wait_unused(self, maps: Collection[str], disks: Collection[str]) -> dict[str, list[str]]:
+        """`users`, looked at again with backoff (on the injected clock) while something holds the
+        devices, for at most USERS_GRACE seconds; what still holds them then."""
+        deadline = Deadline(self.clock, min(USERS_GRACE, self.device_timeout))
+        delay = FLUSH_RETRY_FIRST
+        while True:
+            held = self.users(maps, disks)
+            if not held or deadline.remaining() <= delay:
+                return held
+            log.debug("%s in use; looking again in %.2fs", ", ".join(held), delay)
+            self.clock.sleep(delay)
+            delay = min(delay * 2, FLUSH_RETRY_MAX)
+
     def remove(self, wwn: str, devs: Sequence[str], *, force: bool, made: Collection[str] = ()) -> list[str]:
         """Removes the volume's devices among `devs` (the disks at its SCSI addresses) and waits for udev
         to see them go; returns the disks left in place.
@@ -275,7 +292,7 @@ class ScsiDevices:
                 f"not WWN {wwn}" if wwn else "no WWN given to tell whether it is the volume's",
             )
         maps = self._maps_to_flush(wwn, gone)
-        held = self.users(maps, gone)
+        held = self.users(maps, gone) if force else self._wait_unused(maps, gone)
         if held:
             said = "; ".join(f"{dev}: {', '.join(who)}" for dev, who in sorted(held.items()))
             if not force:

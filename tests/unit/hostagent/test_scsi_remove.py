@@ -12,7 +12,7 @@ from types import MappingProxyType
 import pytest
 
 from blockwire.errors import FailedPrecondition
-from hostagent.connectors.scsi import FLUSH_RETRY_MAX, ScsiDevices
+from hostagent.connectors.scsi import FLUSH_RETRY_MAX, USERS_GRACE, ScsiDevices
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice
 from hostagent.tools.multipath import Multipath
@@ -206,3 +206,24 @@ def test_a_disk_held_open_is_refused_and_so_is_one_with_a_dm_device_built_on_it(
         devices.remove(WWN, ["sdd"], force=False)
     assert not _deleted(devices, "sdc")
     assert not _deleted(devices, "sdd")
+
+
+def test_a_holder_that_lets_go_within_the_grace_is_no_refusal(tmp_path: Path) -> None:
+    # QEMU finishing its blockdev-del after the unplug: it closes the map a moment later.
+    openers = FakeOpeners()
+    openers.hold("dm-0", comm="qemu-system-x86", asks=3)
+    devices, runner, udev, clock = _rig(tmp_path, [Reply(0)], openers=openers)
+    devices.remove(WWN, ["sda", "sdb"], force=False)
+    assert clock.sleeps == [0.1, 0.2, 0.4]
+    assert runner.ran(r"multipath -f mpatha")
+    assert not udev.find("block", lambda d: d.sys_name == "dm-0")
+
+
+def test_a_holder_that_stays_is_refused_after_the_grace(tmp_path: Path) -> None:
+    openers = FakeOpeners()
+    openers.hold("dm-0", comm="qemu-system-x86")
+    devices, runner, _, clock = _rig(tmp_path, [Reply(0)], openers=openers)
+    with pytest.raises(FailedPrecondition, match=r"qemu-system-x86\) holds it open.*or force"):
+        devices.remove(WWN, ["sda", "sdb"], force=False)
+    assert 1.0 <= sum(clock.sleeps) <= USERS_GRACE
+    assert not runner.ran(r"multipath -f")
