@@ -585,6 +585,7 @@ class BwLib:
         from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
         from hostagent.host.clock import SystemClock  # noqa: PLC0415
         from hostagent.host.executor import Executor  # noqa: PLC0415
+        from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
         from hostagent.host.sysfs import Sysfs  # noqa: PLC0415
         from hostagent.host.udev import PyudevWaiter  # noqa: PLC0415
         from hostagent.tools.iscsiadm import Iscsiadm  # noqa: PLC0415
@@ -592,13 +593,15 @@ class BwLib:
 
         clock = SystemClock()
         runner = TimedRunner(Executor(), rec)
+        sysfs = Sysfs("/sys")
         self.conn = IscsiConnector(
             Iscsiadm(runner, clock, timeout=ISCSIADM_TIMEOUT),
-            Sysfs("/sys"),
+            sysfs,
             TimedUdev(PyudevWaiter(), rec),
             Multipath(runner),
             clock,
             initiator_iqn=initiator_name(),
+            openers=ProcOpeners(sysfs),
             use_multipath=multipath,
         )
 

@@ -553,7 +553,11 @@ class HostAgent:
                 )
                 device = conn.connect(info)
                 failpoints.hit(FP_ATTACH_AFTER_CONNECT)
-                a = self.journal.update(a, host_device=device.path)
+                if not info.wwn and device.wwn:
+                    # The record keeps the identity connect found: detach, reconcile and path repair
+                    # remove only devices whose WWN they can match (never "whatever is at the LUN").
+                    info = replace(info, wwn=device.wwn)
+                a = self.journal.update(a, host_device=device.path, connection_info=info)
                 self._emit(EventType.PROGRESS, a, step="connect", path=device.path)
                 att = a
                 # Registered before the hot-plug: libvirt can fail after QEMU added the device, and

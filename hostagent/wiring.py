@@ -64,10 +64,12 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
     if kernel:
         from hostagent.connectors.fc import FcConnector  # noqa: PLC0415 - kernel paths only
         from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
+        from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
         from hostagent.tools.iscsiadm import Iscsiadm  # noqa: PLC0415
         from hostagent.tools.multipath import Multipath  # noqa: PLC0415
 
         multipath = Multipath(runner)
+        openers = ProcOpeners(sysfs)
         connectors[Transport.ISCSI] = IscsiConnector(
             Iscsiadm(runner, clock, timeout=config.login_timeout),
             sysfs,
@@ -75,6 +77,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             multipath,
             clock,
             initiator_iqn=connector.initiator_iqn,
+            openers=openers,
             device_timeout=config.device_timeout,
             use_multipath=connector.multipath,
             map_single_path=config.multipath == "always",
@@ -84,6 +87,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             udev,
             multipath,
             clock,
+            openers=openers,
             device_timeout=config.device_timeout,
             use_multipath=connector.multipath,
             map_single_path=config.multipath == "always",

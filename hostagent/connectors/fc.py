@@ -12,9 +12,9 @@ from blockwire.model import ConnectionInfo, FcConnection
 from hostagent.connectors import checks
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
+from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
-from hostagent.identity import normalize_wwn
 from hostagent.model import HostDevice
 from hostagent.tools.multipath import Multipath
 from hostagent.virt.diskxml import BlockSource, Source
@@ -49,6 +49,7 @@ class FcConnector:
         multipath: Multipath,
         clock: Clock,
         *,
+        openers: Openers,
         device_timeout: float = 30.0,
         use_multipath: bool = True,
         map_single_path: bool = False,
@@ -59,6 +60,7 @@ class FcConnector:
             udev,
             multipath,
             clock,
+            openers=openers,
             device_timeout=device_timeout,
             use_multipath=use_multipath,
             map_single_path=map_single_path,
@@ -103,6 +105,7 @@ class FcConnector:
                 f"no FC port of this host sees the target ports {', '.join(t.target_wwpns)}; check the zoning"
             )
         devs = []
+        before = set(self._devices(t))
         try:
             for host, channel, target in rports:
                 devs.append(
@@ -115,7 +118,10 @@ class FcConnector:
                 )
             return self.scsi.assemble(info, sorted(set(devs)), len(rports))  # a path per zoned remote port
         except BaseException:
-            self.disconnect(info, force=True)
+            # The volume's disks, and the ones this connect's scans brought; a disk at the LUN that was
+            # there before with another identity (a reused LUN, connected for another volume) stays.
+            after = self._devices(t)
+            self.scsi.remove(info.wwn, after, force=True, made=set(after) - before)
             raise
 
     def _devices(self, t: FcConnection) -> list[str]:
@@ -126,9 +132,8 @@ class FcConnector:
         return sorted(devs)
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
-        devs = self._devices(fc_of(info))
-        wwn = normalize_wwn(info.wwn) or (self.scsi.wwn_of(devs[0]) if devs else "")
-        self.scsi.remove(wwn, devs, force=force)
+        """Removes the volume's disks and map (its WWN's only; `ScsiDevices.remove`)."""
+        self.scsi.remove(info.wwn, self._devices(fc_of(info)), force=force)
 
     def extend(self, info: ConnectionInfo) -> int:
         return self.scsi.rescan(self._devices(fc_of(info)), info.wwn)

@@ -4,9 +4,15 @@ sleeps, its host-wide lock, its leaks and its wrong-LUN risk.
 connect: a static node record per path (`-o new`, no SendTargets) with node.session.scan=manual and
 CHAP / mutual CHAP set through `-o update` (secrets as Secret); logins to every portal in parallel
 (one lock per target); a scan of only the announced LUN; a udev wait for the disk at that SCSI address;
-the WWN check (IdentityMismatch, and everything made is removed); a multipath map through multipathd.
+the WWN check (IdentityMismatch, and everything it made is removed); a multipath map through multipathd.
 disconnect: flush and remove the map, delete each SCSI device, log out only sessions no other LUN
 uses, delete the node records. Idempotent; nothing left behind.
+
+A target and LUN say where a volume was announced, not what is there now (a reused LUN, stale
+connection info): every path that removes host state here takes only devices whose WWN is the
+volume's, and what a failed connect itself brought (`ScsiDevices.remove`); a session stays logged in
+while any disk is left on it, and its node record stays with it. An open device is refused without
+force, naming its holder; force overrides "open", never "not this volume's".
 
 Which sessions exist, their SCSI hosts and their disks are read from sysfs (`kernel_sessions`), not from
 `iscsiadm -m session -P 3`: that command walks every session of the host (one process and a sysfs walk
@@ -27,6 +33,7 @@ from blockwire.secret import Secret
 from hostagent.connectors.iscsi_qemu import iscsi_of
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
+from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
 from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
@@ -94,6 +101,7 @@ class IscsiConnector:
         clock: Clock,
         *,
         initiator_iqn: str,
+        openers: Openers,
         device_timeout: float = 30.0,
         use_multipath: bool = True,
         map_single_path: bool = False,
@@ -105,6 +113,7 @@ class IscsiConnector:
             udev,
             multipath,
             clock,
+            openers=openers,
             device_timeout=device_timeout,
             use_multipath=use_multipath,
             map_single_path=map_single_path,
@@ -171,26 +180,40 @@ class IscsiConnector:
                 settings.append(("node.session.auth.password_in", t.mutual_chap.password))
         self.iscsiadm.node_update_many(p, iqn, settings)  # one iscsiadm run, not one per setting
 
-    def _connect_path(self, t: IscsiConnection, path: IscsiPath) -> str:
+    def _connect_path(self, t: IscsiConnection, path: IscsiPath, made: set[str]) -> str:
+        """Logs `path` in, scans its LUN and returns the disk there. A disk at the LUN that was not there
+        before (no session, or none at that LUN) is added to `made`, also when this fails: only this
+        call can have brought it (the target's lock is held), so a failed connect may remove it
+        whatever it shows. A disk that was there already may be another volume's and is not."""
         with self._targets.hold(f"{path.portal}|{path.target_iqn}"):
-            self._prepare_node(t, path)
-            self.iscsiadm.login(path.portal, path.target_iqn)
-            host = self._host_number(path)
-            if host < 0:
-                raise Unavailable(f"no session to {path.target_iqn} on {path.portal} after the login; retry")
-            return self.scsi.wait_disk(
-                host,
-                path.lun,
-                trigger=lambda: self.scsi.scan(host, path.lun),
-                what=f"LUN {path.lun} of {path.target_iqn} on {path.portal}",
-            )
+            had = self._host_of(path)
+            before = set(self.scsi.disks_at(had, path.lun)) if had is not None and had >= 0 else set()
+            host = -1
+            try:
+                self._prepare_node(t, path)
+                self.iscsiadm.login(path.portal, path.target_iqn)
+                host = self._host_number(path)
+                if host < 0:
+                    raise Unavailable(
+                        f"no session to {path.target_iqn} on {path.portal} after the login; retry"
+                    )
+                return self.scsi.wait_disk(
+                    host,
+                    path.lun,
+                    trigger=lambda: self.scsi.scan(host, path.lun),
+                    what=f"LUN {path.lun} of {path.target_iqn} on {path.portal}",
+                )
+            finally:
+                if host >= 0:
+                    made.update(set(self.scsi.disks_at(host, path.lun)) - before)
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
         t = iscsi_of(info)
         devs: list[str] = []
         errors: list[BaseException] = []
+        made: set[str] = set()  # disks this connect brought (set.update is atomic: shared by the logins)
         with ThreadPoolExecutor(max_workers=len(t.paths), thread_name_prefix="iscsi-login") as pool:
-            futures = [pool.submit(self._connect_path, t, p) for p in t.paths]
+            futures = [pool.submit(self._connect_path, t, p, made) for p in t.paths]
             for p, f in zip(t.paths, futures, strict=True):
                 try:
                     devs.append(f.result())
@@ -202,8 +225,18 @@ class IscsiConnector:
                 raise errors[0]
             return self.scsi.assemble(info, sorted(devs), len(t.paths))
         except BaseException:
-            self.disconnect(info, force=True)
+            self._undo_connect(info, made)
             raise
+
+    def _undo_connect(self, info: ConnectionInfo, made: set[str]) -> None:
+        """After a failed connect: removes the volume's devices and the disks this connect brought
+        (forced: a half-made map may be held by udev's probe), never a disk at the LUN with another
+        identity that was there before (the LUN reused by a volume connected here: its map may be
+        open); logs out only sessions no disk is left on."""
+        t = iscsi_of(info)
+        devs, hosts = self._devices(t)
+        self.scsi.remove(info.wwn, devs, force=True, made=made)
+        self._log_out(t, hosts)
 
     def _devices(self, t: IscsiConnection) -> tuple[list[str], dict[IscsiPath, int]]:
         """The disks of the LUN on every path, and the SCSI host of each path that has a session."""
@@ -212,18 +245,33 @@ class IscsiConnector:
         return sorted(devs), hosts
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
+        """Removes the volume's devices (its WWN's: a disk at the LUN with another identity, or with none
+        to compare when the connection info has no WWN, is left alone; `ScsiDevices.remove`), then logs
+        out the sessions no disk is left on and deletes their node records. Without `force`, a device
+        that is open is FAILED_PRECONDITION naming the holder, and nothing is touched."""
         t = iscsi_of(info)
         devs, hosts = self._devices(t)
-        wwn = normalize_wwn(info.wwn) or (self.scsi.wwn_of(devs[0]) if devs else "")
-        self.scsi.remove(wwn, devs, force=force)
+        self.scsi.remove(info.wwn, devs, force=force)
+        self._log_out(t, hosts)
+
+    def _log_out(self, t: IscsiConnection, hosts: dict[IscsiPath, int]) -> None:
+        """Logs out each path's session unless a disk is left on it (another LUN's, or another volume's
+        at this LUN), and deletes the node record of each path whose session is gone: never the record
+        of a session that stays."""
 
         def log_out(p: IscsiPath) -> None:
             with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
                 # A session seen above keeps its SCSI host while it lives (a logout of one already gone
                 # is OK); only a path that had none is looked up again, under the target's lock.
                 host = hosts[p] if p in hosts else self._host_of(p)
-                if host is not None and host >= 0 and self.scsi.disks_at(host):
-                    log.info("keeping the session to %s on %s: other LUNs use it", p.target_iqn, p.portal)
+                left = self.scsi.disks_at(host) if host is not None and host >= 0 else []
+                if left:
+                    log.info(
+                        "keeping the session to %s on %s and its node record: %s on it",
+                        p.target_iqn,
+                        p.portal,
+                        " ".join(f"/dev/{d}" for d in left),
+                    )
                     return
                 if host is not None:
                     self.iscsiadm.logout(p.portal, p.target_iqn)
@@ -252,20 +300,31 @@ class IscsiConnector:
         has its own disk removed and its own session logged out."""
         t = iscsi_of(info)
         hosts = self._hosts(t.paths)
+        wwn = normalize_wwn(info.wwn)
 
         def disk_of(p: IscsiPath) -> str:
             return self._disk(hosts.get(p, -1), p.lun)
 
-        kept = [d for d in (disk_of(p) for p in t.paths) if d]
+        kept = []
+        for p in t.paths:
+            dev = disk_of(p)
+            if dev and (not wwn or same_wwn(wwn, self.scsi.wwn_of(dev))):
+                kept.append(dev)
+            elif dev:
+                log.warning(
+                    "path %s to %s not restored: /dev/%s at LUN %d is not volume %s (WWN %s); left alone",
+                    p.portal, p.target_iqn, dev, p.lun, info.volume_id, self.scsi.wwn_of(dev) or "none",
+                )  # fmt: skip
         added: list[str] = []
         for p in (p for p in t.paths if not disk_of(p)):
+            made: set[str] = set()
             try:
-                dev = self._connect_path(t, p)
+                dev = self._connect_path(t, p, made)
                 verify_wwn(info.wwn, self.scsi.wwn_of(dev), f"/dev/{dev}")
                 added.append(dev)
             except BlockwireError as exc:
                 log.warning("path %s to %s not restored: %s", p.portal, p.target_iqn, exc.message)
-                self._drop_path(p, info.wwn)
+                self._drop_path(p, wwn, made)
         if added:
             self.scsi.assemble(info, sorted({*kept, *added}), len(t.paths))
         return [f"/dev/{d}" for d in added]
@@ -274,18 +333,32 @@ class IscsiConnector:
         """Logs out the sessions of the attachment's paths on `portals` (sessions the kernel holds FAILED
         and iscsid no longer recovers: a restarted target answered "target not found"), which removes
         their disks, then logs those paths in again with `restore_paths`; returns the disks added. The
-        map and the attachment's other paths are never touched."""
+        map and the attachment's other paths are never touched, nor a session that carries a disk that
+        is not the volume's (another LUN's, or the LUN reused: the logout would remove it too); that
+        path stays down."""
+        wwn = normalize_wwn(info.wwn)
         for p in iscsi_of(info).paths:
             if p.portal in portals:
                 with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
+                    host = self._host_of(p)
+                    disks = self.scsi.disks_at(host) if host is not None and host >= 0 else []
+                    others = [d for d in disks if not (wwn and same_wwn(wwn, self.scsi.wwn_of(d)))]
+                    if others:
+                        log.warning(
+                            "not logging out the session to %s on %s: %s on it %s not volume %s's",
+                            p.target_iqn, p.portal, " ".join(f"/dev/{d}" for d in others),
+                            "are" if len(others) > 1 else "is", info.volume_id,
+                        )  # fmt: skip
+                        continue
                     self.iscsiadm.logout(p.portal, p.target_iqn)
         return self.restore_paths(info)
 
-    def _drop_path(self, p: IscsiPath, wwn: str) -> None:
-        """After `restore_paths` failed on `p`: a disk there with another identity is removed (with any map
-        multipathd built over it, which cannot be the volume's), and the session is logged out unless
-        some LUN still has a disk on it. A disk of the volume itself (a udev wait that ran out) is left
-        to multipathd: it is one of the attachment's paths."""
+    def _drop_path(self, p: IscsiPath, wwn: str, made: set[str]) -> None:
+        """After `restore_paths` failed on `p`: a disk there that this attempt brought (`made`) and that
+        is not the volume's is removed (with a map multipathd built over it alone; another volume's map
+        that took it as a path keeps its other paths), and the session is logged out unless some disk
+        is still on it. A disk of the volume itself (a udev wait that ran out) is left to multipathd:
+        it is one of the attachment's paths; a disk that was there before is not ours to remove."""
         with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
             host = self._host_of(p)
             if host is None:
@@ -293,8 +366,8 @@ class IscsiConnector:
             dev = self._disk(host, p.lun)
             if dev and wwn and same_wwn(wwn, self.scsi.wwn_of(dev)):
                 return
-            if dev:
-                self.scsi.remove("", [dev], force=True)  # no WWN given: only maps holding this disk
+            if dev in made:
+                self.scsi.remove("", [dev], force=True, made={dev})
             if host < 0 or not self.scsi.disks_at(host):
                 self.iscsiadm.logout(p.portal, p.target_iqn)
 

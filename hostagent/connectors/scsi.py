@@ -2,23 +2,28 @@
 identity checks, multipath maps, and removal of everything that was made.
 
 Disks are found by their SCSI address (host:channel:target:lun) in the udev event's sysfs path, never
-by "the newest sdX", and their WWN (/sys/block/sdX/device/wwid) must be the announced one.
+by "the newest sdX", and their WWN (/sys/block/sdX/device/wwid) must be the announced one. The same
+holds on the way out: an address says where a disk is, not whose it is, so removal (`remove`) takes
+only disks whose WWN is the volume's (or that the failed connect itself brought), and refuses a device
+someone holds open unless forced.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
 from hostagent.connectors.base import wait_device
 from hostagent.host.clock import Clock, Deadline
 from hostagent.host.executor import CommandFailed
+from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
-from hostagent.identity import normalize_wwn, verify_wwn
+from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
 from hostagent.model import HostDevice
 from hostagent.tools.multipath import Multipath
 
@@ -27,6 +32,10 @@ log = logging.getLogger(__name__)
 
 FLUSH_RETRY_FIRST = 0.1  # seconds; backoff of `multipath -f` while the map is in use, doubling ...
 FLUSH_RETRY_MAX = 1.0  # ... up to this
+# seconds a holder of a device about to be removed gets to let go before the removal is refused: QEMU
+# finishing its blockdev-del after an unplug, a program a udev rule ran that `Openers` cannot tell as
+# udev's. A real user (a running domain, a mount) is refused after this, not after `device_timeout`.
+USERS_GRACE = 3.0
 
 
 IN_USE_MARKERS = (
@@ -49,6 +58,16 @@ def mpath_wwid(wwn: str) -> str:
     return "3" + normalize_wwn(wwn)
 
 
+@dataclass(frozen=True)
+class DmMap:
+    """A multipath map as sysfs shows it."""
+
+    dm: str  # "dm-0"
+    name: str  # "mpatha"
+    uuid: str  # "mpath-3600140..."
+    slaves: frozenset[str]  # its path disks ("sda", ...)
+
+
 class ScsiDevices:
     def __init__(
         self,
@@ -57,6 +76,7 @@ class ScsiDevices:
         multipath: Multipath,
         clock: Clock,
         *,
+        openers: Openers,
         device_timeout: float,
         use_multipath: bool,
         map_single_path: bool = False,
@@ -64,8 +84,10 @@ class ScsiDevices:
         """`use_multipath`: multipathd runs here and maps are wanted. `map_single_path`: a map even over a
         volume announced with one path (the agent's `multipath = "always"`); otherwise such a volume is
         its plain disk, as with os-brick's and Nova's multipath off, and only volumes announced with two
-        or more paths get a map."""
+        or more paths get a map. `openers`: who holds a device open (a disconnect refuses an open device
+        without force)."""
         self.sysfs = sysfs
+        self.openers = openers
         self.udev = udev
         self.multipath = multipath
         self.clock = clock
@@ -165,37 +187,132 @@ class ScsiDevices:
                 return dm, self.sysfs.read(f"block/{dm}/dm/name") or ""
         return None
 
-    def holder_maps(self, devs: list[str]) -> dict[str, str]:
+    def holder_maps(self, devs: Sequence[str]) -> dict[str, str]:
         """Multipath maps (name -> dm uuid) that hold any of `devs`, found in sysfs (holders/), whatever
         their WWID: multipathd may have built a map over a disk whose identity was then refused."""
-        found: dict[str, str] = {}
+        return {m.name: m.uuid for m in self._holder_maps(devs).values()}
+
+    def _dm(self, dm: str) -> DmMap:
+        return DmMap(
+            dm=dm,
+            name=(self.sysfs.read(f"block/{dm}/dm/name") or "").strip(),
+            uuid=(self.sysfs.read(f"block/{dm}/dm/uuid") or "").strip(),
+            slaves=frozenset(self.sysfs.listdir(f"block/{dm}/slaves")),
+        )
+
+    def _holder_maps(self, devs: Sequence[str]) -> dict[str, DmMap]:
+        """dm-N -> the multipath map, of every multipath map that holds any of `devs`."""
+        found: dict[str, DmMap] = {}
         for dev in devs:
             for holder in self.sysfs.listdir(f"block/{dev}/holders"):
-                uuid = (self.sysfs.read(f"block/{holder}/dm/uuid") or "").strip()
-                name = (self.sysfs.read(f"block/{holder}/dm/name") or "").strip()
-                if name and uuid.startswith("mpath-"):
-                    found[name] = uuid
+                m = found.get(holder) or self._dm(holder)
+                if m.name and m.uuid.startswith("mpath-"):
+                    found[holder] = m
         return found
 
-    def remove(self, wwn: str, devs: list[str], *, force: bool) -> None:
-        """Flushes and removes the map (the announced WWN's, and any map holding these disks), then
-        deletes each SCSI device; waits for udev to see them go."""
-        maps = self.holder_maps(devs)
-        name = self.map_name(wwn)
-        if name:
-            maps.setdefault(name, f"mpath-{mpath_wwid(wwn)}")
-        for map_name, dm_uuid in sorted(maps.items()):
+    def _maps_to_flush(self, wwn: str, gone: Collection[str]) -> dict[str, DmMap]:
+        """The maps `remove` flushes: the volume's own (uuid mpath-3<wwn>, wherever its paths are), and a
+        map over the removed disks only when it is the volume's or every one of its paths is removed
+        here (multipathd mapped a disk this connect made). A map of another volume that took a disk
+        made here as one more path is not flushed: that disk alone goes, its other paths stay."""
+        own_uuid = f"mpath-{mpath_wwid(wwn)}" if wwn else ""
+        maps = {
+            dm: m
+            for dm, m in self._holder_maps(sorted(gone)).items()
+            if (own_uuid and m.uuid == own_uuid) or m.slaves <= set(gone)
+        }
+        if own_uuid and self.use_multipath:
+            found = self.map_in_sysfs(mpath_wwid(wwn))
+            name = self.map_name(wwn) if found is not None and found[0] not in maps else ""
+            if found is not None and name:
+                maps[found[0]] = replace(self._dm(found[0]), name=name)
+        return maps
+
+    def _label(self, dev: str) -> str:
+        name = (self.sysfs.read(f"block/{dev}/dm/name") or "").strip()
+        return f"/dev/{dev} ({name})" if name else f"/dev/{dev}"
+
+    def users(self, maps: Collection[str], disks: Collection[str]) -> dict[str, list[str]]:
+        """Who holds the maps (dm-N) and disks (sdX) about to be removed: processes and mounts
+        (`Openers`), and dm devices built on them that are not removed with them (LVM, dm-crypt; a
+        partition map kpartx made is removed by `multipath -f`, so only its own users count).
+        Label ("/dev/dm-0 (mpatha)") -> phrases; empty when nothing holds any of them."""
+        removed = set(maps) | set(disks)
+        looked = list(removed)
+        said: dict[str, list[str]] = {}
+        for dev in sorted(removed):
+            for holder in self.sysfs.listdir(f"block/{dev}/holders"):
+                if holder in removed:
+                    continue
+                uuid = (self.sysfs.read(f"block/{holder}/dm/uuid") or "").strip()
+                if dev in maps and uuid.startswith("part"):
+                    looked.append(holder)  # kpartx's partition of the map: flushed with it
+                    continue
+                said.setdefault(self._label(dev), []).append(f"{self._label(holder)} is built on it")
+        for dev, who in self.openers.users(looked).items():
+            said.setdefault(self._label(dev), []).extend(who)
+        return said
+
+    def _wait_unused(self, maps: Collection[str], disks: Collection[str]) -> dict[str, list[str]]:
+        """`users`, looked at again with backoff (on the injected clock) while something holds the
+        devices, for at most USERS_GRACE seconds; what still holds them then."""
+        deadline = Deadline(self.clock, min(USERS_GRACE, self.device_timeout))
+        delay = FLUSH_RETRY_FIRST
+        while True:
+            held = self.users(maps, disks)
+            if not held or deadline.remaining() <= delay:
+                return held
+            log.debug("%s in use; looking again in %.2fs", ", ".join(held), delay)
+            self.clock.sleep(delay)
+            delay = min(delay * 2, FLUSH_RETRY_MAX)
+
+    def remove(self, wwn: str, devs: Sequence[str], *, force: bool, made: Collection[str] = ()) -> list[str]:
+        """Removes the volume's devices among `devs` (the disks at its SCSI addresses) and waits for udev
+        to see them go; returns the disks left in place.
+
+        Only what is the volume's is removed (another volume may sit at the same address now: a reused
+        LUN): a disk whose identity is `wwn`, and a disk in `made` (one this very connect's scan brought,
+        whatever it shows), with the maps `_maps_to_flush` names. A disk with another identity, or none
+        readable, is left alone entirely, with any map over it. With no `wwn` (connection info without
+        one) no disk can be matched: none is removed but those in `made`. Guessing ("the disk at the
+        LUN is probably the volume's") is exactly what destroys another volume's device after a LUN
+        reuse, and a device left behind can still be removed later with a WWN, a destroyed one cannot
+        be brought back.
+
+        Without `force`, a device something holds open (`users`) is refused with FailedPrecondition
+        naming the holder, before anything is touched; `force` removes the volume's devices anyway. It
+        never widens what is the volume's."""
+        wwn = normalize_wwn(wwn)
+        gone = sorted({d for d in devs if d in made or (wwn and same_wwn(wwn, self.wwn_of(d)))})
+        left = sorted(set(devs) - set(gone))
+        if left:
+            log.warning(
+                "leaving %s in place: %s",
+                " ".join(f"/dev/{d}" for d in left),
+                f"not WWN {wwn}" if wwn else "no WWN given to tell whether it is the volume's",
+            )
+        maps = self._maps_to_flush(wwn, gone)
+        held = self.users(maps, gone) if force else self._wait_unused(maps, gone)
+        if held:
+            said = "; ".join(f"{dev}: {', '.join(who)}" for dev, who in sorted(held.items()))
+            if not force:
+                raise FailedPrecondition(
+                    f"the volume's device is in use ({said}); stop that user (detach the disk from its "
+                    "domain, unmount it) and repeat, or force"
+                )
+            log.warning("removing the volume's devices although they are in use (force): %s", said)
+        for m in sorted(maps.values(), key=lambda m: m.name):
             try:
-                self._flush(map_name, dm_uuid)
+                self._flush(m.name, m.uuid)
             except CommandFailed as exc:
                 if not force:
+                    who = [w for ws in self.users([m.dm], []).values() for w in ws]
+                    holders = f"; {', '.join(who)}" if who else ""
                     raise FailedPrecondition(
-                        f"map {map_name} is in use ({exc.message}); detach first or force"
+                        f"map {m.name} is in use ({exc.message}{holders}); detach first or force"
                     ) from exc
-                log.warning(
-                    "flushing %s failed (%s); removing its paths anyway (force)", map_name, exc.message
-                )
-        present = [dev for dev in devs if self.sysfs.exists(f"block/{dev}/device/delete")]
+                log.warning("flushing %s failed (%s); removing its paths anyway (force)", m.name, exc.message)
+        present = [dev for dev in gone if self.sysfs.exists(f"block/{dev}/device/delete")]
         if present:
             # Every path deleted at once, then one wait for udev to see them all go.
             def delete() -> None:
@@ -209,6 +326,7 @@ class ScsiDevices:
                 trigger=delete,
                 what=" ".join(f"/dev/{dev}" for dev in present),
             )
+        return left
 
     def _flush(self, name: str, dm_uuid: str) -> None:
         """`multipath -f NAME` until udev reports the map removed. Closing a map that was open for writing

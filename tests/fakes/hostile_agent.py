@@ -25,6 +25,7 @@ from hostagent.tools.multipath import Multipath
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import FakeRunner
 from tests.fakes.hypervisor import FakeHypervisor
+from tests.fakes.openers import FakeOpeners
 from tests.fakes.storage_api import FakeStorage
 from tests.fakes.udev import FakeUdev
 
@@ -54,10 +55,20 @@ def hostile_agent(state: Path, flavour: str) -> HostileAgent:
         connectors[Transport.ISCSI] = QemuIscsiConnector(hv, Libiscsi(runner), initiator_iqn=HOST_IQN)
     else:
         multipath = Multipath(runner)
+        openers = FakeOpeners()
         connectors[Transport.ISCSI] = IscsiConnector(
-            Iscsiadm(runner, clock), sysfs, udev, multipath, clock, initiator_iqn=HOST_IQN, device_timeout=1.0
+            Iscsiadm(runner, clock),
+            sysfs,
+            udev,
+            multipath,
+            clock,
+            initiator_iqn=HOST_IQN,
+            openers=openers,
+            device_timeout=1.0,
         )
-        connectors[Transport.FC] = FcConnector(sysfs, udev, multipath, clock, device_timeout=1.0)
+        connectors[Transport.FC] = FcConnector(
+            sysfs, udev, multipath, clock, openers=openers, device_timeout=1.0
+        )
     storage = FakeStorage()
     agent = HostAgent(
         hypervisor=hv,

@@ -6,6 +6,7 @@ import os
 import stat
 import threading
 from dataclasses import replace
+from types import MappingProxyType
 
 import pytest
 
@@ -182,6 +183,18 @@ def test_local_attach_waits_for_udev(rig: Rig) -> None:
     assert rig.storage.calls == []
     assert rig.agent.detach("vm1", "loc-1")
     assert_nothing_left(rig, "loc-1")
+
+
+def test_the_record_keeps_the_wwn_connect_found_when_the_info_had_none(rig: Rig) -> None:
+    # Connectors remove only devices whose WWN they can match: detach needs the identity connect saw.
+    info = ConnectionInfo(transport=LocalConnection("/dev/sdq"), volume_id="loc-1")
+    props = MappingProxyType({"ID_WWN_WITH_EXTENSION": "0x6001405abcdef0123456789abcdef012"})
+    rig.udev.add(UdevDevice("sdq", device_node="/dev/sdq", size_bytes=1 << 20, properties=props))
+    a = rig.agent.attach("vm1", connection_info=info, disk=DiskOptions(bus=Bus.SCSI))
+    assert a.connection_info.wwn == "0x6001405abcdef0123456789abcdef012"
+    (record,) = rig.journal.of_volume("loc-1")
+    assert record.connection_info.wwn == a.connection_info.wwn
+    assert rig.agent.detach("vm1", "loc-1")
 
 
 def test_local_device_that_never_comes_times_out_and_leaves_nothing(rig: Rig) -> None:

@@ -19,6 +19,7 @@ from hostagent.tools.iscsiadm import Iscsiadm
 from hostagent.tools.multipath import Multipath
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import FakeRunner, Reply
+from tests.fakes.openers import FakeOpeners
 from tests.fakes.udev import FakeUdev
 from tests.unit.hostagent.test_tools import TARGET, WWID, WWN, recorded
 
@@ -116,7 +117,11 @@ def info(*, wwn: str = WWN, mutual: bool = False) -> ConnectionInfo:
 
 
 def rig(
-    kernel: Kernel, *, logged_in: bool = True, wwid: str = f"naa.{WWN}"
+    kernel: Kernel,
+    *,
+    logged_in: bool = True,
+    wwid: str = f"naa.{WWN}",
+    openers: FakeOpeners | None = None,
 ) -> tuple[IscsiConnector, FakeRunner, FakeUdev]:
     udev = FakeUdev()
     state = {"p3": recorded("iscsiadm_session_P3.txt") if logged_in else ""}
@@ -176,6 +181,7 @@ def rig(
         Multipath(runner),
         FakeClock(),
         initiator_iqn=HOST_IQN,
+        openers=openers or FakeOpeners(),
     )
     return conn, runner, udev
 
@@ -233,6 +239,107 @@ def test_wrong_wwn_is_refused_and_undone(kernel: Kernel) -> None:
     assert len(runner.ran(r"-o delete")) == 2
 
 
+STALE_WWN = "6001405aaaaaaaaaaaaaaaaaaaa00000"  # volume A's: its LUN now serves the volume of WWN
+
+
+def one_path(*, wwn: str = WWN) -> ConnectionInfo:
+    return ConnectionInfo(
+        transport=IscsiConnection(paths=(IscsiPath("127.0.0.1:3260", TARGET, 1),), initiator_iqn=HOST_IQN),
+        volume_id="vol-1",
+        wwn=wwn,
+    )
+
+
+def untouched(kernel: Kernel, runner: FakeRunner, disks: tuple[str, ...] = ("sda", "sdb")) -> None:
+    """The connected volume's disks, map, sessions and node records are all still there."""
+    for dev in disks:
+        assert (kernel.root / f"block/{dev}/device/wwid").exists(), f"/dev/{dev} was removed"
+        assert (kernel.root / f"block/{dev}/device/delete").read_text() == ""
+    if len(disks) > 1:
+        assert (kernel.root / "block/dm-0/dm/uuid").exists(), "the map was removed"
+        assert not runner.ran(r"multipath -f")
+    assert not runner.ran(r"--logout")
+    assert not runner.ran(r"-o delete")
+
+
+def test_refusing_a_reused_lun_leaves_the_volume_now_there_alone(kernel: Kernel) -> None:
+    # B (WWN) is connected at the LUN, its map open; A's stale connection info names the same LUN.
+    openers = FakeOpeners()
+    conn, runner, _ = rig(kernel, openers=openers)
+    assert conn.connect(info()).path == "/dev/dm-0"
+    openers.hold("dm-0", pid=3141, comm="qemu-system-x86")
+    with pytest.raises(IdentityMismatch, match="refused"):
+        conn.connect(info(wwn=STALE_WWN))
+    untouched(kernel, runner)
+    conn.disconnect(info(wwn=STALE_WWN))  # A is not connected here: OK, and B's devices stay
+    conn.disconnect(info(wwn=STALE_WWN), force=True)  # force overrides "open", never "not A's"
+    untouched(kernel, runner)
+    openers.release("dm-0")
+    conn.disconnect(info())  # B's own disconnect takes everything
+    assert runner.ran(r"multipath -f mpatha")
+    assert len(runner.ran(r"--logout")) == 2
+    assert len(runner.ran(r"-o delete")) == 2
+
+
+@pytest.mark.parametrize("held", ["dm-0", "sdb"])
+def test_disconnect_of_an_open_device_is_refused_naming_the_holder(kernel: Kernel, held: str) -> None:
+    openers = FakeOpeners()
+    conn, runner, udev = rig(kernel, openers=openers)
+    conn.connect(info())
+    openers.hold(held, pid=4242, comm="sleep")
+    with pytest.raises(FailedPrecondition, match=rf"/dev/{held}.*process 4242 \(sleep\) holds it open"):
+        conn.disconnect(info())
+    untouched(kernel, runner)
+    conn.disconnect(info(), force=True)
+    assert runner.ran(r"multipath -f mpatha")
+    assert not (kernel.root / "block/sda").exists()
+    assert not (kernel.root / "block/sdb").exists()
+    assert udev.present["block"] == []
+    assert len(runner.ran(r"--logout")) == 2
+
+
+def test_a_single_path_disk_held_open_is_refused_without_force(kernel: Kernel) -> None:
+    openers = FakeOpeners()
+    conn, runner, _ = rig(kernel, openers=openers)
+    assert conn.connect(one_path()).path == "/dev/sda"  # one path, multipath "auto": the disk itself
+    openers.hold("sda", pid=4242, comm="sleep")
+    with pytest.raises(FailedPrecondition, match=r"/dev/sda: process 4242 \(sleep\) holds it open"):
+        conn.disconnect(one_path())
+    untouched(kernel, runner, ("sda",))
+    conn.disconnect(one_path(), force=True)
+    assert not (kernel.root / "block/sda").exists()
+    assert runner.ran(r"--logout")
+
+
+def test_disconnect_without_a_wwn_leaves_the_disks_it_cannot_match(kernel: Kernel) -> None:
+    conn, runner, _ = rig(kernel)
+    conn.connect(info())
+    conn.disconnect(info(wwn=""), force=True)
+    untouched(kernel, runner)
+
+
+def test_a_failed_login_on_one_path_does_not_take_the_other_volumes_disk(kernel: Kernel) -> None:
+    # B is connected on the first portal only; A's connect logs in the second one, which then fails.
+    conn, runner, _ = rig(kernel)
+    conn.connect(one_path())
+    runner.on(r"127.0.0.2:3260 --login", Reply(24, stderr="iscsiadm: Login failed to authenticate"))
+    with pytest.raises(IdentityMismatch):
+        conn.connect(info(wwn=STALE_WWN))
+    assert (kernel.root / "block/sda/device/delete").read_text() == ""
+    assert not (kernel.root / "block/sdb").exists()
+    assert not runner.ran(r"--logout")
+    assert [c[6] for c in runner.ran(r"-o delete")] == ["127.0.0.2:3260"]  # the record with no session
+
+
+def test_relogin_keeps_a_session_that_carries_another_volumes_disk(kernel: Kernel) -> None:
+    conn, runner, _ = rig(kernel)
+    conn.connect(info())
+    kernel.add_disk(7, 2, "sdc", wwid=f"naa.{STALE_WWN}")  # another volume's LUN on the second session
+    conn.relogin_paths(info(), ("127.0.0.2:3260",))
+    assert not runner.ran(r"--logout")
+    assert (kernel.root / "block/sdc/device/wwid").exists()
+
+
 def test_chap_failure_is_permission_denied_and_node_records_are_deleted(kernel: Kernel) -> None:
     conn, runner, _ = rig(kernel, logged_in=False)
     runner.on(r"--login", Reply(24, stderr="iscsiadm: Login failed to authenticate with target"))
@@ -263,7 +370,9 @@ def test_fc_targeted_scan_and_zoning(kernel: Kernel) -> None:
 
     udev.on_trigger.append(scanned)
     runner = FakeRunner()
-    fc = FcConnector(kernel.sysfs, udev, Multipath(runner), FakeClock(), use_multipath=False)
+    fc = FcConnector(
+        kernel.sysfs, udev, Multipath(runner), FakeClock(), openers=FakeOpeners(), use_multipath=False
+    )
     t = FcConnection(
         target_wwpns=("50060e8000000001",),
         lun=5,
@@ -276,6 +385,6 @@ def test_fc_targeted_scan_and_zoning(kernel: Kernel) -> None:
 
 
 def test_fc_without_zoned_ports_is_a_failed_precondition(kernel: Kernel) -> None:
-    fc = FcConnector(kernel.sysfs, FakeUdev(), Multipath(FakeRunner()), FakeClock())
+    fc = FcConnector(kernel.sysfs, FakeUdev(), Multipath(FakeRunner()), FakeClock(), openers=FakeOpeners())
     with pytest.raises(FailedPrecondition, match="zoning"):
         fc.connect(ConnectionInfo(transport=FcConnection(("50060e8000000001",), 1), volume_id="v"))
