@@ -42,6 +42,7 @@ class TlsConfig:
 @dataclass(frozen=True)
 class ServiceConfig:
     catalog_path: str = "/var/lib/blockwire/storage.db"
+    catalog_synchronous: str = "full"  # "normal": faster, can lose acknowledged writes on power loss
     default_backend: str = ""
     iqn_prefix: str = "iqn.2026-01.io.blockwire"
     naa_oui: str = "001405"
@@ -148,6 +149,11 @@ def parse(data: Mapping[str, Any]) -> Config:
             "[server] listen: TCP needs [tls] cert_file and key_file, or [tls] allow_insecure_tcp = true"
         )
     service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
+    if service.catalog_synchronous not in ("full", "normal"):
+        raise ConfigError(
+            '[service] catalog_synchronous: "full" (every acknowledged write survives a power loss) '
+            'or "normal" (faster; the last acknowledged writes can be lost)'
+        )
     if not service.export_check_interval >= 0:
         raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
     try:
