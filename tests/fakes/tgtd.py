@@ -37,7 +37,7 @@ class FakeTgtd:
         ok: OkCodes = DEFAULT_OK,
         timeout: float | None = None,
         stdin: Arg | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, Arg] | None = None,
     ) -> Result:
         real = tuple(a if isinstance(a, str) else a.reveal() for a in argv)
         shown = redact_argv(argv)
