@@ -68,7 +68,7 @@ CHAP_LENGTH = 16
 ATTACHABLE = frozenset(
     {VolumeState.AVAILABLE, VolumeState.RESERVED, VolumeState.ATTACHING, VolumeState.IN_USE}
 )
-T = TypeVar("T")
+L = TypeVar("L", bound=paging.Listed)
 
 # Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
 # the service in the middle of an export (more in storagesvc/targets/tgt.py). See `reconcile`.
@@ -451,13 +451,12 @@ class StorageService:
         items = self.catalog.list_volumes(after=after, limit=limit + 1, labels=labels)
         return self._page([self._with_attachments(v) for v in items], limit)
 
-    def _page(self, items: Sequence[T], limit: int) -> Page[T]:
+    def _page(self, items: Sequence[L], limit: int) -> Page[L]:
+        """`limit` items and the token after the last one, if there are more. The RPC layer may cut a
+        page shorter still, by encoded size (`storagesvc.rpc.servicer.bounded`)."""
         if len(items) <= limit:
             return Page(tuple(items))
-        last = items[limit - 1]
-        created: datetime = last.create_time  # type: ignore[attr-defined]
-        ident: str = last.id  # type: ignore[attr-defined]
-        return Page(tuple(items[:limit]), paging.encode(Cursor(time_key(created), ident)))
+        return Page(tuple(items[:limit]), paging.after(items[limit - 1]))
 
     def watch_volume(
         self, volume_id: str, *, active: Callable[[], bool] = lambda: True, interval: float = 1.0
