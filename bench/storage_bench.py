@@ -1,10 +1,14 @@
 """Storage service benchmark: create + attach + detach + delete cycles over gRPC against the real
 `blockwire-storage` daemon and a real tgtd of its own (free control port, loopback portals).
 
-    sudo python bench/storage_bench.py [--cycles 50] [--parallel 4] [--out bench/results]
+    sudo python bench/storage_bench.py [--cycles 50] [--parallel 4] [--synchronous normal,full]
+                                       [--rounds 3] [--out bench/results]
 
 Runs `cycles` cycles one after another, then `cycles` cycles spread over `parallel` threads (different
-volumes, so they may proceed in parallel). Reports ops/s and p50/p95 per RPC and per cycle, and how much
+volumes, so they may proceed in parallel). With several `--synchronous` modes (the catalog's SQLite
+PRAGMA synchronous, `[service] catalog_synchronous`), one daemon per mode runs on the same tgtd and the
+phases alternate between them, `rounds` times, so that both see the same machine load; the report
+compares them by the median over the rounds. Reports ops/s and p50/p95 per RPC and per cycle, and how much
 of the time tgtadm took: the daemon runs with DEBUG logs, where the Executor logs every command with its
 duration; the bench sums the tgtadm ones inside each phase and compares them with the phase's wall time
 (with parallel threads, tgtadm seconds can exceed wall seconds). Writes
@@ -78,8 +82,10 @@ def machine() -> dict[str, Any]:
 
 
 class Daemon:
-    def __init__(self, tmp: Path, tgtd: Tgtd) -> None:
+    def __init__(self, tmp: Path, tgtd: Tgtd, synchronous: str = "full") -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
+        self.synchronous = synchronous
         self.prefix = f"iqn.2026-01.io.blockwire.bench{uuid.uuid4().hex[:8]}"
         self.socket = tmp / "storage.sock"
         self.log = tmp / "storage.log"
@@ -88,6 +94,7 @@ class Daemon:
         self.config.write_text(
             f'[server]\nunix_socket = "{self.socket}"\nlog_format = "kv"\nlog_level = "DEBUG"\n'
             f'[service]\ncatalog_path = "{tmp}/catalog.db"\niqn_prefix = "{self.prefix}"\n'
+            f'catalog_synchronous = "{synchronous}"\n'
             f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
         )
@@ -160,19 +167,26 @@ def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading
     return total
 
 
-def phase(daemon: Daemon, label: str, cycles: int, parallel: int) -> dict[str, Any]:
+def phase(daemon: Daemon, label: str, cycles: int, parallel: int, round_no: int = 0) -> dict[str, Any]:
     timings: dict[str, list[float]] = {}
     lock = threading.Lock()
     start = datetime.now(UTC)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        list(pool.map(lambda i: cycle(daemon.stub, f"{label}-{i}", timings, lock), range(cycles)))
+        list(
+            pool.map(
+                lambda i: cycle(daemon.stub, f"{label}-{daemon.synchronous}-{round_no}-{i}", timings, lock),
+                range(cycles),
+            )
+        )
     wall = time.perf_counter() - t0
     end = datetime.now(UTC)
     time.sleep(0.2)  # let the daemon's log lines reach the file before reading them
     tgtadm, calls = daemon.tgtadm_seconds(start, end)
     return {
         "phase": label,
+        "synchronous": daemon.synchronous,
+        "round": round_no,
         "cycles": cycles,
         "parallel": parallel,
         "wall_s": round(wall, 3),
@@ -192,6 +206,28 @@ def phase(daemon: Daemon, label: str, cycles: int, parallel: int) -> dict[str, A
     }
 
 
+def compare(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per phase and synchronous mode: the median over the rounds of cycles/s and of each RPC's p50."""
+    out = []
+    keys = list(dict.fromkeys((p["phase"], p["synchronous"]) for p in phases))  # in the order run
+    keys.sort(key=lambda k: ([p["phase"] for p in phases].index(k[0]), k[1] != "normal"))
+    for label, mode in keys:
+        runs = [p for p in phases if p["phase"] == label and p["synchronous"] == mode]
+        ops = sorted({op for p in runs for op in p["latency_ms"]})
+        out.append(
+            {
+                "phase": label,
+                "synchronous": mode,
+                "rounds": len(runs),
+                "cycles_per_s": round(statistics.median(p["cycles_per_s"] for p in runs), 2),
+                "p50_ms": {
+                    op: round(statistics.median(p["latency_ms"][op]["p50"] for p in runs), 2) for op in ops
+                },
+            }
+        )
+    return out
+
+
 def report(results: dict[str, Any], out: Path) -> None:
     day = results["date"][:10]
     out.mkdir(parents=True, exist_ok=True)
@@ -201,75 +237,127 @@ def report(results: dict[str, Any], out: Path) -> None:
         f"# storagesvc benchmark, {day}",
         "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
-        f"Python {m['python']}, tgt {m['tgt']}. Daemon `blockwire-storage` over a unix socket, file backend "
-        "(64 MiB sparse files), tgt exporter with 2 loopback portals, CHAP, one ACL entry. A cycle is "
-        "CreateVolume + CreateAttachment + DeleteAttachment + DeleteVolume.",
+        f"Python {m['python']}, tgt {m['tgt']}, catalog on {m.get('catalog_fs', '?')}. Daemon "
+        "`blockwire-storage` over a unix socket, file backend (64 MiB sparse files), tgt exporter with 2 "
+        "loopback portals, CHAP, one ACL entry. A cycle is CreateVolume + CreateAttachment + "
+        "DeleteAttachment + DeleteVolume.",
         "",
-        "| phase | cycles | threads | wall s | cycles/s | RPCs/s | tgtadm calls | tgtadm s | tgtadm / wall |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| phase | catalog synchronous | round | cycles | threads | wall s | cycles/s | RPCs/s "
+        "| tgtadm calls | tgtadm s | tgtadm / wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
         lines.append(
-            f"| {p['phase']} | {p['cycles']} | {p['parallel']} | {p['wall_s']} | {p['cycles_per_s']} "
-            f"| {p['rpcs_per_s']} | {p['tgtadm_calls']} | {p['tgtadm_s']} | {p['tgtadm_share_of_wall']:.0%} |"
+            f"| {p['phase']} | {p.get('synchronous', 'normal')} | {p.get('round', 0)} | {p['cycles']} "
+            f"| {p['parallel']} | {p['wall_s']} | {p['cycles_per_s']} | {p['rpcs_per_s']} "
+            f"| {p['tgtadm_calls']} | {p['tgtadm_s']} | {p['tgtadm_share_of_wall']:.0%} |"
         )
+    if results.get("comparison"):
+        ops = sorted({op for c in results["comparison"] for op in c["p50_ms"]})
+        lines += [
+            "",
+            "Catalog synchronous mode side by side (median over the rounds; RPC columns are client-side "
+            "p50 in ms):",
+            "",
+            "| phase | synchronous | rounds | cycles/s | " + " | ".join(ops) + " |",
+            "|---|---|---|---|" + "---|" * len(ops),
+        ]
+        for c in results["comparison"]:
+            lines.append(
+                f"| {c['phase']} | {c['synchronous']} | {c['rounds']} | {c['cycles_per_s']} | "
+                + " | ".join(str(c["p50_ms"].get(op, "")) for op in ops)
+                + " |"
+            )
     lines += [
         "",
         "Latency per RPC (ms, client side):",
         "",
-        "| phase | RPC | p50 | p95 | mean |",
-        "|---|---|---|---|---|",
+        "| phase | synchronous | round | RPC | p50 | p95 | mean |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
         for op, v in p["latency_ms"].items():
-            lines.append(f"| {p['phase']} | {op} | {v['p50']} | {v['p95']} | {v['mean']} |")
+            lines.append(
+                f"| {p['phase']} | {p.get('synchronous', 'normal')} | {p.get('round', 0)} | {op} "
+                f"| {v['p50']} | {v['p95']} | {v['mean']} |"
+            )
     (out / f"storage-{day}.md").write_text("\n".join(lines) + "\n")
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding `path` (fsync costs differ: tmpfs has none)."""
+    best, kind = "", "?"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _dev, mount, fstype, *_ = line.split()
+        if str(path.resolve()).startswith(mount) and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=50)
     parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument(
+        "--synchronous",
+        default="normal,full",
+        help="catalog PRAGMA synchronous modes to compare, comma-separated (normal, full)",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the modes' phases")
+    parser.add_argument(
+        "--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the catalogs live"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    if not 1 <= args.cycles <= 1000 or not 1 <= args.parallel <= 32:
-        raise SystemExit("--cycles 1-1000, --parallel 1-32")
+    modes = [m.strip() for m in args.synchronous.split(",") if m.strip()]
+    if not 1 <= args.cycles <= 1000 or not 1 <= args.parallel <= 32 or not 1 <= args.rounds <= 20:
+        raise SystemExit("--cycles 1-1000, --parallel 1-32, --rounds 1-20")
+    if not modes or any(m not in ("normal", "full") for m in modes) or len(set(modes)) != len(modes):
+        raise SystemExit("--synchronous: normal, full or both (normal,full)")
     need_root()
     hosts = ("127.0.0.1", "127.0.0.2")
     port = free_port(hosts)
     tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in hosts), control_port=free_tgt_control_port())
     tgtd.start()
+    phases: list[dict[str, Any]] = []
+    operations: dict[str, list[dict[str, Any]]] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="storage-bench-") as tmp:
-            daemon = Daemon(Path(tmp), tgtd)
+        with tempfile.TemporaryDirectory(prefix="storage-bench-", dir=args.tmp) as tmp:
+            daemons = [Daemon(Path(tmp) / mode, tgtd, mode) for mode in modes]
             try:
-                phase(daemon, "warmup", 3, 1)
-                phases = [
-                    phase(daemon, "serial", args.cycles, 1),
-                    phase(daemon, "parallel", args.cycles, args.parallel),
-                ]
-                stats = daemon.stub.GetBackendStats(spb.GetBackendStatsRequest(), timeout=10)
+                for d in daemons:
+                    phase(d, "warmup", 3, 1)
+                for r in range(1, args.rounds + 1):
+                    for label, parallel in (("serial", 1), ("parallel", args.parallel)):
+                        # alternate which mode goes first, so neither always runs on a warmer machine
+                        for d in daemons if r % 2 else daemons[::-1]:
+                            phases.append(phase(d, label, args.cycles, parallel, r))
+                for d in daemons:
+                    stats = d.stub.GetBackendStats(spb.GetBackendStatsRequest(), timeout=10)
+                    operations[d.synchronous] = [
+                        {
+                            "operation": o.operation,
+                            "count": o.count,
+                            "errors": o.errors,
+                            "p50_us": o.p50_micros,
+                            "p95_us": o.p95_micros,
+                        }
+                        for o in stats.operations
+                    ]
             finally:
-                daemon.stop()
+                for d in daemons:
+                    d.stop()
     finally:
         tgtd.stop()
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": {**machine(), "catalog_fs": filesystem_of(args.tmp), "loadavg": os.getloadavg()},
         "phases": phases,
-        "server_operations": [
-            {
-                "operation": o.operation,
-                "count": o.count,
-                "errors": o.errors,
-                "p50_us": o.p50_micros,
-                "p95_us": o.p95_micros,
-            }
-            for o in stats.operations
-        ],
+        "comparison": compare(phases),
+        "server_operations": operations,
     }
     report(results, args.out)
-    print(json.dumps(results["phases"], indent=2))
+    print(json.dumps(results["comparison"], indent=2))
     return 0
 
 

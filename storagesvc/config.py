@@ -43,6 +43,7 @@ class TlsConfig:
 @dataclass(frozen=True)
 class ServiceConfig:
     catalog_path: str = "/var/lib/blockwire/storage.db"
+    catalog_synchronous: str = "full"  # "normal": faster, can lose acknowledged writes on power loss
     default_backend: str = ""
     iqn_prefix: str = "iqn.2026-01.io.blockwire"
     naa_oui: str = "001405"
@@ -154,6 +155,11 @@ def parse(data: Mapping[str, Any]) -> Config:
     except InvalidArgument as exc:
         raise ConfigError(exc.message) from None
     service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
+    if service.catalog_synchronous not in ("full", "normal"):
+        raise ConfigError(
+            '[service] catalog_synchronous: "full" (every acknowledged write survives a power loss) '
+            'or "normal" (faster; the last acknowledged writes can be lost)'
+        )
     if not service.export_check_interval >= 0:
         raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
     try:

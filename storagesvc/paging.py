@@ -8,15 +8,32 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
+from datetime import datetime
+from typing import Protocol
 
 from blockwire.errors import InvalidArgument
-from storagesvc.catalog import Cursor
+from storagesvc.catalog import Cursor, time_key
+
+
+class Listed(Protocol):
+    """What every listed record (volume, snapshot, attachment) has: pages are ordered by both."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def create_time(self) -> datetime: ...
 
 
 def encode(cursor: Cursor) -> str:
     body = f"v1:{cursor.create_ns}:{cursor.id}"
     raw = f"{body}:{zlib.crc32(body.encode()):08x}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def after(item: Listed) -> str:
+    """The token of the page that follows `item`."""
+    return encode(Cursor(time_key(item.create_time), item.id))
 
 
 def decode(token: str, field: str = "page_token") -> Cursor | None:

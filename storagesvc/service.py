@@ -59,7 +59,7 @@ from storagesvc.model import (
     Volume,
     VolumeState,
 )
-from storagesvc.targets.base import AccountPruner, Exporter, TargetSpec
+from storagesvc.targets.base import AccountPruner, Exporter, TargetSpec, TargetState
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ CHAP_LENGTH = 16
 ATTACHABLE = frozenset(
     {VolumeState.AVAILABLE, VolumeState.RESERVED, VolumeState.ATTACHING, VolumeState.IN_USE}
 )
-T = TypeVar("T")
+L = TypeVar("L", bound=paging.Listed)
 
 # Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
 # the service in the middle of an export (more in storagesvc/targets/tgt.py). See `reconcile`.
@@ -104,23 +104,46 @@ class Pool:
 
 
 class KeyedLocks:
-    """One lock per key (volume id, or a name being created), made on first use."""
+    """One lock per key (volume id, or a name being created), made on first use and dropped when
+    nobody holds or waits for it, so ids that callers make up (random, or of volumes that do not exist)
+    leave nothing behind. A caller waits up to `timeout` seconds, then gets ABORTED."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self._guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, holders + waiters)
+
+    def __len__(self) -> int:
+        """Keys held or waited for now."""
+        with self._guard:
+            return len(self._locks)
+
+    def _ref(self, key: str) -> threading.Lock:
+        with self._guard:
+            lock, users = self._locks.get(key) or (threading.Lock(), 0)
+            self._locks[key] = (lock, users + 1)
+            return lock
+
+    def _unref(self, key: str) -> None:
+        with self._guard:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     @contextlib.contextmanager
     def hold(self, key: str, what: str) -> Iterator[None]:
-        with self._guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        if not lock.acquire(timeout=self.timeout):
-            raise Aborted(f"another call on {what} is in flight; retry with backoff")
+        lock = self._ref(key)
         try:
-            yield
+            if not lock.acquire(timeout=self.timeout):
+                raise Aborted(f"another call on {what} is in flight; retry with backoff")
+            try:
+                yield
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            self._unref(key)
 
 
 class Stats:
@@ -432,13 +455,12 @@ class StorageService:
         items = self.catalog.list_volumes(after=after, limit=limit + 1, labels=labels)
         return self._page([self._with_attachments(v) for v in items], limit)
 
-    def _page(self, items: Sequence[T], limit: int) -> Page[T]:
+    def _page(self, items: Sequence[L], limit: int) -> Page[L]:
+        """`limit` items and the token after the last one, if there are more. The RPC layer may cut a
+        page shorter still, by encoded size (`storagesvc.rpc.servicer.bounded`)."""
         if len(items) <= limit:
             return Page(tuple(items))
-        last = items[limit - 1]
-        created: datetime = last.create_time  # type: ignore[attr-defined]
-        ident: str = last.id  # type: ignore[attr-defined]
-        return Page(tuple(items[:limit]), paging.encode(Cursor(time_key(created), ident)))
+        return Page(tuple(items[:limit]), paging.after(items[limit - 1]))
 
     def watch_volume(
         self, volume_id: str, *, active: Callable[[], bool] = lambda: True, interval: float = 1.0
@@ -966,9 +988,10 @@ class StorageService:
         returns the ids of the volumes repaired. Run by `storagesvc.supervisor.ExportSupervisor`.
 
         One listing per exporter (tgt: one `tgtadm --op show --mode target`); an export is lost when its
-        target is gone (tgtd restarted and forgot it) or an attached initiator is missing from its ACL.
-        Only volumes the catalog has ATTACHING or IN_USE are looked at; each repair takes the volume's
-        lock, reads the volume again and rebuilds it with the same code as `reconcile`
+        target is gone (tgtd restarted and forgot it), an attached initiator is missing from its ACL, or
+        its LUN is gone, offline, on another backing or announces another identity (wwn, serial) than
+        the volume's. Only volumes the catalog has ATTACHING or IN_USE are looked at; each repair takes
+        the volume's lock, reads the volume again and rebuilds it with the same code as `reconcile`
         (`_restore_export`), so a call in flight on that volume is never raced. Counted as the
         "export_repair" operation in GetBackendStats.
         """
@@ -984,19 +1007,18 @@ class StorageService:
         for key, volumes in wanted.items():
             exporter = exporters[key]
             try:
-                targets = exporter.list_targets(self.iqn_prefix + ":")
-                live = {t.target_iqn: set(t.initiators) for t in targets}
-                lost = [v for v in volumes if not self._export_intact(v, live)]
+                live = {t.target_iqn: t for t in exporter.list_targets(self.iqn_prefix + ":")}
+                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live))]
                 if not lost:
                     continue
                 exporter.start()  # a restarted tgtd forgot its portals too
             except (BlockwireError, OSError) as exc:
                 log.warning("exporter %s: checking its exports failed: %s", exporter.kind, exc)
                 continue
-            for v in lost:
+            for v, why in lost:
                 try:
                     with self.stats.measure("export_repair"), self.locks.hold(v.id, f"volume {v.id}"):
-                        if self._repair_export(v.id):
+                        if self._repair_export(v.id, why):
                             repaired.append(v.id)
                 except BlockwireError as exc:
                     log.error("volume %s: repairing its export failed: %s", v.id, exc.message)
@@ -1009,14 +1031,27 @@ class StorageService:
             if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
         ]
 
-    def _export_intact(self, v: Volume, live: Mapping[str, set[str]]) -> bool:
+    def _export_lost(self, v: Volume, live: Mapping[str, TargetState]) -> str:
+        """What the target side lost of the volume's export, in words; "" when it is intact."""
         assert v.export is not None
-        acl = live.get(v.export.target_iqn)
-        if acl is None:
-            return False
-        return all(a.connector.initiator_iqn in acl for a in self._live_attachments(v.id))
+        state = live.get(v.export.target_iqn)
+        if state is None:
+            return f"target {v.export.target_iqn} is gone"
+        if state.lun is None:
+            return f"target {v.export.target_iqn} has no LUN {v.export.lun}"
+        wrong = state.lun.differs(self._spec(v, v.export))
+        if wrong:
+            return f"target {v.export.target_iqn}: {wrong}"
+        missing = [
+            a.connector.initiator_iqn
+            for a in self._live_attachments(v.id)
+            if a.connector.initiator_iqn not in state.initiators
+        ]
+        if missing:
+            return f"target {v.export.target_iqn} does not admit {', '.join(missing)}"
+        return ""
 
-    def _repair_export(self, volume_id: str) -> bool:
+    def _repair_export(self, volume_id: str, why: str) -> bool:
         """Under the volume's lock: rebuilds the export if the catalog still wants it."""
         v = self.catalog.get_volume(volume_id)
         if v is None or v.export is None or v.state not in _EXPORTED:
@@ -1026,9 +1061,10 @@ class StorageService:
             return False
         self._restore_export(v, self.pools[v.backend], atts)
         log.warning(
-            "volume %s: export %s was lost on the target side; rebuilt for %d attachment(s)",
+            "volume %s: export %s was lost on the target side (%s); rebuilt for %d attachment(s)",
             v.id,
             v.export.target_iqn,
+            why,
             len(atts),
         )
         return True

@@ -4,8 +4,12 @@
 * every run has a timeout;
 * accepted exit codes are named at the call site (`ok={0: "ok", 15: "session exists"}`), and the result
   says which one came back;
-* secrets are `Secret` objects in argv or input: revealed only to the child process, shown as
-  `********` in logs, results and errors, and scrubbed from any output quoted in an error.
+* secrets are `Secret` objects in argv, input or environment values: revealed only to the child
+  process, shown as `********` in logs, results and errors, and scrubbed from any output quoted in an
+  error. The errors raised here chain nothing: subprocess's own exceptions (`TimeoutExpired` holds the
+  real argv and partial output) are never a `__cause__` or `__context__`, so neither a traceback nor
+  `log.exception` can print a secret; the revealed values live only in `_spawn`'s frame, which no
+  raised traceback includes.
 
 Both services use it (storagesvc for tgtadm and qemu-img), injected, never reached for.
 """
@@ -65,13 +69,43 @@ class Runner(Protocol):
         ok: OkCodes = DEFAULT_OK,
         timeout: float | None = None,
         stdin: Arg | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, Arg] | None = None,
     ) -> Result: ...
 
 
 def redact_argv(argv: Sequence[Arg]) -> tuple[str, ...]:
     """argv as it may be shown: every Secret replaced by ********."""
     return tuple(REDACTED if isinstance(a, Secret) else a for a in argv)
+
+
+def _reveal(value: Arg) -> str:
+    return value.reveal() if isinstance(value, Secret) else value
+
+
+def _spawn(
+    argv: Sequence[Arg], stdin: Arg | None, env: Mapping[str, Arg], timeout: float
+) -> subprocess.CompletedProcess[str] | BlockwireError:
+    """Runs the child with the secrets revealed; returns a failure instead of raising it, so that the
+    caller raises outside any `except` block (no chained subprocess exception) and from a frame that
+    never held a revealed value."""
+    shown = redact_argv(argv)
+    try:
+        return subprocess.run(
+            [_reveal(a) for a in argv],
+            input=None if stdin is None else _reveal(stdin),
+            capture_output=True,
+            text=True,
+            errors="replace",  # binary fields in tool output (SCSI designators) must not crash
+            timeout=timeout,
+            env={**os.environ, "LC_ALL": "C", **{k: _reveal(v) for k, v in env.items()}},
+            check=False,
+        )
+    except FileNotFoundError:
+        return Unavailable(f"{shown[0]} is not installed or not on PATH")
+    except subprocess.TimeoutExpired:
+        return DeadlineExceeded(f"{' '.join(shown)} did not finish within {timeout:g}s")
+    except OSError as exc:  # not executable, too many open files ...: strerror names no argument
+        return Unavailable(f"{shown[0]} could not be started: {exc.strerror or type(exc).__name__}")
 
 
 def scrub(text: str, secrets: Sequence[Secret]) -> str:
@@ -96,30 +130,16 @@ class Executor:
         ok: OkCodes = DEFAULT_OK,
         timeout: float | None = None,
         stdin: Arg | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, Arg] | None = None,
     ) -> Result:
-        secrets = [a for a in (*argv, stdin) if isinstance(a, Secret)]
+        env = env or {}
+        secrets = [a for a in (*argv, stdin, *env.values()) if isinstance(a, Secret)]
         shown = redact_argv(argv)
-        real = [a.reveal() if isinstance(a, Secret) else a for a in argv]
-        data = stdin.reveal() if isinstance(stdin, Secret) else stdin
         limit = self.default_timeout if timeout is None else timeout
-        full_env = {**os.environ, "LC_ALL": "C", **(env or {})}
         start = time.monotonic()
-        try:
-            proc = subprocess.run(
-                real,
-                input=data,
-                capture_output=True,
-                text=True,
-                errors="replace",  # binary fields in tool output (SCSI designators) must not crash
-                timeout=limit,
-                env=full_env,
-                check=False,
-            )
-        except FileNotFoundError as exc:
-            raise Unavailable(f"{shown[0]} is not installed or not on PATH") from exc
-        except subprocess.TimeoutExpired as exc:
-            raise DeadlineExceeded(f"{' '.join(shown)} did not finish within {limit:g}s") from exc
+        proc = _spawn(argv, stdin, env, limit)
+        if isinstance(proc, BlockwireError):
+            raise proc  # outside any except block: nothing chained
         seconds = time.monotonic() - start
         stdout, stderr = scrub(proc.stdout, secrets), scrub(proc.stderr, secrets)
         log.debug("ran %s -> %d in %.3fs", shown, proc.returncode, seconds)

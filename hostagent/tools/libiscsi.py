@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from blockwire.errors import BlockwireError, NotFound, PermissionDenied, Unavailable
 from blockwire.model import Chap
-from hostagent.host.executor import CommandFailed, Runner
+from hostagent.host.executor import Arg, CommandFailed, Runner
 
 ISCSI_INQ = "iscsi-inq"
 READCAPACITY16 = "iscsi-readcapacity16"
@@ -100,7 +100,7 @@ class Libiscsi:
 
     def _run(self, tool: str, args: list[str], lun: Lun, chap: Chap | None, initiator: str) -> str:
         url = self.url(lun, chap)
-        env = {"LIBISCSI_CHAP_PASSWORD": chap.password.reveal()} if chap is not None else {}
+        env: dict[str, Arg] = {"LIBISCSI_CHAP_PASSWORD": chap.password} if chap is not None else {}
         argv = [tool, *args]
         if initiator:
             argv += ["-i", initiator]

@@ -5,6 +5,12 @@ to a record needs no migration; a new index or column does, appended to MIGRATIO
 
 One connection, shared by the service's threads under a lock: every statement is short, and SQLite
 serializes writers anyway. The file holds CHAP secrets (see ExportRecord): it is created mode 0600.
+
+Durability: WAL with ``synchronous=FULL`` (the default here): every commit fsyncs the WAL before it
+returns, so a row the service has acknowledged to a caller (an attachment an agent was told about, an
+export it must rebuild) survives a power loss. ``normal`` fsyncs only at checkpoints: a crash of the
+process loses nothing, a power loss can drop the last acknowledged commits. It is there to measure the
+difference (bench/storage_bench.py, bench/results/), not to run with.
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 R = TypeVar("R")
+
+#: ``[service] catalog_synchronous`` values -> SQLite's PRAGMA synchronous (FULL = 2, NORMAL = 1).
+SYNCHRONOUS = {"full": 2, "normal": 1}
 
 
 def _chap_doc(c: Chap | None) -> dict[str, str] | None:
@@ -284,7 +293,9 @@ def attachment_from_doc(d: dict[str, Any]) -> Attachment:
 class SqliteCatalog:
     """The Catalog protocol on one SQLite file (or ":memory:")."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, synchronous: str = "full") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous: one of {', '.join(SYNCHRONOUS)}, not {synchronous!r}")
         self.path = str(path)
         if self.path != ":memory:":
             p = Path(self.path)
@@ -295,7 +306,7 @@ class SqliteCatalog:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(f"PRAGMA synchronous={SYNCHRONOUS[synchronous]}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self.migrate()
 

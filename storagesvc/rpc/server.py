@@ -106,7 +106,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     svc = config.service
     jobs = futures.ThreadPoolExecutor(max_workers=svc.copy_workers, thread_name_prefix="copy")
     service = StorageService(
-        SqliteCatalog(svc.catalog_path),
+        SqliteCatalog(svc.catalog_path, synchronous=svc.catalog_synchronous),
         pools,
         clock,
         jobs,

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from blockwire import convert as shared
 from blockwire.errors import InvalidArgument
@@ -16,12 +17,36 @@ from blockwire.status import abort_with
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
-from storagesvc import validate
+from storagesvc import paging, validate
 from storagesvc.model import Attachment, Capacity, Page, Snapshot
 from storagesvc.rpc import convert
 from storagesvc.service import StorageService
 
 T = TypeVar("T")
+L = TypeVar("L", bound=paging.Listed)
+M = TypeVar("M", bound=Message)
+
+#: A list response stops taking items once their encoded size would pass this: gRPC clients refuse
+#: messages over 4 MiB by default (RESOURCE_EXHAUSTED, which reads as "out of space"); the rest is room
+#: for the page token and framing. Volumes carry up to 64 labels of 255 characters (~70 KB each).
+MAX_PAGE_BYTES = 3 * 1024 * 1024
+_ITEM_FRAMING = 6  # a repeated message field: its tag and its length varint (< 2^35)
+
+
+def bounded(page: Page[L], to_pb: Callable[[L], M], max_bytes: int = MAX_PAGE_BYTES) -> tuple[list[M], str]:
+    """The page's items as messages, cut where their encoded size would pass `max_bytes` (never below
+    one item), and the token to go on with: the page's own, or the one after the last item kept. Every
+    list RPC goes through here, so no page size or label size can make a response too big to receive."""
+    out: list[M] = []
+    total = 0
+    for i, item in enumerate(page.items):
+        message = to_pb(item)
+        size = message.ByteSize() + _ITEM_FRAMING
+        if out and total + size > max_bytes:
+            return out, paging.after(page.items[i - 1])
+        out.append(message)
+        total += size
+    return out, page.next_token
 
 
 def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
@@ -61,9 +86,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 validate.labels(request.label_selector, "label_selector"),
             ),
         )
-        return spb.ListVolumesResponse(
-            volumes=[convert.volume_to_pb(v) for v in page.items], next_page_token=page.next_token
-        )
+        volumes, token = bounded(page, convert.volume_to_pb)
+        return spb.ListVolumesResponse(volumes=volumes, next_page_token=token)
 
     def WatchVolume(
         self, request: spb.WatchVolumeRequest, context: grpc.ServicerContext
@@ -118,9 +142,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             return self.service.list_snapshots(request.volume_id, request.page_size, request.page_token)
 
         page = _call(context, list_snapshots)
-        return spb.ListSnapshotsResponse(
-            snapshots=[convert.snapshot_to_pb(s) for s in page.items], next_page_token=page.next_token
-        )
+        snapshots, token = bounded(page, convert.snapshot_to_pb)
+        return spb.ListSnapshotsResponse(snapshots=snapshots, next_page_token=token)
 
     def DeleteSnapshot(
         self, request: spb.DeleteSnapshotRequest, context: grpc.ServicerContext
@@ -182,10 +205,8 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             )
 
         page = _call(context, list_attachments)
-        return spb.ListAttachmentsResponse(
-            attachments=[convert.attachment_to_pb(a, with_connection=False) for a in page.items],
-            next_page_token=page.next_token,
-        )
+        attachments, token = bounded(page, lambda a: convert.attachment_to_pb(a, with_connection=False))
+        return spb.ListAttachmentsResponse(attachments=attachments, next_page_token=token)
 
     def GetCapacity(
         self, request: spb.GetCapacityRequest, context: grpc.ServicerContext

@@ -8,6 +8,7 @@ repeat calls after a crash and undo half-done work with the same calls.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -29,12 +30,45 @@ class TargetSpec:
     mutual_chap: Chap | None = None
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two device paths name the same thing (a target may report a link resolved)."""
+    return a == b or (bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b))
+
+
+@dataclass(frozen=True)
+class LunState:
+    """The volume's LUN as the exporter found it on the target side."""
+
+    lun: int
+    device_path: str  # what the LUN reads and writes; "" when it has no backing
+    wwn: str  # the NAA-6 designator it announces (VPD 0x83), 32 hex digits
+    serial: str  # its unit serial number (VPD 0x80)
+    online: bool = True
+    readonly: bool | None = None  # None: the exporter protects writes elsewhere (LIO: per mapped LUN)
+
+    def differs(self, spec: TargetSpec) -> str:
+        """What is wrong with this LUN for `spec`, in words; "" when it serves the volume as it must."""
+        if not same_path(self.device_path, spec.device_path):
+            return f"LUN {self.lun} is backed by {self.device_path or 'nothing'}, not {spec.device_path}"
+        if (self.wwn, self.serial) != (spec.wwn, spec.serial):
+            return (
+                f"LUN {self.lun} announces wwn {self.wwn or '-'} serial {self.serial or '-'}, "
+                f"not the volume's {spec.wwn} {spec.serial}"
+            )
+        if not self.online:
+            return f"LUN {self.lun} is offline"
+        if self.readonly is not None and self.readonly != spec.readonly:
+            return f"LUN {self.lun} is {'read-only' if self.readonly else 'writable'}, not as exported"
+        return ""
+
+
 @dataclass(frozen=True)
 class TargetState:
     """A target as the exporter found it on the target side."""
 
     target_iqn: str
     initiators: tuple[str, ...]
+    lun: LunState | None  # the volume's LUN (`Exporter.lun`); None when the target has lost it
 
 
 class Exporter(Protocol):
@@ -49,7 +83,9 @@ class Exporter(Protocol):
         ...
 
     def ensure_target(self, spec: TargetSpec) -> None:
-        """Creates the target with its LUN and CHAP, admitting no initiator yet."""
+        """Creates the target with its LUN and CHAP, admitting no initiator yet; on an existing target,
+        puts back what is missing or wrong (the LUN, its backing, its identity) without touching the
+        ACL or the sessions logged in."""
         ...
 
     def remove_target(self, target_iqn: str) -> None:
@@ -65,11 +101,13 @@ class Exporter(Protocol):
         ...
 
     def resize(self, spec: TargetSpec) -> None:
-        """Makes the LUN report the device's current size (after an extend)."""
+        """Makes the LUN report the device's current size (after an extend), never leaving it without
+        its identity or backing; on failure the LUN is as before (or as `ensure_target` makes it)."""
         ...
 
     def list_targets(self, prefix: str) -> list[TargetState]:
-        """Targets on the target side whose IQN starts with `prefix`."""
+        """Targets on the target side whose IQN starts with `prefix`, each with its ACL and the state
+        of its LUN (backing, identity), read in one listing where the exporter can."""
         ...
 
     def healthy(self) -> bool: ...

@@ -15,6 +15,13 @@ zeros). With the serial of `storagesvc.identity` (20 hex digits) and company_id 
 default) that is exactly the volume's wwn. Another `naa_oui` is written to ``wwn/company_id`` where
 the kernel has that attribute; where it does not, the export is refused rather than announce a WWN
 the host would reject. CHAP secrets go to configfs files, never onto a command line.
+
+A LUN never exists without its identity here: the unit serial is given when the storage object is
+made, before any LUN uses it. `list_targets` reports LUN 0's storage object (backing path, serial and
+the WWN it makes); `ensure_target` replaces a storage object on the wrong backing or with the wrong
+serial, and a LUN 0 that uses another object, and makes a lost LUN 0 again (the kernel refuses a new
+serial while an object is exported, so a wrong one is replaced, never edited). Growing needs no LUN
+swap: block backstores follow their device's size.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from blockwire.errors import FailedPrecondition, Unavailable
-from storagesvc.targets.base import TargetSpec, TargetState
+from storagesvc.targets.base import LunState, TargetSpec, TargetState, same_path
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +57,42 @@ def _split_portal(portal: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def lio_wwn(serial: str, company_id: str) -> str:
+    """The NAA-6 designator LIO announces (target_core_spc.c spc_gen_naa_6h_vendor_specific): ``6`` +
+    company id + the serial's hex digits (at most 25), zero-filled to 32 digits."""
+    digits = "".join(c for c in serial.lower() if c in "0123456789abcdef")[:25]
+    return f"6{company_id}{digits}".ljust(32, "0")
+
+
 class LioExporter:
     kind = "lio"
     lun = 0
 
-    def __init__(self, portals: Sequence[str], *, naa_oui: str = LIO_DEFAULT_OUI) -> None:
+    def __init__(
+        self,
+        portals: Sequence[str],
+        *,
+        naa_oui: str = LIO_DEFAULT_OUI,
+        rtslib: Any | None = None,
+        configfs: Path = CONFIGFS,
+    ) -> None:
         self.portals = tuple(portals)
         self.naa_oui = naa_oui
+        self._rts_module = rtslib  # rtslib_fb, or a stand-in with its API (tests); None: import it
+        self.configfs = configfs
+
+    def _rts(self) -> Any:
+        return self._rts_module if self._rts_module is not None else _rtslib()
 
     def _so_name(self, volume_id: str) -> str:
         return f"bw-{volume_id}"
 
     def start(self) -> None:
-        if not CONFIGFS.is_dir():
+        if not self.configfs.is_dir():
             raise Unavailable(
-                f"LIO is not available: {CONFIGFS} is missing (mount configfs, load target_core_mod)"
+                f"LIO is not available: {self.configfs} is missing (mount configfs, load target_core_mod)"
             )
-        _rtslib()
+        self._rts()
         self._ensure_dbroot()
 
     def _ensure_dbroot(self) -> None:
@@ -74,7 +100,7 @@ class LioExporter:
         /etc/target whenever it opens the configuration, and fails every call with "Cannot set dbroot"
         when that directory is missing (the kernel logs "db_root: cannot open: /etc/target"); targetcli
         creates it on first save. Create it here, as the first user of LIO on this host would."""
-        if (CONFIGFS / "dbroot").is_file() and not DBROOT.is_dir():
+        if (self.configfs / "dbroot").is_file() and not DBROOT.is_dir():
             try:
                 DBROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
@@ -84,13 +110,28 @@ class LioExporter:
             log.info("created %s, LIO's configuration directory", DBROOT)
 
     def healthy(self) -> bool:
-        return CONFIGFS.is_dir()
+        return self.configfs.is_dir()
 
-    def _storage_object(self, rts: Any, spec: TargetSpec) -> Any:
+    def _storage_object(self, rts: Any, spec: TargetSpec, undo: contextlib.ExitStack) -> Any:
+        """The volume's storage object on its device with its serial: the existing one, or a new one
+        (deleted again by `undo`). One on another device or with another serial is replaced: deleting
+        it takes its LUNs and their mapped LUNs with it; `ensure_target` and `allow` make them again."""
         name = self._so_name(spec.volume_id)
         for so in rts.RTSRoot().storage_objects:
-            if so.name == name:
+            if so.name != name:
+                continue
+            if same_path(so.udev_path, spec.device_path) and so.wwn == spec.serial:
                 return so
+            log.warning(
+                "LIO storage object %s is on %s with serial %s, not %s %s: replacing it",
+                name,
+                so.udev_path,
+                so.wwn,
+                spec.device_path,
+                spec.serial,
+            )
+            so.delete()
+            break
         if stat.S_ISBLK(os.stat(spec.device_path).st_mode):
             so = rts.BlockStorageObject(name, dev=spec.device_path, wwn=spec.serial, readonly=spec.readonly)
         else:
@@ -98,7 +139,8 @@ class LioExporter:
             so = rts.FileIOStorageObject(
                 name, dev=spec.device_path, size=size, wwn=spec.serial, write_back=False
             )
-        self._set_company_id(so)
+        self._set_company_id(so)  # deletes it itself when it refuses
+        undo.callback(so.delete)
         return so
 
     def _set_company_id(self, so: Any) -> None:
@@ -114,12 +156,9 @@ class LioExporter:
         attr.write_text(f"0x{self.naa_oui}\n")
 
     def ensure_target(self, spec: TargetSpec) -> None:
-        rts = _rtslib()
+        rts = self._rts()
         with contextlib.ExitStack() as undo:
-            existed = any(so.name == self._so_name(spec.volume_id) for so in rts.RTSRoot().storage_objects)
-            so = self._storage_object(rts, spec)
-            if not existed:
-                undo.callback(so.delete)
+            so = self._storage_object(rts, spec, undo)
             fabric = rts.FabricModule("iscsi")
             target = rts.Target(fabric, spec.target_iqn)  # mode "any": create or look up
             undo.callback(target.delete)
@@ -127,7 +166,16 @@ class LioExporter:
             for portal in self.portals:
                 ip, port = _split_portal(portal)
                 rts.NetworkPortal(tpg, ip, port)
-            if not any(lun.lun == self.lun for lun in tpg.luns):
+            lun = next((x for x in tpg.luns if x.lun == self.lun), None)
+            if lun is not None and lun.storage_object.name != so.name:
+                log.warning(
+                    "LIO target %s: LUN %d used another storage object; replacing it",
+                    spec.target_iqn,
+                    self.lun,
+                )
+                lun.delete()
+                lun = None
+            if lun is None:
                 rts.LUN(tpg, self.lun, so)
             tpg.set_attribute("authentication", "1")
             tpg.set_attribute("generate_node_acls", "0")
@@ -141,7 +189,7 @@ class LioExporter:
         return next((t for t in fabric.targets if t.wwn == target_iqn), None)
 
     def remove_target(self, target_iqn: str) -> None:
-        rts = _rtslib()
+        rts = self._rts()
         target = self._target(rts, target_iqn)
         objects: set[str] = set()
         if target is not None:
@@ -156,7 +204,7 @@ class LioExporter:
         log.info("LIO target %s removed", target_iqn)
 
     def allow(self, spec: TargetSpec, initiator_iqn: str) -> None:
-        rts = _rtslib()
+        rts = self._rts()
         target = self._target(rts, spec.target_iqn)
         if target is None:
             raise Unavailable(f"target {spec.target_iqn} is gone from LIO; export checks rebuild it: retry")
@@ -173,7 +221,7 @@ class LioExporter:
             rts.MappedLUN(acl, self.lun, lun, write_protect=spec.readonly)
 
     def deny(self, target_iqn: str, initiator_iqn: str) -> None:
-        rts = _rtslib()
+        rts = self._rts()
         target = self._target(rts, target_iqn)
         if target is None:
             return
@@ -188,10 +236,18 @@ class LioExporter:
             raise FailedPrecondition("LIO fileio exports cannot grow while attached; detach, extend, attach")
 
     def list_targets(self, prefix: str) -> list[TargetState]:
-        rts = _rtslib()
+        rts = self._rts()
         out = []
         for t in rts.FabricModule("iscsi").targets:
             if t.wwn.startswith(prefix):
-                initiators = tuple(acl.node_wwn for tpg in t.tpgs for acl in tpg.node_acls)
-                out.append(TargetState(t.wwn, initiators))
+                tpgs = list(t.tpgs)
+                initiators = tuple(acl.node_wwn for tpg in tpgs for acl in tpg.node_acls)
+                lun = next((x for tpg in tpgs for x in tpg.luns if x.lun == self.lun), None)
+                out.append(TargetState(t.wwn, initiators, self._lun_state(lun) if lun is not None else None))
         return out
+
+    def _lun_state(self, lun: Any) -> LunState:
+        so = lun.storage_object
+        company = Path(so.path) / "wwn" / "company_id"
+        oui = company.read_text().strip().removeprefix("0x").zfill(6) if company.exists() else LIO_DEFAULT_OUI
+        return LunState(self.lun, so.udev_path, lio_wwn(so.wwn, oui), so.wwn)

@@ -35,7 +35,7 @@ class FakeRunner:
         ok: OkCodes = DEFAULT_OK,
         timeout: float | None = None,
         stdin: Arg | None = None,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, Arg] | None = None,
     ) -> Result:
         shown = redact_argv(argv)
         self.calls.append(shown)

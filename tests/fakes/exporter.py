@@ -6,13 +6,14 @@ import threading
 from dataclasses import dataclass, field
 
 from blockwire.errors import Unavailable
-from storagesvc.targets.base import TargetSpec, TargetState
+from storagesvc.targets.base import LunState, TargetSpec, TargetState
 
 
 @dataclass
 class FakeTarget:
     spec: TargetSpec
     initiators: set[str] = field(default_factory=set)
+    lun: LunState | None = None  # None: lost (ensure_target makes it from the spec)
 
 
 class FakeExporter:
@@ -46,9 +47,9 @@ class FakeExporter:
             self._maybe_fail("ensure_target")
             t = self.targets.get(spec.target_iqn)
             if t is None:
-                self.targets[spec.target_iqn] = FakeTarget(spec)
-            else:
-                t.spec = spec
+                t = self.targets[spec.target_iqn] = FakeTarget(spec)
+            t.spec = spec
+            t.lun = self._lun(spec)
 
     def remove_target(self, target_iqn: str) -> None:
         with self._lock:
@@ -73,9 +74,14 @@ class FakeExporter:
     def resize(self, spec: TargetSpec) -> None:
         with self._lock:
             self._maybe_fail("resize")
-            self.targets[spec.target_iqn].spec = spec
+            t = self.targets[spec.target_iqn]
+            t.spec = spec
+            t.lun = self._lun(spec)
 
     def list_targets(self, prefix: str) -> list[TargetState]:
         with self._lock:
             found = [(iqn, t) for iqn, t in self.targets.items() if iqn.startswith(prefix)]
-            return [TargetState(iqn, tuple(sorted(t.initiators))) for iqn, t in found]
+            return [TargetState(iqn, tuple(sorted(t.initiators)), t.lun) for iqn, t in found]
+
+    def _lun(self, spec: TargetSpec) -> LunState:
+        return LunState(self.lun, spec.device_path, spec.wwn, spec.serial, True, spec.readonly)

@@ -12,10 +12,12 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 TGT_CONTROL_PORT = 7  # first control port tried: socket /var/run/tgtd/socket.N, never the system one (0)
 
@@ -88,6 +90,7 @@ class Tgtd:
     control_port: int = TGT_CONTROL_PORT
     proc: subprocess.Popen[bytes] | None = None
     tgtadm: str = "tgtadm"
+    log: IO[bytes] | None = None
 
     def adm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -103,15 +106,19 @@ class Tgtd:
         self.tgtadm = _need("tgtadm", "tgt")
         Path("/var/run/tgtd").mkdir(parents=True, exist_ok=True)
         first, *rest = self.portals
+        # tgtd logs a few lines per LUN on stderr: a file, never a pipe nobody reads (once the pipe's
+        # 64 KiB are full, tgtd blocks in write(2) and stops answering tgtadm and initiators).
+        log = self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [tgtd, "-f", "-C", str(self.control_port), "--iscsi", f"portal={first}"],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log,
         )
 
         def ready() -> bool:
             if self.proc is not None and self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                log.seek(0)
+                err = log.read().decode(errors="replace")
                 raise Missing(f"tgtd exited with {self.proc.returncode}: {err.strip()[:300]}")
             return self.adm("--op", "show", "--mode", "target", check=False).returncode == 0
 
@@ -152,6 +159,10 @@ class Tgtd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        finally:
+            if self.log is not None:
+                self.log.close()
+                self.log = None
 
     def restart(self) -> None:
         """Stop and start again: the new tgtd has forgotten every target (what a crash does)."""

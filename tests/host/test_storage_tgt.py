@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
+from storagesvc.targets.tgt import TgtLun, parse_targets
 from tests.conftest import tier_unavailable
 from tests.host import libiscsi
 from tests.host.daemons import Tgtd
@@ -125,6 +127,48 @@ def lun_designators(
             lib.iscsi_logout_sync(ctx)
     finally:
         lib.iscsi_destroy_context(ctx)
+
+
+class InquirySession:
+    """One libiscsi login kept open, asking the LUN for its VPD page 0x83 again and again: what a logged-in
+    host sees of the LUN's identity while storage works on its target."""
+
+    def __init__(self, path: pb.IscsiPath, initiator: str, user: str, password: str) -> None:
+        self.lib = _libiscsi()
+        self.lun = path.lun
+        self.ctx = self.lib.iscsi_create_context(initiator.encode())
+        self.lib.iscsi_set_targetname(self.ctx, path.target_iqn.encode())
+        self.lib.iscsi_set_session_type(self.ctx, 2)
+        self.lib.iscsi_set_initiator_username_pwd(self.ctx, user.encode(), password.encode())
+        if self.lib.iscsi_full_connect_sync(self.ctx, path.portal.encode(), path.lun) != 0:
+            error = self.lib.iscsi_get_error(self.ctx).decode()
+            self.lib.iscsi_destroy_context(self.ctx)
+            raise AssertionError(f"login to {path.target_iqn} failed: {error}")
+
+    def identity(self) -> str:
+        """The LUN's NAA-6 designators, or what went wrong ("error: ...", "status N")."""
+        task = self.lib.iscsi_inquiry_sync(self.ctx, self.lun, 1, 0x83, 255)
+        if not task:
+            return "error: " + self.lib.iscsi_get_error(self.ctx).decode()
+        try:
+            status = ctypes.cast(task, ctypes.POINTER(ctypes.c_int))[0]  # struct scsi_task starts with it
+            if status != 0:
+                return f"status {status}"
+            page = ctypes.cast(self.lib.scsi_datain_unmarshall(task), ctypes.POINTER(_DeviceIdentification))
+            found = []
+            d = page.contents.designators
+            while d:
+                x = d.contents
+                if x.designator_type == 3 and x.association == 0:
+                    found.append(bytes(x.designator[: x.designator_length]).hex())
+                d = x.next
+            return ",".join(h for h in found if h.startswith("6") and len(h) == 32) or ",".join(found)
+        finally:
+            self.lib.scsi_free_scsi_task(task)
+
+    def close(self) -> None:
+        self.lib.iscsi_logout_sync(self.ctx)
+        self.lib.iscsi_destroy_context(self.ctx)
 
 
 def naa_wwn(designators: list[tuple[int, int, str]]) -> str:
@@ -262,6 +306,13 @@ def storaged(tgtd: Tgtd, tmp_path: Path) -> Iterator[StorageDaemon]:
 def targets(tgtd: Tgtd) -> list[tuple[int, str]]:
     out = tgtd.adm("--op", "show", "--mode", "target").stdout
     return [(int(m.group(1)), m.group(2)) for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.M)]
+
+
+def lun_of(tgtd: Tgtd, target_iqn: str, lun: int = 1) -> TgtLun | None:
+    """A LUN of a target as tgtd shows it (backing, identity, state); None when it has none."""
+    out = tgtd.adm("--op", "show", "--mode", "target").stdout
+    (target,) = [t for t in parse_targets(out) if t.iqn == target_iqn]
+    return target.unit(lun)
 
 
 def accounts(tgtd: Tgtd) -> list[str]:
@@ -408,6 +459,70 @@ def test_a_tgtd_restart_then_a_service_restart_brings_every_export_back(
     for vol, att in exports:
         detach(storaged, vol, att)
     assert not [t for _, t in targets(tgtd) if t.startswith(storaged.prefix)]
+
+
+def test_an_extend_keeps_the_luns_identity_for_a_logged_in_host(storaged: StorageDaemon, tgtd: Tgtd) -> None:
+    """ExtendVolume re-opens LUN 1 in place (issue 11, item 7): a host that stays logged in and asks
+    for the LUN's identity all through a series of extends never sees it missing or with tgt's
+    default identity, and sees the new size."""
+    vol, att = attach(storaged, "extend", size=16 * MIB)
+    ci = att.connection_info
+    path, chap = ci.iscsi.paths[0], ci.iscsi.chap
+    session = InquirySession(path, HOST_IQN, chap.username, chap.password)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            seen.append(session.identity())
+
+    poller = threading.Thread(target=ask)
+    poller.start()
+    size = 16 * MIB
+    try:
+        for _ in range(20):
+            size += MIB
+            storaged.stub.ExtendVolume(
+                spb.ExtendVolumeRequest(volume_id=vol.id, new_size_bytes=size), timeout=30
+            )
+    finally:
+        stop.set()
+        poller.join(30)
+        session.close()
+    assert len(seen) > 20  # the host asked all along
+    assert set(seen) == {ci.wwn}, sorted(set(seen))
+    unit = lun_of(tgtd, path.target_iqn)
+    assert unit is not None
+    assert (unit.scsi_id, unit.scsi_sn, unit.online) == (ci.wwn, ci.serial, True)
+    cap = run("iscsi-readcapacity16", "-i", HOST_IQN, libiscsi.url(path, chap.username, chap.password))
+    assert f"Total size:{size}" in cap.stdout, cap.stdout + cap.stderr
+    detach(storaged, vol, att)
+
+
+def test_a_lun_deleted_behind_storages_back_comes_back_by_the_export_checks(
+    storaged: StorageDaemon, tgtd: Tgtd
+) -> None:
+    """The export supervision looks at each live export's LUN too, not only its target and ACL."""
+    vol, att = attach(storaged, "lost-lun")
+    ci = att.connection_info
+    path, chap = ci.iscsi.paths[0], ci.iscsi.chap
+    (tid,) = [t for t, iqn in targets(tgtd) if iqn == path.target_iqn]
+    tgtd.adm("--op", "delete", "--mode", "logicalunit", "--tid", str(tid), "--lun", "1")
+    assert lun_of(tgtd, path.target_iqn) is None
+    deadline = time.monotonic() + 20  # export_check_interval is 2 s
+    while (unit := lun_of(tgtd, path.target_iqn)) is None or unit.scsi_id != ci.wwn:
+        assert time.monotonic() < deadline, "the export checks did not put LUN 1 back"
+        time.sleep(0.2)
+    assert [t for t, iqn in targets(tgtd) if iqn == path.target_iqn] == [tid]  # the same target
+    for p in ci.iscsi.paths:
+        designators = lun_designators(p.portal, p.target_iqn, p.lun, HOST_IQN, chap.username, chap.password)
+        assert naa_wwn(designators) == ci.wwn
+    inq = libiscsi.inquiry(HOST_IQN, libiscsi.url(path, chap.username, chap.password), "-e", "1", "-c", "128")
+    assert re.search(rf"Unit Serial Number:\[\s*{ci.serial}\]", inq.stdout), inq.stdout
+    ops = storaged.stub.GetBackendStats(spb.GetBackendStatsRequest(), timeout=10).operations
+    assert [(o.count, o.errors) for o in ops if o.operation == "export_repair"] == [(1, 0)]
+    assert "has no LUN 1" in storaged.log()
+    detach(storaged, vol, att)
 
 
 def test_sigterm_stops_the_daemon_cleanly(storaged: StorageDaemon) -> None:

@@ -60,6 +60,37 @@ def test_new_file_is_migrated_private_and_in_wal_mode(tmp_path: Path) -> None:
     assert again.schema_version == len(MIGRATIONS)
 
 
+def test_an_opened_catalog_fsyncs_every_commit(tmp_path: Path) -> None:
+    """WAL + synchronous=FULL (2): a write the service acknowledged survives a power loss. PRAGMA
+    synchronous is per connection: ask the catalog's own, the one every write goes through."""
+    c = SqliteCatalog(tmp_path / "c.db")
+    assert c._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert c._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    c.close()
+    reopened = SqliteCatalog(tmp_path / "c.db")
+    assert reopened._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    reopened.close()
+    normal = SqliteCatalog(tmp_path / "n.db", synchronous="normal")  # only for measurements
+    assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    normal.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteCatalog(tmp_path / "x.db", synchronous="off")
+
+
+def test_the_daemon_opens_its_catalog_with_full_unless_told_otherwise() -> None:
+    from storagesvc.config import ConfigError, ServiceConfig, parse  # noqa: PLC0415
+
+    base = {
+        "backends": [{"name": "f", "kind": "file", "exporter": "tgt", "path": "/x"}],
+        "exporters": {"tgt": {"portals": ["127.0.0.1:3260"]}},
+    }
+    assert parse(base).service.catalog_synchronous == ServiceConfig().catalog_synchronous == "full"
+    normal = parse({**base, "service": {"catalog_synchronous": "normal"}})
+    assert normal.service.catalog_synchronous == "normal"
+    with pytest.raises(ConfigError, match="catalog_synchronous"):
+        parse({**base, "service": {"catalog_synchronous": "off"}})
+
+
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     SqliteCatalog(tmp_path / "c.db").close()
     db = sqlite3.connect(tmp_path / "c.db")

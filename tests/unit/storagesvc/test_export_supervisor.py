@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from blockwire.errors import Unavailable
 from blockwire.model import AccessMode, Connector
 from hostagent.host.executor import Executor
 from hostagent.host.periodic import Periodic
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import ConfigError, ServiceConfig, parse
-from storagesvc.model import MIB, CreateVolumeSpec
+from storagesvc.model import MIB, CreateVolumeSpec, VolumeState
 from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.tgt import TgtExporter
@@ -206,3 +207,65 @@ def test_config_export_check_interval() -> None:
     assert parse({**base, "service": {"export_check_interval": 0}}).service.export_check_interval == 0
     with pytest.raises(ConfigError, match="export_check_interval"):
         parse({**base, "service": {"export_check_interval": -1}})
+
+
+# -- the LUN itself: lost, on another backing, another identity (issue 11, item 7)
+
+
+def lun1(rig: Rig, vid: str) -> tuple[str, str, str, bool]:
+    (t,) = [t for t in rig.tgtd.targets.values() if t.iqn.endswith(vid)]
+    u = t.luns[1]
+    return u.path, u.scsi_id, u.scsi_sn, u.online
+
+
+def whole(rig: Rig, vid: str) -> tuple[str, str, str, bool]:
+    v = rig.service.get_volume(vid)
+    return rig.service.pools["file"].backend.device_path(vid), v.wwn, v.serial, True
+
+
+def test_a_target_that_lost_its_lun_gets_it_back_with_its_identity(rig: Rig) -> None:
+    vid = rig.attached("v", HOST_A, HOST_B)
+    (t,) = rig.tgtd.targets.values()
+    del t.luns[1]  # tgtadm --op delete --mode logicalunit behind storage's back
+    assert rig.supervisor.check() == [vid]
+    assert lun1(rig, vid) == whole(rig, vid)
+    assert t.acl == {HOST_A.initiator_iqn, HOST_B.initiator_iqn}  # the target and its ACL stayed
+    assert rig.repairs() == (1, 0)
+    assert rig.supervisor.check() == []
+
+
+@pytest.mark.parametrize(
+    ("attribute", "value"),
+    [
+        ("path", "/elsewhere/other.raw"),
+        ("scsi_id", "IET     00010001"),
+        ("scsi_sn", "beaf11"),
+        ("online", False),
+    ],
+)
+def test_a_lun_changed_behind_storages_back_is_put_right_in_place(
+    rig: Rig, attribute: str, value: object
+) -> None:
+    vid = rig.attached("v", HOST_A)
+    (t,) = rig.tgtd.targets.values()
+    setattr(t.luns[1], attribute, value)
+    rig.tgtd.argvs.clear()
+    assert rig.supervisor.check() == [vid]
+    assert lun1(rig, vid) == whole(rig, vid)
+    assert not [a for a in rig.tgtd.argvs if "logicalunit" in a and ("delete" in a or "new" in a)]
+    assert rig.repairs() == (1, 0)
+
+
+def test_an_extend_that_fails_in_the_middle_is_finished_by_the_export_checks(rig: Rig) -> None:
+    vid = rig.attached("v", HOST_A)
+    path = rig.service.pools["file"].backend.device_path(vid)
+    rig.tgtd.fail_opens += [path, path]  # the re-open fails, and so does putting it back
+    with pytest.raises(Unavailable):
+        rig.service.extend_volume(vid, 8 * MIB)
+    v = rig.service.get_volume(vid)
+    assert (v.state, v.size_bytes) == (VolumeState.IN_USE, 4 * MIB)
+    assert lun1(rig, vid) == ("", v.wwn, v.serial, False)  # offline, but never another identity
+    assert rig.supervisor.check() == [vid]
+    assert lun1(rig, vid) == whole(rig, vid)
+    assert rig.service.extend_volume(vid, 8 * MIB).size_bytes == 8 * MIB  # the repeat goes through
+    assert lun1(rig, vid) == whole(rig, vid)

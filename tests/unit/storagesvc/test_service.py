@@ -386,6 +386,39 @@ def test_calls_on_one_volume_are_serialized_and_others_run_in_parallel(rig: Rig)
     assert rig.service.get_volume(slow).state is VolumeState.ATTACHING
 
 
+def test_the_lock_map_keeps_nothing_after_calls_with_made_up_ids(rig: Rig) -> None:
+    """Every call on a volume takes its lock: ids nobody issued (random, or of no volume) must not grow
+    the map; nor may calls that wait, time out (ABORTED) or fail."""
+    import uuid  # noqa: PLC0415
+
+    from blockwire.errors import Aborted  # noqa: PLC0415
+
+    real = rig.volume("real")
+    for _ in range(200):
+        made_up = uuid.uuid4().hex
+        rig.service.delete_volume(made_up)  # gone: OK
+        with pytest.raises(NotFound):
+            rig.service.extend_volume(made_up, 8 * MIB)
+        with pytest.raises(NotFound):
+            rig.service.create_attachment(made_up, HOST_A, AccessMode.READ_WRITE)
+        with pytest.raises(NotFound):
+            rig.service.create_snapshot(made_up, f"s-{made_up[:8]}", {})
+        with pytest.raises(AlreadyExists):
+            rig.service.create_volume(CreateVolumeSpec(name="real", size_bytes=8 * MIB))
+    # a holder, a waiter that gives up, and a waiter that gets the lock
+    got = threading.Event()
+    with rig.service.locks.hold(real, "test"):
+        with pytest.raises(Aborted):
+            rig.service.extend_volume(real, 8 * MIB)
+        waiter = threading.Thread(target=lambda: (rig.service.extend_volume(real, 8 * MIB), got.set()))
+        waiter.start()
+    waiter.join(10)
+    assert got.is_set()
+    assert rig.service.get_volume(real).size_bytes == 8 * MIB
+    assert rig.service.locks._locks == {}
+    assert len(rig.service.locks) == 0
+
+
 def test_reconcile_rebuilds_known_exports_and_removes_unknown_ones(rig: Rig) -> None:
     vid = rig.volume()
     a = rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE)

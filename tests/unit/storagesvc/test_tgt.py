@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from blockwire.errors import Unavailable
+from blockwire.errors import FailedPrecondition, Unavailable
 from blockwire.model import Chap
 from blockwire.secret import Secret
 from storagesvc.targets.base import TargetSpec
 from storagesvc.targets.tgt import TgtExporter, parse_portals, parse_targets
 from tests.fakes.executor import FakeRunner, Reply
+from tests.fakes.tgtd import FakeTgtd
 
 DATA = Path(__file__).parent / "data"
 VID = "0123456789abcdef0123456789abcdef"
@@ -135,3 +136,126 @@ def test_start_adds_missing_portals_only() -> None:
     runner = FakeRunner().on(r"--op show --mode portal", Reply(stdout="Portal: 127.0.0.1:3260,1\n"))
     exporter(runner).start()
     assert [c[-1] for c in runner.ran(r"--op new --mode portal")] == ["portal=127.0.0.2:3260"]
+
+
+# -- LUN 1 through an extend, and a LUN lost or changed behind storage's back (issue 11, item 7)
+
+
+def exported(tgtd: FakeTgtd) -> TgtExporter:
+    """An exporter on a FakeTgtd with SPEC's target made (LUN 1 with its identity, CHAP)."""
+    e = TgtExporter(tgtd, ("127.0.0.1:3260",), control_port=7)
+    e.ensure_target(SPEC)
+    return e
+
+
+def lun1(tgtd: FakeTgtd) -> tuple[str, str, str, bool, bool]:
+    """(path, scsi_id, scsi_sn, online, readonly) of SPEC's LUN 1 as the fake tgtd has it."""
+    (t,) = [t for t in tgtd.targets.values() if t.iqn == IQN]
+    u = t.luns[1]
+    return u.path, u.scsi_id, u.scsi_sn, u.online, u.readonly
+
+
+WHOLE = (SPEC.device_path, SPEC.wwn, SPEC.serial, True, False)
+
+
+def test_parse_reads_each_luns_backing_identity_and_state() -> None:
+    first, second = parse_targets(SHOWN)
+    unit = first.unit(1)
+    assert unit is not None
+    assert unit.path == f"/var/lib/blockwire/volumes/volumes/{VID}.raw"
+    assert (unit.scsi_id, unit.scsi_sn) == ("6001405a1b2c3d4e5f60718293a4b5c6", "a1b2c3d4e5f607182930")
+    assert (unit.online, unit.readonly) == (True, True)
+    controller = first.unit(0)
+    assert controller is not None
+    assert (controller.scsi_id, controller.path) == ("IET     00010000", "")
+    assert second.unit(1) is None
+
+
+def test_resize_reopens_lun_1_in_place_and_it_never_loses_its_identity() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    tgtd.argvs.clear()
+    e.resize(SPEC)
+    asked = [" ".join(a[5:]) for a in tgtd.argvs if "show" not in a]
+    assert asked == [
+        f"--op update --mode logicalunit --tid 1 --lun 1 --params online=0,path={SPEC.device_path}"
+    ]
+    assert lun1(tgtd) == WHOLE  # never deleted, never re-made with tgt's default identity
+
+
+def test_a_resize_that_fails_in_the_middle_puts_the_lun_back_with_its_identity() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    tgtd.fail_opens.append(SPEC.device_path)  # tgtd closes the backing, then cannot open it
+    with pytest.raises(Unavailable, match="put back"):
+        e.resize(SPEC)
+    assert lun1(tgtd) == WHOLE
+    assert [t.iqn for t in parse_targets(tgtd._show())] == [IQN]
+
+
+def test_a_resize_whose_restore_fails_too_leaves_an_offline_lun_with_its_identity() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    tgtd.fail_opens += [SPEC.device_path, SPEC.device_path]
+    with pytest.raises(Unavailable):
+        e.resize(SPEC)
+    assert lun1(tgtd) == ("", SPEC.wwn, SPEC.serial, False, False)  # no backing, but never another identity
+    (state,) = e.list_targets("iqn.2026-01.io.blockwire:")
+    assert state.lun is not None
+    assert "backed by nothing" in state.lun.differs(SPEC)  # what the export checks see, and repair:
+    e.ensure_target(SPEC)
+    assert lun1(tgtd) == WHOLE
+
+
+def test_a_resize_refused_under_prevent_removal_changes_nothing() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    (t,) = tgtd.targets.values()
+    t.luns[1].prevent_removal = True
+    with pytest.raises(FailedPrecondition, match="PREVENT MEDIUM REMOVAL"):
+        e.resize(SPEC)
+    assert lun1(tgtd) == WHOLE
+
+
+def test_a_lost_lun_is_made_again_with_its_identity_on_resize_and_on_ensure() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    (t,) = tgtd.targets.values()
+    del t.luns[1]
+    (state,) = e.list_targets("iqn.2026-01.io.blockwire:")
+    assert state.lun is None
+    e.resize(SPEC)
+    assert lun1(tgtd) == WHOLE
+    del t.luns[1]
+    e.ensure_target(SPEC)
+    assert lun1(tgtd) == WHOLE
+
+
+def test_ensure_target_repairs_a_lun_on_another_backing_or_with_another_identity_in_place() -> None:
+    tgtd = FakeTgtd()
+    e = exported(tgtd)
+    (t,) = tgtd.targets.values()
+    t.luns[1].path = "/somewhere/else.raw"
+    t.luns[1].scsi_sn = "beaf11"
+    tgtd.argvs.clear()
+    e.ensure_target(SPEC)
+    assert lun1(tgtd) == WHOLE
+    assert not [a for a in tgtd.argvs if "logicalunit" in a and ("delete" in a or "new" in a)]
+    (state,) = e.list_targets("iqn.2026-01.io.blockwire:")
+    assert state.lun is not None
+    assert state.lun.differs(SPEC) == ""
+
+
+def test_a_lun_whose_identity_cannot_be_set_is_not_left_behind() -> None:
+    """Target 3 of the recorded output has lost LUN 1; tgtd refuses the identity update."""
+    runner = (
+        FakeRunner()
+        .on(r"--op show --mode target", Reply(stdout=SHOWN))
+        .on(r"--op update --mode logicalunit", Reply(22, stderr="tgtadm: invalid request"))
+    )
+    lost = TargetSpec(**{**SPEC.__dict__, "target_iqn": "iqn.2026-01.io.blockwire:ffff"})
+    with pytest.raises(Unavailable, match="invalid request"):
+        exporter(runner).ensure_target(lost)
+    assert runner.ran(r"--op new --mode logicalunit --tid 3 --lun 1")
+    assert runner.ran(r"--op delete --mode logicalunit --tid 3 --lun 1")  # no LUN with tgt's identity
+    assert not runner.ran(r"--op delete --mode target")  # the target (and its sessions) stays
