@@ -521,26 +521,16 @@ class HostAgent:
                 )
                 failpoints.hit(FP_ATTACH_AFTER_JOURNAL)
                 if given is None:
-                    storage = self._storage()
-                    sa = self._create_export(storage, volume_id, access_mode, dom.name, failures)
-                    self._undo(
-                        stack,
-                        failures,
-                        "export",
-                        lambda: storage.delete_attachment(sa.id),
-                        unless_held=held,
-                    )
-                    failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
-                    info = sa.connection_info
-                    a = self.journal.update(
+                    a = self._export(
                         a,
-                        attachment_id=sa.id,
-                        connection_info=info,
-                        serial=disk.serial or default_serial(volume_id, info.serial),
+                        stack=stack,
+                        failures=failures,
+                        held=held,
+                        disk=disk,
+                        others=others,
+                        allow_unverified_identity=allow_unverified_identity,
                     )
-                    self._emit(EventType.PROGRESS, a, step="export")
-                    require_identity(info, allow_unverified_identity)
-                    check_sharing(info, disk, others)
+                    info = a.connection_info
                 conn = self._connector_for(info)
                 conn.validate(info)
                 a = self.journal.update(a, connector_kind=conn.kind)
@@ -590,6 +580,34 @@ class HostAgent:
             stack.pop_all()
         self._emit(EventType.ATTACHED, a, path=a.target_dev)
         log.info("attached volume %s to %s as %s", volume_id, dom.name, a.target_dev)
+        return a
+
+    def _export(
+        self,
+        a: Attachment,
+        *,
+        stack: ExitStack,
+        failures: list[str],
+        held: list[str],
+        disk: DiskOptions,
+        others: list[Attachment],
+        allow_unverified_identity: bool,
+    ) -> Attachment:
+        """Storage CreateAttachment, its undo, and the checks of what storage announced."""
+        storage = self._storage()
+        sa = self._create_export(storage, a.volume_id, a.access_mode, a.domain, failures)
+        self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id), unless_held=held)
+        failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
+        info = sa.connection_info
+        a = self.journal.update(
+            a,
+            attachment_id=sa.id,
+            connection_info=info,
+            serial=disk.serial or default_serial(a.volume_id, info.serial),
+        )
+        self._emit(EventType.PROGRESS, a, step="export")
+        require_identity(info, allow_unverified_identity)
+        check_sharing(info, disk, others)
         return a
 
     def _storage(self) -> StorageApi:

@@ -131,6 +131,23 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     return b
 
 
+def _service(table: Mapping[str, Any]) -> ServiceConfig:
+    service = ServiceConfig(**_take(table, "service", _fields(ServiceConfig)))
+    if service.catalog_synchronous not in ("full", "normal"):
+        raise ConfigError(
+            '[service] catalog_synchronous: "full" (every acknowledged write survives a power loss) '
+            'or "normal" (faster; the last acknowledged writes can be lost)'
+        )
+    if not service.export_check_interval >= 0:
+        raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
+    try:
+        validate.iqn(service.iqn_prefix, "service.iqn_prefix")
+        validate.naa_oui(service.naa_oui, "service.naa_oui")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
+    return service
+
+
 def parse(data: Mapping[str, Any]) -> Config:
     top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls", "limits"))
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
@@ -154,19 +171,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         limits = Limits(**_take(top.get("limits", {}), "limits", _fields(Limits)))
     except InvalidArgument as exc:
         raise ConfigError(exc.message) from None
-    service = ServiceConfig(**_take(top.get("service", {}), "service", _fields(ServiceConfig)))
-    if service.catalog_synchronous not in ("full", "normal"):
-        raise ConfigError(
-            '[service] catalog_synchronous: "full" (every acknowledged write survives a power loss) '
-            'or "normal" (faster; the last acknowledged writes can be lost)'
-        )
-    if not service.export_check_interval >= 0:
-        raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
-    try:
-        validate.iqn(service.iqn_prefix, "service.iqn_prefix")
-        validate.naa_oui(service.naa_oui, "service.naa_oui")
-    except InvalidArgument as exc:
-        raise ConfigError(exc.message) from None
+    service = _service(top.get("service", {}))
     exporters = _exporters(top.get("exporters", {}))
     backends = [_backend(i, t, exporters) for i, t in enumerate(top.get("backends", []))]
     if not backends:

@@ -203,6 +203,8 @@ def test_attach_volume(
             ("domain", "volume", "volume_id", "connection_info", "disk", "access_mode"),
         )
         for s in _secrets(info):
+            if s in domain or s in volume_id:
+                continue  # the same text drawn as a name too: the message may quote the name
             assert err is None or s not in (err.details() or "")
         check_commands(rig)
         check_xml(rig, _secrets(info))
