@@ -241,16 +241,22 @@ def start_stack(workdir: Path, storage_sections: str) -> Stack:
     return Stack(workdir, prefix, storage, agent)
 
 
+def tgt_sections(workdir: Path, tgtd: Tgtd, service: str = "") -> str:
+    """Storage's config for the `file` backend exported by the `tgt` exporter (our tgtd, both portals);
+    `service`: more keys of its [service] table."""
+    portals = ", ".join(f'"{p}"' for p in kernel.PORTALS)
+    return (
+        service
+        + f'[[backends]]\nname = "file"\nkind = "file"\npath = "{workdir}/backend"\nexporter = "tgt"\n'
+        + f'[exporters.tgt]\nkind = "tgt"\nportals = [{portals}]\ncontrol_port = {tgtd.control_port}\n'
+    )
+
+
 @pytest.fixture(scope="session")
 def tgt_stack(tgtd: Tgtd, libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The daemons with the `file` backend exported by the `tgt` exporter (our tgtd, both portals)."""
     workdir = tmp_path_factory.mktemp("stack-tgt")
-    portals = ", ".join(f'"{p}"' for p in kernel.PORTALS)
-    stack = start_stack(
-        workdir,
-        f'[[backends]]\nname = "file"\nkind = "file"\npath = "{workdir}/backend"\nexporter = "tgt"\n'
-        f'[exporters.tgt]\nkind = "tgt"\nportals = [{portals}]\ncontrol_port = {tgtd.control_port}\n',
-    )
+    stack = start_stack(workdir, tgt_sections(workdir, tgtd))
     yield stack
     stack.stop()
 

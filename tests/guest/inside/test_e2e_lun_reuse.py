@@ -17,6 +17,7 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from blockwire.errors import FailedPrecondition
 from blockwire.v1 import types_pb2
 from storagesvc.identity import serial_for, wwn_for
 from tests.guest.inside import kernel
-from tests.guest.inside.conftest import Stack
+from tests.guest.inside.conftest import Stack, start_stack, tgt_sections
 from tests.guest.inside.kernel import MiB
 from tests.host.daemons import Tgtd
 
@@ -66,10 +67,21 @@ def _holder(device: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+@pytest.fixture(scope="module")
+def reuse_stack(tgtd: Tgtd, libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The tgt stack with storage's export checks off: these tests re-point a LUN behind storage's back
+    to play a reused LUN, and the checks would (rightly) put A's LUN back within seconds. A LUN really
+    reused is one storage itself gave to B, which no check undoes."""
+    workdir = tmp_path_factory.mktemp("stack-reuse")
+    stack = start_stack(workdir, tgt_sections(workdir, tgtd, "export_check_interval = 0\n"))
+    yield stack
+    stack.stop()
+
+
 def test_a_reused_lun_with_another_wwn_is_refused_and_nothing_is_left(
-    clean_host: None, tgt_stack: Stack, tgtd: Tgtd, domain: str
+    clean_host: None, reuse_stack: Stack, tgtd: Tgtd, domain: str
 ) -> None:
-    s = tgt_stack
+    s = reuse_stack
     tag = uuid.uuid4().hex[:6]
     a = s.storage.create_volume(f"e2e-reuse-a-{tag}", 32 * MiB, backend="file")
     b = s.storage.create_volume(f"e2e-reuse-b-{tag}", 32 * MiB, backend="file")
@@ -96,9 +108,9 @@ def test_a_reused_lun_with_another_wwn_is_refused_and_nothing_is_left(
 
 
 def test_refusing_a_reused_lun_leaves_the_volume_now_there_alone(
-    clean_host: None, tgt_stack: Stack, tgtd: Tgtd, domain: str
+    clean_host: None, reuse_stack: Stack, tgtd: Tgtd, domain: str
 ) -> None:
-    s = tgt_stack
+    s = reuse_stack
     tag = uuid.uuid4().hex[:6]
     a = s.storage.create_volume(f"e2e-reuse2-a-{tag}", 32 * MiB, backend="file")
     b = s.storage.create_volume(f"e2e-reuse2-b-{tag}", 32 * MiB, backend="file")
