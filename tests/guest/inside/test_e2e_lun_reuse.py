@@ -144,9 +144,12 @@ def test_refusing_a_reused_lun_leaves_the_volume_now_there_alone(
         s.agent.disconnect_volume(ci_a, force=True)  # force overrides "open", never "not A's"
         b_untouched("after DisconnectVolume with A's info")
 
-        # B's own disconnect while its domain holds the map: refused, naming QEMU; nothing goes.
-        with pytest.raises(FailedPrecondition, match=r"process \d+ \(qemu-system-x86\) holds it open"):
+        # B's own disconnect while its domain holds the map: refused (B is the agent's attachment: only
+        # DetachVolume takes it, unplug first); nothing goes.
+        with pytest.raises(FailedPrecondition, match=rf"attached to domain '{domain}' by this agent"):
             s.agent.disconnect_volume(ci_b)
+        with pytest.raises(FailedPrecondition, match=rf"attached to domain '{domain}' by this agent"):
+            s.agent.disconnect_volume(ci_b, force=True)
         b_untouched("after the refused DisconnectVolume of B")
         s.agent.detach_volume(domain, b.id)
         kernel.settle()
