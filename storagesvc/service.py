@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
-from blockwire import failpoints
 from blockwire.errors import (
     Aborted,
     AlreadyExists,
@@ -37,8 +36,9 @@ from blockwire.errors import (
     ResourceExhausted,
 )
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath
+from blockwire.runtime import failpoints
+from blockwire.runtime.clock import Clock
 from blockwire.secret import Secret
-from hostagent.host.clock import Clock
 from storagesvc import identity, paging, validate
 from storagesvc.backends.base import Backend, ImageInfo
 from storagesvc.catalog import Catalog, Conflict, Cursor, time_key
@@ -70,7 +70,7 @@ ATTACHABLE = frozenset(
 )
 L = TypeVar("L", bound=paging.Listed)
 
-# Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
 # the service in the middle of an export (more in storagesvc/targets/tgt.py). See `reconcile`.
 FP_EXPORT_AFTER_CATALOG = "storage.export.after_catalog"  # attachment RESERVED, nothing exported
 FP_EXPORT_AFTER_TARGET = "storage.export.after_target"  # target, LUN and CHAP made, no ACL entry

@@ -35,18 +35,18 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Generic, Protocol, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from blockwire import convert, model
 from blockwire.errors import DeadlineExceeded, InvalidArgument, NotFound
+from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.status import error_from_rpc
 from blockwire.v1 import (
     hostagent_pb2,
@@ -88,24 +88,6 @@ HEALTH_SERVING: Final = "SERVING"
 _Req = TypeVar("_Req", bound=Message)
 _Resp = TypeVar("_Resp", bound=Message)
 _T = TypeVar("_T")
-
-
-class Clock(Protocol):
-    """What the retry loop needs of time; tests pass a fake that does not really sleep."""
-
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @dataclass(frozen=True)
