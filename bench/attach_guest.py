@@ -582,9 +582,9 @@ class BwLib:
     name = "bw-lib"
 
     def __init__(self, multipath: bool, rec: Recorder) -> None:
+        from blockwire.runtime.clock import SystemClock  # noqa: PLC0415
+        from blockwire.runtime.executor import Executor  # noqa: PLC0415
         from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
-        from hostagent.host.clock import SystemClock  # noqa: PLC0415
-        from hostagent.host.executor import Executor  # noqa: PLC0415
         from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
         from hostagent.host.sysfs import Sysfs  # noqa: PLC0415
         from hostagent.host.udev import PyudevWaiter  # noqa: PLC0415

@@ -22,7 +22,6 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
-from blockwire import failpoints
 from blockwire.errors import (
     BlockwireError,
     DeadlineExceeded,
@@ -32,11 +31,12 @@ from blockwire.errors import (
     Unavailable,
 )
 from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
+from blockwire.runtime import failpoints
+from blockwire.runtime.clock import Clock, Deadline
+from blockwire.runtime.locks import KeyedLocks
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
-from hostagent.host.clock import Clock, Deadline
 from hostagent.journal import Journal
-from hostagent.locks import KeyedLocks
 from hostagent.model import (
     Attachment,
     AttachmentState,
@@ -54,7 +54,7 @@ from hostagent.virt.hypervisor import DomainInfo, Hypervisor
 
 log = logging.getLogger(__name__)
 
-# Failpoints (blockwire.failpoints; armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# Failpoints (blockwire.runtime.failpoints; armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
 # the agent. The recovery rule of each is in `HostAgent.reconcile`.
 FP_ATTACH_AFTER_JOURNAL = "agent.attach.after_journal"
 FP_ATTACH_AFTER_CREATE_ATTACHMENT = "agent.attach.after_create_attachment"

@@ -28,10 +28,10 @@ from typing import Protocol, runtime_checkable
 
 from blockwire.errors import BlockwireError
 from blockwire.model import ConnectionInfo, IscsiConnection
+from blockwire.runtime.clock import Clock
+from blockwire.runtime.periodic import Periodic, Waiter, event_wait
 from hostagent.api import HostAgent, PathRestorer
 from hostagent.connectors.iscsi import kernel_sessions
-from hostagent.host.clock import Clock
-from hostagent.host.periodic import Periodic, Waiter, event_wait
 from hostagent.host.sysfs import Sysfs
 from hostagent.model import Attachment, AttachmentState, EventType
 

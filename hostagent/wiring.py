@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockwire.model import Transport
+from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.executor import Executor
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig
 from hostagent.connectors.base import VolumeConnector
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
 from hostagent.events import EventBus
-from hostagent.host.clock import SystemClock
-from hostagent.host.executor import Executor
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter
 from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available

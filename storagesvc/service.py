@@ -26,9 +26,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
-from blockwire import failpoints
 from blockwire.errors import (
-    Aborted,
     AlreadyExists,
     BlockwireError,
     FailedPrecondition,
@@ -37,8 +35,10 @@ from blockwire.errors import (
     ResourceExhausted,
 )
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath
+from blockwire.runtime import failpoints
+from blockwire.runtime.clock import Clock
+from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
-from hostagent.host.clock import Clock
 from storagesvc import identity, paging, validate
 from storagesvc.backends.base import Backend, ImageInfo
 from storagesvc.catalog import Catalog, Conflict, Cursor, time_key
@@ -70,7 +70,7 @@ ATTACHABLE = frozenset(
 )
 L = TypeVar("L", bound=paging.Listed)
 
-# Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
 # the service in the middle of an export (more in storagesvc/targets/tgt.py). See `reconcile`.
 FP_EXPORT_AFTER_CATALOG = "storage.export.after_catalog"  # attachment RESERVED, nothing exported
 FP_EXPORT_AFTER_TARGET = "storage.export.after_target"  # target, LUN and CHAP made, no ACL entry
@@ -101,49 +101,6 @@ class Pool:
     backend: Backend
     exporter: Exporter
     exporter_name: str
-
-
-class KeyedLocks:
-    """One lock per key (volume id, or a name being created), made on first use and dropped when
-    nobody holds or waits for it, so ids that callers make up (random, or of volumes that do not exist)
-    leave nothing behind. A caller waits up to `timeout` seconds, then gets ABORTED."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._guard = threading.Lock()
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # key -> (lock, holders + waiters)
-
-    def __len__(self) -> int:
-        """Keys held or waited for now."""
-        with self._guard:
-            return len(self._locks)
-
-    def _ref(self, key: str) -> threading.Lock:
-        with self._guard:
-            lock, users = self._locks.get(key) or (threading.Lock(), 0)
-            self._locks[key] = (lock, users + 1)
-            return lock
-
-    def _unref(self, key: str) -> None:
-        with self._guard:
-            lock, users = self._locks[key]
-            if users <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    @contextlib.contextmanager
-    def hold(self, key: str, what: str) -> Iterator[None]:
-        lock = self._ref(key)
-        try:
-            if not lock.acquire(timeout=self.timeout):
-                raise Aborted(f"another call on {what} is in flight; retry with backoff")
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            self._unref(key)
 
 
 class Stats:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from hostagent.host.periodic import Periodic, Waiter, event_wait
+from blockwire.runtime.periodic import Periodic, Waiter, event_wait
 from storagesvc.service import StorageService
 
 log = logging.getLogger(__name__)

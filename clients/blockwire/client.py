@@ -5,7 +5,8 @@ Both wrap the generated stubs with what every caller needs:
 * a target given as ``unix:///run/blockwire/storage.sock``, a bare socket path, or ``host:port``;
 * a deadline on every call (`DEFAULT_TIMEOUT`, longer ones for attach and detach), overridable per
   client and per call;
-* retries with exponential backoff and jitter for UNAVAILABLE and ABORTED, bounded by the attempts of
+* retries with exponential backoff and jitter for UNAVAILABLE, ABORTED and a refusal by a daemon's
+  concurrency bound (RESOURCE_EXHAUSTED naming the bound; never a full disk), bounded by the attempts of
   a `RetryPolicy` and by the call's deadline. Retrying is safe because every RPC of the v1 API is
   idempotent by contract (see the comments in ``proto/blockwire/v1``): a repeat returns what the first
   call made or finds it already gone;
@@ -35,18 +36,18 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Generic, Protocol, Self, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from blockwire import convert, model
-from blockwire.errors import DeadlineExceeded, InvalidArgument, NotFound
+from blockwire.errors import ConcurrencyLimit, DeadlineExceeded, InvalidArgument, NotFound
+from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.status import error_from_rpc
 from blockwire.v1 import (
     hostagent_pb2,
@@ -88,24 +89,6 @@ HEALTH_SERVING: Final = "SERVING"
 _Req = TypeVar("_Req", bound=Message)
 _Resp = TypeVar("_Resp", bound=Message)
 _T = TypeVar("_T")
-
-
-class Clock(Protocol):
-    """What the retry loop needs of time; tests pass a fake that does not really sleep."""
-
-    def monotonic(self) -> float: ...
-
-    def sleep(self, seconds: float) -> None: ...
-
-
-class SystemClock:
-    """The real clock."""
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -264,7 +247,7 @@ class Stream(Generic[_T]):
                 code = err.code()
                 if self._cancelled and code is grpc.StatusCode.CANCELLED:
                     return
-                if not received and _should_retry(self._retry, code, attempt):
+                if not received and _should_retry(self._retry, err, attempt):
                     wait = self._retry.backoff(attempt, self._rand)
                     if deadline is None or self._clock.monotonic() + wait < deadline:
                         log.debug("stream failed with %s; reopening in %.2fs", code.name, wait)
@@ -281,8 +264,15 @@ class Stream(Generic[_T]):
         self.cancel()
 
 
-def _should_retry(policy: RetryPolicy, code: grpc.StatusCode, attempt: int) -> bool:
-    return code in policy.codes and attempt < policy.max_attempts
+def _should_retry(policy: RetryPolicy, err: grpc.RpcError, attempt: int) -> bool:
+    """A code of the policy's, or a refusal by a daemon's concurrency bound (RESOURCE_EXHAUSTED that
+    names its bound: a busy daemon, not a full disk), while attempts are left."""
+    if attempt >= policy.max_attempts:
+        return False
+    code = err.code()
+    if code in policy.codes:
+        return True
+    return code is grpc.StatusCode.RESOURCE_EXHAUSTED and isinstance(error_from_rpc(err), ConcurrencyLimit)
 
 
 class _Client:
@@ -361,7 +351,7 @@ class _Client:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as err:
                 code = err.code()
-                if _should_retry(self._retry, code, attempt):
+                if _should_retry(self._retry, err, attempt):
                     wait = self._retry.backoff(attempt, self._rand)
                     if self._clock.monotonic() + wait < deadline:
                         log.debug(

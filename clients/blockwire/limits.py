@@ -1,6 +1,6 @@
 """How many calls a daemon's gRPC server runs at once: the `[limits]` table of both daemons' configs.
 
-Calls come in three classes, each with its own bound (`blockwire.serving` enforces them):
+Calls come in three classes, each with its own bound (`blockwire.server.serving` enforces them):
 
 * **stream**: server streams (WatchEvents, WatchVolume; also Health/Watch and reflection). An idle
   stream holds a thread for as long as its client keeps it open.

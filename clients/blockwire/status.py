@@ -78,7 +78,7 @@ def error_from_rpc(err: grpc.RpcError) -> BlockwireError:
 
 
 def _limit_of(err: grpc.RpcError) -> str:
-    """The bound named by a refusal of `blockwire.serving.LimitsInterceptor`, or ""."""
+    """The bound named by a refusal of `blockwire.server.serving.LimitsInterceptor`, or ""."""
     trailing = getattr(err, "trailing_metadata", None)
     try:
         metadata = trailing() if callable(trailing) else None

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from blockwire.errors import DeadlineExceeded, InvalidArgument
 from blockwire.model import ConnectionInfo
-from hostagent.host.clock import Deadline
+from blockwire.runtime.clock import Deadline
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
 from hostagent.model import HostDevice
 from hostagent.virt.diskxml import Source

@@ -9,9 +9,9 @@ import logging
 
 from blockwire.errors import FailedPrecondition, InvalidArgument
 from blockwire.model import ConnectionInfo, FcConnection
+from blockwire.runtime.clock import Clock
 from hostagent.connectors import checks
 from hostagent.connectors.scsi import ScsiDevices
-from hostagent.host.clock import Clock
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter

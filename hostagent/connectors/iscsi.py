@@ -29,15 +29,15 @@ from dataclasses import dataclass
 
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
+from blockwire.runtime.clock import Clock
+from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
 from hostagent.connectors.iscsi_qemu import iscsi_of
 from hostagent.connectors.scsi import ScsiDevices
-from hostagent.host.clock import Clock
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
 from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
-from hostagent.locks import KeyedLocks
 from hostagent.model import HostDevice
 from hostagent.tools.iscsiadm import Iscsiadm
 from hostagent.tools.multipath import Multipath

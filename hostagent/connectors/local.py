@@ -12,9 +12,9 @@ import os
 
 from blockwire.errors import InvalidArgument, NotFound
 from blockwire.model import ConnectionInfo, LocalConnection
+from blockwire.runtime.clock import Clock, Deadline
 from hostagent.connectors import checks
 from hostagent.connectors.base import wait_device
-from hostagent.host.clock import Clock, Deadline
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
 from hostagent.identity import verify_wwn

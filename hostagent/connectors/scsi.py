@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
+from blockwire.runtime.clock import Clock, Deadline
+from blockwire.runtime.executor import CommandFailed
 from hostagent.connectors.base import wait_device
-from hostagent.host.clock import Clock, Deadline
-from hostagent.host.executor import CommandFailed
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter

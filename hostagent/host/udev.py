@@ -17,7 +17,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from blockwire.errors import DeadlineExceeded, Unavailable
-from hostagent.host.clock import Deadline
+from blockwire.runtime.clock import Deadline
 
 log = logging.getLogger(__name__)
 

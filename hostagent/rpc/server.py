@@ -2,7 +2,7 @@
 
     blockwire-agent --config /etc/blockwire/agent.toml
 
-Listeners, TLS, concurrency bounds ([limits]), logging and signals come from `blockwire.serving`; only
+Listeners, TLS, concurrency bounds ([limits]), logging and signals come from `blockwire.server.serving`; only
 admins may call (the unix socket, or a TLS client certificate with SAN URI blockwire://admin/<name>).
 Logging is configured here and only here. SIGTERM/SIGINT stop the server gracefully (running calls get
 `grace_seconds` to finish). On start the agent reconciles its journal with the host; with the kernel
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import grpc
 
-from blockwire import serving
 from blockwire.errors import BlockwireError
+from blockwire.server import serving
 from blockwire.v1 import hostagent_pb2, hostagent_pb2_grpc
 from hostagent.config import AgentConfig, load_config
 from hostagent.rpc.servicer import HostAgentServicer

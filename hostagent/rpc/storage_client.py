@@ -1,15 +1,14 @@
-"""StorageApi over gRPC: the agent's client of StorageService (generated stub; blockwire.convert)."""
+"""StorageApi over gRPC: a thin adapter over the SDK's `blockwire.client.StorageClient`, so the agent
+(the SDK's most important caller) gets the SDK's deadlines, retries with backoff on UNAVAILABLE, ABORTED
+and concurrency-bound refusals, TLS and error mapping, instead of a second copy of them."""
 
 from __future__ import annotations
 
 import grpc
 
 from blockwire import convert
-from blockwire.client import TlsOptions, make_channel
+from blockwire.client import StorageClient, TlsOptions, make_channel
 from blockwire.model import AccessMode, Connector
-from blockwire.status import error_from_rpc
-from blockwire.v1 import storage_pb2 as spb
-from blockwire.v1 import storage_pb2_grpc
 from hostagent.storage import StorageAttachment, VolumeInfo
 
 
@@ -31,49 +30,33 @@ def tls_options(ca_file: str, cert_file: str, key_file: str, server_name: str) -
     )
 
 
+_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment", "GetVolume")
+
+
 class GrpcStorageApi:
+    """The agent's StorageApi on a channel; every call gets `timeout` seconds, retries included."""
+
     def __init__(self, channel: grpc.Channel, *, timeout: float = 30.0) -> None:
-        self.stub = storage_pb2_grpc.StorageServiceStub(channel)
-        self.timeout = timeout
+        self.client = StorageClient(
+            channel=channel, timeout=timeout, timeouts=dict.fromkeys(_STORAGE_CALLS, timeout)
+        )
 
     def create_attachment(
         self, volume_id: str, connector: Connector, access_mode: AccessMode, domain: str
     ) -> StorageAttachment:
-        req = spb.CreateAttachmentRequest(
-            volume_id=volume_id,
-            connector=convert.connector_to_pb(connector),
-            access_mode=convert.access_mode_to_pb(access_mode),
-            domain=domain,
+        a = self.client.create_attachment(
+            volume_id, connector, access_mode=convert.access_mode_to_pb(access_mode), domain=domain
         )
-        try:
-            resp = self.stub.CreateAttachment(req, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        a = resp.attachment
         return StorageAttachment(id=a.id, connection_info=convert.connection_info_from_pb(a.connection_info))
 
     def complete_attachment(self, attachment_id: str, target_dev: str, host_device: str) -> None:
-        req = spb.CompleteAttachmentRequest(
-            attachment_id=attachment_id, target_dev=target_dev, host_device=host_device
-        )
-        try:
-            self.stub.CompleteAttachment(req, timeout=self.timeout)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
+        self.client.complete_attachment(attachment_id, target_dev=target_dev, host_device=host_device)
 
     def delete_attachment(self, attachment_id: str) -> None:
-        try:
-            self.stub.DeleteAttachment(
-                spb.DeleteAttachmentRequest(attachment_id=attachment_id), timeout=self.timeout
-            )
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
+        self.client.delete_attachment(attachment_id)
 
     def get_volume(self, volume_id: str) -> VolumeInfo:
-        try:
-            v = self.stub.GetVolume(spb.GetVolumeRequest(volume_id=volume_id), timeout=self.timeout).volume
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
+        v = self.client.get_volume(volume_id)
         return VolumeInfo(
             id=v.id, size_bytes=v.size_bytes, wwn=v.wwn, serial=v.serial, multiattach=v.multiattach
         )

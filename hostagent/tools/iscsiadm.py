@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from blockwire.errors import NotFound, PermissionDenied, Unavailable
+from blockwire.runtime.clock import Clock
+from blockwire.runtime.executor import Arg, CommandFailed, Runner
 from blockwire.secret import Secret
-from hostagent.host.clock import Clock
-from hostagent.host.executor import Arg, CommandFailed, Runner
 
 log = logging.getLogger(__name__)
 

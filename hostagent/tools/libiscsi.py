@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from blockwire.errors import BlockwireError, NotFound, PermissionDenied, Unavailable
 from blockwire.model import Chap
-from hostagent.host.executor import Arg, CommandFailed, Runner
+from blockwire.runtime.executor import Arg, CommandFailed, Runner
 
 ISCSI_INQ = "iscsi-inq"
 READCAPACITY16 = "iscsi-readcapacity16"

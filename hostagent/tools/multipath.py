@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
-from hostagent.host.executor import CommandFailed, Runner
+from blockwire.runtime.executor import CommandFailed, Runner
 
 MAPS_FORMAT = "%n %w %d %N"
 PATHS_FORMAT = "%d %w %t %T %o %i"

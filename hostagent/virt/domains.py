@@ -35,9 +35,9 @@ from blockwire.errors import (
     PermissionDenied,
     Unavailable,
 )
+from blockwire.runtime.clock import Clock, Deadline, SystemClock
+from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
-from hostagent.host.clock import Clock, Deadline, SystemClock
-from hostagent.locks import KeyedLocks
 from hostagent.model import Bus
 from hostagent.virt.diskxml import (
     DiskSpec,

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
-from hostagent.host.clock import Deadline
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, LiveDisk
 

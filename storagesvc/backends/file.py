@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from blockwire.errors import InvalidArgument, NotFound, ResourceExhausted
-from hostagent.host.executor import CommandFailed, Runner
+from blockwire.runtime.executor import CommandFailed, Runner
 from storagesvc.backends.base import ImageInfo, ProgressFn, Space
 from storagesvc.model import MIB, ImageFormat, ImageSource
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from blockwire.errors import NotFound, ResourceExhausted
-from hostagent.host.executor import CommandFailed, Result, Runner
+from blockwire.runtime.executor import CommandFailed, Result, Runner
 from storagesvc.backends.base import ImageInfo, ProgressFn, Space
 from storagesvc.backends.file import inspect_image, run_polled
 from storagesvc.model import MIB, ImageSource

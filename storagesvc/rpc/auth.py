@@ -1,6 +1,6 @@
 """Who may call what on StorageService (see README "Security").
 
-Identities come from `blockwire.serving.identify`: the unix socket and plaintext TCP (only when
+Identities come from `blockwire.server.serving.identify`: the unix socket and plaintext TCP (only when
 `allow_insecure_tcp`) are admins; over TLS the client certificate's SAN URI names the role.
 
 * **admin** (``blockwire://admin/<name>``): everything.
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockwire.errors import PermissionDenied
-from blockwire.serving import ADMIN, AGENT, AuthInterceptor, Identity
+from blockwire.server.serving import ADMIN, AGENT, AuthInterceptor, Identity
 from blockwire.v1 import storage_pb2 as spb
 
 SERVICE_PREFIX = "/blockwire.v1.StorageService/"

@@ -3,7 +3,7 @@
     blockwire-storage --config /etc/blockwire/storage.toml
 
 Serves blockwire.v1.StorageService, grpc.health.v1.Health (service "" and "blockwire.v1.StorageService")
-and server reflection, through `blockwire.serving` (listeners, TLS, logging, signals). Callers are
+and server reflection, through `blockwire.server.serving` (listeners, TLS, logging, signals). Callers are
 authorized by `storagesvc.rpc.auth` (admin and agent roles); concurrent calls are bounded per class by
 [limits] (`blockwire.limits`). On start it reconciles the target side with the catalog before it reports
 SERVING, then checks every `service.export_check_interval` seconds that the target side still has the
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from blockwire import serving
+from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.executor import Executor, Runner
+from blockwire.server import serving
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
-from hostagent.host.clock import SystemClock
-from hostagent.host.executor import Executor, Runner
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend

@@ -33,11 +33,11 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from blockwire import failpoints
 from blockwire.errors import BlockwireError, FailedPrecondition, Unavailable
 from blockwire.model import Chap
+from blockwire.runtime import failpoints
+from blockwire.runtime.executor import Arg, CommandFailed, Result, Runner
 from blockwire.secret import Secret
-from hostagent.host.executor import Arg, CommandFailed, Result, Runner
 from storagesvc.targets.base import LunState, TargetSpec, TargetState, same_path
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ NOT_RUNNING = 107
 _EXISTS = ("already exists",)
 _MISSING = ("can't find", "not found", "doesn't exist", "does not exist", "no such")
 
-# Failpoints (blockwire.failpoints, armed only by BLOCKWIRE_FAILPOINTS) for the recovery tests.
+# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS) for the recovery tests.
 FP_AFTER_TARGET_CREATE = "storage.tgt.after_target_create"  # a target with no LUN, no CHAP
 FP_AFTER_ACCOUNT_CREATE = "storage.tgt.after_account_create"  # a CHAP account bound to no target
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from blockwire import cli
-from hostagent.host.clock import SystemClock
-from hostagent.host.executor import Executor
+from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.executor import Executor
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.rpc.servicer import StorageServicer

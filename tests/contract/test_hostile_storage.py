@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.executor import Executor
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
-from hostagent.host.clock import SystemClock
-from hostagent.host.executor import Executor
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.rpc.servicer import StorageServicer

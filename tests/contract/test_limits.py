@@ -1,4 +1,4 @@
-"""Concurrency bounds of `blockwire.serving` (README "Concurrency"): a real server built by
+"""Concurrency bounds of `blockwire.server.serving` (README "Concurrency"): a real server built by
 `serving.start` with the agent's long methods, serving the fake agent servicer over a unix socket.
 
 Streams, long calls and quick calls each have their own bound; past it a call is refused at once with
@@ -15,10 +15,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from blockwire import cli, serving
+from blockwire import cli
 from blockwire.client import HostAgentClient, RetryPolicy
 from blockwire.errors import ConcurrencyLimit
 from blockwire.limits import LIMIT_METADATA, Limits
+from blockwire.server import serving
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.rpc.server import LONG_METHODS, SERVICE

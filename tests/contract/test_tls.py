@@ -1,4 +1,4 @@
-"""TLS and mutual TLS of both services' listeners (blockwire.serving), through the SDK and the agent's
+"""TLS and mutual TLS of both services' listeners (blockwire.server.serving), through the SDK and the agent's
 storage client: what a client sees for each kind of bad credential, unix socket modes, and the
 configuration rules (no plaintext TCP unless asked for)."""
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from blockwire import serving
 from blockwire.client import HostAgentClient, StorageClient, TlsOptions
 from blockwire.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from blockwire.model import AccessMode, Connector, Transport
+from blockwire.server import serving
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from hostagent.config import config_from_mapping

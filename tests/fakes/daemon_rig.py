@@ -25,7 +25,7 @@ import libvirt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lxml import etree
 
-from blockwire.failpoints import ENV as FAILPOINTS_ENV
+from blockwire.runtime.failpoints import ENV as FAILPOINTS_ENV
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb

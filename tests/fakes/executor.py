@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hostagent.host.executor import DEFAULT_OK, Arg, CommandFailed, OkCodes, Result, redact_argv
+from blockwire.runtime.executor import DEFAULT_OK, Arg, CommandFailed, OkCodes, Result, redact_argv
 
 
 @dataclass

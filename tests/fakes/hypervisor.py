@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockwire.errors import BlockwireError, NotFound
+from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
-from hostagent.host.clock import Deadline
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, LiveDisk, disk_xml, next_target_dev, parse_disk
 from hostagent.virt.hypervisor import DomainInfo

@@ -6,8 +6,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostagent.host.clock import SystemClock
-from hostagent.host.executor import Executor as CommandExecutor
+from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.executor import Executor as CommandExecutor
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.rpc.servicer import StorageServicer

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hostagent.host.executor import DEFAULT_OK, Arg, CommandFailed, OkCodes, Result, redact_argv
+from blockwire.runtime.executor import DEFAULT_OK, Arg, CommandFailed, OkCodes, Result, redact_argv
 
 REFUSED = 22
 

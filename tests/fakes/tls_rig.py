@@ -1,4 +1,4 @@
-"""The real StorageService and HostAgentService servers as the daemons build them (blockwire.serving:
+"""The real StorageService and HostAgentService servers as the daemons build them (blockwire.server.serving:
 unix socket + TLS TCP listener, the role interceptors), in process, with test certificates."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from blockwire import serving
 from blockwire.client import TlsOptions, make_channel
+from blockwire.server import serving
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from hostagent.rpc.servicer import HostAgentServicer
 from storagesvc.rpc import auth

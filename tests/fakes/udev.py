@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockwire.errors import DeadlineExceeded
-from hostagent.host.clock import Deadline
+from blockwire.runtime.clock import Deadline
 from hostagent.host.udev import Match, UdevDevice
 
 

@@ -17,7 +17,7 @@ import libvirt
 import pytest
 from lxml import etree
 
-from hostagent.host.clock import Deadline, SystemClock
+from blockwire.runtime.clock import Deadline, SystemClock
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, FileSource
 from hostagent.virt.domains import LibvirtHypervisor

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from blockwire.errors import DeadlineExceeded, Unavailable
+from blockwire.runtime.executor import CommandFailed, Executor
 from blockwire.secret import Secret
-from hostagent.host.executor import CommandFailed, Executor
 
 
 def test_named_exit_codes() -> None:

@@ -1,4 +1,4 @@
-"""blockwire.failpoints: armed only by BLOCKWIRE_FAILPOINTS (never by config), free when disarmed."""
+"""blockwire.runtime.failpoints: armed only by BLOCKWIRE_FAILPOINTS (never by config), free when disarmed."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from blockwire import failpoints
 from blockwire.errors import InvalidArgument
+from blockwire.runtime import failpoints
 from hostagent.config import config_from_mapping
 
 
@@ -53,7 +53,7 @@ def _child(env_value: str | None, body: str) -> subprocess.CompletedProcess[str]
     if env_value is not None:
         env[failpoints.ENV] = env_value
     return subprocess.run(
-        [sys.executable, "-c", f"from blockwire import failpoints\n{body}"],
+        [sys.executable, "-c", f"from blockwire.runtime import failpoints\n{body}"],
         env=env,
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ import pytest
 PROGRAM = textwrap.dedent(
     """
     import signal, sys, threading
-    from blockwire import serving
+    from blockwire.server import serving
 
     stop = serving.stop_on_signals()
     aim_at_thread = sys.argv[1] == "thread"

@@ -24,7 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire.client import HostAgentClient, StorageClient
-from blockwire.failpoints import ENV as FAILPOINTS_ENV
+from blockwire.runtime.failpoints import ENV as FAILPOINTS_ENV
 from tests.guest.inside import kernel
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 
@@ -126,7 +126,7 @@ class Daemon:
 
     def start(self, failpoints: str = "") -> None:
         """Starts the daemon and waits until it serves. `failpoints` ("agent.attach.after_hotplug=kill")
-        arms blockwire.failpoints in this run's environment only."""
+        arms blockwire.runtime.failpoints in this run's environment only."""
         env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
         if failpoints:
             env[FAILPOINTS_ENV] = failpoints

@@ -14,7 +14,7 @@ import pytest
 from lxml import etree
 
 from blockwire.errors import DeadlineExceeded, Unavailable
-from hostagent.host.clock import Deadline, SystemClock
+from blockwire.runtime.clock import Deadline, SystemClock
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, FileSource
 from hostagent.virt.domains import LibvirtHypervisor

@@ -10,13 +10,13 @@ from types import MappingProxyType
 
 import pytest
 
-from blockwire import failpoints
 from blockwire.errors import DeadlineExceeded, Unavailable
 from blockwire.model import ConnectionInfo, LocalConnection
+from blockwire.runtime import failpoints
+from blockwire.runtime.clock import Deadline
 from hostagent import api
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
-from hostagent.host.clock import Deadline
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import Match, UdevDevice
 from hostagent.model import AttachmentState

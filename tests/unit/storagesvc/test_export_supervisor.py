@@ -13,8 +13,8 @@ import pytest
 
 from blockwire.errors import Unavailable
 from blockwire.model import AccessMode, Connector
-from hostagent.host.executor import Executor
-from hostagent.host.periodic import Periodic
+from blockwire.runtime.executor import Executor
+from blockwire.runtime.periodic import Periodic
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import ConfigError, ServiceConfig, parse

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from blockwire.model import AccessMode, Connector
-from hostagent.host.executor import Executor
+from blockwire.runtime.executor import Executor
 from storagesvc import identity
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog

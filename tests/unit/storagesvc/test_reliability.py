@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from blockwire import failpoints
 from blockwire.model import AccessMode
+from blockwire.runtime import failpoints
 from storagesvc import service
 from storagesvc.model import VolumeState
 from storagesvc.targets.tgt import TgtExporter, parse_accounts

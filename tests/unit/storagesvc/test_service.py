@@ -18,7 +18,7 @@ from blockwire.errors import (
     Unavailable,
 )
 from blockwire.model import AccessMode, Connector, IscsiConnection
-from hostagent.host.executor import Executor
+from blockwire.runtime.executor import Executor
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.model import (
@@ -312,7 +312,7 @@ class _FailingConvert:
         self.inner = inner
 
     def run(self, argv: list[object], **kw: object) -> object:
-        from hostagent.host.executor import CommandFailed  # noqa: PLC0415
+        from blockwire.runtime.executor import CommandFailed  # noqa: PLC0415
 
         if argv[:2] == ["qemu-img", "convert"]:
             raise CommandFailed(["qemu-img", "convert"], 1, "qemu-img: convert failed")

@@ -1,0 +1,2 @@
+"""The grpc-free runtime both daemons stand on: executor (argv, exit codes, redaction), clock,
+periodic work, keyed locks, failpoints."""
