@@ -273,7 +273,7 @@ class StorageService:
         return volume
 
     def _with_attachments(self, volume: Volume) -> Volume:
-        atts = self.catalog.list_attachments(volume_id=volume.id, after=None, limit=10_000)
+        atts = self.catalog.attachments_of(volume.id)
         return replace(volume, attachment_ids=tuple(a.id for a in atts))
 
     def _volume(self, volume_id: str, field: str = "volume_id") -> Volume:
@@ -635,7 +635,7 @@ class StorageService:
     ) -> Attachment:
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
-        atts = self.catalog.list_attachments(volume_id=v.id, after=None, limit=10_000)
+        atts = self.catalog.attachments_of(v.id)
         # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
         # on this host or another, is a second attachment, which only a multiattach volume may have
         # (a repeat from the same host must never stand in for another domain's attachment: its
@@ -747,7 +747,7 @@ class StorageService:
         """Removes an initiator from the ACL unless another attachment of the volume uses it too."""
         others = [
             a
-            for a in self.catalog.list_attachments(volume_id=volume_id, after=None, limit=10_000)
+            for a in self.catalog.attachments_of(volume_id)
             if a.id != attachment_id and a.connector.initiator_iqn == initiator_iqn
         ]
         if not others:
@@ -793,11 +793,7 @@ class StorageService:
         if a is None:
             return
         v = self.catalog.get_volume(a.volume_id)
-        others = [
-            x
-            for x in self.catalog.list_attachments(volume_id=a.volume_id, after=None, limit=10_000)
-            if x.id != a.id
-        ]
+        others = [x for x in self.catalog.attachments_of(a.volume_id) if x.id != a.id]
         a = replace(a, state=AttachmentState.DETACHING, update_time=self._now())
         self.catalog.update_attachment(a)
         if v is not None and not others:
@@ -944,13 +940,13 @@ class StorageService:
             pool.backend.delete(v.id)
             self.catalog.delete_volume(v.id)
             return ""
-        atts = self.catalog.list_attachments(volume_id=v.id, after=None, limit=10_000)
+        atts = self.catalog.attachments_of(v.id)
         for a in atts:
             if a.state in (AttachmentState.RESERVED, AttachmentState.DETACHING, AttachmentState.ERROR):
                 log.info("attachment %s was %s at restart: removing it", a.id, a.state.value)
                 self._delete_attachment(a.id)
         v = self.catalog.get_volume(v.id) or v
-        live = self.catalog.list_attachments(volume_id=v.id, after=None, limit=10_000)
+        live = self.catalog.attachments_of(v.id)
         if not live:
             if v.export is not None:
                 pool.exporter.remove_target(v.export.target_iqn)
@@ -1027,7 +1023,7 @@ class StorageService:
     def _live_attachments(self, volume_id: str) -> list[Attachment]:
         return [
             a
-            for a in self.catalog.list_attachments(volume_id=volume_id, after=None, limit=10_000)
+            for a in self.catalog.attachments_of(volume_id)
             if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
         ]
 
