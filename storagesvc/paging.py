@@ -8,11 +8,13 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from blockwire.errors import InvalidArgument
 from storagesvc.catalog import Cursor, time_key
+from storagesvc.model import Page
 
 
 class Listed(Protocol):
@@ -23,6 +25,9 @@ class Listed(Protocol):
 
     @property
     def create_time(self) -> datetime: ...
+
+
+L = TypeVar("L", bound=Listed)
 
 
 def encode(cursor: Cursor) -> str:
@@ -51,3 +56,12 @@ def decode(token: str, field: str = "page_token") -> Cursor | None:
     if version != "v1" or not ns.isdigit() or not ident or crc != f"{zlib.crc32(body.encode()):08x}":
         raise bad
     return Cursor(int(ns), ident)
+
+
+def page(items: Sequence[L], limit: int) -> Page[L]:
+    """`limit` items and the token after the last one, if there are more (a catalog listing asked for
+    `limit + 1`). The RPC layer may cut a page shorter still, by encoded size
+    (`storagesvc.rpc.servicer.bounded`)."""
+    if len(items) <= limit:
+        return Page(tuple(items))
+    return Page(tuple(items[:limit]), after(items[limit - 1]))
