@@ -264,12 +264,13 @@ class Exports:
         return a
 
     def page(self, volume_id: str, host: str, page_size: int, page_token: str) -> Page[Attachment]:
-        limit = validate.page_size(page_size)
-        after = paging.decode(page_token)
-        items = self.ctx.catalog.list_attachments(
-            volume_id=volume_id, host=host, after=after, limit=limit + 1
+        return paging.listing(
+            page_size,
+            page_token,
+            lambda after, n: self.ctx.catalog.list_attachments(
+                volume_id=volume_id, host=host, after=after, limit=n
+            ),
         )
-        return paging.page(items, limit)
 
     # -- restore and repair
 

@@ -72,10 +72,10 @@ class Snapshots:
         return s
 
     def page(self, volume_id: str, page_size: int, page_token: str) -> Page[Snapshot]:
-        limit = validate.page_size(page_size)
-        after = paging.decode(page_token)
-        return paging.page(
-            self.ctx.catalog.list_snapshots(volume_id=volume_id, after=after, limit=limit + 1), limit
+        return paging.listing(
+            page_size,
+            page_token,
+            lambda after, n: self.ctx.catalog.list_snapshots(volume_id=volume_id, after=after, limit=n),
         )
 
     def delete(self, snapshot_id: str) -> None:

@@ -169,10 +169,14 @@ class Volumes:
             return self.ctx.with_attachments(self.ctx.volume(volume_id))
 
     def page(self, page_size: int, page_token: str, labels: Mapping[str, str]) -> Page[Volume]:
-        limit = validate.page_size(page_size)
-        after = paging.decode(page_token)
-        items = self.ctx.catalog.list_volumes(after=after, limit=limit + 1, labels=labels)
-        return paging.page([self.ctx.with_attachments(v) for v in items], limit)
+        ctx = self.ctx
+        return paging.listing(
+            page_size,
+            page_token,
+            lambda after, n: [
+                ctx.with_attachments(v) for v in ctx.catalog.list_volumes(after=after, limit=n, labels=labels)
+            ],
+        )
 
     def watch(
         self, volume_id: str, *, active: Callable[[], bool] = lambda: True, interval: float = 1.0
