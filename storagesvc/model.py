@@ -31,6 +31,9 @@ class VolumeState(enum.Enum):
 
 
 SETTLED_VOLUME_STATES = frozenset({VolumeState.AVAILABLE, VolumeState.IN_USE, VolumeState.ERROR})
+ATTACHABLE = frozenset(  # states in which a volume may be attached, extended or snapshotted
+    {VolumeState.AVAILABLE, VolumeState.RESERVED, VolumeState.ATTACHING, VolumeState.IN_USE}
+)
 
 
 class SnapshotState(enum.Enum):

@@ -8,11 +8,14 @@ from __future__ import annotations
 import base64
 import binascii
 import zlib
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from blockwire.errors import InvalidArgument
+from storagesvc import validate
 from storagesvc.catalog import Cursor, time_key
+from storagesvc.model import Page
 
 
 class Listed(Protocol):
@@ -23,6 +26,9 @@ class Listed(Protocol):
 
     @property
     def create_time(self) -> datetime: ...
+
+
+L = TypeVar("L", bound=Listed)
 
 
 def encode(cursor: Cursor) -> str:
@@ -51,3 +57,14 @@ def decode(token: str, field: str = "page_token") -> Cursor | None:
     if version != "v1" or not ns.isdigit() or not ident or crc != f"{zlib.crc32(body.encode()):08x}":
         raise bad
     return Cursor(int(ns), ident)
+
+
+def listing(page_size: int, page_token: str, fetch: Callable[[Cursor | None, int], Sequence[L]]) -> Page[L]:
+    """One page of a catalog listing: checks the size and the token, asks `fetch(after, limit + 1)` and
+    returns `limit` items with the token after the last one, if there are more. The RPC layer may cut
+    a page shorter still, by encoded size (`storagesvc.rpc.servicer.bounded`)."""
+    limit = validate.page_size(page_size)
+    items = fetch(decode(page_token), limit + 1)
+    if len(items) <= limit:
+        return Page(tuple(items))
+    return Page(tuple(items[:limit]), after(items[limit - 1]))

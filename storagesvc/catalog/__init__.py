@@ -78,6 +78,10 @@ class Catalog(Protocol):
         self, *, volume_id: str = "", host: str = "", after: Cursor | None, limit: int
     ) -> Sequence[Attachment]: ...
 
+    def attachments_of(self, volume_id: str) -> list[Attachment]:
+        """Every attachment of one volume, in listing order (create_time, id)."""
+        ...
+
     # aggregates
     def backend_counts(self, backend: str) -> tuple[int, int, int]:
         """(volumes, snapshots, provisioned bytes) of one backend."""

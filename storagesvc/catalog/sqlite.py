@@ -486,6 +486,13 @@ class SqliteCatalog:
         sql = "SELECT doc FROM attachments" + self._page(where, args, after, limit)  # noqa: S608 - bound values
         return self._many(sql, args, attachment_from_doc)
 
+    def attachments_of(self, volume_id: str) -> list[Attachment]:
+        return self._many(
+            "SELECT doc FROM attachments WHERE volume_id = ? ORDER BY create_ns, id",
+            [volume_id],
+            attachment_from_doc,
+        )
+
     def backend_counts(self, backend: str) -> tuple[int, int, int]:
         with self._lock:
             vols, size = self._db.execute(

@@ -180,3 +180,23 @@ def test_snapshots_and_attachments(catalog: SqliteCatalog) -> None:
     assert catalog.get_attachment(a.id) == a
     assert catalog.list_attachments(host="h", after=None, limit=5) == [a]
     assert catalog.list_attachments(host="x", after=None, limit=5) == []
+
+
+def test_attachments_of_a_volume_are_all_of_them_in_listing_order(catalog: SqliteCatalog) -> None:
+    v, other = volume(1), volume(2)
+    catalog.insert_volume(v)
+    catalog.insert_volume(other)
+
+    def att(ident: str, volume_id: str, minutes: int) -> Attachment:
+        t = T0 + timedelta(minutes=minutes)
+        connector = Connector(host="h", initiator_iqn="iqn.2026-01.io.x:h", transports=(Transport.ISCSI,))
+        return Attachment(
+            ident * 32, volume_id, connector, AccessMode.READ_WRITE, AttachmentState.ATTACHED, t, t
+        )
+
+    later, earlier, elsewhere = att("a", v.id, 2), att("b", v.id, 1), att("c", other.id, 0)
+    for a in (later, earlier, elsewhere):
+        catalog.insert_attachment(a)
+    assert catalog.attachments_of(v.id) == [earlier, later]
+    assert catalog.attachments_of(other.id) == [elsewhere]
+    assert catalog.attachments_of("d" * 32) == []

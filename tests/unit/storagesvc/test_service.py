@@ -28,7 +28,8 @@ from storagesvc.model import (
     VolumeSource,
     VolumeState,
 )
-from storagesvc.service import Pool, StorageService, percentile
+from storagesvc.service import Pool, StorageService
+from storagesvc.stats import percentile
 from storagesvc.targets.base import TargetSpec
 from tests.fakes.clock import FakeClock
 from tests.fakes.exporter import FakeExporter

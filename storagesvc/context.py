@@ -1,0 +1,144 @@
+"""The one context the storage service's parts share (volumes, snapshots, exports, reconcile, stats).
+
+`Context` holds what they all stand on: the catalog, the pools (a backend and its exporter), the clock,
+the jobs executor, the per-volume locks, the volume events, the statistics, the id and secret factories
+and the service's settings; and the few helpers every part uses: read a volume or fail NOT_FOUND, save
+one (and tell its watchers), look up a pool, check a backend's space, the `TargetSpec` of an export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from blockwire.errors import InvalidArgument, NotFound, ResourceExhausted
+from blockwire.model import AccessMode
+from blockwire.runtime.clock import Clock
+from blockwire.runtime.locks import KeyedLocks
+from blockwire.secret import Secret
+from storagesvc import validate
+from storagesvc.backends.base import Backend
+from storagesvc.catalog import Catalog, Cursor, time_key
+from storagesvc.model import ExportRecord, Volume
+from storagesvc.stats import Stats
+from storagesvc.targets.base import Exporter, TargetSpec
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A backend and the exporter in front of it."""
+
+    backend: Backend
+    exporter: Exporter
+    exporter_name: str
+
+
+class VolumeEvents:
+    """Tells watchers that a volume changed: a version per volume and one condition variable."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._versions: dict[str, int] = {}
+
+    def changed(self, volume_id: str) -> None:
+        with self._cond:
+            self._versions[volume_id] = self._versions.get(volume_id, 0) + 1
+            self._cond.notify_all()
+
+    def version(self, volume_id: str) -> int:
+        with self._cond:
+            return self._versions.get(volume_id, 0)
+
+    def wait(self, volume_id: str, seen: int, timeout: float) -> int:
+        """Waits until the volume's version differs from `seen`, or `timeout` seconds; returns it."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._versions.get(volume_id, 0) != seen, timeout)
+            return self._versions.get(volume_id, 0)
+
+
+@dataclass(frozen=True)
+class Context:
+    catalog: Catalog
+    pools: Mapping[str, Pool]
+    clock: Clock
+    jobs: Executor
+    locks: KeyedLocks
+    events: VolumeEvents
+    stats: Stats
+    new_id: Callable[[], str]
+    new_secret: Callable[[], Secret]
+    iqn_prefix: str
+    naa_oui: str
+    default_backend: str
+    mutual_chap: bool
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def hold_volume(self, volume_id: str) -> contextlib.AbstractContextManager[None]:
+        """The volume's lock (ABORTED after the lock timeout)."""
+        return self.locks.hold(volume_id, f"volume {volume_id}")
+
+    def pool(self, backend: str, field: str = "backend") -> Pool:
+        try:
+            return self.pools[backend]
+        except KeyError:
+            raise InvalidArgument(
+                field, f"unknown backend {backend!r} (have: {', '.join(self.pools)})"
+            ) from None
+
+    def volume(self, volume_id: str, field: str = "volume_id") -> Volume:
+        validate.object_id(volume_id, field)
+        v = self.catalog.get_volume(volume_id)
+        if v is None:
+            raise NotFound(f"volume {volume_id} does not exist")
+        return v
+
+    def save(self, volume: Volume) -> Volume:
+        volume = replace(volume, update_time=self.now(), attachment_ids=())
+        self.catalog.update_volume(volume)
+        self.events.changed(volume.id)
+        return volume
+
+    def with_attachments(self, volume: Volume) -> Volume:
+        atts = self.catalog.attachments_of(volume.id)
+        return replace(volume, attachment_ids=tuple(a.id for a in atts))
+
+    def all_volumes(self) -> Iterator[Volume]:
+        after: Cursor | None = None
+        while True:
+            page = self.catalog.list_volumes(after=after, limit=500)
+            yield from page
+            if len(page) < 500:
+                return
+            after = Cursor(time_key(page[-1].create_time), page[-1].id)
+
+    def check_space(self, pool: Pool, size: int) -> None:
+        _, _, provisioned = self.catalog.backend_counts(pool.backend.name)
+        limit = pool.backend.max_volume_bytes(provisioned)
+        if size > limit:
+            raise ResourceExhausted(
+                f"backend {pool.backend.name} can take at most {limit} more bytes now; {size} were asked for"
+            )
+
+    def spec(self, volume: Volume, export: ExportRecord) -> TargetSpec:
+        pool = self.pools[volume.backend]
+        return TargetSpec(
+            volume_id=volume.id,
+            target_iqn=export.target_iqn,
+            device_path=pool.backend.device_path(volume.id),
+            wwn=volume.wwn,
+            serial=volume.serial,
+            readonly=export.access_mode is AccessMode.READ_ONLY,
+            chap=export.chap,
+            mutual_chap=export.mutual_chap,
+        )

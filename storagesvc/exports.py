@@ -1,0 +1,380 @@
+"""Exports: attachments (create, complete, delete, get, list) and the target, LUN, CHAP accounts and ACL
+entries behind them; the restore of an export (`reconcile`, the export checks) and its repair.
+
+An attachment is one consumer, (host, domain); the attachments of a multiattach volume share one export,
+reference-counted: its target goes with the last attachment, an initiator's ACL entry with the last
+attachment of that initiator (STYLE.md 13). Record first, act second, undo on failure (STYLE.md 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath
+from blockwire.runtime import failpoints
+from blockwire.secret import Secret
+from storagesvc import identity, paging, validate
+from storagesvc.context import Context, Pool
+from storagesvc.model import (
+    ATTACHABLE,
+    Attachment,
+    AttachmentState,
+    ExportRecord,
+    Page,
+    Volume,
+    VolumeState,
+)
+from storagesvc.targets.base import Exporter, TargetState
+
+log = logging.getLogger(__name__)
+
+CHAP_ALPHABET = string.ascii_letters + string.digits
+CHAP_LENGTH = 16
+
+# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
+# the service in the middle of an export (more in storagesvc/targets/tgt.py). See `storagesvc.reconcile`.
+FP_EXPORT_AFTER_CATALOG = "storage.export.after_catalog"  # attachment RESERVED, nothing exported
+FP_EXPORT_AFTER_TARGET = "storage.export.after_target"  # target, LUN and CHAP made, no ACL entry
+FP_EXPORT_AFTER_ACL = "storage.export.after_acl"  # the host is admitted; still RESERVED in the catalog
+FP_EXPORT_AFTER_ATTACHING = "storage.export.after_attaching"  # ATTACHING recorded, the answer not sent
+FP_UNEXPORT_AFTER_DETACHING = "storage.unexport.after_detaching"  # DETACHING recorded, target still there
+FP_UNEXPORT_AFTER_TARGET_REMOVED = "storage.unexport.after_target_removed"  # target gone, row still there
+_EXPORTED = frozenset({VolumeState.ATTACHING, VolumeState.IN_USE})  # states whose export must be live
+
+
+def new_chap_secret() -> Secret:
+    return Secret("".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_LENGTH)))
+
+
+def _consumer(host: str, domain: str) -> str:
+    return f"domain {domain!r} on host {host}" if domain else f"host {host}"
+
+
+class Exports:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # -- attachments
+
+    def create(self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = "") -> Attachment:
+        ctx = self.ctx
+        with ctx.stats.measure("create_attachment"):
+            validate.object_id(volume_id, "volume_id")
+            validate.iscsi_connector(connector)
+            with ctx.hold_volume(volume_id):
+                return self._create(ctx.volume(volume_id), connector, mode, domain)
+
+    def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
+        ctx = self.ctx
+        if v.state not in ATTACHABLE:
+            raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
+        atts = ctx.catalog.attachments_of(v.id)
+        # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
+        # on this host or another, is a second attachment, which only a multiattach volume may have
+        # (a repeat from the same host must never stand in for another domain's attachment: its
+        # deletion would unexport the volume under the first domain).
+        for a in atts:
+            if a.connector.host != connector.host or a.domain != domain:
+                continue
+            if (
+                a.connector.initiator_iqn == connector.initiator_iqn
+                and a.access_mode is mode
+                and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
+            ):
+                return a
+            raise FailedPrecondition(
+                f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
+                f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
+                "attachment first"
+            )
+        if atts and not v.multiattach:
+            raise FailedPrecondition(
+                f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
+                "not created multiattach; detach it there first"
+            )
+        if atts and v.export is not None and v.export.access_mode is not mode:
+            raise FailedPrecondition(
+                f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
+            )
+        pool = ctx.pools[v.backend]
+        exporter = pool.exporter
+        first = not atts or v.export is None
+        export = v.export if not first else self._new_export(v, mode, exporter.lun)
+        assert export is not None
+        now = ctx.now()
+        att = Attachment(
+            id=ctx.new_id(),
+            volume_id=v.id,
+            connector=connector,
+            access_mode=mode,
+            state=AttachmentState.RESERVED,
+            create_time=now,
+            update_time=now,
+            domain=domain,
+        )
+        before = v
+        with contextlib.ExitStack() as undo:
+            # record first ...
+            ctx.catalog.insert_attachment(att)
+            undo.callback(ctx.catalog.delete_attachment, att.id)
+            reserved = ctx.save(replace(v, state=VolumeState.RESERVED if first else v.state, export=export))
+            undo.callback(ctx.save, before)
+            failpoints.hit(FP_EXPORT_AFTER_CATALOG)
+            # ... then act, with compensations
+            if first:
+                undo.callback(exporter.remove_target, export.target_iqn)
+                exporter.ensure_target(ctx.spec(reserved, export))
+                failpoints.hit(FP_EXPORT_AFTER_TARGET)
+            undo.callback(
+                self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
+            )
+            exporter.allow(ctx.spec(reserved, export), connector.initiator_iqn)
+            failpoints.hit(FP_EXPORT_AFTER_ACL)
+            info = ConnectionInfo(
+                transport=IscsiConnection(
+                    paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
+                    chap=export.chap,
+                    mutual_chap=export.mutual_chap,
+                    initiator_iqn=connector.initiator_iqn,
+                ),
+                volume_id=v.id,
+                attachment_id=att.id,
+                wwn=v.wwn,
+                serial=v.serial,
+                size_bytes=v.size_bytes,
+                access_mode=mode,
+                discard=False,
+                logical_block_size=512,
+                physical_block_size=512,
+                multiattach=v.multiattach,
+            )
+            att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
+            ctx.catalog.update_attachment(att)
+            state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
+            ctx.save(replace(reserved, state=state))
+            undo.pop_all()
+        failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
+        log.info(
+            "volume %s exported to host %s (%s) as attachment %s",
+            v.id,
+            connector.host,
+            connector.initiator_iqn,
+            att.id,
+        )
+        return att
+
+    def _new_export(self, v: Volume, mode: AccessMode, lun: int) -> ExportRecord:
+        ctx = self.ctx
+        chap = Chap(f"in-{v.id[:24]}", ctx.new_secret())
+        mutual = Chap(f"out-{v.id[:24]}", ctx.new_secret()) if ctx.mutual_chap else None
+        return ExportRecord(
+            target_iqn=identity.target_iqn(ctx.iqn_prefix, v.id),
+            lun=lun,
+            chap=chap,
+            mutual_chap=mutual,
+            access_mode=mode,
+        )
+
+    def _deny_unless_shared(
+        self, volume_id: str, attachment_id: str, target_iqn: str, initiator_iqn: str, exporter: Exporter
+    ) -> None:
+        """Removes an initiator from the ACL unless another attachment of the volume uses it too."""
+        others = [
+            a
+            for a in self.ctx.catalog.attachments_of(volume_id)
+            if a.id != attachment_id and a.connector.initiator_iqn == initiator_iqn
+        ]
+        if not others:
+            exporter.deny(target_iqn, initiator_iqn)
+
+    def complete(self, attachment_id: str, target_dev: str = "", host_device: str = "") -> Attachment:
+        ctx = self.ctx
+        with ctx.stats.measure("complete_attachment"):
+            a = self.get(attachment_id)
+            with ctx.hold_volume(a.volume_id):
+                a = self.get(attachment_id)
+                if a.state is AttachmentState.ATTACHED:
+                    return a
+                if a.state is not AttachmentState.ATTACHING:
+                    raise FailedPrecondition(
+                        f"attachment {attachment_id} is {a.state.value}; it cannot complete"
+                    )
+                a = replace(
+                    a,
+                    state=AttachmentState.ATTACHED,
+                    target_dev=target_dev,
+                    host_device=host_device,
+                    update_time=ctx.now(),
+                )
+                ctx.catalog.update_attachment(a)
+                v = ctx.catalog.get_volume(a.volume_id)
+                if v is not None:
+                    ctx.save(replace(v, state=VolumeState.IN_USE))
+                return a
+
+    def delete(self, attachment_id: str) -> None:
+        ctx = self.ctx
+        with ctx.stats.measure("delete_attachment"):
+            validate.object_id(attachment_id, "attachment_id")
+            a = ctx.catalog.get_attachment(attachment_id)
+            if a is None:
+                return
+            with ctx.hold_volume(a.volume_id):
+                self.remove(attachment_id)
+
+    def remove(self, attachment_id: str) -> None:
+        """`delete` under the volume's lock, which the caller holds."""
+        ctx = self.ctx
+        a = ctx.catalog.get_attachment(attachment_id)
+        if a is None:
+            return
+        v = ctx.catalog.get_volume(a.volume_id)
+        others = [x for x in ctx.catalog.attachments_of(a.volume_id) if x.id != a.id]
+        a = replace(a, state=AttachmentState.DETACHING, update_time=ctx.now())
+        ctx.catalog.update_attachment(a)
+        if v is not None and not others:
+            v = ctx.save(replace(v, state=VolumeState.DETACHING))
+        failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
+        if v is not None and v.export is not None:
+            exporter = ctx.pools[v.backend].exporter
+            if others:
+                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
+            else:
+                exporter.remove_target(v.export.target_iqn)
+        failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
+        ctx.catalog.delete_attachment(a.id)
+        if v is not None:
+            if others:
+                ctx.save(replace(v, state=in_use_or_attaching(others)))
+            else:
+                ctx.save(replace(v, state=VolumeState.AVAILABLE, export=None))
+        log.info("attachment %s of volume %s deleted", a.id, a.volume_id)
+
+    def get(self, attachment_id: str) -> Attachment:
+        validate.object_id(attachment_id, "attachment_id")
+        a = self.ctx.catalog.get_attachment(attachment_id)
+        if a is None:
+            raise NotFound(f"attachment {attachment_id} does not exist")
+        return a
+
+    def page(self, volume_id: str, host: str, page_size: int, page_token: str) -> Page[Attachment]:
+        return paging.listing(
+            page_size,
+            page_token,
+            lambda after, n: self.ctx.catalog.list_attachments(
+                volume_id=volume_id, host=host, after=after, limit=n
+            ),
+        )
+
+    # -- restore and repair
+
+    def restore(self, v: Volume, pool: Pool, live: Sequence[Attachment]) -> None:
+        """Target, LUN (with the volume's identity), CHAP accounts and one ACL entry per live attachment:
+        what `reconcile` and `repair` rebuild. Idempotent."""
+        assert v.export is not None
+        spec = self.ctx.spec(v, v.export)
+        pool.exporter.ensure_target(spec)
+        for a in live:
+            pool.exporter.allow(spec, a.connector.initiator_iqn)
+
+    def repair(self) -> list[str]:
+        """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
+        returns the ids of the volumes repaired. Run by `storagesvc.supervisor.ExportSupervisor`.
+
+        One listing per exporter (tgt: one `tgtadm --op show --mode target`); an export is lost when its
+        target is gone (tgtd restarted and forgot it), an attached initiator is missing from its ACL, or
+        its LUN is gone, offline, on another backing or announces another identity (wwn, serial) than
+        the volume's. Only volumes the catalog has ATTACHING or IN_USE are looked at; each repair takes
+        the volume's lock, reads the volume again and rebuilds it with the same code as `reconcile`
+        (`restore`), so a call in flight on that volume is never raced. Counted as the
+        "export_repair" operation in GetBackendStats.
+        """
+        ctx = self.ctx
+        wanted: dict[int, list[Volume]] = {}
+        exporters: dict[int, Exporter] = {}
+        for v in ctx.all_volumes():
+            pool = ctx.pools.get(v.backend)
+            if pool is None or v.export is None or v.state not in _EXPORTED:
+                continue
+            exporters[id(pool.exporter)] = pool.exporter
+            wanted.setdefault(id(pool.exporter), []).append(v)
+        repaired: list[str] = []
+        for key, volumes in wanted.items():
+            exporter = exporters[key]
+            try:
+                live = {t.target_iqn: t for t in exporter.list_targets(ctx.iqn_prefix + ":")}
+                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live))]
+                if not lost:
+                    continue
+                exporter.start()  # a restarted tgtd forgot its portals too
+            except (BlockwireError, OSError) as exc:
+                log.warning("exporter %s: checking its exports failed: %s", exporter.kind, exc)
+                continue
+            for v, why in lost:
+                try:
+                    with ctx.stats.measure("export_repair"), ctx.hold_volume(v.id):
+                        if self._repair_export(v.id, why):
+                            repaired.append(v.id)
+                except BlockwireError as exc:
+                    log.error("volume %s: repairing its export failed: %s", v.id, exc.message)
+        return repaired
+
+    def _live_attachments(self, volume_id: str) -> list[Attachment]:
+        return [
+            a
+            for a in self.ctx.catalog.attachments_of(volume_id)
+            if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
+        ]
+
+    def _export_lost(self, v: Volume, live: Mapping[str, TargetState]) -> str:
+        """What the target side lost of the volume's export, in words; "" when it is intact."""
+        assert v.export is not None
+        state = live.get(v.export.target_iqn)
+        if state is None:
+            return f"target {v.export.target_iqn} is gone"
+        if state.lun is None:
+            return f"target {v.export.target_iqn} has no LUN {v.export.lun}"
+        wrong = state.lun.differs(self.ctx.spec(v, v.export))
+        if wrong:
+            return f"target {v.export.target_iqn}: {wrong}"
+        missing = [
+            a.connector.initiator_iqn
+            for a in self._live_attachments(v.id)
+            if a.connector.initiator_iqn not in state.initiators
+        ]
+        if missing:
+            return f"target {v.export.target_iqn} does not admit {', '.join(missing)}"
+        return ""
+
+    def _repair_export(self, volume_id: str, why: str) -> bool:
+        """Under the volume's lock: rebuilds the export if the catalog still wants it."""
+        v = self.ctx.catalog.get_volume(volume_id)
+        if v is None or v.export is None or v.state not in _EXPORTED:
+            return False
+        atts = self._live_attachments(v.id)
+        if not atts:
+            return False
+        self.restore(v, self.ctx.pools[v.backend], atts)
+        log.warning(
+            "volume %s: export %s was lost on the target side (%s); rebuilt for %d attachment(s)",
+            v.id,
+            v.export.target_iqn,
+            why,
+            len(atts),
+        )
+        return True
+
+
+def in_use_or_attaching(attachments: Sequence[Attachment]) -> VolumeState:
+    """The state of a volume with these attachments: IN_USE once one is ATTACHED."""
+    return (
+        VolumeState.IN_USE
+        if any(a.state is AttachmentState.ATTACHED for a in attachments)
+        else VolumeState.ATTACHING
+    )

@@ -1,0 +1,269 @@
+"""Volumes: create (empty, or a copy of a snapshot, a volume or an image, filled by a job), get, list,
+watch, delete, extend. Record first, act second, undo on failure; repeats return what exists."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
+
+from blockwire.errors import AlreadyExists, BlockwireError, FailedPrecondition, InvalidArgument, NotFound
+from storagesvc import identity, paging, validate
+from storagesvc.backends.base import ImageInfo
+from storagesvc.catalog import Conflict
+from storagesvc.context import Context, Pool
+from storagesvc.model import (
+    ATTACHABLE,
+    MIB,
+    SETTLED_VOLUME_STATES,
+    CreateVolumeSpec,
+    Page,
+    Progress,
+    SnapshotState,
+    Volume,
+    VolumeState,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Volumes:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def create(self, spec: CreateVolumeSpec) -> Volume:
+        ctx = self.ctx
+        with ctx.stats.measure("create_volume"):
+            validate.name(spec.name)
+            validate.size(spec.size_bytes, allow_zero=not spec.source.is_empty())
+            validate.labels(spec.labels)
+            pool = ctx.pool(spec.backend or ctx.default_backend)
+            with ctx.locks.hold(f"name:{spec.name}", f"volume name {spec.name}"):
+                existing = ctx.catalog.volume_by_name(spec.name)
+                if existing is not None:
+                    return self._same_volume(existing, spec, pool)
+                return self._create(spec, pool)
+
+    def _same_volume(self, v: Volume, spec: CreateVolumeSpec, pool: Pool) -> Volume:
+        same = (
+            v.backend == pool.backend.name
+            and v.multiattach == spec.multiattach
+            and dict(v.labels) == dict(spec.labels)
+            and v.source == spec.source
+            and spec.size_bytes in ((v.size_bytes,) if spec.source.is_empty() else (0, v.size_bytes))
+        )
+        if not same:
+            raise AlreadyExists(f"volume name {spec.name} is used by volume {v.id} with other parameters")
+        return self.ctx.with_attachments(v)
+
+    def _create(self, spec: CreateVolumeSpec, pool: Pool) -> Volume:
+        ctx = self.ctx
+        size = spec.size_bytes
+        image: ImageInfo | None = None
+        src = spec.source
+        if src.snapshot_id:
+            snap = ctx.catalog.get_snapshot(src.snapshot_id)
+            if snap is None:
+                raise NotFound(f"source snapshot {src.snapshot_id} does not exist")
+            if snap.state is not SnapshotState.AVAILABLE:
+                raise FailedPrecondition(f"source snapshot {snap.id} is {snap.state.value}, not available")
+            if snap.backend != pool.backend.name:
+                raise InvalidArgument(
+                    "backend", f"the snapshot is on backend {snap.backend}; create the volume there"
+                )
+            size = _source_size(size, snap.size_bytes)
+        elif src.volume_id:
+            source = ctx.catalog.get_volume(src.volume_id)
+            if source is None:
+                raise NotFound(f"source volume {src.volume_id} does not exist")
+            if source.state in (VolumeState.CREATING, VolumeState.ERROR, VolumeState.DELETING):
+                raise FailedPrecondition(f"source volume {source.id} is {source.state.value}")
+            if source.backend != pool.backend.name:
+                raise InvalidArgument(
+                    "backend", f"the source volume is on backend {source.backend}; clone it there"
+                )
+            size = _source_size(size, source.size_bytes)
+        elif src.image is not None:
+            image = pool.backend.inspect_image(src.image)
+            size = _source_size(size, -(-image.virtual_size // MIB) * MIB)
+        ctx.check_space(pool, size)
+
+        now = ctx.now()
+        vid = ctx.new_id()
+        volume = Volume(
+            id=vid,
+            name=spec.name,
+            size_bytes=size,
+            state=VolumeState.CREATING,
+            backend=pool.backend.name,
+            wwn=identity.wwn_for(vid, ctx.naa_oui),
+            serial=identity.serial_for(vid),
+            create_time=now,
+            update_time=now,
+            multiattach=spec.multiattach,
+            labels=dict(spec.labels),
+            source=src,
+            progress=Progress(0, size if not src.is_empty() else 0),
+        )
+        with contextlib.ExitStack() as undo:
+            try:
+                ctx.catalog.insert_volume(volume)
+            except Conflict:
+                raise AlreadyExists(f"volume name {spec.name} is taken") from None
+            undo.callback(ctx.catalog.delete_volume, vid)
+            if src.is_empty():
+                pool.backend.create(vid, size)
+                undo.pop_all()
+                volume = ctx.save(replace(volume, state=VolumeState.AVAILABLE))
+                log.info("volume %s (%s) created: %d bytes on %s", vid, spec.name, size, pool.backend.name)
+                return volume
+            ctx.events.changed(vid)
+            ctx.jobs.submit(self._fill, volume, pool, image)
+            undo.pop_all()
+        log.info("volume %s (%s) creating from %s", vid, spec.name, src)
+        return volume
+
+    def _fill(self, volume: Volume, pool: Pool, image: ImageInfo | None) -> None:
+        """Copies the source into a CREATING volume (a job); ends AVAILABLE, or ERROR with no file."""
+        ctx = self.ctx
+        src = volume.source
+        with ctx.stats.measure("copy_volume"):
+            try:
+                if src.snapshot_id:
+                    pool.backend.create_from_snapshot(src.snapshot_id, volume.id, volume.size_bytes)
+                elif src.volume_id:
+                    pool.backend.clone(src.volume_id, volume.id, volume.size_bytes)
+                else:
+                    assert src.image is not None
+                    assert image is not None
+                    image_source = src.image
+
+                    def progress(done: int, total: int) -> None:
+                        current = ctx.catalog.get_volume(volume.id)
+                        if current is not None and current.state is VolumeState.CREATING:
+                            ctx.save(replace(current, progress=Progress(done, total)))
+
+                    pool.backend.create_from_image(
+                        image_source, image, volume.id, volume.size_bytes, progress
+                    )
+            except BaseException as exc:
+                reason = (
+                    exc.message if isinstance(exc, BlockwireError) else "internal error; see the server log"
+                )
+                if not isinstance(exc, BlockwireError):
+                    log.error("copy into volume %s failed", volume.id, exc_info=exc)
+                with contextlib.suppress(Exception):
+                    pool.backend.delete(volume.id)
+                current = ctx.catalog.get_volume(volume.id) or volume
+                ctx.save(replace(current, state=VolumeState.ERROR, error_message=reason))
+                log.warning("volume %s: copy failed: %s", volume.id, reason)
+                raise
+            current = ctx.catalog.get_volume(volume.id) or volume
+            total = current.progress.total_bytes or volume.size_bytes
+            ctx.save(replace(current, state=VolumeState.AVAILABLE, progress=Progress(total, total)))
+            log.info("volume %s filled from %s", volume.id, src)
+
+    def get(self, volume_id: str) -> Volume:
+        with self.ctx.stats.measure("get_volume"):
+            return self.ctx.with_attachments(self.ctx.volume(volume_id))
+
+    def page(self, page_size: int, page_token: str, labels: Mapping[str, str]) -> Page[Volume]:
+        ctx = self.ctx
+        return paging.listing(
+            page_size,
+            page_token,
+            lambda after, n: [
+                ctx.with_attachments(v) for v in ctx.catalog.list_volumes(after=after, limit=n, labels=labels)
+            ],
+        )
+
+    def watch(
+        self, volume_id: str, *, active: Callable[[], bool] = lambda: True, interval: float = 1.0
+    ) -> Iterator[Volume]:
+        """Yields the volume now and after each change, until it is settled (or gone, or the caller is
+        no longer `active`; checked every `interval` seconds)."""
+        ctx = self.ctx
+        seen = ctx.events.version(volume_id)
+        volume = self.get(volume_id)
+        yield volume
+        while volume.state not in SETTLED_VOLUME_STATES and active():
+            now = ctx.events.wait(volume_id, seen, interval)
+            if now == seen:
+                continue
+            seen = now
+            current = ctx.catalog.get_volume(volume_id)
+            if current is None:
+                return
+            volume = ctx.with_attachments(current)
+            yield volume
+
+    def delete(self, volume_id: str) -> None:
+        ctx = self.ctx
+        with ctx.stats.measure("delete_volume"):
+            validate.object_id(volume_id, "volume_id")
+            with ctx.hold_volume(volume_id):
+                v = ctx.catalog.get_volume(volume_id)
+                if v is None:
+                    return
+                atts = ctx.catalog.list_attachments(volume_id=volume_id, after=None, limit=1)
+                if atts:
+                    raise FailedPrecondition(f"volume {volume_id} has attachments; delete them first")
+                if v.state is VolumeState.CREATING:
+                    raise FailedPrecondition(f"volume {volume_id} is still being created; wait (WatchVolume)")
+                pool = ctx.pools.get(v.backend)
+                if (
+                    pool is not None
+                    and pool.backend.snapshots_depend_on_volume
+                    and ctx.catalog.list_snapshots(volume_id=volume_id, after=None, limit=1)
+                ):
+                    raise FailedPrecondition(
+                        f"volume {volume_id} has snapshots, which depend on it on backend {v.backend}"
+                    )
+                if any(
+                    c.state is VolumeState.CREATING for c in ctx.catalog.volumes_from(volume_id=volume_id)
+                ):
+                    raise FailedPrecondition(f"a clone of volume {volume_id} is being copied; wait for it")
+                v = ctx.save(replace(v, state=VolumeState.DELETING))
+                if pool is not None:
+                    pool.backend.delete(volume_id)
+                ctx.catalog.delete_volume(volume_id)
+                ctx.events.changed(volume_id)
+                log.info("volume %s (%s) deleted", volume_id, v.name)
+
+    def extend(self, volume_id: str, new_size: int) -> Volume:
+        ctx = self.ctx
+        with ctx.stats.measure("extend_volume"):
+            validate.size(new_size, "new_size_bytes")
+            with ctx.hold_volume(volume_id):
+                v = ctx.volume(volume_id)
+                if new_size == v.size_bytes:
+                    return ctx.with_attachments(v)
+                if new_size < v.size_bytes:
+                    raise FailedPrecondition(f"volume {volume_id} is {v.size_bytes} bytes; volumes only grow")
+                if v.state not in ATTACHABLE:
+                    raise FailedPrecondition(f"volume {volume_id} is {v.state.value}")
+                pool = ctx.pools[v.backend]
+                ctx.check_space(pool, new_size - v.size_bytes)
+                before = v.state
+                v = ctx.save(replace(v, state=VolumeState.EXTENDING))
+                try:
+                    pool.backend.extend(volume_id, new_size)
+                    grown = replace(v, size_bytes=new_size)
+                    if v.export is not None:
+                        pool.exporter.resize(ctx.spec(grown, v.export))
+                except BaseException:
+                    ctx.save(replace(v, state=before))
+                    raise
+                log.info("volume %s extended to %d bytes", volume_id, new_size)
+                return ctx.with_attachments(ctx.save(replace(grown, state=before)))
+
+
+def _source_size(asked: int, source_size: int) -> int:
+    if asked == 0:
+        return source_size
+    if asked < source_size:
+        raise InvalidArgument(
+            "size_bytes", f"{asked} is smaller than the source ({source_size}); use 0 or more"
+        )
+    return asked
