@@ -26,20 +26,21 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import TypeVar
 
-from blockwire import failpoints
+from blockwire import failpoints, validate
 from blockwire.errors import (
     Aborted,
     AlreadyExists,
     BlockwireError,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
 from blockwire.secret import Secret
 from hostagent.host.clock import Clock
-from storagesvc import identity, paging, validate
+from storagesvc import identity, paging
 from storagesvc.backends.base import Backend, ImageInfo
 from storagesvc.catalog import Catalog, Conflict, Cursor, time_key
 from storagesvc.model import (
@@ -626,7 +627,7 @@ class StorageService:
     ) -> Attachment:
         with self.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
-            validate.iscsi_connector(connector)
+            validate.connector(connector, transport=Transport.ISCSI)
             with self.locks.hold(volume_id, f"volume {volume_id}"):
                 return self._create_attachment(self._volume(volume_id), connector, mode, domain)
 
@@ -715,6 +716,13 @@ class StorageService:
                 physical_block_size=512,
                 multiattach=v.multiattach,
             )
+            try:  # what storage announces passes the checks every agent runs on it (a bug if not)
+                validate.validate_connection_info(info)
+            except InvalidArgument as exc:
+                raise Internal(
+                    f"the connection info of volume {v.id} fails its own checks ({exc.message}); "
+                    "nothing was exported"
+                ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=self._now())
             self.catalog.update_attachment(att)
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
 from blockwire.secret import Secret
-from hostagent.connectors.iscsi_qemu import iscsi_of
+from hostagent.connectors.iscsi_qemu import iscsi_of, validate_iscsi
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.clock import Clock
 from hostagent.host.openers import Openers
@@ -121,7 +121,7 @@ class IscsiConnector:
         self._targets = KeyedLocks()
 
     def validate(self, info: ConnectionInfo) -> None:
-        iscsi_of(info)
+        validate_iscsi(info)
 
     def _hosts(self, paths: Sequence[IscsiPath]) -> dict[IscsiPath, int]:
         """The SCSI host of each of `paths` that has a session (-1: not in sysfs yet), from one walk of
