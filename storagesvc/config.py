@@ -132,8 +132,11 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
 
 
 def _naa_oui(value: str, field: str) -> str:
+    """The IEEE company id in every WWN this storage announces (storagesvc.identity)."""
     if len(value) != 6 or not all(c in "0123456789abcdef" for c in value):
-        raise InvalidArgument(field, f"{value!r} is not 6 lower-case hex digits (an IEEE company id)")
+        raise InvalidArgument(
+            field, f"{validate.quote(value)} is not 6 lower-case hex digits (an IEEE company id)"
+        )
     return value
 
 

@@ -11,11 +11,11 @@ What the rules are, where they once differed:
 * **Portals** (`portal`, `split_portal`; iSCSI portals, NVMe-oF addresses, Ceph monitors) are
   ``address:port`` with an IP address: IPv4, or IPv6 in brackets (``[::1]:3260``, a zone id of
   interface-name characters allowed). The port is required. Host names are NOT allowed: storage
-  announces the addresses of its `[exporters.*] portals`, which its config holds to IP:port; the
-  kernel initiator's sessions show the portal by IP address, so a host-name portal could never be found
-  again (its login "succeeded" into an attachment that could not be used or cleaned up); and a name
-  would make every connect depend on the resolver at that moment. (The agent once took host names and a
-  missing port, defaulting to 3260; only storage's IP:port form passed both services.)
+  announces the addresses of its `[exporters.*] portals`, which its config holds to IP:port; the kernel
+  connector finds its sessions by the IP:port the kernel shows, so it would not find the session its own
+  login to a host name (or to a portal without a port) made; and a name makes every connect depend on
+  the resolver at that moment. (The agent once took host names and a missing port, defaulting to 3260:
+  only QEMU's initiator could use them. Only storage's IP:port form passed both services.)
 * **iSCSI names** (`iqn`): RFC 3720 3.2.6.3, ``iqn.YYYY-MM.reversed.domain[:id]`` in lower case, or
   ``eui.`` and 16 hex digits, at most 223 characters; the id part is held to ``[A-Za-z0-9._:-]``, the
   characters initiators really use (IQNs reach tgtadm's and iscsiadm's command lines). The agent's QEMU
