@@ -26,7 +26,9 @@ class VolumeConnector(Protocol):
     kind: str  # "iscsi-kernel", "iscsi-qemu", "fc", "local"
 
     def validate(self, info: ConnectionInfo) -> None:
-        """Raises InvalidArgument (naming the field) when the connection info is malformed. No I/O."""
+        """Raises InvalidArgument (naming the field) when the connection info is malformed: the wire
+        rules (`blockwire.validate.validate_connection_info`), then what this connector needs. No I/O.
+        The other methods trust info that passed it (also from the journal: never checked again)."""
         ...
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
