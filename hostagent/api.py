@@ -22,6 +22,7 @@ from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, fields, replace
 from typing import Protocol, runtime_checkable
 
+from blockwire import validate
 from blockwire.errors import (
     BlockwireError,
     DeadlineExceeded,
@@ -83,7 +84,6 @@ DETACH_FAILPOINTS = (
     FP_DETACH_AFTER_DELETE_ATTACHMENT,
 )
 
-_SERIAL = re.compile(r"[A-Za-z0-9._-]{1,20}")
 _SERIAL_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -127,7 +127,7 @@ def combine_iotune(a: IoTune, b: IoTune) -> IoTune:
 
 
 def default_serial(volume_id: str, info_serial: str) -> str:
-    if info_serial and _SERIAL.fullmatch(info_serial):
+    if info_serial and validate.DISK_SERIAL_RE.fullmatch(info_serial):
         return info_serial
     return _SERIAL_BAD.sub("", volume_id)[:20] or "blockwire"
 
@@ -350,14 +350,19 @@ class HostAgent:
 
     @staticmethod
     def _validate_options(disk: DiskOptions) -> None:
-        if disk.serial and not _SERIAL.fullmatch(disk.serial):
-            raise InvalidArgument("disk.serial", "at most 20 characters of [A-Za-z0-9._-]")
-        if disk.target_dev and not re.fullmatch(r"(sd|vd|hd)[a-z]{1,3}", disk.target_dev):
-            raise InvalidArgument("disk.target_dev", f"{disk.target_dev!r} is not a disk name like sdb")
-        for name in ("logical_block_size", "physical_block_size"):
-            v = getattr(disk, name)
-            if v and (v < 512 or v & (v - 1)):
-                raise InvalidArgument(f"disk.{name}", "must be 0 or a power of two >= 512")
+        validate.disk_serial(disk.serial, "disk.serial")
+        validate.target_dev(disk.target_dev, "disk.target_dev")
+        validate.block_size(disk.logical_block_size, "disk.logical_block_size")
+        validate.block_size(disk.physical_block_size, "disk.physical_block_size")
+        validate.iotune(disk.iotune, "disk.iotune")
+
+    def _validate_info(self, info: ConnectionInfo) -> VolumeConnector:
+        """The wire rules (blockwire.validate; also for a connector that does not run them), then the
+        connector's own; returns the connector."""
+        validate.validate_connection_info(info)
+        conn = self._connector_for(info)
+        conn.validate(info)
+        return conn
 
     def _spec(
         self, target: str, a: Attachment, info: ConnectionInfo, device: HostDevice, disk: DiskOptions
@@ -431,20 +436,22 @@ class HostAgent:
 
         A repeat with the same options returns the attachment; with other options it is
         FailedPrecondition naming what differs. Connection info that announces no identity is refused
-        unless `allow_unverified_identity` (local paths excepted)."""
+        unless `allow_unverified_identity` (local paths excepted). Every argument is checked first
+        (blockwire.validate), as for a gRPC caller."""
         disk = disk or DiskOptions()
-        if not domain:
-            raise InvalidArgument("domain", "required")
+        validate.domain(domain)
         if bool(volume_id) == (connection_info is not None):
             raise InvalidArgument("volume", "give exactly one of volume_id and connection_info")
         if connection_info is not None:
             if not connection_info.volume_id:
                 raise InvalidArgument("connection_info.volume_id", "required")
-            self._connector_for(connection_info).validate(connection_info)
+            self._validate_info(connection_info)
             require_identity(connection_info, allow_unverified_identity)
             volume_id = connection_info.volume_id
-        elif self.storage is None:
-            raise FailedPrecondition("no storage service is configured; pass connection_info instead")
+        else:
+            validate.object_id(volume_id, "volume_id")
+            if self.storage is None:
+                raise FailedPrecondition("no storage service is configured; pass connection_info instead")
         self._validate_options(disk)
         if access_mode is AccessMode.READ_ONLY:
             disk = replace(disk, read_only=True)
@@ -531,8 +538,7 @@ class HostAgent:
                         allow_unverified_identity=allow_unverified_identity,
                     )
                     info = a.connection_info
-                conn = self._connector_for(info)
-                conn.validate(info)
+                conn = self._validate_info(info)  # what storage announced is checked as what a caller gives
                 a = self.journal.update(a, connector_kind=conn.kind)
                 self._undo(
                     stack,
@@ -629,10 +635,8 @@ class HostAgent:
     # -- detach -----------------------------------------------------------------------------------
     def detach(self, domain: str, volume_id: str, *, force: bool = False) -> bool:
         """Detaches and disconnects; False when nothing was attached (a repeat)."""
-        if not domain:
-            raise InvalidArgument("domain", "required")
-        if not volume_id:
-            raise InvalidArgument("volume_id", "required")
+        validate.domain(domain)
+        validate.object_id(volume_id, "volume_id")
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             dom = self._domain_or_none(domain)
             name = dom.name if dom is not None else domain
@@ -686,8 +690,7 @@ class HostAgent:
 
     # -- extend, read -----------------------------------------------------------------------------
     def extend(self, volume_id: str, new_size_bytes: int = 0) -> int:
-        if not volume_id:
-            raise InvalidArgument("volume_id", "required")
+        validate.object_id(volume_id, "volume_id")
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             records = [a for a in self.journal.of_volume(volume_id) if a.state is AttachmentState.ATTACHED]
             if not records:
@@ -706,8 +709,8 @@ class HostAgent:
             return size
 
     def get(self, volume_id: str, domain: str = "") -> Attachment:
-        if not volume_id:
-            raise InvalidArgument("volume_id", "required")
+        validate.object_id(volume_id, "volume_id")
+        validate.domain(domain, required=False)
         found = [a for a in self.journal.of_volume(volume_id) if not domain or a.domain == domain]
         if not found and domain:
             dom = self._domain_or_none(domain)
@@ -722,12 +725,12 @@ class HostAgent:
         return found[0]
 
     def list_attachments(self, domain: str = "") -> list[Attachment]:
+        validate.domain(domain, required=False)
         return [a for a in self.journal.all() if not domain or a.domain == domain]
 
     # -- host-only connect ------------------------------------------------------------------------
     def connect_volume(self, info: ConnectionInfo, *, allow_unverified_identity: bool = False) -> HostDevice:
-        conn = self._connector_for(info)
-        conn.validate(info)
+        conn = self._validate_info(info)
         require_identity(info, allow_unverified_identity)
         with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
             return conn.connect(info)
@@ -735,8 +738,7 @@ class HostAgent:
     def disconnect_volume(self, info: ConnectionInfo, *, force: bool = False) -> None:
         """Disconnects what connect_volume made. Never a volume the agent attached to a domain (that
         is DetachVolume's); the connector itself refuses a device another volume or a process holds."""
-        conn = self._connector_for(info)
-        conn.validate(info)
+        conn = self._validate_info(info)
         with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
             attached = self.journal.of_volume(info.volume_id) if info.volume_id else []
             if attached:

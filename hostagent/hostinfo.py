@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockwire.model import Connector, Transport
+from blockwire.validate import normal_wwpn
 from hostagent.host.sysfs import Sysfs
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def fc_ports(sysfs: Sysfs) -> tuple[tuple[str, ...], tuple[str, ...]]:
     wwnns: list[str] = []
     for host in sysfs.listdir("class/fc_host"):
         for attr, out in (("port_name", wwpns), ("node_name", wwnns)):
-            value = (sysfs.read(f"class/fc_host/{host}/{attr}") or "").lower().removeprefix("0x")
+            value = normal_wwpn(sysfs.read(f"class/fc_host/{host}/{attr}") or "")
             if value:
                 out.append(value)
     return tuple(wwpns), tuple(wwnns)

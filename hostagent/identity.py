@@ -8,13 +8,12 @@ and multipath (WWID "36001405...", the leading "3" being the NAA designator type
 from __future__ import annotations
 
 from blockwire.errors import IdentityMismatch
-
-_PREFIXES = ("naa.", "eui.", "t10.", "0x")
+from blockwire.validate import WWN_PREFIXES
 
 
 def normalize_wwn(value: str) -> str:
     v = value.strip().lower()
-    for p in _PREFIXES:
+    for p in WWN_PREFIXES:
         if v.startswith(p):
             v = v[len(p) :]
             break

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
-from storagesvc import validate
 
 BACKEND_KINDS = ("file", "lvm-thin")
 EXPORTER_KINDS = ("tgt", "lio")
@@ -131,6 +131,15 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     return b
 
 
+def _naa_oui(value: str, field: str) -> str:
+    """The IEEE company id in every WWN this storage announces (storagesvc.identity)."""
+    if len(value) != 6 or not all(c in "0123456789abcdef" for c in value):
+        raise InvalidArgument(
+            field, f"{validate.quote(value)} is not 6 lower-case hex digits (an IEEE company id)"
+        )
+    return value
+
+
 def _service(table: Mapping[str, Any]) -> ServiceConfig:
     service = ServiceConfig(**_take(table, "service", _fields(ServiceConfig)))
     if service.catalog_synchronous not in ("full", "normal"):
@@ -142,7 +151,7 @@ def _service(table: Mapping[str, Any]) -> ServiceConfig:
         raise ConfigError("[service] export_check_interval: seconds, 0 or more (0 disables the checks)")
     try:
         validate.iqn(service.iqn_prefix, "service.iqn_prefix")
-        validate.naa_oui(service.naa_oui, "service.naa_oui")
+        _naa_oui(service.naa_oui, "service.naa_oui")
     except InvalidArgument as exc:
         raise ConfigError(exc.message) from None
     return service

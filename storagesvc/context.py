@@ -16,12 +16,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from blockwire import validate
 from blockwire.errors import InvalidArgument, NotFound, ResourceExhausted
 from blockwire.model import AccessMode
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
-from storagesvc import validate
 from storagesvc.backends.base import Backend
 from storagesvc.catalog import Catalog, Cursor, time_key
 from storagesvc.model import ExportRecord, Volume

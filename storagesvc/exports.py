@@ -15,11 +15,12 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath
+from blockwire import validate
+from blockwire.errors import BlockwireError, FailedPrecondition, Internal, InvalidArgument, NotFound
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
 from blockwire.runtime import failpoints
 from blockwire.secret import Secret
-from storagesvc import identity, paging, validate
+from storagesvc import identity, paging
 from storagesvc.context import Context, Pool
 from storagesvc.model import (
     ATTACHABLE,
@@ -66,7 +67,7 @@ class Exports:
         ctx = self.ctx
         with ctx.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
-            validate.iscsi_connector(connector)
+            validate.connector(connector, transport=Transport.ISCSI)
             with ctx.hold_volume(volume_id):
                 return self._create(ctx.volume(volume_id), connector, mode, domain)
 
@@ -154,6 +155,13 @@ class Exports:
                 physical_block_size=512,
                 multiattach=v.multiattach,
             )
+            try:  # what storage announces passes the checks every agent runs on it (a bug if not)
+                validate.validate_connection_info(info)
+            except InvalidArgument as exc:
+                raise Internal(
+                    f"the connection info of volume {v.id} fails its own checks ({exc.message}); "
+                    "nothing was exported"
+                ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
             ctx.catalog.update_attachment(att)
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state

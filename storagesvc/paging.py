@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Protocol, TypeVar
 
+from blockwire import validate
 from blockwire.errors import InvalidArgument
-from storagesvc import validate
 from storagesvc.catalog import Cursor, time_key
 from storagesvc.model import Page
 

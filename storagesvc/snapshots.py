@@ -7,8 +7,9 @@ import logging
 from collections.abc import Mapping
 from dataclasses import replace
 
+from blockwire import validate
 from blockwire.errors import AlreadyExists, FailedPrecondition, NotFound
-from storagesvc import paging, validate
+from storagesvc import paging
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context
 from storagesvc.model import ATTACHABLE, Page, Snapshot, SnapshotState, VolumeState

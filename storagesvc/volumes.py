@@ -8,8 +8,9 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
+from blockwire import validate
 from blockwire.errors import AlreadyExists, BlockwireError, FailedPrecondition, InvalidArgument, NotFound
-from storagesvc import identity, paging, validate
+from storagesvc import identity, paging
 from storagesvc.backends.base import ImageInfo
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context, Pool

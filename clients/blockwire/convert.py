@@ -2,7 +2,7 @@
 
 Both services' rpc/ layers and the SDK use these; service-specific messages (Volume, Attachment, ...)
 are converted in each service's own rpc/convert.py. Imports protobuf messages only, never grpc.
-Validation of content (IQN syntax, portals) is not done here: see each service's validation.
+Validation of content (IQN syntax, portals) is not done here: see `blockwire.validate`.
 """
 
 from __future__ import annotations

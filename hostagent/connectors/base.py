@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from blockwire.errors import DeadlineExceeded, InvalidArgument
+from blockwire.errors import DeadlineExceeded
 from blockwire.model import ConnectionInfo
 from blockwire.runtime.clock import Deadline
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
@@ -26,7 +26,9 @@ class VolumeConnector(Protocol):
     kind: str  # "iscsi-kernel", "iscsi-qemu", "fc", "local"
 
     def validate(self, info: ConnectionInfo) -> None:
-        """Raises InvalidArgument (naming the field) when the connection info is malformed. No I/O."""
+        """Raises InvalidArgument (naming the field) when the connection info is malformed: the wire
+        rules (`blockwire.validate.validate_connection_info`), then what this connector needs. No I/O.
+        The other methods trust info that passed it (also from the journal: never checked again)."""
         ...
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
@@ -71,26 +73,3 @@ def wait_device(
             raise
         log.warning("no udev event for %s within %gs, but it is there: event missed", what, deadline.seconds)
         return found[0]
-
-
-def split_portal(portal: str, field: str = "portal") -> tuple[str, int]:
-    """ "10.0.0.1:3260" -> ("10.0.0.1", 3260); "[::1]:3260" -> ("::1", 3260); no port means 3260."""
-    p = portal.strip()
-    if not p:
-        raise InvalidArgument(field, "empty portal")
-    if p.startswith("["):
-        host, sep, rest = p[1:].partition("]")
-        if not sep:
-            raise InvalidArgument(field, f"{portal!r}: unterminated IPv6 bracket")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif p.count(":") == 1:
-        host, _, port_text = p.partition(":")
-    elif ":" in p:
-        raise InvalidArgument(field, f"{portal!r}: IPv6 addresses go in brackets ([::1]:3260)")
-    else:
-        host, port_text = p, ""
-    if not host:
-        raise InvalidArgument(field, f"{portal!r}: no address")
-    if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
-        raise InvalidArgument(field, f"{portal!r}: port must be 1-65535")
-    return host, int(port_text) if port_text else 3260

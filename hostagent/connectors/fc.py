@@ -10,7 +10,7 @@ import logging
 from blockwire.errors import FailedPrecondition, InvalidArgument
 from blockwire.model import ConnectionInfo, FcConnection
 from blockwire.runtime.clock import Clock
-from hostagent.connectors import checks
+from blockwire.validate import normal_wwpn, validate_connection_info
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
@@ -22,20 +22,11 @@ from hostagent.virt.diskxml import BlockSource, Source
 log = logging.getLogger(__name__)
 
 
-def _wwpn(value: str) -> str:
-    return value.strip().lower().removeprefix("0x").replace(":", "")
-
-
 def fc_of(info: ConnectionInfo) -> FcConnection:
+    """The FC transport of connection info `validate` accepted (on entry, or before it was journaled)."""
     t = info.transport
     if not isinstance(t, FcConnection):
         raise InvalidArgument("connection_info", "the FC connector needs an fc transport")
-    if not t.target_wwpns:
-        raise InvalidArgument("connection_info.fc.target_wwpns", "at least one target WWPN is required")
-    for w in t.target_wwpns:
-        if len(_wwpn(w)) != 16:
-            raise InvalidArgument("connection_info.fc.target_wwpns", f"{w[:80]!r} is not 16 hex digits")
-    checks.fc(info, t)
     return t
 
 
@@ -67,13 +58,13 @@ class FcConnector:
         )
 
     def validate(self, info: ConnectionInfo) -> None:
-        fc_of(info)
+        fc_of(validate_connection_info(info))
 
     def _hosts(self) -> dict[str, int]:
         """Initiator WWPN -> SCSI host number."""
         out = {}
         for name in self.sysfs.listdir("class/fc_host"):
-            wwpn = _wwpn(self.sysfs.read(f"class/fc_host/{name}/port_name") or "")
+            wwpn = normal_wwpn(self.sysfs.read(f"class/fc_host/{name}/port_name") or "")
             if wwpn and name.startswith("host"):
                 out[wwpn] = int(name[4:])
         return out
@@ -81,12 +72,12 @@ class FcConnector:
     def _targets(self, t: FcConnection) -> list[tuple[int, str, str]]:
         """(host, channel, target) of every remote port that is one of the announced target WWPNs and
         is zoned to an initiator port of this host (per initiator_target_map when given)."""
-        wanted = {_wwpn(w) for w in t.target_wwpns}
-        zoning = {_wwpn(i): {_wwpn(x) for x in ts} for i, ts in t.initiator_target_map.items()}
+        wanted = {normal_wwpn(w) for w in t.target_wwpns}
+        zoning = {normal_wwpn(i): {normal_wwpn(x) for x in ts} for i, ts in t.initiator_target_map.items()}
         hosts = self._hosts()
         found = []
         for name in self.sysfs.listdir("class/fc_transport"):
-            wwpn = _wwpn(self.sysfs.read(f"class/fc_transport/{name}/port_name") or "")
+            wwpn = normal_wwpn(self.sysfs.read(f"class/fc_transport/{name}/port_name") or "")
             if wwpn not in wanted:
                 continue
             host_s, channel, target = name.removeprefix("target").split(":")

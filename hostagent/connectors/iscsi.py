@@ -32,7 +32,7 @@ from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
-from hostagent.connectors.iscsi_qemu import iscsi_of
+from hostagent.connectors.iscsi_qemu import iscsi_of, validate_iscsi
 from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
@@ -121,7 +121,7 @@ class IscsiConnector:
         self._targets = KeyedLocks()
 
     def validate(self, info: ConnectionInfo) -> None:
-        iscsi_of(info)
+        validate_iscsi(info)
 
     def _hosts(self, paths: Sequence[IscsiPath]) -> dict[IscsiPath, int]:
         """The SCSI host of each of `paths` that has a session (-1: not in sysfs yet), from one walk of

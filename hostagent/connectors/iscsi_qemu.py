@@ -10,13 +10,11 @@ refused here (PERMISSION_DENIED), and a LUN whose WWN is not the announced one i
 from __future__ import annotations
 
 import logging
-import re
 from typing import Protocol, runtime_checkable
 
 from blockwire.errors import FailedPrecondition, IdentityMismatch, InvalidArgument, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
-from hostagent.connectors import checks
-from hostagent.connectors.base import split_portal
+from blockwire.validate import split_portal, validate_connection_info
 from hostagent.identity import normalize_wwn, verify_wwn
 from hostagent.model import HostDevice
 from hostagent.tools.libiscsi import Libiscsi, Lun
@@ -39,23 +37,17 @@ class SecretInventory(Protocol):
 
 
 def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
+    """The iSCSI transport of connection info `validate_iscsi` accepted (on entry, or before it was
+    journaled: records are not checked again, so that rules made stricter never strand a detach)."""
     t = info.transport
     if not isinstance(t, IscsiConnection):
         raise InvalidArgument("connection_info", "the iSCSI connector needs an iscsi transport")
-    if not t.paths:
-        raise InvalidArgument("connection_info.iscsi.paths", "at least one path is required")
-    for i, p in enumerate(t.paths):
-        split_portal(p.portal, f"connection_info.iscsi.paths[{i}].portal")
-        if not re.fullmatch(r"(iqn\.\d{4}-\d{2}\.[^\s/]+|eui\.[0-9A-Fa-f]{16})", p.target_iqn):
-            raise InvalidArgument(
-                f"connection_info.iscsi.paths[{i}].target_iqn", f"{p.target_iqn!r} is not an IQN"
-            )
-    if t.chap is not None and not t.chap.username:
-        raise InvalidArgument("connection_info.iscsi.chap.username", "empty CHAP user name")
-    if t.mutual_chap is not None and t.chap is None:
-        raise InvalidArgument("connection_info.iscsi.mutual_chap", "mutual CHAP needs chap too")
-    checks.iscsi(info, t)
     return t
+
+
+def validate_iscsi(info: ConnectionInfo) -> None:
+    """Both iSCSI connectors' `validate`: the wire rules (blockwire.validate), and the transport."""
+    iscsi_of(validate_connection_info(info))
 
 
 def secret_usage(info: ConnectionInfo) -> str:
@@ -77,7 +69,7 @@ class QemuIscsiConnector:
         return t.initiator_iqn or self.initiator_iqn
 
     def validate(self, info: ConnectionInfo) -> None:
-        iscsi_of(info)
+        validate_iscsi(info)
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
         t = iscsi_of(info)

@@ -13,7 +13,7 @@ import os
 from blockwire.errors import InvalidArgument, NotFound
 from blockwire.model import ConnectionInfo, LocalConnection
 from blockwire.runtime.clock import Clock, Deadline
-from hostagent.connectors import checks
+from blockwire.validate import validate_connection_info
 from hostagent.connectors.base import wait_device
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
@@ -25,12 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def _local(info: ConnectionInfo) -> LocalConnection:
+    """The local transport of connection info `validate` accepted (on entry, or before it was journaled)."""
     if not isinstance(info.transport, LocalConnection):
         raise InvalidArgument("connection_info", "the local connector needs a local transport")
-    path = info.transport.path
-    if not path or not os.path.isabs(path):
-        raise InvalidArgument("connection_info.local.path", f"{path[:80]!r} is not an absolute path")
-    checks.local(info, info.transport)
     return info.transport
 
 
@@ -47,7 +44,7 @@ class LocalConnector:
         return os.path.isfile(path)
 
     def validate(self, info: ConnectionInfo) -> None:
-        _local(info)
+        _local(validate_connection_info(info))
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
         path = _local(info).path

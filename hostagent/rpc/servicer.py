@@ -1,6 +1,7 @@
-"""The HostAgentService servicer: validate -> convert -> api call -> convert (STYLE.md).
+"""The HostAgentService servicer: convert -> api call -> convert (STYLE.md).
 
-Thin on purpose: every decision is in `hostagent.api.HostAgent`; errors leave only through
+Thin on purpose: every decision, and every check of an argument, is in `hostagent.api.HostAgent` (so
+that an embedder calling it directly gets the same checks); errors leave only through
 `blockwire.status.abort_with`.
 """
 
@@ -13,13 +14,12 @@ from typing import TypeVar
 
 import grpc
 
-from blockwire import convert
+from blockwire import convert, validate
 from blockwire.errors import InvalidArgument
 from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.api import HostAgent
-from hostagent.connectors import checks
 from hostagent.rpc.convert import (
     attachment_to_pb,
     disk_options_from_pb,
@@ -69,13 +69,9 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def AttachVolume(
         self, request: hpb.AttachVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.AttachVolumeResponse:
-        checks.domain(request.domain)
         which = request.WhichOneof("volume")
         if which is None:
             raise InvalidArgument("volume", "set volume_id or connection_info")
-        if which == "volume_id":
-            checks.volume_id(request.volume_id)
-        checks.iotune(convert.iotune_from_pb(request.disk.iotune), "disk.iotune")
         info = (
             convert.connection_info_from_pb(request.connection_info) if which == "connection_info" else None
         )
@@ -94,8 +90,6 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def DetachVolume(
         self, request: hpb.DetachVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.DetachVolumeResponse:
-        checks.domain(request.domain)
-        checks.volume_id(request.volume_id)
         self.agent.detach(request.domain, request.volume_id, force=request.force)
         return hpb.DetachVolumeResponse()
 
@@ -103,7 +97,6 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def ExtendVolume(
         self, request: hpb.HostAgentServiceExtendVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceExtendVolumeResponse:
-        checks.volume_id(request.volume_id)
         size = self.agent.extend(request.volume_id, request.new_size_bytes)
         return hpb.HostAgentServiceExtendVolumeResponse(size_bytes=size)
 
@@ -111,9 +104,6 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def GetAttachment(
         self, request: hpb.HostAgentServiceGetAttachmentRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceGetAttachmentResponse:
-        checks.volume_id(request.volume_id)
-        if request.domain:
-            checks.domain(request.domain)
         a = self.agent.get(request.volume_id, request.domain)
         return hpb.HostAgentServiceGetAttachmentResponse(attachment=attachment_to_pb(a, self.agent.connector))
 
@@ -121,7 +111,6 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def ListAttachments(
         self, request: hpb.HostAgentServiceListAttachmentsRequest, context: grpc.ServicerContext
     ) -> hpb.HostAgentServiceListAttachmentsResponse:
-        checks.text(request.domain, "domain")
         found = self.agent.list_attachments(request.domain)
         return hpb.HostAgentServiceListAttachmentsResponse(
             attachments=[attachment_to_pb(a, self.agent.connector) for a in found]
@@ -151,8 +140,10 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[hpb.WatchEventsResponse]:
         try:
-            checks.text(request.domain, "domain")
-            checks.text(request.volume_id, "volume_id")
+            # Filters of the event stream, which has no HostAgent call: the same rules as everywhere.
+            validate.domain(request.domain, required=False)
+            if request.volume_id:
+                validate.object_id(request.volume_id, "volume_id")
             types = event_types_from_pb(list(request.types))
         except InvalidArgument as exc:
             abort_with(context, exc)

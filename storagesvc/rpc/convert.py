@@ -7,10 +7,10 @@ from datetime import datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from blockwire import convert as shared
+from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
-from storagesvc import validate
 from storagesvc.model import (
     Attachment,
     AttachmentState,
@@ -70,7 +70,7 @@ def image_from_pb(m: pb.ImageSource) -> ImageSource:
         fmt = _IMAGE_FORMATS[m.format]
     except KeyError:
         raise InvalidArgument("source_image.format", f"unknown image format {m.format}") from None
-    return ImageSource(path=validate.image_path(m.path, "source_image.path"), format=fmt)
+    return ImageSource(path=validate.path(m.path, "source_image.path"), format=fmt)
 
 
 def create_volume_from_pb(m: spb.CreateVolumeRequest) -> CreateVolumeSpec:

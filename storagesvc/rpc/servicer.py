@@ -12,12 +12,13 @@ import grpc
 from google.protobuf.message import Message
 
 from blockwire import convert as shared
+from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.status import abort_with
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
-from storagesvc import paging, validate
+from storagesvc import paging
 from storagesvc.model import Attachment, Capacity, Page, Snapshot
 from storagesvc.rpc import convert
 from storagesvc.service import StorageService
@@ -161,7 +162,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 raise InvalidArgument("connector", "required")
             connector = shared.connector_from_pb(request.connector)
             mode = shared.access_mode_from_pb(request.access_mode)
-            validate.text(request.domain, "domain")
+            validate.domain(request.domain, required=False)
             return self.service.create_attachment(request.volume_id, connector, mode, request.domain)
 
         a = _call(context, create)

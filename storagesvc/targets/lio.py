@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from blockwire.errors import FailedPrecondition, Unavailable
+from blockwire.validate import split_portal
 from storagesvc.targets.base import LunState, TargetSpec, TargetState, same_path
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,6 @@ def _rtslib() -> Any:
     except ImportError as exc:
         raise Unavailable("the lio exporter needs rtslib-fb: pip install 'blockwire[lio]'") from exc
     return rtslib_fb
-
-
-def _split_portal(portal: str) -> tuple[str, int]:
-    host, _, port = portal.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def lio_wwn(serial: str, company_id: str) -> str:
@@ -164,7 +160,7 @@ class LioExporter:
             undo.callback(target.delete)
             tpg = rts.TPG(target, 1)
             for portal in self.portals:
-                ip, port = _split_portal(portal)
+                ip, port = split_portal(portal)
                 rts.NetworkPortal(tpg, ip, port)
             lun = next((x for x in tpg.luns if x.lun == self.lun), None)
             if lun is not None and lun.storage_object.name != so.name:

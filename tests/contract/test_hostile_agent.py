@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
+from blockwire.errors import InvalidArgument
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
@@ -349,6 +350,42 @@ KNOWN = [
     (lambda: hpb.DetachVolumeRequest(domain="d" * 10**6, volume_id="v"), "domain"),
     (lambda: hpb.DetachVolumeRequest(domain="vm1", volume_id="v" * 10**6), "volume_id"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("domain", "volume_id"),
+    [
+        ("vm1/x", "vol-1"),
+        ("d" * 300, "vol-1"),
+        ("vm1\x00", "vol-1"),
+        ("", "vol-1"),
+        ("vm1", "../x"),
+        ("vm1", "a b"),
+    ],
+)
+def test_a_direct_call_is_refused_as_the_rpc_is(rig: Rig, domain: str, volume_id: str) -> None:
+    """An embedder calling HostAgent directly gets the InvalidArgument a gRPC caller gets."""
+    agent = rig.fakes.agent
+    for rpc, request, direct in (
+        (
+            rig.stub.AttachVolume,
+            hpb.AttachVolumeRequest(domain=domain, volume_id=volume_id),
+            lambda: agent.attach(domain, volume_id=volume_id),
+        ),
+        (
+            rig.stub.DetachVolume,
+            hpb.DetachVolumeRequest(domain=domain, volume_id=volume_id),
+            lambda: agent.detach(domain, volume_id),
+        ),
+    ):
+        _, err = call(rpc, request)
+        with pytest.raises(InvalidArgument) as refused:
+            direct()
+        assert err is not None
+        assert err.code() is C.INVALID_ARGUMENT
+        assert err.details() == refused.value.message
+        assert err.details().partition(":")[0] == refused.value.field in ("domain", "volume_id")
+    check_commands(rig)
 
 
 @pytest.mark.parametrize(("make", "field"), KNOWN, ids=[k[1] for k in KNOWN])

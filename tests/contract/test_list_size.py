@@ -1,6 +1,6 @@
 """List RPCs stay under gRPC's 4 MiB receive limit whatever the labels: a page is cut by encoded size
 (`storagesvc.rpc.servicer.bounded`) and goes on with a page token, so a default ListVolumes over
-volumes with the largest labels `storagesvc.validate` accepts succeeds, and paging returns every volume
+volumes with the largest labels `blockwire.validate` accepts succeeds, and paging returns every volume
 exactly once (before, the client got RESOURCE_EXHAUSTED, which reads as "out of space")."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from blockwire import validate
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
-from storagesvc import validate
 from storagesvc.model import Page
 from storagesvc.rpc import convert
 from storagesvc.rpc.servicer import MAX_PAGE_BYTES, bounded

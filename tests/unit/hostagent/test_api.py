@@ -19,7 +19,7 @@ from blockwire.errors import (
     PermissionDenied,
     Unavailable,
 )
-from blockwire.model import ConnectionInfo, IoTune, IscsiConnection, LocalConnection
+from blockwire.model import ConnectionInfo, IoTune, IscsiConnection, LocalConnection, NvmeofConnection
 from hostagent.api import combine_iotune
 from hostagent.host.udev import UdevDevice
 from hostagent.model import AttachmentState, Bus, DiskOptions, EventType
@@ -101,6 +101,48 @@ def test_invalid_arguments(rig: Rig, kwargs: dict[str, object], field: str) -> N
     with pytest.raises(InvalidArgument) as err:
         rig.agent.attach("vm1", **kwargs)  # type: ignore[arg-type]
     assert err.value.field == field
+    assert_nothing_left(rig)
+
+
+NVME = ConnectionInfo(transport=NvmeofConnection("nqn x", ()), volume_id="vol-1")
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda a: a.attach("vm1/x", volume_id="vol-1"), "domain"),
+        (lambda a: a.attach("d" * 256, volume_id="vol-1"), "domain"),
+        (lambda a: a.attach("vm1\x00", volume_id="vol-1"), "domain"),
+        (lambda a: a.attach("", volume_id="vol-1"), "domain"),
+        (lambda a: a.attach("vm1", volume_id="../x"), "volume_id"),
+        (lambda a: a.attach("vm1", volume_id="v" * 129), "volume_id"),
+        (
+            lambda a: a.attach("vm1", connection_info=replace(iscsi_info(), volume_id="a/b")),
+            "connection_info.volume_id",
+        ),
+        (lambda a: a.attach("vm1", connection_info=NVME), "connection_info.nvmeof.subsystem_nqn"),
+        (
+            lambda a: a.attach("vm1", volume_id="vol-1", disk=DiskOptions(iotune=IoTune(group_name="<x>"))),
+            "disk.iotune.group_name",
+        ),
+        (lambda a: a.detach("vm1", "../x"), "volume_id"),
+        (lambda a: a.detach("a/b", "vol-1"), "domain"),
+        (lambda a: a.extend("../x"), "volume_id"),
+        (lambda a: a.get("../x"), "volume_id"),
+        (lambda a: a.get("vol-1", "a/b"), "domain"),
+        (lambda a: a.list_attachments("a/b"), "domain"),
+        (lambda a: a.connect_volume(replace(iscsi_info(), wwn="6001405;id")), "connection_info.wwn"),
+        (lambda a: a.disconnect_volume(ConnectionInfo(LocalConnection("rel"))), "connection_info.local.path"),
+    ],
+)
+def test_an_embedder_gets_the_checks_a_grpc_caller_gets(rig: Rig, call: object, field: str) -> None:
+    """HostAgent checks its arguments on entry (blockwire.validate); the servicer only converts, so
+    these are the fields AttachVolume & co. name too (tests/contract/test_hostile_agent.py)."""
+    with pytest.raises(InvalidArgument) as err:
+        call(rig.agent)  # type: ignore[operator]
+    assert err.value.field == field
+    assert rig.storage.calls == []
+    assert rig.runner.revealed == []
     assert_nothing_left(rig)
 
 

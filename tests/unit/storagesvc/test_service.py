@@ -12,6 +12,7 @@ import pytest
 from blockwire.errors import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -125,6 +126,18 @@ def test_unknown_ids(rig: Rig) -> None:
     rig.service.delete_volume("f" * 32)  # deletes of what is gone succeed
     rig.service.delete_attachment("f" * 32)
     rig.service.delete_snapshot("f" * 32)
+
+
+def test_connection_info_that_fails_the_agents_checks_is_never_announced(rig: Rig) -> None:
+    """Storage runs blockwire.validate on what it announces: a portal the config could not hold (a host
+    name) is a bug, INTERNAL, and the export it began is undone."""
+    vid = rig.volume()
+    rig.exporter.portals = ("storage.example:3260",)
+    with pytest.raises(Internal, match=r"connection_info\.iscsi\.paths\[0\]\.portal"):
+        rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE)
+    assert rig.catalog.list_attachments(volume_id=vid, after=None, limit=10) == []
+    assert rig.exporter.targets == {}
+    assert rig.service.get_volume(vid).state is VolumeState.AVAILABLE
 
 
 def test_attach_life_cycle(rig: Rig) -> None:
