@@ -44,12 +44,14 @@ PROGRAM = textwrap.dedent(
 
 @pytest.mark.parametrize("target", ["thread", "process"])
 def test_sigterm_wakes_the_main_thread(target: str) -> None:
+    # Unbuffered: readline() then takes exactly one line, and communicate() (which reads the pipe's fd)
+    # gets the rest; a buffered reader could swallow "stopped" into its read-ahead.
     proc = subprocess.Popen(
-        [sys.executable, "-c", PROGRAM, target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", PROGRAM, target], stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
     )
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == b"ready"
         if target == "process":
             proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=15)
@@ -57,8 +59,8 @@ def test_sigterm_wakes_the_main_thread(target: str) -> None:
         proc.kill()
         proc.communicate()
         pytest.fail(f"SIGTERM aimed at the {target} did not wake stop.wait() within 15s")
-    assert proc.returncode == 0, err
-    assert out.strip() == "stopped"
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert out.strip() == b"stopped"
 
 
 def test_set_wakes_wait_without_a_signal() -> None:
