@@ -32,8 +32,8 @@ from blockwire.errors import (
     Unavailable,
 )
 from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
-from blockwire.runtime import failpoints
 from blockwire.runtime.clock import Clock, Deadline
+from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
@@ -55,8 +55,8 @@ from hostagent.virt.hypervisor import DomainInfo, Hypervisor
 
 log = logging.getLogger(__name__)
 
-# Failpoints (blockwire.runtime.failpoints; armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
-# the agent. The recovery rule of each is in `HostAgent.reconcile`.
+# Failpoints (blockwire.runtime.failpoints, injected; the daemon arms them from BLOCKWIRE_FAILPOINTS):
+# where the recovery tests kill the agent. The recovery rule of each is in `HostAgent.reconcile`.
 FP_ATTACH_AFTER_JOURNAL = "agent.attach.after_journal"
 FP_ATTACH_AFTER_CREATE_ATTACHMENT = "agent.attach.after_create_attachment"
 FP_ATTACH_AFTER_CONNECT = "agent.attach.after_connect"
@@ -224,8 +224,10 @@ class HostAgent:
         events: EventBus | None = None,
         detach_timeout: float = 30.0,
         extra_connectors: tuple[VolumeConnector, ...] = (),
+        failpoints: Failpoints = NO_FAILPOINTS,
     ) -> None:
         self.hypervisor = hypervisor
+        self.failpoints = failpoints
         self.connectors = dict(connectors)
         self._by_kind = {c.kind: c for c in (*connectors.values(), *extra_connectors)}
         self.journal = journal
@@ -526,7 +528,7 @@ class HostAgent:
                     "journal",
                     lambda: None if failures else self.journal.delete(volume_id, dom.name),
                 )
-                failpoints.hit(FP_ATTACH_AFTER_JOURNAL)
+                self.failpoints.hit(FP_ATTACH_AFTER_JOURNAL)
                 if given is None:
                     a = self._export(
                         a,
@@ -548,7 +550,7 @@ class HostAgent:
                     unless_held=held,
                 )
                 device = conn.connect(info)
-                failpoints.hit(FP_ATTACH_AFTER_CONNECT)
+                self.failpoints.hit(FP_ATTACH_AFTER_CONNECT)
                 if not info.wwn and device.wwn:
                     # The record keeps the identity connect found: detach, reconcile and path repair
                     # remove only devices whose WWN they can match (never "whatever is at the LUN").
@@ -566,13 +568,13 @@ class HostAgent:
                     preferred_target=disk.target_dev,
                     persistent=persistent,
                 )
-                failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
+                self.failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 a = self.journal.update(a, target_dev=spec.target_dev)
                 self._emit(EventType.PROGRESS, a, step="hotplug", path=spec.target_dev)
-                failpoints.hit(FP_ATTACH_BEFORE_COMPLETE)
+                self.failpoints.hit(FP_ATTACH_BEFORE_COMPLETE)
                 if a.owns_export and self.storage is not None:
                     self.storage.complete_attachment(a.attachment_id, spec.target_dev, device.path)
-                failpoints.hit(FP_ATTACH_AFTER_COMPLETE)
+                self.failpoints.hit(FP_ATTACH_AFTER_COMPLETE)
                 a = self.journal.update(a, state=AttachmentState.ATTACHED, update_time=self.clock.now())
             except BaseException as exc:
                 message = exc.message if isinstance(exc, BlockwireError) else type(exc).__name__
@@ -603,7 +605,7 @@ class HostAgent:
         storage = self._storage()
         sa = self._create_export(storage, a.volume_id, a.access_mode, a.domain, failures)
         self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id), unless_held=held)
-        failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
+        self.failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
         info = sa.connection_info
         a = self.journal.update(
             a,
@@ -644,7 +646,7 @@ class HostAgent:
             if a is None:
                 return False
             a = self.journal.update(a, state=AttachmentState.DETACHING, update_time=self.clock.now())
-            failpoints.hit(FP_DETACH_AFTER_JOURNAL)
+            self.failpoints.hit(FP_DETACH_AFTER_JOURNAL)
             self._emit(EventType.DETACH_STARTED, a)
             try:
                 self._teardown(a, force=force)
@@ -671,12 +673,12 @@ class HostAgent:
                 self.hypervisor.detach_disk(
                     dom.name, live.spec.target_dev, Deadline(self.clock, self.detach_timeout)
                 )
-                failpoints.hit(FP_DETACH_AFTER_UNPLUG)
+                self.failpoints.hit(FP_DETACH_AFTER_UNPLUG)
         if a.connector_kind:  # connect may have begun: disconnect (idempotent)
             self._disconnect(a, force=force)
-            failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
+            self.failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
         if a.owns_export and self.storage is not None:
-            failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
+            self.failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
             attachment_id = a.attachment_id
             if not attachment_id:
                 # Crashed between CreateAttachment and recording its id: a repeat (idempotent per
@@ -685,7 +687,7 @@ class HostAgent:
                     a.volume_id, self.connector, a.access_mode, a.domain
                 ).id
             self.storage.delete_attachment(attachment_id)
-            failpoints.hit(FP_DETACH_AFTER_DELETE_ATTACHMENT)
+            self.failpoints.hit(FP_DETACH_AFTER_DELETE_ATTACHMENT)
         self.journal.delete(a.volume_id, a.domain)
 
     # -- extend, read -----------------------------------------------------------------------------

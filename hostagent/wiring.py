@@ -6,12 +6,14 @@ This is the only place that chooses implementations; everything below it is give
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockwire.model import Transport
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor
+from blockwire.runtime.failpoints import Failpoints
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig
 from hostagent.connectors.base import VolumeConnector
@@ -104,6 +106,7 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
         events=EventBus(),
         detach_timeout=config.detach_timeout,
         extra_connectors=extra,
+        failpoints=Failpoints.from_environment(os.environ),
     )
     return agent, hypervisor
 

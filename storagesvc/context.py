@@ -20,6 +20,7 @@ from blockwire import validate
 from blockwire.errors import InvalidArgument, NotFound, ResourceExhausted
 from blockwire.model import AccessMode
 from blockwire.runtime.clock import Clock
+from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
 from storagesvc.backends.base import Backend
@@ -80,6 +81,7 @@ class Context:
     naa_oui: str
     default_backend: str
     mutual_chap: bool
+    failpoints: Failpoints = NO_FAILPOINTS
 
     def now(self) -> datetime:
         return self.clock.now()

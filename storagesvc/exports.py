@@ -18,7 +18,6 @@ from dataclasses import replace
 from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, Internal, InvalidArgument, NotFound
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
-from blockwire.runtime import failpoints
 from blockwire.secret import Secret
 from storagesvc import identity, paging
 from storagesvc.context import Context, Pool
@@ -38,8 +37,9 @@ log = logging.getLogger(__name__)
 CHAP_ALPHABET = string.ascii_letters + string.digits
 CHAP_LENGTH = 16
 
-# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS): where the recovery tests kill
-# the service in the middle of an export (more in storagesvc/targets/tgt.py). See `storagesvc.reconcile`.
+# Failpoints (blockwire.runtime.failpoints, injected; the daemon arms them from BLOCKWIRE_FAILPOINTS):
+# where the recovery tests kill the service in the middle of an export (more in
+# storagesvc/targets/tgt.py). See `storagesvc.reconcile`.
 FP_EXPORT_AFTER_CATALOG = "storage.export.after_catalog"  # attachment RESERVED, nothing exported
 FP_EXPORT_AFTER_TARGET = "storage.export.after_target"  # target, LUN and CHAP made, no ACL entry
 FP_EXPORT_AFTER_ACL = "storage.export.after_acl"  # the host is admitted; still RESERVED in the catalog
@@ -126,17 +126,17 @@ class Exports:
             undo.callback(ctx.catalog.delete_attachment, att.id)
             reserved = ctx.save(replace(v, state=VolumeState.RESERVED if first else v.state, export=export))
             undo.callback(ctx.save, before)
-            failpoints.hit(FP_EXPORT_AFTER_CATALOG)
+            ctx.failpoints.hit(FP_EXPORT_AFTER_CATALOG)
             # ... then act, with compensations
             if first:
                 undo.callback(exporter.remove_target, export.target_iqn)
                 exporter.ensure_target(ctx.spec(reserved, export))
-                failpoints.hit(FP_EXPORT_AFTER_TARGET)
+                ctx.failpoints.hit(FP_EXPORT_AFTER_TARGET)
             undo.callback(
                 self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
             )
             exporter.allow(ctx.spec(reserved, export), connector.initiator_iqn)
-            failpoints.hit(FP_EXPORT_AFTER_ACL)
+            ctx.failpoints.hit(FP_EXPORT_AFTER_ACL)
             info = ConnectionInfo(
                 transport=IscsiConnection(
                     paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
@@ -167,7 +167,7 @@ class Exports:
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
             ctx.save(replace(reserved, state=state))
             undo.pop_all()
-        failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
+        ctx.failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
         log.info(
             "volume %s exported to host %s (%s) as attachment %s",
             v.id,
@@ -248,14 +248,14 @@ class Exports:
         ctx.catalog.update_attachment(a)
         if v is not None and not others:
             v = ctx.save(replace(v, state=VolumeState.DETACHING))
-        failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
+        ctx.failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
         if v is not None and v.export is not None:
             exporter = ctx.pools[v.backend].exporter
             if others:
                 self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
             else:
                 exporter.remove_target(v.export.target_iqn)
-        failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
+        ctx.failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
         ctx.catalog.delete_attachment(a.id)
         if v is not None:
             if others:

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 from blockwire.model import AccessMode, Connector
 from blockwire.runtime.clock import Clock
+from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
 from storagesvc import stats
@@ -81,6 +82,7 @@ class StorageService:
         lock_timeout: float = 30.0,
         id_factory: Callable[[], str] = new_id,
         secret_factory: Callable[[], Secret] = new_chap_secret,
+        failpoints: Failpoints = NO_FAILPOINTS,
     ) -> None:
         if not pools:
             raise ValueError("at least one backend")
@@ -99,6 +101,7 @@ class StorageService:
                 naa_oui=naa_oui,
                 default_backend=default_backend or next(iter(pools)),
                 mutual_chap=mutual_chap,
+                failpoints=failpoints,
             )
         )
 

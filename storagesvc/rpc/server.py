@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from concurrent import futures
@@ -24,6 +25,7 @@ import grpc
 
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor, Runner
+from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.server import serving
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
 from storagesvc.backends.base import Backend
@@ -56,10 +58,17 @@ LONG_METHODS = frozenset(
 """Storage's long calls ([limits] max_long_calls): backend and target commands, each up to its timeout."""
 
 
-def make_exporter(cfg: ExporterConfig, runner: Runner, naa_oui: str) -> Exporter:
+def make_exporter(
+    cfg: ExporterConfig, runner: Runner, naa_oui: str, failpoints: Failpoints = NO_FAILPOINTS
+) -> Exporter:
     if cfg.kind == "tgt":
         return TgtExporter(
-            runner, cfg.portals, control_port=cfg.control_port, tgtadm=cfg.tgtadm, timeout=cfg.command_timeout
+            runner,
+            cfg.portals,
+            control_port=cfg.control_port,
+            tgtadm=cfg.tgtadm,
+            timeout=cfg.command_timeout,
+            failpoints=failpoints,
         )
     return LioExporter(cfg.portals, naa_oui=naa_oui)
 
@@ -94,8 +103,10 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     """Wires the daemon from its config, reconciles, and starts serving."""
     runner = runner or Executor()
     clock = SystemClock()
+    failpoints = Failpoints.from_environment(os.environ)
     exporters = {
-        name: make_exporter(cfg, runner, config.service.naa_oui) for name, cfg in config.exporters.items()
+        name: make_exporter(cfg, runner, config.service.naa_oui, failpoints)
+        for name, cfg in config.exporters.items()
     }
     pools = {
         b.name: Pool(
@@ -115,6 +126,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         default_backend=svc.default_backend,
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
+        failpoints=failpoints,
     )
     service.reconcile()
     if config.server.workers:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 from blockwire.errors import BlockwireError, FailedPrecondition, Unavailable
 from blockwire.model import Chap
-from blockwire.runtime import failpoints
 from blockwire.runtime.executor import Arg, CommandFailed, Result, Runner
+from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.secret import Secret
 from storagesvc.targets.base import LunState, TargetSpec, TargetState, same_path
 
@@ -47,7 +47,8 @@ NOT_RUNNING = 107
 _EXISTS = ("already exists",)
 _MISSING = ("can't find", "not found", "doesn't exist", "does not exist", "no such")
 
-# Failpoints (blockwire.runtime.failpoints, armed only by BLOCKWIRE_FAILPOINTS) for the recovery tests.
+# Failpoints (blockwire.runtime.failpoints, injected; the daemon arms them from BLOCKWIRE_FAILPOINTS) for
+# the recovery tests.
 FP_AFTER_TARGET_CREATE = "storage.tgt.after_target_create"  # a target with no LUN, no CHAP
 FP_AFTER_ACCOUNT_CREATE = "storage.tgt.after_account_create"  # a CHAP account bound to no target
 
@@ -188,8 +189,10 @@ class TgtExporter:
         control_port: int = 0,
         tgtadm: str = "tgtadm",
         timeout: float = 30.0,
+        failpoints: Failpoints = NO_FAILPOINTS,
     ) -> None:
         self.runner = runner
+        self.failpoints = failpoints
         self.portals = tuple(portals)
         self.control_port = control_port
         self.tgtadm = tgtadm
@@ -258,7 +261,7 @@ class TgtExporter:
             if existing is None:
                 tid = self._create_target(spec.target_iqn)
                 undo.callback(self._delete_target, tid)
-                failpoints.hit(FP_AFTER_TARGET_CREATE)
+                self.failpoints.hit(FP_AFTER_TARGET_CREATE)
                 unit: TgtLun | None = None
             else:
                 tid, unit = existing.tid, existing.unit(self.lun)
@@ -337,7 +340,7 @@ class TgtExporter:
         self._delete_account(chap.username)
         password: Secret = chap.password
         self._adm("--op", "new", "--mode", "account", "--user", chap.username, "--password", password)
-        failpoints.hit(FP_AFTER_ACCOUNT_CREATE)
+        self.failpoints.hit(FP_AFTER_ACCOUNT_CREATE)
         bind = ["--op", "bind", "--mode", "account", "--tid", str(tid), "--user", chap.username]
         self._adm(*bind, *(["--outgoing"] if outgoing else []), tolerate=_EXISTS)
 

@@ -1,4 +1,5 @@
-"""blockwire.runtime.failpoints: armed only by BLOCKWIRE_FAILPOINTS (never by config), free when disarmed."""
+"""blockwire.runtime.failpoints: injected (a no-op by default), armed by the daemons only from
+BLOCKWIRE_FAILPOINTS (never by config), free when disarmed, never shared between two owners."""
 
 from __future__ import annotations
 
@@ -28,24 +29,33 @@ def test_parse() -> None:
 
 
 def test_disarmed_hit_does_nothing_and_costs_next_to_nothing() -> None:
-    failpoints.disarm()
-    failpoints.hit("agent.attach.after_journal")
+    points = failpoints.NO_FAILPOINTS
+    points.hit("agent.attach.after_journal")
     t0 = time.perf_counter()
     for _ in range(100_000):
-        failpoints.hit("agent.attach.after_journal")
+        points.hit("agent.attach.after_journal")
     assert time.perf_counter() - t0 < 0.5  # ~30 ns a call here; the bound only catches real work
 
 
 def test_raise_and_nth_hit() -> None:
-    with failpoints.armed("x=raise,y=raise@2"):
-        failpoints.hit("other")
+    points = failpoints.Failpoints()
+    with points.armed("x=raise,y=raise@2"):
+        points.hit("other")
         with pytest.raises(failpoints.FailpointHit, match="failpoint x"):
-            failpoints.hit("x")
-        failpoints.hit("y")  # first hit: not yet
+            points.hit("x")
+        points.hit("y")  # first hit: not yet
         with pytest.raises(failpoints.FailpointHit):
-            failpoints.hit("y")
-        failpoints.hit("y")  # only the second
-    failpoints.hit("x")  # disarmed again
+            points.hit("y")
+        points.hit("y")  # only the second
+    points.hit("x")  # disarmed again
+
+
+def test_two_owners_never_share_their_failpoints() -> None:
+    a, b = failpoints.Failpoints("x=raise"), failpoints.Failpoints()
+    b.hit("x")
+    failpoints.NO_FAILPOINTS.hit("x")
+    with pytest.raises(failpoints.FailpointHit):
+        a.hit("x")
 
 
 def _child(env_value: str | None, body: str) -> subprocess.CompletedProcess[str]:
@@ -53,7 +63,7 @@ def _child(env_value: str | None, body: str) -> subprocess.CompletedProcess[str]
     if env_value is not None:
         env[failpoints.ENV] = env_value
     return subprocess.run(
-        [sys.executable, "-c", f"from blockwire.runtime import failpoints\n{body}"],
+        [sys.executable, "-c", f"import os\nfrom blockwire.runtime import failpoints\n{body}"],
         env=env,
         capture_output=True,
         text=True,
@@ -63,7 +73,10 @@ def _child(env_value: str | None, body: str) -> subprocess.CompletedProcess[str]
 
 
 def test_only_the_environment_arms_them_and_kill_is_sigkill() -> None:
-    body = "failpoints.hit('agent.attach.after_journal')\nprint('alive')"
+    body = (
+        "points = failpoints.Failpoints.from_environment(os.environ)\n"
+        "points.hit('agent.attach.after_journal')\nprint('alive')"
+    )
     r = _child("agent.attach.after_journal=kill", body)
     assert r.returncode == -signal.SIGKILL
     assert "alive" not in r.stdout

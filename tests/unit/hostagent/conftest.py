@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from blockwire.model import Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.runtime.failpoints import Failpoints
 from blockwire.secret import Secret
 from hostagent.api import HostAgent
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
@@ -96,5 +97,6 @@ def rig(tmp_path: Path) -> Rig:
         clock=clock,
         storage=storage,
         events=EventBus(),
+        failpoints=Failpoints(),
     )
     return Rig(agent, hv, storage, udev, runner, clock, journal, tmp_path / "state")

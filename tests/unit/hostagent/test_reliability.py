@@ -36,7 +36,7 @@ def nothing_left(rig: Rig) -> None:
 
 @pytest.mark.parametrize("failpoint", api.ATTACH_FAILPOINTS)
 def test_an_unexpected_failure_at_every_attach_step_leaves_nothing(rig: Rig, failpoint: str) -> None:
-    with failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
+    with rig.agent.failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
         rig.agent.attach("vm1", volume_id="vol-1")
     nothing_left(rig)
     assert rig.agent.attach("vm1", volume_id="vol-1").state is AttachmentState.ATTACHED
@@ -45,7 +45,7 @@ def test_an_unexpected_failure_at_every_attach_step_leaves_nothing(rig: Rig, fai
 @pytest.mark.parametrize("failpoint", api.DETACH_FAILPOINTS)
 def test_a_detach_that_failed_at_any_step_is_finished_by_reconcile(rig: Rig, failpoint: str) -> None:
     rig.agent.attach("vm1", volume_id="vol-1")
-    with failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
+    with rig.agent.failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
         rig.agent.detach("vm1", "vol-1")
     (record,) = rig.journal.all()
     assert record.state is AttachmentState.DETACHING

@@ -30,7 +30,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 )
 def test_a_failure_at_every_export_step_leaves_nothing(rig: Rig, failpoint: str) -> None:
     vid = rig.volume()
-    with failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
+    with rig.service.ctx.failpoints.armed({failpoint: "raise"}), pytest.raises(failpoints.FailpointHit):
         rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE)
     assert rig.catalog.list_attachments(volume_id=vid, after=None, limit=10) == []
     assert rig.exporter.targets == {}

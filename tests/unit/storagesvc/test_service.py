@@ -20,6 +20,7 @@ from blockwire.errors import (
 )
 from blockwire.model import AccessMode, Connector, IscsiConnection
 from blockwire.runtime.executor import Executor
+from blockwire.runtime.failpoints import Failpoints
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.model import (
@@ -56,6 +57,7 @@ class Rig:
             InlineJobs(),
             iqn_prefix=PREFIX,
             lock_timeout=0.5,
+            failpoints=Failpoints(),
         )
 
     def files(self) -> list[str]:
