@@ -18,7 +18,7 @@ Other transports are the same call with another `ConnectionInfo`, e.g. iSCSI thr
     ConnectionInfo(
         transport=IscsiConnection(paths=(IscsiPath("192.0.2.1:3260", "iqn.2026-01.io.example:vol1", 1),)),
         volume_id="vol1",
-        wwn="36001405...",  # the LUN's identity; a device with another WWN is refused
+        wwn="6001405...",  # the LUN's identity (NAA, 32 hex digits): a device with another WWN is refused
     )
 """
 

@@ -39,7 +39,6 @@ from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
 from hostagent.journal import Journal
 from hostagent.model import (
-    Attachment,
     AttachmentState,
     Cache,
     Discard,
@@ -48,6 +47,7 @@ from hostagent.model import (
     EventType,
     HostDevice,
     Io,
+    JournalRecord,
 )
 from hostagent.storage import StorageApi, StorageAttachment
 from hostagent.virt.diskxml import BlockSource, DiskSpec, FileSource, LiveDisk, Source
@@ -144,7 +144,7 @@ def require_identity(info: ConnectionInfo, allow_unverified: bool) -> None:
     )
 
 
-def check_sharing(info: ConnectionInfo, disk: DiskOptions, others: list[Attachment]) -> None:
+def check_sharing(info: ConnectionInfo, disk: DiskOptions, others: list[JournalRecord]) -> None:
     """Storage is the authority on whether a volume may reach several domains (STYLE.md rule 13)."""
     if info.multiattach:
         return
@@ -170,7 +170,7 @@ def source_path(source: Source) -> str:
 
 
 def option_differences(
-    a: Attachment, live: LiveDisk, disk: DiskOptions, access_mode: AccessMode, persistent: bool
+    a: JournalRecord, live: LiveDisk, disk: DiskOptions, access_mode: AccessMode, persistent: bool
 ) -> list[str]:
     """What a repeated attach asks differently from the attachment that exists (empty: the same).
     Options left at their default ("the volume's", "next free") match whatever was chosen."""
@@ -239,13 +239,13 @@ class HostAgent:
         self._locks = KeyedLocks()
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _emit(self, type_: EventType, a: Attachment | None = None, **kw: str) -> None:
+    def _emit(self, type_: EventType, a: JournalRecord | None = None, **kw: str) -> None:
         base: dict[str, str] = {}
         if a is not None:
             base = {"volume_id": a.volume_id, "domain": a.domain, "attachment_id": a.attachment_id}
         self.events.publish(Event(type=type_, time=self.clock.now(), **{**base, **kw}))
 
-    def emit(self, type_: EventType, a: Attachment | None = None, **kw: str) -> None:
+    def emit(self, type_: EventType, a: JournalRecord | None = None, **kw: str) -> None:
         """Publishes an event on the agent's bus (for supervisors working beside the api)."""
         self._emit(type_, a, **kw)
 
@@ -276,7 +276,7 @@ class HostAgent:
         disks = self.hypervisor.disks(domain, inactive=inactive)
         return next((d for d in disks if d.spec.serial == serial), None)
 
-    def _domain_of(self, a: Attachment) -> DomainInfo | None:
+    def _domain_of(self, a: JournalRecord) -> DomainInfo | None:
         """The domain a record is about, or None when it is gone. A domain defined later under the same
         name (another UUID) is not it: its disks are never taken for the record's."""
         dom = self._domain_or_none(a.domain)
@@ -291,11 +291,11 @@ class HostAgent:
             return None
         return dom
 
-    def _live_disk(self, a: Attachment) -> LiveDisk | None:
+    def _live_disk(self, a: JournalRecord) -> LiveDisk | None:
         dom = self._domain_of(a)
         return self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
 
-    def _unplug_or_hold(self, a: Attachment, held: list[str]) -> None:
+    def _unplug_or_hold(self, a: JournalRecord, held: list[str]) -> None:
         """The hot-plug's undo: unplugs `a`'s disk if the domain has it. When the domain does not let
         go, `held` names it, so that nothing under the disk is disconnected or unexported."""
         dom = self._domain_of(a)
@@ -317,7 +317,7 @@ class HostAgent:
                 held.append(f"domain {dom.name!r} ({live.spec.target_dev})")
             raise
 
-    def _holders(self, a: Attachment) -> tuple[list[str], list[str]]:
+    def _holders(self, a: JournalRecord) -> tuple[list[str], list[str]]:
         """Who holds what `a`'s disconnect would remove: (running domains outside the journal's
         accounting, domains of other records of the volume that share the host device)."""
         sharing = {o.domain for o in self.journal.of_volume(a.volume_id) if o.domain != a.domain}
@@ -333,7 +333,7 @@ class HostAgent:
                 (shared if name in sharing and not ours else foreign).append(where)
         return foreign, shared
 
-    def _disconnect(self, a: Attachment, *, force: bool) -> None:
+    def _disconnect(self, a: JournalRecord, *, force: bool) -> None:
         """Disconnects `a` on the host unless a running domain holds it (never, whatever `force`
         says: force only overrides a device held open by a process) or another domain's attachment of
         the same multiattach volume shares the host device (then it stays for that one)."""
@@ -367,7 +367,7 @@ class HostAgent:
         return conn
 
     def _spec(
-        self, target: str, a: Attachment, info: ConnectionInfo, device: HostDevice, disk: DiskOptions
+        self, target: str, a: JournalRecord, info: ConnectionInfo, device: HostDevice, disk: DiskOptions
     ) -> DiskSpec:
         source = self._connector_for(info, a.connector_kind).disk_source(info, device)
         is_block = isinstance(source, BlockSource)
@@ -433,7 +433,7 @@ class HostAgent:
         access_mode: AccessMode = AccessMode.READ_WRITE,
         persistent: bool = False,
         allow_unverified_identity: bool = False,
-    ) -> Attachment:
+    ) -> JournalRecord:
         """Attaches a volume (by id, through storage; or by connection info) to a running domain.
 
         A repeat with the same options returns the attachment; with other options it is
@@ -497,12 +497,12 @@ class HostAgent:
         disk: DiskOptions,
         access_mode: AccessMode,
         persistent: bool,
-        others: list[Attachment],
+        others: list[JournalRecord],
         allow_unverified_identity: bool,
-    ) -> Attachment:
+    ) -> JournalRecord:
         now = self.clock.now()
         info = given or ConnectionInfo(transport=LocalConnection(""), volume_id=volume_id)
-        a = Attachment(
+        a = JournalRecord(
             volume_id=volume_id,
             domain=dom.name,
             domain_uuid=dom.uuid,
@@ -592,15 +592,15 @@ class HostAgent:
 
     def _export(
         self,
-        a: Attachment,
+        a: JournalRecord,
         *,
         stack: ExitStack,
         failures: list[str],
         held: list[str],
         disk: DiskOptions,
-        others: list[Attachment],
+        others: list[JournalRecord],
         allow_unverified_identity: bool,
-    ) -> Attachment:
+    ) -> JournalRecord:
         """Storage CreateAttachment, its undo, and the checks of what storage announced."""
         storage = self._storage()
         sa = self._create_export(storage, a.volume_id, a.access_mode, a.domain, failures)
@@ -657,7 +657,7 @@ class HostAgent:
             log.info("detached volume %s from %s", volume_id, name)
             return True
 
-    def _teardown(self, a: Attachment, *, force: bool = True) -> None:
+    def _teardown(self, a: JournalRecord, *, force: bool = True) -> None:
         """Undoes whatever of `a` exists, in reverse order, then drops the record. Idempotent.
 
         The disk goes from the live domain and from a persistent definition (also of a shut-off
@@ -710,7 +710,7 @@ class HostAgent:
                 self._emit(EventType.RESIZED, a, message=f"{size} bytes")
             return size
 
-    def get(self, volume_id: str, domain: str = "") -> Attachment:
+    def get(self, volume_id: str, domain: str = "") -> JournalRecord:
         validate.object_id(volume_id, "volume_id")
         validate.domain(domain, required=False)
         found = [a for a in self.journal.of_volume(volume_id) if not domain or a.domain == domain]
@@ -726,7 +726,7 @@ class HostAgent:
             raise FailedPrecondition(f"volume {volume_id} has {len(found)} attachments here; name the domain")
         return found[0]
 
-    def list_attachments(self, domain: str = "") -> list[Attachment]:
+    def list_attachments(self, domain: str = "") -> list[JournalRecord]:
         validate.domain(domain, required=False)
         return [a for a in self.journal.all() if not domain or a.domain == domain]
 
@@ -811,7 +811,7 @@ class HostAgent:
                     log.error("reconcile: sweeping %s state failed: %s", conn.kind, exc.message)
         return actions
 
-    def _reconcile_one(self, a: Attachment) -> ReconcileAction:
+    def _reconcile_one(self, a: JournalRecord) -> ReconcileAction:
         try:
             dom = self._domain_of(a)
             live = self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
@@ -834,7 +834,7 @@ class HostAgent:
         except BlockwireError as exc:
             return ReconcileAction(a.volume_id, a.domain, "failed", exc.message)
 
-    def _check_paths(self, a: Attachment) -> str:
+    def _check_paths(self, a: JournalRecord) -> str:
         """Compares a kept attachment's host paths (devices, sessions) with its connection info."""
         if not a.connector_kind:
             return ""

@@ -34,7 +34,7 @@ from blockwire import model
 from blockwire.convert import connection_info_from_pb, connection_info_to_pb
 from blockwire.errors import FailedPrecondition
 from blockwire.v1 import types_pb2
-from hostagent.model import Attachment, AttachmentState
+from hostagent.model import AttachmentState, JournalRecord
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _key(volume_id: str, domain: str) -> str:
     return key
 
 
-def to_json(a: Attachment) -> dict[str, Any]:
+def to_json(a: JournalRecord) -> dict[str, Any]:
     info = json_format.MessageToDict(connection_info_to_pb(a.connection_info, with_secrets=True))
     return {
         "version": 1,
@@ -71,17 +71,16 @@ def to_json(a: Attachment) -> dict[str, Any]:
         "serial": a.serial,
         "target_dev": a.target_dev,
         "host_device": a.host_device,
-        "secret_usage": a.secret_usage,
         "error_message": a.error_message,
         "create_time": a.create_time.isoformat() if a.create_time else "",
         "update_time": a.update_time.isoformat() if a.update_time else "",
     }
 
 
-def from_json(d: dict[str, Any]) -> Attachment:
+def from_json(d: dict[str, Any]) -> JournalRecord:
     pb = json_format.ParseDict(d["connection_info"], types_pb2.ConnectionInfo())
     info = connection_info_from_pb(pb) if pb.WhichOneof("transport") else _placeholder(d)
-    return Attachment(
+    return JournalRecord(
         volume_id=d["volume_id"],
         domain=d["domain"],
         domain_uuid=d.get("domain_uuid", ""),
@@ -95,7 +94,6 @@ def from_json(d: dict[str, Any]) -> Attachment:
         serial=d.get("serial", ""),
         target_dev=d.get("target_dev", ""),
         host_device=d.get("host_device", ""),
-        secret_usage=d.get("secret_usage", ""),
         error_message=d.get("error_message", ""),
         create_time=datetime.fromisoformat(d["create_time"]) if d.get("create_time") else None,
         update_time=datetime.fromisoformat(d["update_time"]) if d.get("update_time") else None,
@@ -142,7 +140,7 @@ class Journal:
     def _path(self, volume_id: str, domain: str) -> Path:
         return self.dir / f"{_key(volume_id, domain)}.json"
 
-    def put(self, a: Attachment) -> None:
+    def put(self, a: JournalRecord) -> None:
         """Writes the record atomically and durably, replacing any previous one."""
         data = json.dumps(to_json(a), indent=1, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=_TMP_PREFIX, suffix=".json")
@@ -162,7 +160,7 @@ class Journal:
             raise
         self._sync_dir()
 
-    def update(self, a: Attachment, **changes: Any) -> Attachment:
+    def update(self, a: JournalRecord, **changes: Any) -> JournalRecord:
         new = replace(a, **changes)
         self.put(new)
         return new
@@ -174,7 +172,7 @@ class Journal:
             return
         self._sync_dir()
 
-    def get(self, volume_id: str, domain: str) -> Attachment | None:
+    def get(self, volume_id: str, domain: str) -> JournalRecord | None:
         path = self._path(volume_id, domain)
         try:
             a = from_json(json.loads(path.read_bytes()))
@@ -188,7 +186,7 @@ class Journal:
             )
         return a
 
-    def all(self) -> list[Attachment]:
+    def all(self) -> list[JournalRecord]:
         found = []
         for p in sorted(self.dir.glob("*.json")):
             if p.name.startswith(_TMP_PREFIX):
@@ -201,7 +199,7 @@ class Journal:
                 log.error("journal record %s is unreadable (%s); leaving it for an operator", p.name, exc)
         return found
 
-    def of_volume(self, volume_id: str) -> list[Attachment]:
+    def of_volume(self, volume_id: str) -> list[JournalRecord]:
         return [a for a in self.all() if a.volume_id == volume_id]
 
     def _sync_dir(self) -> None:

@@ -71,7 +71,7 @@ class AttachmentState(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Attachment:
+class JournalRecord:
     """This host's attachment of one volume to one domain (what the journal records)."""
 
     volume_id: str
@@ -87,7 +87,6 @@ class Attachment:
     serial: str = ""
     target_dev: str = ""
     host_device: str = ""
-    secret_usage: str = ""
     error_message: str = ""
     create_time: datetime | None = None
     update_time: datetime | None = None

@@ -33,7 +33,7 @@ from blockwire.runtime.periodic import Periodic, Waiter, event_wait
 from hostagent.api import HostAgent, PathRestorer
 from hostagent.connectors.iscsi import kernel_sessions
 from hostagent.host.sysfs import Sysfs
-from hostagent.model import Attachment, AttachmentState, EventType
+from hostagent.model import AttachmentState, EventType, JournalRecord
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class PathSupervisor:
         self._seen_up &= watched
         return added
 
-    def _down_since(self, a: Attachment, key: tuple[str, str, str], state: str) -> float:
+    def _down_since(self, a: JournalRecord, key: tuple[str, str, str], state: str) -> float:
         """When the path was first seen down; PATH_DOWN is published then."""
         if key not in self._down:
             self._down[key] = self.clock.monotonic()
@@ -116,12 +116,12 @@ class PathSupervisor:
             self.agent.emit(EventType.PATH_DOWN, a, path=key[2], message=f"iSCSI session {state}")
         return self._down[key]
 
-    def _up(self, a: Attachment, key: tuple[str, str, str]) -> None:
+    def _up(self, a: JournalRecord, key: tuple[str, str, str]) -> None:
         if self._down.pop(key, None) is not None:
             log.info("%s@%s: path %s is up again", a.volume_id, a.domain, key[2])
             self.agent.emit(EventType.PATH_UP, a, path=key[2], message="iSCSI session logged in")
 
-    def _repair(self, a: Attachment, gone: list[str], failed: list[str]) -> list[str]:
+    def _repair(self, a: JournalRecord, gone: list[str], failed: list[str]) -> list[str]:
         conn = self.agent.connector_of_kind(a.connector_kind)
         if not isinstance(conn, PathRestorer):
             return []

@@ -14,20 +14,11 @@ class StorageAttachment:
     connection_info: ConnectionInfo
 
 
-@dataclass(frozen=True)
-class VolumeInfo:
-    id: str
-    size_bytes: int
-    wwn: str = ""
-    serial: str = ""
-    multiattach: bool = False
-
-
 class StorageApi(Protocol):
     def create_attachment(
         self, volume_id: str, connector: Connector, access_mode: AccessMode, domain: str
     ) -> StorageAttachment:
-        """Exports the volume to this host; idempotent per (volume, host)."""
+        """Exports the volume to this host for `domain`; idempotent per (volume, host, domain)."""
         ...
 
     def complete_attachment(self, attachment_id: str, target_dev: str, host_device: str) -> None: ...
@@ -35,5 +26,3 @@ class StorageApi(Protocol):
     def delete_attachment(self, attachment_id: str) -> None:
         """Removes the export; an unknown id is OK."""
         ...
-
-    def get_volume(self, volume_id: str) -> VolumeInfo: ...

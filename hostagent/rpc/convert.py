@@ -13,7 +13,6 @@ from blockwire.model import Connector
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import types_pb2 as pb
 from hostagent.model import (
-    Attachment,
     AttachmentState,
     Bus,
     Cache,
@@ -23,6 +22,7 @@ from hostagent.model import (
     EventType,
     HostDevice,
     Io,
+    JournalRecord,
 )
 
 T = TypeVar("T")
@@ -81,7 +81,7 @@ def host_device_to_pb(d: HostDevice) -> pb.HostDevice:
     )
 
 
-def attachment_to_pb(a: Attachment, connector: Connector) -> pb.Attachment:
+def attachment_to_pb(a: JournalRecord, connector: Connector) -> pb.Attachment:
     m = pb.Attachment(
         id=a.attachment_id,
         volume_id=a.volume_id,

@@ -9,7 +9,7 @@ import grpc
 from blockwire import convert
 from blockwire.client import StorageClient, TlsOptions, make_channel
 from blockwire.model import AccessMode, Connector
-from hostagent.storage import StorageAttachment, VolumeInfo
+from hostagent.storage import StorageAttachment
 
 
 def channel_for(address: str, tls: TlsOptions | None = None) -> grpc.Channel:
@@ -30,7 +30,7 @@ def tls_options(ca_file: str, cert_file: str, key_file: str, server_name: str) -
     )
 
 
-_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment", "GetVolume")
+_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment")
 
 
 class GrpcStorageApi:
@@ -54,9 +54,3 @@ class GrpcStorageApi:
 
     def delete_attachment(self, attachment_id: str) -> None:
         self.client.delete_attachment(attachment_id)
-
-    def get_volume(self, volume_id: str) -> VolumeInfo:
-        v = self.client.get_volume(volume_id)
-        return VolumeInfo(
-            id=v.id, size_bytes=v.size_bytes, wwn=v.wwn, serial=v.serial, multiattach=v.multiattach
-        )

@@ -11,7 +11,6 @@ from blockwire.limits import LIMIT_METADATA
 from blockwire.model import AccessMode, Connector, Transport
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
-from blockwire.v1 import types_pb2 as pb
 from hostagent.rpc.storage_client import GrpcStorageApi, channel_for
 from tests.fakes.grpc_server import serve
 
@@ -19,22 +18,22 @@ CONNECTOR = Connector(host="h", initiator_iqn="iqn.2026-01.io.example:h", transp
 
 
 class Flaky(storage_pb2_grpc.StorageServiceServicer):
-    """Answers GetVolume after refusing it with each of `refusals` in turn."""
+    """Answers DeleteAttachment after refusing it with each of `refusals` in turn."""
 
     def __init__(self, refusals: list[tuple[grpc.StatusCode, str, str]]) -> None:
         self.refusals = list(refusals)
         self.calls = 0
 
-    def GetVolume(
-        self, request: spb.GetVolumeRequest, context: grpc.ServicerContext
-    ) -> spb.GetVolumeResponse:
+    def DeleteAttachment(
+        self, request: spb.DeleteAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteAttachmentResponse:
         self.calls += 1
         if self.refusals:
             code, details, bound = self.refusals.pop(0)
             if bound:
                 context.set_trailing_metadata(((LIMIT_METADATA, bound),))
             context.abort(code, details)
-        return spb.GetVolumeResponse(volume=pb.Volume(id=request.volume_id, size_bytes=1 << 20))
+        return spb.DeleteAttachmentResponse()
 
 
 @pytest.mark.parametrize(
@@ -51,7 +50,7 @@ def test_transient_refusals_are_retried(refusal: tuple[grpc.StatusCode, str, str
     with serve(servicer) as running:
         channel = channel_for(running.address)
         try:
-            assert GrpcStorageApi(channel, timeout=10).get_volume("v").size_bytes == 1 << 20
+            GrpcStorageApi(channel, timeout=10).delete_attachment("att-1")
         finally:
             channel.close()
     assert servicer.calls == 3
@@ -64,7 +63,7 @@ def test_a_full_disk_and_other_answers_are_not_retried() -> None:
         try:
             api = GrpcStorageApi(channel, timeout=10)
             with pytest.raises(ResourceExhausted, match="no space"):
-                api.get_volume("v")
+                api.delete_attachment("att-1")
             assert servicer.calls == 1
             with pytest.raises(Unimplemented):  # the base servicer's answer: mapped, not retried
                 api.create_attachment("v", CONNECTOR, AccessMode.READ_WRITE, "vm1")

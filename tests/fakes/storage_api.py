@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
 from blockwire.model import AccessMode, ConnectionInfo, Connector
-from hostagent.storage import StorageAttachment, VolumeInfo
+from hostagent.storage import StorageAttachment
 
 
 @dataclass
@@ -50,8 +50,3 @@ class FakeStorage:
         self.calls.append(f"delete {attachment_id}")
         self.exports.pop(attachment_id, None)
         self.domains.pop(attachment_id, None)
-
-    def get_volume(self, volume_id: str) -> VolumeInfo:
-        if volume_id not in self.infos:
-            raise NotFound(f"volume {volume_id} does not exist")
-        return VolumeInfo(volume_id, self.infos[volume_id].size_bytes)

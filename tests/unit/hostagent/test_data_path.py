@@ -156,9 +156,11 @@ def test_journal_completes_short_writes(tmp_path: os.PathLike[str]) -> None:
 
 
 def _record(volume: str, domain: str, info: ConnectionInfo):  # type: ignore[no-untyped-def]
-    from hostagent.model import Attachment  # noqa: PLC0415
+    from hostagent.model import JournalRecord  # noqa: PLC0415
 
-    return Attachment(volume_id=volume, domain=domain, state=AttachmentState.ATTACHED, connection_info=info)
+    return JournalRecord(
+        volume_id=volume, domain=domain, state=AttachmentState.ATTACHED, connection_info=info
+    )
 
 
 def test_a_record_of_a_domain_since_redefined_never_touches_the_new_one(rig: Rig) -> None:

@@ -9,11 +9,11 @@ import pytest
 
 from blockwire.model import ConnectionInfo, LocalConnection
 from hostagent.journal import Journal
-from hostagent.model import Attachment, AttachmentState
+from hostagent.model import AttachmentState, JournalRecord
 
 
-def _record(n: int) -> Attachment:
-    return Attachment(
+def _record(n: int) -> JournalRecord:
+    return JournalRecord(
         volume_id=f"vol-{n}",
         domain="dom",
         state=AttachmentState.ATTACHING,
