@@ -41,6 +41,7 @@ from hostagent.journal import Journal
 from hostagent.model import (
     AttachmentState,
     Cache,
+    ConnectorKind,
     Discard,
     DiskOptions,
     Event,
@@ -52,6 +53,7 @@ from hostagent.model import (
 from hostagent.storage import StorageApi, StorageAttachment
 from hostagent.virt.diskxml import BlockSource, DiskSpec, FileSource, LiveDisk, Source
 from hostagent.virt.hypervisor import DomainInfo, Hypervisor
+from hostagent.virt.sources import disk_source
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +251,15 @@ class HostAgent:
         """Publishes an event on the agent's bus (for supervisors working beside the api)."""
         self._emit(type_, a, **kw)
 
-    def connector_of_kind(self, kind: str) -> VolumeConnector | None:
+    def connector_of_kind(self, kind: ConnectorKind) -> VolumeConnector | None:
         return self._by_kind.get(kind)
 
     def hold_volume(self, volume_id: str) -> AbstractContextManager[None]:
         """The volume's lock, or Aborted at once when a call on the volume is in flight."""
         return self._locks.hold_or_abort(volume_id, f"volume {volume_id}")
 
-    def _connector_for(self, info: ConnectionInfo, kind: str = "") -> VolumeConnector:
-        if kind and kind in self._by_kind:
+    def _connector_for(self, info: ConnectionInfo, kind: ConnectorKind | None = None) -> VolumeConnector:
+        if kind is not None and kind in self._by_kind:
             return self._by_kind[kind]
         try:
             return self.connectors[info.kind]
@@ -337,7 +339,7 @@ class HostAgent:
         """Disconnects `a` on the host unless a running domain holds it (never, whatever `force`
         says: force only overrides a device held open by a process) or another domain's attachment of
         the same multiattach volume shares the host device (then it stays for that one)."""
-        if not a.connector_kind:
+        if a.connector_kind is None:
             return
         foreign, shared = self._holders(a)
         if foreign:
@@ -367,9 +369,9 @@ class HostAgent:
         return conn
 
     def _spec(
-        self, target: str, a: JournalRecord, info: ConnectionInfo, device: HostDevice, disk: DiskOptions
+        self, target: str, a: JournalRecord, info: ConnectionInfo, source: Source, disk: DiskOptions
     ) -> DiskSpec:
-        source = self._connector_for(info, a.connector_kind).disk_source(info, device)
+        """The disk's spec at `target` (the name the hypervisor allocated under its per-domain lock)."""
         is_block = isinstance(source, BlockSource)
         io = disk.io or (
             Io.NATIVE if is_block and disk.cache in (Cache.NONE, Cache.DIRECTSYNC) else Io.THREADS
@@ -561,9 +563,10 @@ class HostAgent:
                 # Registered before the hot-plug: libvirt can fail after QEMU added the device, and
                 # the undo then finds it by its serial in the live XML.
                 self._undo(stack, failures, "hot-plug", lambda: self._unplug_or_hold(att, held))
+                source = disk_source(device)
                 spec = self.hypervisor.attach_disk(
                     dom.name,
-                    lambda target: self._spec(target, att, info, device, disk),
+                    lambda target: self._spec(target, att, info, source, disk),
                     bus=disk.bus,
                     preferred_target=disk.target_dev,
                     persistent=persistent,
@@ -674,7 +677,7 @@ class HostAgent:
                     dom.name, live.spec.target_dev, Deadline(self.clock, self.detach_timeout)
                 )
                 self.failpoints.hit(FP_DETACH_AFTER_UNPLUG)
-        if a.connector_kind:  # connect may have begun: disconnect (idempotent)
+        if a.connector_kind is not None:  # connect may have begun: disconnect (idempotent)
             self._disconnect(a, force=force)
             self.failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
         if a.owns_export and self.storage is not None:
@@ -819,7 +822,7 @@ class HostAgent:
                 live is not None or (dom is not None and not dom.running)
             ):
                 return ReconcileAction(a.volume_id, a.domain, "kept", self._check_paths(a))
-            if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind:
+            if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind is not None:
                 if a.owns_export and self.storage is not None and a.attachment_id:
                     self.storage.complete_attachment(a.attachment_id, live.spec.target_dev, a.host_device)
                 self.journal.update(
@@ -836,12 +839,11 @@ class HostAgent:
 
     def _check_paths(self, a: JournalRecord) -> str:
         """Compares a kept attachment's host paths (devices, sessions) with its connection info."""
-        if not a.connector_kind:
+        if a.connector_kind is None:
             return ""
         conn = self._connector_for(a.connection_info, a.connector_kind)
         have = conn.paths(a.connection_info)
-        transport = a.connection_info.transport
-        want = len(getattr(transport, "paths", ())) if conn.kind == "iscsi-kernel" else 1
+        want = conn.expected_paths(a.connection_info)
         if len(have) >= want:
             return ""
         if not have:

@@ -34,7 +34,7 @@ from blockwire import model
 from blockwire.convert import connection_info_from_pb, connection_info_to_pb
 from blockwire.errors import FailedPrecondition
 from blockwire.v1 import types_pb2
-from hostagent.model import AttachmentState, JournalRecord
+from hostagent.model import AttachmentState, ConnectorKind, JournalRecord
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def to_json(a: JournalRecord) -> dict[str, Any]:
         "connection_info": info,
         "attachment_id": a.attachment_id,
         "access_mode": a.access_mode.value,
-        "connector_kind": a.connector_kind,
+        "connector_kind": a.connector_kind.value if a.connector_kind is not None else "",
         "owns_export": a.owns_export,
         "persistent": a.persistent,
         "serial": a.serial,
@@ -88,7 +88,7 @@ def from_json(d: dict[str, Any]) -> JournalRecord:
         connection_info=info,
         attachment_id=d.get("attachment_id", ""),
         access_mode=model.AccessMode(d.get("access_mode", "rw")),
-        connector_kind=d.get("connector_kind", ""),
+        connector_kind=ConnectorKind(d["connector_kind"]) if d.get("connector_kind") else None,
         owns_export=bool(d.get("owns_export", False)),
         persistent=bool(d.get("persistent", False)),
         serial=d.get("serial", ""),

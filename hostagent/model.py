@@ -9,16 +9,56 @@ from datetime import datetime
 from blockwire.model import AccessMode, ConnectionInfo, IoTune
 
 
+class ConnectorKind(enum.Enum):
+    """Which connector made a connection. The values are what the journal stores in `connector_kind`
+    (records written before this enum existed hold the same strings and load unchanged)."""
+
+    ISCSI_KERNEL = "iscsi-kernel"
+    ISCSI_QEMU = "iscsi-qemu"
+    FC = "fc"
+    LOCAL = "local"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Credentials a network target is opened with, by reference: the user name and the usage id and type
+    of the hypervisor's secret that holds the password (never the password itself)."""
+
+    username: str
+    usage: str
+    secret_type: str
+
+
+@dataclass(frozen=True)
+class NetworkTarget:
+    """A volume the hypervisor's own initiator connects to (QEMU's libiscsi): nothing is opened on the
+    host. `name` is what the protocol addresses ("IQN/LUN" for iSCSI); `hosts` are (address, port)."""
+
+    protocol: str
+    name: str
+    hosts: tuple[tuple[str, int], ...]
+    initiator_iqn: str = ""
+    auth: SecretRef | None = None
+
+
 @dataclass(frozen=True)
 class HostDevice:
-    """A volume as it appears on this host after a connect."""
+    """What a connect made usable, transport-neutral (`hostagent.virt.sources.disk_source` maps it to
+    the disk's <source>): a host block device (`path`; its multipath map and path devices), a regular
+    file (`is_file`), or, with `network`, a target the hypervisor opens itself (no host path)."""
 
     path: str = ""
     wwn: str = ""
     size_bytes: int = 0
     multipath_name: str = ""
     path_devices: tuple[str, ...] = ()
-    qemu_native: bool = False
+    is_file: bool = False
+    network: NetworkTarget | None = None
+
+    @property
+    def qemu_native(self) -> bool:
+        """Opened by QEMU's own initiator, not through a host device."""
+        return self.network is not None
 
 
 class Bus(enum.Enum):
@@ -81,7 +121,7 @@ class JournalRecord:
     domain_uuid: str = ""  # the domain this record is about; a same-named domain defined later is another
     attachment_id: str = ""
     access_mode: AccessMode = AccessMode.READ_WRITE
-    connector_kind: str = ""
+    connector_kind: ConnectorKind | None = None  # None: no connect begun
     owns_export: bool = False
     persistent: bool = False
     serial: str = ""

@@ -31,13 +31,12 @@ from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.periodic import Periodic, Waiter, event_wait
 from hostagent.api import HostAgent, PathRestorer
-from hostagent.connectors.iscsi import kernel_sessions
+from hostagent.host.iscsi_sessions import kernel_sessions
 from hostagent.host.sysfs import Sysfs
-from hostagent.model import AttachmentState, EventType, JournalRecord
+from hostagent.model import AttachmentState, ConnectorKind, EventType, JournalRecord
 
 log = logging.getLogger(__name__)
 
-KERNEL_ISCSI = "iscsi-kernel"
 LOGGED_IN = "LOGGED_IN"
 FAILED = "FAILED"
 
@@ -79,7 +78,7 @@ class PathSupervisor:
         watched: set[tuple[str, str, str]] = set()
         for a in self.agent.journal.all():
             t = a.connection_info.transport
-            if a.state is not AttachmentState.ATTACHED or a.connector_kind != KERNEL_ISCSI:
+            if a.state is not AttachmentState.ATTACHED or a.connector_kind is not ConnectorKind.ISCSI_KERNEL:
                 continue
             if not isinstance(t, IscsiConnection):
                 continue
@@ -122,7 +121,7 @@ class PathSupervisor:
             self.agent.emit(EventType.PATH_UP, a, path=key[2], message="iSCSI session logged in")
 
     def _repair(self, a: JournalRecord, gone: list[str], failed: list[str]) -> list[str]:
-        conn = self.agent.connector_of_kind(a.connector_kind)
+        conn = self.agent.connector_of_kind(ConnectorKind.ISCSI_KERNEL)
         if not isinstance(conn, PathRestorer):
             return []
         added: list[str] = []

@@ -24,6 +24,7 @@ from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter
 from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available
 from hostagent.journal import Journal
+from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
 from hostagent.tools.libiscsi import Libiscsi
 from hostagent.virt.domains import LibvirtHypervisor
@@ -114,8 +115,8 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
 def build_path_supervisor(config: AgentConfig, agent: HostAgent) -> PathSupervisor | None:
     """The kernel iSCSI session supervisor (hostagent.pathcheck), when the agent uses the kernel initiator;
     start it after `reconcile()`, stop it before the agent goes."""
-    from hostagent.pathcheck import KERNEL_ISCSI, PathSupervisor  # noqa: PLC0415 - kernel paths only
+    from hostagent.pathcheck import PathSupervisor  # noqa: PLC0415 - kernel paths only
 
-    if agent.connector_of_kind(KERNEL_ISCSI) is None:
+    if agent.connector_of_kind(ConnectorKind.ISCSI_KERNEL) is None:
         return None
     return PathSupervisor(agent, Sysfs(config.sysfs_root), SystemClock(), config.path_check_interval)

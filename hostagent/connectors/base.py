@@ -1,7 +1,9 @@
 """The one connector interface (os-brick's shape, typed): connect / disconnect / extend / paths.
 
 Each transport has one implementation with its collaborators injected (Runner, Sysfs, UdevWaiter,
-Clock, tools). Connectors see frozen `ConnectionInfo`, never dicts or proto messages.
+Clock, tools). Connectors see frozen `ConnectionInfo`, never dicts or proto messages, and return a
+transport-neutral `HostDevice` (a host device, a file, or a network target QEMU opens itself): what a
+consumer writes for it (libvirt's disk <source>) is `hostagent.virt.sources`, not the connector's.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
-from blockwire.errors import DeadlineExceeded
-from blockwire.model import ConnectionInfo
+from blockwire.errors import DeadlineExceeded, InvalidArgument
+from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.runtime.clock import Deadline
+from blockwire.validate import validate_connection_info
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
-from hostagent.model import HostDevice
-from hostagent.virt.diskxml import Source
+from hostagent.model import ConnectorKind, HostDevice
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 class VolumeConnector(Protocol):
     """Connects one transport's volumes to this host."""
 
-    kind: str  # "iscsi-kernel", "iscsi-qemu", "fc", "local"
+    kind: ConnectorKind
 
     def validate(self, info: ConnectionInfo) -> None:
         """Raises InvalidArgument (naming the field) when the connection info is malformed: the wire
@@ -32,7 +34,8 @@ class VolumeConnector(Protocol):
         ...
 
     def connect(self, info: ConnectionInfo) -> HostDevice:
-        """Makes the volume usable here and verifies its identity. A repeat returns the same device."""
+        """Makes the volume usable here and verifies its identity; says what a consumer opens (a host
+        device or file, or `HostDevice.network`). A repeat returns the same device."""
         ...
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
@@ -47,9 +50,23 @@ class VolumeConnector(Protocol):
         """The host paths (devices or portals) currently leading to the volume."""
         ...
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        """The libvirt <source> for the connected volume."""
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        """How many of `paths` a healthy connection of `info` has (fewer: degraded). No I/O."""
         ...
+
+
+def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
+    """The iSCSI transport of connection info `validate_iscsi` accepted (on entry, or before it was
+    journaled: records are not checked again, so that rules made stricter never strand a detach)."""
+    t = info.transport
+    if not isinstance(t, IscsiConnection):
+        raise InvalidArgument("connection_info", "the iSCSI connector needs an iscsi transport")
+    return t
+
+
+def validate_iscsi(info: ConnectionInfo) -> None:
+    """Both iSCSI connectors' `validate`: the wire rules (blockwire.validate), and the transport."""
+    iscsi_of(validate_connection_info(info))
 
 
 def wait_device(

@@ -15,9 +15,8 @@ from hostagent.connectors.scsi import ScsiDevices
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
-from hostagent.model import HostDevice
+from hostagent.model import ConnectorKind, HostDevice
 from hostagent.tools.multipath import Multipath
-from hostagent.virt.diskxml import BlockSource, Source
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ def fc_of(info: ConnectionInfo) -> FcConnection:
 
 
 class FcConnector:
-    kind = "fc"
+    kind = ConnectorKind.FC
 
     def __init__(
         self,
@@ -132,5 +131,5 @@ class FcConnector:
     def paths(self, info: ConnectionInfo) -> list[str]:
         return [f"/dev/{d}" for d in self._devices(fc_of(info))]
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        return BlockSource(device.path)
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return 1  # how many disks the fabric gives is not announced: one is a working attachment

@@ -14,7 +14,8 @@ volume's, and what a failed connect itself brought (`ScsiDevices.remove`); a ses
 while any disk is left on it, and its node record stays with it. An open device is refused without
 force, naming its holder; force overrides "open", never "not this volume's".
 
-Which sessions exist, their SCSI hosts and their disks are read from sysfs (`kernel_sessions`), not from
+Which sessions exist, their SCSI hosts and their disks are read from sysfs
+(`hostagent.host.iscsi_sessions`), not from
 `iscsiadm -m session -P 3`: that command walks every session of the host (one process and a sysfs walk
 per call, contending for CPU with every other attach), which made detach cost grow with the number of
 volumes attached. iscsiadm runs only to change state (node records, login, logout).
@@ -25,63 +26,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
-from hostagent.connectors.iscsi_qemu import iscsi_of, validate_iscsi
+from hostagent.connectors.base import iscsi_of, validate_iscsi
 from hostagent.connectors.scsi import ScsiDevices
+from hostagent.host.iscsi_sessions import kernel_sessions, session_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
 from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
-from hostagent.model import HostDevice
+from hostagent.model import ConnectorKind, HostDevice
 from hostagent.tools.iscsiadm import Iscsiadm
 from hostagent.tools.multipath import Multipath
-from hostagent.virt.diskxml import BlockSource, Source
 
 log = logging.getLogger(__name__)
 
 
 LOGIN_ATTEMPT_SECONDS = 15  # open-iscsi's node.conn[0].timeo.login_timeout default
-
-
-@dataclass(frozen=True)
-class KernelSession:
-    """An iSCSI session as the kernel shows it in sysfs."""
-
-    sid: str
-    portal: str  # "address:port" (IPv6 in brackets), as connection info announces it
-    target: str
-    state: str  # LOGGED_IN, FAILED, FREE
-
-
-def kernel_sessions(sysfs: Sysfs, targets: Collection[str] | None = None) -> list[KernelSession]:
-    """The kernel's iSCSI sessions (to `targets` only, when given): each iscsi_session's targetname and
-    state, and its connection's persistent address and port."""
-    out = []
-    for rel in sysfs.glob("class/iscsi_session/session*/targetname"):
-        name = sysfs.read(rel) or ""
-        if targets is not None and name not in targets:
-            continue
-        base = rel.rsplit("/", 1)[0]
-        sid = base.rsplit("/", 1)[1].removeprefix("session")
-        state = sysfs.read(f"{base}/state") or ""
-        for conn in sysfs.glob(f"class/iscsi_connection/connection{sid}:*"):
-            address = sysfs.read(f"{conn}/persistent_address") or ""
-            port = sysfs.read(f"{conn}/persistent_port") or ""
-            shown = f"[{address}]" if ":" in address else address
-            out.append(KernelSession(sid, f"{shown}:{port}", name, state))
-    return out
-
-
-def session_host(sysfs: Sysfs, sid: str) -> int:
-    """The SCSI host number the session hangs under (-1: not (yet) in sysfs)."""
-    hosts = sysfs.glob(f"class/scsi_host/host*/device/session{sid}")
-    return int(hosts[0].split("/")[2].removeprefix("host")) if hosts else -1
 
 
 def login_retries(deadline: float) -> int:
@@ -90,7 +55,7 @@ def login_retries(deadline: float) -> int:
 
 
 class IscsiConnector:
-    kind = "iscsi-kernel"
+    kind = ConnectorKind.ISCSI_KERNEL
 
     def __init__(
         self,
@@ -371,5 +336,5 @@ class IscsiConnector:
             if host < 0 or not self.scsi.disks_at(host):
                 self.iscsiadm.logout(p.portal, p.target_iqn)
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        return BlockSource(device.path)
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return len(iscsi_of(info).paths)  # a session and a disk on each announced path

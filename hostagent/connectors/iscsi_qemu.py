@@ -10,16 +10,16 @@ refused here (PERMISSION_DENIED), and a LUN whose WWN is not the announced one i
 from __future__ import annotations
 
 import logging
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
-from blockwire.errors import FailedPrecondition, IdentityMismatch, InvalidArgument, Unavailable
+from blockwire.errors import FailedPrecondition, IdentityMismatch, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
-from blockwire.validate import split_portal, validate_connection_info
+from blockwire.secret import Secret
+from blockwire.validate import split_portal
+from hostagent.connectors.base import iscsi_of, validate_iscsi
 from hostagent.identity import normalize_wwn, verify_wwn
-from hostagent.model import HostDevice
+from hostagent.model import ConnectorKind, HostDevice, NetworkTarget, SecretRef
 from hostagent.tools.libiscsi import Libiscsi, Lun
-from hostagent.virt.diskxml import Auth, NetHost, NetworkSource, Source
-from hostagent.virt.hypervisor import Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -27,27 +27,23 @@ SECRET_TYPE = "iscsi"  # noqa: S105 - libvirt secret usage type, not a password
 SECRET_PREFIX = "blockwire/"  # noqa: S105 - the usage ids of our secrets start with it
 
 
-@runtime_checkable
-class SecretInventory(Protocol):
-    """A hypervisor that can list secrets no domain uses (LibvirtHypervisor)."""
+class SecretStore(Protocol):
+    """The hypervisor's private secrets by usage id, all this connector needs of it (LibvirtHypervisor,
+    the tests' FakeHypervisor)."""
+
+    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
+        """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""
+        ...
+
+    def undefine_secret(self, usage: str, secret_type: str) -> bool:
+        """Removes the secret; False when there was none."""
+        ...
+
+    def secret_exists(self, usage: str, secret_type: str) -> bool: ...
 
     def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
         """Usage ids under `prefix` that no domain's live or persistent XML refers to."""
         ...
-
-
-def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
-    """The iSCSI transport of connection info `validate_iscsi` accepted (on entry, or before it was
-    journaled: records are not checked again, so that rules made stricter never strand a detach)."""
-    t = info.transport
-    if not isinstance(t, IscsiConnection):
-        raise InvalidArgument("connection_info", "the iSCSI connector needs an iscsi transport")
-    return t
-
-
-def validate_iscsi(info: ConnectionInfo) -> None:
-    """Both iSCSI connectors' `validate`: the wire rules (blockwire.validate), and the transport."""
-    iscsi_of(validate_connection_info(info))
 
 
 def secret_usage(info: ConnectionInfo) -> str:
@@ -58,10 +54,10 @@ def secret_usage(info: ConnectionInfo) -> str:
 
 
 class QemuIscsiConnector:
-    kind = "iscsi-qemu"
+    kind = ConnectorKind.ISCSI_QEMU
 
-    def __init__(self, hypervisor: Hypervisor, libiscsi: Libiscsi, *, initiator_iqn: str) -> None:
-        self.hypervisor = hypervisor
+    def __init__(self, secrets: SecretStore, libiscsi: Libiscsi, *, initiator_iqn: str) -> None:
+        self.secrets = secrets
         self.libiscsi = libiscsi
         self.initiator_iqn = initiator_iqn
 
@@ -89,13 +85,20 @@ class QemuIscsiConnector:
                 continue
             self._verify(info, lun, found, t)
             if t.chap is not None:
-                self.hypervisor.define_secret(secret_usage(info), SECRET_TYPE, t.chap.password)
+                self.secrets.define_secret(secret_usage(info), SECRET_TYPE, t.chap.password)
             log.debug("LUN %s/%d on %s verified for QEMU", path.target_iqn, path.lun, path.portal)
+            auth = SecretRef(t.chap.username, secret_usage(info), SECRET_TYPE) if t.chap is not None else None
             return HostDevice(
                 wwn=normalize_wwn(info.wwn),
                 size_bytes=info.size_bytes,
                 path_devices=(path.portal,),
-                qemu_native=True,
+                network=NetworkTarget(
+                    protocol="iscsi",
+                    name=f"{path.target_iqn}/{path.lun}",
+                    hosts=((host, port),),
+                    initiator_iqn=self._initiator(t),
+                    auth=auth,
+                ),
             )
         raise Unavailable(f"no portal of the LUN answered: {'; '.join(errors)}")
 
@@ -120,20 +123,18 @@ class QemuIscsiConnector:
 
     def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
         t = iscsi_of(info)
-        if t.chap is not None or self.hypervisor.secret_exists(secret_usage(info), SECRET_TYPE):
-            self.hypervisor.undefine_secret(secret_usage(info), SECRET_TYPE)
+        if t.chap is not None or self.secrets.secret_exists(secret_usage(info), SECRET_TYPE):
+            self.secrets.undefine_secret(secret_usage(info), SECRET_TYPE)
 
     def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
         """Undefines our libvirt secrets that neither a journal record (`keep`) nor a domain refers to."""
-        if not isinstance(self.hypervisor, SecretInventory):
-            return []
         wanted = set()
         for info in keep:
             if isinstance(info.transport, IscsiConnection) and info.transport.paths:
                 wanted.add(secret_usage(info))
         removed = []
-        for usage in self.hypervisor.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            if usage not in wanted and self.hypervisor.undefine_secret(usage, SECRET_TYPE):
+        for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
+            if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
                 removed.append(f"libvirt secret {usage}")
         return removed
 
@@ -146,16 +147,5 @@ class QemuIscsiConnector:
     def paths(self, info: ConnectionInfo) -> list[str]:
         return [p.portal for p in iscsi_of(info).paths]
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        t = iscsi_of(info)
-        chosen = device.path_devices[0] if device.path_devices else t.paths[0].portal
-        p = next((p for p in t.paths if p.portal == chosen), t.paths[0])
-        host, port = split_portal(p.portal)
-        auth = Auth(t.chap.username, SECRET_TYPE, usage=secret_usage(info)) if t.chap is not None else None
-        return NetworkSource(
-            protocol="iscsi",
-            name=f"{p.target_iqn}/{p.lun}",
-            hosts=(NetHost(host, port),),
-            initiator_iqn=self._initiator(t),
-            auth=auth,
-        )
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return 1  # QEMU opens one portal

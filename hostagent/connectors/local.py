@@ -18,8 +18,7 @@ from hostagent.connectors.base import wait_device
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
 from hostagent.identity import verify_wwn
-from hostagent.model import HostDevice
-from hostagent.virt.diskxml import BlockSource, FileSource, Source
+from hostagent.model import ConnectorKind, HostDevice
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ def _local(info: ConnectionInfo) -> LocalConnection:
 
 
 class LocalConnector:
-    kind = "local"
+    kind = ConnectorKind.LOCAL
 
     def __init__(self, udev: UdevWaiter, sysfs: Sysfs, clock: Clock, *, device_timeout: float = 30.0) -> None:
         self.udev = udev
@@ -51,7 +50,7 @@ class LocalConnector:
         if self._is_file(path):
             if info.wwn:
                 raise InvalidArgument("connection_info.wwn", "a file has no WWN to verify; leave it empty")
-            return HostDevice(path=path, size_bytes=os.path.getsize(path))
+            return HostDevice(path=path, size_bytes=os.path.getsize(path), is_file=True)
         if not path.startswith("/dev/"):
             raise NotFound(f"{path} is neither a regular file nor a device under /dev")
 
@@ -87,5 +86,5 @@ class LocalConnector:
         path = _local(info).path
         return [path] if os.path.exists(path) else []
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        return FileSource(device.path) if self._is_file(device.path) else BlockSource(device.path)
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return 1

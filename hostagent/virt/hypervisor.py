@@ -1,7 +1,8 @@
 """What the agent needs from the hypervisor, as a Protocol: libvirt lives behind it in domains.py.
 
-The api and the QEMU-native connector are given a `Hypervisor`; the unit and contract tiers give them a
-fake (tests/fakes/hypervisor.py), the host tier the real `LibvirtHypervisor`.
+The api is given a `Hypervisor`, the QEMU-native connector only its secrets (`SecretStore` in
+connectors/iscsi_qemu.py); the unit and contract tiers give them a fake (tests/fakes/hypervisor.py), the
+host tier the real `LibvirtHypervisor`, which is both.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from blockwire.runtime.clock import Deadline
-from blockwire.secret import Secret
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, LiveDisk
 
@@ -54,13 +54,3 @@ class Hypervisor(Protocol):
         ...
 
     def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None: ...
-
-    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
-        """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""
-        ...
-
-    def undefine_secret(self, usage: str, secret_type: str) -> bool:
-        """Removes the secret; False when there was none."""
-        ...
-
-    def secret_exists(self, usage: str, secret_type: str) -> bool: ...

@@ -9,7 +9,7 @@ from blockwire.errors import BlockwireError, NotFound
 from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
 from hostagent.model import Bus
-from hostagent.virt.diskxml import DiskSpec, LiveDisk, disk_xml, next_target_dev, parse_disk
+from hostagent.virt.diskxml import DiskSpec, LiveDisk, NetworkSource, disk_xml, next_target_dev, parse_disk
 from hostagent.virt.hypervisor import DomainInfo
 
 
@@ -83,3 +83,15 @@ class FakeHypervisor:
 
     def secret_exists(self, usage: str, secret_type: str) -> bool:
         return (usage, secret_type) in self.secrets
+
+    def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
+        """Like LibvirtHypervisor's: the usage ids under `prefix` no domain's disk refers to."""
+        used = {
+            s.source.auth.usage
+            for specs in self.disks_by_domain.values()
+            for s in specs
+            if isinstance(s.source, NetworkSource) and s.source.auth is not None
+        }
+        return sorted(
+            u for (u, t) in self.secrets if t == secret_type and u.startswith(prefix) and u not in used
+        )

@@ -286,7 +286,7 @@ def test_reconcile_finishes_and_rolls_back(rig: Rig) -> None:
             domain="vm2",
             attachment_id="",
             connection_info=sa.connection_info,
-            connector_kind="",
+            connector_kind=None,
             serial="vol-2",
             target_dev="",
         )

@@ -16,12 +16,12 @@ from blockwire.errors import InvalidArgument, Unavailable
 from blockwire.model import ConnectionInfo, Connector, Transport
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig, config_from_mapping
+from hostagent.connectors.base import iscsi_of
 from hostagent.events import EventBus, Subscription
 from hostagent.host.sysfs import Sysfs
 from hostagent.journal import Journal
-from hostagent.model import EventType, HostDevice
+from hostagent.model import ConnectorKind, EventType, HostDevice
 from hostagent.pathcheck import PathSupervisor, session_states
-from hostagent.virt.diskxml import BlockSource, Source
 from tests.fakes.clock import FakeClock
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.storage_api import FakeStorage
@@ -68,7 +68,7 @@ class KernelSessions:
     is exported), relogin logs a path out first."""
 
     sessions: Sessions
-    kind: str = "iscsi-kernel"
+    kind: ConnectorKind = ConnectorKind.ISCSI_KERNEL
     exported: bool = True
     calls: list[str] = field(default_factory=list)
 
@@ -105,8 +105,8 @@ class KernelSessions:
             self.sessions.remove(p)
         return self.restore_paths(info)
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        return BlockSource(device.path)
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return len(iscsi_of(info).paths)
 
 
 @dataclass

@@ -10,10 +10,10 @@ from pathlib import Path
 from blockwire.errors import Unavailable
 from blockwire.model import ConnectionInfo, Connector, Transport
 from hostagent.api import HostAgent, PathRestorer
+from hostagent.connectors.base import iscsi_of
 from hostagent.events import EventBus
 from hostagent.journal import Journal
-from hostagent.model import AttachmentState, HostDevice
-from hostagent.virt.diskxml import BlockSource, Source
+from hostagent.model import AttachmentState, ConnectorKind, HostDevice
 from tests.fakes.clock import FakeClock
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.storage_api import FakeStorage
@@ -24,7 +24,7 @@ from tests.unit.hostagent.conftest import HOST_IQN, WWN, two_paths
 class KernelLike:
     """A multipath connector: `have` devices are present; restore_paths adds the rest or fails."""
 
-    kind: str = "iscsi-kernel"
+    kind: ConnectorKind = ConnectorKind.ISCSI_KERNEL
     have: list[str] = field(default_factory=lambda: ["/dev/sda", "/dev/sdb"])
     restore_fails: bool = False
     calls: list[str] = field(default_factory=list)
@@ -52,8 +52,8 @@ class KernelLike:
         self.have.append("/dev/sdc")
         return ["/dev/sdc"]
 
-    def disk_source(self, info: ConnectionInfo, device: HostDevice) -> Source:
-        return BlockSource(device.path)
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return len(iscsi_of(info).paths)
 
 
 def attached(tmp_path: Path, conn: KernelLike) -> HostAgent:
