@@ -50,6 +50,22 @@ def test_the_tree_as_it_is_keeps_every_contract(tree: Path) -> None:
         ("hostagent/journal.py", "import grpc", "hostagent speaks gRPC only in hostagent.rpc"),
         ("hostagent/api.py", "import blockwire.v1.storage_pb2_grpc", "hostagent speaks gRPC only"),
         ("storagesvc/paging.py", "import blockwire.server.serving", "storagesvc speaks gRPC only"),
+        (
+            "hostagent/connectors/local.py",
+            "import hostagent.virt.diskxml",
+            "they import neither hostagent.virt",
+        ),
+        (
+            "hostagent/connectors/fc.py",
+            "import hostagent.virt.hypervisor",
+            "they import neither hostagent.virt",
+        ),
+        ("hostagent/virt/sources.py", "import hostagent.connectors.base", "without knowing the connectors"),
+        (
+            "hostagent/connectors/iscsi.py",
+            "import hostagent.connectors.iscsi_qemu",
+            "each connector stands alone",
+        ),
     ],
 )
 def test_a_wrong_import_breaks_its_contract(tree: Path, module: str, line: str, contract: str) -> None:
