@@ -30,6 +30,7 @@ from blockwire.v1 import hostagent_pb2, types_pb2
 from tests.fakes.clock import FakeClock
 from tests.fakes.faults import Faults
 from tests.fakes.grpc_server import STORAGE_SERVICE, Running, serve
+from tests.fakes.images import image_file
 from tests.fakes.services import HOST_IQN, Services, services
 from tests.fakes.storage_rig import StorageRig
 
@@ -184,9 +185,7 @@ def test_snapshots(storage: StorageClient) -> None:
 # Retries and deadlines
 
 
-def test_unavailable_twice_then_ok(
-    storage: StorageClient, fake: Faults, clock: FakeClock
-) -> None:
+def test_unavailable_twice_then_ok(storage: StorageClient, fake: Faults, clock: FakeClock) -> None:
     fake.refuse["ListVolumes"] = [UNAVAILABLE, UNAVAILABLE]
     assert storage.list_volumes() == []
     assert fake.count("ListVolumes") == 3
@@ -207,9 +206,7 @@ def test_retries_are_bounded(storage: StorageClient, fake: Faults, clock: FakeCl
     assert len(clock.sleeps) == 4
 
 
-def test_other_codes_are_not_retried(
-    storage: StorageClient, fake: Faults, clock: FakeClock
-) -> None:
+def test_other_codes_are_not_retried(storage: StorageClient, fake: Faults, clock: FakeClock) -> None:
     fake.refuse["GetVolume"] = [(grpc.StatusCode.INTERNAL, "bug"), (grpc.StatusCode.INTERNAL, "bug")]
     with pytest.raises(errors.Internal):
         storage.get_volume("vol-1")
@@ -246,17 +243,8 @@ def test_deadline_exceeded(storage: StorageClient, fake: Faults) -> None:
 # Streams
 
 
-def qcow2_image(root: Path, size: int) -> Path:
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        pytest.skip("qemu-img is not installed (scripts/setup installs it)")
-    image = root / "image.qcow2"
-    subprocess.run([qemu_img, "create", "-f", "qcow2", str(image), str(size)], check=True, capture_output=True)
-    return image
-
-
 def test_watch_volume_until_settled(storage: StorageClient, tmp_path: Path) -> None:
-    image = qcow2_image(tmp_path, 3 * GIB)
+    image = image_file(tmp_path, "image.qcow2", "qcow2", 3 * GIB)
     vol = storage.create_volume(
         "root", 3 * GIB, source_image=str(image), image_format=types_pb2.IMAGE_FORMAT_QCOW2
     )

@@ -156,4 +156,6 @@ def services(root: Path, *, domains: tuple[str, ...] = DOMAINS) -> Iterator[Serv
             failpoints=Failpoints(),
         )
         agent_server = stack.enter_context(serve(HostAgentServicer(agent), interceptors=[agent_faults]))
-        yield Services(rig, storage_server, agent, events, hv, runner, agent_server, storage_faults, agent_faults)
+        yield Services(
+            rig, storage_server, agent, events, hv, runner, agent_server, storage_faults, agent_faults
+        )

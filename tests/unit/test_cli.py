@@ -7,8 +7,6 @@ agent without events) come from a Faults interceptor in front of the real servic
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from tests.fakes.clock import FakeClock
 from tests.fakes.executor import Reply
 from tests.fakes.faults import Faults
 from tests.fakes.grpc_server import AGENT_SERVICE, Running, serve
+from tests.fakes.images import image_file
 from tests.fakes.services import HOST_IQN, Services, services
 from tests.fakes.storage_rig import StorageRig
 
@@ -92,15 +91,6 @@ class Env:
             self.agent.release.set()
 
         threading.Thread(target=release, daemon=True).start()
-
-
-def image(root: Path, name: str, fmt: str, size: int) -> Path:
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        pytest.skip("qemu-img is not installed (scripts/setup installs it)")
-    path = root / name
-    subprocess.run([qemu_img, "create", "-f", fmt, str(path), str(size)], check=True, capture_output=True)
-    return path
 
 
 @pytest.fixture
@@ -171,7 +161,7 @@ def test_volume_create_refused_by_the_service_exits_2(env: Env) -> None:
 
 
 def test_volume_create_from_image_waits_and_shows_progress(env: Env, tmp_path: Path) -> None:
-    source = image(tmp_path, "debian.qcow2", "qcow2", 2 * GIB)
+    source = image_file(tmp_path, "debian.qcow2", "qcow2", 2 * GIB)
     r = env.run(
         "--progress",
         "volume",
@@ -192,7 +182,7 @@ def test_volume_create_from_image_waits_and_shows_progress(env: Env, tmp_path: P
 
 
 def test_volume_create_no_progress_unless_asked_on_a_pipe(env: Env, tmp_path: Path) -> None:
-    source = image(tmp_path, "debian.raw", "raw", 2 * GIB)
+    source = image_file(tmp_path, "debian.raw", "raw", 2 * GIB)
     r = env.run("volume", "create", "root", "2G", "--from-image", str(source))
     assert r.code == 0
     assert r.err == ""
@@ -200,7 +190,7 @@ def test_volume_create_no_progress_unless_asked_on_a_pipe(env: Env, tmp_path: Pa
 
 
 def test_volume_create_no_wait_returns_while_creating(env: Env, tmp_path: Path) -> None:
-    source = image(tmp_path, "x.raw", "raw", 2 * GIB)
+    source = image_file(tmp_path, "x.raw", "raw", 2 * GIB)
     r = env.run("--json", "volume", "create", "root", "2G", "--from-image", str(source), "--no-wait")
     assert r.code == 0
     assert r.json()["state"] == "VOLUME_STATE_CREATING"
