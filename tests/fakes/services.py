@@ -131,8 +131,6 @@ def services(root: Path, *, domains: tuple[str, ...] = DOMAINS) -> Iterator[Serv
         rig = StorageRig.make(root / "storage")
         stack.callback(rig.close)
         storage_faults, agent_faults = Faults(), Faults()
-        stack.callback(storage_faults.release.set)
-        stack.callback(agent_faults.release.set)
         storage_server = stack.enter_context(serve(rig.servicer, interceptors=[storage_faults]))
         channel: grpc.Channel = channel_for(storage_server.address)
         stack.callback(channel.close)
@@ -156,6 +154,8 @@ def services(root: Path, *, domains: tuple[str, ...] = DOMAINS) -> Iterator[Serv
             failpoints=Failpoints(),
         )
         agent_server = stack.enter_context(serve(HostAgentServicer(agent), interceptors=[agent_faults]))
+        stack.callback(storage_faults.release.set)  # first on the way out: no held call outlives the block
+        stack.callback(agent_faults.release.set)
         yield Services(
             rig, storage_server, agent, events, hv, runner, agent_server, storage_faults, agent_faults
         )
