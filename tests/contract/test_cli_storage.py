@@ -1,51 +1,31 @@
-"""The CLI's volume and snapshot commands against the real StorageServicer (SQLite catalog, file backend).
-
-The exporter is tgt behind a FakeRunner: volume and snapshot commands never export.
+"""The CLI's volume and snapshot commands against the real StorageServicer (SQLite catalog, file backend):
+the shared StorageRig, whose FakeExporter these commands never reach (they never export).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import pytest
 
 from blockwire import cli
-from blockwire.runtime.clock import SystemClock
-from blockwire.runtime.executor import Executor
-from storagesvc.backends.file import FileBackend
-from storagesvc.catalog.sqlite import SqliteCatalog
-from storagesvc.rpc.servicer import StorageServicer
-from storagesvc.service import Pool, StorageService
-from storagesvc.targets.tgt import TgtExporter
-from tests.fakes.executor import FakeRunner
 from tests.fakes.grpc_server import serve
+from tests.fakes.images import image_file
+from tests.fakes.storage_rig import StorageRig
 
 MIB = 1024**2
 
 
 @pytest.fixture
 def address(tmp_path: Path) -> Iterator[str]:
-    jobs = futures.ThreadPoolExecutor(max_workers=2)
-    pool = Pool(
-        backend=FileBackend("file", tmp_path / "volumes", Executor()),
-        exporter=TgtExporter(FakeRunner(), ["127.0.0.1:3260"]),
-        exporter_name="tgt",
-    )
-    catalog = SqliteCatalog(tmp_path / "catalog.db")
-    service = StorageService(
-        catalog, {"file": pool}, SystemClock(), jobs, iqn_prefix="iqn.2026-01.io.blockwire.test"
-    )
+    rig = StorageRig.make(tmp_path)
     try:
-        with serve(StorageServicer(service)) as running:
+        with serve(rig.servicer) as running:
             yield running.address
     finally:
-        jobs.shutdown(wait=True, cancel_futures=True)
-        catalog.close()
+        rig.close()
 
 
 def run(capsys: pytest.CaptureFixture[str], address: str, *args: str) -> tuple[int, str, str]:
@@ -103,14 +83,10 @@ def test_volume_commands(address: str, capsys: pytest.CaptureFixture[str]) -> No
     assert "hint:" in err
 
 
-@pytest.mark.skipif(
-    shutil.which("qemu-img") is None, reason="qemu-img is not installed (scripts/setup installs it)"
-)
 def test_volume_create_from_image_waits_until_available(
     address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    image = tmp_path / "image.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True, timeout=60)
+    image = image_file(tmp_path, "image.qcow2", "qcow2", 32 * MIB)
     code, out, err = run(
         capsys, address, "--json", "--progress", "volume", "create", "root", "--from-image", str(image)
     )

@@ -1,5 +1,7 @@
 """Concurrency bounds of `blockwire.server.serving` (README "Concurrency"): a real server built by
-`serving.start` with the agent's long methods, serving the fake agent servicer over a unix socket.
+`serving.start` with the agent's long methods, serving the REAL HostAgentServicer (a HostAgent on fakes at
+its seams, using a real StorageService: tests.fakes.services) over a unix socket. Calls are held in
+flight by a Faults interceptor behind the bounds (a real agent cannot be made to hang on cue).
 
 Streams, long calls and quick calls each have their own bound; past it a call is refused at once with
 RESOURCE_EXHAUSTED naming the bound, and what runs within the other bounds, and health, still answer.
@@ -16,22 +18,27 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire import cli
-from blockwire.client import HostAgentClient, RetryPolicy
+from blockwire.client import HostAgentClient, RetryPolicy, StorageClient
 from blockwire.errors import ConcurrencyLimit
 from blockwire.limits import LIMIT_METADATA, Limits
 from blockwire.server import serving
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.rpc.server import LONG_METHODS, SERVICE
-from tests.fakes.agent_servicer import FakeAgentServicer
+from hostagent.rpc.servicer import HostAgentServicer
 from tests.fakes.daemon_rig import wait_until
+from tests.fakes.faults import Faults
+from tests.fakes.services import Services, services
 
 QUICK_DEADLINE = 2.0
 
 
 @dataclass
 class Server:
-    fake: FakeAgentServicer
+    fake: Faults  # holds calls in flight, behind the bounds
+    services: Services
+    v1: str  # two volumes in storage
+    v2: str
     running: serving.Serving
     address: str
     channel: grpc.Channel
@@ -53,22 +60,26 @@ class Server:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    fake = FakeAgentServicer()
-    running = serving.start(
-        services=(SERVICE,),
-        register=lambda s: hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(fake, s),
-        listeners=serving.Listeners(unix_socket=str(tmp_path / "agent.sock")),
-        limits=Limits(max_streams=3, max_long_calls=1, max_quick_calls=1),
-        long_methods=LONG_METHODS,
-        daemon="blockwire-agent",
-    )
-    channel = grpc.insecure_channel(running.addresses[0])
-    try:
-        yield Server(fake, running, running.addresses[0], channel)
-    finally:
-        fake.script.release.set()
-        channel.close()
-        running.stop(0)
+    fake = Faults()
+    with services(tmp_path) as env, StorageClient(env.storage_server.address) as storage:
+        v1, v2 = (storage.create_volume(name, 1024**3).id for name in ("v1", "v2"))
+        servicer = HostAgentServicer(env.agent)
+        running = serving.start(
+            services=(SERVICE,),
+            register=lambda s: hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(servicer, s),
+            listeners=serving.Listeners(unix_socket=str(tmp_path / "agent.sock")),
+            limits=Limits(max_streams=3, max_long_calls=1, max_quick_calls=1),
+            long_methods=LONG_METHODS,
+            daemon="blockwire-agent",
+            interceptors=[fake],
+        )
+        channel = grpc.insecure_channel(running.addresses[0])
+        try:
+            yield Server(fake, env, v1, v2, running, running.addresses[0], channel)
+        finally:
+            fake.release.set()
+            channel.close()
+            running.stop(0)
 
 
 def _refusal(call: object) -> grpc.RpcError:
@@ -82,6 +93,7 @@ def _refusal(call: object) -> grpc.RpcError:
 def test_streams_past_their_bound_are_refused_while_health_and_calls_answer(server: Server) -> None:
     streams = [server.stub.WatchEvents(hpb.WatchEventsRequest(), timeout=30) for _ in range(3)]
     wait_until("3 streams admitted", lambda: server.gates.streams.running == 3, 10)
+    assert server.services.events.wait_subscribed(3)  # from here each stream gets every event
 
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
     server.stub.ListAttachments(hpb.HostAgentServiceListAttachmentsRequest(), timeout=QUICK_DEADLINE)
@@ -102,9 +114,9 @@ def test_streams_past_their_bound_are_refused_while_health_and_calls_answer(serv
         assert typed.value.code == "RESOURCE_EXHAUSTED"
 
     # the admitted streams still work: an event reaches them
-    server.stub.AttachVolume(hpb.AttachVolumeRequest(domain="vm1", volume_id="v1"), timeout=QUICK_DEADLINE)
+    server.stub.AttachVolume(hpb.AttachVolumeRequest(domain="vm1", volume_id=server.v1), timeout=10)
     for s in streams:
-        assert next(s).volume_id == "v1"
+        assert next(s).volume_id == server.v1
     # a stream that ends gives its place back
     streams[0].cancel()
     wait_until("a stream's place given back", lambda: server.gates.streams.running == 2, 10)
@@ -116,15 +128,15 @@ def test_streams_past_their_bound_are_refused_while_health_and_calls_answer(serv
 
 
 def test_long_calls_past_their_bound_are_refused_and_quick_calls_run(server: Server) -> None:
-    server.fake.script.hang.add("AttachVolume")
+    server.fake.hold.add("AttachVolume")
     pending = server.stub.AttachVolume.future(
-        hpb.AttachVolumeRequest(domain="vm1", volume_id="v1"), timeout=30
+        hpb.AttachVolumeRequest(domain="vm1", volume_id=server.v1), timeout=30
     )
     wait_until("the attach admitted", lambda: server.gates.long.running == 1, 10)
 
     err = _refusal(
         lambda: server.stub.DetachVolume(
-            hpb.DetachVolumeRequest(domain="vm1", volume_id="v2"), timeout=QUICK_DEADLINE
+            hpb.DetachVolumeRequest(domain="vm1", volume_id=server.v2), timeout=QUICK_DEADLINE
         )
     )
     assert "DetachVolume refused" in err.details()
@@ -133,17 +145,17 @@ def test_long_calls_past_their_bound_are_refused_and_quick_calls_run(server: Ser
     server.stub.GetConnector(hpb.GetConnectorRequest(), timeout=QUICK_DEADLINE)  # quick: its own bound
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
 
-    server.fake.script.release.set()
-    assert pending.result(timeout=10).attachment.volume_id == "v1"
+    server.fake.release.set()
+    assert pending.result(timeout=10).attachment.volume_id == server.v1
     wait_until("the long call's place given back", lambda: server.gates.long.running == 0, 10)
-    server.stub.DetachVolume(hpb.DetachVolumeRequest(domain="vm1", volume_id="v1"), timeout=QUICK_DEADLINE)
+    server.stub.DetachVolume(hpb.DetachVolumeRequest(domain="vm1", volume_id=server.v1), timeout=10)
 
 
 def test_health_answers_with_every_class_at_its_bound(server: Server) -> None:
-    server.fake.script.hang.update({"AttachVolume", "GetConnector"})
+    server.fake.hold.update({"AttachVolume", "GetConnector"})
     streams = [server.stub.WatchEvents(hpb.WatchEventsRequest(), timeout=30) for _ in range(3)]
     attach = server.stub.AttachVolume.future(
-        hpb.AttachVolumeRequest(domain="vm1", volume_id="v1"), timeout=30
+        hpb.AttachVolumeRequest(domain="vm1", volume_id=server.v1), timeout=30
     )
     quick = server.stub.GetConnector.future(hpb.GetConnectorRequest(), timeout=30)
     gates = server.gates
@@ -160,7 +172,7 @@ def test_health_answers_with_every_class_at_its_bound(server: Server) -> None:
         )
     )
     assert "[limits] max_quick_calls = 1" in err.details()
-    server.fake.script.release.set()
+    server.fake.release.set()
     attach.result(timeout=10)
     quick.result(timeout=10)
     for s in streams:
@@ -168,16 +180,16 @@ def test_health_answers_with_every_class_at_its_bound(server: Server) -> None:
 
 
 def test_the_cli_says_busy_not_out_of_space(server: Server, capsys: pytest.CaptureFixture[str]) -> None:
-    server.fake.script.hang.add("AttachVolume")
+    server.fake.hold.add("AttachVolume")
     pending = server.stub.AttachVolume.future(
-        hpb.AttachVolumeRequest(domain="vm1", volume_id="v1"), timeout=30
+        hpb.AttachVolumeRequest(domain="vm1", volume_id=server.v1), timeout=30
     )
     wait_until("the attach admitted", lambda: server.gates.long.running == 1, 10)
-    code = cli.main(["--agent", server.address, "--no-progress", "attach", "vm1", "v2"])
+    code = cli.main(["--agent", server.address, "--no-progress", "attach", "vm1", server.v2])
     err = capsys.readouterr().err
     assert code == cli.EXIT_BUSY == 9
     assert "[limits] max_long_calls = 1" in err
     assert "not a lack of space" in err
     assert "free space" not in err
-    server.fake.script.release.set()
+    server.fake.release.set()
     pending.result(timeout=10)

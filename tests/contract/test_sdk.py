@@ -1,4 +1,8 @@
-"""The SDK (`blockwire.client`) over real in-process gRPC servers running fake servicers."""
+"""The SDK (`blockwire.client`) over in-process gRPC servers running the REAL services: a StorageService
+on a file backend and a HostAgent on fakes at its seams, using that storage (tests.fakes.services).
+
+Faults a real service cannot be driven into (UNAVAILABLE, ABORTED, a code the SDK must map, a hang) come
+from a Faults interceptor in front of the real servicer."""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,24 +27,46 @@ from blockwire.client import (
     normalize_target,
 )
 from blockwire.v1 import hostagent_pb2, types_pb2
-from tests.fakes.agent_servicer import STEPS, FakeAgentServicer
 from tests.fakes.clock import FakeClock
+from tests.fakes.faults import Faults
 from tests.fakes.grpc_server import STORAGE_SERVICE, Running, serve
-from tests.fakes.storage_servicer import FakeStorageServicer
+from tests.fakes.images import image_file
+from tests.fakes.services import HOST_IQN, Services, services
+from tests.fakes.storage_rig import StorageRig
 
 GIB = 1024**3
 UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "backend restarting")
 
 
-@pytest.fixture
-def fake() -> FakeStorageServicer:
-    return FakeStorageServicer()
+STEPS = ("export", "connect", "hotplug")  # the PROGRESS steps of a real attach, in order
 
 
 @pytest.fixture
-def server(fake: FakeStorageServicer) -> Iterator[Running]:
-    with serve(fake) as running:
+def env(tmp_path: Path) -> Iterator[Services]:
+    with services(tmp_path) as running:
         yield running
+
+
+@pytest.fixture
+def server(env: Services) -> Running:
+    return env.storage_server
+
+
+@pytest.fixture
+def fake(env: Services) -> Faults:
+    """Refusals and holds in front of the real StorageServicer."""
+    return env.storage_faults
+
+
+@contextmanager
+def storage_only(root: Path, **kwargs: Any) -> Iterator[Running]:
+    """Just the real StorageService, served with `kwargs` (address, credentials)."""
+    rig = StorageRig.make(root)
+    try:
+        with serve(rig.servicer, **kwargs) as running:
+            yield running
+    finally:
+        rig.close()
 
 
 @pytest.fixture
@@ -98,7 +126,9 @@ def test_volume_calls_return_typed_messages(storage: StorageClient) -> None:
     vol = storage.create_volume("data1", 10 * GIB, labels={"app": "db"})
     assert isinstance(vol, types_pb2.Volume)
     assert (vol.name, vol.size_bytes, vol.labels["app"]) == ("data1", 10 * GIB, "db")
-    assert storage.create_volume("data1", 10 * GIB).id == vol.id  # idempotent by name
+    assert storage.create_volume("data1", 10 * GIB, labels={"app": "db"}).id == vol.id  # a repeat: the same
+    with pytest.raises(errors.AlreadyExists, match="other parameters"):
+        storage.create_volume("data1", 10 * GIB)  # the labels are parameters too
     assert storage.get_volume(vol.id) == vol
     assert storage.extend_volume(vol.id, 20 * GIB).size_bytes == 20 * GIB
     storage.delete_volume(vol.id)
@@ -107,14 +137,16 @@ def test_volume_calls_return_typed_messages(storage: StorageClient) -> None:
         storage.get_volume(vol.id)
 
 
-def test_listing_follows_pages(storage: StorageClient, fake: FakeStorageServicer) -> None:
+def test_listing_follows_pages(storage: StorageClient, fake: Faults) -> None:
     names = [f"v{i}" for i in range(7)]
     for name in names:
         storage.create_volume(name, GIB, labels={"even": str(int(name[1:]) % 2 == 0)})
-    assert [v.name for v in storage.list_volumes()] == names
-    assert fake.script.count("ListVolumes") == 4  # pages of 2
-    assert [v.name for v in storage.list_volumes(label_selector={"even": "True"})] == ["v0", "v2", "v4", "v6"]
-    assert [v.name for v in storage.list_volumes(page_size=100)] == names
+    assert sorted(v.name for v in storage.list_volumes(page_size=2)) == names
+    assert fake.count("ListVolumes") == 4  # pages of 2
+    even = storage.list_volumes(label_selector={"even": "True"}, page_size=2)
+    assert sorted(v.name for v in even) == ["v0", "v2", "v4", "v6"]
+    assert sorted(v.name for v in storage.list_volumes(page_size=100)) == names
+    assert fake.count("ListVolumes") == 4 + 2 + 1
 
 
 def test_errors_are_typed(storage: StorageClient) -> None:
@@ -128,17 +160,22 @@ def test_errors_are_typed(storage: StorageClient) -> None:
     assert info.value.field == "name"
     with pytest.raises(errors.InvalidArgument):
         storage.create_volume("x", GIB, source_volume_id="a", source_image="/b")
-    with pytest.raises(errors.Unimplemented):
-        storage.get_attachment("att-1")  # the fake does not serve it
+    with pytest.raises(errors.NotFound, match="att-1"):
+        storage.get_attachment("att-1")
 
 
 def test_snapshots(storage: StorageClient) -> None:
     vol = storage.create_volume("data1", GIB)
     snap = storage.create_snapshot(vol.id, "s1", labels={"k": "v"})
-    assert storage.create_snapshot(vol.id, "s1").id == snap.id
+    assert storage.create_snapshot(vol.id, "s1", labels={"k": "v"}).id == snap.id  # a repeat: the same
+    with pytest.raises(errors.AlreadyExists, match="other labels"):
+        storage.create_snapshot(vol.id, "s1")
     assert storage.get_snapshot(snap.id) == snap
     assert storage.list_snapshots(volume_id=vol.id) == [snap]
-    assert storage.create_volume("copy", 0, source_snapshot_id=snap.id).source_snapshot_id == snap.id
+    copy = storage.create_volume("copy", 0, source_snapshot_id=snap.id)
+    assert copy.source_snapshot_id == snap.id
+    # the copy runs in the background; its snapshot cannot be deleted until the copy has settled
+    assert storage.wait_volume(copy.id).state == types_pb2.VOLUME_STATE_AVAILABLE
     storage.delete_snapshot(snap.id)
     assert storage.list_snapshots() == []
     with pytest.raises(errors.NotFound):
@@ -148,77 +185,76 @@ def test_snapshots(storage: StorageClient) -> None:
 # Retries and deadlines
 
 
-def test_unavailable_twice_then_ok(
-    storage: StorageClient, fake: FakeStorageServicer, clock: FakeClock
-) -> None:
-    fake.script.fail["ListVolumes"] = [UNAVAILABLE, UNAVAILABLE]
+def test_unavailable_twice_then_ok(storage: StorageClient, fake: Faults, clock: FakeClock) -> None:
+    fake.refuse["ListVolumes"] = [UNAVAILABLE, UNAVAILABLE]
     assert storage.list_volumes() == []
-    assert fake.script.count("ListVolumes") == 3
+    assert fake.count("ListVolumes") == 3
     assert clock.sleeps == [pytest.approx(0.2), pytest.approx(0.4)]
 
 
-def test_aborted_is_retried(storage: StorageClient, fake: FakeStorageServicer) -> None:
-    fake.script.fail["CreateVolume"] = [(grpc.StatusCode.ABORTED, "volume busy")]
+def test_aborted_is_retried(storage: StorageClient, fake: Faults) -> None:
+    fake.refuse["CreateVolume"] = [(grpc.StatusCode.ABORTED, "volume busy")]
     assert storage.create_volume("data1", GIB).name == "data1"
-    assert fake.script.count("CreateVolume") == 2
+    assert fake.count("CreateVolume") == 2
 
 
-def test_retries_are_bounded(storage: StorageClient, fake: FakeStorageServicer, clock: FakeClock) -> None:
-    fake.script.fail["GetVolume"] = [UNAVAILABLE] * 10
+def test_retries_are_bounded(storage: StorageClient, fake: Faults, clock: FakeClock) -> None:
+    fake.refuse["GetVolume"] = [UNAVAILABLE] * 10
     with pytest.raises(errors.Unavailable, match="backend restarting"):
         storage.get_volume("vol-1")
-    assert fake.script.count("GetVolume") == 5
+    assert fake.count("GetVolume") == 5
     assert len(clock.sleeps) == 4
 
 
-def test_other_codes_are_not_retried(
-    storage: StorageClient, fake: FakeStorageServicer, clock: FakeClock
-) -> None:
-    fake.script.fail["GetVolume"] = [(grpc.StatusCode.INTERNAL, "bug"), (grpc.StatusCode.INTERNAL, "bug")]
+def test_other_codes_are_not_retried(storage: StorageClient, fake: Faults, clock: FakeClock) -> None:
+    fake.refuse["GetVolume"] = [(grpc.StatusCode.INTERNAL, "bug"), (grpc.StatusCode.INTERNAL, "bug")]
     with pytest.raises(errors.Internal):
         storage.get_volume("vol-1")
-    assert fake.script.count("GetVolume") == 1
+    assert fake.count("GetVolume") == 1
     assert clock.sleeps == []
 
 
-def test_no_retry_policy(server: Running, fake: FakeStorageServicer) -> None:
-    fake.script.fail["ListVolumes"] = [UNAVAILABLE]
+def test_no_retry_policy(server: Running, fake: Faults) -> None:
+    fake.refuse["ListVolumes"] = [UNAVAILABLE]
     with StorageClient(server.address, retry=NO_RETRY) as client, pytest.raises(errors.Unavailable):
         client.list_volumes()
-    assert fake.script.count("ListVolumes") == 1
+    assert fake.count("ListVolumes") == 1
 
 
-def test_retries_stop_at_the_deadline(server: Running, fake: FakeStorageServicer, clock: FakeClock) -> None:
-    fake.script.fail["ListVolumes"] = [UNAVAILABLE] * 10
+def test_retries_stop_at_the_deadline(server: Running, fake: Faults, clock: FakeClock) -> None:
+    fake.refuse["ListVolumes"] = [UNAVAILABLE] * 10
     policy = RetryPolicy(max_attempts=10, initial_backoff=0.4, multiplier=2.0, jitter=0.0)
     client = StorageClient(server.address, retry=policy, clock=clock, timeout=1.0)
     with client, pytest.raises(errors.Unavailable):
         client.list_volumes()
     assert clock.sleeps == [pytest.approx(0.4)]  # the next wait (0.8 s) would pass the 1 s deadline
-    assert fake.script.count("ListVolumes") == 2
+    assert fake.count("ListVolumes") == 2
 
 
-def test_deadline_exceeded(storage: StorageClient, fake: FakeStorageServicer) -> None:
-    fake.script.hang.add("GetVolume")
+def test_deadline_exceeded(storage: StorageClient, fake: Faults) -> None:
+    fake.hold.add("GetVolume")
     try:
         with pytest.raises(errors.DeadlineExceeded):
             storage.get_volume("vol-1", timeout=0.2)
     finally:
-        fake.script.release.set()
+        fake.release.set()
 
 
 # Streams
 
 
-def test_watch_volume_until_settled(storage: StorageClient) -> None:
+def test_watch_volume_until_settled(storage: StorageClient, tmp_path: Path) -> None:
+    image = image_file(tmp_path, "image.qcow2", "qcow2", 3 * GIB)
     vol = storage.create_volume(
-        "root", 3 * GIB, source_image="/srv/img.qcow2", image_format=types_pb2.IMAGE_FORMAT_QCOW2
+        "root", 3 * GIB, source_image=str(image), image_format=types_pb2.IMAGE_FORMAT_QCOW2
     )
     assert vol.state == types_pb2.VOLUME_STATE_CREATING
     seen: list[int] = []
     final = storage.wait_volume(vol.id, on_update=lambda v: seen.append(v.progress.done_bytes))
     assert final.state == types_pb2.VOLUME_STATE_AVAILABLE
-    assert seen == [0, GIB, 2 * GIB, 3 * GIB]
+    assert seen[0] == 0
+    assert seen == sorted(seen)  # progress only grows
+    assert seen[-1] == 3 * GIB
 
 
 def test_watch_of_a_missing_volume(storage: StorageClient) -> None:
@@ -227,32 +263,27 @@ def test_watch_of_a_missing_volume(storage: StorageClient) -> None:
 
 
 def test_stream_reopens_after_unavailable_before_its_first_item(
-    storage: StorageClient, fake: FakeStorageServicer, clock: FakeClock
+    storage: StorageClient, fake: Faults, clock: FakeClock
 ) -> None:
     vol = storage.create_volume("data1", GIB)
-    fake.script.fail["WatchVolume"] = [UNAVAILABLE]
+    fake.refuse["WatchVolume"] = [UNAVAILABLE]
     assert [v.id for v in storage.watch_volume(vol.id)] == [vol.id]
-    assert fake.script.count("WatchVolume") == 2
+    assert fake.count("WatchVolume") == 2
     assert len(clock.sleeps) == 1
 
 
 @pytest.fixture
-def agent_env() -> Iterator[tuple[FakeAgentServicer, HostAgentClient, StorageClient]]:
-    storage_fake = FakeStorageServicer()
-    agent_fake = FakeAgentServicer(storage_fake, wait_for_watchers=True)
-    with serve(storage_fake) as s, serve(agent_fake) as a:
-        storage, agent = StorageClient(s.address), HostAgentClient(a.address)
-        with storage, agent:
-            yield agent_fake, agent, storage
+def agent_env(env: Services) -> Iterator[tuple[Services, HostAgentClient, StorageClient]]:
+    storage, agent = StorageClient(env.storage_server.address), HostAgentClient(env.agent_server.address)
+    with storage, agent:
+        yield env, agent, storage
 
 
-def test_agent_calls(agent_env: tuple[FakeAgentServicer, HostAgentClient, StorageClient]) -> None:
+def test_agent_calls(agent_env: tuple[Services, HostAgentClient, StorageClient]) -> None:
     _, agent, storage = agent_env
     connector = agent.get_connector()
-    assert connector.initiator_iqn == "iqn.2004-10.com.example:compute1"
+    assert connector.initiator_iqn == HOST_IQN
     vol = storage.create_volume("data1", GIB)
-    agent_fake = agent_env[0]
-    agent_fake.wait_for_watchers = False
     att = agent.attach_volume("vm1", volume_id=vol.id, disk=types_pb2.DiskOptions(target_dev="sdc"))
     assert (att.state, att.target_dev) == (types_pb2.ATTACHMENT_STATE_ATTACHED, "sdc")
     assert agent.attach_volume("vm1", volume_id=vol.id).id == att.id
@@ -260,6 +291,9 @@ def test_agent_calls(agent_env: tuple[FakeAgentServicer, HostAgentClient, Storag
     assert [a.volume_id for a in agent.list_attachments("vm1")] == [vol.id]
     assert agent.list_attachments("vm2") == []
     assert [a.id for a in storage.list_attachments(volume_id=vol.id)] == [att.id]
+    with pytest.raises(errors.FailedPrecondition, match="check that storage finished the extend"):
+        agent.extend_volume(vol.id, 2 * GIB)  # the real agent reads the LUN's size: storage extends first
+    storage.extend_volume(vol.id, 2 * GIB)
     assert agent.extend_volume(vol.id, 2 * GIB) == 2 * GIB
     agent.detach_volume("vm1", vol.id)
     agent.detach_volume("vm1", vol.id)
@@ -268,14 +302,14 @@ def test_agent_calls(agent_env: tuple[FakeAgentServicer, HostAgentClient, Storag
     with pytest.raises(errors.InvalidArgument):
         agent.attach_volume("vm1")
     info = model.ConnectionInfo(transport=model.LocalConnection("/dev/sdz"), volume_id=vol.id)
-    with pytest.raises(errors.Unimplemented):
-        agent.connect_volume(info)  # the fake does not serve it; the model was converted and sent
+    with pytest.raises(errors.DeadlineExceeded, match="/dev/sdz"):
+        agent.connect_volume(info)  # the model was converted and sent: the agent waited for its device
 
 
 def test_watch_events_sees_progress_and_cancels(
-    agent_env: tuple[FakeAgentServicer, HostAgentClient, StorageClient],
+    agent_env: tuple[Services, HostAgentClient, StorageClient],
 ) -> None:
-    _, agent, storage = agent_env
+    env, agent, storage = agent_env
     vol = storage.create_volume("data1", GIB)
     seen: list[hostagent_pb2.WatchEventsResponse] = []
     got_all = threading.Event()
@@ -289,6 +323,7 @@ def test_watch_events_sees_progress_and_cancels(
 
     thread = threading.Thread(target=consume)
     thread.start()
+    assert env.events.wait_subscribed()  # from here the stream gets every event
     agent.attach_volume("vm1", volume_id=vol.id)
     assert got_all.wait(timeout=10)
     stream.cancel()
@@ -315,7 +350,7 @@ def test_context_manager_closes_its_own_channel_only(server: Running) -> None:
 
 def test_unix_socket(tmp_path: Path) -> None:
     sock = tmp_path / "storage.sock"
-    with serve(FakeStorageServicer(), address=f"unix://{sock}"), StorageClient(str(sock)) as client:
+    with storage_only(tmp_path, address=f"unix://{sock}"), StorageClient(str(sock)) as client:
         assert client.create_volume("x", GIB).name == "x"
 
 
@@ -382,7 +417,7 @@ def test_mutual_tls(pki: Path) -> None:
         key_file=str(pki / "client.key"),
         server_name="storage.test",
     )
-    with serve(FakeStorageServicer(), credentials=credentials) as running:
+    with storage_only(pki / "storage", credentials=credentials) as running:
         with StorageClient(running.address, tls=tls) as client:
             assert client.create_volume("secure", GIB).name == "secure"
         no_cert = TlsOptions(ca_file=str(pki / "ca.pem"), server_name="storage.test")

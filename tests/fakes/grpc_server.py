@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +31,18 @@ class Running:
 
 @contextmanager
 def serve(
-    servicer: object, *, address: str = "127.0.0.1:0", credentials: grpc.ServerCredentials | None = None
+    servicer: object,
+    *,
+    address: str = "127.0.0.1:0",
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> Iterator[Running]:
     """Serves `servicer` (a storage or an agent servicer) until the block ends.
 
     `address` may be ``unix:///path``. The health service reports the servicer's service SERVING.
+    `interceptors` run in front of it (tests.fakes.faults.Faults: refusals and holds by method).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=interceptors)
     if isinstance(servicer, storage_pb2_grpc.StorageServiceServicer):
         storage_pb2_grpc.add_StorageServiceServicer_to_server(servicer, server)
         name = STORAGE_SERVICE

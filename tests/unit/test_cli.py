@@ -1,23 +1,35 @@
-"""The `blockwire` CLI, driven in-process against fake storage and agent servicers over real gRPC."""
+"""The `blockwire` CLI, driven in-process against the REAL storage and agent services over real gRPC
+(tests.fakes.services: StorageService on a file backend, HostAgent on fakes at its seams).
+
+Faults a real service cannot be driven into (UNAVAILABLE, ABORTED, a status code to map, a hang, an
+agent without events) come from a Faults interceptor in front of the real servicer."""
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
-from blockwire import cli, output
+from blockwire import cli, errors, output
+from blockwire.client import HostAgentClient, StorageClient
 from blockwire.v1 import types_pb2
-from tests.fakes.agent_servicer import CHAP_PASSWORD, STEPS, FakeAgentServicer
+from blockwire.validate import DEFAULT_PAGE
 from tests.fakes.clock import FakeClock
+from tests.fakes.executor import Reply
+from tests.fakes.faults import Faults
 from tests.fakes.grpc_server import AGENT_SERVICE, Running, serve
-from tests.fakes.storage_servicer import FakeStorageServicer
+from tests.fakes.images import image_file
+from tests.fakes.services import HOST_IQN, Services, services
+from tests.fakes.storage_rig import StorageRig
 
 GIB = 1024**3
+STEPS = ("export", "connect", "hotplug")  # the PROGRESS steps of a real attach, in order
 
 
 @dataclass
@@ -32,12 +44,15 @@ class Result:
 
 @dataclass
 class Env:
-    storage: FakeStorageServicer
-    agent: FakeAgentServicer
+    services: Services
+    storage: Faults  # in front of the real StorageServicer
+    agent: Faults  # in front of the real HostAgentServicer
     storage_server: Running
     agent_server: Running
     capsys: pytest.CaptureFixture[str]
     clock: FakeClock
+    sdk: StorageClient  # to look at what the CLI left in storage
+    agent_sdk: HostAgentClient
 
     def run(self, *args: str) -> Result:
         self.capsys.readouterr()
@@ -51,13 +66,42 @@ class Env:
         assert r.code == 0, r.err
         return str(r.json()["id"])
 
+    def exists(self, volume_id: str) -> bool:
+        try:
+            self.sdk.get_volume(volume_id)
+        except errors.NotFound:
+            return False
+        return True
+
+    def chap_password(self, volume_id: str) -> str:
+        """The CHAP password storage gave the volume's export (never to be shown)."""
+        for target in self.services.storage.exporter.targets.values():
+            if target.spec.volume_id == volume_id and target.spec.chap is not None:
+                return target.spec.chap.password.reveal()
+        raise AssertionError(f"volume {volume_id} is not exported with CHAP")
+
+    def release_when_watched(self, method: str) -> None:
+        """Holds `method` until a WatchEvents stream has subscribed: the CLI opens its progress stream
+        and calls at once, and only a subscribed stream is sure to get every event."""
+        self.agent.hold.add(method)
+        self.agent.release.clear()
+
+        def release() -> None:
+            self.services.events.wait_subscribed(1, timeout=5.0)
+            self.agent.release.set()
+
+        threading.Thread(target=release, daemon=True).start()
+
 
 @pytest.fixture
-def env(capsys: pytest.CaptureFixture[str]) -> Iterator[Env]:
-    storage = FakeStorageServicer()
-    agent = FakeAgentServicer(storage, wait_for_watchers=False)
-    with serve(storage) as s, serve(agent) as a:
-        yield Env(storage, agent, s, a, capsys, FakeClock())
+def env(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Iterator[Env]:
+    with services(tmp_path) as s:
+        sdk, agent_sdk = StorageClient(s.storage_server.address), HostAgentClient(s.agent_server.address)
+        with sdk, agent_sdk:
+            yield Env(
+                s, s.storage_faults, s.agent_faults, s.storage_server, s.agent_server, capsys, FakeClock(),
+                sdk, agent_sdk,
+            )  # fmt: skip
 
 
 # volume create
@@ -91,7 +135,9 @@ def test_volume_create_is_idempotent_and_a_conflict_exits_4(env: Env) -> None:
     assert env.volume("data1", "10G") == first
     r = env.run("volume", "create", "data1", "20G")
     assert r.code == cli.EXIT_CONFLICT
-    assert "taken" in r.err
+    assert "with other parameters" in r.err
+    r = env.run("volume", "create", "data1", "10G", "--label", "app=db")  # labels are parameters too
+    assert r.code == cli.EXIT_CONFLICT
 
 
 @pytest.mark.parametrize("size", ["10X", "ten", "1.5", "1,5G"])
@@ -99,7 +145,7 @@ def test_volume_create_with_a_bad_size_exits_2(env: Env, size: str) -> None:
     r = env.run("volume", "create", "data1", size)
     assert r.code == cli.EXIT_USAGE
     assert "size" in r.err
-    assert env.storage.script.count("CreateVolume") == 0
+    assert env.storage.count("CreateVolume") == 0
 
 
 def test_volume_create_without_size_or_source_is_a_usage_error(env: Env) -> None:
@@ -114,7 +160,8 @@ def test_volume_create_refused_by_the_service_exits_2(env: Env) -> None:
     assert "size_bytes" in r.err
 
 
-def test_volume_create_from_image_waits_and_shows_progress(env: Env) -> None:
+def test_volume_create_from_image_waits_and_shows_progress(env: Env, tmp_path: Path) -> None:
+    source = image_file(tmp_path, "debian.qcow2", "qcow2", 2 * GIB)
     r = env.run(
         "--progress",
         "volume",
@@ -122,31 +169,32 @@ def test_volume_create_from_image_waits_and_shows_progress(env: Env) -> None:
         "root",
         "2G",
         "--from-image",
-        "/srv/debian.qcow2",
+        str(source),
         "--image-format",
         "qcow2",
     )
     assert r.code == 0, r.err
     assert "available" in r.out
-    assert "image /srv/debian.qcow2 (qcow2)" in r.out
+    assert f"image {source} (qcow2)" in r.out
     lines = r.err.splitlines()
-    assert any("creating 33%" in line for line in lines), r.err
-    assert any("creating 66%" in line for line in lines), r.err
+    assert any(line.startswith("root: creating") and "%" in line for line in lines), r.err
     assert lines[-1] == "root: available"
 
 
-def test_volume_create_no_progress_unless_asked_on_a_pipe(env: Env) -> None:
-    r = env.run("volume", "create", "root", "2G", "--from-image", "/srv/debian.raw")
+def test_volume_create_no_progress_unless_asked_on_a_pipe(env: Env, tmp_path: Path) -> None:
+    source = image_file(tmp_path, "debian.raw", "raw", 2 * GIB)
+    r = env.run("volume", "create", "root", "2G", "--from-image", str(source))
     assert r.code == 0
     assert r.err == ""
-    assert env.storage.script.count("WatchVolume") == 1
+    assert env.storage.count("WatchVolume") == 1
 
 
-def test_volume_create_no_wait_returns_while_creating(env: Env) -> None:
-    r = env.run("--json", "volume", "create", "root", "2G", "--from-image", "/srv/x.raw", "--no-wait")
+def test_volume_create_no_wait_returns_while_creating(env: Env, tmp_path: Path) -> None:
+    source = image_file(tmp_path, "x.raw", "raw", 2 * GIB)
+    r = env.run("--json", "volume", "create", "root", "2G", "--from-image", str(source), "--no-wait")
     assert r.code == 0
     assert r.json()["state"] == "VOLUME_STATE_CREATING"
-    assert env.storage.script.count("WatchVolume") == 0
+    assert env.storage.count("WatchVolume") == 0
 
 
 def test_volume_create_from_a_missing_snapshot_exits_3(env: Env) -> None:
@@ -159,15 +207,16 @@ def test_volume_create_from_a_missing_snapshot_exits_3(env: Env) -> None:
 
 
 def test_volume_list_table_follows_every_page(env: Env) -> None:
-    for i in range(5):  # the fake's pages hold 2
-        env.volume(f"v{i}", "1G")
+    names = [f"v{i:03d}" for i in range(DEFAULT_PAGE + 1)]  # one more than the service's page holds
+    for name in names:
+        env.sdk.create_volume(name, GIB)
     r = env.run("volume", "list")
     assert r.code == 0
     lines = r.out.splitlines()
     assert lines[0].split() == ["ID", "NAME", "SIZE", "STATE", "BACKEND", "ATTACHMENTS"]
-    assert [line.split()[1] for line in lines[1:]] == ["v0", "v1", "v2", "v3", "v4"]
+    assert sorted(line.split()[1] for line in lines[1:]) == names
     assert lines[1].split()[2:] == ["1GiB", "available", "file", "0"]
-    assert env.storage.script.count("ListVolumes") == 3
+    assert env.storage.count("ListVolumes") == 2
 
 
 def test_volume_list_json_and_label_selector(env: Env) -> None:
@@ -202,7 +251,7 @@ def test_volume_show(env: Env) -> None:
 def test_volume_show_missing_exits_3_with_a_hint(env: Env) -> None:
     r = env.run("volume", "show", "vol-nope")
     assert r.code == cli.EXIT_NOT_FOUND
-    assert "blockwire: error: volume vol-nope not found" in r.err
+    assert "blockwire: error: volume vol-nope does not exist" in r.err
     assert "hint:" in r.err
     assert "volume list" in r.err
 
@@ -211,7 +260,7 @@ def test_volume_delete_and_again(env: Env) -> None:
     vid = env.volume()
     r = env.run("volume", "delete", vid)
     assert (r.code, r.out.strip()) == (0, f"deleted volume {vid}")
-    assert vid not in env.storage.volumes
+    assert not env.exists(vid)
     r = env.run("volume", "delete", vid, "--json")  # gone already: still fine
     assert r.code == 0
     assert r.json() == {"deleted": [vid]}
@@ -222,8 +271,8 @@ def test_volume_delete_of_an_attached_volume_exits_4(env: Env) -> None:
     assert env.run("attach", "vm1", vid).code == 0
     r = env.run("volume", "delete", vid)
     assert r.code == cli.EXIT_CONFLICT
-    assert "detach it first" in r.err
-    assert vid in env.storage.volumes
+    assert "has attachments" in r.err
+    assert env.exists(vid)
 
 
 def test_volume_extend(env: Env) -> None:
@@ -231,8 +280,8 @@ def test_volume_extend(env: Env) -> None:
     r = env.run("volume", "extend", vid, "20G")
     assert r.code == 0, r.err
     assert "20GiB" in r.out
-    assert env.storage.volumes[vid].size_bytes == 20 * GIB
-    assert env.agent.script.count("ExtendVolume") == 0
+    assert env.sdk.get_volume(vid).size_bytes == 20 * GIB
+    assert env.agent.count("ExtendVolume") == 0
 
 
 def test_volume_extend_smaller_exits_4(env: Env) -> None:
@@ -268,8 +317,10 @@ def test_snapshot_lifecycle(env: Env) -> None:
     assert r.code == 0, r.err
     assert "before-upgrade" in r.out
     assert "k=v" in r.out
-    sid = env.run("--json", "snapshot", "create", vid, "before-upgrade").json()["id"]  # idempotent
-    assert len(env.storage.snapshots) == 1
+    again = env.run("--json", "snapshot", "create", vid, "before-upgrade", "--label", "k=v")
+    sid = again.json()["id"]  # idempotent
+    assert len(env.sdk.list_snapshots()) == 1
+    assert env.run("snapshot", "create", vid, "before-upgrade").code == cli.EXIT_CONFLICT  # other labels
     r = env.run("snapshot", "list")
     assert r.out.splitlines()[0].split() == ["ID", "NAME", "VOLUME", "SIZE", "STATE"]
     assert r.out.splitlines()[1].split() == [sid, "before-upgrade", vid, "10GiB", "available"]
@@ -297,13 +348,16 @@ def test_attach_and_detach(env: Env) -> None:
     assert "attached" in r.out
     assert "sdc" in r.out
     assert "vm1" in r.out
-    assert "iscsi 192.0.2.1:3260" in r.out
-    assert CHAP_PASSWORD not in r.out
-    assert env.run("attach", "vm1", vid).code == 0  # idempotent
-    assert len(env.agent.attachments) == 1
+    assert "iscsi 127.0.0.1:3260" in r.out
+    assert env.chap_password(vid) not in r.out
+    assert env.run("attach", "vm1", vid, "--bus", "scsi", "--target-dev", "sdc", "--persistent").code == 0
+    r = env.run("attach", "vm1", vid)  # a repeat is the same attachment only with the same options
+    assert r.code == cli.EXIT_CONFLICT
+    assert "with other options" in r.err
+    assert len(env.agent_sdk.list_attachments()) == 1
     r = env.run("detach", "vm1", vid)
     assert (r.code, r.out.strip()) == (0, f"detached volume {vid} from vm1")
-    assert env.agent.attachments == {}
+    assert env.agent_sdk.list_attachments() == []
     assert env.run("detach", "vm1", vid).code == 0  # gone already: fine
 
 
@@ -314,25 +368,27 @@ def test_attach_json_redacts_secrets(env: Env) -> None:
     data = r.json()
     assert data["state"] == "ATTACHMENT_STATE_ATTACHED"
     assert data["access_mode"] == "ACCESS_MODE_READ_ONLY"
-    assert data["connection_info"]["iscsi"]["chap"] == {"username": "user1", "password": "********"}
-    assert CHAP_PASSWORD not in r.out
+    # the agent never hands out the CHAP password (output's redaction of one: test_cli_parts)
+    assert data["connection_info"]["iscsi"]["chap"] == {"username": f"in-{vid[:24]}", "password": ""}
+    assert env.chap_password(vid) not in r.out
 
 
 def test_attach_shows_progress_steps(env: Env) -> None:
-    env.agent.wait_for_watchers = True
     vid = env.volume()
+    env.release_when_watched("AttachVolume")
     r = env.run("--progress", "attach", "vm1", vid)
     assert r.code == 0, r.err
     shown = r.err.splitlines()
     assert shown[0] == "attach started"
-    assert shown[1:6] == [f"  {s}: done" for s in STEPS]
-    assert shown[6] == "attached"
+    assert shown[1:4] == [f"  {s}: done" for s in STEPS]
+    assert shown[4] == "attached"
+    env.release_when_watched("DetachVolume")
     r = env.run("--progress", "detach", "vm1", vid)
     assert r.err.splitlines() == ["detach started", "detached"]
 
 
 def test_attach_progress_is_best_effort(env: Env) -> None:
-    env.agent.script.fail["WatchEvents"] = [(grpc.StatusCode.UNIMPLEMENTED, "no events")]
+    env.agent.refuse["WatchEvents"] = [(grpc.StatusCode.UNIMPLEMENTED, "no events")]
     vid = env.volume()
     r = env.run("--progress", "attach", "vm1", vid)
     assert r.code == 0, r.err
@@ -342,15 +398,18 @@ def test_attach_to_a_missing_domain_exits_3(env: Env) -> None:
     vid = env.volume()
     r = env.run("attach", "vm9", vid)
     assert r.code == cli.EXIT_NOT_FOUND
-    assert "domain 'vm9' not found" in r.err
+    assert "domain 'vm9' does not exist on this host" in r.err
 
 
 def test_attach_permission_denied_exits_6(env: Env) -> None:
-    env.agent.script.fail["AttachVolume"] = [(grpc.StatusCode.PERMISSION_DENIED, "CHAP login refused")]
-    r = env.run("attach", "vm1", env.volume())
+    vid = env.volume()
+    login_refused = Reply(returncode=10, stderr="iscsi-inq: Login Failed. Authentication failure (513)")
+    env.services.runner.on(r"iscsi-inq", login_refused)  # the target refuses the CHAP credentials
+    r = env.run("attach", "vm1", vid)
     assert r.code == cli.EXIT_PERMISSION
-    assert "CHAP login refused" in r.err
+    assert "refused the CHAP credentials" in r.err
     assert "hint:" in r.err
+    assert env.sdk.list_attachments(volume_id=vid) == []  # the failed attach was undone
 
 
 def test_attachments_from_both_sides(env: Env) -> None:
@@ -379,7 +438,7 @@ def test_attachments_empty(env: Env) -> None:
 def test_connector(env: Env) -> None:
     r = env.run("connector")
     assert r.code == 0
-    assert "iqn.2004-10.com.example:compute1" in r.out
+    assert HOST_IQN in r.out
     assert "no (QEMU's initiator)" in r.out
     data = env.run("connector", "--json").json()
     assert data["host"] == "compute1"
@@ -389,7 +448,8 @@ def test_connector(env: Env) -> None:
 def test_capacity(env: Env) -> None:
     env.volume(size="10G")
     r = env.run("capacity")
-    assert r.out.splitlines()[1].split() == ["file", "100GiB", "90GiB", "10GiB", "90GiB"]
+    row = r.out.splitlines()[1].split()
+    assert (row[0], row[3]) == ("file", "10GiB")  # sizes of the real filesystem; 10G provisioned
     assert env.run("capacity", "--json").json()[0]["backend"] == "file"
     assert env.run("capacity", "lvm").code == cli.EXIT_NOT_FOUND
 
@@ -430,25 +490,25 @@ def test_health_unreachable_daemon(env: Env) -> None:
 
 
 def test_unavailable_twice_then_ok_is_retried(env: Env) -> None:
-    env.storage.script.fail["ListVolumes"] = [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
+    env.storage.refuse["ListVolumes"] = [(grpc.StatusCode.UNAVAILABLE, "backend restarting")] * 2
     r = env.run("volume", "list")
     assert r.code == 0, r.err
-    assert env.storage.script.count("ListVolumes") == 3
+    assert env.storage.count("ListVolumes") == 3
     assert len(env.clock.sleeps) == 2
     assert env.clock.sleeps[1] > env.clock.sleeps[0] * 0.9 or env.clock.sleeps[1] >= 0.2
 
 
 def test_aborted_is_retried(env: Env) -> None:
-    env.storage.script.fail["DeleteVolume"] = [(grpc.StatusCode.ABORTED, "volume busy")]
+    env.storage.refuse["DeleteVolume"] = [(grpc.StatusCode.ABORTED, "volume busy")]
     assert env.run("volume", "delete", "vol-1").code == 0
-    assert env.storage.script.count("DeleteVolume") == 2
+    assert env.storage.count("DeleteVolume") == 2
 
 
 def test_retries_are_bounded_and_unavailable_exits_5(env: Env) -> None:
-    env.storage.script.fail["GetVolume"] = [(grpc.StatusCode.UNAVAILABLE, "target daemon down")] * 10
+    env.storage.refuse["GetVolume"] = [(grpc.StatusCode.UNAVAILABLE, "target daemon down")] * 10
     r = env.run("volume", "show", "vol-1")
     assert r.code == cli.EXIT_UNAVAILABLE
-    assert env.storage.script.count("GetVolume") == 5
+    assert env.storage.count("GetVolume") == 5
     assert "target daemon down" in r.err
     assert "blockwire-storage" in r.err
     assert "--storage" in r.err
@@ -456,16 +516,16 @@ def test_retries_are_bounded_and_unavailable_exits_5(env: Env) -> None:
 
 def test_not_found_is_not_retried(env: Env) -> None:
     env.run("volume", "show", "vol-x")
-    assert env.storage.script.count("GetVolume") == 1
+    assert env.storage.count("GetVolume") == 1
     assert env.clock.sleeps == []
 
 
 def test_deadline_exits_7(env: Env) -> None:
-    env.storage.script.hang.add("GetVolume")
+    env.storage.hold.add("GetVolume")
     try:
         r = env.run("--timeout", "0.3", "volume", "show", "vol-1")
     finally:
-        env.storage.script.release.set()
+        env.storage.release.set()
     assert r.code == cli.EXIT_DEADLINE
     assert "--timeout" in r.err
 
@@ -482,7 +542,7 @@ def test_deadline_exits_7(env: Env) -> None:
     ],
 )
 def test_status_codes_map_to_exit_codes(env: Env, code: grpc.StatusCode, exit_code: int) -> None:
-    env.storage.script.fail["CreateVolume"] = [(code, "what went wrong")]
+    env.storage.refuse["CreateVolume"] = [(code, "what went wrong")]
     r = env.run("volume", "create", "data1", "1G")
     assert r.code == exit_code
     assert "blockwire: error: what went wrong" in r.err
@@ -576,11 +636,14 @@ def test_global_options_work_before_and_after_the_command(env: Env) -> None:
     assert before == after
 
 
-def test_unix_socket_target(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    storage = FakeStorageServicer()
+def test_unix_socket_target(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rig = StorageRig.make(tmp_path)
     sock = tmp_path / "storage.sock"
-    with serve(storage, address=f"unix://{sock}"):
-        assert cli.main(["--storage", str(sock), "volume", "create", "x", "1G", "--json"]) == 0
+    try:
+        with serve(rig.servicer, address=f"unix://{sock}"):
+            assert cli.main(["--storage", str(sock), "volume", "create", "x", "1G", "--json"]) == 0
+    finally:
+        rig.close()
     assert json.loads(capsys.readouterr().out)["name"] == "x"
 
 
