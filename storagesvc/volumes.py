@@ -209,7 +209,11 @@ class Volumes:
                     return
                 atts = ctx.catalog.list_attachments(volume_id=volume_id, after=None, limit=1)
                 if atts:
-                    raise FailedPrecondition(f"volume {volume_id} has attachments; delete them first")
+                    where = f"domain {atts[0].domain!r} on " if atts[0].domain else ""
+                    raise FailedPrecondition(
+                        f"volume {volume_id} is attached ({where}host {atts[0].connector.host}); detach it "
+                        "first (blockwire detach), or delete its attachments if no host uses them"
+                    )
                 if v.state is VolumeState.CREATING:
                     raise FailedPrecondition(f"volume {volume_id} is still being created; wait (WatchVolume)")
                 pool = ctx.pools.get(v.backend)

@@ -129,6 +129,7 @@ _FINAL_EVENTS: Final = frozenset(
     }
 )
 _FINAL_EVENT_WAIT: Final = 2.0
+_STREAM_OPEN_WAIT: Final = 5.0  # seconds the CLI waits for its event stream to be open before it calls
 
 
 class UsageError(Exception):
@@ -401,6 +402,9 @@ class _EventProgress:
 
     def __enter__(self) -> _EventProgress:
         self.thread.start()
+        # The agent answers WatchEvents' headers once it has subscribed: the call starts after that, so
+        # its first steps are not missed (bounded: progress is best effort).
+        self.stream.wait_open(_STREAM_OPEN_WAIT)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:

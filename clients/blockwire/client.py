@@ -215,6 +215,13 @@ class Stream(Generic[_T]):
         self._lock = threading.Lock()
         self._call: Any = None
         self._cancelled = False
+        self._open_event = threading.Event()
+
+    def wait_open(self, timeout: float) -> bool:
+        """Waits (at most `timeout` seconds) until the iterating thread has the server's response
+        headers: a server that sends them once it is subscribed (the agent's WatchEvents) then misses
+        no event that happens after this returns True."""
+        return self._open_event.wait(timeout)
 
     def cancel(self) -> None:
         """Ends the stream; a running iteration stops without an error."""
@@ -239,6 +246,8 @@ class Stream(Generic[_T]):
                 self._call = self._open(remaining)
             received = False
             try:
+                self._call.initial_metadata()  # blocks until the headers came (or the call ended)
+                self._open_event.set()
                 for message in self._call:
                     received = True
                     yield self._item(message)
