@@ -2,6 +2,7 @@
 
     sudo python -m bench.attach            # full plan, ~15-20 min of guest time; writes bench/results/
     sudo python -m bench.attach --plan quick
+    sudo python -m bench.attach --plan single   # 1 path x 1 volume x 5, every contender
     sudo python -m bench.attach --from-raw /var/tmp/blockwire-guest/run-.../results/attach-raw.json
 
 Boots the guest tier once (tests/guest/image.py) and runs bench/attach_guest.py in it: the same tgtd
@@ -26,7 +27,7 @@ from typing import Any
 from bench.attach_guest import CONTENDERS, pct, scrub
 
 ROOT = Path(__file__).resolve().parents[1]
-GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "scale": 900.0, "smoke": 600.0}
+GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0}
 
 
 def host_machine() -> dict[str, Any]:

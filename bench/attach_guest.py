@@ -108,6 +108,9 @@ QUICK = Plan(scenarios=((1, 1, 2), (2, 1, 2), (2, 8, 1)))
 # How the connect and detach of 32 volumes at once scale against the floor (a quick check of one
 # change; the full plan has the same scenario beside os-brick).
 SCALE = Plan(scenarios=((1, 32, 1),), contenders=("floor", "bw-lib"), warmup=False)
+# One volume on one path, every contender, five rounds: the plan that shows whether a change made the
+# single attach slower (bw-lib and bw-e2e beside the floor and os-brick).
+SINGLE = Plan(scenarios=((1, 1, 5),))
 # The guest tier's smoke: no agent daemon, libvirtd or domain to start (the e2e guest tests cover those).
 SMOKE = Plan(scenarios=((1, 1, 1),), contenders=("floor", "os-brick", "bw-lib"), warmup=False)
 
@@ -830,7 +833,7 @@ def run_and_write(plan: Plan, work: Path, name: str, tgtd: Tgtd | None = None) -
     return results
 
 
-PLANS = {"full": FULL, "quick": QUICK, "scale": SCALE, "smoke": SMOKE}
+PLANS = {"full": FULL, "quick": QUICK, "scale": SCALE, "single": SINGLE, "smoke": SMOKE}
 
 
 @pytest.mark.timeout(2400)
