@@ -24,7 +24,7 @@ from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.rpc.server import LONG_METHODS, SERVICE
 from tests.fakes.agent_servicer import FakeAgentServicer
-from tests.fakes.daemon_rig import wait_until
+from tests.rig import wait_until
 
 QUICK_DEADLINE = 2.0
 

@@ -14,13 +14,11 @@ import contextlib
 import fcntl
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,47 +31,13 @@ from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
-from tests.fakes.daemon_rig import DOMAIN_XML, healthy, wait_until
 from tests.host.daemons import Started, Tgtd
+from tests.rig import Daemon, domain_xml, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_REMOVE = 0x4C81
 MIB = 1 << 20
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _start(argv: list[str], address: str, log: Path, name: str) -> Daemon:
-    out = open(log, "wb")  # noqa: SIM115 - the daemon writes it while it runs
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    daemon = Daemon(proc, address, log)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        return healthy(address)
-
-    try:
-        wait_until(name, ready, 60)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +73,8 @@ exporter = "tgt"
 path = "{work / "volumes"}"
 """
     )
-    daemon = _start(
-        [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(config)],
-        f"unix://{sock}",
-        work / "storage.log",
-        "blockwire-storage",
-    )
-    channel = grpc.insecure_channel(daemon.address)
-    yield storage_pb2_grpc.StorageServiceStub(channel)
-    channel.close()
+    daemon = Daemon.storage(config, sock).start()
+    yield storage_pb2_grpc.StorageServiceStub(daemon.channel)
     daemon.stop()
 
 
@@ -140,15 +97,8 @@ detach_timeout = 10.0
 log_level = "DEBUG"
 """
     )
-    daemon = _start(
-        [sys.executable, "-m", "hostagent.rpc.server", "--config", str(config)],
-        f"unix://{sock}",
-        work / "agent.log",
-        "blockwire-agent",
-    )
-    channel = grpc.insecure_channel(daemon.address)
-    yield hostagent_pb2_grpc.HostAgentServiceStub(channel)
-    channel.close()
+    daemon = Daemon.agent(config, sock).start()
+    yield hostagent_pb2_grpc.HostAgentServiceStub(daemon.channel)
     daemon.stop()
 
 
@@ -162,7 +112,7 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 @pytest.fixture
 def domain(virt: libvirt.virConnect) -> Iterator[str]:
     name = f"bw-agent-{uuid.uuid4().hex[:8]}"
-    dom = virt.defineXML(DOMAIN_XML.format(name=name))
+    dom = virt.defineXML(domain_xml(name))
     try:
         dom.create()
         yield name

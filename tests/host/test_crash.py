@@ -22,7 +22,6 @@ from hostagent import api
 from storagesvc import service
 from storagesvc.targets import tgt
 from tests.fakes.daemon_rig import (
-    KILLED,
     Rig,
     define_domain,
     force_cleanup,
@@ -31,6 +30,7 @@ from tests.fakes.daemon_rig import (
     rpc_code,
 )
 from tests.host.daemons import Started, Tgtd
+from tests.rig import KILLED
 
 COMPLETE, NOTHING = "complete", "nothing"
 # The expected outcome of a kill at each failpoint (see HostAgent.reconcile).

@@ -34,9 +34,9 @@ from tests.fakes.daemon_rig import (
     force_cleanup,
     loop_device,
     remove_domain,
-    wait_until,
 )
 from tests.host.daemons import Started, Tgtd
+from tests.rig import wait_until
 
 
 @pytest.fixture
