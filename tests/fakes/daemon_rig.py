@@ -127,6 +127,17 @@ log_level = "DEBUG"
                 p.stop()
         self.agent_proc = self.storage_proc = None
 
+    @contextlib.contextmanager
+    def running(self, *, agent: bool = True) -> Iterator[Rig]:
+        """Both daemons started (storage alone without `agent`), and stopped afterwards."""
+        try:
+            self.start_storage()
+            if agent:
+                self.start_agent()
+            yield self
+        finally:
+            self.stop()
+
     @property
     def state(self) -> Path:
         return self.work / "agent-state"

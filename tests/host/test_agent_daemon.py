@@ -31,8 +31,9 @@ from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
+from tests.fakes.daemon_rig import Rig, define_domain, remove_domain
 from tests.host.daemons import Started, Tgtd
-from tests.rig import Daemon, domain_xml, wait_until
+from tests.rig import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_CTL_ADD = 0x4C80
@@ -46,60 +47,22 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def storage(host_daemons: Started, tgtd: Tgtd, work: Path) -> Iterator[storage_pb2_grpc.StorageServiceStub]:
+def rig(host_daemons: Started, tgtd: Tgtd, work: Path, virt: libvirt.virConnect) -> Iterator[Rig]:
+    """Both daemons (tests/fakes/daemon_rig.py), logging at DEBUG into `work`."""
     if not (ROOT / "storagesvc" / "rpc" / "server.py").exists():
         tier_unavailable("host", "storagesvc daemon missing")
-    sock = work / "storage.sock"
-    (work / "volumes").mkdir()
-    config = work / "storage.toml"
-    config.write_text(
-        f"""[server]
-unix_socket = "{sock}"
-log_format = "kv"
-log_level = "DEBUG"
-
-[service]
-catalog_path = "{work / "storage.db"}"
-
-[exporters.tgt]
-kind = "tgt"
-portals = [{", ".join(f'"{p}"' for p in tgtd.portals)}]
-control_port = {tgtd.control_port}
-
-[[backends]]
-name = "file"
-kind = "file"
-exporter = "tgt"
-path = "{work / "volumes"}"
-"""
-    )
-    daemon = Daemon.storage(config, sock).start()
-    yield storage_pb2_grpc.StorageServiceStub(daemon.channel)
-    daemon.stop()
+    with Rig(work=work, tgtd=tgtd, virt=virt).running() as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
-def agent(
-    host_daemons: Started, storage: storage_pb2_grpc.StorageServiceStub, work: Path
-) -> Iterator[hostagent_pb2_grpc.HostAgentServiceStub]:
-    sock = work / "agent.sock"
-    state = work / "agent-state"
-    config = work / "agent.toml"
-    config.write_text(
-        f"""state_dir = "{state}"
-storage_address = "unix://{work / "storage.sock"}"
-iscsi_mode = "qemu"
-listen_unix = "{sock}"
-initiator_file = "{work / "no-initiatorname"}"
-hostnqn_file = "{work / "no-hostnqn"}"
-device_timeout = 10.0
-detach_timeout = 10.0
-log_level = "DEBUG"
-"""
-    )
-    daemon = Daemon.agent(config, sock).start()
-    yield hostagent_pb2_grpc.HostAgentServiceStub(daemon.channel)
-    daemon.stop()
+def storage(rig: Rig) -> storage_pb2_grpc.StorageServiceStub:
+    return rig.storage
+
+
+@pytest.fixture(scope="module")
+def agent(rig: Rig) -> hostagent_pb2_grpc.HostAgentServiceStub:
+    return rig.agent
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +74,11 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture
 def domain(virt: libvirt.virConnect) -> Iterator[str]:
-    name = f"bw-agent-{uuid.uuid4().hex[:8]}"
-    dom = virt.defineXML(domain_xml(name))
+    name = define_domain(virt, "bw-agent")
     try:
-        dom.create()
         yield name
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.destroy()
-        dom.undefine()
+        remove_domain(virt, name)
 
 
 def live_disks(virt: libvirt.virConnect, domain: str) -> list[etree._Element]:

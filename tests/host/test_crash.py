@@ -74,12 +74,8 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
-    r = Rig(work=tmp_path_factory.mktemp("crash"), tgtd=tgtd, virt=virt)
-    r.start_storage()
-    try:
+    with Rig(work=tmp_path_factory.mktemp("crash"), tgtd=tgtd, virt=virt).running(agent=False) as r:
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture(scope="module")

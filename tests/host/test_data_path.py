@@ -50,12 +50,8 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
     r = Rig(work=tmp_path_factory.mktemp("datapath"), tgtd=tgtd, virt=virt, detach_timeout=3.0)
-    r.start_storage()
-    r.start_agent()
-    try:
+    with r.running():
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture

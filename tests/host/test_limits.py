@@ -52,12 +52,8 @@ def rig(tmp_path: Path, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
         agent_config=f"[limits]\nmax_streams = {AGENT_STREAMS}\n",
         storage_config=f"[limits]\nmax_streams = {STORAGE_STREAMS}\n",
     )
-    r.start_storage()
-    r.start_agent()
-    try:
+    with r.running():
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture
