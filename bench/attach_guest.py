@@ -28,8 +28,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import traceback
@@ -43,12 +41,12 @@ from typing import Any
 import pytest
 
 from tests.guest.inside import kernel
-from tests.guest.inside.kernel import run, wait_until
+from tests.guest.inside.kernel import run
 from tests.host.daemons import Started, Tgtd, ensure_libvirtd
+from tests.rig import Daemon, domain_xml, wait_until
 
 pytestmark = pytest.mark.skipif(os.environ.get("BLOCKWIRE_IN_GUEST") != "1", reason="inside the guest only")
 
-ROOT = Path(__file__).resolve().parents[1]
 PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 MIB = 1 << 20
 VOLUME_MIB = 32
@@ -64,6 +62,8 @@ IDBM = 6  # iscsiadm: node database failure, retry
 # every later iscsiadm (exit 6). The floor allows 120 s too; os-brick sets no limit.
 ISCSIADM_TIMEOUT = 120.0
 STALE_LOCK = Path("/run/lock/iscsi/lock.write")
+# The daemons under TCG: 120 s to start, 30 s from SIGTERM to exit (then SIGKILL).
+DAEMON = {"start_timeout": 120.0, "stop_timeout": 30.0}
 SECRET_ARG = re.compile(r"(node\.session\.auth\.password(?:_in)?'?,? '?-v'?,? '?)[^' ,\]]+")
 MULTIPATH_CONF = """defaults {{
 	user_friendly_names yes
@@ -73,16 +73,6 @@ blacklist {{
 	devnode "^(ram|loop|fd|md|sr|scd|st|vd)[0-9a-z]*"
 }}
 """
-DOMAIN_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-  </devices>
-</domain>"""
 
 
 @dataclass(frozen=True)
@@ -274,51 +264,6 @@ def set_find_multipaths(value: str) -> None:
 
 
 @dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def start_daemon(module: str, config: Path, address: str, log: Path) -> Daemon:
-    import grpc  # noqa: PLC0415
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
-
-    out = log.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--config", str(config)],
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
-    out.close()
-    daemon = Daemon(proc, log)
-
-    def serving() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{module} exited {proc.returncode}: {log.read_text()[-3000:]}")
-        with grpc.insecure_channel(address) as ch, contextlib.suppress(grpc.RpcError):
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            return r.status == health_pb2.HealthCheckResponse.SERVING
-        return False
-
-    try:
-        wait_until(f"{module} SERVING", serving, 120, 0.1)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
-
-
-@dataclass
 class Env:
     work: Path
     tgtd: Tgtd
@@ -361,9 +306,7 @@ def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bo
             f'[[backends]]\nname = "file"\nkind = "file"\npath = "{VOLUMES}"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
         )
-        storage = start_daemon(
-            "storagesvc.rpc.server", work / "storage.toml", f"unix:{ssock}", work / "storage.log"
-        )
+        storage = Daemon.storage(work / "storage.toml", ssock, **DAEMON).start()
         stack.callback(storage.stop)
         sc = StorageClient(f"unix://{ssock}")
         stack.callback(sc.close)
@@ -377,16 +320,14 @@ def environment(work: Path, volumes: int, tgtd: Tgtd | None = None, *, agent: bo
                 f'iscsi_mode = "kernel"\nlisten_unix = "{asock}"\nlog_level = "INFO"\n'
                 f"reconcile_on_start = false\nlogin_timeout = {ISCSIADM_TIMEOUT}\n"
             )
-            env.agent = start_daemon(
-                "hostagent.rpc.server", work / "agent.toml", f"unix:{asock}", work / "agent.log"
-            )
+            env.agent = Daemon.agent(work / "agent.toml", asock, **DAEMON).start()
             stack.callback(env.agent.stop)
             env.agent_client = HostAgentClient(f"unix://{asock}")
             stack.callback(env.agent_client.close)
             env.virt = libvirt.open("qemu:///system")
             stack.callback(env.virt.close)
             env.domain = f"bw-bench-{uuid.uuid4().hex[:6]}"
-            dom = env.virt.createXML(DOMAIN_XML.format(name=env.domain), 0)
+            dom = env.virt.createXML(domain_xml(env.domain, virt_type="qemu"), 0)
 
             def destroy() -> None:
                 with contextlib.suppress(libvirt.libvirtError):

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,9 +34,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -45,6 +41,7 @@ from blockwire.v1 import storage_pb2 as spb  # noqa: E402
 from blockwire.v1 import storage_pb2_grpc  # noqa: E402
 from blockwire.v1 import types_pb2 as pb  # noqa: E402
 from tests.host.daemons import Tgtd, free_port, free_tgt_control_port, need_root  # noqa: E402
+from tests.rig import Daemon  # noqa: E402
 
 MIB = 1 << 20
 RAN = re.compile(r'logger=hostagent\.host\.executor msg="ran \((.*?)\) -> \d+ in ([0-9.]+)s"')
@@ -81,14 +78,15 @@ def machine() -> dict[str, Any]:
     }
 
 
-class Daemon:
+class Storage:
+    """blockwire-storage (tests.rig's Daemon) with a catalog in the given synchronous mode."""
+
     def __init__(self, tmp: Path, tgtd: Tgtd, synchronous: str = "full") -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.synchronous = synchronous
         self.prefix = f"iqn.2026-01.io.blockwire.bench{uuid.uuid4().hex[:8]}"
         self.socket = tmp / "storage.sock"
-        self.log = tmp / "storage.log"
         portals = ", ".join(f'"{p}"' for p in tgtd.portals)
         self.config = tmp / "storage.toml"
         self.config.write_text(
@@ -98,32 +96,15 @@ class Daemon:
             f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(self.config)],
-            cwd=ROOT,
-            stderr=open(self.log, "wb"),  # noqa: SIM115
-        )
-        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    break
-            except grpc.RpcError:
-                time.sleep(0.05)
-        else:
-            raise SystemExit("blockwire-storage did not start: " + self.log.read_text()[-2000:])
-        self.stub = storage_pb2_grpc.StorageServiceStub(self.channel)
+        self.daemon = Daemon.storage(self.config, self.socket, start_timeout=30, stop_timeout=30).start()
+        self.stub = storage_pb2_grpc.StorageServiceStub(self.daemon.channel)
 
     def stop(self) -> None:
-        self.channel.close()
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
+        self.daemon.stop()
 
     def tgtadm_seconds(self, start: datetime, end: datetime) -> tuple[float, int]:
         total, count = 0.0, 0
-        for line in self.log.read_text().splitlines():
+        for line in self.daemon.log.read_text().splitlines():
             m, t = RAN.search(line), TS.match(line)
             if m and t and "tgtadm" in m.group(1):
                 at = datetime.fromisoformat(t.group(1))
@@ -167,7 +148,7 @@ def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading
     return total
 
 
-def phase(daemon: Daemon, label: str, cycles: int, parallel: int, round_no: int = 0) -> dict[str, Any]:
+def phase(daemon: Storage, label: str, cycles: int, parallel: int, round_no: int = 0) -> dict[str, Any]:
     timings: dict[str, list[float]] = {}
     lock = threading.Lock()
     start = datetime.now(UTC)
@@ -323,7 +304,7 @@ def main() -> int:
     operations: dict[str, list[dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="storage-bench-", dir=args.tmp) as tmp:
-            daemons = [Daemon(Path(tmp) / mode, tgtd, mode) for mode in modes]
+            daemons = [Storage(Path(tmp) / mode, tgtd, mode) for mode in modes]
             try:
                 for d in daemons:
                     phase(d, "warmup", 3, 1)

@@ -26,9 +26,9 @@ from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.rpc.server import LONG_METHODS, SERVICE
 from hostagent.rpc.servicer import HostAgentServicer
-from tests.fakes.daemon_rig import wait_until
 from tests.fakes.faults import Faults
 from tests.fakes.services import Services, services
+from tests.rig import wait_until
 
 QUICK_DEADLINE = 2.0
 

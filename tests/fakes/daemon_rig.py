@@ -2,73 +2,32 @@
 and `blockwire-agent` as subprocesses over unix sockets in a work directory, on the session's tgtd and
 the host's libvirtd, with failpoints armed per start (BLOCKWIRE_FAILPOINTS), kill -9, restart, and
 probes of every place state can leak to: libvirt live XML and secrets, the journal, storage's
-attachment rows, tgtd targets and CHAP accounts, the daemons' fds and RSS.
+attachment rows, tgtd targets and CHAP accounts, the daemons' fds and RSS. Each daemon is a
+tests.rig.Daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import signal
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import libvirt
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lxml import etree
 
-from blockwire.runtime.failpoints import ENV as FAILPOINTS_ENV
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.host.daemons import Tgtd
+from tests.rig import Daemon, domain_xml
 
-ROOT = Path(__file__).resolve().parents[2]
 MIB = 1 << 20
-KILLED = -signal.SIGKILL
-
-DOMAIN_XML = """<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-  </devices>
-</domain>"""
-
-
-def wait_until(what: str, ready: Callable[[], Any], timeout: float) -> Any:
-    """Polls `ready` (bounded backoff) until it returns something truthy; AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-def healthy(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
-        try:
-            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.RpcError:
-            return False
-    return r.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
@@ -80,55 +39,14 @@ def rpc_code(call: Callable[[], object]) -> grpc.StatusCode:
 
 
 @dataclass
-class Proc:
-    """One run of a daemon."""
-
-    proc: subprocess.Popen[bytes]
-    address: str
-    channel: grpc.Channel
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def died(self, timeout: float = 30) -> int:
-        """Waits for the process to end (a failpoint killed it); its return code."""
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def kill(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def rss_bytes(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise AssertionError("no VmRSS")
-
-
-@dataclass
 class Rig:
     work: Path
     tgtd: Tgtd
     virt: libvirt.virConnect
     iqn_prefix: str = field(default_factory=lambda: f"iqn.2026-01.io.blockwire.t{uuid.uuid4().hex[:6]}")
-    storage_proc: Proc | None = None
-    agent_proc: Proc | None = None
+    # the daemons of the last start (tests.rig.Daemon); a new one each start
+    storage_proc: Daemon | None = None
+    agent_proc: Daemon | None = None
     backend_dir: Path | None = None
     oversubscription: float = 1.0
     detach_timeout: float = 10.0
@@ -152,30 +70,7 @@ class Rig:
 
     # -- daemons
 
-    def _spawn(self, argv: list[str], address: str, log: Path, name: str, failpoints: str) -> Proc:
-        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
-        if failpoints:
-            env[FAILPOINTS_ENV] = failpoints
-        out = open(log, "ab")  # noqa: SIM115 - the daemon writes it while it runs
-        out.write(f"\n===== start {name} failpoints={failpoints!r} =====\n".encode())
-        out.flush()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-        out.close()
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            return healthy(address)
-
-        try:
-            wait_until(name, ready, 60)
-        except BaseException:
-            proc.kill()
-            proc.wait(10)
-            raise
-        return Proc(proc, address, grpc.insecure_channel(address))
-
-    def start_storage(self, failpoints: str = "") -> Proc:
+    def start_storage(self, failpoints: str = "") -> Daemon:
         sock = self.work / "storage.sock"
         volumes = self.backend_dir or self.work / "volumes"
         volumes.mkdir(exist_ok=True)
@@ -204,13 +99,10 @@ path = "{volumes}"
 oversubscription_ratio = {self.oversubscription}
 {self.storage_config}"""
         )
-        argv = [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(config)]
-        self.storage_proc = self._spawn(
-            argv, f"unix://{sock}", self.work / "storage.log", "blockwire-storage", failpoints
-        )
+        self.storage_proc = Daemon.storage(config, sock).start(failpoints)
         return self.storage_proc
 
-    def start_agent(self, failpoints: str = "") -> Proc:
+    def start_agent(self, failpoints: str = "") -> Daemon:
         sock = self.work / "agent.sock"
         config = self.work / "agent.toml"
         config.write_text(
@@ -226,10 +118,7 @@ detach_timeout = {self.detach_timeout}
 log_level = "DEBUG"
 {self.agent_config}"""
         )
-        argv = [sys.executable, "-m", "hostagent.rpc.server", "--config", str(config)]
-        self.agent_proc = self._spawn(
-            argv, f"unix://{sock}", self.work / "agent.log", "blockwire-agent", failpoints
-        )
+        self.agent_proc = Daemon.agent(config, sock).start(failpoints)
         return self.agent_proc
 
     def stop(self) -> None:
@@ -237,6 +126,17 @@ log_level = "DEBUG"
             if p is not None:
                 p.stop()
         self.agent_proc = self.storage_proc = None
+
+    @contextlib.contextmanager
+    def running(self, *, agent: bool = True) -> Iterator[Rig]:
+        """Both daemons started (storage alone without `agent`), and stopped afterwards."""
+        try:
+            self.start_storage()
+            if agent:
+                self.start_agent()
+            yield self
+        finally:
+            self.stop()
 
     @property
     def state(self) -> Path:
@@ -378,7 +278,7 @@ log_level = "DEBUG"
 
 def define_domain(virt: libvirt.virConnect, prefix: str = "bw-rel") -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    dom = virt.defineXML(DOMAIN_XML.format(name=name))
+    dom = virt.defineXML(domain_xml(name))
     try:
         dom.create()
     except BaseException:

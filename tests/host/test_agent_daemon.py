@@ -14,13 +14,11 @@ import contextlib
 import fcntl
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -33,47 +31,14 @@ from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
-from tests.fakes.daemon_rig import DOMAIN_XML, healthy, wait_until
+from tests.fakes.daemon_rig import Rig, define_domain, remove_domain
 from tests.host.daemons import Started, Tgtd
+from tests.rig import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOP_CTL_ADD = 0x4C80
 LOOP_CTL_REMOVE = 0x4C81
 MIB = 1 << 20
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    address: str
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _start(argv: list[str], address: str, log: Path, name: str) -> Daemon:
-    out = open(log, "wb")  # noqa: SIM115 - the daemon writes it while it runs
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    daemon = Daemon(proc, address, log)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"{name} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        return healthy(address)
-
-    try:
-        wait_until(name, ready, 60)
-    except BaseException:
-        daemon.stop()
-        raise
-    return daemon
 
 
 @pytest.fixture(scope="module")
@@ -82,74 +47,22 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def storage(host_daemons: Started, tgtd: Tgtd, work: Path) -> Iterator[storage_pb2_grpc.StorageServiceStub]:
+def rig(host_daemons: Started, tgtd: Tgtd, work: Path, virt: libvirt.virConnect) -> Iterator[Rig]:
+    """Both daemons (tests/fakes/daemon_rig.py), logging at DEBUG into `work`."""
     if not (ROOT / "storagesvc" / "rpc" / "server.py").exists():
         tier_unavailable("host", "storagesvc daemon missing")
-    sock = work / "storage.sock"
-    (work / "volumes").mkdir()
-    config = work / "storage.toml"
-    config.write_text(
-        f"""[server]
-unix_socket = "{sock}"
-log_format = "kv"
-log_level = "DEBUG"
-
-[service]
-catalog_path = "{work / "storage.db"}"
-
-[exporters.tgt]
-kind = "tgt"
-portals = [{", ".join(f'"{p}"' for p in tgtd.portals)}]
-control_port = {tgtd.control_port}
-
-[[backends]]
-name = "file"
-kind = "file"
-exporter = "tgt"
-path = "{work / "volumes"}"
-"""
-    )
-    daemon = _start(
-        [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(config)],
-        f"unix://{sock}",
-        work / "storage.log",
-        "blockwire-storage",
-    )
-    channel = grpc.insecure_channel(daemon.address)
-    yield storage_pb2_grpc.StorageServiceStub(channel)
-    channel.close()
-    daemon.stop()
+    with Rig(work=work, tgtd=tgtd, virt=virt).running() as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
-def agent(
-    host_daemons: Started, storage: storage_pb2_grpc.StorageServiceStub, work: Path
-) -> Iterator[hostagent_pb2_grpc.HostAgentServiceStub]:
-    sock = work / "agent.sock"
-    state = work / "agent-state"
-    config = work / "agent.toml"
-    config.write_text(
-        f"""state_dir = "{state}"
-storage_address = "unix://{work / "storage.sock"}"
-iscsi_mode = "qemu"
-listen_unix = "{sock}"
-initiator_file = "{work / "no-initiatorname"}"
-hostnqn_file = "{work / "no-hostnqn"}"
-device_timeout = 10.0
-detach_timeout = 10.0
-log_level = "DEBUG"
-"""
-    )
-    daemon = _start(
-        [sys.executable, "-m", "hostagent.rpc.server", "--config", str(config)],
-        f"unix://{sock}",
-        work / "agent.log",
-        "blockwire-agent",
-    )
-    channel = grpc.insecure_channel(daemon.address)
-    yield hostagent_pb2_grpc.HostAgentServiceStub(channel)
-    channel.close()
-    daemon.stop()
+def storage(rig: Rig) -> storage_pb2_grpc.StorageServiceStub:
+    return rig.storage
+
+
+@pytest.fixture(scope="module")
+def agent(rig: Rig) -> hostagent_pb2_grpc.HostAgentServiceStub:
+    return rig.agent
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +74,11 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture
 def domain(virt: libvirt.virConnect) -> Iterator[str]:
-    name = f"bw-agent-{uuid.uuid4().hex[:8]}"
-    dom = virt.defineXML(DOMAIN_XML.format(name=name))
+    name = define_domain(virt, "bw-agent")
     try:
-        dom.create()
         yield name
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.destroy()
-        dom.undefine()
+        remove_domain(virt, name)
 
 
 def live_disks(virt: libvirt.virConnect, domain: str) -> list[etree._Element]:

@@ -22,7 +22,6 @@ from hostagent import api
 from storagesvc import service
 from storagesvc.targets import tgt
 from tests.fakes.daemon_rig import (
-    KILLED,
     Rig,
     define_domain,
     force_cleanup,
@@ -31,6 +30,7 @@ from tests.fakes.daemon_rig import (
     rpc_code,
 )
 from tests.host.daemons import Started, Tgtd
+from tests.rig import KILLED
 
 COMPLETE, NOTHING = "complete", "nothing"
 # The expected outcome of a kill at each failpoint (see HostAgent.reconcile).
@@ -74,12 +74,8 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
-    r = Rig(work=tmp_path_factory.mktemp("crash"), tgtd=tgtd, virt=virt)
-    r.start_storage()
-    try:
+    with Rig(work=tmp_path_factory.mktemp("crash"), tgtd=tgtd, virt=virt).running(agent=False) as r:
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture(scope="module")

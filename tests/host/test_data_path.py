@@ -30,17 +30,13 @@ from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from hostagent.api import FP_ATTACH_BEFORE_COMPLETE
-from tests.fakes.daemon_rig import DOMAIN_XML, MIB, Rig, force_cleanup, remove_domain, rpc_code
+from tests.fakes.daemon_rig import MIB, Rig, force_cleanup, remove_domain, rpc_code
 from tests.host.daemons import Started, Tgtd
+from tests.rig import domain_xml
 
-# A q35 domain with free PCIe root ports, so that a virtio (PCI) disk can be hot-plugged; with no guest
-# OS nothing ever acknowledges its unplug.
-PCI_DOMAIN_XML = DOMAIN_XML.replace(
-    "<controller type='scsi' index='0' model='virtio-scsi'/>",
-    "<controller type='scsi' index='0' model='virtio-scsi'/>\n"
-    + "    <controller type='pci' index='0' model='pcie-root'/>\n"
-    + "\n".join(f"    <controller type='pci' index='{i}' model='pcie-root-port'/>" for i in range(1, 9)),
-)
+# Free PCIe root ports (q35), so that a virtio (PCI) disk can be hot-plugged; with no guest OS nothing
+# ever acknowledges its unplug.
+PCI_ROOT_PORTS = 8
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +50,8 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
     r = Rig(work=tmp_path_factory.mktemp("datapath"), tgtd=tgtd, virt=virt, detach_timeout=3.0)
-    r.start_storage()
-    r.start_agent()
-    try:
+    with r.running():
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture
@@ -80,8 +72,8 @@ def domains(rig: Rig) -> Iterator[list[str]]:
         rig.volume_ids.discard(vid)
 
 
-def start(rig: Rig, domains: list[str], name: str, xml: str = DOMAIN_XML) -> str:
-    dom = rig.lv().defineXML(xml.format(name=name))
+def start(rig: Rig, domains: list[str], name: str, pci_root_ports: int = 0) -> str:
+    dom = rig.lv().defineXML(domain_xml(name, pci_root_ports=pci_root_ports))
     domains.append(name)
     dom.create()
     return name
@@ -178,7 +170,7 @@ def test_domain_names_that_differ_in_unsafe_characters_never_share_an_attachment
 
 
 def test_failed_attach_never_unexports_a_disk_the_domain_still_holds(rig: Rig, domains: list[str]) -> None:
-    name = start(rig, domains, unique("bw-dp-pci"), PCI_DOMAIN_XML)
+    name = start(rig, domains, unique("bw-dp-pci"), PCI_ROOT_PORTS)
     v = create_volume(rig)
     rig.agent_proc.stop()  # type: ignore[union-attr]
     rig.start_agent(failpoints=f"{FP_ATTACH_BEFORE_COMPLETE}=raise")

@@ -22,22 +22,16 @@ from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, FileSource
 from hostagent.virt.domains import LibvirtHypervisor
 from tests.host.daemons import Started
+from tests.rig import domain_xml
 
 DISKS = 9
-DOMAIN_XML = """<domain type='kvm'>
-  <name>{name}</name>
-  <memory unit='MiB'>64</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices><controller type='scsi' index='0' model='virtio-scsi'/></devices>
-</domain>"""
 
 
 @pytest.fixture
 def domain(host_daemons: Started) -> Iterator[str]:
     conn = libvirt.open("qemu:///system")
     name = f"bw-units-{uuid.uuid4().hex[:8]}"
-    dom = conn.createXML(DOMAIN_XML.format(name=name), 0)
+    dom = conn.createXML(domain_xml(name), 0)
     try:
         yield name
     finally:

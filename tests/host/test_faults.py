@@ -34,9 +34,9 @@ from tests.fakes.daemon_rig import (
     force_cleanup,
     loop_device,
     remove_domain,
-    wait_until,
 )
 from tests.host.daemons import Started, Tgtd
+from tests.rig import wait_until
 
 
 @pytest.fixture
@@ -50,13 +50,8 @@ def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture
 def rig(tmp_path: Path, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
-    r = Rig(work=tmp_path, tgtd=tgtd, virt=virt)
-    r.start_storage()
-    r.start_agent()
-    try:
+    with Rig(work=tmp_path, tgtd=tgtd, virt=virt).running() as r:
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture

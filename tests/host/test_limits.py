@@ -27,8 +27,9 @@ from blockwire.limits import LIMIT_METADATA
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
-from tests.fakes.daemon_rig import Rig, define_domain, force_cleanup, remove_domain, wait_until
+from tests.fakes.daemon_rig import Rig, define_domain, force_cleanup, remove_domain
 from tests.host.daemons import Started, Tgtd
+from tests.rig import wait_until
 
 AGENT_STREAMS = 24  # more than the 16 threads the agent's server once had in all
 STORAGE_STREAMS = 4
@@ -51,12 +52,8 @@ def rig(tmp_path: Path, tgtd: Tgtd, virt: libvirt.virConnect) -> Iterator[Rig]:
         agent_config=f"[limits]\nmax_streams = {AGENT_STREAMS}\n",
         storage_config=f"[limits]\nmax_streams = {STORAGE_STREAMS}\n",
     )
-    r.start_storage()
-    r.start_agent()
-    try:
+    with r.running():
         yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture

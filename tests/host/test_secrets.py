@@ -23,6 +23,7 @@ from tests.host import test_agent_daemon as _daemons
 
 # The daemons of test_agent_daemon (logging at DEBUG), as this module's own fixtures.
 work = _daemons.work
+rig = _daemons.rig
 storage = _daemons.storage
 agent = _daemons.agent
 virt = _daemons.virt

@@ -19,13 +19,10 @@ MIB = 1 << 20
 @pytest.fixture
 def rig(host_daemons: Started, tgtd: Tgtd, tmp_path: Path) -> Iterator[Rig]:
     virt = libvirt.open("qemu:///system")
-    r = Rig(work=tmp_path, tgtd=tgtd, virt=virt)
     try:
-        r.start_storage()
-        r.start_agent()
-        yield r
+        with Rig(work=tmp_path, tgtd=tgtd, virt=virt).running() as r:
+            yield r
     finally:
-        r.stop()
         virt.close()
 
 

@@ -9,19 +9,14 @@ import ctypes
 import ctypes.util
 import os
 import re
-import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
@@ -30,11 +25,11 @@ from storagesvc.targets.tgt import TgtLun, parse_targets
 from tests.conftest import tier_unavailable
 from tests.host import libiscsi
 from tests.host.daemons import Tgtd
+from tests.rig import Daemon
 
 MIB = 1024 * 1024
 HOST_IQN = "iqn.2026-01.io.blockwire.test:host-a"
 OTHER_IQN = "iqn.2026-01.io.blockwire.test:host-b"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- a real initiator: libiscsi's C API, for the raw designators iscsi-inq prints as text
@@ -199,59 +194,8 @@ def qemu_io(
 # -- the daemon
 
 
-@dataclass
-class StorageDaemon:
-    config: Path
-    socket: Path
-    prefix: str
-    proc: subprocess.Popen[bytes] | None = None
-    channel: grpc.Channel | None = None
-
-    @property
-    def stub(self) -> storage_pb2_grpc.StorageServiceStub:
-        assert self.channel is not None
-        return storage_pb2_grpc.StorageServiceStub(self.channel)
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(self.config)],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.config.with_suffix(".log"), "ab"),  # noqa: SIM115 - closed with the process
-        )
-        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
-        health = health_pb2_grpc.HealthStub(self.channel)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"blockwire-storage exited {self.proc.returncode}: {self.log()[-2000:]}")
-            try:
-                status = health.Check(
-                    health_pb2.HealthCheckRequest(service="blockwire.v1.StorageService"), timeout=1
-                )
-                if status.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "blockwire-storage did not become SERVING within 30s"
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        return self.config.with_suffix(".log").read_text()
-
-    def stop(self) -> int:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-            raise AssertionError("blockwire-storage ignored SIGTERM") from None
+def stub(daemon: Daemon) -> storage_pb2_grpc.StorageServiceStub:
+    return storage_pb2_grpc.StorageServiceStub(daemon.channel)
 
 
 def write_config(tmp: Path, prefix: str, tgtd: Tgtd) -> Path:
@@ -284,10 +228,20 @@ portals = [{portals}]
 
 
 @pytest.fixture
-def storaged(tgtd: Tgtd, tmp_path: Path) -> Iterator[StorageDaemon]:
-    # A prefix of our own: reconcile removes unknown targets under it, and only under it.
-    prefix = f"iqn.2026-01.io.blockwire.t{uuid.uuid4().hex[:12]}"
-    daemon = StorageDaemon(write_config(tmp_path, prefix, tgtd), tmp_path / "storage.sock", prefix)
+def prefix() -> str:
+    """The IQN prefix of the daemon's targets, our own: reconcile removes unknown targets under it, and
+    only under it."""
+    return f"iqn.2026-01.io.blockwire.t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def storaged(tgtd: Tgtd, tmp_path: Path, prefix: str) -> Iterator[Daemon]:
+    daemon = Daemon.storage(
+        write_config(tmp_path, prefix, tgtd),
+        tmp_path / "storage.sock",
+        start_timeout=30,
+        health_service="blockwire.v1.StorageService",
+    )
     daemon.start()
     try:
         yield daemon
@@ -300,7 +254,7 @@ def storaged(tgtd: Tgtd, tmp_path: Path) -> Iterator[StorageDaemon]:
                 volume_id = iqn.rpartition(":")[2]
                 for user in (f"in-{volume_id[:24]}", f"out-{volume_id[:24]}"):
                     tgtd.adm("--op", "delete", "--mode", "account", "--user", user, check=False)
-        assert code == 0, daemon.log()[-2000:]
+        assert code == 0, daemon.tail(2000)
 
 
 def targets(tgtd: Tgtd) -> list[tuple[int, str]]:
@@ -326,24 +280,26 @@ def connector(iqn: str = HOST_IQN, host: str = "host-a") -> pb.Connector:
     )
 
 
-def attach(daemon: StorageDaemon, name: str, size: int = 64 * MIB) -> tuple[pb.Volume, pb.Attachment]:
-    vol = daemon.stub.CreateVolume(spb.CreateVolumeRequest(name=name, size_bytes=size), timeout=30).volume
-    att = daemon.stub.CreateAttachment(
-        spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector()), timeout=30
-    ).attachment
+def attach(daemon: Daemon, name: str, size: int = 64 * MIB) -> tuple[pb.Volume, pb.Attachment]:
+    vol = stub(daemon).CreateVolume(spb.CreateVolumeRequest(name=name, size_bytes=size), timeout=30).volume
+    att = (
+        stub(daemon)
+        .CreateAttachment(spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector()), timeout=30)
+        .attachment
+    )
     return vol, att
 
 
-def detach(daemon: StorageDaemon, vol: pb.Volume, att: pb.Attachment) -> None:
-    daemon.stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
-    daemon.stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
+def detach(daemon: Daemon, vol: pb.Volume, att: pb.Attachment) -> None:
+    stub(daemon).DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
+    stub(daemon).DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
 
 
 # -- the tests
 
 
 def test_lun_is_visible_on_every_portal_with_the_announced_identity_and_size(
-    storaged: StorageDaemon, tgtd: Tgtd
+    storaged: Daemon, tgtd: Tgtd
 ) -> None:
     vol, att = attach(storaged, "identity")
     ci = att.connection_info
@@ -373,7 +329,7 @@ def test_lun_is_visible_on_every_portal_with_the_announced_identity_and_size(
     detach(storaged, vol, att)
 
 
-def test_data_written_through_one_portal_reads_back_through_the_other(storaged: StorageDaemon) -> None:
+def test_data_written_through_one_portal_reads_back_through_the_other(storaged: Daemon) -> None:
     vol, att = attach(storaged, "data")
     first, second = att.connection_info.iscsi.paths
     chap = att.connection_info.iscsi.chap
@@ -388,7 +344,7 @@ def test_data_written_through_one_portal_reads_back_through_the_other(storaged: 
     detach(storaged, vol, att)
 
 
-def test_an_initiator_outside_the_acl_is_refused(storaged: StorageDaemon) -> None:
+def test_an_initiator_outside_the_acl_is_refused(storaged: Daemon) -> None:
     vol, att = attach(storaged, "acl")
     chap = att.connection_info.iscsi.chap
     for path in att.connection_info.iscsi.paths:
@@ -398,7 +354,7 @@ def test_an_initiator_outside_the_acl_is_refused(storaged: StorageDaemon) -> Non
     detach(storaged, vol, att)
 
 
-def test_wrong_chap_is_refused_and_the_right_one_accepted(storaged: StorageDaemon) -> None:
+def test_wrong_chap_is_refused_and_the_right_one_accepted(storaged: Daemon) -> None:
     vol, att = attach(storaged, "chap")
     path = att.connection_info.iscsi.paths[0]
     chap = att.connection_info.iscsi.chap
@@ -408,34 +364,34 @@ def test_wrong_chap_is_refused_and_the_right_one_accepted(storaged: StorageDaemo
     detach(storaged, vol, att)
 
 
-def test_deleting_the_attachment_removes_the_export(storaged: StorageDaemon, tgtd: Tgtd) -> None:
+def test_deleting_the_attachment_removes_the_export(storaged: Daemon, tgtd: Tgtd) -> None:
     vol, att = attach(storaged, "teardown")
     iqn = att.connection_info.iscsi.paths[0].target_iqn
     assert iqn in [t for _, t in targets(tgtd)]
     assert att.connection_info.iscsi.chap.username in accounts(tgtd)
-    storaged.stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
-    storaged.stub.DeleteAttachment(
+    stub(storaged).DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
+    stub(storaged).DeleteAttachment(
         spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30
     )  # repeat: OK
     assert iqn not in [t for _, t in targets(tgtd)]
     assert att.connection_info.iscsi.chap.username not in accounts(tgtd)
-    again = storaged.stub.GetVolume(spb.GetVolumeRequest(volume_id=vol.id), timeout=10).volume
+    again = stub(storaged).GetVolume(spb.GetVolumeRequest(volume_id=vol.id), timeout=10).volume
     assert again.state == pb.VOLUME_STATE_AVAILABLE
     assert not again.attachment_ids
-    storaged.stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
+    stub(storaged).DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
 
 
 def test_a_tgtd_restart_then_a_service_restart_brings_every_export_back(
-    storaged: StorageDaemon, tgtd: Tgtd
+    storaged: Daemon, tgtd: Tgtd, prefix: str
 ) -> None:
     exports = [attach(storaged, f"restart-{i}") for i in range(2)]
-    storaged.stub.CompleteAttachment(
+    stub(storaged).CompleteAttachment(
         spb.CompleteAttachmentRequest(attachment_id=exports[0][1].id), timeout=10
     )
     tgtd.restart()
-    assert not [t for _, t in targets(tgtd) if t.startswith(storaged.prefix)]
+    assert not [t for _, t in targets(tgtd) if t.startswith(prefix)]
     # a stray target under our prefix, unknown to the catalog: removed on start
-    stray = f"{storaged.prefix}:{'f' * 32}"
+    stray = f"{prefix}:{'f' * 32}"
     tgtd.adm("--op", "new", "--mode", "target", "--tid", "999", "-T", stray)
     assert storaged.stop() == 0
     storaged.start()
@@ -452,16 +408,16 @@ def test_a_tgtd_restart_then_a_service_restart_brings_every_export_back(
             assert naa_wwn(designators) == ci.wwn
         libiscsi.refused(OTHER_IQN, libiscsi.url(ci.iscsi.paths[0], chap.username, chap.password))
     states = [
-        storaged.stub.GetVolume(spb.GetVolumeRequest(volume_id=v.id), timeout=10).volume.state
+        stub(storaged).GetVolume(spb.GetVolumeRequest(volume_id=v.id), timeout=10).volume.state
         for v, _ in exports
     ]
     assert states == [pb.VOLUME_STATE_IN_USE, pb.VOLUME_STATE_ATTACHING]
     for vol, att in exports:
         detach(storaged, vol, att)
-    assert not [t for _, t in targets(tgtd) if t.startswith(storaged.prefix)]
+    assert not [t for _, t in targets(tgtd) if t.startswith(prefix)]
 
 
-def test_an_extend_keeps_the_luns_identity_for_a_logged_in_host(storaged: StorageDaemon, tgtd: Tgtd) -> None:
+def test_an_extend_keeps_the_luns_identity_for_a_logged_in_host(storaged: Daemon, tgtd: Tgtd) -> None:
     """ExtendVolume re-opens LUN 1 in place (issue 11, item 7): a host that stays logged in and asks
     for the LUN's identity all through a series of extends never sees it missing or with tgt's
     default identity, and sees the new size."""
@@ -482,7 +438,7 @@ def test_an_extend_keeps_the_luns_identity_for_a_logged_in_host(storaged: Storag
     try:
         for _ in range(20):
             size += MIB
-            storaged.stub.ExtendVolume(
+            stub(storaged).ExtendVolume(
                 spb.ExtendVolumeRequest(volume_id=vol.id, new_size_bytes=size), timeout=30
             )
     finally:
@@ -500,7 +456,7 @@ def test_an_extend_keeps_the_luns_identity_for_a_logged_in_host(storaged: Storag
 
 
 def test_a_lun_deleted_behind_storages_back_comes_back_by_the_export_checks(
-    storaged: StorageDaemon, tgtd: Tgtd
+    storaged: Daemon, tgtd: Tgtd
 ) -> None:
     """The export supervision looks at each live export's LUN too, not only its target and ACL."""
     vol, att = attach(storaged, "lost-lun")
@@ -519,14 +475,14 @@ def test_a_lun_deleted_behind_storages_back_comes_back_by_the_export_checks(
         assert naa_wwn(designators) == ci.wwn
     inq = libiscsi.inquiry(HOST_IQN, libiscsi.url(path, chap.username, chap.password), "-e", "1", "-c", "128")
     assert re.search(rf"Unit Serial Number:\[\s*{ci.serial}\]", inq.stdout), inq.stdout
-    ops = storaged.stub.GetBackendStats(spb.GetBackendStatsRequest(), timeout=10).operations
+    ops = stub(storaged).GetBackendStats(spb.GetBackendStatsRequest(), timeout=10).operations
     assert [(o.count, o.errors) for o in ops if o.operation == "export_repair"] == [(1, 0)]
-    assert "has no LUN 1" in storaged.log()
+    assert "has no LUN 1" in storaged.log.read_text()
     detach(storaged, vol, att)
 
 
-def test_sigterm_stops_the_daemon_cleanly(storaged: StorageDaemon) -> None:
+def test_sigterm_stops_the_daemon_cleanly(storaged: Daemon) -> None:
     assert storaged.stop() == 0
-    assert 'msg="stopped"' in storaged.log()
+    assert 'msg="stopped"' in storaged.log.read_text()
     assert not os.path.exists(storaged.socket) or storaged.socket.is_socket()
     storaged.start()  # the fixture stops it again

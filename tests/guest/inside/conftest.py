@@ -8,25 +8,21 @@ Helpers: tests/guest/inside/kernel.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire.client import HostAgentClient, StorageClient
-from blockwire.runtime.failpoints import ENV as FAILPOINTS_ENV
 from tests.guest.inside import kernel
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
+from tests.rig import Daemon, domain_xml
 
 _tids = itertools.count(1)
 
@@ -93,85 +89,9 @@ def libvirtd() -> Iterator[None]:
 
 # --- blockwire's own daemons, end to end (tests/guest/inside/test_e2e_*.py) -------------------------
 
-ROOT = Path(__file__).resolve().parents[3]
-DAEMON_START_TIMEOUT = 120.0  # python + grpc imports under TCG take seconds; a hung start fails here
-
-DOMAIN_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>32</memory>
-  <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
-  <features><acpi/></features>
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    <controller type='scsi' index='0' model='virtio-scsi'/>
-    <controller type='scsi' index='1' model='virtio-scsi'/>
-  </devices>
-</domain>"""
-
-
-@dataclass
-class Daemon:
-    """One of blockwire's daemons as a subprocess (`python -m MODULE --config FILE`), on a unix socket."""
-
-    name: str
-    module: str
-    config: Path
-    socket: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log(self) -> Path:
-        return self.config.with_suffix(".log")
-
-    def start(self, failpoints: str = "") -> None:
-        """Starts the daemon and waits until it serves. `failpoints` ("agent.attach.after_hotplug=kill")
-        arms blockwire.runtime.failpoints in this run's environment only."""
-        env = {k: v for k, v in os.environ.items() if k != FAILPOINTS_ENV}
-        if failpoints:
-            env[FAILPOINTS_ENV] = failpoints
-        with self.log.open("ab") as out:
-            out.write(f"\n===== start {self.name} failpoints={failpoints!r} =====\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, "--config", str(self.config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-                env=env,
-            )
-        started = time.monotonic()
-
-        def serving() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}"
-                )
-            with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-                try:
-                    reply = health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=2
-                    )
-                except grpc.RpcError:
-                    return False
-            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-        kernel.wait_until(f"{self.name} SERVING", serving, DAEMON_START_TIMEOUT, 0.2)
-        print(f"{self.name} serving after {time.monotonic() - started:.1f}s")
-
-    def stop(self) -> None:
-        """SIGTERM (the daemons drain and exit 0); SIGKILL after a minute, which fails the test."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-            raise AssertionError(f"{self.name} ignored SIGTERM for 60s; killed") from None
-        assert rc == 0, f"{self.name} exited with {rc}:\n{self.log.read_text()[-4000:]}"
+# How the daemons run under TCG: python + grpc imports take seconds (a hung start fails at 120 s);
+# SIGTERM drains, and stop() fails the test unless it ended the daemon with 0 within 60 s.
+GUEST_DAEMON: dict[str, Any] = {"start_timeout": 120.0, "stop_timeout": 60.0, "clean_exit": True}
 
 
 @dataclass
@@ -228,8 +148,8 @@ def start_stack(workdir: Path, storage_sections: str) -> Stack:
         # TCG: logins take 0.5 s, udev settles in 2-4 s; eight parallel attaches need headroom.
         "device_timeout = 90.0\ndetach_timeout = 60.0\nlogin_timeout = 60.0\n"
     )
-    storage = Daemon("blockwire-storage", "storagesvc.rpc.server", storage_toml, workdir / "storage.sock")
-    agent = Daemon("blockwire-agent", "hostagent.rpc.server", agent_toml, workdir / "agent.sock")
+    storage = Daemon.storage(storage_toml, workdir / "storage.sock", **GUEST_DAEMON)
+    agent = Daemon.agent(agent_toml, workdir / "agent.sock", **GUEST_DAEMON)
     storage.start()
     try:
         agent.start()
@@ -261,15 +181,17 @@ def tgt_stack(tgtd: Tgtd, libvirtd: None, tmp_path_factory: pytest.TempPathFacto
     stack.stop()
 
 
-@pytest.fixture
-def domain(libvirtd: None) -> Iterator[str]:
-    """A running no-OS `type='qemu'` domain with two virtio-scsi controllers (bus='scsi' disks unplug
-    without a guest OS; libvirt addresses 7 disks per controller by target name, sda-sdg on the first,
-    and would otherwise hot-plug a new controller on the PCI bus for sdh). Destroyed and undefined
-    afterwards."""
-    name = f"bw-e2e-{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def running_domain(prefix: str) -> Iterator[str]:
+    """A running no-OS `type='qemu'` domain (TCG: the guest has no KVM) with two virtio-scsi controllers
+    (bus='scsi' disks unplug without a guest OS; libvirt addresses 7 disks per controller by target name,
+    sda-sdg on the first, and would otherwise hot-plug a new controller on the PCI bus for sdh), on the
+    'pc' machine with ACPI. Destroyed and undefined afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     xml = Path(f"/tmp/{name}.xml")
-    xml.write_text(DOMAIN_XML.format(name=name))
+    xml.write_text(
+        domain_xml(name, virt_type="qemu", machine="pc", memory_mib=32, scsi_controllers=2, acpi=True)
+    )
     kernel.virsh("define", str(xml))
     xml.unlink()
     try:
@@ -278,6 +200,13 @@ def domain(libvirtd: None) -> Iterator[str]:
     finally:
         kernel.virsh("destroy", name, ok=(0, 1))
         kernel.virsh("undefine", name, ok=(0, 1))
+
+
+@pytest.fixture
+def domain(libvirtd: None) -> Iterator[str]:
+    """A running no-OS domain for one test (`running_domain`)."""
+    with running_domain("bw-e2e") as name:
+        yield name
 
 
 def two_paths_scenario(

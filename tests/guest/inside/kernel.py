@@ -11,16 +11,13 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from hostagent.connectors.scsi import IN_USE_MARKERS
 from tests.host.daemons import Tgtd
-
-T = TypeVar("T")
+from tests.rig import wait_until  # scenarios call it as kernel.wait_until too
 
 # open-iscsi exit codes seen in practice (iscsi_err.h)
 ISCSI_ERR_SESS_EXISTS = 15
@@ -44,18 +41,6 @@ def run(
             f"{' '.join(argv)} exited {proc.returncode} (expected {tuple(ok)}):\n{proc.stdout}{proc.stderr}"
         )
     return proc
-
-
-def wait_until(what: str, probe: Callable[[], T | None], timeout: float = 60, every: float = 0.1) -> T:
-    """Polls `probe` until it returns something truthy, at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
 
 
 def keep_log(path: Path, name: str) -> None:

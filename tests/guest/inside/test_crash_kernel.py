@@ -12,13 +12,11 @@ an attach (no teardown runs, so the failpoint waits for the detach the test asks
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
@@ -28,10 +26,10 @@ from blockwire.v1 import types_pb2 as pb
 from hostagent import api
 from storagesvc import service
 from tests.guest.inside import kernel
-from tests.guest.inside.conftest import DOMAIN_XML, Daemon, Stack
+from tests.guest.inside.conftest import Stack, running_domain
 from tests.host.daemons import Tgtd
+from tests.rig import KILLED, Daemon
 
-KILLED = -signal.SIGKILL
 COMPLETE, NOTHING = "complete", "nothing"
 # A kill at each attach step, what reconcile makes of it, and (where it finishes the attach) the detach
 # step the next agent is killed at. Every step of HostAgent.reconcile's table that does something on
@@ -69,8 +67,6 @@ class Daemons:
 
     def killed(self, daemon: Daemon, call: Callable[[HostAgentClient], object]) -> None:
         """Makes `call` on an agent client that does not retry; `daemon` must die of SIGKILL meanwhile."""
-        proc = daemon.proc
-        assert proc is not None
         with HostAgentClient(f"unix://{self.s.agent_daemon.socket}", retry=NO_RETRY) as client:
             try:
                 call(client)
@@ -78,7 +74,7 @@ class Daemons:
             except BlockwireError as exc:
                 outcome = f"{exc.code}: {exc.message}"
         try:
-            rc: int | None = proc.wait(timeout=60)
+            rc: int | None = daemon.died(60)
         except subprocess.TimeoutExpired:
             rc = None
         assert rc == KILLED, f"{daemon.name} was not killed by its failpoint (the call ended {outcome})"
@@ -89,7 +85,7 @@ class Daemons:
             ("storage", self.s.storage_daemon, self.start_storage),
             ("agent", self.s.agent_daemon, self.start_agent),
         ):
-            if self.armed.get(name) or daemon.proc is None or daemon.proc.poll() is not None:
+            if self.armed.get(name) or not daemon.running:
                 start()
 
     # -- probes
@@ -152,18 +148,9 @@ class Daemons:
 
 @pytest.fixture(scope="module")
 def vm(libvirtd: None) -> Iterator[str]:
-    """One running no-OS domain for every case of this file (see conftest's `domain`)."""
-    name = f"bw-crash-{uuid.uuid4().hex[:8]}"
-    xml = Path(f"/tmp/{name}.xml")
-    xml.write_text(DOMAIN_XML.format(name=name))
-    kernel.virsh("define", str(xml))
-    xml.unlink()
-    try:
-        kernel.virsh("start", name, timeout=120)
+    """One running no-OS domain for every case of this file (conftest's `running_domain`)."""
+    with running_domain("bw-crash") as name:
         yield name
-    finally:
-        kernel.virsh("destroy", name, ok=(0, 1))
-        kernel.virsh("undefine", name, ok=(0, 1))
 
 
 @pytest.fixture

@@ -11,33 +11,28 @@ the export. Everything it makes (sessions, node records, target, LVs, VG, loop d
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
 from tests.guest.inside import kernel
-from tests.guest.inside.kernel import run, settle, wait_until
+from tests.guest.inside.conftest import GUEST_DAEMON
+from tests.guest.inside.kernel import run, settle
 from tests.host import libiscsi
+from tests.rig import Daemon, wait_until
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("BLOCKWIRE_IN_GUEST") != "1", reason="runs inside the guest only"
 )
 
 MIB = 1 << 20
-ROOT = Path(__file__).resolve().parents[3]
 # Not 3260: the tgtd fixture of other guest tests may hold that port.
 PORTALS = ("127.0.0.1:3262", "127.0.0.2:3262")
 CONFIGFS = Path("/sys/kernel/config")
@@ -93,54 +88,18 @@ def thin_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThinPool]:
         run(["losetup", "-d", loop], ok=(0, 1))
 
 
-@dataclass
-class Daemon:
-    config: Path
-    socket: Path
-    prefix: str
-    proc: subprocess.Popen[bytes] | None = None
-    channel: grpc.Channel | None = None
-
-    @property
-    def stub(self) -> storage_pb2_grpc.StorageServiceStub:
-        assert self.channel is not None
-        return storage_pb2_grpc.StorageServiceStub(self.channel)
-
-    def start(self) -> None:
-        log = self.config.with_suffix(".log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "storagesvc.rpc.server", "--config", str(self.config)],
-            cwd=ROOT,
-            stderr=log,
-        )
-        log.close()
-        self.channel = grpc.insecure_channel(f"unix:{self.socket}")
-        health = health_pb2_grpc.HealthStub(self.channel)
-
-        def serving() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"blockwire-storage exited: {self.config.with_suffix('.log').read_text()[-3000:]}"
-                )
-            with contextlib.suppress(grpc.RpcError):
-                return health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1
-            return False
-
-        wait_until("blockwire-storage SERVING", serving, 120, 0.2)
-
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            assert self.proc.wait(timeout=60) == 0
+def storage_stub(daemon: Daemon) -> storage_pb2_grpc.StorageServiceStub:
+    return storage_pb2_grpc.StorageServiceStub(daemon.channel)
 
 
 @pytest.fixture
-def storaged(lio: None, thin_pool: ThinPool, tmp_path: Path) -> Iterator[Daemon]:
-    prefix = f"iqn.2026-01.io.blockwire.g{uuid.uuid4().hex[:8]}"
+def prefix() -> str:
+    """The IQN prefix of the daemon's targets."""
+    return f"iqn.2026-01.io.blockwire.g{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def storaged(lio: None, thin_pool: ThinPool, tmp_path: Path, prefix: str) -> Iterator[Daemon]:
     config = tmp_path / "storage.toml"
     portals = ", ".join(f'"{p}"' for p in PORTALS)
     config.write_text(
@@ -150,13 +109,13 @@ def storaged(lio: None, thin_pool: ThinPool, tmp_path: Path) -> Iterator[Daemon]
         f'exporter = "lio"\noversubscription_ratio = 2.0\n'
         f"[exporters.lio]\nportals = [{portals}]\n"
     )
-    daemon = Daemon(config, tmp_path / "storage.sock", prefix)
+    daemon = Daemon.storage(config, tmp_path / "storage.sock", **GUEST_DAEMON)
     daemon.start()
     try:
         yield daemon
     finally:
         daemon.stop()
-        kernel.keep_log(config.with_suffix(".log"), f"{tmp_path.name}-storage.log")
+        kernel.keep_log(daemon.log, f"{tmp_path.name}-storage.log")
         kernel.force_cleanup()
         for target in LIO_ISCSI.glob(f"{prefix}*") if LIO_ISCSI.is_dir() else []:
             _delete_lio_target(target.name)
@@ -199,7 +158,7 @@ def _forget(iqn: str) -> None:
 def test_lvm_thin_volume_over_lio_reaches_the_kernel_with_the_announced_identity(
     storaged: Daemon, thin_pool: ThinPool, tmp_path: Path
 ) -> None:
-    stub = storaged.stub
+    stub = storage_stub(storaged)
     vol = stub.CreateVolume(spb.CreateVolumeRequest(name="g1", size_bytes=64 * MIB), timeout=120).volume
     assert f"vol-{vol.id}" in thin_pool.lvs()
     att = stub.CreateAttachment(
@@ -264,7 +223,7 @@ def test_lvm_thin_volume_over_lio_reaches_the_kernel_with_the_announced_identity
 def test_an_initiator_outside_the_acl_is_refused(storaged: Daemon) -> None:
     """Another initiator, even with the right CHAP secret, is refused on every portal; this host's is
     accepted. (libiscsi logins: tests/host/libiscsi.py says why refused ones stay out of the kernel.)"""
-    stub = storaged.stub
+    stub = storage_stub(storaged)
     vol = stub.CreateVolume(spb.CreateVolumeRequest(name="g2", size_bytes=16 * MIB), timeout=120).volume
     connector = _connector()
     request = spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector)
@@ -280,7 +239,7 @@ def test_an_initiator_outside_the_acl_is_refused(storaged: Daemon) -> None:
 
 
 def test_thin_snapshot_and_a_volume_from_it(storaged: Daemon, thin_pool: ThinPool) -> None:
-    stub = storaged.stub
+    stub = storage_stub(storaged)
     vol = stub.CreateVolume(spb.CreateVolumeRequest(name="g3", size_bytes=16 * MIB), timeout=120).volume
     snap = stub.CreateSnapshot(spb.CreateSnapshotRequest(volume_id=vol.id, name="g3s"), timeout=120).snapshot
     copy = stub.CreateVolume(
@@ -299,8 +258,8 @@ def test_thin_snapshot_and_a_volume_from_it(storaged: Daemon, thin_pool: ThinPoo
     assert not {f"vol-{vol.id}", f"snap-{snap.id}", f"vol-{copy.id}"} & set(thin_pool.lvs())
 
 
-def test_a_restarted_service_rebuilds_an_export_lio_lost(storaged: Daemon) -> None:
-    stub = storaged.stub
+def test_a_restarted_service_rebuilds_an_export_lio_lost(storaged: Daemon, prefix: str) -> None:
+    stub = storage_stub(storaged)
     vol = stub.CreateVolume(spb.CreateVolumeRequest(name="g4", size_bytes=16 * MIB), timeout=120).volume
     att = stub.CreateAttachment(
         spb.CreateAttachmentRequest(volume_id=vol.id, connector=_connector()), timeout=120
@@ -309,7 +268,7 @@ def test_a_restarted_service_rebuilds_an_export_lio_lost(storaged: Daemon) -> No
     storaged.stop()
     _delete_lio_target(iqn)  # what a reboot without saved LIO configuration does
     assert not (LIO_ISCSI / iqn).exists()
-    stray = f"{storaged.prefix}:{'e' * 32}"
+    stray = f"{prefix}:{'e' * 32}"
     import rtslib_fb  # noqa: PLC0415
 
     rtslib_fb.Target(rtslib_fb.FabricModule("iscsi"), stray)
@@ -318,6 +277,6 @@ def test_a_restarted_service_rebuilds_an_export_lio_lost(storaged: Daemon) -> No
     assert not (LIO_ISCSI / stray).exists()
     acls = [p.name for p in (LIO_ISCSI / iqn / "tpgt_1" / "acls").iterdir()]
     assert acls == [initiator_name()]
-    stub = storaged.stub
+    stub = storage_stub(storaged)
     stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.attachment.id), timeout=120)
     stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=120)

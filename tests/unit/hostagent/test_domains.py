@@ -18,7 +18,7 @@ from blockwire.runtime.clock import Deadline, SystemClock
 from hostagent.model import Bus
 from hostagent.virt.diskxml import DiskSpec, FileSource
 from hostagent.virt.domains import LibvirtHypervisor
-from tests.fakes.daemon_rig import wait_until
+from tests.rig import wait_until
 
 UUID = "6f1c7a52-1d55-4c39-9c4b-6a0f6f0f1c01"
 DOMAIN_XML = f"""<domain type='kvm'><name>vm1</name><uuid>{UUID}</uuid><devices>
