@@ -44,7 +44,7 @@ from tests.host.daemons import Tgtd, free_port, free_tgt_control_port, need_root
 from tests.rig import Daemon  # noqa: E402
 
 MIB = 1 << 20
-RAN = re.compile(r'logger=hostagent\.host\.executor msg="ran \((.*?)\) -> \d+ in ([0-9.]+)s"')
+RAN = re.compile(r'logger=blockwire\.runtime\.executor msg="ran \((.*?)\) -> \d+ in ([0-9.]+)s"')
 TS = re.compile(r"^ts=(\S+) ")
 
 

@@ -137,6 +137,10 @@ log_level = "DEBUG"
             yield self
         finally:
             self.stop()
+            # Only now, with no storage daemon left to rebuild them (its export checks put back a target
+            # a test's cleanup removed while it ran), this rig's targets and CHAP accounts go from the
+            # session's shared tgtd, so the next test starts from an empty tgtd.
+            force_cleanup(self, "")
 
     @property
     def state(self) -> Path:
