@@ -86,8 +86,22 @@ def live_disks(virt: libvirt.virConnect, domain: str) -> list[etree._Element]:
     return root.findall("devices/disk")
 
 
+_FOUND_AT_START: set[str] = set()
+
+
+def _all_blockwire_secrets(virt: libvirt.virConnect) -> set[str]:
+    return {u for u in (s.usageID() for s in virt.listAllSecrets()) if u and u.startswith("blockwire/")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _secrets_at_start(virt: libvirt.virConnect) -> None:
+    """libvirtd is shared with whatever else ran on this machine: its secrets are not this module's."""
+    _FOUND_AT_START.update(_all_blockwire_secrets(virt))
+
+
 def blockwire_secrets(virt: libvirt.virConnect) -> list[str]:
-    return [u for u in (s.usageID() for s in virt.listAllSecrets()) if u and u.startswith("blockwire/")]
+    """The blockwire secrets this module's attachments made (and left)."""
+    return sorted(_all_blockwire_secrets(virt) - _FOUND_AT_START)
 
 
 def journal_records(work: Path) -> list[str]:
