@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 from blockwire.errors import Aborted
 
@@ -47,11 +47,10 @@ class KeyedLocks:
                 self._locks[key] = (lock, users - 1)
 
     @contextmanager
-    def hold(self, key: str, what: str = "") -> Iterator[None]:
-        """Waits for the key's lock: up to `timeout` seconds, then Aborted; with no timeout, until free."""
+    def _held(self, key: str, what: str, *, blocking: bool, timeout: float) -> Iterator[None]:
         lock = self._ref(key)
         try:
-            if not lock.acquire(timeout=-1 if self.timeout is None else self.timeout):
+            if not lock.acquire(blocking=blocking, timeout=timeout):
                 raise Aborted(f"another call on {what or key} is in flight; retry with backoff")
             try:
                 yield
@@ -60,16 +59,10 @@ class KeyedLocks:
         finally:
             self._unref(key)
 
-    @contextmanager
-    def hold_or_abort(self, key: str, what: str) -> Iterator[None]:
+    def hold(self, key: str, what: str = "") -> AbstractContextManager[None]:
+        """Waits for the key's lock: up to `timeout` seconds, then Aborted; with no timeout, until free."""
+        return self._held(key, what, blocking=True, timeout=-1 if self.timeout is None else self.timeout)
+
+    def hold_or_abort(self, key: str, what: str) -> AbstractContextManager[None]:
         """Takes the key's lock or raises Aborted at once when another call holds it."""
-        lock = self._ref(key)
-        try:
-            if not lock.acquire(blocking=False):
-                raise Aborted(f"another call on {what} is in flight; retry with backoff")
-            try:
-                yield
-            finally:
-                lock.release()
-        finally:
-            self._unref(key)
+        return self._held(key, what, blocking=False, timeout=-1)
