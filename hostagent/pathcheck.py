@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 LOGGED_IN = "LOGGED_IN"
 FAILED = "FAILED"
+TRANSITION_INTERVALS = 3  # intervals a session may stay in a state other than LOGGED_IN or FAILED
 
 
 @runtime_checkable
@@ -93,12 +94,16 @@ class PathSupervisor:
                     continue
                 if state == FAILED:
                     self._seen_up.add(key)  # it was logged in before it failed
-                if key not in self._seen_up or state not in (None, FAILED):
-                    continue  # FREE: a login or logout in progress
+                if key not in self._seen_up:
+                    continue  # never up: a login of the attach itself may be under way
                 first = self._down_since(a, key, state or "gone")
+                # FAILED gets one interval of iscsid's own recovery; any other state (FREE: a login or
+                # logout in progress) gets TRANSITION_INTERVALS, then counts as failed too: iscsid can
+                # leave a session in it for good after a target restart.
+                grace = self.interval * (1 if state == FAILED else TRANSITION_INTERVALS)
                 if state is None:
                     gone.append(p.portal)
-                elif self.clock.monotonic() - first >= self.interval:
+                elif self.clock.monotonic() - first >= grace:
                     failed.append(p.portal)
             if gone or failed:
                 added += self._repair(a, gone, failed)

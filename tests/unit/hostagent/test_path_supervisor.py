@@ -191,6 +191,20 @@ def test_a_failed_session_gets_one_interval_of_iscsid_recovery_then_a_relogin(ri
     assert set(session_states(rig.supervisor.sysfs).values()) == {"LOGGED_IN"}
 
 
+def test_a_session_stuck_in_transition_is_relogged_after_three_intervals(rig: Rig) -> None:
+    """Seen in the guest after a tgtd restart: one session left in a state that is neither LOGGED_IN
+    nor FAILED for good; iscsid never finished it, and waiting on "a login in progress" never ended."""
+    rig.sessions.set(PORTALS[1], "FREE")
+    assert rig.supervisor.check() == []
+    rig.clock.advance(10.0)
+    assert rig.supervisor.check() == []  # two intervals: still iscsid's to finish
+    assert rig.conn.calls == []
+    rig.clock.advance(5.0)
+    assert rig.supervisor.check() == ["/dev/sdx2"]
+    assert rig.conn.calls == [f"logout {PORTALS[1]}", f"restore {PORTALS[1]}"]
+    assert rig.drained() == [(EventType.PATH_DOWN, PORTALS[1]), (EventType.PATH_UP, PORTALS[1])]
+
+
 def test_iscsid_recovering_by_itself_needs_no_relogin(rig: Rig) -> None:
     rig.sessions.set(PORTALS[0], "FAILED")
     rig.supervisor.check()
