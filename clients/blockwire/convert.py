@@ -145,6 +145,10 @@ def _transport_from_pb(m: pb.ConnectionInfo, field: str) -> model.TransportInfo:
             portals=tuple(model.NvmeofPortal(p.address, p.transport or "tcp") for p in n.portals),
             namespace_uuid=n.namespace_uuid,
             namespace_id=n.namespace_id,
+            namespace_nguid=n.namespace_nguid,
+            host_nqn=n.host_nqn,
+            dhchap_host_secret=Secret(n.dhchap_host_secret) if n.dhchap_host_secret else None,
+            dhchap_ctrl_secret=Secret(n.dhchap_ctrl_secret) if n.dhchap_ctrl_secret else None,
         )
     if which == "rbd":
         r = m.rbd
@@ -154,6 +158,8 @@ def _transport_from_pb(m: pb.ConnectionInfo, field: str) -> model.TransportInfo:
             monitors=tuple(r.monitors),
             user=r.user,
             key=Secret(r.key) if r.key else None,
+            image_id=r.image_id,
+            cluster_fsid=r.cluster_fsid,
         )
     if which == "local":
         return model.LocalConnection(path=m.local.path)
@@ -214,9 +220,16 @@ def connection_info_to_pb(c: model.ConnectionInfo, *, with_secrets: bool = True)
         m.nvmeof.portals.extend(pb.NvmeofPortal(address=p.address, transport=p.transport) for p in t.portals)
         m.nvmeof.namespace_uuid = t.namespace_uuid
         m.nvmeof.namespace_id = t.namespace_id
+        m.nvmeof.namespace_nguid = t.namespace_nguid
+        m.nvmeof.host_nqn = t.host_nqn
+        for name in ("dhchap_host_secret", "dhchap_ctrl_secret"):
+            secret = getattr(t, name)
+            if secret is not None and with_secrets:
+                setattr(m.nvmeof, name, secret.reveal())
     elif isinstance(t, model.RbdConnection):
         m.rbd.pool, m.rbd.image, m.rbd.user = t.pool, t.image, t.user
         m.rbd.monitors.extend(t.monitors)
+        m.rbd.image_id, m.rbd.cluster_fsid = t.image_id, t.cluster_fsid
         if t.key is not None and with_secrets:
             m.rbd.key = t.key.reveal()
     else:

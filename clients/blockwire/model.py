@@ -85,6 +85,10 @@ class NvmeofConnection:
     portals: tuple[NvmeofPortal, ...]
     namespace_uuid: str = ""
     namespace_id: int = 0
+    namespace_nguid: str = ""
+    host_nqn: str = ""
+    dhchap_host_secret: Secret | None = None
+    dhchap_ctrl_secret: Secret | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class RbdConnection:
     monitors: tuple[str, ...] = ()
     user: str = ""
     key: Secret | None = None
+    image_id: str = ""
+    cluster_fsid: str = ""
 
 
 @dataclass(frozen=True)

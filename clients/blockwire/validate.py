@@ -94,6 +94,9 @@ RBD_NAME_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 RBD_KEY_RE: Final = re.compile(r"[A-Za-z0-9+/]{1,252}={0,2}")
 UUID_RE: Final = re.compile(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
 NVME_TRANSPORTS: Final = ("tcp", "rdma")
+NGUID_RE: Final = re.compile(r"[0-9a-f]{32}")
+DHCHAP_SECRET_RE: Final = re.compile(r"DHHC-1:0[0-3]:[A-Za-z0-9+/]{44,92}={0,2}:")
+RBD_IMAGE_ID_RE: Final = re.compile(r"[0-9a-f]{1,64}")
 
 
 def quote(value: str) -> str:
@@ -422,6 +425,16 @@ def _nvmeof(t: NvmeofConnection, field: str) -> None:
     if t.namespace_uuid and not UUID_RE.fullmatch(t.namespace_uuid):
         raise InvalidArgument(f"{field}.namespace_uuid", f"{quote(t.namespace_uuid)} is not a UUID")
     _uint(t.namespace_id, f"{field}.namespace_id", MAX_U32)
+    if t.namespace_nguid and not NGUID_RE.fullmatch(t.namespace_nguid):
+        raise InvalidArgument(f"{field}.namespace_nguid", f"{quote(t.namespace_nguid)} is not 32 hex digits")
+    if t.host_nqn:
+        nqn(t.host_nqn, f"{field}.host_nqn")
+    secrets = (("dhchap_host_secret", t.dhchap_host_secret), ("dhchap_ctrl_secret", t.dhchap_ctrl_secret))
+    for name, s in secrets:
+        if s is not None and not DHCHAP_SECRET_RE.fullmatch(s.reveal()):
+            raise InvalidArgument(f"{field}.{name}", 'a DH-HMAC-CHAP secret ("DHHC-1:NN:<base64>:")')
+    if t.dhchap_ctrl_secret is not None and t.dhchap_host_secret is None:
+        raise InvalidArgument(f"{field}.dhchap_ctrl_secret", "only with dhchap_host_secret")
 
 
 def _rbd(t: RbdConnection, field: str) -> None:
@@ -437,6 +450,10 @@ def _rbd(t: RbdConnection, field: str) -> None:
         raise InvalidArgument(f"{field}.user", f"{quote(t.user)} is not 1-128 characters of [A-Za-z0-9._-]")
     if t.key is not None and not RBD_KEY_RE.fullmatch(t.key.reveal()):
         raise InvalidArgument(f"{field}.key", "a Ceph key in base64")
+    if t.image_id and not RBD_IMAGE_ID_RE.fullmatch(t.image_id):
+        raise InvalidArgument(f"{field}.image_id", f"{quote(t.image_id)} is not an RBD image id (hex)")
+    if t.cluster_fsid and not UUID_RE.fullmatch(t.cluster_fsid):
+        raise InvalidArgument(f"{field}.cluster_fsid", f"{quote(t.cluster_fsid)} is not a UUID")
 
 
 def validate_connection_info(info: ConnectionInfo, field: str = "connection_info") -> ConnectionInfo:

@@ -619,12 +619,26 @@ class NvmeofConnection(_message.Message):
     PORTALS_FIELD_NUMBER: _builtins.int
     NAMESPACE_UUID_FIELD_NUMBER: _builtins.int
     NAMESPACE_ID_FIELD_NUMBER: _builtins.int
+    NAMESPACE_NGUID_FIELD_NUMBER: _builtins.int
+    HOST_NQN_FIELD_NUMBER: _builtins.int
+    DHCHAP_HOST_SECRET_FIELD_NUMBER: _builtins.int
+    DHCHAP_CTRL_SECRET_FIELD_NUMBER: _builtins.int
     subsystem_nqn: _builtins.str
     """Subsystem NQN."""
     namespace_uuid: _builtins.str
     """Namespace UUID (the namespace's identity, checked by the host)."""
     namespace_id: _builtins.int
     """Namespace ID."""
+    namespace_nguid: _builtins.str
+    """Namespace NGUID, 32 lower-case hex digits: with `namespace_uuid` the namespace's identity, derived from
+    the volume id; the host refuses a namespace whose NGUID or UUID differs from what is announced here.
+    """
+    host_nqn: _builtins.str
+    """The host NQN the subsystem admits; the host must connect with this NQN."""
+    dhchap_host_secret: _builtins.str
+    """DH-HMAC-CHAP: the host's secret ("DHHC-1:..." as nvme-cli takes it). Unset means no authentication."""
+    dhchap_ctrl_secret: _builtins.str
+    """DH-HMAC-CHAP controller secret, for bidirectional authentication. Only with `dhchap_host_secret`."""
     @_builtins.property
     def portals(self) -> _containers.RepeatedCompositeFieldContainer[Global___NvmeofPortal]:
         """One or more portals; several give native NVMe multipath."""
@@ -636,10 +650,14 @@ class NvmeofConnection(_message.Message):
         portals: _abc.Iterable[Global___NvmeofPortal] | None = ...,
         namespace_uuid: _builtins.str = ...,
         namespace_id: _builtins.int = ...,
+        namespace_nguid: _builtins.str = ...,
+        host_nqn: _builtins.str = ...,
+        dhchap_host_secret: _builtins.str = ...,
+        dhchap_ctrl_secret: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["namespace_id", b"namespace_id", "namespace_uuid", b"namespace_uuid", "portals", b"portals", "subsystem_nqn", b"subsystem_nqn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dhchap_ctrl_secret", b"dhchap_ctrl_secret", "dhchap_host_secret", b"dhchap_host_secret", "host_nqn", b"host_nqn", "namespace_id", b"namespace_id", "namespace_nguid", b"namespace_nguid", "namespace_uuid", b"namespace_uuid", "portals", b"portals", "subsystem_nqn", b"subsystem_nqn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -656,6 +674,8 @@ class RbdConnection(_message.Message):
     MONITORS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    CLUSTER_FSID_FIELD_NUMBER: _builtins.int
     pool: _builtins.str
     """Pool name."""
     image: _builtins.str
@@ -664,6 +684,12 @@ class RbdConnection(_message.Message):
     """Ceph client name (without "client.")."""
     key: _builtins.str
     """Ceph key, base64."""
+    image_id: _builtins.str
+    """The image's id (librbd's `image.id()`): its identity. An image re-created under the same name has
+    another id, and the host refuses an image whose id differs.
+    """
+    cluster_fsid: _builtins.str
+    """The cluster's fsid (a UUID): the host refuses a cluster whose fsid differs."""
     @_builtins.property
     def monitors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Monitor addresses ("address:port")."""
@@ -676,10 +702,12 @@ class RbdConnection(_message.Message):
         monitors: _abc.Iterable[_builtins.str] | None = ...,
         user: _builtins.str = ...,
         key: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        cluster_fsid: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "key", b"key", "monitors", b"monitors", "pool", b"pool", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_fsid", b"cluster_fsid", "image", b"image", "image_id", b"image_id", "key", b"key", "monitors", b"monitors", "pool", b"pool", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
