@@ -13,6 +13,7 @@ from typing import Any
 from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
+from blockwire.observability import MetricsConfig
 
 BACKEND_KINDS = ("file", "lvm-thin")
 EXPORTER_KINDS = ("tgt", "lio")
@@ -81,6 +82,7 @@ class Config:
     exporters: Mapping[str, ExporterConfig] = field(default_factory=dict, hash=False)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
 
 
 class ConfigError(Exception):
@@ -158,7 +160,7 @@ def _service(table: Mapping[str, Any]) -> ServiceConfig:
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls", "limits"))
+    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls", "limits", "metrics"))
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
         server["listen"] = tuple(server["listen"])
@@ -180,6 +182,12 @@ def parse(data: Mapping[str, Any]) -> Config:
         limits = Limits(**_take(top.get("limits", {}), "limits", _fields(Limits)))
     except InvalidArgument as exc:
         raise ConfigError(exc.message) from None
+    metrics = MetricsConfig(**_take(top.get("metrics", {}), "metrics", _fields(MetricsConfig)))
+    if metrics.listen:
+        try:
+            validate.split_portal(metrics.listen, "metrics.listen")
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from None
     service = _service(top.get("service", {}))
     exporters = _exporters(top.get("exporters", {}))
     backends = [_backend(i, t, exporters) for i, t in enumerate(top.get("backends", []))]
@@ -190,7 +198,13 @@ def parse(data: Mapping[str, Any]) -> Config:
     if service.default_backend and service.default_backend not in {b.name for b in backends}:
         raise ConfigError(f"[service] default_backend {service.default_backend!r} is not a backend")
     return Config(
-        server=srv, service=service, backends=tuple(backends), exporters=exporters, tls=tls, limits=limits
+        server=srv,
+        service=service,
+        backends=tuple(backends),
+        exporters=exporters,
+        tls=tls,
+        limits=limits,
+        metrics=metrics,
     )
 
 
