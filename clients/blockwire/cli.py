@@ -46,6 +46,7 @@ EXIT_PERMISSION: Final = 6
 EXIT_DEADLINE: Final = 7
 EXIT_NO_SPACE: Final = 8
 EXIT_BUSY: Final = 9
+EXIT_FINDINGS: Final = 10  # `doctor`: something is unaccounted for
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final[dict[str, int]] = {
@@ -528,6 +529,22 @@ def cmd_connector(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(ctx: _Context) -> int:
+    findings = ctx.agent.audit_host(fix=ctx.args.fix)
+    if ctx.args.json:
+        ctx.json([out.message_to_dict(f) for f in findings])
+    elif not findings:
+        ctx.print("nothing unaccounted for")
+    else:
+        rows = [
+            (f.kind, f.name, "removed" if f.fixed else "fixable" if f.fixable else "-", f.detail)
+            for f in findings
+        ]
+        ctx.print(out.table(("KIND", "NAME", "FIX", "DETAIL"), rows))
+    left = [f for f in findings if not f.fixed]
+    return EXIT_FINDINGS if left else EXIT_OK
+
+
 def cmd_capacity(ctx: _Context) -> int:
     backends = ctx.storage.get_capacity(ctx.args.backend or "")
     if ctx.args.json:
@@ -817,6 +834,17 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
 
     # host and service
     sub(commands, "connector", "show this host's connector (initiator IQN, WWPNs, NQN)", func=cmd_connector)
+    p = sub(
+        commands,
+        "doctor",
+        "list what on this host no attachment accounts for; exit 10 if anything is left",
+        func=cmd_doctor,
+        epilog="Read-only: libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks,\n"
+        "multipath maps, journal records in ERROR, attachments only storage or only this host has.\n"
+        "--fix removes only what is provably orphaned (an unused blockwire libvirt secret, a storage\n"
+        "attachment of this host whose domain does not run here); never a device.",
+    )
+    p.add_argument("--fix", action="store_true", help="remove what is provably orphaned")
     p = sub(commands, "capacity", "show space per storage backend", func=cmd_capacity)
     p.add_argument("backend", metavar="BACKEND", nargs="?", help="only this backend")
     p = sub(

@@ -784,6 +784,14 @@ class HostAgentClient(_Client):
         _set_connection_info(request, connection_info)
         self._unary("DisconnectVolume", self.stub.DisconnectVolume, request, timeout)
 
+    def audit_host(
+        self, *, fix: bool = False, timeout: float | None = None
+    ) -> list[hostagent_pb2.AuditFinding]:
+        """What on this host (or in storage for it) no attachment accounts for (`blockwire doctor`); with
+        `fix`, what is provably orphaned removed."""
+        request = hostagent_pb2.AuditHostRequest(fix=fix)
+        return list(self._unary("AuditHost", self.stub.AuditHost, request, timeout).findings)
+
     def watch_events(
         self,
         *,

@@ -137,6 +137,25 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         self.agent.disconnect_volume(info, force=request.force)
         return hpb.DisconnectVolumeResponse()
 
+    @_unary
+    def AuditHost(
+        self, request: hpb.AuditHostRequest, context: grpc.ServicerContext
+    ) -> hpb.AuditHostResponse:
+        findings = sorted(self.agent.audit(fix=request.fix), key=lambda f: (f.kind, f.name))
+        return hpb.AuditHostResponse(
+            findings=[
+                hpb.AuditFinding(
+                    kind=f.kind,
+                    name=f.name,
+                    detail=f.detail,
+                    fixable=f.fixable,
+                    fixed=f.fixed,
+                    volume_id=f.volume_id,
+                )
+                for f in findings
+            ]
+        )
+
     def WatchEvents(
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[hpb.WatchEventsResponse]:

@@ -582,3 +582,93 @@ class WatchEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class AuditHostRequest(_message.Message):
+    """AuditHostRequest asks for the host audit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIX_FIELD_NUMBER: _builtins.int
+    fix: _builtins.bool
+    """Remove what is provably orphaned (see AuditHost); false: change nothing."""
+    def __init__(
+        self,
+        *,
+        fix: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fix", b"fix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditHostRequest: _TypeAlias = AuditHostRequest  # noqa: Y015
+
+@_typing.final
+class AuditHostResponse(_message.Message):
+    """AuditHostResponse lists what nobody accounts for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditFinding]:
+        """The findings, ordered by kind then name."""
+
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[Global___AuditFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditHostResponse: _TypeAlias = AuditHostResponse  # noqa: Y015
+
+@_typing.final
+class AuditFinding(_message.Message):
+    """AuditFinding is one thing on the host (or in storage for it) that no attachment accounts for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    FIXABLE_FIELD_NUMBER: _builtins.int
+    FIXED_FIELD_NUMBER: _builtins.int
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What it is: journal_error, domain_disk, libvirt_secret, iscsi_session, iscsi_node, scsi_disk,
+    multipath_map, storage_only, host_only, audit_failed.
+    """
+    name: _builtins.str
+    """Which one (a secret's usage id, "portal target", /dev/sdX, a map name, an attachment id, ...)."""
+    detail: _builtins.str
+    """Why it is listed, and how to remove it by hand when the doctor does not."""
+    fixable: _builtins.bool
+    """Provably orphaned: `fix` removes it."""
+    fixed: _builtins.bool
+    """This call removed it."""
+    volume_id: _builtins.str
+    """The volume it belongs to, when known."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        fixable: _builtins.bool = ...,
+        fixed: _builtins.bool = ...,
+        volume_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "fixable", b"fixable", "fixed", b"fixed", "kind", b"kind", "name", b"name", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditFinding: _TypeAlias = AuditFinding  # noqa: Y015
