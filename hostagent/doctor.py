@@ -82,7 +82,9 @@ def audit(agent: HostAgent, *, fix: bool = False) -> list[Finding]:
     records = agent.journal.all()
     keep = [r.connection_info for r in records]
     findings: list[Finding] = [
-        Finding("journal_error", f"{r.volume_id}@{r.domain}", r.error_message or "ERROR")
+        Finding(
+            "journal_error", f"{r.volume_id}@{r.domain}", r.error_message or "ERROR", volume_id=r.volume_id
+        )
         for r in records
         if r.state is AttachmentState.ERROR
     ]
@@ -147,6 +149,7 @@ def _storage(
             f"{r.volume_id}@{r.domain}",
             f"attachment {r.attachment_id} is gone from storage while this host has it attached; detach it "
             "(DetachVolume) or attach it again",
+            volume_id=r.volume_id,
         )
         for r in recs
         if r.state is AttachmentState.ATTACHED
