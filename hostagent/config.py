@@ -9,7 +9,7 @@ from typing import Any
 
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
-from blockwire.observability import MetricsConfig
+from blockwire.observability import MetricsConfig, TracingConfig
 from blockwire.validate import split_portal
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
@@ -43,6 +43,7 @@ _TABLES: dict[str, type] = {
     "storage_tls": StorageTlsConfig,
     "limits": Limits,
     "metrics": MetricsConfig,
+    "tracing": TracingConfig,
 }
 
 
@@ -78,6 +79,7 @@ class AgentConfig:
     storage_tls: StorageTlsConfig = field(default_factory=StorageTlsConfig)
     limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
 
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
@@ -109,6 +111,8 @@ class AgentConfig:
             raise InvalidArgument("storage_tls", "cert_file and key_file go together")
         if self.metrics.listen:
             split_portal(self.metrics.listen, "metrics.listen")
+        if self.tracing.check():
+            raise InvalidArgument("tracing.exporter", self.tracing.check())
 
 
 def config_from_mapping(data: dict[str, Any]) -> AgentConfig:

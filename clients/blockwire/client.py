@@ -45,8 +45,9 @@ from typing import Any, Final, Generic, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 
-from blockwire import convert, model
+from blockwire import convert, model, tracing
 from blockwire.errors import ConcurrencyLimit, DeadlineExceeded, InvalidArgument, NotFound
 from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.status import error_from_rpc
@@ -349,8 +350,19 @@ class _Client:
         request: _Req,
         timeout: float | None,
     ) -> _Resp:
+        with tracing.span(f"{self._service}/{name}", SpanKind.CLIENT, attributes=_GRPC):
+            return self._unary_retried(name, method, request, timeout)
+
+    def _unary_retried(
+        self,
+        name: str,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None,
+    ) -> _Resp:
         budget = self.timeout_for(name, timeout)
         deadline = self._clock.monotonic() + budget
+        metadata = tracing.inject(self._metadata)
         attempt = 0
         while True:
             attempt += 1
@@ -358,7 +370,7 @@ class _Client:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{self._service}.{name} did not finish within {budget:g}s")
             try:
-                return method(request, timeout=remaining, metadata=self._metadata)
+                return method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
                 code = err.code()
                 if _should_retry(self._retry, err, attempt):
@@ -384,7 +396,7 @@ class _Client:
         timeout: float | None,
     ) -> Stream[_T]:
         def open_call(remaining: float | None) -> Any:
-            return method(request, timeout=remaining, metadata=self._metadata)
+            return method(request, timeout=remaining, metadata=tracing.inject(self._metadata))
 
         return Stream(open_call, item, timeout=timeout, retry=self._retry, clock=self._clock, rand=self._rand)
 
@@ -810,6 +822,9 @@ class HostAgentClient(_Client):
         """
         request = hostagent_pb2.WatchEventsRequest(domain=domain, volume_id=volume_id, types=list(types))
         return self._stream(self.stub.WatchEvents, request, lambda r: r, timeout)
+
+
+_GRPC: Final = {"rpc.system": "grpc"}
 
 
 def _set_connection_info(

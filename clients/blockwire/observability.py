@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from blockwire import tracing
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.executor import DEFAULT_OK, Arg, OkCodes, Result, Runner
 
@@ -25,6 +26,20 @@ class MetricsConfig:
     management address only."""
 
     listen: str = ""
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    """[tracing]: `exporter` = "" (none), "otlp", or "jsonl:/path"."""
+
+    exporter: str = ""
+
+    def check(self) -> str:
+        """What is wrong with it, in words; "" when nothing."""
+        e = self.exporter
+        if e in ("", "otlp") or (e.startswith("jsonl:/") and len(e) > len("jsonl:/")):
+            return ""
+        return f'[tracing] exporter {e!r}: "", "otlp" or "jsonl:/absolute/path"'
 
 
 class StepObserver(Protocol):
@@ -41,12 +56,24 @@ class _NoSteps:
 NO_STEPS: StepObserver = _NoSteps()
 
 
+class _SpansOnly:
+    def observe(self, step: str, seconds: float) -> None:
+        pass
+
+
+SPANS_ONLY: StepObserver = _SpansOnly()
+"""Observes nothing, but is not NO_STEPS: the seams are timed, so each step is a span (tracing without
+metrics)."""
+
+
 @contextlib.contextmanager
 def timed(observer: StepObserver, clock: Clock, step: str) -> Iterator[None]:
-    """Reports the duration of the `with` body as `step`, failed or not."""
+    """Reports the duration of the `with` body as `step`, failed or not; the body is a span named
+    "step <step>" (`blockwire.tracing`)."""
     start = clock.monotonic()
     try:
-        yield
+        with tracing.span(f"step {step}"):
+            yield
     finally:
         observer.observe(step, clock.monotonic() - start)
 

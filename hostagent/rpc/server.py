@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 
 from blockwire.errors import BlockwireError
-from blockwire.observability import NO_STEPS
+from blockwire.observability import NO_STEPS, SPANS_ONLY
 from blockwire.server import serving
+from blockwire.server import tracing as server_tracing
 from blockwire.server.metrics import Metrics
 from blockwire.v1 import hostagent_pb2, hostagent_pb2_grpc
 from hostagent.api import HostAgent
@@ -49,7 +50,11 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     channel = channel_for(config.storage_address, tls) if config.storage_address else None
     storage = GrpcStorageApi(channel, timeout=config.storage_timeout) if channel is not None else None
     metrics = Metrics() if config.metrics.listen else None
-    agent, hypervisor = build_agent(config, storage, metrics or NO_STEPS)
+    try:
+        stop_tracing = server_tracing.configure(config.tracing, "blockwire-agent")
+    except ValueError as exc:
+        raise BlockwireError(str(exc)) from None
+    agent, hypervisor = build_agent(config, storage, metrics or (SPANS_ONLY if stop_tracing else NO_STEPS))
     if config.reconcile_on_start:
         agent.reconcile()
     supervisor = build_path_supervisor(config, agent)
@@ -75,7 +80,10 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
             long_methods=LONG_METHODS,
             daemon="blockwire-agent",
             interceptors=(serving.AuthInterceptor(f"/{SERVICE}/", serving.admin_only),),
-            outer=(metrics.interceptor(),) if metrics is not None else (),
+            outer=(
+                *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
+                *((metrics.interceptor(),) if metrics is not None else ()),
+            ),
         )
         stop_metrics = metrics.serve(config.metrics.listen) if metrics is not None else None
     except (serving.ServingError, OSError) as exc:
@@ -91,6 +99,8 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     running.stop(config.grace_seconds)
     if stop_metrics is not None:
         stop_metrics()
+    if stop_tracing is not None:
+        stop_tracing()
     hypervisor.close()
     if channel is not None:
         channel.close()

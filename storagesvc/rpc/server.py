@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from blockwire.observability import TimedRunner
+from blockwire.observability import SPANS_ONLY, TimedRunner
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor, Runner
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.server import serving
+from blockwire.server import tracing as server_tracing
 from blockwire.server.metrics import Metrics
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
 from storagesvc.backends.base import Backend
@@ -90,6 +91,7 @@ class Daemon:
     jobs: futures.ThreadPoolExecutor
     supervisor: ExportSupervisor
     stop_metrics: Callable[[], None] | None = None
+    stop_tracing: Callable[[], None] | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -100,6 +102,8 @@ class Daemon:
         self.serving.stop(grace)
         if self.stop_metrics is not None:
             self.stop_metrics()
+        if self.stop_tracing is not None:
+            self.stop_tracing()
         self.jobs.shutdown(wait=False, cancel_futures=True)
         self.service.catalog.close()
 
@@ -108,9 +112,13 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     """Wires the daemon from its config, reconciles, and starts serving."""
     clock = SystemClock()
     metrics = Metrics(clock) if config.metrics.listen else None
+    try:
+        stop_tracing = server_tracing.configure(config.tracing, "blockwire-storage")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     runner = runner or Executor()
-    if metrics is not None:
-        runner = TimedRunner(runner, metrics, clock)
+    if metrics is not None or stop_tracing is not None:
+        runner = TimedRunner(runner, metrics or SPANS_ONLY, clock)
     failpoints = Failpoints.from_environment(os.environ)
     exporters = {
         name: make_exporter(cfg, runner, config.service.naa_oui, failpoints)
@@ -168,7 +176,10 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
             long_methods=LONG_METHODS,
             daemon="blockwire-storage",
             interceptors=(auth.interceptor(host_of),),
-            outer=(metrics.interceptor(),) if metrics is not None else (),
+            outer=(
+                *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
+                *((metrics.interceptor(),) if metrics is not None else ()),
+            ),
         )
         stop_metrics = metrics.serve(config.metrics.listen) if metrics is not None else None
     except (serving.ServingError, OSError) as exc:
@@ -179,7 +190,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     if metrics is not None:
         storage_gauges(metrics, service, supervisor)
     supervisor.start()
-    return Daemon(service, running, jobs, supervisor, stop_metrics)
+    return Daemon(service, running, jobs, supervisor, stop_metrics, stop_tracing)
 
 
 def storage_gauges(metrics: Metrics, service: StorageService, supervisor: ExportSupervisor) -> None:
