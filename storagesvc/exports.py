@@ -70,7 +70,18 @@ class Exports:
 
     # -- attachments
 
-    def create(self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = "") -> Attachment:
+    def create(
+        self,
+        volume_id: str,
+        connector: Connector,
+        mode: AccessMode,
+        domain: str = "",
+        *,
+        transport: Transport | None = None,
+    ) -> Attachment:
+        """Attaches the volume to (connector.host, domain). `transport`: the one the caller wants (None:
+        the volume's, iSCSI for exported backends, the backend's own for direct ones, e.g. RBD);
+        another one is INVALID_ARGUMENT."""
         ctx = self.ctx
         with ctx.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
@@ -78,8 +89,14 @@ class Exports:
             with ctx.hold_volume(volume_id):
                 v = ctx.volume(volume_id)
                 backend = ctx.pools[v.backend].backend
-                transport = backend.transport if isinstance(backend, DirectBackend) else Transport.ISCSI
-                validate.connector(connector, transport=transport)
+                own = backend.transport if isinstance(backend, DirectBackend) else Transport.ISCSI
+                if transport is not None and transport is not own:
+                    raise InvalidArgument(
+                        "transport",
+                        f"volume {v.id} is on backend {v.backend} ({backend.kind}), reached over "
+                        f"{own.value}, not {transport.value}",
+                    )
+                validate.connector(connector, transport=own)
                 return self._create(v, connector, mode, domain)
 
     def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:

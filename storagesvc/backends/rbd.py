@@ -230,6 +230,13 @@ def monitor_addresses(mon_host: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def mon_host(monitors: tuple[str, ...]) -> str:
+    """`mon_host` for librados from "host:port" monitors: each one's messenger named (msgr v2 on 3300,
+    v1 on any other port). A bare address on a non-default port is taken for v2, and a v1 monitor
+    then never answers (a wrong key would look like a down cluster)."""
+    return ",".join(f"v2:{m}" if m.endswith(":3300") else f"v1:{m}" for m in monitors)
+
+
 def monitors_from_conf(path: str) -> tuple[str, ...]:
     """The monitors a ceph.conf names (`mon_host` / `mon host` in [global])."""
     section = "global"
@@ -273,7 +280,7 @@ class Librbd:
             "keyring": "",
         }
         if s.monitors:
-            conf["mon_host"] = ",".join(s.monitors)
+            conf["mon_host"] = mon_host(s.monitors)
         if s.key is not None:
             conf["key"] = s.key.reveal()
         return conf
