@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -40,10 +41,10 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 try:  # Debian's python3-rados / python3-rbd (scripts/setup links them into the venv)
     import rados
@@ -292,7 +293,7 @@ class Librbd:
         kwargs: dict[str, Any] = {"name": f"client.{s.user}", "conf": self._conf()}
         if s.conf:
             kwargs["conffile"] = s.conf
-        with self._translated():
+        with _translated():
             cluster = rados.Rados(**kwargs)
             try:
                 cluster.connect(timeout=int(max(1, s.connect_timeout)))
@@ -304,46 +305,64 @@ class Librbd:
             finally:
                 cluster.shutdown()
 
-    @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        rados, rbd = self._rados, self._rbd
-        try:
-            yield
-        except ClusterError:
-            raise
-        except (rbd.ImageNotFound, rados.ObjectNotFound) as exc:
-            raise ClusterError("not-found", str(exc)) from exc
-        except (rbd.ImageExists, rados.ObjectExists) as exc:
-            raise ClusterError("exists", str(exc)) from exc
-        except rbd.ImageHasSnapshots as exc:
-            raise ClusterError("has-snapshots", str(exc)) from exc
-        except (rbd.ImageBusy, rados.ObjectBusy) as exc:
-            raise ClusterError("busy", str(exc)) from exc
-        except (rbd.PermissionError, rados.PermissionError, rados.PermissionDeniedError) as exc:
-            raise ClusterError("permission", str(exc)) from exc
-        except (rbd.NoSpace, rados.NoSpace) as exc:
-            raise ClusterError("no-space", str(exc)) from exc
-        except (rbd.Timeout, rados.TimedOut, rbd.ConnectionShutdown, rados.ConnectionShutdown) as exc:
-            raise ClusterError("unreachable", str(exc)) from exc
-        except (rbd.Error, rados.Error) as exc:
-            code = getattr(exc, "errno", None)
-            kinds = {
-                errno.EACCES: "permission",
-                errno.EPERM: "permission",
-                errno.ENOSPC: "no-space",
-                errno.EDQUOT: "no-space",
-                errno.ETIMEDOUT: "unreachable",
-                errno.ENOTCONN: "unreachable",
-                errno.ENOENT: "not-found",
-                errno.EEXIST: "exists",
-                errno.EBUSY: "busy",
-                errno.EINVAL: "invalid",
-            }
-            raise ClusterError(
-                kinds.get(abs(code) if isinstance(code, int) else 0, "other"), str(exc)
-            ) from exc
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """librados/librbd exceptions as ClusterError (by class, else by errno)."""
+    try:
+        yield
+    except ClusterError:
+        raise
+    except (rbd.ImageNotFound, rados.ObjectNotFound) as exc:
+        raise ClusterError("not-found", str(exc)) from exc
+    except (rbd.ImageExists, rados.ObjectExists) as exc:
+        raise ClusterError("exists", str(exc)) from exc
+    except rbd.ImageHasSnapshots as exc:
+        raise ClusterError("has-snapshots", str(exc)) from exc
+    except (rbd.ImageBusy, rados.ObjectBusy) as exc:
+        raise ClusterError("busy", str(exc)) from exc
+    except (rbd.PermissionError, rados.PermissionError, rados.PermissionDeniedError) as exc:
+        raise ClusterError("permission", str(exc)) from exc
+    except (rbd.NoSpace, rados.NoSpace) as exc:
+        raise ClusterError("no-space", str(exc)) from exc
+    except (rbd.Timeout, rados.TimedOut, rbd.ConnectionShutdown, rados.ConnectionShutdown) as exc:
+        raise ClusterError("unreachable", str(exc)) from exc
+    except (rbd.Error, rados.Error) as exc:
+        code = getattr(exc, "errno", None)
+        kinds = {
+            errno.EACCES: "permission",
+            errno.EPERM: "permission",
+            errno.ENOSPC: "no-space",
+            errno.EDQUOT: "no-space",
+            errno.ETIMEDOUT: "unreachable",
+            errno.ENOTCONN: "unreachable",
+            errno.ENOENT: "not-found",
+            errno.EEXIST: "exists",
+            errno.EBUSY: "busy",
+            errno.EINVAL: "invalid",
+        }
+        raise ClusterError(kinds.get(abs(code) if isinstance(code, int) else 0, "other"), str(exc)) from exc
 
 
+C = TypeVar("C", bound=type)
+
+
+def _each_call_translated(cls: C) -> C:
+    """Wraps every public method of `cls` in `_translated`: callers inside a session see ClusterError."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not callable(fn):
+            continue
+
+        def wrapped(*args: Any, __fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
+            with _translated():
+                return __fn(*args, **kwargs)
+
+        functools.update_wrapper(wrapped, fn)
+        setattr(cls, name, wrapped)
+    return cls
+
+
+@_each_call_translated
 class _LibrbdSession:
     def __init__(self, cluster: Any, ioctx: Any, rbd: Any, settings: RbdSettings) -> None:
         self.cluster = cluster
@@ -638,8 +657,10 @@ class RbdBackend:
         *,
         size_bytes: int,
         undo: contextlib.ExitStack,
+        protect: bool = True,
     ) -> None:
-        s.snap_protect(parent, snap)
+        if protect:  # a golden image's base snapshot is protected before it gets its name
+            s.snap_protect(parent, snap)
         child = _vol(volume_id)
         s.clone(parent, snap, child)
         undo.callback(self._forget, s, child)
@@ -726,16 +747,32 @@ class RbdBackend:
     ) -> None:
         key = self.image_key(image, info)
         base = IMAGE_PREFIX + key
-        with self._image_lock(key):
-            with self._session(f"looking up the base image of {image.path}") as s:
-                ready = s.exists(base) and BASE_SNAP in s.snaps(base)
-            if not ready:
-                self._import(image, info, base, progress)
         what = f"cloning the base image of {image.path} into volume {volume_id}"
-        with self._session(what) as s, contextlib.ExitStack() as undo:
-            self._clone_into(s, base, BASE_SNAP, volume_id, size_bytes=size_bytes, undo=undo)
-            undo.pop_all()
-        progress(info.virtual_size, info.virtual_size)
+        for _ in range(2):
+            with self._session(what) as s:
+                if self._has_base(s, base):
+                    with contextlib.ExitStack() as undo:
+                        self._clone_into(
+                            s, base, BASE_SNAP, volume_id, size_bytes=size_bytes, undo=undo, protect=False
+                        )
+                        undo.pop_all()
+                    progress(info.virtual_size, info.virtual_size)
+                    return
+            with self._image_lock(key):  # one import per image in this service at a time
+                with self._session(f"looking up the base image of {image.path}") as s:
+                    ready = self._has_base(s, base)
+                if not ready:
+                    self._import(image, info, base, progress)
+        raise Internal(f"{self._where()}: base image {base} of {image.path} vanished after its import")
+
+    @staticmethod
+    def _has_base(s: RbdSession, base: str) -> bool:
+        try:
+            return BASE_SNAP in s.snaps(base)
+        except ClusterError as exc:
+            if exc.kind == "not-found":
+                return False
+            raise
 
     def _import(self, image: ImageSource, info: ImageInfo, base: str, progress: ProgressFn) -> None:
         """Writes the image into `<base>.tmp-<random>`, snapshots and protects it, renames it to `base`."""
