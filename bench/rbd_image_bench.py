@@ -8,7 +8,8 @@ One daemon with two backends: `file` (files in a temp dir, tgt exporter on a tgt
 (rbd, on a throwaway Ceph cluster from tests/ceph.py: mon + one MemStore OSD). The image is `size-mib`
 MiB of random bytes (nothing for sparse copies to skip). The first rbd create imports the image (timed
 on its own); then `creates` creates alternate between the backends, each timed from CreateVolume until
-WatchVolume says AVAILABLE. The ratio is the rbd clone's median over the file copy's median (goal:
+WatchVolume says AVAILABLE, after a sync(2) so that none waits behind the writeback of the last
+copy (the catalog's fsync would). The ratio is the rbd clone's median over the file copy's median (goal:
 <= 0.05). Writes bench/results/rbd-image-YYYY-MM-DD.{md,json} with the machine's facts.
 """
 
@@ -99,6 +100,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"file": [], "ceph": []}
         for i in range(args.creates):
             for backend in ("ceph", "file") if i % 2 == 0 else ("file", "ceph"):
+                os.sync()  # each create starts on a quiet disk (not behind the last copy's writeback)
                 vid, took = created(stub, f"{backend}-{i}", backend, image)
                 times[backend].append(took)
                 stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vid), timeout=120)
@@ -134,7 +136,7 @@ def main() -> None:
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, Python "
         f"{m['python']}; {results['ceph']}, one mon + one MemStore OSD (pool size 1) on loopback; file "
         "backend on the same disk (qemu-img convert, sparse). Through `blockwire-storage` over gRPC, "
-        "CreateVolume until WatchVolume says AVAILABLE.",
+        "CreateVolume until WatchVolume says AVAILABLE, each after a sync(2).",
         "",
         f"Image: {args.size_mib} MiB raw, random bytes. rbd's first create imports it into the golden image "
         f"(once): {results['rbd_first_create_with_import_s']} s.",

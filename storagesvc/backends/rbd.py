@@ -256,7 +256,8 @@ def monitors_from_conf(path: str) -> tuple[str, ...]:
 
 
 class Librbd:
-    """`RbdCluster` through the librados/librbd Python bindings; a new connection per session."""
+    """`RbdCluster` through the librados/librbd Python bindings: one connection shared by the sessions
+    (librados is thread-safe), a pool context per session."""
 
     def __init__(self, settings: RbdSettings) -> None:
         self.settings = settings
@@ -267,6 +268,8 @@ class Librbd:
             )
         self._rados: Any = rados
         self._rbd: Any = rbd
+        self._lock = threading.Lock()
+        self._current: _Connection | None = None
 
     def _conf(self) -> dict[str, str]:
         s = self.settings
@@ -286,24 +289,77 @@ class Librbd:
             conf["key"] = s.key.reveal()
         return conf
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[RbdSession]:
+    def _connect(self) -> Any:
         s = self.settings
-        rados = self._rados
         kwargs: dict[str, Any] = {"name": f"client.{s.user}", "conf": self._conf()}
         if s.conf:
             kwargs["conffile"] = s.conf
         with _translated():
-            cluster = rados.Rados(**kwargs)
+            cluster = self._rados.Rados(**kwargs)
             try:
                 cluster.connect(timeout=int(max(1, s.connect_timeout)))
-                ioctx = cluster.open_ioctx(s.pool)
-                try:
-                    yield _LibrbdSession(cluster, ioctx, self._rbd, s)
-                finally:
-                    ioctx.close()
-            finally:
+            except BaseException:
                 cluster.shutdown()
+                raise
+        return cluster
+
+    def _acquire(self) -> _Connection:
+        with self._lock:
+            if self._current is None:
+                self._current = _Connection(self._connect())
+            self._current.users += 1
+            return self._current
+
+    def _release(self, conn: _Connection, *, retire: bool) -> None:
+        with self._lock:
+            conn.users -= 1
+            if retire and self._current is conn:
+                self._current = None
+                conn.retired = True
+            last = conn.retired and conn.users == 0
+        if last:
+            conn.cluster.shutdown()
+
+    def _monitors_answer(self, cluster: Any) -> None:
+        """One monitor round trip (`mon stat`, ~1 ms): librados would serve image calls from its cached
+        maps with every monitor down; the service says UNAVAILABLE instead (no quorum: no snapshot, no
+        map change, and hosts could not connect)."""
+        t = self.settings.connect_timeout
+        ret, _, err = cluster.mon_command(
+            json.dumps({"prefix": "mon stat", "format": "json"}), b"", timeout=t
+        )
+        if ret in (-errno.ETIMEDOUT, -errno.ENOTCONN, -errno.EINTR):
+            raise ClusterError("unreachable", f"the monitors did not answer ({err or errno.errorcode[-ret]})")
+        if ret in (-errno.EACCES, -errno.EPERM):
+            raise ClusterError("permission", f"mon stat: {err}")
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[RbdSession]:
+        """A session on the shared connection (made on first use; a call whose monitors do not answer
+        or refuse the key retires it, and the next call connects again). Opening the pool asks the
+        monitors, so a down monitor fails every call within connect_timeout."""
+        conn = self._acquire()
+        retire = False
+        try:
+            with _translated():
+                self._monitors_answer(conn.cluster)
+                ioctx = conn.cluster.open_ioctx(self.settings.pool)
+            try:
+                yield _LibrbdSession(conn.cluster, ioctx, self._rbd, self.settings)
+            finally:
+                ioctx.close()
+        except ClusterError as exc:
+            retire = exc.kind in ("unreachable", "permission")
+            raise
+        finally:
+            self._release(conn, retire=retire)
+
+
+@dataclass
+class _Connection:
+    cluster: Any
+    users: int = 0
+    retired: bool = False
 
 
 @contextlib.contextmanager
@@ -658,13 +714,16 @@ class RbdBackend:
         size_bytes: int,
         undo: contextlib.ExitStack,
         protect: bool = True,
+        parent_size: int = -1,
     ) -> None:
+        """Clones parent@snap into the volume's image (grown to size_bytes); `undo` removes it.
+        `parent_size`: the clone's size when known (-1: ask the cluster)."""
         if protect:  # a golden image's base snapshot is protected before it gets its name
             s.snap_protect(parent, snap)
         child = _vol(volume_id)
         s.clone(parent, snap, child)
         undo.callback(self._forget, s, child)
-        if s.size(child) < size_bytes:
+        if (parent_size if parent_size >= 0 else s.size(child)) < size_bytes:
             s.resize(child, size_bytes)
 
     def _forget(self, s: RbdSession, image: str) -> None:
@@ -753,11 +812,17 @@ class RbdBackend:
                 if self._has_base(s, base):
                     with contextlib.ExitStack() as undo:
                         self._clone_into(
-                            s, base, BASE_SNAP, volume_id, size_bytes=size_bytes, undo=undo, protect=False
+                            s,
+                            base,
+                            BASE_SNAP,
+                            volume_id,
+                            size_bytes=size_bytes,
+                            undo=undo,
+                            protect=False,
+                            parent_size=info.virtual_size,
                         )
                         undo.pop_all()
-                    progress(info.virtual_size, info.virtual_size)
-                    return
+                    return  # (the service records the volume's progress as complete)
             with self._image_lock(key):  # one import per image in this service at a time
                 with self._session(f"looking up the base image of {image.path}") as s:
                     ready = self._has_base(s, base)
