@@ -809,7 +809,7 @@ class RbdBackend:
         what = f"cloning the base image of {image.path} into volume {volume_id}"
         for _ in range(2):
             with self._session(what) as s:
-                if self._has_base(s, base):
+                try:  # the base is there (the common case): clone it at once
                     with contextlib.ExitStack() as undo:
                         self._clone_into(
                             s,
@@ -823,6 +823,9 @@ class RbdBackend:
                         )
                         undo.pop_all()
                     return  # (the service records the volume's progress as complete)
+                except ClusterError as exc:
+                    if exc.kind != "not-found":
+                        raise
             with self._image_lock(key):  # one import per image in this service at a time
                 with self._session(f"looking up the base image of {image.path}") as s:
                     ready = self._has_base(s, base)

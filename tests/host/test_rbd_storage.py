@@ -342,6 +342,44 @@ def test_create_attachment_returns_the_images_rbd_connection(
     s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol2.id), timeout=30)
 
 
+def test_per_host_users_have_caps_limited_to_the_pool(
+    ceph_cluster: CephCluster, pool: str, ioctx: Any, tmp_path: Path
+) -> None:
+    """host_users = "per-host": each host gets client.<prefix>.<host>, made on its first attach with
+    caps on the backend's pool only; the service's user needs `auth get-or-create` for it."""
+    admin = ceph_cluster.create_user(
+        f"storage-ph-{pool}",
+        caps=("mon", 'profile rbd, allow command "auth get-or-create"', "osd", f"profile rbd pool={pool}"),
+    )
+    config = write_config(
+        tmp_path, ceph_cluster, admin, pool=pool, host_users="per-host", host_user_prefix="bwt"
+    )
+    with running(config) as daemon:
+        s = stub(daemon)
+        vol = create(daemon, "per-host", 4 * MIB)
+        att = s.CreateAttachment(
+            spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector("host-x")), timeout=30
+        ).attachment
+        rbdc = att.connection_info.rbd
+        assert rbdc.user == "bwt.host-x"
+        assert rbdc.key != admin.key
+        caps = ceph_cluster.cli("ceph", "auth", "get", "client.bwt.host-x")
+        assert f"profile rbd pool={pool}" in caps
+        assert "auth" not in caps
+        conf = {"mon_host": mon_host(tuple(rbdc.monitors)), "key": rbdc.key}
+        host = rados.Rados(name=f"client.{rbdc.user}", conf=conf)
+        host.connect(timeout=10)
+        try:
+            with host.open_ioctx(rbdc.pool) as hio, rbd.Image(hio, rbdc.image) as im:
+                assert im.id() == rbdc.image_id
+                im.write(b"host-data", 0)
+        finally:
+            host.shutdown()
+        assert read(ioctx, image(vol.id), 0, 9) == b"host-data"
+        s.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
+        s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
+
+
 # -- failures
 
 
