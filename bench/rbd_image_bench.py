@@ -49,10 +49,14 @@ def make_image(path: Path, size_mib: int) -> None:
     os.chmod(path, 0o644)
 
 
-def created(stub: storage_pb2_grpc.StorageServiceStub, name: str, backend: str, image: Path) -> tuple[str, float]:
+def created(
+    stub: storage_pb2_grpc.StorageServiceStub, name: str, backend: str, image: Path
+) -> tuple[str, float]:
     began = time.monotonic()
     source = pb.ImageSource(path=str(image), format=pb.IMAGE_FORMAT_RAW)
-    v = stub.CreateVolume(spb.CreateVolumeRequest(name=name, backend=backend, source_image=source), timeout=60).volume
+    v = stub.CreateVolume(
+        spb.CreateVolumeRequest(name=name, backend=backend, source_image=source), timeout=60
+    ).volume
     for r in stub.WatchVolume(spb.WatchVolumeRequest(volume_id=v.id), timeout=600):
         if r.volume.state == pb.VOLUME_STATE_AVAILABLE:
             return v.id, time.monotonic() - began
@@ -108,7 +112,9 @@ def main() -> None:
         results = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "machine": machine(),
-            "ceph": subprocess.run(["ceph", "--version"], capture_output=True, text=True, check=False).stdout.strip(),
+            "ceph": subprocess.run(
+                ["ceph", "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip(),
             "image_mib": args.size_mib,
             "cluster_start_s": round(cluster_s, 2),
             "rbd_first_create_with_import_s": round(first, 3),
@@ -117,6 +123,7 @@ def main() -> None:
             "rbd_clone_median_s": round(clone, 3),
             "file_copy_median_s": round(copy, 3),
             "ratio_clone_over_copy": round(clone / copy, 4),
+            "ratio_clone_over_fastest_copy": round(clone / min(times["file"]), 4),
             "goal": "<= 0.05",
         }
     finally:
@@ -143,12 +150,18 @@ def main() -> None:
         "",
         "| backend | how | creates | median s | all s |",
         "|---|---|---|---|---|",
-        f"| rbd | CoW clone of the golden image | {len(results['rbd_clone_s'])} | {results['rbd_clone_median_s']} "
+        f"| rbd | CoW clone of the golden image | {len(results['rbd_clone_s'])} "
+        f"| {results['rbd_clone_median_s']} "
         f"| {', '.join(map(str, results['rbd_clone_s']))} |",
         f"| file | full copy | {len(results['file_copy_s'])} | {results['file_copy_median_s']} "
         f"| {', '.join(map(str, results['file_copy_s']))} |",
         "",
-        f"**clone / copy = {results['ratio_clone_over_copy']}** (goal <= 0.05).",
+        f"**clone / copy = {results['ratio_clone_over_copy']}** by the medians (goal <= 0.05); against the "
+        f"fastest copy {results['ratio_clone_over_fastest_copy']}.",
+        "",
+        "The file backend's copy (`qemu-img convert`) ends in the page cache, not on disk: its time ranges "
+        "from memory speed (the image cached, the disk idle) to disk speed; the clone does not depend on "
+        "the image's size.",
         "",
     ]
     (out / f"rbd-image-{day}.md").write_text("\n".join(md))
