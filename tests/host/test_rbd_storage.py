@@ -383,6 +383,16 @@ def test_per_host_users_have_caps_limited_to_the_pool(
 # -- failures
 
 
+def test_more_than_the_capacity_is_resource_exhausted(storaged: Daemon) -> None:
+    """capacity_bytes (4 GiB here; the cluster reports no pool size without a ceph-mgr) bounds what is
+    provisioned: a bigger volume is refused before anything is made."""
+    with pytest.raises(grpc.RpcError) as full:
+        stub(storaged).CreateVolume(spb.CreateVolumeRequest(name="too-big", size_bytes=8 << 30), timeout=30)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    names = [v.name for v in stub(storaged).ListVolumes(spb.ListVolumesRequest(), timeout=30).volumes]
+    assert "too-big" not in names
+
+
 def test_a_wrong_cephx_key_is_permission_denied(
     ceph_cluster: CephCluster, pool: str, user: CephUser, tmp_path: Path
 ) -> None:
