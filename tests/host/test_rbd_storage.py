@@ -340,6 +340,8 @@ def test_create_attachment_returns_the_images_rbd_connection(
     assert att2.attachment.connection_info.rbd.image_id != real_id
     s.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att2.attachment.id), timeout=30)
     s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol2.id), timeout=30)
+    # the key went to the caller only: not into the daemon's (DEBUG) log
+    assert user.key not in storaged.log.read_text(errors="replace")
 
 
 def test_per_host_users_have_caps_limited_to_the_pool(
