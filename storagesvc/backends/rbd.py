@@ -17,9 +17,11 @@ Names in the pool (the backend owns every name with these prefixes):
   final name is always whole. Base images stay as a cache: remove them with `rbd snap unprotect` /
   `rbd snap purge` / `rbd rm` once no clone uses them.
 
-Every create completes or removes what it made. Every call opens its own cluster connection (a
-connect is ~10 ms): `connect_timeout` bounds the monitor's answer, so a down monitor is UNAVAILABLE
-(naming the monitors) within that bound, never a hang; `op_timeout` bounds each OSD operation.
+Every create completes or removes what it made. The backend keeps one librados connection (made on
+first use, retired and made again after the monitors did not answer or refused the key); every call
+starts with a monitor round trip (~1 ms) bounded by `connect_timeout`, so a down monitor is UNAVAILABLE
+(naming the monitors) within that bound, never a hang, even where librados could have served the call
+from its cached maps; `op_timeout` bounds each OSD operation.
 Errors: a key the cluster refuses (or caps that do not allow a call) is PERMISSION_DENIED; out of space
 (ENOSPC, a pool quota) is RESOURCE_EXHAUSTED.
 
@@ -609,8 +611,9 @@ class RbdBackend:
         s = self.settings
         if exc.kind == "unreachable":
             return Unavailable(
-                f"{self._where()}: the cluster did not answer within {s.connect_timeout:g}s while {what} "
-                f"({exc.message}); check that the monitors run and are reachable"
+                f"{self._where()}: the cluster did not answer in time while {what} ({exc.message}; "
+                f"connect_timeout {s.connect_timeout:g}s for the monitors, op_timeout {s.op_timeout:g}s "
+                "for each OSD operation); check that the monitors and OSDs run and are reachable"
             )
         if exc.kind == "permission":
             return PermissionDenied(
