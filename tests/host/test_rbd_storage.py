@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -267,6 +268,38 @@ def test_create_from_an_image_clones_one_golden_image(storaged: Daemon, ioctx: A
     assert read(ioctx, image(b.id), 5 * MIB, 11) == b"golden-data"
     for v in (a, b):
         stub(storaged).DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=60)
+
+
+def test_a_qcow2_image_and_two_creates_at_once_make_one_base(
+    storaged: Daemon, ioctx: Any, tmp_path: Path
+) -> None:
+    """A qcow2 image is converted to raw before its import; two volumes asked for at once (two copy
+    workers) share one import."""
+    raw = tmp_path / "src.raw"
+    with raw.open("wb") as f:
+        f.truncate(6 * MIB)
+        f.seek(MIB)
+        f.write(b"qcow2-data")
+    qcow2 = tmp_path / "golden.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True, timeout=60
+    )
+    os.chmod(tmp_path, 0o755)
+    before = {n for n in rbd.RBD().list(ioctx) if n.startswith("image-")}
+    source = pb.ImageSource(path=str(qcow2), format=pb.IMAGE_FORMAT_QCOW2)
+    s = stub(storaged)
+    ids = [
+        s.CreateVolume(spb.CreateVolumeRequest(name=f"qcow2-{i}", source_image=source), timeout=60).volume.id
+        for i in range(2)
+    ]
+    vols = [settled(storaged, v) for v in ids]
+    bases = {n for n in rbd.RBD().list(ioctx) if n.startswith("image-")} - before
+    assert len(bases) == 1, bases
+    assert not [n for n in rbd.RBD().list(ioctx) if ".tmp-" in n]
+    for v in vols:
+        assert v.size_bytes == 6 * MIB
+        assert read(ioctx, image(v.id), MIB, 10) == b"qcow2-data"
+        s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=60)
 
 
 # -- attachments
