@@ -352,7 +352,8 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
         assert int(sys_block(dev, "size")) * 512 == 64 * MIB
         paths = path_devices(nqn)
         assert len(paths) == 2, paths  # nvmeXcYnZ: one per controller under the one head
-        assert all(p.startswith(dev.split("n")[0] + "c") for p in paths), (dev, paths)
+        head_of = dev[: dev.rindex("n")]  # nvme0n1 -> nvme0: its paths are nvme0c<controller>n1
+        assert all(p.startswith(f"{head_of}c") for p in paths), (dev, paths)
         addresses = sorted((c / "address").read_text().strip() for c in controllers(nqn))
         assert [a.split(",")[0] for a in addresses] == ["traddr=127.0.0.1", "traddr=127.0.0.2"]
         serial = (controllers(nqn)[0] / "serial").read_text().strip()
