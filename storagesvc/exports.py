@@ -163,6 +163,8 @@ class Exports:
             exporter.allow(spec, initiator)
             ctx.failpoints.hit(FP_EXPORT_AFTER_ACL)
             transport = _transport_info(exporter, spec, export, connector)
+            # iSCSI LUNs have 512-byte blocks; an NVMe namespace has the target's LBA size
+            block = exporter.block_size(spec.device_path) if isinstance(exporter, NvmeExporter) else 512
             info = ConnectionInfo(
                 transport=transport,
                 volume_id=v.id,
@@ -172,8 +174,8 @@ class Exports:
                 size_bytes=v.size_bytes,
                 access_mode=mode,
                 discard=False,
-                logical_block_size=512,
-                physical_block_size=512,
+                logical_block_size=block,
+                physical_block_size=block,
                 multiattach=v.multiattach,
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)

@@ -154,6 +154,10 @@ class NvmeExporter(Protocol):
         authentication is off, (secret, None) when the target cannot authenticate itself to hosts."""
         ...
 
+    def block_size(self, device_path: str) -> int:
+        """The LBA size the namespace on `device_path` gets (the host's logical block size)."""
+        ...
+
 
 def transport_of(exporter: Exporter) -> Transport:
     """The transport hosts reach `exporter`'s targets over."""

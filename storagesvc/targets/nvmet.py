@@ -33,6 +33,9 @@ cannot authenticate hosts: with `dhchap` on, `start` refuses with FAILED_PRECOND
 A file on a file system without O_DIRECT (tmpfs) is served with ``buffered_io`` 1 (the target opens
 files with O_DIRECT by default and fails with EINVAL otherwise).
 
+The namespace's LBA size is what the target makes of the backing (`block_size`): a block device's
+logical block size, 4096 for files; connection info announces it as the logical and physical block size.
+
 Read-only exports are refused: the kernel target (6.1) has no write protection per namespace or host.
 Growing is one write to the namespace's ``revalidate_size``: the target re-reads the size of the device
 or file and tells connected hosts (namespace attribute changed); files grow too, unlike LIO fileio.
@@ -46,11 +49,14 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import fcntl
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import stat
+import struct
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -67,6 +73,7 @@ log = logging.getLogger(__name__)
 CONFIGFS = Path("/sys/kernel/config/nvmet")
 DEFAULT_KEY_FILE = "/var/lib/blockwire/nvmet-dhchap.key"
 ANA_GROUP = "1"
+BLKSSZGET = 0x1268  # ioctl: a block device's logical block size
 SEED_BYTES = 32
 #: Where the auth probe host lives for an instant while `start` checks the kernel.
 PROBE_HOST = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000000-blockwire-probe"
@@ -295,6 +302,19 @@ class NvmetExporter:
             return host, None
         ctrl = dhchap_secret(hmac.new(seed, b"ctrl\0" + host_nqn.encode(), hashlib.sha256).digest())
         return host, ctrl
+
+    def block_size(self, device_path: str) -> int:
+        """The target gives a block device's namespace the device's logical block size, and a file's
+        namespace the file system's block size up to 4096 (drivers/nvme/target/io-cmd-file.c:
+        ``min(i_blkbits, 12)``): 4096 on ext4, xfs and tmpfs."""
+        st = os.stat(device_path)
+        if not stat.S_ISBLK(st.st_mode):
+            return min(st.st_blksize, 4096)
+        fd = os.open(device_path, os.O_RDONLY)
+        try:
+            return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+        finally:
+            os.close(fd)
 
     # -- targets
 

@@ -350,6 +350,7 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
         assert sys_block(dev, "uuid") == nv.namespace_uuid
         assert sys_block(dev, "wwid") == f"uuid.{nv.namespace_uuid}"
         assert int(sys_block(dev, "size")) * 512 == 64 * MIB
+        assert int(sys_block(dev, "queue/logical_block_size")) == ci.logical_block_size == 4096  # a file
         paths = path_devices(nqn)
         assert len(paths) == 2, paths  # nvmeXcYnZ: one per controller under the one head
         head_of = dev[: dev.rindex("n")]  # nvme0n1 -> nvme0: its paths are nvme0c<controller>n1
@@ -425,6 +426,8 @@ def test_a_thin_volume_grows_under_a_connected_host(storage: Storage, thin_pool:
         connect(nqn, PORTALS[0])
         dev = wait_until("the namespace head", lambda: head(nqn), 60)
         assert _nguid(sys_block(dev, "nguid")) == nv.namespace_nguid
+        block = att.attachment.connection_info.logical_block_size
+        assert int(sys_block(dev, "queue/logical_block_size")) == block == 512  # a thin LV
         pattern = kernel.write_pattern(f"/dev/{dev}", 3)
         assert kernel.read_at(f"/dev/{thin_pool.vg}/vol-{vol.id}", 3) == pattern
         stub.ExtendVolume(spb.ExtendVolumeRequest(volume_id=vol.id, new_size_bytes=32 * MIB), timeout=120)

@@ -287,6 +287,8 @@ def test_an_nvme_attachment_announces_the_subsystem_namespace_and_host(
     assert t.namespace_nguid == identity.namespace_nguid(vid, "001405")
     assert (t.dhchap_host_secret, t.dhchap_ctrl_secret) == rig.exporter.host_secrets(HOST_A)
     assert info.wwn == ""
+    file_block = min(Path(rig.backend.device_path(vid)).stat().st_blksize, 4096)
+    assert (info.logical_block_size, info.physical_block_size) == (file_block, file_block)
     assert info.serial == identity.serial_for(vid)
     assert rig.service.get_attachment(att.id).connection_info == info  # the catalog keeps it whole
     again = rig.service.create_attachment(vid, nvme_connector("a"), AccessMode.READ_WRITE)
