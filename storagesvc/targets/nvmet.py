@@ -312,7 +312,8 @@ class NvmetExporter:
             return min(st.st_blksize, 4096)
         fd = os.open(device_path, os.O_RDONLY)
         try:
-            return struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+            size: int = struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0]
+            return size
         finally:
             os.close(fd)
 
