@@ -12,7 +12,7 @@ export the target lost and removes a stray subsystem under its prefix; DH-HMAC-C
 dhchap on; on a kernel with target authentication a wrong secret is refused and the right one accepted.
 
 Real nvme-cli output is saved to BLOCKWIRE_GUEST_RESULTS/recorded-nvme/ for parser tests
-(tests/data/recorded/nvme_*).
+(tests/data/recorded/nvmet_*).
 """
 
 from __future__ import annotations
@@ -329,12 +329,12 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
         refused = connect(nqn, portal, STRANGER_NQN, STRANGER_ID, ok=tuple(range(1, 256)))
         assert refused.returncode != 0
         assert not controllers(nqn), f"the stranger got a controller through {portal}"
-    record_rc("nvme_connect_not_allowed_rc.txt", refused)
+    record_rc("nvmet_connect_not_allowed_rc.txt", refused)
 
     try:
         # Both ports: two controllers (paths), one namespace head with the announced identity.
         first = connect(nqn, PORTALS[0])
-        record_rc("nvme_connect_rc.txt", first)
+        record_rc("nvmet_connect_rc.txt", first)
         connect(nqn, PORTALS[1])
         wait_until(
             "two live controllers",
@@ -366,20 +366,20 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
 
         # What the connector parses, recorded from this state.
         for name, argv in (
-            ("nvme_list_subsys.json", ["nvme", "list-subsys", "-o", "json"]),
-            ("nvme_list_subsys.txt", ["nvme", "list-subsys"]),
-            ("nvme_list_subsys_dev.json", ["nvme", "list-subsys", "-o", "json", f"/dev/{dev}"]),
-            ("nvme_list.json", ["nvme", "list", "-o", "json"]),
-            ("nvme_list_v.json", ["nvme", "list", "-v", "-o", "json"]),
-            ("nvme_id_ns.txt", ["nvme", "id-ns", f"/dev/{dev}"]),
-            ("nvme_id_ns.json", ["nvme", "id-ns", "-o", "json", f"/dev/{dev}"]),
-            ("nvme_ns_descs.json", ["nvme", "ns-descs", "-o", "json", f"/dev/{dev}"]),
-            ("nvme_id_ctrl.json", ["nvme", "id-ctrl", "-o", "json", f"/dev/{controllers(nqn)[0].name}"]),
-            ("nvme_ana_log.json", ["nvme", "ana-log", "-o", "json", f"/dev/{controllers(nqn)[0].name}"]),
+            ("nvmet_list_subsys.json", ["nvme", "list-subsys", "-o", "json"]),
+            ("nvmet_list_subsys.txt", ["nvme", "list-subsys"]),
+            ("nvmet_list_subsys_dev.json", ["nvme", "list-subsys", "-o", "json", f"/dev/{dev}"]),
+            ("nvmet_list.json", ["nvme", "list", "-o", "json"]),
+            ("nvmet_list_v.json", ["nvme", "list", "-v", "-o", "json"]),
+            ("nvmet_id_ns.txt", ["nvme", "id-ns", f"/dev/{dev}"]),
+            ("nvmet_id_ns.json", ["nvme", "id-ns", "-o", "json", f"/dev/{dev}"]),
+            ("nvmet_ns_descs.json", ["nvme", "ns-descs", "-o", "json", f"/dev/{dev}"]),
+            ("nvmet_id_ctrl.json", ["nvme", "id-ctrl", "-o", "json", f"/dev/{controllers(nqn)[0].name}"]),
+            ("nvmet_ana_log.json", ["nvme", "ana-log", "-o", "json", f"/dev/{controllers(nqn)[0].name}"]),
         ):
             recorded(name, run(argv, ok=(0, 1, 2, 22)).stdout)
         recorded(
-            "nvme_sysfs_summary.txt",
+            "nvmet_sysfs_summary.txt",
             "".join(f"{a}: {sys_block(dev, a)}\n" for a in ("nguid", "uuid", "wwid", "nsid", "size"))
             + f"multipath: {' '.join(paths)}\n"
             + "".join(f"{p} ana_state: {_ana_state(p)}\n" for p in paths)
