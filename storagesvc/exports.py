@@ -10,6 +10,12 @@ needs to open the volume itself (`RbdConnection`: monitors, pool, image, the ima
 fsid, a cephx user and key), read from the cluster when the attachment is made, and no export record.
 The attachment rules are the same: one (host, domain) consumer unless multiattach, repeats return the
 attachment, deletes of what is gone succeed.
+
+The exporter decides the transport (`storagesvc.targets.base.transport_of`): an iSCSI exporter (tgt,
+lio) admits the connector's initiator IQN and announces an `IscsiConnection` with the export's CHAP; an
+NVMe exporter (nvmet) names the subsystem itself, admits the connector's host NQN and announces an
+`NvmeofConnection` with the namespace's NGUID and UUID and the host's DH-HMAC-CHAP secrets. Everything
+else (records, reference counts, reconcile, repair) is the same for both.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ from dataclasses import replace
 
 from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import (
+    AccessMode,
+    Chap,
+    ConnectionInfo,
+    Connector,
+    IscsiConnection,
+    IscsiPath,
+    NvmeofConnection,
+    NvmeofPortal,
+    Transport,
+)
 from blockwire.secret import Secret
 from storagesvc import identity, paging
 from storagesvc.backends.base import DirectBackend
@@ -37,7 +53,7 @@ from storagesvc.model import (
     Volume,
     VolumeState,
 )
-from storagesvc.targets.base import Exporter, TargetState
+from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec, TargetState, transport_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +74,47 @@ _EXPORTED = frozenset({VolumeState.ATTACHING, VolumeState.IN_USE})  # states who
 
 def new_chap_secret() -> Secret:
     return Secret("".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_LENGTH)))
+
+
+def initiator_of(connector: Connector, exporter: Exporter | None) -> str:
+    """The name `exporter` admits the connector's host by: its host NQN (NVMe), else its initiator IQN
+    (also for a direct backend, None: no exporter admits anyone; the IQN tells a repeat from another
+    consumer as before)."""
+    if exporter is not None and transport_of(exporter) is Transport.NVME_TCP:
+        return connector.nvme_host_nqn
+    return connector.initiator_iqn
+
+
+def _repeat(
+    v: Volume,
+    atts: Sequence[Attachment],
+    connector: Connector,
+    *,
+    domain: str,
+    mode: AccessMode,
+    exporter: Exporter | None,
+) -> Attachment | None:
+    """The attachment a CreateAttachment repeats, or None. An attachment is one consumer: (host, domain).
+    A repeat of it returns it; another consumer, on this host or another, is a second attachment, which
+    only a multiattach volume may have (a repeat from the same host must never stand in for another
+    domain's attachment: its deletion would unexport the volume under the first domain). The same consumer
+    asking otherwise is FAILED_PRECONDITION."""
+    initiator = initiator_of(connector, exporter)
+    for a in atts:
+        if a.connector.host != connector.host or a.domain != domain:
+            continue
+        if (
+            initiator_of(a.connector, exporter) == initiator
+            and a.access_mode is mode
+            and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
+        ):
+            return a
+        raise FailedPrecondition(
+            f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
+            f"{a.state.value}, {a.access_mode.value}, {initiator_of(a.connector, exporter)}); "
+            "delete that attachment first"
+        )
+    return None
 
 
 def _consumer(host: str, domain: str) -> str:
@@ -88,12 +145,13 @@ class Exports:
             validate.connector(connector)
             with ctx.hold_volume(volume_id):
                 v = ctx.volume(volume_id)
-                backend = ctx.pools[v.backend].backend
-                own = backend.transport if isinstance(backend, DirectBackend) else Transport.ISCSI
+                pool = ctx.pools[v.backend]
+                direct = pool.backend if isinstance(pool.backend, DirectBackend) else None
+                own = direct.transport if direct is not None else transport_of(pool.target_exporter())
                 if transport is not None and transport is not own:
                     raise InvalidArgument(
                         "transport",
-                        f"volume {v.id} is on backend {v.backend} ({backend.kind}), reached over "
+                        f"volume {v.id} is on backend {v.backend} ({pool.backend.kind}), reached over "
                         f"{own.value}, not {transport.value}",
                     )
                 validate.connector(connector, transport=own)
@@ -104,24 +162,11 @@ class Exports:
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
         atts = ctx.catalog.attachments_of(v.id)
-        # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
-        # on this host or another, is a second attachment, which only a multiattach volume may have
-        # (a repeat from the same host must never stand in for another domain's attachment: its
-        # deletion would unexport the volume under the first domain).
-        for a in atts:
-            if a.connector.host != connector.host or a.domain != domain:
-                continue
-            if (
-                a.connector.initiator_iqn == connector.initiator_iqn
-                and a.access_mode is mode
-                and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
-            ):
-                return a
-            raise FailedPrecondition(
-                f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
-                f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
-                "attachment first"
-            )
+        pool = ctx.pools[v.backend]
+        initiator = initiator_of(connector, pool.exporter)
+        repeat = _repeat(v, atts, connector, domain=domain, mode=mode, exporter=pool.exporter)
+        if repeat is not None:
+            return repeat
         if atts and not v.multiattach:
             raise FailedPrecondition(
                 f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
@@ -131,12 +176,11 @@ class Exports:
             raise FailedPrecondition(
                 f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
             )
-        pool = ctx.pools[v.backend]
         if isinstance(pool.backend, DirectBackend):
             return self._create_direct(v, pool.backend, atts, connector, mode=mode, domain=domain)
         exporter = pool.target_exporter()
         first = not atts or v.export is None
-        export = v.export if not first else self._new_export(v, mode, exporter.lun)
+        export = v.export if not first else self._new_export(v, mode, exporter)
         assert export is not None
         now = ctx.now()
         att = Attachment(
@@ -162,27 +206,24 @@ class Exports:
                 undo.callback(exporter.remove_target, export.target_iqn)
                 exporter.ensure_target(ctx.spec(reserved, export))
                 ctx.failpoints.hit(FP_EXPORT_AFTER_TARGET)
-            undo.callback(
-                self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
-            )
-            exporter.allow(ctx.spec(reserved, export), connector.initiator_iqn)
+            undo.callback(self._deny_unless_shared, v.id, att.id, export.target_iqn, initiator, exporter)
+            spec = ctx.spec(reserved, export)
+            exporter.allow(spec, initiator)
             ctx.failpoints.hit(FP_EXPORT_AFTER_ACL)
+            transport = _transport_info(exporter, spec, export, connector)
+            # iSCSI LUNs have 512-byte blocks; an NVMe namespace has the target's LBA size
+            block = exporter.block_size(spec.device_path) if isinstance(exporter, NvmeExporter) else 512
             info = ConnectionInfo(
-                transport=IscsiConnection(
-                    paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
-                    chap=export.chap,
-                    mutual_chap=export.mutual_chap,
-                    initiator_iqn=connector.initiator_iqn,
-                ),
+                transport=transport,
                 volume_id=v.id,
                 attachment_id=att.id,
-                wwn=v.wwn,
+                wwn=v.wwn if isinstance(transport, IscsiConnection) else "",  # NVMe: NGUID and UUID
                 serial=v.serial,
                 size_bytes=v.size_bytes,
                 access_mode=mode,
                 discard=False,
-                logical_block_size=512,
-                physical_block_size=512,
+                logical_block_size=block,
+                physical_block_size=block,
                 multiattach=v.multiattach,
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)
@@ -202,7 +243,7 @@ class Exports:
             "volume %s exported to host %s (%s) as attachment %s",
             v.id,
             connector.host,
-            connector.initiator_iqn,
+            initiator,
             att.id,
         )
         return att
@@ -273,13 +314,21 @@ class Exports:
         )
         return att
 
-    def _new_export(self, v: Volume, mode: AccessMode, lun: int) -> ExportRecord:
+    def _new_export(self, v: Volume, mode: AccessMode, exporter: Exporter) -> ExportRecord:
         ctx = self.ctx
+        if isinstance(exporter, NvmeExporter):  # DH-HMAC-CHAP secrets are per host, not per export
+            return ExportRecord(
+                target_iqn=identity.subsystem_nqn(exporter.nqn_prefix, v.id),
+                lun=exporter.lun,
+                chap=None,
+                mutual_chap=None,
+                access_mode=mode,
+            )
         chap = Chap(f"in-{v.id[:24]}", ctx.new_secret())
         mutual = Chap(f"out-{v.id[:24]}", ctx.new_secret()) if ctx.mutual_chap else None
         return ExportRecord(
             target_iqn=identity.target_iqn(ctx.iqn_prefix, v.id),
-            lun=lun,
+            lun=exporter.lun,
             chap=chap,
             mutual_chap=mutual,
             access_mode=mode,
@@ -292,7 +341,7 @@ class Exports:
         others = [
             a
             for a in self.ctx.catalog.attachments_of(volume_id)
-            if a.id != attachment_id and a.connector.initiator_iqn == initiator_iqn
+            if a.id != attachment_id and initiator_of(a.connector, exporter) == initiator_iqn
         ]
         if not others:
             exporter.deny(target_iqn, initiator_iqn)
@@ -348,7 +397,8 @@ class Exports:
         if v is not None and v.export is not None:
             exporter = ctx.pools[v.backend].target_exporter()
             if others:
-                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
+                initiator = initiator_of(a.connector, exporter)
+                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, initiator, exporter)
             else:
                 exporter.remove_target(v.export.target_iqn)
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
@@ -386,7 +436,7 @@ class Exports:
         exporter = pool.target_exporter()
         exporter.ensure_target(spec)
         for a in live:
-            exporter.allow(spec, a.connector.initiator_iqn)
+            exporter.allow(spec, initiator_of(a.connector, exporter))
 
     def repair(self) -> list[str]:
         """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
@@ -413,8 +463,8 @@ class Exports:
         for key, volumes in wanted.items():
             exporter = exporters[key]
             try:
-                live = {t.target_iqn: t for t in exporter.list_targets(ctx.iqn_prefix + ":")}
-                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live))]
+                live = {t.target_iqn: t for t in exporter.list_targets(ctx.target_prefix(exporter))}
+                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live, exporter))]
                 if not lost:
                     continue
                 exporter.start()  # a restarted tgtd forgot its portals too
@@ -437,7 +487,7 @@ class Exports:
             if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
         ]
 
-    def _export_lost(self, v: Volume, live: Mapping[str, TargetState]) -> str:
+    def _export_lost(self, v: Volume, live: Mapping[str, TargetState], exporter: Exporter) -> str:
         """What the target side lost of the volume's export, in words; "" when it is intact."""
         assert v.export is not None
         state = live.get(v.export.target_iqn)
@@ -448,11 +498,8 @@ class Exports:
         wrong = state.lun.differs(self.ctx.spec(v, v.export))
         if wrong:
             return f"target {v.export.target_iqn}: {wrong}"
-        missing = [
-            a.connector.initiator_iqn
-            for a in self._live_attachments(v.id)
-            if a.connector.initiator_iqn not in state.initiators
-        ]
+        admitted = [initiator_of(a.connector, exporter) for a in self._live_attachments(v.id)]
+        missing = [name for name in admitted if name not in state.initiators]
         if missing:
             return f"target {v.export.target_iqn} does not admit {', '.join(missing)}"
         return ""
@@ -474,6 +521,30 @@ class Exports:
             len(atts),
         )
         return True
+
+
+def _transport_info(
+    exporter: Exporter, spec: TargetSpec, export: ExportRecord, connector: Connector
+) -> IscsiConnection | NvmeofConnection:
+    """What the host needs to reach the export over the exporter's transport."""
+    if isinstance(exporter, NvmeExporter):
+        host_secret, ctrl_secret = exporter.host_secrets(connector.nvme_host_nqn)
+        return NvmeofConnection(
+            subsystem_nqn=export.target_iqn,
+            portals=tuple(NvmeofPortal(p, "tcp") for p in exporter.portals),
+            namespace_id=export.lun,
+            namespace_uuid=spec.uuid,
+            namespace_nguid=spec.nguid,
+            host_nqn=connector.nvme_host_nqn,
+            dhchap_host_secret=host_secret,
+            dhchap_ctrl_secret=ctrl_secret,
+        )
+    return IscsiConnection(
+        paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
+        chap=export.chap,
+        mutual_chap=export.mutual_chap,
+        initiator_iqn=connector.initiator_iqn,
+    )
 
 
 def in_use_or_attaching(attachments: Sequence[Attachment]) -> VolumeState:

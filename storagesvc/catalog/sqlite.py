@@ -31,6 +31,8 @@ from blockwire.model import (
     Connector,
     IscsiConnection,
     IscsiPath,
+    NvmeofConnection,
+    NvmeofPortal,
     RbdConnection,
     Transport,
 )
@@ -243,8 +245,10 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
                 "cluster_fsid": t.cluster_fsid,
             }
         }
+    elif isinstance(t, NvmeofConnection):
+        transport = {"nvmeof": _nvmeof_doc(t)}
     else:
-        raise TypeError(f"the catalog records iSCSI and RBD connection info only, not {type(t).__name__}")
+        raise TypeError(f"the catalog records iSCSI, RBD and NVMe-oF connection info, not {type(t).__name__}")
     return {
         **transport,
         "volume_id": c.volume_id,
@@ -259,10 +263,42 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
     }
 
 
+def _nvmeof_doc(t: NvmeofConnection) -> dict[str, Any]:
+    def secret(s: Secret | None) -> str | None:
+        return None if s is None else s.reveal()
+
+    return {
+        "subsystem_nqn": t.subsystem_nqn,
+        "portals": [[p.address, p.transport] for p in t.portals],
+        "namespace_id": t.namespace_id,
+        "namespace_uuid": t.namespace_uuid,
+        "namespace_nguid": t.namespace_nguid,
+        "host_nqn": t.host_nqn,
+        "dhchap_host_secret": secret(t.dhchap_host_secret),
+        "dhchap_ctrl_secret": secret(t.dhchap_ctrl_secret),
+    }
+
+
+def _nvmeof(n: dict[str, Any]) -> NvmeofConnection:
+    def secret(s: str | None) -> Secret | None:
+        return None if s is None else Secret(s)
+
+    return NvmeofConnection(
+        subsystem_nqn=n["subsystem_nqn"],
+        portals=tuple(NvmeofPortal(p[0], p[1]) for p in n["portals"]),
+        namespace_id=n["namespace_id"],
+        namespace_uuid=n["namespace_uuid"],
+        namespace_nguid=n["namespace_nguid"],
+        host_nqn=n["host_nqn"],
+        dhchap_host_secret=secret(n["dhchap_host_secret"]),
+        dhchap_ctrl_secret=secret(n["dhchap_ctrl_secret"]),
+    )
+
+
 def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
     if d is None:
         return None
-    transport: IscsiConnection | RbdConnection
+    transport: IscsiConnection | RbdConnection | NvmeofConnection
     if "rbd" in d:
         r = d["rbd"]
         transport = RbdConnection(
@@ -274,6 +310,8 @@ def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
             image_id=r["image_id"],
             cluster_fsid=r["cluster_fsid"],
         )
+    elif "nvmeof" in d:
+        transport = _nvmeof(d["nvmeof"])
     else:
         i = d["iscsi"]
         transport = IscsiConnection(
