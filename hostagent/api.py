@@ -204,6 +204,8 @@ def option_differences(
         differ("logical_block_size", spec.logical_block_size or 512, disk.logical_block_size)
     if disk.physical_block_size:
         differ("physical_block_size", spec.physical_block_size or 512, disk.physical_block_size)
+    if disk.boot_order:
+        differ("boot_order", spec.boot_order, disk.boot_order)
     return differs
 
 
@@ -297,11 +299,45 @@ class HostAgent:
         dom = self._domain_of(a)
         return self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
 
+    def _disk_of(self, a: JournalRecord, dom: DomainInfo | None) -> LiveDisk | None:
+        """`a`'s disk where the domain has it now: in its live XML when it runs, in its definition when
+        it is shut off (a cold attach, or a persistent one of a domain stopped since)."""
+        if dom is None:
+            return None
+        if dom.running:
+            return self._disk_by_serial(dom.name, a.serial)
+        return self._disk_by_serial(dom.name, a.serial, inactive=True) if dom.persistent else None
+
+    def _other_holders(self, a: JournalRecord) -> list[str]:
+        """Domains other than `a`'s own (by UUID) whose live XML or definition has `a`'s disk (same
+        serial and the same host device or network source): a domain undefined and defined again, whose
+        next start would open the volume. Their disk is never taken away by cleaning up `a`."""
+        own = self._domain_of(a)
+        found = []
+        for name, disks in self.hypervisor.defined_disks().items():
+            if own is not None and name == own.name:
+                continue
+            for d in disks:
+                if d.spec.serial != a.serial:
+                    continue
+                path = source_path(d.spec.source)
+                if (a.host_device and path == a.host_device) or (not path and not a.host_device):
+                    found.append(f"domain {name!r} ({d.spec.target_dev})")
+                    break
+        return found
+
     def _unplug_or_hold(self, a: JournalRecord, held: list[str]) -> None:
         """The hot-plug's undo: unplugs `a`'s disk if the domain has it. When the domain does not let
         go, `held` names it, so that nothing under the disk is disconnected or unexported."""
         dom = self._domain_of(a)
-        if dom is None or not dom.running:
+        if dom is not None and not dom.running:  # a cold attach: the disk leaves the definition
+            cold = self._disk_of(a, dom)
+            if cold is not None:
+                self.hypervisor.detach_disk(
+                    dom.name, cold.spec.target_dev, Deadline(self.clock, self.detach_timeout)
+                )
+            return
+        if dom is None:
             return
         live = self._disk_by_serial(dom.name, a.serial)
         if live is None:
@@ -359,6 +395,7 @@ class HostAgent:
         validate.block_size(disk.logical_block_size, "disk.logical_block_size")
         validate.block_size(disk.physical_block_size, "disk.physical_block_size")
         validate.iotune(disk.iotune, "disk.iotune")
+        validate.boot_order(disk.boot_order)
 
     def _validate_info(self, info: ConnectionInfo) -> VolumeConnector:
         """The wire rules (blockwire.validate; also for a connector that does not run them), then the
@@ -396,6 +433,7 @@ class HostAgent:
             shareable=info.multiattach,
             logical_block_size=logical,
             physical_block_size=physical,
+            boot_order=disk.boot_order,
         )
 
     def _undo(
@@ -424,6 +462,21 @@ class HostAgent:
 
         stack.callback(run)
 
+    @staticmethod
+    def _is_cold(dom: DomainInfo, disk: DiskOptions) -> bool:
+        """Whether an attach to `dom` is a cold one (shut off: the definition only); refuses what
+        cannot be done to the domain as it is."""
+        if not dom.running:
+            if not dom.persistent:
+                raise FailedPrecondition(f"domain {dom.name!r} is neither running nor defined")
+            return True
+        if disk.boot_order:
+            raise FailedPrecondition(
+                f"domain {dom.name!r} is running: a boot order is only written into the definition of a "
+                "shut-off domain (a cold attach); attach without boot_order, or shut the domain off first"
+            )
+        return False
+
     # -- attach -----------------------------------------------------------------------------------
     def attach(
         self,
@@ -436,7 +489,12 @@ class HostAgent:
         persistent: bool = False,
         allow_unverified_identity: bool = False,
     ) -> JournalRecord:
-        """Attaches a volume (by id, through storage; or by connection info) to a running domain.
+        """Attaches a volume (by id, through storage; or by connection info) to a domain.
+
+        A running domain gets the disk hot-plugged (and, `persistent`, in its definition too). A defined,
+        shut-off domain gets it written into its definition only (a cold attach: `persistent` is implied,
+        and `disk.boot_order` may make it the boot disk); the host side is connected (identity verified)
+        and stays so while the disk is in the definition, so that the domain's start opens it.
 
         A repeat with the same options returns the attachment; with other options it is
         FailedPrecondition naming what differs. Connection info that announces no identity is refused
@@ -460,12 +518,16 @@ class HostAgent:
         if access_mode is AccessMode.READ_ONLY:
             disk = replace(disk, read_only=True)
         dom = self.hypervisor.lookup(domain)
-        if not dom.running:
-            raise FailedPrecondition(f"domain {dom.name!r} is not running; start it first")
+        cold = self._is_cold(dom, disk)
+        persistent = persistent or cold  # a cold attach writes the definition: that is what it is
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             existing = self.journal.get(volume_id, dom.name)
             if existing is not None:
-                live = self._live_disk(existing) if existing.state is AttachmentState.ATTACHED else None
+                live = (
+                    self._disk_of(existing, self._domain_of(existing))
+                    if existing.state is AttachmentState.ATTACHED
+                    else None
+                )
                 if live is not None:
                     differs = option_differences(existing, live, disk, access_mode, persistent)
                     if differs:
@@ -488,6 +550,7 @@ class HostAgent:
                 persistent=persistent,
                 others=others,
                 allow_unverified_identity=allow_unverified_identity,
+                cold=cold,
             )
 
     def _attach(
@@ -501,6 +564,7 @@ class HostAgent:
         persistent: bool,
         others: list[JournalRecord],
         allow_unverified_identity: bool,
+        cold: bool = False,
     ) -> JournalRecord:
         now = self.clock.now()
         info = given or ConnectionInfo(transport=LocalConnection(""), volume_id=volume_id)
@@ -570,6 +634,7 @@ class HostAgent:
                     bus=disk.bus,
                     preferred_target=disk.target_dev,
                     persistent=persistent,
+                    cold=cold,
                 )
                 self.failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 a = self.journal.update(a, target_dev=spec.target_dev)
@@ -782,9 +847,16 @@ class HostAgent:
         so a crash after any of them [`DETACH_FAILPOINTS`] ends with nothing attached. Records in ERROR (a
         compensation failed) are rolled back the same way.
 
-        ATTACHED records are kept when the disk is live (or the domain is shut off: its persistent
-        config still has it); an ATTACHED record whose disk vanished from a running domain is rolled
-        back. For a kept record the connector's paths are compared with the connection info: a kernel
+        A cold attach (a shut-off domain) follows the same table with "the disk is in the domain's
+        definition" for "the guest sees the disk": a crash after the definition was written rolls forward.
+
+        ATTACHED records are kept when the domain has the disk: in its live XML when it runs, in its
+        definition when it is shut off (a cold attach, or a persistent one of a domain stopped since;
+        starting and stopping the domain changes nothing). An ATTACHED record whose disk is gone (a
+        running domain lost it, a shut-off one's definition no longer has it, a live-only disk of a
+        domain that stopped, an undefined domain) is rolled back, but only when no other domain's live
+        XML or definition has the disk (a domain undefined and defined again under another UUID): then
+        it is reported "kept" naming that domain, and nothing is taken away. For a kept record the connector's paths are compared with the connection info: a kernel
         attachment that lost some of its sessions has those paths logged in again (`PathRestorer`:
         only the lost paths; one that fails again, or shows another LUN, is dropped alone, and the map
         and paths the guest still uses are never touched; the record is reported "kept, degraded"
@@ -817,11 +889,18 @@ class HostAgent:
     def _reconcile_one(self, a: JournalRecord) -> ReconcileAction:
         try:
             dom = self._domain_of(a)
-            live = self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
-            if a.state is AttachmentState.ATTACHED and (
-                live is not None or (dom is not None and not dom.running)
-            ):
+            live = self._disk_of(a, dom)
+            if a.state is AttachmentState.ATTACHED and live is not None:
                 return ReconcileAction(a.volume_id, a.domain, "kept", self._check_paths(a))
+            if dom is None or live is None:
+                holders = self._other_holders(a)
+                if holders:
+                    return ReconcileAction(
+                        a.volume_id,
+                        a.domain,
+                        "kept",
+                        f"{', '.join(holders)} has the disk, not the record's domain: detach it there",
+                    )
             if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind is not None:
                 if a.owns_export and self.storage is not None and a.attachment_id:
                     self.storage.complete_attachment(a.attachment_id, live.spec.target_dev, a.host_device)

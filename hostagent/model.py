@@ -101,6 +101,7 @@ class DiskOptions:
     target_dev: str = ""
     logical_block_size: int = 0
     physical_block_size: int = 0
+    boot_order: int = 0  # 0: none; only for a cold attach (a shut-off domain's definition)
 
 
 class AttachmentState(enum.Enum):

@@ -67,6 +67,7 @@ def disk_options_from_pb(m: pb.DiskOptions) -> DiskOptions:
         target_dev=m.target_dev,
         logical_block_size=m.logical_block_size,
         physical_block_size=m.physical_block_size,
+        boot_order=m.boot_order,
     )
 
 

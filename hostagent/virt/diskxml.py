@@ -100,6 +100,7 @@ class DiskSpec:
     logical_block_size: int = 0
     physical_block_size: int = 0
     address: DriveAddress | None = None
+    boot_order: int = 0
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
             value = getattr(spec.iotune, name)
             if value:
                 etree.SubElement(iotune, name).text = str(value)
+    if spec.boot_order:
+        etree.SubElement(disk, "boot", order=str(spec.boot_order))
     if spec.read_only:
         etree.SubElement(disk, "readonly")
     if spec.shareable:
@@ -256,6 +259,7 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
     blockio = disk.find("blockio")
     alias = disk.find("alias")
     address_el = disk.find("address[@type='drive']")
+    boot = disk.find("boot")
     address = None
     if address_el is not None:
         address = DriveAddress(
@@ -278,6 +282,7 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
         logical_block_size=_int(blockio.get("logical_block_size")) if blockio is not None else 0,
         physical_block_size=_int(blockio.get("physical_block_size")) if blockio is not None else 0,
         address=address,
+        boot_order=_int(boot.get("order")) if boot is not None else 0,
     )
     return LiveDisk(spec=spec, alias=alias.get("name", "") if alias is not None else "")
 

@@ -45,8 +45,16 @@ class Hypervisor(Protocol):
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
-        """Allocates a free target name (per-domain lock), builds the spec with it and hot-plugs it."""
+        """Allocates a free target name (per-domain lock), builds the spec with it and hot-plugs it.
+        `cold`: the domain is shut off and persistent; the disk is written into its definition only
+        (FailedPrecondition when it is running by then), and a boot order replaces the definition's
+        <os><boot dev=.../> elements."""
+        ...
+
+    def defined_disks(self) -> dict[str, list[LiveDisk]]:
+        """The disks of every domain, running (live) or shut off (its definition), by domain name."""
         ...
 
     def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:

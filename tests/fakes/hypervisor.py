@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from blockwire.errors import BlockwireError, NotFound
+from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
 from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
 from hostagent.model import Bus
@@ -44,6 +44,9 @@ class FakeHypervisor:
     def running_disks(self) -> dict[str, list[LiveDisk]]:
         return {n: self.disks(n) for n, d in self.domains.items() if d.running}
 
+    def defined_disks(self) -> dict[str, list[LiveDisk]]:
+        return {n: self.disks(n) for n in self.domains}
+
     def attach_disk(
         self,
         domain: str,
@@ -52,8 +55,14 @@ class FakeHypervisor:
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
-        name = self.lookup(domain).name
+        dom = self.lookup(domain)
+        if cold and (dom.running or not dom.persistent):
+            raise FailedPrecondition(f"domain {dom.name!r} is not shut off")
+        if not cold and not dom.running:
+            raise FailedPrecondition(f"domain {dom.name!r} is not running")
+        name = dom.name
         used = {s.target_dev for s in self.disks_by_domain[name]}
         spec = build(next_target_dev(bus, used, preferred_target))
         xml = disk_xml(spec)

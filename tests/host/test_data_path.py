@@ -273,3 +273,42 @@ def test_a_volume_path_is_never_left_in_a_stopped_domain(
     rig.detach(name, v.id)
     assert inactive_disks(rig, name) == []
     assert rig.nothing_left(name, v.id) == {}
+
+
+def test_cold_attach_boots_from_the_volume_and_leaves_nothing(rig: Rig, domains: list[str]) -> None:
+    """Boot from volume: a defined, shut-off domain without disks gets the volume in its definition with
+    a boot order; the host side (QEMU's CHAP secret, the export) stays while it is there, survives an
+    agent restart (reconcile keeps it), and the domain's start opens it."""
+    name = unique("bw-dp-cold")
+    rig.lv().defineXML(domain_xml(name))
+    domains.append(name)
+    v = create_volume(rig)
+    a = attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1))
+    assert a.state == pb.ATTACHMENT_STATE_ATTACHED
+    (disk,) = inactive_disks(rig, name)
+    assert disk.find("boot").get("order") == "1"
+    definition = etree.fromstring(
+        rig.lv().lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+    )
+    assert definition.findall("os/boot") == []  # libvirt allows no <boot dev> beside a boot order
+    assert len(rig.secrets()) == 1
+    assert list(rig.targets().values()) == [[rig.agent_iqn()]]
+    # a repeat returns the attachment
+    assert attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1)).id == a.id
+    # the agent restarts while the domain is shut off: reconcile keeps the attachment
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert len(rig.secrets()) == 1
+    assert [x.state for x in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    # virsh start: QEMU logs in with the secret and opens the LUN
+    dom = rig.lv().lookupByName(name)
+    dom.create()
+    (live,) = rig.live_disks(name)
+    assert live.find("boot").get("order") == "1"
+    capacity, _allocation, _physical = dom.blockInfo(live.find("target").get("dev"))
+    assert capacity == 8 * MIB
+    assert rig.complete(name, v.id) == {}
+    dom.destroy()
+    rig.detach(name, v.id)
+    assert inactive_disks(rig, name) == []
+    assert rig.nothing_left(name, v.id) == {}

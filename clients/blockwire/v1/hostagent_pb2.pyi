@@ -130,13 +130,15 @@ class AttachVolumeRequest(_message.Message):
     PERSISTENT_FIELD_NUMBER: _builtins.int
     ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
-    """libvirt domain name or UUID; the domain must be running."""
+    """libvirt domain name or UUID; the domain must be running, or defined and shut off (cold attach)."""
     volume_id: _builtins.str
     """A volume id the agent resolves with the storage service."""
     access_mode: _types_pb2.AccessMode.ValueType
     """Read-write or read-only; UNSPECIFIED means READ_WRITE."""
     persistent: _builtins.bool
-    """Also add the disk to the persistent definition (AFFECT_CONFIG) when the domain is persistent."""
+    """Also add the disk to the persistent definition (AFFECT_CONFIG) when the domain is persistent.
+    Implied for a shut-off domain (a cold attach writes only the definition).
+    """
     allow_unverified_identity: _builtins.bool
     """Attach even though the connection info announces no identity (neither wwn nor serial), so that
     the device reached cannot be checked. Without it such connection info is FAILED_PRECONDITION.

@@ -55,6 +55,12 @@ class HostAgentServiceStub:
     AttachVolume: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.AttachVolumeRequest, _hostagent_pb2.AttachVolumeResponse]
     """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
     connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+    Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+    is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+    same way; it stays connected while the definition has the disk, so that the domain's start opens
+    it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+    disk from the definition and disconnects; an undefined domain's attachment is removed by the
+    agent's reconcile (at its start) once no domain's definition has the disk.
     Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
     a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
     what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -63,8 +69,10 @@ class HostAgentServiceStub:
     nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
     finishes it once the domain lets go.
     Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-    options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+    is not running, a boot order for a running domain or one another device has, the domain started
+    or stopped during the call (repeat it), options differ from the existing attachment, not
+    multiattach), PERMISSION_DENIED (CHAP, ACL),
     DEADLINE_EXCEEDED, UNAVAILABLE.
     """
     DetachVolume: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.DetachVolumeRequest, _hostagent_pb2.DetachVolumeResponse]
@@ -128,6 +136,12 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     AttachVolume: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.AttachVolumeRequest, _hostagent_pb2.AttachVolumeResponse]  # type: ignore[assignment]
     """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
     connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+    Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+    is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+    same way; it stays connected while the definition has the disk, so that the domain's start opens
+    it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+    disk from the definition and disconnects; an undefined domain's attachment is removed by the
+    agent's reconcile (at its start) once no domain's definition has the disk.
     Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
     a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
     what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -136,8 +150,10 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
     finishes it once the domain lets go.
     Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-    options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+    is not running, a boot order for a running domain or one another device has, the domain started
+    or stopped during the call (repeat it), options differ from the existing attachment, not
+    multiattach), PERMISSION_DENIED (CHAP, ACL),
     DEADLINE_EXCEEDED, UNAVAILABLE.
     """
     DetachVolume: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.DetachVolumeRequest, _hostagent_pb2.DetachVolumeResponse]  # type: ignore[assignment]
@@ -210,6 +226,12 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_hostagent_pb2.AttachVolumeResponse, _abc.Awaitable[_hostagent_pb2.AttachVolumeResponse]]:
         """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
         connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+        Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+        is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+        same way; it stays connected while the definition has the disk, so that the domain's start opens
+        it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+        disk from the definition and disconnects; an undefined domain's attachment is removed by the
+        agent's reconcile (at its start) once no domain's definition has the disk.
         Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
         a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
         what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -218,8 +240,10 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
         finishes it once the domain lets go.
         Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-        options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+        is not running, a boot order for a running domain or one another device has, the domain started
+        or stopped during the call (repeat it), options differ from the existing attachment, not
+        multiattach), PERMISSION_DENIED (CHAP, ACL),
         DEADLINE_EXCEEDED, UNAVAILABLE.
         """
 

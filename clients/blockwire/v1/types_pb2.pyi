@@ -1234,6 +1234,7 @@ class DiskOptions(_message.Message):
     TARGET_DEV_FIELD_NUMBER: _builtins.int
     LOGICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     PHYSICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    BOOT_ORDER_FIELD_NUMBER: _builtins.int
     bus: Global___DiskBus.ValueType
     """Bus; UNSPECIFIED means SCSI (hot-unplug works without guest cooperation)."""
     cache: Global___DiskCache.ValueType
@@ -1258,6 +1259,12 @@ class DiskOptions(_message.Message):
     """Logical block size exposed to the guest; 0 means the volume's."""
     physical_block_size: _builtins.int
     """Physical block size exposed to the guest; 0 means the volume's."""
+    boot_order: _builtins.int
+    """Boot order of the disk (<boot order='N'/>), 1 first; 0 means none. Only for a shut-off domain (a
+    cold attach writes it into the definition, so `virsh start` boots from the disk); libvirt does not
+    allow per-device boot orders beside the definition's <os><boot dev=.../> elements, so a cold attach
+    with a boot order removes those. At most 999.
+    """
     @_builtins.property
     def iotune(self) -> Global___IoTune:
         """Throttling; combined with ConnectionInfo.qos, the stricter limit wins."""
@@ -1276,10 +1283,11 @@ class DiskOptions(_message.Message):
         target_dev: _builtins.str = ...,
         logical_block_size: _builtins.int = ...,
         physical_block_size: _builtins.int = ...,
+        boot_order: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["iotune", b"iotune"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bus", b"bus", "cache", b"cache", "discard", b"discard", "io", b"io", "iotune", b"iotune", "logical_block_size", b"logical_block_size", "physical_block_size", b"physical_block_size", "read_only", b"read_only", "serial", b"serial", "shareable", b"shareable", "target_dev", b"target_dev"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_order", b"boot_order", "bus", b"bus", "cache", b"cache", "discard", b"discard", "io", b"io", "iotune", b"iotune", "logical_block_size", b"logical_block_size", "physical_block_size", b"physical_block_size", "read_only", b"read_only", "serial", b"serial", "shareable", b"shareable", "target_dev", b"target_dev"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
