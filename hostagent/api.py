@@ -856,7 +856,9 @@ class HostAgent:
         running domain lost it, a shut-off one's definition no longer has it, a live-only disk of a
         domain that stopped, an undefined domain) is rolled back, but only when no other domain's live
         XML or definition has the disk (a domain undefined and defined again under another UUID): then
-        it is reported "kept" naming that domain, and nothing is taken away. For a kept record the connector's paths are compared with the connection info: a kernel
+        it is reported "kept" naming that domain, and nothing is taken away.
+
+        For a kept record the connector's paths are compared with the connection info: a kernel
         attachment that lost some of its sessions has those paths logged in again (`PathRestorer`:
         only the lost paths; one that fails again, or shows another LUN, is dropped alone, and the map
         and paths the guest still uses are never touched; the record is reported "kept, degraded"

@@ -71,7 +71,11 @@ class Exports:
             with ctx.hold_volume(volume_id):
                 return self._create(ctx.volume(volume_id), connector, mode, domain)
 
-    def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
+    def _create(
+        self, v: Volume, connector: Connector, mode: AccessMode, domain: str, migration_source_id: str = ""
+    ) -> Attachment:
+        """`migration_source_id`: the destination attachment of a live migration (storagesvc.migrations),
+        which a volume that is not multiattach may have beside its source attachment."""
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
@@ -94,7 +98,7 @@ class Exports:
                 f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
                 "attachment first"
             )
-        if atts and not v.multiattach:
+        if atts and not v.multiattach and not migration_source_id:
             raise FailedPrecondition(
                 f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
                 "not created multiattach; detach it there first"
@@ -118,6 +122,7 @@ class Exports:
             create_time=now,
             update_time=now,
             domain=domain,
+            migration_source_id=migration_source_id,
         )
         before = v
         with contextlib.ExitStack() as undo:

@@ -37,6 +37,9 @@ STORAGE_EXPECTED = {
     "ListAttachments": OK,
     "GetCapacity": OK,
     "GetBackendStats": OK,
+    "CreateMigrationAttachment": INVALID,
+    "CompleteMigration": INVALID,
+    "RollbackMigration": INVALID,
 }
 AGENT_EXPECTED = {
     "GetConnector": OK,

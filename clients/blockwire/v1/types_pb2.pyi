@@ -1101,6 +1101,7 @@ class Attachment(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MIGRATION_SOURCE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (the storage service's)."""
     volume_id: _builtins.str
@@ -1117,6 +1118,10 @@ class Attachment(_message.Message):
     """The block device on the host ("/dev/dm-3", "/dev/sdc"); empty for QEMU-native transports."""
     error_message: _builtins.str
     """Why the attachment is in ERROR."""
+    migration_source_id: _builtins.str
+    """Set on the destination attachment of a live migration that is not complete: the source host's
+    attachment it replaces (see StorageService.CreateMigrationAttachment). Empty otherwise.
+    """
     @_builtins.property
     def connector(self) -> Global___Connector:
         """The host's connector."""
@@ -1150,10 +1155,11 @@ class Attachment(_message.Message):
         error_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        migration_source_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "domain", b"domain", "error_message", b"error_message", "host_device", b"host_device", "id", b"id", "state", b"state", "target_dev", b"target_dev", "update_time", b"update_time", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "domain", b"domain", "error_message", b"error_message", "host_device", b"host_device", "id", b"id", "migration_source_id", b"migration_source_id", "state", b"state", "target_dev", b"target_dev", "update_time", b"update_time", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
