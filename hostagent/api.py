@@ -38,6 +38,7 @@ from blockwire.runtime.locks import KeyedLocks
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
 from hostagent.journal import Journal
+from hostagent.migration import MigrationHandoff, MigrationVolume, PreparedMigration
 from hostagent.model import (
     AttachmentState,
     Cache,
@@ -241,6 +242,7 @@ class HostAgent:
         self.events = events or EventBus()
         self.detach_timeout = detach_timeout
         self._locks = KeyedLocks()
+        self.migration = MigrationHandoff(self)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _emit(self, type_: EventType, a: JournalRecord | None = None, **kw: str) -> None:
@@ -522,6 +524,11 @@ class HostAgent:
         persistent = persistent or cold  # a cold attach writes the definition: that is what it is
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             existing = self.journal.get(volume_id, dom.name)
+            if existing is not None and existing.migration_source_id:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is being migrated to {dom.name!r} on this host "
+                    f"({existing.state.value}); finish or abort that migration first"
+                )
             if existing is not None:
                 live = (
                     self._disk_of(existing, self._domain_of(existing))
@@ -745,7 +752,9 @@ class HostAgent:
         if a.connector_kind is not None:  # connect may have begun: disconnect (idempotent)
             self._disconnect(a, force=force)
             self.failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
-        if a.owns_export and self.storage is not None:
+        if a.owns_export and self.storage is not None and a.migration_source_id:
+            self._rollback_migration(a)  # a destination's attachment of a live migration
+        elif a.owns_export and self.storage is not None:
             self.failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
             attachment_id = a.attachment_id
             if not attachment_id:
@@ -757,6 +766,53 @@ class HostAgent:
             self.storage.delete_attachment(attachment_id)
             self.failpoints.hit(FP_DETACH_AFTER_DELETE_ATTACHMENT)
         self.journal.delete(a.volume_id, a.domain)
+
+    def _rollback_migration(self, a: JournalRecord) -> None:
+        """Storage's side of undoing a migration's destination record: RollbackMigration; one that
+        storage already completed is an ordinary attachment, which is deleted."""
+        storage = self._storage()
+        attachment_id = a.attachment_id
+        if not attachment_id:
+            # Crashed between CreateMigrationAttachment and recording its id: a repeat tells it.
+            try:
+                attachment_id = storage.create_migration_attachment(
+                    a.migration_source_id, self.connector, a.domain
+                ).id
+            except (NotFound, FailedPrecondition) as exc:
+                log.warning(
+                    "%s@%s: no migration attachment to roll back (%s)", a.volume_id, a.domain, exc.message
+                )
+                return
+        try:
+            storage.rollback_migration(attachment_id)
+        except FailedPrecondition:
+            storage.delete_attachment(attachment_id)
+
+    # -- live migration (hostagent.migration) -----------------------------------------------------
+    def prepare_migration(
+        self,
+        domain: str,
+        domain_xml: str,
+        volumes: list[MigrationVolume],
+        *,
+        allow_unverified_identity: bool = False,
+    ) -> PreparedMigration:
+        """Destination: connects `volumes` of the arriving `domain` here and returns its destination XML."""
+        return self.migration.prepare(
+            domain, domain_xml, volumes, allow_unverified_identity=allow_unverified_identity
+        )
+
+    def finish_incoming_migration(self, domain: str) -> list[JournalRecord]:
+        """Destination: the domain runs here; its attachments become ordinary ones."""
+        return self.migration.finish_incoming(domain)
+
+    def finish_outgoing_migration(self, domain: str) -> list[str]:
+        """Source: the domain left; releases its volumes here."""
+        return self.migration.finish_outgoing(domain)
+
+    def abort_migration(self, domain: str) -> list[str]:
+        """Either side: undoes what this side made for a migration that did not complete."""
+        return self.migration.abort(domain)
 
     # -- extend, read -----------------------------------------------------------------------------
     def extend(self, volume_id: str, new_size_bytes: int = 0) -> int:
@@ -890,6 +946,8 @@ class HostAgent:
 
     def _reconcile_one(self, a: JournalRecord) -> ReconcileAction:
         try:
+            if a.migration_source_id:
+                return self.migration.reconcile(a)
             dom = self._domain_of(a)
             live = self._disk_of(a, dom)
             if a.state is AttachmentState.ATTACHED and live is not None:

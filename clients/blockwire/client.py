@@ -632,6 +632,38 @@ class StorageClient(_Client):
         request = storage_pb2.DeleteAttachmentRequest(attachment_id=attachment_id)
         self._unary("DeleteAttachment", self.stub.DeleteAttachment, request, timeout)
 
+    def create_migration_attachment(
+        self,
+        source_attachment_id: str,
+        connector: types_pb2.Connector | model.Connector,
+        *,
+        domain: str = "",
+        timeout: float | None = None,
+    ) -> types_pb2.Attachment:
+        """The destination host's attachment of a live migration, beside the source's; a repeat returns it."""
+        if isinstance(connector, model.Connector):
+            connector = convert.connector_to_pb(connector)
+        request = storage_pb2.CreateMigrationAttachmentRequest(
+            source_attachment_id=source_attachment_id, connector=connector, domain=domain
+        )
+        return self._unary(
+            "CreateMigrationAttachment", self.stub.CreateMigrationAttachment, request, timeout
+        ).attachment
+
+    def complete_migration(
+        self, attachment_id: str, *, target_dev: str = "", host_device: str = "", timeout: float | None = None
+    ) -> types_pb2.Attachment:
+        """Completes a migration: the source attachment goes; a repeat is harmless."""
+        request = storage_pb2.CompleteMigrationRequest(
+            attachment_id=attachment_id, target_dev=target_dev, host_device=host_device
+        )
+        return self._unary("CompleteMigration", self.stub.CompleteMigration, request, timeout).attachment
+
+    def rollback_migration(self, attachment_id: str, *, timeout: float | None = None) -> None:
+        """Rolls a migration back: the destination attachment goes; a repeat or an unknown id is OK."""
+        request = storage_pb2.RollbackMigrationRequest(attachment_id=attachment_id)
+        self._unary("RollbackMigration", self.stub.RollbackMigration, request, timeout)
+
     def get_attachment(self, attachment_id: str, *, timeout: float | None = None) -> types_pb2.Attachment:
         """Returns one attachment, with its connection info."""
         request = storage_pb2.GetAttachmentRequest(attachment_id=attachment_id)

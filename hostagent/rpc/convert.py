@@ -42,6 +42,7 @@ _STATE = {
     AttachmentState.ATTACHED: pb.ATTACHMENT_STATE_ATTACHED,
     AttachmentState.DETACHING: pb.ATTACHMENT_STATE_DETACHING,
     AttachmentState.ERROR: pb.ATTACHMENT_STATE_ERROR,
+    AttachmentState.MIGRATING: pb.ATTACHMENT_STATE_MIGRATING,
 }
 
 
@@ -94,6 +95,7 @@ def attachment_to_pb(a: JournalRecord, connector: Connector) -> pb.Attachment:
         target_dev=a.target_dev,
         host_device=a.host_device,
         error_message=a.error_message,
+        migration_source_id=a.migration_source_id,
     )
     if a.create_time is not None:
         m.create_time.FromDatetime(a.create_time)

@@ -193,6 +193,68 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
         )
 
 
+def with_source(disk: etree._Element, source: Source) -> etree._Element:
+    """A copy of a <disk> element that opens `source` instead: its type and <source> (with <auth>,
+    <initiator>) replaced, everything else (target, address, serial, driver, iotune, boot, alias) kept, so
+    that the guest sees the same disk. For a live migration's destination XML."""
+    copy = etree.fromstring(etree.tostring(disk))
+    copy.set("type", _disk_type(source))
+    index = len(copy)
+    for old in (copy.find("source"), copy.find("auth")):
+        if old is not None:
+            index = min(index, copy.index(old))
+            copy.remove(old)
+    scratch = etree.Element("disk")
+    _source_element(scratch, source)
+    copy.insert(index, scratch[0])
+    return copy
+
+
+def replace_disk_sources(domain_xml: str, sources: dict[str, Source]) -> str:
+    """The domain XML with the disks at the given target names opening the given sources (`with_source`);
+    InvalidArgument naming a target the domain has no disk at."""
+    root = _parse_domain(domain_xml)
+    disks = {t.get("dev", ""): d for d in root.findall("devices/disk") if (t := d.find("target")) is not None}
+    for target, source in sources.items():
+        disk = disks.get(target)
+        if disk is None:
+            raise InvalidArgument("domain_xml", f"the domain has no disk at {target}")
+        parent = disk.getparent()
+        assert parent is not None
+        parent.replace(disk, with_source(disk, source))
+    return etree.tostring(root, encoding="unicode")
+
+
+def _parse_domain(domain_xml: str) -> etree._Element:
+    try:  # a caller's text: no entities resolved, nothing fetched
+        return etree.fromstring(domain_xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as exc:
+        raise InvalidArgument("domain_xml", f"not well-formed XML: {exc}") from None
+
+
+def domain_uuid(domain_xml: str) -> str:
+    """The <uuid> of a domain's XML ("" when it has none)."""
+    return (_parse_domain(domain_xml).findtext("uuid") or "").strip()
+
+
+def disk_at(domain_xml: str, target_dev: str) -> LiveDisk:
+    """The disk of a domain's XML at a target name; InvalidArgument when there is none."""
+    for d in _parse_domain(domain_xml).findall("devices/disk"):
+        t = d.find("target")
+        if t is not None and t.get("dev") == target_dev:
+            return parse_disk_element(d)
+    raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
+
+
+def moved_disk_xml(domain_xml: str, target_dev: str, source: Source) -> str:
+    """The disk at `target_dev` of a domain's XML, opening `source` instead (`with_source`)."""
+    for d in _parse_domain(domain_xml).findall("devices/disk"):
+        t = d.find("target")
+        if t is not None and t.get("dev") == target_dev:
+            return etree.tostring(with_source(d, source), pretty_print=True, encoding="unicode")
+    raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
+
+
 def disk_xml(spec: DiskSpec) -> str:
     """The <disk> element for `spec`, pretty-printed (golden files compare this text)."""
     return etree.tostring(disk_element(spec), pretty_print=True, encoding="unicode")

@@ -61,6 +61,16 @@ _CONNECTION_ERRORS = {
     getattr(libvirt, "VIR_ERR_AUTH_UNAVAILABLE", -1),
 }
 
+# Why a domain paused for a live migration: arriving (the destination's QEMU waits for the state),
+# leaving (the source's last copy), or post-copy.
+_MIGRATION_PAUSES = frozenset(
+    {
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+        libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+        getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY", -1),
+    }
+)
+
 # libvirt's default event implementation is process-wide by libvirt's design: it may be registered
 # once per process. This guard is the only process-wide state of the agent.
 _event_impl_lock = threading.Lock()
@@ -278,7 +288,11 @@ class LibvirtHypervisor:
     def lookup(self, domain: str) -> DomainInfo:
         dom = self._domain(domain)
         try:
-            return DomainInfo(dom.name(), dom.UUIDString(), bool(dom.isPersistent()), bool(dom.isActive()))
+            state, reason = dom.state()
+            migrating = state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES
+            return DomainInfo(
+                dom.name(), dom.UUIDString(), bool(dom.isPersistent()), bool(dom.isActive()), migrating
+            )
         except libvirt.libvirtError as exc:
             _raise(exc, f"reading domain {domain!r}")
 

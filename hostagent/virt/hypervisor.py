@@ -22,6 +22,7 @@ class DomainInfo:
     uuid: str
     persistent: bool
     running: bool
+    migrating: bool = False  # paused by a live migration: arriving (destination) or about to leave
 
 
 class Hypervisor(Protocol):

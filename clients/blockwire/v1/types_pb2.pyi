@@ -205,6 +205,10 @@ class _AttachmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attac
     """Being torn down."""
     ATTACHMENT_STATE_ERROR: _AttachmentState.ValueType  # 5
     """A step failed; see `Attachment.error_message`. Deleting it cleans up."""
+    ATTACHMENT_STATE_MIGRATING: _AttachmentState.ValueType  # 40
+    """A host agent's record of the destination side of a live migration: storage attachment made and the
+    host connected (PrepareMigration), the domain not yet running on that host. Storage never reports it.
+    """
 
 class AttachmentState(_AttachmentState, metaclass=_AttachmentStateEnumTypeWrapper):
     """AttachmentState is an attachment's place in its life cycle:
@@ -222,6 +226,10 @@ ATTACHMENT_STATE_DETACHING: AttachmentState.ValueType  # 4
 """Being torn down."""
 ATTACHMENT_STATE_ERROR: AttachmentState.ValueType  # 5
 """A step failed; see `Attachment.error_message`. Deleting it cleans up."""
+ATTACHMENT_STATE_MIGRATING: AttachmentState.ValueType  # 40
+"""A host agent's record of the destination side of a live migration: storage attachment made and the
+host connected (PrepareMigration), the domain not yet running on that host. Storage never reports it.
+"""
 Global___AttachmentState: _TypeAlias = AttachmentState  # noqa: Y015
 
 class _DiskBus:
