@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 
@@ -47,6 +48,9 @@ class AgentConfig:
     )
     storage_timeout: float = 30.0
     libvirt_uri: str = "qemu:///system"
+    # this host's name for storage (Connector.host, the agent's TLS identity); empty: the system's host
+    # name. Two agents on one machine (each with its own libvirtd) need two names.
+    host_name: str = ""
     iscsi_mode: str = "auto"
     # kernel paths (iSCSI, FC) on a host with multipathd: "auto" maps volumes announced with two or more
     # paths and uses a single-path volume's disk as it is; "always" maps every volume (a path added later
@@ -78,6 +82,8 @@ class AgentConfig:
             raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
+        if self.host_name:
+            validate.host(self.host_name, "host_name")
         for name in (
             "storage_timeout",
             "device_timeout",

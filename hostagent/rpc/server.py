@@ -32,7 +32,17 @@ log = logging.getLogger("hostagent")
 SERVICE = hostagent_pb2.DESCRIPTOR.services_by_name["HostAgentService"].full_name
 LONG_METHODS = frozenset(
     f"/{SERVICE}/{name}"
-    for name in ("AttachVolume", "DetachVolume", "ExtendVolume", "ConnectVolume", "DisconnectVolume")
+    for name in (
+        "AttachVolume",
+        "DetachVolume",
+        "ExtendVolume",
+        "ConnectVolume",
+        "DisconnectVolume",
+        "PrepareMigration",
+        "FinishIncomingMigration",
+        "FinishOutgoingMigration",
+        "AbortMigration",
+    )
 )
 """The agent's long calls ([limits] max_long_calls): logins, udev and DEVICE_REMOVED waits, rescans."""
 

@@ -20,6 +20,7 @@ from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.api import HostAgent
+from hostagent.migration import MigrationVolume
 from hostagent.rpc.convert import (
     attachment_to_pb,
     disk_options_from_pb,
@@ -135,6 +136,55 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         info = convert.connection_info_from_pb(request.connection_info)
         self.agent.disconnect_volume(info, force=request.force)
         return hpb.DisconnectVolumeResponse()
+
+    @_unary
+    def PrepareMigration(
+        self, request: hpb.PrepareMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.PrepareMigrationResponse:
+        volumes = [
+            MigrationVolume(v.volume_id, v.source_attachment_id, v.target_dev) for v in request.volumes
+        ]
+        prepared = self.agent.prepare_migration(
+            request.domain,
+            request.domain_xml,
+            volumes,
+            allow_unverified_identity=request.allow_unverified_identity,
+        )
+        return hpb.PrepareMigrationResponse(
+            destination_domain_xml=prepared.domain_xml,
+            disks=[
+                hpb.PreparedDisk(
+                    volume_id=d.volume_id,
+                    attachment_id=d.attachment_id,
+                    target_dev=d.target_dev,
+                    disk_xml=d.disk_xml,
+                )
+                for d in prepared.disks
+            ],
+        )
+
+    @_unary
+    def FinishIncomingMigration(
+        self, request: hpb.FinishIncomingMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.FinishIncomingMigrationResponse:
+        found = self.agent.finish_incoming_migration(request.domain)
+        return hpb.FinishIncomingMigrationResponse(
+            attachments=[attachment_to_pb(a, self.agent.connector) for a in found]
+        )
+
+    @_unary
+    def FinishOutgoingMigration(
+        self, request: hpb.FinishOutgoingMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.FinishOutgoingMigrationResponse:
+        return hpb.FinishOutgoingMigrationResponse(
+            volume_ids=self.agent.finish_outgoing_migration(request.domain)
+        )
+
+    @_unary
+    def AbortMigration(
+        self, request: hpb.AbortMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.AbortMigrationResponse:
+        return hpb.AbortMigrationResponse(volume_ids=self.agent.abort_migration(request.domain))
 
     def WatchEvents(
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext

@@ -51,6 +51,10 @@ AGENT_EXPECTED = {
     "ConnectVolume": INVALID,
     "DisconnectVolume": INVALID,
     "WatchEvents": OPEN_STREAM,
+    "PrepareMigration": INVALID,
+    "FinishIncomingMigration": INVALID,
+    "FinishOutgoingMigration": INVALID,
+    "AbortMigration": INVALID,
 }
 PENDING: set[str] = set()
 

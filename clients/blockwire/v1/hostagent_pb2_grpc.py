@@ -96,6 +96,26 @@ class HostAgentServiceStub:
                 request_serializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.PrepareMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/PrepareMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.FromString,
+                _registered_method=True)
+        self.FinishIncomingMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/FinishIncomingMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.FromString,
+                _registered_method=True)
+        self.FinishOutgoingMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/FinishOutgoingMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.FromString,
+                _registered_method=True)
+        self.AbortMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/AbortMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.FromString,
+                _registered_method=True)
 
 
 class HostAgentServiceServicer:
@@ -215,6 +235,60 @@ class HostAgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareMigration(self, request, context):
+        """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+        domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+        the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+        FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+        keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+        Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+        (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+        QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+        volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+        iotune, boot order are kept). A failure undoes every volume of the call.
+        Idempotent: a repeat returns the same disks and XML.
+        Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+        otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+        UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishIncomingMigration(self, request, context):
+        """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+        journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+        returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+        the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishOutgoingMigration(self, request, context):
+        """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+        domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+        sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+        A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+        the migration did not complete), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMigration(self, request, context):
+        """Either side, when the migration did not complete: undoes only what this side made. Destination:
+        disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+        A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+        the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+        running), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostAgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +336,26 @@ def add_HostAgentServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'PrepareMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.SerializeToString,
+            ),
+            'FinishIncomingMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishIncomingMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.SerializeToString,
+            ),
+            'FinishOutgoingMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishOutgoingMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.SerializeToString,
+            ),
+            'AbortMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +618,114 @@ class HostAgentService:
             '/blockwire.v1.HostAgentService/WatchEvents',
             blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.SerializeToString,
             blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/PrepareMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishIncomingMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/FinishIncomingMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishOutgoingMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/FinishOutgoingMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/AbortMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

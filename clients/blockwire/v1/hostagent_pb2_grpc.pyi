@@ -108,6 +108,44 @@ class HostAgentServiceStub:
     """Streams attach, detach, path and resize events as they happen, until the caller cancels.
     Read-only.
     """
+    PrepareMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.PrepareMigrationRequest, _hostagent_pb2.PrepareMigrationResponse]
+    """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+    domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+    the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+    FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+    keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+    Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+    (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+    QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+    volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+    iotune, boot order are kept). A failure undoes every volume of the call.
+    Idempotent: a repeat returns the same disks and XML.
+    Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+    otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+    UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+    """
+    FinishIncomingMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.FinishIncomingMigrationRequest, _hostagent_pb2.FinishIncomingMigrationResponse]
+    """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+    journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+    returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+    the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+    """
+    FinishOutgoingMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.FinishOutgoingMigrationRequest, _hostagent_pb2.FinishOutgoingMigrationResponse]
+    """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+    domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+    sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+    A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+    the migration did not complete), UNAVAILABLE (a repeat finishes it).
+    """
+    AbortMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.AbortMigrationRequest, _hostagent_pb2.AbortMigrationResponse]
+    """Either side, when the migration did not complete: undoes only what this side made. Destination:
+    disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+    A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+    the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+    running), UNAVAILABLE (a repeat finishes it).
+    """
 
 @_typing.type_check_only
 class HostAgentServiceAsyncStub(HostAgentServiceStub):
@@ -188,6 +226,44 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_hostagent_pb2.WatchEventsRequest, _hostagent_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams attach, detach, path and resize events as they happen, until the caller cancels.
     Read-only.
+    """
+    PrepareMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.PrepareMigrationRequest, _hostagent_pb2.PrepareMigrationResponse]  # type: ignore[assignment]
+    """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+    domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+    the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+    FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+    keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+    Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+    (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+    QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+    volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+    iotune, boot order are kept). A failure undoes every volume of the call.
+    Idempotent: a repeat returns the same disks and XML.
+    Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+    otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+    UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+    """
+    FinishIncomingMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.FinishIncomingMigrationRequest, _hostagent_pb2.FinishIncomingMigrationResponse]  # type: ignore[assignment]
+    """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+    journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+    returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+    the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+    """
+    FinishOutgoingMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.FinishOutgoingMigrationRequest, _hostagent_pb2.FinishOutgoingMigrationResponse]  # type: ignore[assignment]
+    """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+    domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+    sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+    A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+    the migration did not complete), UNAVAILABLE (a repeat finishes it).
+    """
+    AbortMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.AbortMigrationRequest, _hostagent_pb2.AbortMigrationResponse]  # type: ignore[assignment]
+    """Either side, when the migration did not complete: undoes only what this side made. Destination:
+    disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+    A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+    the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+    running), UNAVAILABLE (a repeat finishes it).
     """
 
 class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -320,6 +396,68 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_hostagent_pb2.WatchEventsResponse], _abc.AsyncIterator[_hostagent_pb2.WatchEventsResponse]]:
         """Streams attach, detach, path and resize events as they happen, until the caller cancels.
         Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def PrepareMigration(
+        self,
+        request: _hostagent_pb2.PrepareMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.PrepareMigrationResponse, _abc.Awaitable[_hostagent_pb2.PrepareMigrationResponse]]:
+        """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+        domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+        the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+        FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+        keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+        Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+        (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+        QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+        volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+        iotune, boot order are kept). A failure undoes every volume of the call.
+        Idempotent: a repeat returns the same disks and XML.
+        Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+        otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+        UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+        """
+
+    @_abc_1.abstractmethod
+    def FinishIncomingMigration(
+        self,
+        request: _hostagent_pb2.FinishIncomingMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.FinishIncomingMigrationResponse, _abc.Awaitable[_hostagent_pb2.FinishIncomingMigrationResponse]]:
+        """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+        journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+        returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+        the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def FinishOutgoingMigration(
+        self,
+        request: _hostagent_pb2.FinishOutgoingMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.FinishOutgoingMigrationResponse, _abc.Awaitable[_hostagent_pb2.FinishOutgoingMigrationResponse]]:
+        """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+        domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+        sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+        A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+        the migration did not complete), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def AbortMigration(
+        self,
+        request: _hostagent_pb2.AbortMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.AbortMigrationResponse, _abc.Awaitable[_hostagent_pb2.AbortMigrationResponse]]:
+        """Either side, when the migration did not complete: undoes only what this side made. Destination:
+        disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+        A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+        the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+        running), UNAVAILABLE (a repeat finishes it).
         """
 
 def add_HostAgentServiceServicer_to_server(servicer: HostAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
