@@ -38,7 +38,13 @@ from blockwire.runtime.locks import KeyedLocks
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
 from hostagent.journal import Journal
-from hostagent.migration import MigrationHandoff, MigrationVolume, PreparedMigration
+from hostagent.migration import (
+    MigrationHandoff,
+    MigrationResult,
+    MigrationVolume,
+    PeerAgent,
+    PreparedMigration,
+)
 from hostagent.model import (
     AttachmentState,
     Cache,
@@ -809,6 +815,10 @@ class HostAgent:
     def finish_outgoing_migration(self, domain: str) -> list[str]:
         """Source: the domain left; releases its volumes here."""
         return self.migration.finish_outgoing(domain)
+
+    def migrate_domain(self, domain: str, peer: PeerAgent, destination_uri: str) -> MigrationResult:
+        """Source: the whole flow with the destination's agent `peer` and libvirt at `destination_uri`."""
+        return self.migration.migrate(domain, peer, destination_uri)
 
     def abort_migration(self, domain: str) -> list[str]:
         """Either side: undoes what this side made for a migration that did not complete."""

@@ -51,7 +51,7 @@ import logging
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, InvalidArgument, NotFound
@@ -106,6 +106,27 @@ class _Arrival:
 class PreparedMigration:
     domain_xml: str  # the source's domain XML with each volume's disk opening it on the destination
     disks: tuple[PreparedDisk, ...]
+
+
+class PeerAgent(Protocol):
+    """The destination's agent as the source's `migrate` needs it (hostagent.rpc.peer_client over gRPC
+    with this agent's TLS identity; another HostAgent in tests)."""
+
+    def prepare_migration(
+        self, domain: str, domain_xml: str, volumes: list[MigrationVolume]
+    ) -> PreparedMigration: ...
+
+    def finish_incoming_migration(self, domain: str) -> object: ...
+
+    def abort_migration(self, domain: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    volume_ids: tuple[str, ...]
+    prepare_seconds: float
+    libvirt_seconds: float
+    finish_seconds: float
 
 
 class MigrationHandoff:
@@ -320,6 +341,46 @@ class MigrationHandoff:
                 released.append(a.volume_id)
         log.info("domain %s migrated away: released %s", domain, ", ".join(released) or "nothing")
         return released
+
+    def migrate(self, domain: str, peer: PeerAgent, destination_uri: str) -> MigrationResult:
+        """The whole flow from the source: the destination agent prepares, libvirt migrates with its
+        XML, both sides finish. When the prepare or libvirt's migration fails, the destination aborts
+        and the error is raised: the domain runs here with its disks untouched."""
+        agent = self.agent
+        validate.domain(domain)
+        if not destination_uri:
+            raise InvalidArgument("destination_libvirt_uri", "required")
+        dom = agent.hypervisor.lookup(domain)
+        if not dom.running:
+            raise FailedPrecondition(f"domain {dom.name!r} is not running here; nothing to migrate")
+        records = [a for a in agent.journal.all() if a.domain == dom.name]
+        pending = [
+            a.volume_id for a in records if a.state is not AttachmentState.ATTACHED or a.migration_source_id
+        ]
+        if pending:
+            raise FailedPrecondition(
+                f"volumes {', '.join(pending)} of {dom.name!r} are not simply attached here; "
+                "finish those first"
+            )
+        volumes = [MigrationVolume(a.volume_id, a.attachment_id, a.target_dev) for a in records]
+        clock = agent.clock
+        began = clock.monotonic()
+        try:
+            prepared = peer.prepare_migration(dom.name, agent.hypervisor.migratable_xml(dom.name), volumes)
+            prepared_at = clock.monotonic()
+            agent.hypervisor.migrate(dom.name, destination_uri, prepared.domain_xml)
+        except BaseException:
+            try:
+                peer.abort_migration(dom.name)
+            except BlockwireError as exc:
+                log.error("aborting the migration of %s on the destination failed: %s", dom.name, exc.message)
+            raise
+        migrated_at = clock.monotonic()
+        peer.finish_incoming_migration(dom.name)
+        released = self.finish_outgoing(dom.name)
+        return MigrationResult(
+            tuple(released), prepared_at - began, migrated_at - prepared_at, clock.monotonic() - migrated_at
+        )
 
     # -- either side ------------------------------------------------------------------------------
     def abort(self, domain: str) -> list[str]:

@@ -10,17 +10,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
 from blockwire import convert, validate
-from blockwire.errors import InvalidArgument
+from blockwire.errors import FailedPrecondition, InvalidArgument
 from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from hostagent.api import HostAgent
-from hostagent.migration import MigrationVolume
+from hostagent.migration import MigrationVolume, PeerAgent
 from hostagent.rpc.convert import (
     attachment_to_pb,
     disk_options_from_pb,
@@ -30,6 +30,13 @@ from hostagent.rpc.convert import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class PeerClient(PeerAgent, Protocol):
+    """A destination agent reached over the network, closed after use (hostagent.rpc.peer_client)."""
+
+    def close(self) -> None: ...
+
 
 _WATCH_SLICE = 0.25  # seconds between checks that the watcher is still there
 
@@ -57,8 +64,11 @@ def _unary(
 class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     """Serves blockwire.v1.HostAgentService on a HostAgent."""
 
-    def __init__(self, agent: HostAgent) -> None:
+    def __init__(self, agent: HostAgent, peer_for: Callable[[str], PeerClient] | None = None) -> None:
+        """`peer_for` opens a destination agent by address for MigrateDomain (None: MigrateDomain is
+        FAILED_PRECONDITION)."""
         self.agent = agent
+        self.peer_for = peer_for
 
     @_unary
     def GetConnector(
@@ -185,6 +195,27 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         self, request: hpb.AbortMigrationRequest, context: grpc.ServicerContext
     ) -> hpb.AbortMigrationResponse:
         return hpb.AbortMigrationResponse(volume_ids=self.agent.abort_migration(request.domain))
+
+    @_unary
+    def MigrateDomain(
+        self, request: hpb.MigrateDomainRequest, context: grpc.ServicerContext
+    ) -> hpb.MigrateDomainResponse:
+        validate.domain(request.domain)
+        if not request.destination_agent:
+            raise InvalidArgument("destination_agent", "required: the destination agent's address")
+        if self.peer_for is None:
+            raise FailedPrecondition("this agent cannot reach other agents (no peer client configured)")
+        peer = self.peer_for(request.destination_agent)
+        try:
+            result = self.agent.migrate_domain(request.domain, peer, request.destination_libvirt_uri)
+        finally:
+            peer.close()
+        return hpb.MigrateDomainResponse(
+            volume_ids=list(result.volume_ids),
+            prepare_seconds=result.prepare_seconds,
+            libvirt_seconds=result.libvirt_seconds,
+            finish_seconds=result.finish_seconds,
+        )
 
     def WatchEvents(
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext

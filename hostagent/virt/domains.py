@@ -494,6 +494,22 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             _raise(exc, f"resizing {target_dev} of domain {dom.name()!r}")
 
+    # -- live migration ---------------------------------------------------------------------------
+    def migratable_xml(self, domain: str) -> str:
+        dom = self._domain(domain)
+        try:
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"reading the XML of domain {dom.name()!r}")
+
+    def migrate(self, domain: str, destination_uri: str, destination_xml: str) -> None:
+        dom = self._domain(domain)
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+        try:
+            dom.migrateToURI3(destination_uri, {libvirt.VIR_MIGRATE_PARAM_DEST_XML: destination_xml}, flags)
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"migrating domain {domain!r} to {destination_uri}")
+
     # -- secrets ----------------------------------------------------------------------------------
     def _secret(self, usage: str, secret_type: str) -> Any:
         conn = self._connection()

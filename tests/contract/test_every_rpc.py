@@ -55,6 +55,7 @@ AGENT_EXPECTED = {
     "FinishIncomingMigration": INVALID,
     "FinishOutgoingMigration": INVALID,
     "AbortMigration": INVALID,
+    "MigrateDomain": INVALID,
 }
 PENDING: set[str] = set()
 

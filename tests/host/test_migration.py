@@ -15,17 +15,13 @@ and one storage daemon (file + tgt):
 from __future__ import annotations
 
 import contextlib
-import shutil
-import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import libvirt
-import libvirt_qemu
+import libvirt_qemu  # type: ignore[import-untyped]
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
@@ -37,69 +33,22 @@ from hostagent.migration import (
     FP_PREPARE_AFTER_CREATE_ATTACHMENT,
 )
 from tests.conftest import tier_unavailable
-from tests.fakes.daemon_rig import MIB, Rig, force_cleanup
+from tests.fakes.daemon_rig import MIB
 from tests.host.daemons import Missing, Started, Tgtd
-from tests.host.libvirt_hosts import LibvirtHost, two_hosts
+from tests.host.migration_rig import World, finish, libvirt_migrate, migrate, prepare, running_world
 from tests.rig import Daemon, domain_xml, wait_until
 
 KILLED = -9
 PATTERN_A, PATTERN_B = 0xA1, 0xB2
 
 
-@dataclass
-class World:
-    hosts: tuple[LibvirtHost, LibvirtHost]
-    a: Rig  # storage + agent A on libvirt host A
-    b: Rig  # agent B on libvirt host B (storage: a's)
-
-    def rig(self, side: str) -> Rig:
-        return self.a if side == "a" else self.b
-
-    def host(self, side: str) -> LibvirtHost:
-        return self.hosts[0] if side == "a" else self.hosts[1]
-
-
 @pytest.fixture(scope="module")
 def world(host_daemons: Started, tgtd: Tgtd) -> Iterator[World]:
-    root = Path(tempfile.mkdtemp(prefix="bwmig", dir="/tmp"))  # short: unix socket paths
-    hosts = two_hosts(root)
     try:
-        for h in hosts:
-            h.start()
+        with running_world(tgtd) as w:
+            yield w
     except Missing as exc:
-        for h in hosts:
-            h.stop()
-        shutil.rmtree(root, ignore_errors=True)
         tier_unavailable("host", f"two libvirt hosts cannot run here: {exc}")
-    rigs = []
-    try:
-        for side, h in zip("ab", hosts, strict=True):
-            work = root / f"agent-{side}"
-            work.mkdir()
-            rig = Rig(
-                work=work,
-                tgtd=tgtd,
-                virt=h.open(),
-                libvirt_uri=h.uri,
-                detach_timeout=5.0,
-                agent_config=f'libvirt_uri = "{h.uri}"\nhost_name = "bw-host-{side}"\n',
-                storage_socket=root / "agent-a" / "storage.sock" if side == "b" else None,
-            )
-            rigs.append(rig)
-        a, b = rigs
-        b.iqn_prefix = a.iqn_prefix
-        a.start_storage()
-        a.start_agent()
-        b.start_agent()
-        yield World(hosts, a, b)
-    finally:
-        for rig in reversed(rigs):
-            rig.stop()
-        if rigs:
-            force_cleanup(rigs[0], "")
-        for h in hosts:
-            h.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclass
@@ -132,54 +81,6 @@ def vm(world: World) -> Iterator[Vm]:
             world.a.delete_volume(v)
 
 
-# -- the caller's side: what a virt manager does ------------------------------------------------------
-
-
-def prepare(world: World, src: str, dst: str, domain: str) -> hpb.PrepareMigrationResponse:
-    source = world.rig(src)
-    dom = source.lv().lookupByName(domain)
-    listed = source.agent.ListAttachments(
-        hpb.HostAgentServiceListAttachmentsRequest(domain=domain), timeout=10
-    ).attachments
-    return world.rig(dst).agent.PrepareMigration(  # type: ignore[no-any-return]
-        hpb.PrepareMigrationRequest(
-            domain=domain,
-            domain_xml=dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
-            volumes=[
-                hpb.MigrationVolume(volume_id=a.volume_id, source_attachment_id=a.id, target_dev=a.target_dev)
-                for a in listed
-            ],
-        ),
-        timeout=120,
-    )
-
-
-def libvirt_migrate(world: World, src: str, dst: str, domain: str, xml: str) -> float:
-    dom = world.rig(src).lv().lookupByName(domain)
-    began = time.monotonic()
-    dom.migrateToURI3(
-        world.host(dst).uri,
-        {libvirt.VIR_MIGRATE_PARAM_DEST_XML: xml},
-        libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER,
-    )
-    return time.monotonic() - began
-
-
-def finish(world: World, src: str, dst: str, domain: str) -> None:
-    world.rig(dst).agent.FinishIncomingMigration(
-        hpb.FinishIncomingMigrationRequest(domain=domain), timeout=60
-    )
-    world.rig(src).agent.FinishOutgoingMigration(
-        hpb.FinishOutgoingMigrationRequest(domain=domain), timeout=60
-    )
-
-
-def migrate(world: World, src: str, dst: str, domain: str) -> None:
-    prepared = prepare(world, src, dst, domain)
-    libvirt_migrate(world, src, dst, domain, prepared.destination_domain_xml)
-    finish(world, src, dst, domain)
-
-
 # -- probes ------------------------------------------------------------------------------------------
 
 
@@ -187,8 +88,11 @@ def qemu_io(world: World, side: str, domain: str, target_dev: str, command: str)
     """HMP qemu-io on the disk's qdev; qemu-io prints to QEMU's stdout, which libvirt writes to the
     domain's log under the host's log directory: the lines it added."""
     rig = world.rig(side)
-    (disk,) = [d for d in rig.live_disks(domain) if d.find("target").get("dev") == target_dev]
-    alias = disk.find("alias").get("name")
+    (alias,) = [
+        str(d.xpath("string(alias/@name)"))
+        for d in rig.live_disks(domain)
+        if d.xpath("string(target/@dev)") == target_dev
+    ]
     log = world.host(side).root / "log" / "qemu" / f"{domain}.log"
     size = log.stat().st_size
     dom = rig.lv().lookupByName(domain)
@@ -245,12 +149,9 @@ def holds_all(world: World, side: str, domain: str, volumes: list[str]) -> dict[
     if len(disks) != len(volumes):
         wrong["disks"] = len(disks)
     iqn = rig.agent_iqn()
-    for d in disks:
-        initiator = d.find("source/initiator/iqn")
-        if initiator is None or initiator.get("name") != iqn:
-            wrong.setdefault("disk initiators", []).append(
-                None if initiator is None else initiator.get("name")
-            )
+    initiators = [d.xpath("string(source/initiator/iqn/@name)") for d in disks]
+    if any(i != iqn for i in initiators):
+        wrong["disk initiators"] = initiators
     if len(rig.secrets()) != len(volumes):
         wrong["libvirt secrets"] = rig.secrets()
     records = rig.agent.ListAttachments(
@@ -400,5 +301,31 @@ def test_source_killed_after_libvirt_migrated_ends_migrated(world: World, vm: Vm
     world.a.agent_proc.kill()
     world.a.start_agent()
     world.b.agent.FinishIncomingMigration(hpb.FinishIncomingMigrationRequest(domain=vm.name), timeout=60)
+    assert holds_nothing(world, "a", vm.name, vm.volumes) == {}
+    assert holds_all(world, "b", vm.name, vm.volumes) == {}
+
+
+def test_migrate_domain_runs_the_flow_agent_to_agent(world: World, vm: Vm) -> None:
+    """The source agent's MigrateDomain calls agent B itself (here over B's unix socket) and libvirt."""
+    assert world.b.agent_proc is not None
+    request = hpb.MigrateDomainRequest(
+        domain=vm.name,
+        destination_agent=world.b.agent_proc.address,
+        destination_libvirt_uri=world.host("b").uri,
+    )
+    moved = world.a.agent.MigrateDomain(request, timeout=300)
+    assert sorted(moved.volume_ids) == sorted(vm.volumes)
+    assert moved.libvirt_seconds > 0
+    assert holds_all(world, "b", vm.name, vm.volumes) == {}
+    assert holds_nothing(world, "a", vm.name, vm.volumes) == {}
+    # a failing libvirt migration (no libvirtd at that URI): B aborts, the VM stays on B with its disks
+    assert world.a.agent_proc is not None
+    back = hpb.MigrateDomainRequest(
+        domain=vm.name,
+        destination_agent=world.a.agent_proc.address,
+        destination_libvirt_uri="qemu+unix:///system?socket=/nonexistent/libvirt-sock",
+    )
+    with pytest.raises(grpc.RpcError):
+        world.b.agent.MigrateDomain(back, timeout=300)
     assert holds_nothing(world, "a", vm.name, vm.volumes) == {}
     assert holds_all(world, "b", vm.name, vm.volumes) == {}

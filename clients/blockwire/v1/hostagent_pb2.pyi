@@ -812,6 +812,72 @@ class AbortMigrationRequest(_message.Message):
 Global___AbortMigrationRequest: _TypeAlias = AbortMigrationRequest  # noqa: Y015
 
 @_typing.final
+class MigrateDomainRequest(_message.Message):
+    """MigrateDomainRequest asks the source agent to run a whole migration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    DESTINATION_AGENT_FIELD_NUMBER: _builtins.int
+    DESTINATION_LIBVIRT_URI_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name or UUID, running on this host."""
+    destination_agent: _builtins.str
+    """The destination agent's address ("host:port", or "unix:///path" on one machine)."""
+    destination_libvirt_uri: _builtins.str
+    """The destination's libvirt URI as this host's libvirtd reaches it (peer to peer)."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        destination_agent: _builtins.str = ...,
+        destination_libvirt_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_agent", b"destination_agent", "destination_libvirt_uri", b"destination_libvirt_uri", "domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateDomainRequest: _TypeAlias = MigrateDomainRequest  # noqa: Y015
+
+@_typing.final
+class MigrateDomainResponse(_message.Message):
+    """MigrateDomainResponse says what moved and how long each part took."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_IDS_FIELD_NUMBER: _builtins.int
+    PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    LIBVIRT_SECONDS_FIELD_NUMBER: _builtins.int
+    FINISH_SECONDS_FIELD_NUMBER: _builtins.int
+    prepare_seconds: _builtins.float
+    """Seconds of the destination's PrepareMigration."""
+    libvirt_seconds: _builtins.float
+    """Seconds of libvirt's migration."""
+    finish_seconds: _builtins.float
+    """Seconds of both finishes."""
+    @_builtins.property
+    def volume_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The volumes handed over."""
+
+    def __init__(
+        self,
+        *,
+        volume_ids: _abc.Iterable[_builtins.str] | None = ...,
+        prepare_seconds: _builtins.float = ...,
+        libvirt_seconds: _builtins.float = ...,
+        finish_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_seconds", b"finish_seconds", "libvirt_seconds", b"libvirt_seconds", "prepare_seconds", b"prepare_seconds", "volume_ids", b"volume_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateDomainResponse: _TypeAlias = MigrateDomainResponse  # noqa: Y015
+
+@_typing.final
 class AbortMigrationResponse(_message.Message):
     """AbortMigrationResponse says what was rolled back."""
 

@@ -146,6 +146,17 @@ class HostAgentServiceStub:
     the volumes: the migration completed, finish it; or libvirt's migration into this host is still
     running), UNAVAILABLE (a repeat finishes it).
     """
+    MigrateDomain: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.MigrateDomainRequest, _hostagent_pb2.MigrateDomainResponse]
+    """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+    (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+    TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+    agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+    prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+    aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+    as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+    not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
+    """
 
 @_typing.type_check_only
 class HostAgentServiceAsyncStub(HostAgentServiceStub):
@@ -264,6 +275,17 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
     the volumes: the migration completed, finish it; or libvirt's migration into this host is still
     running), UNAVAILABLE (a repeat finishes it).
+    """
+    MigrateDomain: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.MigrateDomainRequest, _hostagent_pb2.MigrateDomainResponse]  # type: ignore[assignment]
+    """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+    (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+    TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+    agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+    prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+    aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+    as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+    not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
     """
 
 class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -458,6 +480,23 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
         the volumes: the migration completed, finish it; or libvirt's migration into this host is still
         running), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def MigrateDomain(
+        self,
+        request: _hostagent_pb2.MigrateDomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.MigrateDomainResponse, _abc.Awaitable[_hostagent_pb2.MigrateDomainResponse]]:
+        """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+        (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+        TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+        agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+        prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+        aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+        as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+        not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
         """
 
 def add_HostAgentServiceServicer_to_server(servicer: HostAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -271,3 +271,28 @@ def test_moved_disk_keeps_everything_but_the_source() -> None:
         assert kept in moved
     assert "old" not in moved
     assert "iqn.x:host-a" not in moved
+
+
+def test_migrate_domain_runs_the_whole_flow_from_the_source(pair: Pair) -> None:
+    a, b, storage = pair.a, pair.b, pair.storage
+    a.hv.peers["qemu+tcp://host-b/system"] = b.hv
+    result = a.agent.migrate_domain("vm1", b.agent, "qemu+tcp://host-b/system")
+    assert sorted(result.volume_ids) == ["vol-1", "vol-2"]
+    assert a.journal.all() == []
+    assert a.hv.secrets == {}
+    assert [r.state for r in b.journal.all()] == [AttachmentState.ATTACHED] * 2
+    assert storage.migrations == {}
+
+
+def test_migrate_domain_whose_libvirt_migration_fails_leaves_the_vm_on_the_source(pair: Pair) -> None:
+    a, b, storage = pair.a, pair.b, pair.storage
+    before = dict(storage.exports)
+    a.hv.peers["qemu+tcp://host-b/system"] = b.hv
+    a.hv.fail_migrate = Unavailable("the destination libvirtd does not answer")
+    with pytest.raises(Unavailable):
+        a.agent.migrate_domain("vm1", b.agent, "qemu+tcp://host-b/system")
+    assert b.journal.all() == []
+    assert b.hv.secrets == {}
+    assert storage.exports == before
+    assert [r.state for r in a.agent.list_attachments("vm1")] == [AttachmentState.ATTACHED] * 2
+    assert len(a.hv.disks_by_domain["vm1"]) == 2
