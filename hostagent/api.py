@@ -1,4 +1,5 @@
-"""HostAgent: the facade a virt manager embeds (attach / detach / extend / list / reconcile). No grpc.
+"""HostAgent: the facade a virt manager embeds (attach / detach / extend / list / migrate / reconcile). No
+grpc. Live migration's handoff lives in hostagent/migration.py; the facade's methods delegate to it.
 
 Attach is journal first, act second, undo on failure (STYLE.md rule 6):
 
@@ -930,6 +931,10 @@ class HostAgent:
         and paths the guest still uses are never touched; the record is reported "kept, degraded"
         until every path is back). Not when it lost all of them: that would tear down the multipath
         map the guest still uses; it is reported "kept, degraded".
+
+        Records of a live migration's destination (`migration_source_id` set) follow the table in
+        `hostagent.migration`: rolled forward when the domain runs here with the disk, kept while it is
+        paused arriving, rolled back otherwise.
 
         Last, connectors that can (`Sweeper`) remove host state that no record accounts for: libvirt
         secrets under "blockwire/" of attachments that are gone. Storage-side leftovers are storage's

@@ -29,10 +29,10 @@ from lxml import etree
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
-from hostagent.api import FP_ATTACH_BEFORE_COMPLETE
+from hostagent.api import FP_ATTACH_AFTER_HOTPLUG, FP_ATTACH_BEFORE_COMPLETE
 from tests.fakes.daemon_rig import MIB, Rig, force_cleanup, remove_domain, rpc_code
 from tests.host.daemons import Started, Tgtd
-from tests.rig import domain_xml
+from tests.rig import KILLED, domain_xml
 
 # Free PCIe root ports (q35), so that a virtio (PCI) disk can be hot-plugged; with no guest OS nothing
 # ever acknowledges its unplug.
@@ -311,4 +311,32 @@ def test_cold_attach_boots_from_the_volume_and_leaves_nothing(rig: Rig, domains:
     dom.destroy()
     rig.detach(name, v.id)
     assert inactive_disks(rig, name) == []
+    assert rig.nothing_left(name, v.id) == {}
+
+
+def test_cold_attach_killed_after_writing_the_definition_is_rolled_forward(
+    rig: Rig, domains: list[str]
+) -> None:
+    """The agent killed after the disk went into a shut-off domain's definition: its restart finishes
+    the attach (the definition is "what the guest sees" for a shut-off domain)."""
+    name = unique("bw-dp-coldkill")
+    rig.lv().defineXML(domain_xml(name))
+    domains.append(name)
+    v = create_volume(rig)
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    agent = rig.start_agent(failpoints=f"{FP_ATTACH_AFTER_HOTPLUG}=kill")
+    try:
+        err = refused(lambda: attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1)))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert agent.died() == KILLED
+    finally:
+        rig.start_agent()
+    (record,) = rig.agent.ListAttachments(
+        hpb.HostAgentServiceListAttachmentsRequest(), timeout=10
+    ).attachments
+    assert record.state == pb.ATTACHMENT_STATE_ATTACHED
+    assert [a.state for a in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    (disk,) = inactive_disks(rig, name)
+    assert disk.find("boot").get("order") == "1"
+    rig.detach(name, v.id)
     assert rig.nothing_left(name, v.id) == {}

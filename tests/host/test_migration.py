@@ -36,9 +36,8 @@ from tests.conftest import tier_unavailable
 from tests.fakes.daemon_rig import MIB
 from tests.host.daemons import Missing, Started, Tgtd
 from tests.host.migration_rig import World, finish, libvirt_migrate, migrate, prepare, running_world
-from tests.rig import Daemon, domain_xml, wait_until
+from tests.rig import KILLED, Daemon, domain_xml, wait_until
 
-KILLED = -9
 PATTERN_A, PATTERN_B = 0xA1, 0xB2
 
 
