@@ -340,3 +340,32 @@ def test_cold_attach_killed_after_writing_the_definition_is_rolled_forward(
     assert disk.find("boot").get("order") == "1"
     rig.detach(name, v.id)
     assert rig.nothing_left(name, v.id) == {}
+
+
+def test_undefined_domain_is_cleaned_only_when_no_domain_has_the_disk(rig: Rig, domains: list[str]) -> None:
+    """A cold attachment's domain undefined behind the agent's back, while another defined domain has
+    the disk in its definition: the agent's restart keeps the attachment (host side, export, secret);
+    once no domain has the disk, the next restart removes everything."""
+    first, second = unique("bw-dp-undef"), unique("bw-dp-other")
+    rig.lv().defineXML(domain_xml(first))
+    domains.extend([first, second])
+    v = create_volume(rig)
+    attach(rig, first, v.id)
+    (disk,) = inactive_disks(rig, first)
+    other = etree.fromstring(domain_xml(second).encode())
+    other.find("devices").append(disk)  # type: ignore[union-attr]
+    rig.lv().defineXML(etree.tostring(other, encoding="unicode"))
+    rig.lv().lookupByName(first).undefine()
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert len(rig.journal()) == 1
+    assert len(rig.secrets()) == 1
+    assert [a.state for a in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    rig.lv().lookupByName(second).undefine()
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert rig.journal() == []
+    assert rig.secrets() == []
+    assert rig.attachments(v.id) == []
+    assert rig.targets() == {}
+    assert rig.volume(v.id).state == pb.VOLUME_STATE_AVAILABLE
