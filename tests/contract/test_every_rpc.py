@@ -56,6 +56,7 @@ AGENT_EXPECTED = {
     "FinishOutgoingMigration": INVALID,
     "AbortMigration": INVALID,
     "MigrateDomain": INVALID,
+    "AuditHost": OK,
 }
 PENDING: set[str] = set()
 
