@@ -157,7 +157,11 @@ class Exports:
                 validate.connector(connector, transport=own)
                 return self._create(v, connector, mode, domain)
 
-    def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
+    def _create(
+        self, v: Volume, connector: Connector, mode: AccessMode, domain: str, migration_source_id: str = ""
+    ) -> Attachment:
+        """`migration_source_id`: the destination attachment of a live migration (storagesvc.migrations),
+        which a volume that is not multiattach may have beside its source attachment."""
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
@@ -167,7 +171,7 @@ class Exports:
         repeat = _repeat(v, atts, connector, domain=domain, mode=mode, exporter=pool.exporter)
         if repeat is not None:
             return repeat
-        if atts and not v.multiattach:
+        if atts and not v.multiattach and not migration_source_id:
             raise FailedPrecondition(
                 f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
                 "not created multiattach; detach it there first"
@@ -177,7 +181,9 @@ class Exports:
                 f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
             )
         if isinstance(pool.backend, DirectBackend):
-            return self._create_direct(v, pool.backend, atts, connector, mode=mode, domain=domain)
+            return self._create_direct(
+                v, pool.backend, atts, connector, mode=mode, domain=domain, migration=migration_source_id
+            )
         exporter = pool.target_exporter()
         first = not atts or v.export is None
         export = v.export if not first else self._new_export(v, mode, exporter)
@@ -192,6 +198,7 @@ class Exports:
             create_time=now,
             update_time=now,
             domain=domain,
+            migration_source_id=migration_source_id,
         )
         before = v
         with contextlib.ExitStack() as undo:
@@ -257,11 +264,18 @@ class Exports:
         *,
         mode: AccessMode,
         domain: str,
+        migration: str = "",
     ) -> Attachment:
         """An attachment of a volume hosts open themselves: no target, no export record. The transport
         info (with the identity read now from the storage) is made before anything is recorded, so a
-        failure (the cluster down: UNAVAILABLE) leaves nothing behind."""
+        failure (the cluster down: UNAVAILABLE) leaves nothing behind. Not a live migration's
+        destination attachment (`migration`): not supported for these backends yet."""
         ctx = self.ctx
+        if migration:
+            raise FailedPrecondition(
+                f"volume {v.id} is on backend {v.backend} (direct): live migration of its volumes is "
+                "not supported yet; the volume stays attached to the source"
+            )
         if atts and any(a.access_mode is not mode for a in atts):
             raise FailedPrecondition(
                 f"volume {v.id} is attached {atts[0].access_mode.value}; every attachment must use that mode"

@@ -144,6 +144,7 @@ class Attachment:
     target_dev: str = ""
     host_device: str = ""
     error_message: str = ""
+    migration_source_id: str = ""  # the destination of a live migration: the source attachment
 
 
 T = TypeVar("T")

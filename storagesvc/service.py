@@ -37,6 +37,7 @@ from storagesvc.exports import (
     Exports,
     new_chap_secret,
 )
+from storagesvc.migrations import Migrations
 from storagesvc.model import (
     Attachment,
     BackendStats,
@@ -110,6 +111,7 @@ class StorageService:
         self.volumes = Volumes(ctx)
         self.snapshots = Snapshots(ctx)
         self.exports = Exports(ctx)
+        self.migrations = Migrations(ctx, self.exports)
         self.reconciler = Reconciler(ctx, self.exports)
 
     # -- what callers (the daemon, tests) reach directly
@@ -201,6 +203,21 @@ class StorageService:
         self, volume_id: str, host: str, page_size: int, page_token: str
     ) -> Page[Attachment]:
         return self.exports.page(volume_id, host, page_size, page_token)
+
+    # -- live migration (storagesvc.migrations)
+
+    def create_migration_attachment(
+        self, source_attachment_id: str, connector: Connector, domain: str = ""
+    ) -> Attachment:
+        return self.migrations.create(source_attachment_id, connector, domain)
+
+    def complete_migration(
+        self, attachment_id: str, target_dev: str = "", host_device: str = ""
+    ) -> Attachment:
+        return self.migrations.complete(attachment_id, target_dev, host_device)
+
+    def rollback_migration(self, attachment_id: str) -> None:
+        self.migrations.rollback(attachment_id)
 
     # -- capacity and statistics
 

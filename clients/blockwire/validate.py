@@ -332,6 +332,16 @@ def block_size(value: int, field: str) -> int:
     return value
 
 
+MAX_BOOT_ORDER = 999
+
+
+def boot_order(value: int, field: str = "disk.boot_order") -> int:
+    """A disk's boot order: 0 (none) or 1..MAX_BOOT_ORDER."""
+    if value < 0 or value > MAX_BOOT_ORDER:
+        raise InvalidArgument(field, f"0 (none) or 1 to {MAX_BOOT_ORDER}")
+    return value
+
+
 def disk_serial(value: str, field: str = "disk.serial") -> str:
     """The serial a guest sees ("" for the volume's own)."""
     if value and not DISK_SERIAL_RE.fullmatch(value):

@@ -348,6 +348,7 @@ def attachment_doc(a: Attachment) -> dict[str, Any]:
         "target_dev": a.target_dev,
         "host_device": a.host_device,
         "error_message": a.error_message,
+        "migration_source_id": a.migration_source_id,
     }
 
 
@@ -365,6 +366,7 @@ def attachment_from_doc(d: dict[str, Any]) -> Attachment:
         target_dev=d["target_dev"],
         host_device=d["host_device"],
         error_message=d["error_message"],
+        migration_source_id=d.get("migration_source_id", ""),
     )
 
 

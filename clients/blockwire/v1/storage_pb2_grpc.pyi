@@ -130,6 +130,38 @@ class StorageServiceStub:
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
     """
+    CreateMigrationAttachment: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateMigrationAttachmentRequest, _storage_pb2.CreateMigrationAttachmentResponse]
+    """Live migration, storage side. The destination host's attachment of a volume while the source's is
+    still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+    CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+    (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+    States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+    makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+    destination uses the same initiator; the target stays), or RollbackMigration removes it and
+    leaves the source's untouched.
+    Idempotent: a repeat with the same source, connector, domain returns the existing destination
+    attachment and the same connection info.
+    Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+    destination is the source's host, the volume already has a migration to another host or domain: the
+    message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+    for its own host.
+    """
+    CompleteMigration: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CompleteMigrationRequest, _storage_pb2.CompleteMigrationResponse]
+    """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+    the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+    The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+    returns the attachment unchanged; the source attachment already gone is OK.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+    ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+    """
+    RollbackMigration: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RollbackMigrationRequest, _storage_pb2.RollbackMigrationResponse]
+    """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+    source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+    or an unknown id, returns OK.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+    is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class StorageServiceAsyncStub(StorageServiceStub):
@@ -232,6 +264,38 @@ class StorageServiceAsyncStub(StorageServiceStub):
     GetBackendStats: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]  # type: ignore[assignment]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
+    """
+    CreateMigrationAttachment: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateMigrationAttachmentRequest, _storage_pb2.CreateMigrationAttachmentResponse]  # type: ignore[assignment]
+    """Live migration, storage side. The destination host's attachment of a volume while the source's is
+    still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+    CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+    (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+    States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+    makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+    destination uses the same initiator; the target stays), or RollbackMigration removes it and
+    leaves the source's untouched.
+    Idempotent: a repeat with the same source, connector, domain returns the existing destination
+    attachment and the same connection info.
+    Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+    destination is the source's host, the volume already has a migration to another host or domain: the
+    message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+    for its own host.
+    """
+    CompleteMigration: _aio.UnaryUnaryMultiCallable[_storage_pb2.CompleteMigrationRequest, _storage_pb2.CompleteMigrationResponse]  # type: ignore[assignment]
+    """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+    the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+    The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+    returns the attachment unchanged; the source attachment already gone is OK.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+    ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+    """
+    RollbackMigration: _aio.UnaryUnaryMultiCallable[_storage_pb2.RollbackMigrationRequest, _storage_pb2.RollbackMigrationResponse]  # type: ignore[assignment]
+    """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+    source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+    or an unknown id, returns OK.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+    is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -434,6 +498,56 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetBackendStatsResponse, _abc.Awaitable[_storage_pb2.GetBackendStatsResponse]]:
         """Reports backend and exporter statistics (object counts, export counts, operation latencies).
         Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateMigrationAttachment(
+        self,
+        request: _storage_pb2.CreateMigrationAttachmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CreateMigrationAttachmentResponse, _abc.Awaitable[_storage_pb2.CreateMigrationAttachmentResponse]]:
+        """Live migration, storage side. The destination host's attachment of a volume while the source's is
+        still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+        CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+        (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+        States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+        makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+        destination uses the same initiator; the target stays), or RollbackMigration removes it and
+        leaves the source's untouched.
+        Idempotent: a repeat with the same source, connector, domain returns the existing destination
+        attachment and the same connection info.
+        Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+        destination is the source's host, the volume already has a migration to another host or domain: the
+        message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+        for its own host.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteMigration(
+        self,
+        request: _storage_pb2.CompleteMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CompleteMigrationResponse, _abc.Awaitable[_storage_pb2.CompleteMigrationResponse]]:
+        """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+        the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+        The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+        returns the attachment unchanged; the source attachment already gone is OK.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+        ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackMigration(
+        self,
+        request: _storage_pb2.RollbackMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RollbackMigrationResponse, _abc.Awaitable[_storage_pb2.RollbackMigrationResponse]]:
+        """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+        source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+        or an unknown id, returns OK.
+        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+        is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
