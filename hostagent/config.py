@@ -12,6 +12,7 @@ from blockwire.limits import Limits
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
 MULTIPATH_MODES = ("auto", "always", "never")
+RBD_MODES = ("qemu", "kernel")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class AgentConfig:
     listen_unix: str = "/run/blockwire/agent.sock"
     listen_tcp: str = ""  # "127.0.0.1:50052"; empty: no TCP listener
     device_timeout: float = 30.0
+    # Ceph RBD: "qemu" (QEMU's librbd opens the image: a libvirt network disk) or "kernel" (rbd device map,
+    # a /dev/rbdN block disk; needs the kernel's rbd module). Either way the image id is verified first.
+    rbd_mode: str = "qemu"
+    # seconds the agent waits for a Ceph cluster (monitors, then the image) before an attach is UNAVAILABLE
+    rbd_timeout: float = 15.0
     detach_timeout: float = 30.0
     login_timeout: float = 30.0
     path_check_interval: float = 5.0  # seconds between kernel iSCSI session checks; 0 disables them
@@ -74,6 +80,8 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
             raise InvalidArgument("iscsi_mode", f"must be one of {', '.join(ISCSI_MODES)}")
+        if self.rbd_mode not in RBD_MODES:
+            raise InvalidArgument("rbd_mode", f"must be one of {', '.join(RBD_MODES)}")
         if self.multipath not in MULTIPATH_MODES:
             raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
         if not self.listen_unix and not self.listen_tcp:
@@ -84,6 +92,7 @@ class AgentConfig:
             "detach_timeout",
             "login_timeout",
             "libvirt_connect_timeout",
+            "rbd_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import base64
 import logging
 import threading
 import uuid as uuidlib
@@ -427,7 +428,9 @@ class LibvirtHypervisor:
                 usage_tag = "target" if secret_type == "iscsi" else "name"  # noqa: S105 - a tag name
                 etree.SubElement(usage_el, usage_tag).text = usage
                 secret = conn.secretDefineXML(etree.tostring(root, encoding="unicode"))
-            secret.setValue(value.reveal().encode())
+            # a ceph secret holds the key's bytes (libvirt gives QEMU their base64, which librados reads)
+            raw = base64.b64decode(value.reveal()) if secret_type == "ceph" else value.reveal().encode()  # noqa: S105
+            secret.setValue(raw)
             return str(secret.UUIDString())
         except libvirt.libvirtError as exc:
             _raise(exc, f"defining secret {usage!r}")
