@@ -67,16 +67,24 @@ class CephProbe(Protocol):
         ...
 
 
+MSGR2_PORT = 3300  # the IANA port of Ceph's msgr2; monitors on any other port are taken as msgr v1
+
+
 def mon_host(monitors: tuple[str, ...]) -> str:
-    """librados's mon_host from "address:port" monitors ("[v6]:port" kept as it is)."""
-    return ",".join(monitors)
+    """librados's mon_host from "address:port" monitors: each named with its messenger protocol ("v1:"
+    unless on port 3300), as QEMU/libvirt and the kernel take the same "address:port" for v1."""
+    out = []
+    for m in monitors:
+        port = m.rpartition(":")[2]
+        out.append(m if m.startswith(("v1:", "v2:")) else f"{'v2' if port == str(MSGR2_PORT) else 'v1'}:{m}")
+    return ",".join(out)
 
 
 class RadosProbe:
     """CephProbe through the python3-rados/python3-rbd bindings."""
 
     def image(self, access: CephAccess, pool: str, name: str, timeout: float) -> RbdImage:
-        where = f"the Ceph cluster at {mon_host(access.monitors)}"
+        where = f"the Ceph cluster at {','.join(access.monitors)}"
         outcome: list[RbdImage | BlockwireError] = []
 
         def work() -> None:
