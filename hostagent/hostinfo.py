@@ -118,8 +118,15 @@ def rbd_available(sysfs: Sysfs, mode: str) -> bool:
 
 
 def _qemu_has_rbd() -> bool:
-    return any(Path(d).glob("block-rbd.so") for d in ("/usr/lib/x86_64-linux-gnu/qemu", "/usr/lib64/qemu",
-                                                      "/usr/lib/qemu", "/usr/lib/aarch64-linux-gnu/qemu"))
+    return any(
+        Path(d).glob("block-rbd.so")
+        for d in (
+            "/usr/lib/x86_64-linux-gnu/qemu",
+            "/usr/lib64/qemu",
+            "/usr/lib/qemu",
+            "/usr/lib/aarch64-linux-gnu/qemu",
+        )
+    )
 
 
 def build_connector(

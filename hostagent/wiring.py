@@ -20,8 +20,8 @@ from hostagent.connectors.base import VolumeConnector
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
 from hostagent.connectors.rbd import QemuRbdConnector
-from hostagent.host.ceph import RadosProbe
 from hostagent.events import EventBus
+from hostagent.host.ceph import RadosProbe
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter
 from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available, rbd_available
@@ -84,8 +84,11 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             timeout=config.rbd_timeout,
         )
         extra = (qemu_rbd,)  # attachments made before a mode change can still be detached
-    log.info("RBD through %s%s", "the kernel's rbd" if config.rbd_mode == "kernel" else "QEMU's librbd",
-             "" if rbd else " (not available on this host: RBD is not announced)")
+    log.info(
+        "RBD through %s%s",
+        "the kernel's rbd" if config.rbd_mode == "kernel" else "QEMU's librbd",
+        "" if rbd else " (not available on this host: RBD is not announced)",
+    )
     if kernel:
         from hostagent.connectors.fc import FcConnector  # noqa: PLC0415 - kernel paths only
         from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415

@@ -55,9 +55,10 @@ class VolumeConnector(Protocol):
         """How many of `paths` a healthy connection of `info` has (fewer: degraded). No I/O."""
         ...
 
+
 class SecretStore(Protocol):
-    """The hypervisor's private secrets by usage id, all the QEMU-native connectors need of it (LibvirtHypervisor,
-    the tests' FakeHypervisor)."""
+    """The hypervisor's private secrets by usage id, all the QEMU-native connectors need of it
+    (LibvirtHypervisor, the tests' FakeHypervisor)."""
 
     def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
         """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""

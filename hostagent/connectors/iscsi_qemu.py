@@ -10,9 +10,9 @@ refused here (PERMISSION_DENIED), and a LUN whose WWN is not the announced one i
 from __future__ import annotations
 
 import logging
+
 from blockwire.errors import FailedPrecondition, IdentityMismatch, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
-from blockwire.secret import Secret
 from blockwire.validate import split_portal
 from hostagent.connectors.base import SecretStore, iscsi_of, validate_iscsi
 from hostagent.identity import normalize_wwn, verify_wwn

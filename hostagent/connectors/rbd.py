@@ -58,7 +58,8 @@ def validate_rbd(info: ConnectionInfo) -> None:
     if not t.image_id:
         raise InvalidArgument(
             "connection_info.rbd.image_id",
-            "required: the image's id is the identity the host checks before attaching (storage announces it)",
+            "required: the image's id is the identity the host checks before attaching "
+            "(storage announces it)",
         )
     if not t.monitors:
         raise InvalidArgument("connection_info.rbd.monitors", "at least one monitor address:port")
@@ -157,15 +158,6 @@ class QemuRbdConnector:
 # -- kernel (krbd) ------------------------------------------------------------------------------------
 RBD_BUS = "bus/rbd/devices"
 MAP_TIMEOUT = 60.0
-
-
-def parse_showmapped_device(stdout: str) -> str:
-    """`rbd device map` prints the device it made ("/dev/rbd0"); "" when it printed none."""
-    for line in stdout.splitlines():
-        line = line.strip()
-        if line.startswith("/dev/rbd"):
-            return line
-    return ""
 
 
 class KernelRbdConnector:

@@ -16,8 +16,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import base64
+import contextlib
 import logging
 import threading
 import uuid as uuidlib

@@ -155,10 +155,13 @@ def librbd_read(cluster: CephCluster, pool: str, image: str, offset: int, length
     import rados  # noqa: PLC0415 - Debian's bindings, linked into the venv by scripts/setup
     import rbd  # noqa: PLC0415
 
-    with rados.Rados(conffile=str(cluster.conf), rados_id="admin",
-                     conf={"keyring": str(cluster.admin_keyring)}) as r:  # fmt: skip
-        with r.open_ioctx(pool) as ioctx, rbd.Image(ioctx, image, read_only=True) as img:
-            return bytes(img.read(offset, length))
+    conf = {"keyring": str(cluster.admin_keyring)}
+    with (
+        rados.Rados(conffile=str(cluster.conf), rados_id="admin", conf=conf) as r,
+        r.open_ioctx(pool) as ioctx,
+        rbd.Image(ioctx, image, read_only=True) as img,
+    ):
+        return bytes(img.read(offset, length))
 
 
 def ceph_secrets(virt: libvirt.virConnect, volume_id: str) -> list[str]:

@@ -79,7 +79,8 @@ def test_attach_write_read_extend_detach(
     info = to_pb(rbd_info(ceph_cluster, user, vid, vid, image_id_=iid))
     with running_domain(virt) as dom:
         a = agent.attach(dom, info)
-        assert a.target_dev and a.host_device == ""
+        assert a.target_dev
+        assert a.host_device == ""
         live = virt.lookupByName(dom).XMLDesc(0)
         assert f"protocol='rbd' name='{ceph_cluster.pool}/{vid}'" in live
         assert ceph_secrets(virt, vid) != []
@@ -118,7 +119,8 @@ def test_a_recreated_image_is_refused(
         with pytest.raises(grpc.RpcError) as err:
             agent.attach(dom, to_pb(rbd_info(ceph_cluster, user, vid, vid, image_id_=old)))
         assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-        assert new in (err.value.details() or "") and "re-created" in (err.value.details() or "")
+        assert new in (err.value.details() or "")
+        assert "re-created" in (err.value.details() or "")
         nothing_left(agent, virt, dom, vid)
 
 
@@ -190,7 +192,8 @@ def test_io_resumes_after_an_osd_restart(
         bluestore.start_osd(0)
         writer.join(120)
         assert not writer.is_alive(), "the write did not complete after the OSD came back"
-        assert done and "wrote 65536/65536 bytes" in done[0], done
+        assert done, "the write gave no output"
+        assert "wrote 65536/65536 bytes" in done[0], done
         assert librbd_read(bluestore, bluestore.pool, vid, 0, 65536) == b"\x5a" * 65536  # kept
         assert librbd_read(bluestore, bluestore.pool, vid, MIB, 65536) == b"\x6b" * 65536  # resumed
         agent.detach(dom, vid)

@@ -25,6 +25,7 @@ from hostagent.config import config_from_mapping
 from hostagent.connectors.rbd import KernelRbdConnector, QemuRbdConnector, secret_usage
 from hostagent.events import EventBus
 from hostagent.host.sysfs import Sysfs
+from hostagent.host.udev import UdevDevice
 from hostagent.journal import Journal
 from hostagent.model import AttachmentState, ConnectorKind, JournalRecord
 from hostagent.virt.diskxml import DiskSpec, NetworkSource, disk_xml, parse_disk
@@ -35,7 +36,6 @@ from tests.fakes.executor import FakeRunner, Reply
 from tests.fakes.hypervisor import FakeHypervisor
 from tests.fakes.storage_api import FakeStorage
 from tests.fakes.udev import FakeUdev
-from hostagent.host.udev import UdevDevice
 
 KEY = "AQBUDCtnAAAAABAAd2GrbV3R1lXo7h9SWzr3iA=="
 OTHER_KEY = "AQBUDCtnAAAAABAAbbbbbbbbbbbbbbbbbbbbbb=="
@@ -94,12 +94,15 @@ def test_connect_verifies_then_defines_a_private_secret(hv: FakeHypervisor, ceph
     conn = QemuRbdConnector(hv, ceph, timeout=7)
     dev = conn.connect(rbd_info(fsid=FSID))
     assert ceph.calls == [("rbd", "volume-vol-1", 7)]
-    assert dev.network is not None and dev.network.protocol == "rbd"
+    assert dev.network is not None
+    assert dev.network.protocol == "rbd"
     assert dev.network.name == "rbd/volume-vol-1"
     assert dev.network.hosts == (("127.0.0.1", 6789), ("127.0.0.2", 6789))
     assert dev.network.auth is not None
-    assert dev.network.auth.username == "blockwire" and dev.network.auth.secret_type == "ceph"
-    assert dev.size_bytes == 1 << 30 and dev.path == ""
+    assert dev.network.auth.username == "blockwire"
+    assert dev.network.auth.secret_type == "ceph"
+    assert dev.size_bytes == 1 << 30
+    assert dev.path == ""
     assert hv.secrets[(secret_usage(rbd_info()), "ceph")].reveal() == KEY
     # a repeat returns the same device and keeps one secret
     assert conn.connect(rbd_info()) == dev
@@ -168,7 +171,8 @@ def test_disk_xml_of_an_rbd_device_is_the_golden_file_and_round_trips(
         path.write_text(text)
     assert text == path.read_text()
     assert parse_disk(text) == spec
-    assert isinstance(spec.source, NetworkSource) and spec.source.auth is not None
+    assert isinstance(spec.source, NetworkSource)
+    assert spec.source.auth is not None
     assert KEY not in text  # the key is in the secret, never in the XML
 
 
@@ -190,14 +194,18 @@ def test_attach_extend_detach_through_the_api(tmp_path: Path, hv: FakeHypervisor
     storage = FakeStorage(infos={"vol-1": rbd_info()})
     ag = agent(tmp_path, hv, ceph, storage)
     a = ag.attach("vm1", volume_id="vol-1")  # no wwn: the image id is the identity
-    assert a.state is AttachmentState.ATTACHED and a.connector_kind is ConnectorKind.RBD_QEMU
+    assert a.state is AttachmentState.ATTACHED
+    assert a.connector_kind is ConnectorKind.RBD_QEMU
     (spec,) = hv.disks_by_domain["vm1"]
-    assert isinstance(spec.source, NetworkSource) and spec.source.protocol == "rbd"
+    assert isinstance(spec.source, NetworkSource)
+    assert spec.source.protocol == "rbd"
     ceph.add("rbd", "volume-vol-1", IMAGE_ID, 2 << 30)
     assert ag.extend("vol-1", 2 << 30) == 2 << 30
     assert hv.resized == [("vm1", a.target_dev, 2 << 30)]
     assert ag.detach("vm1", "vol-1") is True
-    assert hv.secrets == {} and storage.exports == {} and ag.journal.all() == []
+    assert hv.secrets == {}
+    assert storage.exports == {}
+    assert ag.journal.all() == []
 
 
 def test_a_recreated_image_is_refused_and_nothing_is_left(
@@ -207,7 +215,9 @@ def test_a_recreated_image_is_refused_and_nothing_is_left(
     ag = agent(tmp_path, hv, ceph, storage)
     with pytest.raises(IdentityMismatch):
         ag.attach("vm1", volume_id="vol-1")
-    assert hv.secrets == {} and storage.exports == {} and ag.journal.all() == []
+    assert hv.secrets == {}
+    assert storage.exports == {}
+    assert ag.journal.all() == []
     assert hv.disks_by_domain["vm1"] == []
 
 
@@ -240,7 +250,9 @@ def test_reconcile_rolls_back_a_connect_and_sweeps_the_secret(
         ("vol-1", "rolled back"),
         ("", "swept"),
     ]
-    assert hv.secrets == {} and storage.exports == {} and ag.journal.all() == []
+    assert hv.secrets == {}
+    assert storage.exports == {}
+    assert ag.journal.all() == []
 
 
 def test_config_rbd_mode() -> None:
@@ -287,7 +299,7 @@ class KernelRig:
         keyfile = argv[argv.index("--keyfile") + 1]
         self.keyfiles.append((keyfile, stat.S_IMODE(os.stat(keyfile).st_mode), Path(keyfile).read_text()))
         dev_id = len(list((self.root / "bus/rbd/devices").iterdir()))
-        pool, _, image = argv[3].partition("/")
+        _pool, _, image = argv[3].partition("/")
         self.map_device(dev_id, image, self.next_image_id)
         return Reply(stdout=f"/dev/rbd{dev_id}\n")
 
@@ -320,9 +332,12 @@ class KernelRig:
 def test_kernel_map_verifies_sysfs_identity_and_keeps_the_key_off_argv(tmp_path: Path) -> None:
     k = KernelRig(tmp_path)
     dev = k.conn.connect(rbd_info())
-    assert dev.path == "/dev/rbd0" and dev.network is None and dev.size_bytes == 1 << 30
+    assert dev.path == "/dev/rbd0"
+    assert dev.network is None
+    assert dev.size_bytes == 1 << 30
     ((keyfile, mode, content),) = k.keyfiles
-    assert mode == 0o600 and content == KEY
+    assert mode == 0o600
+    assert content == KEY
     assert not Path(keyfile).exists()  # removed right after the map
     assert all(KEY not in " ".join(c) for c in k.runner.revealed)
     # a repeat finds the mapping and maps nothing again
