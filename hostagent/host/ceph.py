@@ -14,8 +14,12 @@ never to a file, argv or log.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -80,8 +84,31 @@ def mon_host(monitors: tuple[str, ...]) -> str:
     return ",".join(out)
 
 
+@dataclass
+class _Connection:
+    """A connected librados handle, shared by the calls of one (monitors, user, key)."""
+
+    cluster: Any
+    key: tuple[tuple[str, ...], str, str]
+    users: int = 0
+    dead: bool = False
+    last_used: float = 0.0
+
+
 class RadosProbe:
-    """CephProbe through the python3-rados/python3-rbd bindings."""
+    """CephProbe through the python3-rados/python3-rbd bindings.
+
+    A connection (a cephx session) costs 20-80 ms; it is kept for `idle_seconds` after its last use and
+    shared by the calls of the same monitors, user and key (a call with another key never uses it). A
+    kept connection first asks the monitor for its version (bounded by rados_mon_op_timeout): a
+    monitor that went down is UNAVAILABLE as for a new connection, and the connection is dropped, as
+    after any error. Nothing of a dropped connection is closed while a call still uses it."""
+
+    def __init__(self, *, idle_seconds: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.idle_seconds = idle_seconds
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._connections: dict[tuple[tuple[str, ...], str, str], _Connection] = {}
 
     def image(self, access: CephAccess, pool: str, name: str, timeout: float) -> RbdImage:
         where = f"the Ceph cluster at {','.join(access.monitors)}"
@@ -108,6 +135,16 @@ class RadosProbe:
             raise result
         return result
 
+    def close(self) -> None:
+        """Drops every kept connection (those in use close when their call ends)."""
+        with self._lock:
+            idle = [c for c in self._connections.values() if c.users == 0]
+            for c in self._connections.values():
+                c.dead = True
+            self._connections.clear()
+        for c in idle:
+            c.cluster.shutdown()
+
     @staticmethod
     def _modules() -> tuple[Any, Any]:
         try:
@@ -120,8 +157,49 @@ class RadosProbe:
             ) from None
         return rados, rbd
 
-    def _image(self, access: CephAccess, pool: str, name: str, timeout: float, where: str) -> RbdImage:
-        rados, rbd = self._modules()
+    def _kept(self, key: tuple[tuple[str, ...], str, str]) -> _Connection | None:
+        stale = None
+        with self._lock:
+            c = self._connections.get(key)
+            if c is not None and self.clock() - c.last_used > self.idle_seconds:
+                del self._connections[key]
+                c.dead = True
+                stale, c = (c if c.users == 0 else None), None
+            if c is not None:
+                c.users += 1
+        if stale is not None:
+            stale.cluster.shutdown()
+        return c
+
+    def _release(self, c: _Connection, ok: bool) -> None:
+        with self._lock:
+            c.users -= 1
+            c.last_used = self.clock()
+            if not ok and not c.dead:
+                c.dead = True
+                if self._connections.get(c.key) is c:
+                    del self._connections[c.key]
+            close = c.dead and c.users == 0
+        if close:
+            c.cluster.shutdown()
+
+    def _connect(self, access: CephAccess, timeout: float, where: str) -> _Connection:
+        rados, _ = self._modules()
+        secret = access.key.reveal() if access.key is not None else ""
+        key = (access.monitors, access.user, hashlib.sha256(secret.encode()).hexdigest())
+        kept = self._kept(key)
+        if kept is not None:
+            try:
+                ret, _, _ = kept.cluster.mon_command(
+                    json.dumps({"prefix": "version"}), b"", timeout=int(timeout + 0.999)
+                )
+            except rados.Error as exc:
+                self._release(kept, ok=False)
+                raise _connect_error(exc, access, where) from None
+            if ret < 0:  # mon_command reports errors in its return code, e.g. -ETIMEDOUT
+                self._release(kept, ok=False)
+                raise _connect_error(OSError(-ret, "asking the monitor its version"), access, where)
+            return kept
         seconds = str(max(1, int(timeout + 0.999)))
         conf = {
             "mon_host": mon_host(access.monitors),
@@ -133,42 +211,64 @@ class RadosProbe:
             "log_to_stderr": "false",
             "err_to_stderr": "false",
         }
-        if access.key is not None:
-            conf["key"] = access.key.reveal()
+        if secret:
+            conf["key"] = secret
         cluster = rados.Rados(rados_id=access.user or "admin", conffile=None, conf=conf)
         try:
-            try:
-                cluster.connect(timeout=int(seconds))
-            except rados.Error as exc:
-                raise _connect_error(exc, access, where) from None
-            fsid = str(cluster.get_fsid())
-            try:
-                ioctx = cluster.open_ioctx(pool)
-            except rados.ObjectNotFound:
-                raise IdentityMismatch(
-                    f"pool {pool!r} does not exist in {where}: the volume announced is not there; "
-                    "nothing was attached"
-                ) from None
-            except rados.Error as exc:
-                raise _op_error(exc, f"opening pool {pool!r} in {where}") from None
-            try:
-                try:
-                    image = rbd.Image(ioctx, name, read_only=True)
-                except rbd.ImageNotFound:
-                    raise IdentityMismatch(
-                        f"image {pool}/{name} does not exist in {where}: the volume announced is not there "
-                        "(deleted, or renamed); nothing was attached"
-                    ) from None
-                except rbd.Error as exc:
-                    raise _op_error(exc, f"opening image {pool}/{name} in {where}") from None
-                try:
-                    return RbdImage(pool, name, str(image.id()), int(image.size()), fsid)
-                finally:
-                    image.close()
-            finally:
-                ioctx.close()
-        finally:
+            cluster.connect(timeout=int(seconds))
+        except rados.Error as exc:
             cluster.shutdown()
+            raise _connect_error(exc, access, where) from None
+        c = _Connection(cluster, key, users=1, last_used=self.clock())
+        with self._lock:
+            if key in self._connections:
+                c.dead = True  # another call kept one meanwhile: this one closes after this call
+            else:
+                self._connections[key] = c
+        return c
+
+    def _image(self, access: CephAccess, pool: str, name: str, timeout: float, where: str) -> RbdImage:
+        rados, rbd = self._modules()
+        c = self._connect(access, timeout, where)
+        ok = False
+        try:
+            found = self._read(c.cluster, rados, rbd, pool, name, where=where)
+            ok = True
+            return found
+        except IdentityMismatch:
+            ok = True  # the cluster answered: the connection is fine
+            raise
+        finally:
+            self._release(c, ok)
+
+    @staticmethod
+    def _read(cluster: Any, rados: Any, rbd: Any, pool: str, name: str, *, where: str) -> RbdImage:
+        fsid = str(cluster.get_fsid())
+        try:
+            ioctx = cluster.open_ioctx(pool)
+        except rados.ObjectNotFound:
+            raise IdentityMismatch(
+                f"pool {pool!r} does not exist in {where}: the volume announced is not there; "
+                "nothing was attached"
+            ) from None
+        except rados.Error as exc:
+            raise _op_error(exc, f"opening pool {pool!r} in {where}") from None
+        try:
+            try:
+                image = rbd.Image(ioctx, name, read_only=True)
+            except rbd.ImageNotFound:
+                raise IdentityMismatch(
+                    f"image {pool}/{name} does not exist in {where}: the volume announced is not there "
+                    "(deleted, or renamed); nothing was attached"
+                ) from None
+            except rbd.Error as exc:
+                raise _op_error(exc, f"opening image {pool}/{name} in {where}") from None
+            try:
+                return RbdImage(pool, name, str(image.id()), int(image.size()), fsid)
+            finally:
+                image.close()
+        finally:
+            ioctx.close()
 
 
 def _errno(exc: BaseException) -> int:
