@@ -18,15 +18,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import libvirt
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
+from hostagent import api
 from tests.ceph import CephCluster, CephMissing, CephUser
 from tests.conftest import tier_unavailable
 from tests.host.daemons import Started
+from tests.rig import KILLED
 from tests.host.rbd_rig import (
     AGENT_TIMEOUT,
     RbdAgent,
@@ -198,3 +201,43 @@ def test_io_resumes_after_an_osd_restart(
         assert librbd_read(bluestore, bluestore.pool, vid, MIB, 65536) == b"\x6b" * 65536  # resumed
         agent.detach(dom, vid)
         nothing_left(agent, virt, dom, vid)
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "finished"),
+    [(api.FP_ATTACH_AFTER_CONNECT, False), (api.FP_ATTACH_AFTER_HOTPLUG, True)],
+    ids=["after_connect", "after_hotplug"],
+)
+def test_agent_killed_during_an_rbd_attach_recovers(
+    tmp_path: Path,
+    host_daemons: Started,
+    ceph_cluster: CephCluster,
+    user: CephUser,
+    virt: libvirt.virConnect,
+    failpoint: str,
+    finished: bool,
+) -> None:
+    """kill -9 after the secret was defined (rolled back on restart: no secret, no record) or after the
+    hot-plug (rolled forward: ATTACHED with the live disk, then detaches like any other)."""
+    vid = f"vol-{uuid.uuid4().hex[:8]}"
+    info = to_pb(rbd_info(ceph_cluster, user, vid, vid, image_id_=create_image(ceph_cluster, vid, 8)))
+    crashing = RbdAgent(tmp_path)
+    with running_domain(virt) as dom:
+        try:
+            proc = crashing.start(failpoints=f"{failpoint}=kill")
+            with pytest.raises(grpc.RpcError):
+                crashing.attach(dom, info)
+            assert proc.died() == KILLED, f"{failpoint} was not reached"
+            assert ceph_secrets(virt, vid) != []  # the secret was defined before the crash
+            crashing.proc = None
+            crashing.start()  # reconciles before it serves
+            if finished:
+                (a,) = crashing.stub.ListAttachments(
+                    hpb.HostAgentServiceListAttachmentsRequest(domain=dom)
+                ).attachments
+                assert a.volume_id == vid and a.target_dev
+                assert "protocol='rbd'" in virt.lookupByName(dom).XMLDesc(0)
+                crashing.detach(dom, vid)
+            nothing_left(crashing, virt, dom, vid)
+        finally:
+            crashing.stop()
