@@ -29,7 +29,6 @@ from hostagent import api
 from tests.ceph import CephCluster, CephMissing, CephUser
 from tests.conftest import tier_unavailable
 from tests.host.daemons import Started
-from tests.rig import KILLED
 from tests.host.rbd_rig import (
     AGENT_TIMEOUT,
     RbdAgent,
@@ -42,6 +41,7 @@ from tests.host.rbd_rig import (
     running_domain,
     to_pb,
 )
+from tests.rig import KILLED
 
 MIB = 1 << 20
 WRONG_KEY = "AQBUDCtnAAAAABAAd2GrbV3R1lXo7h9SWzr3iA=="
@@ -235,7 +235,8 @@ def test_agent_killed_during_an_rbd_attach_recovers(
                 (a,) = crashing.stub.ListAttachments(
                     hpb.HostAgentServiceListAttachmentsRequest(domain=dom)
                 ).attachments
-                assert a.volume_id == vid and a.target_dev
+                assert a.volume_id == vid
+                assert a.target_dev
                 assert "protocol='rbd'" in virt.lookupByName(dom).XMLDesc(0)
                 crashing.detach(dom, vid)
             nothing_left(crashing, virt, dom, vid)
