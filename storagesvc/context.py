@@ -36,11 +36,17 @@ def new_id() -> str:
 
 @dataclass(frozen=True)
 class Pool:
-    """A backend and the exporter in front of it."""
+    """A backend and the exporter in front of it (None: hosts open the volumes themselves, rbd)."""
 
     backend: Backend
-    exporter: Exporter
-    exporter_name: str
+    exporter: Exporter | None = None
+    exporter_name: str = ""
+
+    def target_exporter(self) -> Exporter:
+        """The exporter of a pool that exports (a bug to ask a direct one)."""
+        if self.exporter is None:
+            raise AssertionError(f"backend {self.backend.name} has no exporter")
+        return self.exporter
 
 
 class VolumeEvents:

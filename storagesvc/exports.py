@@ -4,6 +4,12 @@ entries behind them; the restore of an export (`reconcile`, the export checks) a
 An attachment is one consumer, (host, domain); the attachments of a multiattach volume share one export,
 reference-counted: its target goes with the last attachment, an initiator's ACL entry with the last
 attachment of that initiator (STYLE.md 13). Record first, act second, undo on failure (STYLE.md 6).
+
+A volume on a direct backend (`DirectBackend`: rbd) has no target: its attachment carries what the host
+needs to open the volume itself (`RbdConnection`: monitors, pool, image, the image's id, the cluster's
+fsid, a cephx user and key), read from the cluster when the attachment is made, and no export record.
+The attachment rules are the same: one (host, domain) consumer unless multiattach, repeats return the
+attachment, deletes of what is gone succeed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from blockwire.errors import BlockwireError, FailedPrecondition, Internal, Inval
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
 from blockwire.secret import Secret
 from storagesvc import identity, paging
+from storagesvc.backends.base import DirectBackend
 from storagesvc.context import Context, Pool
 from storagesvc.model import (
     ATTACHABLE,
@@ -63,13 +70,34 @@ class Exports:
 
     # -- attachments
 
-    def create(self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = "") -> Attachment:
+    def create(
+        self,
+        volume_id: str,
+        connector: Connector,
+        mode: AccessMode,
+        domain: str = "",
+        *,
+        transport: Transport | None = None,
+    ) -> Attachment:
+        """Attaches the volume to (connector.host, domain). `transport`: the one the caller wants (None:
+        the volume's, iSCSI for exported backends, the backend's own for direct ones, e.g. RBD);
+        another one is INVALID_ARGUMENT."""
         ctx = self.ctx
         with ctx.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
-            validate.connector(connector, transport=Transport.ISCSI)
+            validate.connector(connector)
             with ctx.hold_volume(volume_id):
-                return self._create(ctx.volume(volume_id), connector, mode, domain)
+                v = ctx.volume(volume_id)
+                backend = ctx.pools[v.backend].backend
+                own = backend.transport if isinstance(backend, DirectBackend) else Transport.ISCSI
+                if transport is not None and transport is not own:
+                    raise InvalidArgument(
+                        "transport",
+                        f"volume {v.id} is on backend {v.backend} ({backend.kind}), reached over "
+                        f"{own.value}, not {transport.value}",
+                    )
+                validate.connector(connector, transport=own)
+                return self._create(v, connector, mode, domain)
 
     def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
         ctx = self.ctx
@@ -104,7 +132,9 @@ class Exports:
                 f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
             )
         pool = ctx.pools[v.backend]
-        exporter = pool.exporter
+        if isinstance(pool.backend, DirectBackend):
+            return self._create_direct(v, pool.backend, atts, connector, mode=mode, domain=domain)
+        exporter = pool.target_exporter()
         first = not atts or v.export is None
         export = v.export if not first else self._new_export(v, mode, exporter.lun)
         assert export is not None
@@ -173,6 +203,72 @@ class Exports:
             v.id,
             connector.host,
             connector.initiator_iqn,
+            att.id,
+        )
+        return att
+
+    def _create_direct(
+        self,
+        v: Volume,
+        backend: DirectBackend,
+        atts: Sequence[Attachment],
+        connector: Connector,
+        *,
+        mode: AccessMode,
+        domain: str,
+    ) -> Attachment:
+        """An attachment of a volume hosts open themselves: no target, no export record. The transport
+        info (with the identity read now from the storage) is made before anything is recorded, so a
+        failure (the cluster down: UNAVAILABLE) leaves nothing behind."""
+        ctx = self.ctx
+        if atts and any(a.access_mode is not mode for a in atts):
+            raise FailedPrecondition(
+                f"volume {v.id} is attached {atts[0].access_mode.value}; every attachment must use that mode"
+            )
+        transport = backend.connection(v.id, connector.host)
+        now = ctx.now()
+        info = ConnectionInfo(
+            transport=transport,
+            volume_id=v.id,
+            wwn=v.wwn,
+            serial=v.serial,
+            size_bytes=v.size_bytes,
+            access_mode=mode,
+            discard=True,
+            logical_block_size=512,
+            physical_block_size=512,
+            multiattach=v.multiattach,
+        )
+        att = Attachment(
+            id=ctx.new_id(),
+            volume_id=v.id,
+            connector=connector,
+            access_mode=mode,
+            state=AttachmentState.ATTACHING,
+            create_time=now,
+            update_time=now,
+            domain=domain,
+        )
+        info = replace(info, attachment_id=att.id)
+        try:
+            validate.validate_connection_info(info)
+        except InvalidArgument as exc:
+            raise Internal(
+                f"the connection info of volume {v.id} fails its own checks ({exc.message}); nothing was "
+                "recorded"
+            ) from exc
+        att = replace(att, connection_info=info)
+        with contextlib.ExitStack() as undo:
+            ctx.catalog.insert_attachment(att)
+            undo.callback(ctx.catalog.delete_attachment, att.id)
+            state = v.state if atts else VolumeState.ATTACHING
+            ctx.save(replace(v, state=state))
+            undo.pop_all()
+        log.info(
+            "volume %s (%s) announced to host %s as attachment %s",
+            v.id,
+            info.kind.value,
+            connector.host,
             att.id,
         )
         return att
@@ -250,7 +346,7 @@ class Exports:
             v = ctx.save(replace(v, state=VolumeState.DETACHING))
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
         if v is not None and v.export is not None:
-            exporter = ctx.pools[v.backend].exporter
+            exporter = ctx.pools[v.backend].target_exporter()
             if others:
                 self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
             else:
@@ -287,9 +383,10 @@ class Exports:
         what `reconcile` and `repair` rebuild. Idempotent."""
         assert v.export is not None
         spec = self.ctx.spec(v, v.export)
-        pool.exporter.ensure_target(spec)
+        exporter = pool.target_exporter()
+        exporter.ensure_target(spec)
         for a in live:
-            pool.exporter.allow(spec, a.connector.initiator_iqn)
+            exporter.allow(spec, a.connector.initiator_iqn)
 
     def repair(self) -> list[str]:
         """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
@@ -308,7 +405,7 @@ class Exports:
         exporters: dict[int, Exporter] = {}
         for v in ctx.all_volumes():
             pool = ctx.pools.get(v.backend)
-            if pool is None or v.export is None or v.state not in _EXPORTED:
+            if pool is None or pool.exporter is None or v.export is None or v.state not in _EXPORTED:
                 continue
             exporters[id(pool.exporter)] = pool.exporter
             wanted.setdefault(id(pool.exporter), []).append(v)

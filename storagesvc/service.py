@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import replace
 
-from blockwire.model import AccessMode, Connector
+from blockwire.model import AccessMode, Connector, Transport
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
@@ -176,9 +176,15 @@ class StorageService:
     # -- attachments
 
     def create_attachment(
-        self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = ""
+        self,
+        volume_id: str,
+        connector: Connector,
+        mode: AccessMode,
+        domain: str = "",
+        *,
+        transport: Transport | None = None,
     ) -> Attachment:
-        return self.exports.create(volume_id, connector, mode, domain)
+        return self.exports.create(volume_id, connector, mode, domain, transport=transport)
 
     def complete_attachment(
         self, attachment_id: str, target_dev: str = "", host_device: str = ""

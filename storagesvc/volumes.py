@@ -256,7 +256,7 @@ class Volumes:
                     pool.backend.extend(volume_id, new_size)
                     grown = replace(v, size_bytes=new_size)
                     if v.export is not None:
-                        pool.exporter.resize(ctx.spec(grown, v.export))
+                        pool.target_exporter().resize(ctx.spec(grown, v.export))
                 except BaseException:
                     ctx.save(replace(v, state=before))
                     raise

@@ -24,7 +24,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import (
+    AccessMode,
+    Chap,
+    ConnectionInfo,
+    Connector,
+    IscsiConnection,
+    IscsiPath,
+    RbdConnection,
+    Transport,
+)
 from blockwire.secret import Secret
 from storagesvc.catalog import Conflict, Cursor, time_key
 from storagesvc.model import (
@@ -212,15 +221,32 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
     if c is None:
         return None
     t = c.transport
-    if not isinstance(t, IscsiConnection):
-        raise TypeError(f"the catalog records iSCSI connection info only, not {type(t).__name__}")
+    transport: dict[str, Any]
+    if isinstance(t, IscsiConnection):
+        transport = {
+            "iscsi": {
+                "paths": [[p.portal, p.target_iqn, p.lun] for p in t.paths],
+                "chap": _chap_doc(t.chap),
+                "mutual_chap": _chap_doc(t.mutual_chap),
+                "initiator_iqn": t.initiator_iqn,
+            }
+        }
+    elif isinstance(t, RbdConnection):
+        transport = {
+            "rbd": {
+                "pool": t.pool,
+                "image": t.image,
+                "monitors": list(t.monitors),
+                "user": t.user,
+                "key": t.key.reveal() if t.key is not None else None,  # as sensitive as the CHAP secrets
+                "image_id": t.image_id,
+                "cluster_fsid": t.cluster_fsid,
+            }
+        }
+    else:
+        raise TypeError(f"the catalog records iSCSI and RBD connection info only, not {type(t).__name__}")
     return {
-        "iscsi": {
-            "paths": [[p.portal, p.target_iqn, p.lun] for p in t.paths],
-            "chap": _chap_doc(t.chap),
-            "mutual_chap": _chap_doc(t.mutual_chap),
-            "initiator_iqn": t.initiator_iqn,
-        },
+        **transport,
         "volume_id": c.volume_id,
         "attachment_id": c.attachment_id,
         "wwn": c.wwn,
@@ -236,14 +262,28 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
 def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
     if d is None:
         return None
-    i = d["iscsi"]
-    return ConnectionInfo(
-        transport=IscsiConnection(
+    transport: IscsiConnection | RbdConnection
+    if "rbd" in d:
+        r = d["rbd"]
+        transport = RbdConnection(
+            pool=r["pool"],
+            image=r["image"],
+            monitors=tuple(r["monitors"]),
+            user=r["user"],
+            key=Secret(r["key"]) if r["key"] is not None else None,
+            image_id=r["image_id"],
+            cluster_fsid=r["cluster_fsid"],
+        )
+    else:
+        i = d["iscsi"]
+        transport = IscsiConnection(
             paths=tuple(IscsiPath(p[0], p[1], p[2]) for p in i["paths"]),
             chap=_chap(i["chap"]),
             mutual_chap=_chap(i["mutual_chap"]),
             initiator_iqn=i["initiator_iqn"],
-        ),
+        )
+    return ConnectionInfo(
+        transport=transport,
         volume_id=d["volume_id"],
         attachment_id=d["attachment_id"],
         wwn=d["wwn"],

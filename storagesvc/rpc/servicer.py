@@ -156,14 +156,21 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: spb.CreateAttachmentRequest, context: grpc.ServicerContext
     ) -> spb.CreateAttachmentResponse:
         def create() -> Attachment:
-            if request.transport not in (pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_ISCSI):
-                raise InvalidArgument("transport", "this service exports over iSCSI only")
+            if request.transport not in (pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_ISCSI, pb.TRANSPORT_RBD):
+                raise InvalidArgument("transport", "this service attaches over iSCSI or RBD only")
+            wanted = (
+                shared.transport_from_pb(request.transport)
+                if request.transport != pb.TRANSPORT_UNSPECIFIED
+                else None
+            )
             if not request.HasField("connector"):
                 raise InvalidArgument("connector", "required")
             connector = shared.connector_from_pb(request.connector)
             mode = shared.access_mode_from_pb(request.access_mode)
             validate.domain(request.domain, required=False)
-            return self.service.create_attachment(request.volume_id, connector, mode, request.domain)
+            return self.service.create_attachment(
+                request.volume_id, connector, mode, request.domain, transport=wanted
+            )
 
         a = _call(context, create)
         return spb.CreateAttachmentResponse(attachment=convert.attachment_to_pb(a))
