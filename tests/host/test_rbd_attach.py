@@ -25,6 +25,9 @@ import libvirt
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
+from blockwire.v1 import storage_pb2 as spb
+from blockwire.v1 import storage_pb2_grpc
+from blockwire.v1 import types_pb2 as pb
 from hostagent import api
 from tests.ceph import CephCluster, CephMissing, CephUser
 from tests.conftest import tier_unavailable
@@ -41,7 +44,8 @@ from tests.host.rbd_rig import (
     running_domain,
     to_pb,
 )
-from tests.rig import KILLED
+from tests.host.test_rbd_storage import running, write_config
+from tests.rig import KILLED, Daemon
 
 MIB = 1 << 20
 WRONG_KEY = "AQBUDCtnAAAAABAAd2GrbV3R1lXo7h9SWzr3iA=="
@@ -242,3 +246,61 @@ def test_agent_killed_during_an_rbd_attach_recovers(
             nothing_left(crashing, virt, dom, vid)
         finally:
             crashing.stop()
+
+
+# -- through both daemons: blockwire-storage's rbd backend announces the connection info ------------------
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, host_daemons: Started, ceph_cluster: CephCluster
+) -> Iterator[tuple[Daemon, RbdAgent, str]]:
+    """blockwire-storage (rbd backend on a pool of its own, a cephx user limited to it) and
+    blockwire-agent (rbd_mode qemu) that asks it for attachments."""
+    pool = f"bw-{uuid.uuid4().hex[:8]}"
+    ceph_cluster.create_pool(pool)
+    storage_user = ceph_cluster.create_user(f"storage-{pool}", pool)
+    tmp = tmp_path_factory.mktemp("rbd-e2e")
+    with running(write_config(tmp, ceph_cluster, storage_user, pool=pool)) as storage:
+        agent = RbdAgent(tmp / "agent", extra=f'storage_address = "unix://{tmp}/storage.sock"')
+        agent.work.mkdir()
+        agent.start()
+        try:
+            yield storage, agent, pool
+        finally:
+            agent.stop()
+
+
+def test_attach_by_volume_id_through_both_daemons(
+    stack: tuple[Daemon, RbdAgent, str], ceph_cluster: CephCluster, virt: libvirt.virConnect
+) -> None:
+    storage, agent, pool = stack
+    s = storage_pb2_grpc.StorageServiceStub(storage.channel)
+    announced = agent.stub.GetConnector(hpb.GetConnectorRequest(), timeout=10).connector.transports
+    assert pb.TRANSPORT_RBD in announced  # the agent says it can, so storage answers with RbdConnection
+    vol = s.CreateVolume(spb.CreateVolumeRequest(name="e2e", size_bytes=16 * MIB), timeout=60).volume
+    with running_domain(virt) as dom:
+        req = hpb.AttachVolumeRequest(domain=dom, volume_id=vol.id)
+        a = agent.stub.AttachVolume(req, timeout=60).attachment
+        assert a.connection_info.WhichOneof("transport") == "rbd"
+        assert agent.stub.AttachVolume(req, timeout=60).attachment.target_dev == a.target_dev  # a repeat
+        (sa,) = s.ListAttachments(spb.ListAttachmentsRequest(volume_id=vol.id), timeout=10).attachments
+        assert sa.state == pb.ATTACHMENT_STATE_ATTACHED
+
+        assert "wrote 65536/65536 bytes" in qemu_io(dom, a.target_dev, "write -P 0xc3 0 64k")
+        image = a.connection_info.rbd.image
+        assert librbd_read(ceph_cluster, pool, image, 0, 65536) == b"\xc3" * 65536
+
+        s.ExtendVolume(spb.ExtendVolumeRequest(volume_id=vol.id, new_size_bytes=32 * MIB), timeout=60)
+        got = agent.stub.ExtendVolume(
+            hpb.HostAgentServiceExtendVolumeRequest(volume_id=vol.id, new_size_bytes=32 * MIB), timeout=30
+        )
+        assert got.size_bytes == 32 * MIB
+        assert disk_size(virt, dom, a.target_dev) == 32 * MIB
+
+        agent.detach(dom, vol.id)
+        agent.detach(dom, vol.id)  # a repeat is OK
+        nothing_left(agent, virt, dom, vol.id)
+        assert (
+            list(s.ListAttachments(spb.ListAttachmentsRequest(volume_id=vol.id), timeout=10).attachments)
+            == []
+        )
+    s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=60)
