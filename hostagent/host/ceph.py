@@ -148,8 +148,8 @@ class RadosProbe:
     @staticmethod
     def _modules() -> tuple[Any, Any]:
         try:
-            import rados  # type: ignore[import-not-found]  # noqa: PLC0415 - lazy: hosts without Ceph import hostagent
-            import rbd  # type: ignore[import-not-found]  # noqa: PLC0415
+            import rados  # noqa: PLC0415 - lazy: hosts without Ceph import hostagent
+            import rbd  # noqa: PLC0415
         except ImportError as exc:
             raise FailedPrecondition(
                 f"the Ceph bindings are not importable here ({exc}); install python3-rados and python3-rbd "
