@@ -8,8 +8,9 @@ import json
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -32,6 +33,8 @@ class RbdAgent:
     work: Path
     rbd_timeout: float = AGENT_TIMEOUT
     extra: str = ""
+    mode: str = "qemu"  # rbd_mode
+    daemon: dict[str, Any] = field(default_factory=dict)  # Daemon's keyword arguments (the guest's timeouts)
     proc: Daemon | None = None
 
     @property
@@ -44,7 +47,7 @@ class RbdAgent:
         config.write_text(
             f"""state_dir = "{self.state}"
 iscsi_mode = "qemu"
-rbd_mode = "qemu"
+rbd_mode = "{self.mode}"
 rbd_timeout = {self.rbd_timeout}
 listen_unix = "{sock}"
 initiator_file = "{self.work / "no-initiatorname"}"
@@ -53,7 +56,7 @@ detach_timeout = 10.0
 log_level = "DEBUG"
 {self.extra}"""
         )
-        self.proc = Daemon.agent(config, sock).start(failpoints)
+        self.proc = Daemon.agent(config, sock, **self.daemon).start(failpoints)
         return self.proc
 
     def stop(self) -> None:
