@@ -26,6 +26,7 @@ from hostagent.connectors.rbd import KernelRbdConnector, QemuRbdConnector, secre
 from hostagent.events import EventBus
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice
+from hostagent.hostinfo import HostFiles, build_connector, rbd_available
 from hostagent.journal import Journal
 from hostagent.model import AttachmentState, ConnectorKind, JournalRecord
 from hostagent.virt.diskxml import DiskSpec, NetworkSource, disk_xml, parse_disk
@@ -377,3 +378,13 @@ def test_kernel_wrong_key_is_permission_denied(tmp_path: Path) -> None:
     with pytest.raises(PermissionDenied):
         k.conn.connect(rbd_info())
     assert list(k.keys.iterdir()) == []
+
+
+def test_the_connector_announces_rbd_only_when_the_host_can(tmp_path: Path) -> None:
+    sysfs = Sysfs(tmp_path / "sys")
+    files = HostFiles(
+        str(tmp_path / "state"), str(tmp_path / "none"), str(tmp_path / "none"), str(tmp_path / "n")
+    )
+    assert Transport.RBD in build_connector(sysfs, files, kernel_iscsi=False, rbd=True).transports
+    assert Transport.RBD not in build_connector(sysfs, files, kernel_iscsi=False, rbd=False).transports
+    assert not rbd_available(sysfs, "kernel")  # no /sys/bus/rbd: no rbd module loaded
