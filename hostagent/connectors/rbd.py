@@ -29,7 +29,7 @@ from blockwire.runtime.executor import CommandFailed, Runner
 from blockwire.secret import Secret
 from blockwire.validate import split_portal, validate_connection_info
 from hostagent.connectors.base import SecretStore, wait_device
-from hostagent.host.ceph import CephAccess, CephProbe, RbdImage
+from hostagent.host.ceph import CephAccess, CephProbe, RbdImage, mon_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
@@ -243,7 +243,9 @@ class KernelRbdConnector:
             "--id",
             t.user or DEFAULT_USER,
             "-m",
-            ",".join(t.monitors),
+            mon_host(
+                tuple(t.monitors)
+            ),  # each monitor with its messenger (librados's parse of a bare one differs)
             "--client_mount_timeout",
             str(int(self.timeout)),
             "--options",
