@@ -39,7 +39,9 @@ def cluster() -> Iterator[CephCluster]:
 
 
 @pytest.fixture(scope="module")
-def agent(cluster: CephCluster, libvirtd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RbdAgent]:
+def agent(
+    cluster: CephCluster, libvirtd: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RbdAgent]:
     a = RbdAgent(tmp_path_factory.mktemp("krbd"), rbd_timeout=60.0, mode="kernel", daemon=GUEST_DAEMON)
     a.extra = "device_timeout = 90.0\ndetach_timeout = 60.0\n"
     a.start()
@@ -59,7 +61,7 @@ def test_krbd_map_hotplug_data_unmap(cluster: CephCluster, agent: RbdAgent, doma
     iid = create_image(cluster, name, 64)
     began = time.monotonic()
     a = agent.attach(domain, to_pb(rbd_info(cluster, user, name, name, image_id_=iid)), timeout=300)
-    print(f"krbd AttachVolume took {time.monotonic() - began:.2f}s")  # noqa: T201 - in the guest's report
+    print(f"krbd AttachVolume took {time.monotonic() - began:.2f}s")
     assert a.host_device.startswith("/dev/rbd"), a
     dev_id = a.host_device.removeprefix("/dev/rbd")
     assert (RBD_DEVICES / dev_id / "image_id").read_text().strip() == iid
