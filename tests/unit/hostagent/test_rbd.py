@@ -24,6 +24,7 @@ from hostagent.api import HostAgent
 from hostagent.config import config_from_mapping
 from hostagent.connectors.rbd import KernelRbdConnector, QemuRbdConnector, secret_usage
 from hostagent.events import EventBus
+from hostagent.host.ceph import CephAccess, mon_host
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice
 from hostagent.hostinfo import HostFiles, build_connector, rbd_available
@@ -388,3 +389,13 @@ def test_the_connector_announces_rbd_only_when_the_host_can(tmp_path: Path) -> N
     assert Transport.RBD in build_connector(sysfs, files, kernel_iscsi=False, rbd=True).transports
     assert Transport.RBD not in build_connector(sysfs, files, kernel_iscsi=False, rbd=False).transports
     assert not rbd_available(sysfs, "kernel")  # no /sys/bus/rbd: no rbd module loaded
+
+
+def test_monitors_are_named_with_their_messenger() -> None:
+    assert mon_host(("127.0.0.1:6789", "10.0.0.2:3300", "v2:10.0.0.3:3301")) == (
+        "v1:127.0.0.1:6789,v2:10.0.0.2:3300,v2:10.0.0.3:3301"
+    )
+
+
+def test_the_probes_access_never_shows_the_key() -> None:
+    assert KEY not in repr(CephAccess(MONS, "blockwire", Secret(KEY)))
