@@ -25,6 +25,12 @@ How each exporter is made to announce exactly this:
   long as the company id equals `naa_oui` (the LIO exporter writes ``wwn/company_id`` when the kernel
   has it, and refuses to export otherwise).
 
+A volume on an rbd backend has no LUN: its identity is the RBD image's id (librbd's ``image.id()``),
+read from the cluster when an attachment is made and announced in ``RbdConnection.image_id`` with the
+cluster's fsid. An image removed and created again under the same name gets another id, so a host that
+checks the id before its hot-plug never opens an image it was not given (storagesvc/backends/rbd.py).
+The wwn and serial above are announced too (the serial is the guest's disk serial).
+
 The default `naa_oui` is 001405, the company id LIO itself uses; an operator with an own IEEE OUI
 configures it.
 """

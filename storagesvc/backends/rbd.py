@@ -17,9 +17,11 @@ Names in the pool (the backend owns every name with these prefixes):
   final name is always whole. Base images stay as a cache: remove them with `rbd snap unprotect` /
   `rbd snap purge` / `rbd rm` once no clone uses them.
 
-Every create completes or removes what it made. Every call opens its own cluster connection (a
-connect is ~10 ms): `connect_timeout` bounds the monitor's answer, so a down monitor is UNAVAILABLE
-(naming the monitors) within that bound, never a hang; `op_timeout` bounds each OSD operation.
+Every create completes or removes what it made. The backend keeps one librados connection (made on
+first use, retired and made again after the monitors did not answer or refused the key); every call
+starts with a monitor round trip (~1 ms) bounded by `connect_timeout`, so a down monitor is UNAVAILABLE
+(naming the monitors) within that bound, never a hang, even where librados could have served the call
+from its cached maps; `op_timeout` bounds each OSD operation.
 Errors: a key the cluster refuses (or caps that do not allow a call) is PERMISSION_DENIED; out of space
 (ENOSPC, a pool quota) is RESOURCE_EXHAUSTED.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -40,10 +43,10 @@ import re
 import secrets
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 try:  # Debian's python3-rados / python3-rbd (scripts/setup links them into the venv)
     import rados
@@ -255,7 +258,8 @@ def monitors_from_conf(path: str) -> tuple[str, ...]:
 
 
 class Librbd:
-    """`RbdCluster` through the librados/librbd Python bindings; a new connection per session."""
+    """`RbdCluster` through the librados/librbd Python bindings: one connection shared by the sessions
+    (librados is thread-safe), a pool context per session."""
 
     def __init__(self, settings: RbdSettings) -> None:
         self.settings = settings
@@ -266,6 +270,8 @@ class Librbd:
             )
         self._rados: Any = rados
         self._rbd: Any = rbd
+        self._lock = threading.Lock()
+        self._current: _Connection | None = None
 
     def _conf(self) -> dict[str, str]:
         s = self.settings
@@ -285,65 +291,136 @@ class Librbd:
             conf["key"] = s.key.reveal()
         return conf
 
-    @contextlib.contextmanager
-    def session(self) -> Iterator[RbdSession]:
+    def _connect(self) -> Any:
         s = self.settings
-        rados = self._rados
         kwargs: dict[str, Any] = {"name": f"client.{s.user}", "conf": self._conf()}
         if s.conf:
             kwargs["conffile"] = s.conf
-        with self._translated():
-            cluster = rados.Rados(**kwargs)
+        with _translated():
+            cluster = self._rados.Rados(**kwargs)
             try:
                 cluster.connect(timeout=int(max(1, s.connect_timeout)))
-                ioctx = cluster.open_ioctx(s.pool)
-                try:
-                    yield _LibrbdSession(cluster, ioctx, self._rbd, s)
-                finally:
-                    ioctx.close()
-            finally:
+            except BaseException:
                 cluster.shutdown()
+                raise
+        return cluster
+
+    def _acquire(self) -> _Connection:
+        with self._lock:
+            if self._current is None:
+                self._current = _Connection(self._connect())
+            self._current.users += 1
+            return self._current
+
+    def _release(self, conn: _Connection, *, retire: bool) -> None:
+        with self._lock:
+            conn.users -= 1
+            if retire and self._current is conn:
+                self._current = None
+                conn.retired = True
+            last = conn.retired and conn.users == 0
+        if last:
+            conn.cluster.shutdown()
+
+    def _monitors_answer(self, cluster: Any) -> None:
+        """One monitor round trip (`mon stat`, ~1 ms): librados would serve image calls from its cached
+        maps with every monitor down; the service says UNAVAILABLE instead (no quorum: no snapshot, no
+        map change, and hosts could not connect)."""
+        t = self.settings.connect_timeout
+        ret, _, err = cluster.mon_command(
+            json.dumps({"prefix": "mon stat", "format": "json"}), b"", timeout=t
+        )
+        if ret in (-errno.ETIMEDOUT, -errno.ENOTCONN, -errno.EINTR):
+            raise ClusterError("unreachable", f"the monitors did not answer ({err or errno.errorcode[-ret]})")
+        if ret in (-errno.EACCES, -errno.EPERM):
+            raise ClusterError("permission", f"mon stat: {err}")
 
     @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        rados, rbd = self._rados, self._rbd
+    def session(self) -> Iterator[RbdSession]:
+        """A session on the shared connection (made on first use; a call whose monitors do not answer
+        or refuse the key retires it, and the next call connects again). Opening the pool asks the
+        monitors, so a down monitor fails every call within connect_timeout."""
+        conn = self._acquire()
+        retire = False
         try:
-            yield
-        except ClusterError:
+            with _translated():
+                self._monitors_answer(conn.cluster)
+                ioctx = conn.cluster.open_ioctx(self.settings.pool)
+            try:
+                yield _LibrbdSession(conn.cluster, ioctx, self._rbd, self.settings)
+            finally:
+                ioctx.close()
+        except ClusterError as exc:
+            retire = exc.kind in ("unreachable", "permission")
             raise
-        except (rbd.ImageNotFound, rados.ObjectNotFound) as exc:
-            raise ClusterError("not-found", str(exc)) from exc
-        except (rbd.ImageExists, rados.ObjectExists) as exc:
-            raise ClusterError("exists", str(exc)) from exc
-        except rbd.ImageHasSnapshots as exc:
-            raise ClusterError("has-snapshots", str(exc)) from exc
-        except (rbd.ImageBusy, rados.ObjectBusy) as exc:
-            raise ClusterError("busy", str(exc)) from exc
-        except (rbd.PermissionError, rados.PermissionError, rados.PermissionDeniedError) as exc:
-            raise ClusterError("permission", str(exc)) from exc
-        except (rbd.NoSpace, rados.NoSpace) as exc:
-            raise ClusterError("no-space", str(exc)) from exc
-        except (rbd.Timeout, rados.TimedOut, rbd.ConnectionShutdown, rados.ConnectionShutdown) as exc:
-            raise ClusterError("unreachable", str(exc)) from exc
-        except (rbd.Error, rados.Error) as exc:
-            code = getattr(exc, "errno", None)
-            kinds = {
-                errno.EACCES: "permission",
-                errno.EPERM: "permission",
-                errno.ENOSPC: "no-space",
-                errno.EDQUOT: "no-space",
-                errno.ETIMEDOUT: "unreachable",
-                errno.ENOTCONN: "unreachable",
-                errno.ENOENT: "not-found",
-                errno.EEXIST: "exists",
-                errno.EBUSY: "busy",
-                errno.EINVAL: "invalid",
-            }
-            raise ClusterError(
-                kinds.get(abs(code) if isinstance(code, int) else 0, "other"), str(exc)
-            ) from exc
+        finally:
+            self._release(conn, retire=retire)
 
 
+@dataclass
+class _Connection:
+    cluster: Any
+    users: int = 0
+    retired: bool = False
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """librados/librbd exceptions as ClusterError (by class, else by errno)."""
+    try:
+        yield
+    except ClusterError:
+        raise
+    except (rbd.ImageNotFound, rados.ObjectNotFound) as exc:
+        raise ClusterError("not-found", str(exc)) from exc
+    except (rbd.ImageExists, rados.ObjectExists) as exc:
+        raise ClusterError("exists", str(exc)) from exc
+    except rbd.ImageHasSnapshots as exc:
+        raise ClusterError("has-snapshots", str(exc)) from exc
+    except (rbd.ImageBusy, rados.ObjectBusy) as exc:
+        raise ClusterError("busy", str(exc)) from exc
+    except (rbd.PermissionError, rados.PermissionError, rados.PermissionDeniedError) as exc:
+        raise ClusterError("permission", str(exc)) from exc
+    except (rbd.NoSpace, rados.NoSpace) as exc:
+        raise ClusterError("no-space", str(exc)) from exc
+    except (rbd.Timeout, rados.TimedOut, rbd.ConnectionShutdown, rados.ConnectionShutdown) as exc:
+        raise ClusterError("unreachable", str(exc)) from exc
+    except (rbd.Error, rados.Error) as exc:
+        code = getattr(exc, "errno", None)
+        kinds = {
+            errno.EACCES: "permission",
+            errno.EPERM: "permission",
+            errno.ENOSPC: "no-space",
+            errno.EDQUOT: "no-space",
+            errno.ETIMEDOUT: "unreachable",
+            errno.ENOTCONN: "unreachable",
+            errno.ENOENT: "not-found",
+            errno.EEXIST: "exists",
+            errno.EBUSY: "busy",
+            errno.EINVAL: "invalid",
+        }
+        raise ClusterError(kinds.get(abs(code) if isinstance(code, int) else 0, "other"), str(exc)) from exc
+
+
+C = TypeVar("C", bound=type)
+
+
+def _each_call_translated(cls: C) -> C:
+    """Wraps every public method of `cls` in `_translated`: callers inside a session see ClusterError."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not callable(fn):
+            continue
+
+        def wrapped(*args: Any, __fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
+            with _translated():
+                return __fn(*args, **kwargs)
+
+        functools.update_wrapper(wrapped, fn)
+        setattr(cls, name, wrapped)
+    return cls
+
+
+@_each_call_translated
 class _LibrbdSession:
     def __init__(self, cluster: Any, ioctx: Any, rbd: Any, settings: RbdSettings) -> None:
         self.cluster = cluster
@@ -534,8 +611,9 @@ class RbdBackend:
         s = self.settings
         if exc.kind == "unreachable":
             return Unavailable(
-                f"{self._where()}: the cluster did not answer within {s.connect_timeout:g}s while {what} "
-                f"({exc.message}); check that the monitors run and are reachable"
+                f"{self._where()}: the cluster did not answer in time while {what} ({exc.message}; "
+                f"connect_timeout {s.connect_timeout:g}s for the monitors, op_timeout {s.op_timeout:g}s "
+                "for each OSD operation); check that the monitors and OSDs run and are reachable"
             )
         if exc.kind == "permission":
             return PermissionDenied(
@@ -638,12 +716,17 @@ class RbdBackend:
         *,
         size_bytes: int,
         undo: contextlib.ExitStack,
+        protect: bool = True,
+        parent_size: int = -1,
     ) -> None:
-        s.snap_protect(parent, snap)
+        """Clones parent@snap into the volume's image (grown to size_bytes); `undo` removes it.
+        `parent_size`: the clone's size when known (-1: ask the cluster)."""
+        if protect:  # a golden image's base snapshot is protected before it gets its name
+            s.snap_protect(parent, snap)
         child = _vol(volume_id)
         s.clone(parent, snap, child)
         undo.callback(self._forget, s, child)
-        if s.size(child) < size_bytes:
+        if (parent_size if parent_size >= 0 else s.size(child)) < size_bytes:
             s.resize(child, size_bytes)
 
     def _forget(self, s: RbdSession, image: str) -> None:
@@ -726,16 +809,41 @@ class RbdBackend:
     ) -> None:
         key = self.image_key(image, info)
         base = IMAGE_PREFIX + key
-        with self._image_lock(key):
-            with self._session(f"looking up the base image of {image.path}") as s:
-                ready = s.exists(base) and BASE_SNAP in s.snaps(base)
-            if not ready:
-                self._import(image, info, base, progress)
         what = f"cloning the base image of {image.path} into volume {volume_id}"
-        with self._session(what) as s, contextlib.ExitStack() as undo:
-            self._clone_into(s, base, BASE_SNAP, volume_id, size_bytes=size_bytes, undo=undo)
-            undo.pop_all()
-        progress(info.virtual_size, info.virtual_size)
+        for _ in range(2):
+            with self._session(what) as s:
+                try:  # the base is there (the common case): clone it at once
+                    with contextlib.ExitStack() as undo:
+                        self._clone_into(
+                            s,
+                            base,
+                            BASE_SNAP,
+                            volume_id,
+                            size_bytes=size_bytes,
+                            undo=undo,
+                            protect=False,
+                            parent_size=info.virtual_size,
+                        )
+                        undo.pop_all()
+                    return  # (the service records the volume's progress as complete)
+                except ClusterError as exc:
+                    if exc.kind != "not-found":
+                        raise
+            with self._image_lock(key):  # one import per image in this service at a time
+                with self._session(f"looking up the base image of {image.path}") as s:
+                    ready = self._has_base(s, base)
+                if not ready:
+                    self._import(image, info, base, progress)
+        raise Internal(f"{self._where()}: base image {base} of {image.path} vanished after its import")
+
+    @staticmethod
+    def _has_base(s: RbdSession, base: str) -> bool:
+        try:
+            return BASE_SNAP in s.snaps(base)
+        except ClusterError as exc:
+            if exc.kind == "not-found":
+                return False
+            raise
 
     def _import(self, image: ImageSource, info: ImageInfo, base: str, progress: ProgressFn) -> None:
         """Writes the image into `<base>.tmp-<random>`, snapshots and protects it, renames it to `base`."""

@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from tests.ceph import CephCluster, CephMissing
+from tests.conftest import tier_unavailable
 
 
 def test_pool_writable_and_restricted_user(ceph_cluster: CephCluster) -> None:
@@ -66,3 +67,26 @@ def test_mon_stop_and_start(ceph_cluster: CephCluster) -> None:
     finally:
         ceph_cluster.start_mon()
     ceph_cluster.wait_writable(timeout=30)
+
+
+def test_bluestore_keeps_data_across_an_osd_restart() -> None:
+    """BlueStore on a sparse file (what the agent's OSD-restart test needs): an OSD killed with -9 and
+    started again still has what was written."""
+    try:
+        cluster = CephCluster(osds=1, objectstore="bluestore").start()
+    except CephMissing as exc:
+        tier_unavailable("host", f"Ceph cluster: {exc}")
+    try:
+        probe = cluster.dir / "data"
+        probe.write_bytes(b"survives")
+        cluster.cli("rados", "-p", cluster.pool, "put", "kept", str(probe))
+        pid = cluster.pids()["osd.0"]
+        cluster.kill_osd(0)
+        assert "osd.0" not in cluster.pids()
+        cluster.start_osd(0)
+        assert cluster.pids()["osd.0"] != pid
+        cluster.wait_writable(timeout=60)
+        assert cluster.cli("rados", "-p", cluster.pool, "get", "kept", "-") == "survives"
+    finally:
+        cluster.stop()
+    assert not cluster.pids()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -269,6 +270,38 @@ def test_create_from_an_image_clones_one_golden_image(storaged: Daemon, ioctx: A
         stub(storaged).DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=60)
 
 
+def test_a_qcow2_image_and_two_creates_at_once_make_one_base(
+    storaged: Daemon, ioctx: Any, tmp_path: Path
+) -> None:
+    """A qcow2 image is converted to raw before its import; two volumes asked for at once (two copy
+    workers) share one import."""
+    raw = tmp_path / "src.raw"
+    with raw.open("wb") as f:
+        f.truncate(6 * MIB)
+        f.seek(MIB)
+        f.write(b"qcow2-data")
+    qcow2 = tmp_path / "golden.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], check=True, timeout=60
+    )
+    os.chmod(tmp_path, 0o755)
+    before = {n for n in rbd.RBD().list(ioctx) if n.startswith("image-")}
+    source = pb.ImageSource(path=str(qcow2), format=pb.IMAGE_FORMAT_QCOW2)
+    s = stub(storaged)
+    ids = [
+        s.CreateVolume(spb.CreateVolumeRequest(name=f"qcow2-{i}", source_image=source), timeout=60).volume.id
+        for i in range(2)
+    ]
+    vols = [settled(storaged, v) for v in ids]
+    bases = {n for n in rbd.RBD().list(ioctx) if n.startswith("image-")} - before
+    assert len(bases) == 1, bases
+    assert not [n for n in rbd.RBD().list(ioctx) if ".tmp-" in n]
+    for v in vols:
+        assert v.size_bytes == 6 * MIB
+        assert read(ioctx, image(v.id), MIB, 10) == b"qcow2-data"
+        s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=60)
+
+
 # -- attachments
 
 
@@ -340,9 +373,59 @@ def test_create_attachment_returns_the_images_rbd_connection(
     assert att2.attachment.connection_info.rbd.image_id != real_id
     s.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att2.attachment.id), timeout=30)
     s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol2.id), timeout=30)
+    # the key went to the caller only: not into the daemon's (DEBUG) log
+    assert user.key not in storaged.log.read_text(errors="replace")
+
+
+def test_per_host_users_have_caps_limited_to_the_pool(
+    ceph_cluster: CephCluster, pool: str, ioctx: Any, tmp_path: Path
+) -> None:
+    """host_users = "per-host": each host gets client.<prefix>.<host>, made on its first attach with
+    caps on the backend's pool only; the service's user needs `auth get-or-create` for it."""
+    admin = ceph_cluster.create_user(
+        f"storage-ph-{pool}",
+        caps=("mon", 'profile rbd, allow command "auth get-or-create"', "osd", f"profile rbd pool={pool}"),
+    )
+    config = write_config(
+        tmp_path, ceph_cluster, admin, pool=pool, host_users="per-host", host_user_prefix="bwt"
+    )
+    with running(config) as daemon:
+        s = stub(daemon)
+        vol = create(daemon, "per-host", 4 * MIB)
+        att = s.CreateAttachment(
+            spb.CreateAttachmentRequest(volume_id=vol.id, connector=connector("host-x")), timeout=30
+        ).attachment
+        rbdc = att.connection_info.rbd
+        assert rbdc.user == "bwt.host-x"
+        assert rbdc.key != admin.key
+        caps = ceph_cluster.cli("ceph", "auth", "get", "client.bwt.host-x")
+        assert f"profile rbd pool={pool}" in caps
+        assert "auth" not in caps
+        conf = {"mon_host": mon_host(tuple(rbdc.monitors)), "key": rbdc.key}
+        host = rados.Rados(name=f"client.{rbdc.user}", conf=conf)
+        host.connect(timeout=10)
+        try:
+            with host.open_ioctx(rbdc.pool) as hio, rbd.Image(hio, rbdc.image) as im:
+                assert im.id() == rbdc.image_id
+                im.write(b"host-data", 0)
+        finally:
+            host.shutdown()
+        assert read(ioctx, image(vol.id), 0, 9) == b"host-data"
+        s.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
+        s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=30)
 
 
 # -- failures
+
+
+def test_more_than_the_capacity_is_resource_exhausted(storaged: Daemon) -> None:
+    """capacity_bytes (4 GiB here; the cluster reports no pool size without a ceph-mgr) bounds what is
+    provisioned: a bigger volume is refused before anything is made."""
+    with pytest.raises(grpc.RpcError) as full:
+        stub(storaged).CreateVolume(spb.CreateVolumeRequest(name="too-big", size_bytes=8 << 30), timeout=30)
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    names = [v.name for v in stub(storaged).ListVolumes(spb.ListVolumesRequest(), timeout=30).volumes]
+    assert "too-big" not in names
 
 
 def test_a_wrong_cephx_key_is_permission_denied(

@@ -246,8 +246,13 @@ class StorageServiceServicer:
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
-        Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-        UNAVAILABLE (the target daemon).
+        A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+        (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+        and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+        above hold the same.
+        Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+        offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+        backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

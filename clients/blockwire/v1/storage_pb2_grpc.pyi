@@ -100,8 +100,13 @@ class StorageServiceStub:
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
-    Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-    UNAVAILABLE (the target daemon).
+    A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+    (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+    and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+    above hold the same.
+    Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+    offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+    backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
     """
     CompleteAttachment: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -198,8 +203,13 @@ class StorageServiceAsyncStub(StorageServiceStub):
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
-    Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-    UNAVAILABLE (the target daemon).
+    A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+    (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+    and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+    above hold the same.
+    Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+    offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+    backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
     """
     CompleteAttachment: _aio.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]  # type: ignore[assignment]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -359,8 +369,13 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
-        Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-        UNAVAILABLE (the target daemon).
+        A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+        (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+        and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+        above hold the same.
+        Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+        offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+        backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
         """
 
     @_abc_1.abstractmethod
