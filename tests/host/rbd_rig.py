@@ -34,6 +34,7 @@ class RbdAgent:
     rbd_timeout: float = AGENT_TIMEOUT
     extra: str = ""
     mode: str = "qemu"  # rbd_mode
+    detach_timeout: float = 10.0
     daemon: dict[str, Any] = field(default_factory=dict)  # Daemon's keyword arguments (the guest's timeouts)
     proc: Daemon | None = None
 
@@ -52,7 +53,7 @@ rbd_timeout = {self.rbd_timeout}
 listen_unix = "{sock}"
 initiator_file = "{self.work / "no-initiatorname"}"
 hostnqn_file = "{self.work / "no-hostnqn"}"
-detach_timeout = 10.0
+detach_timeout = {self.detach_timeout}
 log_level = "DEBUG"
 {self.extra}"""
         )

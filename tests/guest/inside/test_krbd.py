@@ -42,8 +42,14 @@ def cluster() -> Iterator[CephCluster]:
 def agent(
     cluster: CephCluster, libvirtd: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RbdAgent]:
-    a = RbdAgent(tmp_path_factory.mktemp("krbd"), rbd_timeout=60.0, mode="kernel", daemon=GUEST_DAEMON)
-    a.extra = "device_timeout = 90.0\ndetach_timeout = 60.0\n"
+    a = RbdAgent(
+        tmp_path_factory.mktemp("krbd"),
+        rbd_timeout=60.0,
+        mode="kernel",
+        detach_timeout=60.0,
+        extra="device_timeout = 90.0\n",
+        daemon=GUEST_DAEMON,
+    )
     a.start()
     yield a
     a.stop()
