@@ -3,7 +3,8 @@ cluster started here (tests/ceph.py: mon + MemStore OSD on loopback).
 
 AttachVolume maps the image (`rbd device map`, the key in a 0600 keyfile, never on argv), checks the
 identity the kernel reports in /sys/bus/rbd/devices/N/image_id, and hot-plugs /dev/rbdN as a block disk
-into a running no-OS domain; data written to the device is what `rbd export` reads; DetachVolume unmaps
+into a running no-OS domain; data written to the device is what `rbd export` reads; after `rbd resize`
+ExtendVolume reaches the domain (domblkinfo); DetachVolume unmaps
 and leaves no mapping, record or keyfile. An image re-created under the same name is mapped, found to
 have another id, unmapped, and refused.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from blockwire.v1 import hostagent_pb2 as hpb
 from tests.ceph import CephCluster, CephMissing
 from tests.guest.inside import kernel
 from tests.guest.inside.conftest import GUEST_DAEMON
@@ -85,6 +87,19 @@ def test_krbd_map_hotplug_data_unmap(cluster: CephCluster, agent: RbdAgent, doma
     out = agent.work / "export.raw"
     cluster.cli("rbd", "export", f"{cluster.pool}/{name}", str(out), timeout=120)
     assert kernel.read_at(out, 3) == pattern
+
+    # extend while attached: the kernel follows `rbd resize` (it watches the image header), then
+    # ExtendVolume reads the new size and resizes the domain's disk
+    cluster.cli("rbd", "resize", f"{cluster.pool}/{name}", "--size", "96M")
+    block_size = Path(f"/sys/block/rbd{dev_id}/size")
+    deadline = time.monotonic() + 60
+    while int(block_size.read_text()) * 512 != 96 * MiB:
+        assert time.monotonic() < deadline, "the kernel did not see the resize within 60s"
+        time.sleep(0.2)
+    req = hpb.HostAgentServiceExtendVolumeRequest(volume_id=name, new_size_bytes=96 * MiB)
+    assert agent.stub.ExtendVolume(req, timeout=120).size_bytes == 96 * MiB
+    assert kernel.domblk_capacity(domain, a.target_dev) == 96 * MiB
+    assert kernel.read_at(a.host_device, 3) == pattern
 
     agent.detach(domain, name, timeout=300)
     agent.detach(domain, name)  # a repeat is OK
