@@ -43,6 +43,7 @@ from blockwire.model import (
 from blockwire.runtime.clock import Clock, Deadline
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
+from hostagent import doctor
 from hostagent.connectors.base import VolumeConnector
 from hostagent.events import EventBus
 from hostagent.journal import Journal
@@ -54,6 +55,7 @@ from hostagent.model import (
     DiskOptions,
     Event,
     EventType,
+    Finding,
     HostDevice,
     Io,
     JournalRecord,
@@ -749,6 +751,30 @@ class HostAgent:
         require_identity(info, allow_unverified_identity)
         with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
             return conn.connect(info)
+
+    def audit(self, *, fix: bool = False) -> list[Finding]:
+        """`blockwire doctor`: what on this host (or in storage for it) no attachment accounts for; with
+        `fix`, what is provably orphaned removed (never a device; see `hostagent.doctor`)."""
+        return doctor.audit(self, fix=fix)
+
+    def all_connectors(self) -> list[VolumeConnector]:
+        """Every connector of this agent, once each."""
+        return list({id(c): c for c in self._by_kind.values()}.values())
+
+    def holding(self, volume_id: str) -> AbstractContextManager[None]:
+        """The volume's lock, as attach and detach hold it (for work beside them, e.g. the doctor's)."""
+        return self._locks.hold(volume_id)
+
+    def extend_connection(self, info: ConnectionInfo) -> int:
+        """Rescans a host-only connection (connect_volume's) after the volume grew; the size the host now
+        sees, in bytes. An attachment to a domain grows with `extend` instead (which also tells QEMU)."""
+        conn = self._validate_info(info)
+        with self._locks.hold_or_abort(info.volume_id or repr(info.transport), "this volume"):
+            return conn.extend(info)
+
+    def connection_paths(self, info: ConnectionInfo) -> list[str]:
+        """The host paths (devices or portals) that lead to a connected volume now."""
+        return self._validate_info(info).paths(info)
 
     def disconnect_volume(self, info: ConnectionInfo, *, force: bool = False) -> None:
         """Disconnects what connect_volume made. Never a volume the agent attached to a domain (that

@@ -9,6 +9,8 @@ from typing import Any
 
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
+from blockwire.observability import MetricsConfig, TracingConfig
+from blockwire.validate import split_portal
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
 MULTIPATH_MODES = ("auto", "always", "never")
@@ -37,7 +39,13 @@ class StorageTlsConfig:
     server_name: str = ""  # the name to check the server's certificate against, when not the address's
 
 
-_TABLES: dict[str, type] = {"tls": TlsConfig, "storage_tls": StorageTlsConfig, "limits": Limits}
+_TABLES: dict[str, type] = {
+    "tls": TlsConfig,
+    "storage_tls": StorageTlsConfig,
+    "limits": Limits,
+    "metrics": MetricsConfig,
+    "tracing": TracingConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,8 @@ class AgentConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
     storage_tls: StorageTlsConfig = field(default_factory=StorageTlsConfig)
     limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
 
     def __post_init__(self) -> None:
         if self.iscsi_mode not in ISCSI_MODES:
@@ -108,6 +118,10 @@ class AgentConfig:
             )
         if bool(self.storage_tls.cert_file) != bool(self.storage_tls.key_file):
             raise InvalidArgument("storage_tls", "cert_file and key_file go together")
+        if self.metrics.listen:
+            split_portal(self.metrics.listen, "metrics.listen")
+        if self.tracing.check():
+            raise InvalidArgument("tracing.exporter", self.tracing.check())
 
 
 def config_from_mapping(data: dict[str, Any]) -> AgentConfig:

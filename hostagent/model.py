@@ -160,3 +160,16 @@ class Event:
     path: str = ""
     step: str = ""
     message: str = ""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something on the host nobody accounts for (`hostagent.doctor`). `fixable`: provably orphaned, a
+    fix removes it; `fixed`: it did."""
+
+    kind: str
+    name: str
+    detail: str
+    fixable: bool = False
+    fixed: bool = False
+    volume_id: str = ""  # the volume it belongs to, when known: a fix holds that volume's lock

@@ -72,6 +72,10 @@ class PathSupervisor:
     def stop(self, timeout: float = 10.0) -> bool:
         return self.periodic.stop(timeout)
 
+    def paths(self) -> tuple[int, int]:
+        """(up, down): the supervised paths as the last round saw them."""
+        return len(self._seen_up - self._down.keys()), len(self._down)
+
     def check(self) -> list[str]:
         """One round; returns the devices added by the paths it logged in again."""
         states = session_states(self.sysfs)

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockwire.model import Transport
+from blockwire.observability import NO_STEPS, StepObserver, TimedRunner
 from blockwire.runtime.clock import SystemClock
-from blockwire.runtime.executor import Executor
+from blockwire.runtime.executor import Executor, Runner
 from blockwire.runtime.failpoints import Failpoints
 from hostagent.api import HostAgent
 from hostagent.config import AgentConfig
@@ -23,11 +24,12 @@ from hostagent.connectors.rbd import QemuRbdConnector
 from hostagent.events import EventBus
 from hostagent.host.ceph import RadosProbe
 from hostagent.host.sysfs import Sysfs
-from hostagent.host.udev import PyudevWaiter
+from hostagent.host.udev import PyudevWaiter, UdevWaiter
 from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available, rbd_available
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
+from hostagent.timing import TimedHypervisor, TimedStorage, TimedUdev
 from hostagent.tools.libiscsi import Libiscsi
 from hostagent.virt.domains import LibvirtHypervisor
 
@@ -43,16 +45,26 @@ def use_kernel_iscsi(config: AgentConfig, sysfs: Sysfs) -> bool:
     return config.iscsi_mode == "kernel"
 
 
-def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAgent, LibvirtHypervisor]:
-    """The agent and its hypervisor (close it on shutdown)."""
+def build_agent(
+    config: AgentConfig, storage: StorageApi | None, steps: StepObserver = NO_STEPS
+) -> tuple[HostAgent, LibvirtHypervisor]:
+    """The agent and its hypervisor (close it on shutdown). With `steps`, the runner, udev, libvirt and
+    storage report the duration of each step to it (`hostagent.timing`)."""
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     state.chmod(0o700)
     clock = SystemClock()
-    runner = Executor()
+    runner: Runner = Executor()
     sysfs = Sysfs(config.sysfs_root)
-    udev = PyudevWaiter()
-    hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
+    udev: UdevWaiter = PyudevWaiter()
+    if steps is NO_STEPS:
+        hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
+    else:
+        runner, udev = TimedRunner(runner, steps, clock), TimedUdev(udev, steps, clock)
+        storage = TimedStorage(storage, steps, clock) if storage is not None else None
+        hypervisor = TimedHypervisor(
+            config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout, steps=steps, clock=clock
+        )
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
     rbd = rbd_available(sysfs, config.rbd_mode)

@@ -13,6 +13,7 @@ from typing import Any
 from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
+from blockwire.observability import MetricsConfig, TracingConfig
 
 BACKEND_KINDS = ("file", "lvm-thin", "rbd")
 RBD_HOST_USERS = ("backend", "per-host")
@@ -97,6 +98,8 @@ class Config:
     exporters: Mapping[str, ExporterConfig] = field(default_factory=dict, hash=False)
     tls: TlsConfig = field(default_factory=TlsConfig)
     limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
 
 
 class ConfigError(Exception):
@@ -209,8 +212,23 @@ def _service(table: Mapping[str, Any]) -> ServiceConfig:
     return service
 
 
+def _observability(top: Mapping[str, Any]) -> tuple[MetricsConfig, TracingConfig]:
+    """[metrics] and [tracing]."""
+    metrics = MetricsConfig(**_take(top.get("metrics", {}), "metrics", _fields(MetricsConfig)))
+    if metrics.listen:
+        try:
+            validate.split_portal(metrics.listen, "metrics.listen")
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from None
+    tracing = TracingConfig(**_take(top.get("tracing", {}), "tracing", _fields(TracingConfig)))
+    if tracing.check():
+        raise ConfigError(tracing.check())
+    return metrics, tracing
+
+
 def parse(data: Mapping[str, Any]) -> Config:
-    top = _take(data, "top level", ("server", "service", "backends", "exporters", "tls", "limits"))
+    tables = ("server", "service", "backends", "exporters", "tls", "limits", "metrics", "tracing")
+    top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
         server["listen"] = tuple(server["listen"])
@@ -232,6 +250,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         limits = Limits(**_take(top.get("limits", {}), "limits", _fields(Limits)))
     except InvalidArgument as exc:
         raise ConfigError(exc.message) from None
+    metrics, tracing = _observability(top)
     service = _service(top.get("service", {}))
     exporters = _exporters(top.get("exporters", {}))
     backends = [_backend(i, t, exporters) for i, t in enumerate(top.get("backends", []))]
@@ -242,7 +261,14 @@ def parse(data: Mapping[str, Any]) -> Config:
     if service.default_backend and service.default_backend not in {b.name for b in backends}:
         raise ConfigError(f"[service] default_backend {service.default_backend!r} is not a backend")
     return Config(
-        server=srv, service=service, backends=tuple(backends), exporters=exporters, tls=tls, limits=limits
+        server=srv,
+        service=service,
+        backends=tuple(backends),
+        exporters=exporters,
+        tls=tls,
+        limits=limits,
+        metrics=metrics,
+        tracing=tracing,
     )
 
 

@@ -22,10 +22,12 @@ class ExportSupervisor:
     def __init__(self, service: StorageService, interval: float, *, waiter: Waiter = event_wait) -> None:
         self.service = service
         self.periodic = Periodic("export-supervisor", interval, self.check, waiter=waiter)
+        self.repaired_total = 0  # exports rebuilt since start (a metric)
 
     def check(self) -> list[str]:
         """One round: the ids of the volumes whose export was rebuilt."""
         repaired = self.service.repair_exports()
+        self.repaired_total += len(repaired)
         if repaired:
             log.warning("export supervisor: rebuilt the exports of %s", ", ".join(repaired))
         return repaired

@@ -8,6 +8,7 @@ progress goes to stderr; the exit code says what went wrong (see `EXIT_CODES`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -45,6 +46,7 @@ EXIT_PERMISSION: Final = 6
 EXIT_DEADLINE: Final = 7
 EXIT_NO_SPACE: Final = 8
 EXIT_BUSY: Final = 9
+EXIT_FINDINGS: Final = 10  # `doctor`: something is unaccounted for
 EXIT_INTERRUPTED: Final = 130
 
 EXIT_CODES: Final[dict[str, int]] = {
@@ -432,17 +434,44 @@ def cmd_attach(ctx: _Context) -> int:
     a = ctx.args
     mode = types_pb2.ACCESS_MODE_READ_ONLY if a.read_only else types_pb2.ACCESS_MODE_READ_WRITE
 
+    if (a.volume_id is None) == (a.connection_info is None):
+        raise InvalidArgument("VOLUME_ID", "give a volume id or --connection-info FILE, not both")
+    cinder_info = _read_json(a.connection_info, "--connection-info") if a.connection_info else None
+    volume_id = (
+        a.volume_id or str(cinder_info.get("data", {}).get("volume_id", "")) if cinder_info else a.volume_id
+    )
+
     def attach() -> types_pb2.Attachment:
         return ctx.agent.attach_volume(
-            a.domain, volume_id=a.volume_id, disk=_disk_options(a), access_mode=mode, persistent=a.persistent
+            a.domain,
+            volume_id=a.volume_id,
+            connection_info=cinder_info,
+            disk=_disk_options(a),
+            access_mode=mode,
+            persistent=a.persistent,
+            allow_unverified_identity=a.allow_unverified_identity,
         )
 
-    attachment = _with_events(ctx, a.domain, a.volume_id, _ATTACH_EVENTS, attach)
+    attachment = _with_events(ctx, a.domain, volume_id or "", _ATTACH_EVENTS, attach)
     if a.json:
         ctx.json(out.message_to_dict(attachment))
     else:
         ctx.print(out.attachment_fields(attachment))
     return EXIT_OK
+
+
+def _read_json(path: str, option: str) -> dict[str, Any]:
+    """A JSON object from a file ("-": standard input)."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()  # noqa: SIM115
+        doc = json.loads(text)
+    except OSError as exc:
+        raise InvalidArgument(option, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InvalidArgument(option, f"{path} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(option, f"{path} holds no JSON object")
+    return doc
 
 
 def cmd_detach(ctx: _Context) -> int:
@@ -498,6 +527,22 @@ def cmd_connector(ctx: _Context) -> int:
     else:
         ctx.print(out.connector_fields(connector))
     return EXIT_OK
+
+
+def cmd_doctor(ctx: _Context) -> int:
+    findings = ctx.agent.audit_host(fix=ctx.args.fix)
+    if ctx.args.json:
+        ctx.json([out.message_to_dict(f) for f in findings])
+    elif not findings:
+        ctx.print("nothing unaccounted for")
+    else:
+        rows = [
+            (f.kind, f.name, "removed" if f.fixed else "fixable" if f.fixable else "-", f.detail)
+            for f in findings
+        ]
+        ctx.print(out.table(("KIND", "NAME", "FIX", "DETAIL"), rows))
+    left = [f for f in findings if not f.fixed]
+    return EXIT_FINDINGS if left else EXIT_OK
 
 
 def cmd_capacity(ctx: _Context) -> int:
@@ -737,7 +782,17 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
         "it;\nprogress (login, scan, udev, multipath, hotplug) is shown on stderr.",
     )
     p.add_argument("domain", metavar="DOMAIN", help="libvirt domain name or UUID")
-    p.add_argument("volume_id", metavar="VOLUME_ID")
+    p.add_argument("volume_id", metavar="VOLUME_ID", nargs="?", help="omit with --connection-info")
+    p.add_argument(
+        "--connection-info",
+        metavar="FILE",
+        help="attach with Cinder's connection_info (a JSON file, - for stdin) instead of a volume id",
+    )
+    p.add_argument(
+        "--allow-unverified-identity",
+        action="store_true",
+        help="attach although the connection info announces no LUN identity (Cinder's never does)",
+    )
     p.add_argument("--persistent", action="store_true", help="also add the disk to the domain's definition")
     p.add_argument("--read-only", action="store_true", help="attach read-only")
     p.add_argument("--bus", choices=list(_BUSES), help="disk bus (default: scsi)")
@@ -779,6 +834,17 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
 
     # host and service
     sub(commands, "connector", "show this host's connector (initiator IQN, WWPNs, NQN)", func=cmd_connector)
+    p = sub(
+        commands,
+        "doctor",
+        "list what on this host no attachment accounts for; exit 10 if anything is left",
+        func=cmd_doctor,
+        epilog="Read-only: libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks,\n"
+        "multipath maps, journal records in ERROR, attachments only storage or only this host has.\n"
+        "--fix removes only what is provably orphaned (an unused blockwire libvirt secret, a storage\n"
+        "attachment of this host whose domain does not run here); never a device.",
+    )
+    p.add_argument("--fix", action="store_true", help="remove what is provably orphaned")
     p = sub(commands, "capacity", "show space per storage backend", func=cmd_capacity)
     p.add_argument("backend", metavar="BACKEND", nargs="?", help="only this backend")
     p = sub(

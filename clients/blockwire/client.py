@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -44,8 +45,9 @@ from typing import Any, Final, Generic, Self, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 
-from blockwire import convert, model
+from blockwire import convert, model, tracing
 from blockwire.errors import ConcurrencyLimit, DeadlineExceeded, InvalidArgument, NotFound
 from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.status import error_from_rpc
@@ -348,8 +350,19 @@ class _Client:
         request: _Req,
         timeout: float | None,
     ) -> _Resp:
+        with tracing.span(f"{self._service}/{name}", SpanKind.CLIENT, attributes=_GRPC):
+            return self._unary_retried(name, method, request, timeout)
+
+    def _unary_retried(
+        self,
+        name: str,
+        method: grpc.UnaryUnaryMultiCallable[_Req, _Resp],
+        request: _Req,
+        timeout: float | None,
+    ) -> _Resp:
         budget = self.timeout_for(name, timeout)
         deadline = self._clock.monotonic() + budget
+        metadata = tracing.inject(self._metadata)
         attempt = 0
         while True:
             attempt += 1
@@ -357,7 +370,7 @@ class _Client:
             if remaining <= 0:
                 raise DeadlineExceeded(f"{self._service}.{name} did not finish within {budget:g}s")
             try:
-                return method(request, timeout=remaining, metadata=self._metadata)
+                return method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
                 code = err.code()
                 if _should_retry(self._retry, err, attempt):
@@ -383,7 +396,7 @@ class _Client:
         timeout: float | None,
     ) -> Stream[_T]:
         def open_call(remaining: float | None) -> Any:
-            return method(request, timeout=remaining, metadata=self._metadata)
+            return method(request, timeout=remaining, metadata=tracing.inject(self._metadata))
 
         return Stream(open_call, item, timeout=timeout, retry=self._retry, clock=self._clock, rand=self._rand)
 
@@ -696,7 +709,7 @@ class HostAgentClient(_Client):
         domain: str,
         *,
         volume_id: str | None = None,
-        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo | None = None,
+        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo | Mapping[str, Any] | None = None,
         disk: types_pb2.DiskOptions | None = None,
         access_mode: types_pb2.AccessMode.ValueType = types_pb2.ACCESS_MODE_UNSPECIFIED,
         persistent: bool = False,
@@ -707,7 +720,8 @@ class HostAgentClient(_Client):
 
         Idempotent per (domain, volume); a repeat with other options is FAILED_PRECONDITION.
         `allow_unverified_identity` admits connection info without wwn or serial (the device is then
-        not checked). Default deadline: 300 s. Example::
+        not checked). `connection_info` may also be the dict Cinder's drivers return (the agent converts
+        it, see `blockwire.cinder`). Default deadline: 300 s. Example::
 
             disk = types_pb2.DiskOptions(bus=types_pb2.DISK_BUS_SCSI, target_dev="sdb")
             att = agent.attach_volume("vm1", volume_id=vol.id, disk=disk)
@@ -723,6 +737,8 @@ class HostAgentClient(_Client):
         )
         if volume_id is not None:
             request.volume_id = volume_id
+        elif isinstance(connection_info, Mapping):
+            request.cinder_connection_info = json.dumps(connection_info)
         else:
             request.connection_info.CopyFrom(_connection_info_pb(connection_info))
         return self._unary("AttachVolume", self.stub.AttachVolume, request, timeout).attachment
@@ -757,30 +773,36 @@ class HostAgentClient(_Client):
 
     def connect_volume(
         self,
-        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo,
+        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo | Mapping[str, Any],
         *,
         allow_unverified_identity: bool = False,
         timeout: float | None = None,
     ) -> types_pb2.HostDevice:
-        """Connects a volume to the host only (no libvirt) and returns the verified device."""
-        request = hostagent_pb2.ConnectVolumeRequest(
-            connection_info=_connection_info_pb(connection_info),
-            allow_unverified_identity=allow_unverified_identity,
-        )
+        """Connects a volume to the host only (no libvirt) and returns the verified device.
+        `connection_info` may be Cinder's dict (see `attach_volume`)."""
+        request = hostagent_pb2.ConnectVolumeRequest(allow_unverified_identity=allow_unverified_identity)
+        _set_connection_info(request, connection_info)
         return self._unary("ConnectVolume", self.stub.ConnectVolume, request, timeout).device
 
     def disconnect_volume(
         self,
-        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo,
+        connection_info: types_pb2.ConnectionInfo | model.ConnectionInfo | Mapping[str, Any],
         *,
         force: bool = False,
         timeout: float | None = None,
     ) -> None:
         """Disconnects what `connect_volume` made; a repeat is OK."""
-        request = hostagent_pb2.DisconnectVolumeRequest(
-            connection_info=_connection_info_pb(connection_info), force=force
-        )
+        request = hostagent_pb2.DisconnectVolumeRequest(force=force)
+        _set_connection_info(request, connection_info)
         self._unary("DisconnectVolume", self.stub.DisconnectVolume, request, timeout)
+
+    def audit_host(
+        self, *, fix: bool = False, timeout: float | None = None
+    ) -> list[hostagent_pb2.AuditFinding]:
+        """What on this host (or in storage for it) no attachment accounts for (`blockwire doctor`); with
+        `fix`, what is provably orphaned removed."""
+        request = hostagent_pb2.AuditHostRequest(fix=fix)
+        return list(self._unary("AuditHost", self.stub.AuditHost, request, timeout).findings)
 
     def watch_events(
         self,
@@ -800,6 +822,19 @@ class HostAgentClient(_Client):
         """
         request = hostagent_pb2.WatchEventsRequest(domain=domain, volume_id=volume_id, types=list(types))
         return self._stream(self.stub.WatchEvents, request, lambda r: r, timeout)
+
+
+_GRPC: Final = {"rpc.system": "grpc"}
+
+
+def _set_connection_info(
+    request: hostagent_pb2.ConnectVolumeRequest | hostagent_pb2.DisconnectVolumeRequest,
+    info: types_pb2.ConnectionInfo | model.ConnectionInfo | Mapping[str, Any],
+) -> None:
+    if isinstance(info, Mapping):
+        request.cinder_connection_info = json.dumps(info)
+    else:
+        request.connection_info.CopyFrom(_connection_info_pb(info))
 
 
 def _connection_info_pb(

@@ -80,6 +80,7 @@ IQN_RE: Final = re.compile(
     rf"iqn\.\d{{4}}-(0[1-9]|1[0-2])\.{_DOMAIN_PART}(:[A-Za-z0-9._:-]+)?|eui\.[0-9A-Fa-f]{{16}}"
 )
 NQN_RE: Final = re.compile(rf"nqn\.\d{{4}}-(0[1-9]|1[0-2])\.{_DOMAIN_PART}:[A-Za-z0-9._:-]+")
+SUBSYSTEM_NQN_RE: Final = re.compile(r"nqn\.[A-Za-z0-9][A-Za-z0-9._:-]*")
 # Host names: RFC 1123 labels, plus '_' (seen in the wild); no spaces, no shell or XML metacharacters.
 HOST_RE: Final = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*)(\.[A-Za-z0-9_]([A-Za-z0-9_-]*))*\.?")
 ZONE_RE: Final = re.compile(r"[A-Za-z0-9_.-]{1,15}")  # an IPv6 zone id: an interface name
@@ -224,6 +225,14 @@ def nqn(value: str, field: str) -> str:
     """An NVMe qualified name: nqn.YYYY-MM.reverse.domain:id, the id held to [A-Za-z0-9._:-]."""
     if len(value) > MAX_IQN or not NQN_RE.fullmatch(value):
         raise InvalidArgument(field, f"{quote(value)} is not an NVMe name (nqn.YYYY-MM.reverse.domain:id)")
+    return value
+
+
+def subsystem_nqn(value: str, field: str) -> str:
+    """A target subsystem's NQN: an NVMe name, or the free form after "nqn." that Linux targets accept and
+    Cinder's nvmet driver makes ("nqn.nvme-subsystem-1-<volume id>"); the same characters and length."""
+    if len(value) > MAX_IQN or not SUBSYSTEM_NQN_RE.fullmatch(value):
+        raise InvalidArgument(field, f"{quote(value)} is not an NVMe subsystem name (nqn.<id>)")
     return value
 
 
@@ -416,7 +425,7 @@ def _fc(t: FcConnection, field: str) -> None:
 
 
 def _nvmeof(t: NvmeofConnection, field: str) -> None:
-    nqn(t.subsystem_nqn, f"{field}.subsystem_nqn")
+    subsystem_nqn(t.subsystem_nqn, f"{field}.subsystem_nqn")
     _count(t.portals, f"{field}.portals", "portal")
     for i, p in enumerate(t.portals):
         portal(p.address, f"{field}.portals[{i}].address")

@@ -38,8 +38,8 @@ from hostagent.host.iscsi_sessions import kernel_sessions, session_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevWaiter
-from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
-from hostagent.model import ConnectorKind, HostDevice
+from hostagent.identity import normalize_wwn, same_wwn, verify_wwn, wwn_from_wwid
+from hostagent.model import ConnectorKind, Finding, HostDevice
 from hostagent.tools.iscsiadm import Iscsiadm
 from hostagent.tools.multipath import Multipath
 
@@ -218,6 +218,63 @@ class IscsiConnector:
         devs, hosts = self._devices(t)
         self.scsi.remove(info.wwn, devs, force=force)
         self._log_out(t, hosts)
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """Kernel iSCSI state no record (`keep`) accounts for: sessions, node records, the disks on such
+        sessions, multipath maps of no record's WWID. Report only (`hostagent.doctor`)."""
+        wanted = {
+            (p.portal, p.target_iqn)
+            for i in keep
+            if isinstance(i.transport, IscsiConnection)
+            for p in i.transport.paths
+        }
+        wwns = {normalize_wwn(i.wwn) for i in keep if i.wwn}
+        found: list[Finding] = []
+        sessions = {(s.portal, s.target): s for s in kernel_sessions(self.scsi.sysfs)}
+        for (portal, target), s in sorted(sessions.items()):
+            if (portal, target) in wanted:
+                continue
+            host = session_host(self.scsi.sysfs, s.sid)
+            disks = self.scsi.disks_at(host) if host >= 0 else []
+            found.append(
+                Finding(
+                    "iscsi_session",
+                    f"{portal} {target}",
+                    f"session {s.sid} ({s.state}), disks {' '.join(disks) or 'none'}; if it is not another "
+                    f"program's: iscsiadm -m node -T {target} -p {portal} --logout",
+                )
+            )
+            found += [
+                Finding(
+                    "scsi_disk",
+                    f"/dev/{d}",
+                    f"wwn {self.scsi.wwn_of(d) or '-'}, on session {s.sid} to {target}",
+                )
+                for d in disks
+            ]
+        for n in self.iscsiadm.nodes():
+            if (n.portal, n.target) not in wanted and (n.portal, n.target) not in sessions:
+                found.append(
+                    Finding(
+                        "iscsi_node",
+                        f"{n.portal} {n.target}",
+                        f"a node record without a session; if it is not another program's: iscsiadm -m node "
+                        f"-T {n.target} -p {n.portal} -o delete",
+                    )
+                )
+        for m in self.scsi.multipath.show_maps():
+            if wwn_from_wwid(m.wwid) not in wwns:
+                found.append(
+                    Finding(
+                        "multipath_map",
+                        m.name,
+                        f"wwid {m.wwid} ({m.sysfs}, {m.paths} paths); if unused: multipath -f {m.name}",
+                    )
+                )
+        return found
+
+    def fix(self, finding: Finding) -> bool:
+        return False  # kernel state is never removed by the doctor: nothing proves it is blockwire's
 
     def _log_out(self, t: IscsiConnection, hosts: dict[IscsiPath, int]) -> None:
         """Logs out each path's session unless a disk is left on it (another LUN's, or another volume's

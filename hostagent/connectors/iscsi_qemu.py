@@ -16,7 +16,7 @@ from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.validate import split_portal
 from hostagent.connectors.base import SecretStore, iscsi_of, validate_iscsi
 from hostagent.identity import normalize_wwn, verify_wwn
-from hostagent.model import ConnectorKind, HostDevice, NetworkTarget, SecretRef
+from hostagent.model import ConnectorKind, Finding, HostDevice, NetworkTarget, SecretRef
 from hostagent.tools.libiscsi import Libiscsi, Lun
 
 log = logging.getLogger(__name__)
@@ -116,6 +116,31 @@ class QemuIscsiConnector:
             if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
                 removed.append(f"libvirt secret {usage}")
         return removed
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """Our libvirt secrets that neither a record (`keep`) nor a domain refers to (sweep's, listed)."""
+        wanted = {
+            secret_usage(i) for i in keep if isinstance(i.transport, IscsiConnection) and i.transport.paths
+        }
+        return [
+            Finding(
+                "libvirt_secret",
+                usage,
+                f"an iSCSI CHAP secret ({SECRET_TYPE}) no attachment and no domain uses",
+                fixable=True,
+                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
+            )
+            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
+            if usage not in wanted
+        ]
+
+    def fix(self, finding: Finding) -> bool:
+        """Undefines an orphaned secret of `audit`, if still no domain uses it."""
+        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
+            return False
+        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
+            return False
+        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)
 
     def extend(self, info: ConnectionInfo) -> int:
         t = iscsi_of(info)

@@ -15,14 +15,21 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
 from blockwire.errors import BlockwireError
+from blockwire.observability import NO_STEPS, SPANS_ONLY
 from blockwire.server import serving
+from blockwire.server import tracing as server_tracing
+from blockwire.server.metrics import Metrics
 from blockwire.v1 import hostagent_pb2, hostagent_pb2_grpc
+from hostagent.api import HostAgent
 from hostagent.config import AgentConfig, load_config
+from hostagent.model import AttachmentState
+from hostagent.pathcheck import PathSupervisor
 from hostagent.rpc.servicer import HostAgentServicer
 from hostagent.rpc.storage_client import GrpcStorageApi, channel_for, tls_options
 from hostagent.wiring import build_agent, build_path_supervisor
@@ -42,10 +49,17 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     tls = tls_options(st.ca_file, st.cert_file, st.key_file, st.server_name)
     channel = channel_for(config.storage_address, tls) if config.storage_address else None
     storage = GrpcStorageApi(channel, timeout=config.storage_timeout) if channel is not None else None
-    agent, hypervisor = build_agent(config, storage)
+    metrics = Metrics() if config.metrics.listen else None
+    try:
+        stop_tracing = server_tracing.configure(config.tracing, "blockwire-agent")
+    except ValueError as exc:
+        raise BlockwireError(str(exc)) from None
+    agent, hypervisor = build_agent(config, storage, metrics or (SPANS_ONLY if stop_tracing else NO_STEPS))
     if config.reconcile_on_start:
         agent.reconcile()
     supervisor = build_path_supervisor(config, agent)
+    if metrics is not None:
+        agent_gauges(metrics, agent, supervisor)
 
     def register(server: grpc.Server) -> None:
         hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(HostAgentServicer(agent), server)
@@ -66,10 +80,15 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
             long_methods=LONG_METHODS,
             daemon="blockwire-agent",
             interceptors=(serving.AuthInterceptor(f"/{SERVICE}/", serving.admin_only),),
+            outer=(
+                *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
+                *((metrics.interceptor(),) if metrics is not None else ()),
+            ),
         )
-    except serving.ServingError as exc:
+        stop_metrics = metrics.serve(config.metrics.listen) if metrics is not None else None
+    except (serving.ServingError, OSError) as exc:
         hypervisor.close()
-        raise BlockwireError(str(exc)) from exc
+        raise BlockwireError(f"cannot serve: {exc}") from exc
     if supervisor is not None:
         supervisor.start()
     log.info("blockwire-agent serving on %s (host %s)", ", ".join(running.addresses), agent.connector.host)
@@ -78,10 +97,32 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     if supervisor is not None:
         supervisor.stop()
     running.stop(config.grace_seconds)
+    if stop_metrics is not None:
+        stop_metrics()
+    if stop_tracing is not None:
+        stop_tracing()
     hypervisor.close()
     if channel is not None:
         channel.close()
     return 0
+
+
+def agent_gauges(metrics: Metrics, agent: HostAgent, supervisor: PathSupervisor | None) -> None:
+    """The agent's gauges, read at each scrape."""
+
+    def by_state() -> dict[tuple[str, ...], float]:
+        counts: Counter[tuple[str, ...]] = Counter((r.state.value,) for r in agent.journal.all())
+        return {**{(s.value,): 0.0 for s in AttachmentState}, **{k: float(v) for k, v in counts.items()}}
+
+    metrics.gauge(
+        "blockwire_agent_attachments", "Journal records of this host, by state (error: see the record)",
+        ["state"], by_state,
+    )  # fmt: skip
+    if supervisor is not None:
+        metrics.gauge(
+            "blockwire_agent_paths", "Supervised kernel iSCSI paths, up and down", ["state"],
+            lambda: {("up",): float(supervisor.paths()[0]), ("down",): float(supervisor.paths()[1])},
+        )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,17 +8,20 @@ that an embedder calling it directly gets the same checks); errors leave only th
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import grpc
 
-from blockwire import convert, validate
+from blockwire import cinder, convert, validate
 from blockwire.errors import InvalidArgument
+from blockwire.model import ConnectionInfo
 from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
+from blockwire.v1 import types_pb2 as tpb
 from hostagent.api import HostAgent
 from hostagent.rpc.convert import (
     attachment_to_pb,
@@ -71,9 +74,11 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     ) -> hpb.AttachVolumeResponse:
         which = request.WhichOneof("volume")
         if which is None:
-            raise InvalidArgument("volume", "set volume_id or connection_info")
+            raise InvalidArgument("volume", "set volume_id, connection_info or cinder_connection_info")
         info = (
-            convert.connection_info_from_pb(request.connection_info) if which == "connection_info" else None
+            None
+            if which == "volume_id"
+            else _connection_info(request.connection_info, request.cinder_connection_info, which)
         )
         a = self.agent.attach(
             request.domain,
@@ -120,9 +125,7 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def ConnectVolume(
         self, request: hpb.ConnectVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.ConnectVolumeResponse:
-        if not request.HasField("connection_info"):
-            raise InvalidArgument("connection_info", "required")
-        info = convert.connection_info_from_pb(request.connection_info)
+        info = _either_connection_info(request)
         device = self.agent.connect_volume(info, allow_unverified_identity=request.allow_unverified_identity)
         return hpb.ConnectVolumeResponse(device=host_device_to_pb(device))
 
@@ -130,11 +133,28 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     def DisconnectVolume(
         self, request: hpb.DisconnectVolumeRequest, context: grpc.ServicerContext
     ) -> hpb.DisconnectVolumeResponse:
-        if not request.HasField("connection_info"):
-            raise InvalidArgument("connection_info", "required")
-        info = convert.connection_info_from_pb(request.connection_info)
+        info = _either_connection_info(request)
         self.agent.disconnect_volume(info, force=request.force)
         return hpb.DisconnectVolumeResponse()
+
+    @_unary
+    def AuditHost(
+        self, request: hpb.AuditHostRequest, context: grpc.ServicerContext
+    ) -> hpb.AuditHostResponse:
+        findings = sorted(self.agent.audit(fix=request.fix), key=lambda f: (f.kind, f.name))
+        return hpb.AuditHostResponse(
+            findings=[
+                hpb.AuditFinding(
+                    kind=f.kind,
+                    name=f.name,
+                    detail=f.detail,
+                    fixable=f.fixable,
+                    fixed=f.fixed,
+                    volume_id=f.volume_id,
+                )
+                for f in findings
+            ]
+        )
 
     def WatchEvents(
         self, request: hpb.WatchEventsRequest, context: grpc.ServicerContext
@@ -161,3 +181,26 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
                 if types and event.type not in types:
                     continue
                 yield event_to_pb(event)
+
+
+def _connection_info(typed: tpb.ConnectionInfo, cinder_json: str, which: str) -> ConnectionInfo:
+    """The typed connection info of a request: blockwire's own message, or Cinder's dict as JSON."""
+    if which == "connection_info":
+        return convert.connection_info_from_pb(typed)
+    try:
+        doc = json.loads(cinder_json)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(cinder.FIELD, f"not JSON: {exc.msg} at character {exc.pos}") from None
+    return cinder.connection_info_from_cinder(doc)
+
+
+def _either_connection_info(
+    request: hpb.ConnectVolumeRequest | hpb.DisconnectVolumeRequest,
+) -> ConnectionInfo:
+    has_typed, has_cinder = request.HasField("connection_info"), bool(request.cinder_connection_info)
+    if has_typed == has_cinder:
+        raise InvalidArgument(
+            "connection_info", "give exactly one of connection_info and cinder_connection_info"
+        )
+    which = "connection_info" if has_typed else "cinder_connection_info"
+    return _connection_info(request.connection_info, request.cinder_connection_info, which)

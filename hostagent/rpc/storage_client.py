@@ -9,6 +9,8 @@ import grpc
 from blockwire import convert
 from blockwire.client import StorageClient, TlsOptions, make_channel
 from blockwire.model import AccessMode, Connector
+from blockwire.v1 import types_pb2
+from hostagent.doctor import StorageRow
 from hostagent.storage import StorageAttachment
 
 
@@ -30,7 +32,7 @@ def tls_options(ca_file: str, cert_file: str, key_file: str, server_name: str) -
     )
 
 
-_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment")
+_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment", "ListAttachments")
 
 
 class GrpcStorageApi:
@@ -54,3 +56,15 @@ class GrpcStorageApi:
 
     def delete_attachment(self, attachment_id: str) -> None:
         self.client.delete_attachment(attachment_id)
+
+    def host_attachments(self, host: str) -> list[StorageRow]:
+        """Storage's attachments of `host` (for the doctor)."""
+        return [
+            StorageRow(
+                id=a.id,
+                volume_id=a.volume_id,
+                domain=a.domain,
+                state=types_pb2.AttachmentState.Name(a.state).removeprefix("ATTACHMENT_STATE_").lower(),
+            )
+            for a in self.client.list_attachments(host=host)
+        ]

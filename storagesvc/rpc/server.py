@@ -17,16 +17,19 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 
+from blockwire.observability import SPANS_ONLY, TimedRunner
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor, Runner
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.server import serving
+from blockwire.server import tracing as server_tracing
+from blockwire.server.metrics import Metrics
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
@@ -120,6 +123,8 @@ class Daemon:
     serving: serving.Serving
     jobs: futures.ThreadPoolExecutor
     supervisor: ExportSupervisor
+    stop_metrics: Callable[[], None] | None = None
+    stop_tracing: Callable[[], None] | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
@@ -128,14 +133,25 @@ class Daemon:
     def stop(self, grace: float) -> None:
         self.supervisor.stop()
         self.serving.stop(grace)
+        if self.stop_metrics is not None:
+            self.stop_metrics()
+        if self.stop_tracing is not None:
+            self.stop_tracing()
         self.jobs.shutdown(wait=False, cancel_futures=True)
         self.service.catalog.close()
 
 
 def build(config: Config, runner: Runner | None = None) -> Daemon:
     """Wires the daemon from its config, reconciles, and starts serving."""
-    runner = runner or Executor()
     clock = SystemClock()
+    metrics = Metrics(clock) if config.metrics.listen else None
+    try:
+        stop_tracing = server_tracing.configure(config.tracing, "blockwire-storage")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    runner = runner or Executor()
+    if metrics is not None or stop_tracing is not None:
+        runner = TimedRunner(runner, metrics or SPANS_ONLY, clock)
     failpoints = Failpoints.from_environment(os.environ)
     exporters = {
         name: make_exporter(cfg, runner, config.service.naa_oui, failpoints)
@@ -193,14 +209,44 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
             long_methods=LONG_METHODS,
             daemon="blockwire-storage",
             interceptors=(auth.interceptor(host_of),),
+            outer=(
+                *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
+                *((metrics.interceptor(),) if metrics is not None else ()),
+            ),
         )
-    except serving.ServingError as exc:
+        stop_metrics = metrics.serve(config.metrics.listen) if metrics is not None else None
+    except (serving.ServingError, OSError) as exc:
         jobs.shutdown(wait=False)
         service.catalog.close()
-        raise ConfigError(str(exc)) from exc
+        raise ConfigError(f"cannot serve: {exc}") from exc
     supervisor = ExportSupervisor(service, svc.export_check_interval)
+    if metrics is not None:
+        storage_gauges(metrics, service, supervisor)
     supervisor.start()
-    return Daemon(service, running, jobs, supervisor)
+    return Daemon(service, running, jobs, supervisor, stop_metrics, stop_tracing)
+
+
+def storage_gauges(metrics: Metrics, service: StorageService, supervisor: ExportSupervisor) -> None:
+    """The storage daemon's gauges, read at each scrape."""
+
+    def catalog() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for backend in service.pools:
+            volumes, snapshots, provisioned = service.catalog.backend_counts(backend)
+            out[(backend, "volumes")] = volumes
+            out[(backend, "snapshots")] = snapshots
+            out[(backend, "provisioned_bytes")] = provisioned
+        return out
+
+    metrics.gauge(
+        "blockwire_storage_catalog", "Catalog rows and bytes per backend", ["backend", "what"], catalog
+    )
+    metrics.gauge(
+        "blockwire_storage_exports_repaired",
+        "Exports the export supervisor rebuilt since start (e.g. after a tgtd restart)",
+        [],
+        lambda: {(): float(supervisor.repaired_total)},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,6 +48,7 @@ AGENT_EXPECTED = {
     "ConnectVolume": INVALID,
     "DisconnectVolume": INVALID,
     "WatchEvents": OPEN_STREAM,
+    "AuditHost": OK,
 }
 PENDING: set[str] = set()
 

@@ -11,6 +11,7 @@ out of it exactly; no CHAP secret is in any XML or status message.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -299,7 +300,31 @@ def _attach(rig: Rig, domain: str = "vm1", **fields: object) -> hpb.AttachVolume
     return hpb.AttachVolumeRequest(domain=domain, connection_info=info)
 
 
+def _cinder(data: object, domain: str = "vm1") -> hpb.AttachVolumeRequest:
+    """An attach with Cinder's connection info: `data` as JSON text, or a dict to serialize."""
+    text = data if isinstance(data, str) else json.dumps({"driver_volume_type": "iscsi", "data": data})
+    return hpb.AttachVolumeRequest(domain=domain, cinder_connection_info=text, allow_unverified_identity=True)
+
+
+_CINDER = {"target_portal": "127.0.0.1:3260", "target_iqn": TARGET, "target_lun": 1, "volume_id": "vol-9"}
+
 KNOWN = [
+    (lambda: _cinder("{not json"), "cinder_connection_info"),
+    (lambda: _cinder("[]"), "cinder_connection_info"),
+    (
+        lambda: _cinder({**_CINDER, "target_portal": "evil;id:3260"}),
+        "cinder_connection_info.iscsi.paths[0].portal",
+    ),
+    (
+        lambda: _cinder({**_CINDER, "target_iqn": "iqn.2026-01.x<y>"}),
+        "cinder_connection_info.iscsi.paths[0].target_iqn",
+    ),
+    (lambda: _cinder({**_CINDER, "volume_id": "a/../../b"}), "cinder_connection_info.volume_id"),
+    (
+        lambda: _cinder({**_CINDER, "auth_method": "CHAP", "auth_username": "u", "auth_password": "a\x00b"}),
+        "cinder_connection_info.iscsi.chap.password",
+    ),
+    (lambda: _cinder({**_CINDER, "surprise": 1}), "cinder_connection_info.data"),
     (
         lambda: _attach(None, **{"iscsi.paths.portal": "evil;id:3260"}),
         "connection_info.iscsi.paths[0].portal",

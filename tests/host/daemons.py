@@ -124,7 +124,28 @@ class Tgtd:
 
         _wait_for("tgtd", ready, 10)
         for portal in rest:
-            self.adm("--op", "new", "--mode", "portal", "--param", f"portal={portal}")
+            self._add_portal(portal)
+
+    def _add_portal(self, portal: str) -> None:
+        """Adds a listening portal. Right after a restart tgtd may refuse it for a moment (exit 22 was
+        seen once: the old process's listener not yet gone), so it is retried until a deadline, and the
+        last refusal is reported with tgtadm's own words."""
+        last: list[str] = []
+
+        def added() -> bool:
+            r = self.adm("--op", "new", "--mode", "portal", "--param", f"portal={portal}", check=False)
+            if r.returncode == 0:
+                return True
+            shown = self.adm("--op", "show", "--mode", "portal", check=False).stdout
+            if f"Portal: {portal}," in shown:
+                return True  # an earlier refused attempt took effect after all
+            last[:] = [f"exit {r.returncode}: {r.stderr.strip()}"]
+            return False
+
+        try:
+            _wait_for(f"tgtd portal {portal}", added, 10)
+        except Missing as exc:
+            raise Missing(f"{exc}; tgtadm said {last[0] if last else '-'}") from exc
 
     def stop(self) -> None:
         """tgtd ignores SIGTERM: take it offline and delete the system, then reap it."""

@@ -17,6 +17,7 @@ libvirtd + QEMU with no-OS domains:
 from __future__ import annotations
 
 import contextlib
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -272,4 +273,59 @@ def test_a_volume_path_is_never_left_in_a_stopped_domain(
     rig.lv().lookupByName(name).destroy()
     rig.detach(name, v.id)
     assert inactive_disks(rig, name) == []
+    assert rig.nothing_left(name, v.id) == {}
+
+
+def test_cinder_connection_info_attaches_and_detaches_like_our_own(rig: Rig, domains: list[str]) -> None:
+    """Connection info in the shape Cinder's iSCSI drivers return reaches the LUN storage exported (CHAP
+    included) through the real agent; unknown keys are refused before anything happens; detach and the
+    attachment's deletion leave nothing."""
+    name = start(rig, domains, unique("bw-dp-cinder"))
+    v = create_volume(rig)
+    connector = rig.agent.GetConnector(hpb.GetConnectorRequest(), timeout=10).connector
+    att = rig.storage.CreateAttachment(
+        spb.CreateAttachmentRequest(volume_id=v.id, connector=connector, domain=name), timeout=30
+    ).attachment
+    iscsi = att.connection_info.iscsi
+    path = iscsi.paths[0]
+    data = {  # the multipath shape (LIO with secondary addresses): lists beside the first path
+        "target_discovered": False,
+        "target_iqn": path.target_iqn,
+        "target_portal": path.portal,
+        "target_lun": path.lun,
+        "target_iqns": [p.target_iqn for p in iscsi.paths],
+        "target_portals": [p.portal for p in iscsi.paths],
+        "target_luns": [p.lun for p in iscsi.paths],
+        "volume_id": v.id,
+        "auth_method": "CHAP",
+        "auth_username": iscsi.chap.username,
+        "auth_password": iscsi.chap.password,
+        "encrypted": False,
+        "qos_specs": None,
+        "access_mode": "rw",
+        "cacheable": False,
+        "discard": False,
+    }
+
+    def request(**extra: object) -> hpb.AttachVolumeRequest:
+        doc = {"driver_volume_type": "iscsi", "data": {**data, **extra}}
+        return hpb.AttachVolumeRequest(
+            domain=name, cinder_connection_info=json.dumps(doc), allow_unverified_identity=True
+        )
+
+    err = refused(lambda: rig.agent.AttachVolume(request(target_lunz=1), timeout=60))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown key target_lunz" in (err.details() or "")
+    assert iscsi.chap.password not in (err.details() or "")
+    assert rig.live_disks(name) == []
+    assert rig.journal() == []
+
+    rig.agent.AttachVolume(request(), timeout=60)
+    (disk,) = rig.live_disks(name)
+    source = disk.find("source")
+    assert source is not None
+    assert (source.get("protocol"), source.get("name")) == ("iscsi", f"{path.target_iqn}/{path.lun}")
+    assert len(rig.journal()) == 1
+    rig.detach(name, v.id)
+    rig.storage.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.id), timeout=30)
     assert rig.nothing_left(name, v.id) == {}

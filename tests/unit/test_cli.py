@@ -662,3 +662,37 @@ def test_tls_cert_without_key_is_a_usage_error(env: Env, tmp_path: Any) -> None:
 def test_volume_state_names_in_tables() -> None:
     assert output.volume_state(types_pb2.VOLUME_STATE_IN_USE) == "in_use"
     assert output.volume_state(99) == "99"
+
+
+def test_attach_with_cinder_connection_info_from_a_file(env: Env, tmp_path: Path) -> None:
+    """Cinder's LVM/tgt shape, filled in with an export storage really made for this host."""
+    vid = env.volume()
+    att = env.sdk.create_attachment(vid, env.agent_sdk.get_connector(), domain="vm1")
+    t = att.connection_info.iscsi
+    doc = json.loads((Path(__file__).parents[1] / "data" / "cinder" / "lvm_tgt_iscsi.json").read_text())
+    doc["data"].update(
+        target_iqn=t.paths[0].target_iqn,
+        target_portal=t.paths[0].portal,
+        target_lun=t.paths[0].lun,
+        volume_id=vid,
+        auth_username=t.chap.username,
+        auth_password=t.chap.password,
+    )
+    path = tmp_path / "ci.json"
+    path.write_text(json.dumps(doc))
+    r = env.run("attach", "vm1", "--connection-info", str(path))
+    assert r.code == cli.EXIT_CONFLICT  # Cinder announces no identity: the caller must opt out
+    assert "announces no identity" in r.err
+    r = env.run("attach", "vm1", "--connection-info", str(path), "--allow-unverified-identity")
+    assert r.code == 0, r.err
+    assert "127.0.0.1:3260" in r.out
+    assert doc["data"]["auth_password"] not in r.out + r.err
+    (att,) = env.agent_sdk.list_attachments()
+    assert att.volume_id == doc["data"]["volume_id"]
+    doc["data"]["target_lunz"] = 1
+    path.write_text(json.dumps(doc))
+    r = env.run("attach", "vm2", "--connection-info", str(path), "--allow-unverified-identity")
+    assert r.code == cli.EXIT_USAGE
+    assert "unknown key target_lunz" in r.err
+    assert env.run("attach", "vm1").code == cli.EXIT_USAGE  # neither a volume id nor connection info
+    assert env.run("detach", "vm1", doc["data"]["volume_id"]).code == 0

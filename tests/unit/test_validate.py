@@ -578,3 +578,10 @@ def test_connection_info_without_a_transport() -> None:
 def test_the_volume_id_is_optional_in_connection_info() -> None:
     """A host-only connect may not know it; HostAgent.attach requires it (tests/unit/hostagent)."""
     assert validate.validate_connection_info(replace(iscsi(), volume_id="", attachment_id=""))
+
+
+def test_subsystem_nqns_take_the_free_form_linux_targets_accept() -> None:
+    assert validate.subsystem_nqn("nqn.nvme-subsystem-1-8e6a4b5c-1d2f-4a3b-9c8d-7e6f5a4b3c2d", "f")
+    assert validate.subsystem_nqn("nqn.2014-08.org.nvmexpress:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427", "f")
+    for bad in ("nvme-subsystem-1", "nqn.", "nqn.a b", "nqn.x;id", "nqn." + "a" * 300):
+        assert field_of(validate.subsystem_nqn, bad, "f") == "f"

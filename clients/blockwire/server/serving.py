@@ -392,12 +392,14 @@ def start(
     long_methods: Collection[str] = (),
     daemon: str = "the server",
     interceptors: Iterable[grpc.ServerInterceptor[Any, Any]] = (),
+    outer: Iterable[grpc.ServerInterceptor[Any, Any]] = (),
 ) -> Serving:
     """Builds, binds and starts a server with `register`'s services, health and reflection; health
     reports SERVING for "" and each of `services` once every listener is bound.
 
     Every call passes a `LimitsInterceptor` with `limits` (`long_methods`: full method names of the
-    daemon's long calls; `daemon` names it in refusals) before `interceptors`. The pool has
+    daemon's long calls; `daemon` names it in refusals) before `interceptors`; `outer` ones (metrics) see
+    every call first, refusals included. The pool has
     `limits.threads` threads and the server takes no more calls in flight than that."""
     if listeners.tls.enabled:
         listeners.tls.check()
@@ -405,7 +407,7 @@ def start(
     gates = LimitsInterceptor(limits, long_methods, daemon)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.threads, thread_name_prefix="rpc"),
-        interceptors=[gates, *interceptors],
+        interceptors=[*outer, gates, *interceptors],
         maximum_concurrent_rpcs=limits.threads,
     )
     register(server)

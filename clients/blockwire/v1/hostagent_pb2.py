@@ -26,51 +26,57 @@ from blockwire.v1 import types_pb2 as blockwire_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62lockwire/v1/hostagent.proto\x12\x0c\x62lockwire.v1\x1a\x18\x62lockwire/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetConnectorRequest\"B\n\x14GetConnectorResponse\x12*\n\tconnector\x18\x01 \x01(\x0b\x32\x17.blockwire.v1.Connector\"\x8c\x02\n\x13\x41ttachVolumeRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x13\n\tvolume_id\x18\x02 \x01(\tH\x00\x12\x37\n\x0f\x63onnection_info\x18\x03 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfoH\x00\x12\'\n\x04\x64isk\x18\x04 \x01(\x0b\x32\x19.blockwire.v1.DiskOptions\x12-\n\x0b\x61\x63\x63\x65ss_mode\x18\x05 \x01(\x0e\x32\x18.blockwire.v1.AccessMode\x12\x12\n\npersistent\x18\x06 \x01(\x08\x12!\n\x19\x61llow_unverified_identity\x18\x07 \x01(\x08\x42\x08\n\x06volume\"D\n\x14\x41ttachVolumeResponse\x12,\n\nattachment\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.Attachment\"G\n\x13\x44\x65tachVolumeRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x16\n\x14\x44\x65tachVolumeResponse\"P\n#HostAgentServiceExtendVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x16\n\x0enew_size_bytes\x18\x02 \x01(\x04\":\n$HostAgentServiceExtendVolumeResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"I\n$HostAgentServiceGetAttachmentRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"U\n%HostAgentServiceGetAttachmentResponse\x12,\n\nattachment\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.Attachment\"8\n&HostAgentServiceListAttachmentsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\"X\n\'HostAgentServiceListAttachmentsResponse\x12-\n\x0b\x61ttachments\x18\x01 \x03(\x0b\x32\x18.blockwire.v1.Attachment\"p\n\x14\x43onnectVolumeRequest\x12\x35\n\x0f\x63onnection_info\x18\x01 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfo\x12!\n\x19\x61llow_unverified_identity\x18\x02 \x01(\x08\"A\n\x15\x43onnectVolumeResponse\x12(\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.HostDevice\"_\n\x17\x44isconnectVolumeRequest\x12\x35\n\x0f\x63onnection_info\x18\x01 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfo\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x1a\n\x18\x44isconnectVolumeResponse\"_\n\x12WatchEventsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12&\n\x05types\x18\x03 \x03(\x0e\x32\x17.blockwire.v1.EventType\"\xcd\x01\n\x13WatchEventsResponse\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.blockwire.v1.EventType\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tvolume_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x01(\t\x12\x15\n\rattachment_id\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t*\xb6\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VENT_TYPE_ATTACH_STARTED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_ATTACHED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_ATTACH_FAILED\x10\x03\x12\x1d\n\x19\x45VENT_TYPE_DETACH_STARTED\x10\x04\x12\x17\n\x13\x45VENT_TYPE_DETACHED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_DETACH_FAILED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_PATH_DOWN\x10\x07\x12\x16\n\x12\x45VENT_TYPE_PATH_UP\x10\x08\x12\x16\n\x12\x45VENT_TYPE_RESIZED\x10\t\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\n2\x9b\x07\n\x10HostAgentService\x12U\n\x0cGetConnector\x12!.blockwire.v1.GetConnectorRequest\x1a\".blockwire.v1.GetConnectorResponse\x12U\n\x0c\x41ttachVolume\x12!.blockwire.v1.AttachVolumeRequest\x1a\".blockwire.v1.AttachVolumeResponse\x12U\n\x0c\x44\x65tachVolume\x12!.blockwire.v1.DetachVolumeRequest\x1a\".blockwire.v1.DetachVolumeResponse\x12u\n\x0c\x45xtendVolume\x12\x31.blockwire.v1.HostAgentServiceExtendVolumeRequest\x1a\x32.blockwire.v1.HostAgentServiceExtendVolumeResponse\x12x\n\rGetAttachment\x12\x32.blockwire.v1.HostAgentServiceGetAttachmentRequest\x1a\x33.blockwire.v1.HostAgentServiceGetAttachmentResponse\x12~\n\x0fListAttachments\x12\x34.blockwire.v1.HostAgentServiceListAttachmentsRequest\x1a\x35.blockwire.v1.HostAgentServiceListAttachmentsResponse\x12X\n\rConnectVolume\x12\".blockwire.v1.ConnectVolumeRequest\x1a#.blockwire.v1.ConnectVolumeResponse\x12\x61\n\x10\x44isconnectVolume\x12%.blockwire.v1.DisconnectVolumeRequest\x1a&.blockwire.v1.DisconnectVolumeResponse\x12T\n\x0bWatchEvents\x12 .blockwire.v1.WatchEventsRequest\x1a!.blockwire.v1.WatchEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x62lockwire/v1/hostagent.proto\x12\x0c\x62lockwire.v1\x1a\x18\x62lockwire/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x15\n\x13GetConnectorRequest\"B\n\x14GetConnectorResponse\x12*\n\tconnector\x18\x01 \x01(\x0b\x32\x17.blockwire.v1.Connector\"\xae\x02\n\x13\x41ttachVolumeRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x13\n\tvolume_id\x18\x02 \x01(\tH\x00\x12\x37\n\x0f\x63onnection_info\x18\x03 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfoH\x00\x12 \n\x16\x63inder_connection_info\x18\x08 \x01(\tH\x00\x12\'\n\x04\x64isk\x18\x04 \x01(\x0b\x32\x19.blockwire.v1.DiskOptions\x12-\n\x0b\x61\x63\x63\x65ss_mode\x18\x05 \x01(\x0e\x32\x18.blockwire.v1.AccessMode\x12\x12\n\npersistent\x18\x06 \x01(\x08\x12!\n\x19\x61llow_unverified_identity\x18\x07 \x01(\x08\x42\x08\n\x06volume\"D\n\x14\x41ttachVolumeResponse\x12,\n\nattachment\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.Attachment\"G\n\x13\x44\x65tachVolumeRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x16\n\x14\x44\x65tachVolumeResponse\"P\n#HostAgentServiceExtendVolumeRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x16\n\x0enew_size_bytes\x18\x02 \x01(\x04\":\n$HostAgentServiceExtendVolumeResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x04\"I\n$HostAgentServiceGetAttachmentRequest\x12\x11\n\tvolume_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64omain\x18\x02 \x01(\t\"U\n%HostAgentServiceGetAttachmentResponse\x12,\n\nattachment\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.Attachment\"8\n&HostAgentServiceListAttachmentsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\"X\n\'HostAgentServiceListAttachmentsResponse\x12-\n\x0b\x61ttachments\x18\x01 \x03(\x0b\x32\x18.blockwire.v1.Attachment\"\x90\x01\n\x14\x43onnectVolumeRequest\x12\x35\n\x0f\x63onnection_info\x18\x01 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfo\x12!\n\x19\x61llow_unverified_identity\x18\x02 \x01(\x08\x12\x1e\n\x16\x63inder_connection_info\x18\x03 \x01(\t\"A\n\x15\x43onnectVolumeResponse\x12(\n\x06\x64\x65vice\x18\x01 \x01(\x0b\x32\x18.blockwire.v1.HostDevice\"\x7f\n\x17\x44isconnectVolumeRequest\x12\x35\n\x0f\x63onnection_info\x18\x01 \x01(\x0b\x32\x1c.blockwire.v1.ConnectionInfo\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\x12\x1e\n\x16\x63inder_connection_info\x18\x03 \x01(\t\"\x1a\n\x18\x44isconnectVolumeResponse\"_\n\x12WatchEventsRequest\x12\x0e\n\x06\x64omain\x18\x01 \x01(\t\x12\x11\n\tvolume_id\x18\x02 \x01(\t\x12&\n\x05types\x18\x03 \x03(\x0e\x32\x17.blockwire.v1.EventType\"\xcd\x01\n\x13WatchEventsResponse\x12%\n\x04type\x18\x01 \x01(\x0e\x32\x17.blockwire.v1.EventType\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tvolume_id\x18\x03 \x01(\t\x12\x0e\n\x06\x64omain\x18\x04 \x01(\t\x12\x15\n\rattachment_id\x18\x05 \x01(\t\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x0c\n\x04step\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\"\x1f\n\x10\x41uditHostRequest\x12\x0b\n\x03\x66ix\x18\x01 \x01(\x08\"A\n\x11\x41uditHostResponse\x12,\n\x08\x66indings\x18\x01 \x03(\x0b\x32\x1a.blockwire.v1.AuditFinding\"m\n\x0c\x41uditFinding\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x0f\n\x07\x66ixable\x18\x04 \x01(\x08\x12\r\n\x05\x66ixed\x18\x05 \x01(\x08\x12\x11\n\tvolume_id\x18\x06 \x01(\t*\xb6\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45VENT_TYPE_ATTACH_STARTED\x10\x01\x12\x17\n\x13\x45VENT_TYPE_ATTACHED\x10\x02\x12\x1c\n\x18\x45VENT_TYPE_ATTACH_FAILED\x10\x03\x12\x1d\n\x19\x45VENT_TYPE_DETACH_STARTED\x10\x04\x12\x17\n\x13\x45VENT_TYPE_DETACHED\x10\x05\x12\x1c\n\x18\x45VENT_TYPE_DETACH_FAILED\x10\x06\x12\x18\n\x14\x45VENT_TYPE_PATH_DOWN\x10\x07\x12\x16\n\x12\x45VENT_TYPE_PATH_UP\x10\x08\x12\x16\n\x12\x45VENT_TYPE_RESIZED\x10\t\x12\x17\n\x13\x45VENT_TYPE_PROGRESS\x10\n2\xe9\x07\n\x10HostAgentService\x12U\n\x0cGetConnector\x12!.blockwire.v1.GetConnectorRequest\x1a\".blockwire.v1.GetConnectorResponse\x12U\n\x0c\x41ttachVolume\x12!.blockwire.v1.AttachVolumeRequest\x1a\".blockwire.v1.AttachVolumeResponse\x12U\n\x0c\x44\x65tachVolume\x12!.blockwire.v1.DetachVolumeRequest\x1a\".blockwire.v1.DetachVolumeResponse\x12u\n\x0c\x45xtendVolume\x12\x31.blockwire.v1.HostAgentServiceExtendVolumeRequest\x1a\x32.blockwire.v1.HostAgentServiceExtendVolumeResponse\x12x\n\rGetAttachment\x12\x32.blockwire.v1.HostAgentServiceGetAttachmentRequest\x1a\x33.blockwire.v1.HostAgentServiceGetAttachmentResponse\x12~\n\x0fListAttachments\x12\x34.blockwire.v1.HostAgentServiceListAttachmentsRequest\x1a\x35.blockwire.v1.HostAgentServiceListAttachmentsResponse\x12X\n\rConnectVolume\x12\".blockwire.v1.ConnectVolumeRequest\x1a#.blockwire.v1.ConnectVolumeResponse\x12\x61\n\x10\x44isconnectVolume\x12%.blockwire.v1.DisconnectVolumeRequest\x1a&.blockwire.v1.DisconnectVolumeResponse\x12T\n\x0bWatchEvents\x12 .blockwire.v1.WatchEventsRequest\x1a!.blockwire.v1.WatchEventsResponse0\x01\x12L\n\tAuditHost\x12\x1e.blockwire.v1.AuditHostRequest\x1a\x1f.blockwire.v1.AuditHostResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'blockwire.v1.hostagent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=1698
-  _globals['_EVENTTYPE']._serialized_end=2008
+  _globals['_EVENTTYPE']._serialized_start=2008
+  _globals['_EVENTTYPE']._serialized_end=2318
   _globals['_GETCONNECTORREQUEST']._serialized_start=105
   _globals['_GETCONNECTORREQUEST']._serialized_end=126
   _globals['_GETCONNECTORRESPONSE']._serialized_start=128
   _globals['_GETCONNECTORRESPONSE']._serialized_end=194
   _globals['_ATTACHVOLUMEREQUEST']._serialized_start=197
-  _globals['_ATTACHVOLUMEREQUEST']._serialized_end=465
-  _globals['_ATTACHVOLUMERESPONSE']._serialized_start=467
-  _globals['_ATTACHVOLUMERESPONSE']._serialized_end=535
-  _globals['_DETACHVOLUMEREQUEST']._serialized_start=537
-  _globals['_DETACHVOLUMEREQUEST']._serialized_end=608
-  _globals['_DETACHVOLUMERESPONSE']._serialized_start=610
-  _globals['_DETACHVOLUMERESPONSE']._serialized_end=632
-  _globals['_HOSTAGENTSERVICEEXTENDVOLUMEREQUEST']._serialized_start=634
-  _globals['_HOSTAGENTSERVICEEXTENDVOLUMEREQUEST']._serialized_end=714
-  _globals['_HOSTAGENTSERVICEEXTENDVOLUMERESPONSE']._serialized_start=716
-  _globals['_HOSTAGENTSERVICEEXTENDVOLUMERESPONSE']._serialized_end=774
-  _globals['_HOSTAGENTSERVICEGETATTACHMENTREQUEST']._serialized_start=776
-  _globals['_HOSTAGENTSERVICEGETATTACHMENTREQUEST']._serialized_end=849
-  _globals['_HOSTAGENTSERVICEGETATTACHMENTRESPONSE']._serialized_start=851
-  _globals['_HOSTAGENTSERVICEGETATTACHMENTRESPONSE']._serialized_end=936
-  _globals['_HOSTAGENTSERVICELISTATTACHMENTSREQUEST']._serialized_start=938
-  _globals['_HOSTAGENTSERVICELISTATTACHMENTSREQUEST']._serialized_end=994
-  _globals['_HOSTAGENTSERVICELISTATTACHMENTSRESPONSE']._serialized_start=996
-  _globals['_HOSTAGENTSERVICELISTATTACHMENTSRESPONSE']._serialized_end=1084
-  _globals['_CONNECTVOLUMEREQUEST']._serialized_start=1086
-  _globals['_CONNECTVOLUMEREQUEST']._serialized_end=1198
-  _globals['_CONNECTVOLUMERESPONSE']._serialized_start=1200
-  _globals['_CONNECTVOLUMERESPONSE']._serialized_end=1265
-  _globals['_DISCONNECTVOLUMEREQUEST']._serialized_start=1267
-  _globals['_DISCONNECTVOLUMEREQUEST']._serialized_end=1362
-  _globals['_DISCONNECTVOLUMERESPONSE']._serialized_start=1364
-  _globals['_DISCONNECTVOLUMERESPONSE']._serialized_end=1390
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1392
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=1487
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1490
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1695
-  _globals['_HOSTAGENTSERVICE']._serialized_start=2011
-  _globals['_HOSTAGENTSERVICE']._serialized_end=2934
+  _globals['_ATTACHVOLUMEREQUEST']._serialized_end=499
+  _globals['_ATTACHVOLUMERESPONSE']._serialized_start=501
+  _globals['_ATTACHVOLUMERESPONSE']._serialized_end=569
+  _globals['_DETACHVOLUMEREQUEST']._serialized_start=571
+  _globals['_DETACHVOLUMEREQUEST']._serialized_end=642
+  _globals['_DETACHVOLUMERESPONSE']._serialized_start=644
+  _globals['_DETACHVOLUMERESPONSE']._serialized_end=666
+  _globals['_HOSTAGENTSERVICEEXTENDVOLUMEREQUEST']._serialized_start=668
+  _globals['_HOSTAGENTSERVICEEXTENDVOLUMEREQUEST']._serialized_end=748
+  _globals['_HOSTAGENTSERVICEEXTENDVOLUMERESPONSE']._serialized_start=750
+  _globals['_HOSTAGENTSERVICEEXTENDVOLUMERESPONSE']._serialized_end=808
+  _globals['_HOSTAGENTSERVICEGETATTACHMENTREQUEST']._serialized_start=810
+  _globals['_HOSTAGENTSERVICEGETATTACHMENTREQUEST']._serialized_end=883
+  _globals['_HOSTAGENTSERVICEGETATTACHMENTRESPONSE']._serialized_start=885
+  _globals['_HOSTAGENTSERVICEGETATTACHMENTRESPONSE']._serialized_end=970
+  _globals['_HOSTAGENTSERVICELISTATTACHMENTSREQUEST']._serialized_start=972
+  _globals['_HOSTAGENTSERVICELISTATTACHMENTSREQUEST']._serialized_end=1028
+  _globals['_HOSTAGENTSERVICELISTATTACHMENTSRESPONSE']._serialized_start=1030
+  _globals['_HOSTAGENTSERVICELISTATTACHMENTSRESPONSE']._serialized_end=1118
+  _globals['_CONNECTVOLUMEREQUEST']._serialized_start=1121
+  _globals['_CONNECTVOLUMEREQUEST']._serialized_end=1265
+  _globals['_CONNECTVOLUMERESPONSE']._serialized_start=1267
+  _globals['_CONNECTVOLUMERESPONSE']._serialized_end=1332
+  _globals['_DISCONNECTVOLUMEREQUEST']._serialized_start=1334
+  _globals['_DISCONNECTVOLUMEREQUEST']._serialized_end=1461
+  _globals['_DISCONNECTVOLUMERESPONSE']._serialized_start=1463
+  _globals['_DISCONNECTVOLUMERESPONSE']._serialized_end=1489
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1491
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=1586
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=1589
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=1794
+  _globals['_AUDITHOSTREQUEST']._serialized_start=1796
+  _globals['_AUDITHOSTREQUEST']._serialized_end=1827
+  _globals['_AUDITHOSTRESPONSE']._serialized_start=1829
+  _globals['_AUDITHOSTRESPONSE']._serialized_end=1894
+  _globals['_AUDITFINDING']._serialized_start=1896
+  _globals['_AUDITFINDING']._serialized_end=2005
+  _globals['_HOSTAGENTSERVICE']._serialized_start=2321
+  _globals['_HOSTAGENTSERVICE']._serialized_end=3322
 # @@protoc_insertion_point(module_scope)

@@ -125,6 +125,7 @@ class AttachVolumeRequest(_message.Message):
     DOMAIN_FIELD_NUMBER: _builtins.int
     VOLUME_ID_FIELD_NUMBER: _builtins.int
     CONNECTION_INFO_FIELD_NUMBER: _builtins.int
+    CINDER_CONNECTION_INFO_FIELD_NUMBER: _builtins.int
     DISK_FIELD_NUMBER: _builtins.int
     ACCESS_MODE_FIELD_NUMBER: _builtins.int
     PERSISTENT_FIELD_NUMBER: _builtins.int
@@ -133,6 +134,12 @@ class AttachVolumeRequest(_message.Message):
     """libvirt domain name or UUID; the domain must be running."""
     volume_id: _builtins.str
     """A volume id the agent resolves with the storage service."""
+    cinder_connection_info: _builtins.str
+    """Connection info as Cinder's drivers return it (`initialize_connection`): a JSON object with
+    driver_volume_type (iscsi, fibre_channel, rbd, nvmeof) and data. Every key is converted, known and
+    deliberately unused, or refused (INVALID_ARGUMENT naming it); see README "Adopting". Cinder announces
+    no LUN identity, so this needs `allow_unverified_identity`.
+    """
     access_mode: _types_pb2.AccessMode.ValueType
     """Read-write or read-only; UNSPECIFIED means READ_WRITE."""
     persistent: _builtins.bool
@@ -156,16 +163,17 @@ class AttachVolumeRequest(_message.Message):
         domain: _builtins.str = ...,
         volume_id: _builtins.str = ...,
         connection_info: _types_pb2.ConnectionInfo | None = ...,
+        cinder_connection_info: _builtins.str = ...,
         disk: _types_pb2.DiskOptions | None = ...,
         access_mode: _types_pb2.AccessMode.ValueType = ...,
         persistent: _builtins.bool = ...,
         allow_unverified_identity: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info", "disk", b"disk", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cinder_connection_info", b"cinder_connection_info", "connection_info", b"connection_info", "disk", b"disk", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "allow_unverified_identity", b"allow_unverified_identity", "connection_info", b"connection_info", "disk", b"disk", "domain", b"domain", "persistent", b"persistent", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "allow_unverified_identity", b"allow_unverified_identity", "cinder_connection_info", b"cinder_connection_info", "connection_info", b"connection_info", "disk", b"disk", "domain", b"domain", "persistent", b"persistent", "volume", b"volume", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_volume: _TypeAlias = _typing.Literal["volume_id", "connection_info"]  # noqa: Y015
+    _WhichOneofReturnType_volume: _TypeAlias = _typing.Literal["volume_id", "connection_info", "cinder_connection_info"]  # noqa: Y015
     _WhichOneofArgType_volume: _TypeAlias = _typing.Literal["volume", b"volume"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_volume) -> _WhichOneofReturnType_volume | None: ...
 
@@ -394,21 +402,25 @@ class ConnectVolumeRequest(_message.Message):
 
     CONNECTION_INFO_FIELD_NUMBER: _builtins.int
     ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
+    CINDER_CONNECTION_INFO_FIELD_NUMBER: _builtins.int
     allow_unverified_identity: _builtins.bool
     """Connect even though the connection info announces no identity (see AttachVolumeRequest)."""
+    cinder_connection_info: _builtins.str
+    """Connection info as Cinder's drivers return it, as JSON (see AttachVolumeRequest)."""
     @_builtins.property
     def connection_info(self) -> _types_pb2.ConnectionInfo:
-        """How to reach it and how to recognise it."""
+        """How to reach it and how to recognise it. Exactly one of this and `cinder_connection_info`."""
 
     def __init__(
         self,
         *,
         connection_info: _types_pb2.ConnectionInfo | None = ...,
         allow_unverified_identity: _builtins.bool = ...,
+        cinder_connection_info: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unverified_identity", b"allow_unverified_identity", "connection_info", b"connection_info"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unverified_identity", b"allow_unverified_identity", "cinder_connection_info", b"cinder_connection_info", "connection_info", b"connection_info"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -446,21 +458,25 @@ class DisconnectVolumeRequest(_message.Message):
 
     CONNECTION_INFO_FIELD_NUMBER: _builtins.int
     FORCE_FIELD_NUMBER: _builtins.int
+    CINDER_CONNECTION_INFO_FIELD_NUMBER: _builtins.int
     force: _builtins.bool
     """Disconnect even if the device is open."""
+    cinder_connection_info: _builtins.str
+    """The Cinder connection info ConnectVolume was given, as JSON."""
     @_builtins.property
     def connection_info(self) -> _types_pb2.ConnectionInfo:
-        """The connection info ConnectVolume was given."""
+        """The connection info ConnectVolume was given. Exactly one of this and `cinder_connection_info`."""
 
     def __init__(
         self,
         *,
         connection_info: _types_pb2.ConnectionInfo | None = ...,
         force: _builtins.bool = ...,
+        cinder_connection_info: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info", "force", b"force"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cinder_connection_info", b"cinder_connection_info", "connection_info", b"connection_info", "force", b"force"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -566,3 +582,93 @@ class WatchEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class AuditHostRequest(_message.Message):
+    """AuditHostRequest asks for the host audit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIX_FIELD_NUMBER: _builtins.int
+    fix: _builtins.bool
+    """Remove what is provably orphaned (see AuditHost); false: change nothing."""
+    def __init__(
+        self,
+        *,
+        fix: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fix", b"fix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditHostRequest: _TypeAlias = AuditHostRequest  # noqa: Y015
+
+@_typing.final
+class AuditHostResponse(_message.Message):
+    """AuditHostResponse lists what nobody accounts for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FINDINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def findings(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditFinding]:
+        """The findings, ordered by kind then name."""
+
+    def __init__(
+        self,
+        *,
+        findings: _abc.Iterable[Global___AuditFinding] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["findings", b"findings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditHostResponse: _TypeAlias = AuditHostResponse  # noqa: Y015
+
+@_typing.final
+class AuditFinding(_message.Message):
+    """AuditFinding is one thing on the host (or in storage for it) that no attachment accounts for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    FIXABLE_FIELD_NUMBER: _builtins.int
+    FIXED_FIELD_NUMBER: _builtins.int
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """What it is: journal_error, domain_disk, libvirt_secret, iscsi_session, iscsi_node, scsi_disk,
+    multipath_map, storage_only, host_only, audit_failed.
+    """
+    name: _builtins.str
+    """Which one (a secret's usage id, "portal target", /dev/sdX, a map name, an attachment id, ...)."""
+    detail: _builtins.str
+    """Why it is listed, and how to remove it by hand when the doctor does not."""
+    fixable: _builtins.bool
+    """Provably orphaned: `fix` removes it."""
+    fixed: _builtins.bool
+    """This call removed it."""
+    volume_id: _builtins.str
+    """The volume it belongs to, when known."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        name: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        fixable: _builtins.bool = ...,
+        fixed: _builtins.bool = ...,
+        volume_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "fixable", b"fixable", "fixed", b"fixed", "kind", b"kind", "name", b"name", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditFinding: _TypeAlias = AuditFinding  # noqa: Y015

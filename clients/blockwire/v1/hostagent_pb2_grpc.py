@@ -96,6 +96,11 @@ class HostAgentServiceStub:
                 request_serializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.FromString,
                 _registered_method=True)
+        self.AuditHost = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/AuditHost',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.FromString,
+                _registered_method=True)
 
 
 class HostAgentServiceServicer:
@@ -207,6 +212,18 @@ class HostAgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditHost(self, request, context):
+        """Audits the host (`blockwire doctor`): what on it, or in storage for it, no attachment accounts for
+        (libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks, multipath maps, journal
+        records in ERROR, attachments only storage or only this host has). Changes nothing unless `fix`;
+        with `fix`, removes only what is provably orphaned (an unused blockwire libvirt secret, a storage
+        attachment of this host whose domain does not run here), never a device, and reports each. A repeat
+        finds what is left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostAgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +271,11 @@ def add_HostAgentServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.SerializeToString,
+            ),
+            'AuditHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditHost,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +538,33 @@ class HostAgentService:
             '/blockwire.v1.HostAgentService/WatchEvents',
             blockwire_dot_v1_dot_hostagent__pb2.WatchEventsRequest.SerializeToString,
             blockwire_dot_v1_dot_hostagent__pb2.WatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/AuditHost',
+            blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.FromString,
             options,
             channel_credentials,
             insecure,

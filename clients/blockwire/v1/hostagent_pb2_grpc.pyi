@@ -100,6 +100,14 @@ class HostAgentServiceStub:
     """Streams attach, detach, path and resize events as they happen, until the caller cancels.
     Read-only.
     """
+    AuditHost: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.AuditHostRequest, _hostagent_pb2.AuditHostResponse]
+    """Audits the host (`blockwire doctor`): what on it, or in storage for it, no attachment accounts for
+    (libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks, multipath maps, journal
+    records in ERROR, attachments only storage or only this host has). Changes nothing unless `fix`;
+    with `fix`, removes only what is provably orphaned (an unused blockwire libvirt secret, a storage
+    attachment of this host whose domain does not run here), never a device, and reports each. A repeat
+    finds what is left.
+    """
 
 @_typing.type_check_only
 class HostAgentServiceAsyncStub(HostAgentServiceStub):
@@ -172,6 +180,14 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     WatchEvents: _aio.UnaryStreamMultiCallable[_hostagent_pb2.WatchEventsRequest, _hostagent_pb2.WatchEventsResponse]  # type: ignore[assignment]
     """Streams attach, detach, path and resize events as they happen, until the caller cancels.
     Read-only.
+    """
+    AuditHost: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.AuditHostRequest, _hostagent_pb2.AuditHostResponse]  # type: ignore[assignment]
+    """Audits the host (`blockwire doctor`): what on it, or in storage for it, no attachment accounts for
+    (libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks, multipath maps, journal
+    records in ERROR, attachments only storage or only this host has). Changes nothing unless `fix`;
+    with `fix`, removes only what is provably orphaned (an unused blockwire libvirt secret, a storage
+    attachment of this host whose domain does not run here), never a device, and reports each. A repeat
+    finds what is left.
     """
 
 class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -296,6 +312,20 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_hostagent_pb2.WatchEventsResponse], _abc.AsyncIterator[_hostagent_pb2.WatchEventsResponse]]:
         """Streams attach, detach, path and resize events as they happen, until the caller cancels.
         Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def AuditHost(
+        self,
+        request: _hostagent_pb2.AuditHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.AuditHostResponse, _abc.Awaitable[_hostagent_pb2.AuditHostResponse]]:
+        """Audits the host (`blockwire doctor`): what on it, or in storage for it, no attachment accounts for
+        (libvirt secrets, domain disks, iSCSI sessions and node records, SCSI disks, multipath maps, journal
+        records in ERROR, attachments only storage or only this host has). Changes nothing unless `fix`;
+        with `fix`, removes only what is provably orphaned (an unused blockwire libvirt secret, a storage
+        attachment of this host whose domain does not run here), never a device, and reports each. A repeat
+        finds what is left.
         """
 
 def add_HostAgentServiceServicer_to_server(servicer: HostAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
