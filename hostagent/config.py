@@ -88,12 +88,13 @@ class AgentConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
 
     def __post_init__(self) -> None:
-        if self.iscsi_mode not in ISCSI_MODES:
-            raise InvalidArgument("iscsi_mode", f"must be one of {', '.join(ISCSI_MODES)}")
-        if self.rbd_mode not in RBD_MODES:
-            raise InvalidArgument("rbd_mode", f"must be one of {', '.join(RBD_MODES)}")
-        if self.multipath not in MULTIPATH_MODES:
-            raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
+        for name, allowed in (
+            ("iscsi_mode", ISCSI_MODES),
+            ("rbd_mode", RBD_MODES),
+            ("multipath", MULTIPATH_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InvalidArgument(name, f"must be one of {', '.join(allowed)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
         for name in (
