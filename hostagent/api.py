@@ -32,7 +32,15 @@ from blockwire.errors import (
     NotFound,
     Unavailable,
 )
-from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
+from blockwire.model import (
+    AccessMode,
+    ConnectionInfo,
+    Connector,
+    IoTune,
+    LocalConnection,
+    RbdConnection,
+    Transport,
+)
 from blockwire.runtime.clock import Clock, Deadline
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
@@ -149,6 +157,8 @@ def require_identity(info: ConnectionInfo, allow_unverified: bool) -> None:
     unless the caller opts out for this call; a local path has none to check."""
     if info.kind is Transport.LOCAL or info.wwn or info.serial or allow_unverified:
         return
+    if isinstance(info.transport, RbdConnection) and info.transport.image_id:
+        return  # an RBD image's identity is its id (the RBD connectors verify it)
     raise FailedPrecondition(
         f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial), "
         "so the device it reaches cannot be checked; give the volume's wwn, or set "

@@ -15,6 +15,7 @@ from blockwire.validate import split_portal
 
 ISCSI_MODES = ("auto", "kernel", "qemu")
 MULTIPATH_MODES = ("auto", "always", "never")
+RBD_MODES = ("qemu", "kernel")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class AgentConfig:
     listen_unix: str = "/run/blockwire/agent.sock"
     listen_tcp: str = ""  # "127.0.0.1:50052"; empty: no TCP listener
     device_timeout: float = 30.0
+    # Ceph RBD: "qemu" (QEMU's librbd opens the image: a libvirt network disk) or "kernel" (rbd device map,
+    # a /dev/rbdN block disk; needs the kernel's rbd module). Either way the image id is verified first.
+    rbd_mode: str = "qemu"
+    # seconds the agent waits for a Ceph cluster (monitors, then the image) before an attach is UNAVAILABLE
+    rbd_timeout: float = 15.0
     detach_timeout: float = 30.0
     login_timeout: float = 30.0
     path_check_interval: float = 5.0  # seconds between kernel iSCSI session checks; 0 disables them
@@ -92,10 +98,13 @@ class AgentConfig:
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
 
     def __post_init__(self) -> None:
-        if self.iscsi_mode not in ISCSI_MODES:
-            raise InvalidArgument("iscsi_mode", f"must be one of {', '.join(ISCSI_MODES)}")
-        if self.multipath not in MULTIPATH_MODES:
-            raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
+        for name, allowed in (
+            ("iscsi_mode", ISCSI_MODES),
+            ("rbd_mode", RBD_MODES),
+            ("multipath", MULTIPATH_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise InvalidArgument(name, f"must be one of {', '.join(allowed)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
         _check_host_name(self.host_name)
@@ -105,6 +114,7 @@ class AgentConfig:
             "detach_timeout",
             "login_timeout",
             "libvirt_connect_timeout",
+            "rbd_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")

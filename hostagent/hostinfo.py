@@ -7,6 +7,7 @@ name across restarts (storage ACLs depend on it).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
@@ -107,14 +108,42 @@ def host_ips() -> tuple[str, ...]:
     return tuple(sorted(ip for ip in ips if not ip.startswith("127.") and ip != "::1"))
 
 
+def rbd_available(sysfs: Sysfs, mode: str) -> bool:
+    """Whether this host can attach RBD volumes in `mode`: QEMU's librbd (qemu-block-extra's block-rbd
+    module) and the Ceph bindings the identity check reads the image with; or the kernel's rbd driver
+    and the rbd CLI that maps."""
+    if mode == "kernel":
+        return sysfs.exists("bus/rbd") and shutil.which("rbd") is not None
+    return _qemu_has_rbd() and importlib.util.find_spec("rados") is not None
+
+
+def _qemu_has_rbd() -> bool:
+    return any(
+        Path(d).glob("block-rbd.so")
+        for d in (
+            "/usr/lib/x86_64-linux-gnu/qemu",
+            "/usr/lib64/qemu",
+            "/usr/lib/qemu",
+            "/usr/lib/aarch64-linux-gnu/qemu",
+        )
+    )
+
+
 def build_connector(
-    sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool, multipath_allowed: bool = True
+    sysfs: Sysfs,
+    files: HostFiles,
+    *,
+    kernel_iscsi: bool,
+    multipath_allowed: bool = True,
+    rbd: bool = False,
 ) -> Connector:
     wwpns, wwnns = fc_ports(sysfs)
     nqn, hostid = host_nqn(files)
     transports = [Transport.ISCSI]
     if wwpns:
         transports.append(Transport.FC)
+    if rbd:
+        transports.append(Transport.RBD)
     transports.append(Transport.LOCAL)
     return Connector(
         host=socket.gethostname(),

@@ -17,6 +17,8 @@ class ConnectorKind(enum.Enum):
     ISCSI_QEMU = "iscsi-qemu"
     FC = "fc"
     LOCAL = "local"
+    RBD_QEMU = "rbd-qemu"
+    RBD_KERNEL = "rbd-kernel"
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,9 @@ class SecretRef:
 
 @dataclass(frozen=True)
 class NetworkTarget:
-    """A volume the hypervisor's own initiator connects to (QEMU's libiscsi): nothing is opened on the
-    host. `name` is what the protocol addresses ("IQN/LUN" for iSCSI); `hosts` are (address, port)."""
+    """A volume the hypervisor's own initiator connects to (QEMU's libiscsi or librbd): nothing is opened
+    on the host. `name` is what the protocol addresses ("IQN/LUN" for iSCSI, "pool/image" for RBD);
+    `hosts` are (address, port): the portal, or the Ceph monitors."""
 
     protocol: str
     name: str

@@ -21,10 +21,12 @@ from hostagent.config import AgentConfig
 from hostagent.connectors.base import VolumeConnector
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
+from hostagent.connectors.rbd import QemuRbdConnector
 from hostagent.events import EventBus
+from hostagent.host.ceph import RadosProbe
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
-from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available
+from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available, rbd_available
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
@@ -66,8 +68,9 @@ def build_agent(
         )
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
+    rbd = rbd_available(sysfs, config.rbd_mode)
     connector = build_connector(
-        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never"
+        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never", rbd=rbd
     )
     if config.host_name:
         connector = replace(connector, host=config.host_name)
@@ -78,7 +81,29 @@ def build_agent(
         Transport.LOCAL: LocalConnector(udev, sysfs, clock, device_timeout=config.device_timeout),
         Transport.ISCSI: qemu_iscsi,
     }
+    qemu_rbd = QemuRbdConnector(hypervisor, RadosProbe(), timeout=config.rbd_timeout)
+    connectors[Transport.RBD] = qemu_rbd
     extra: tuple[VolumeConnector, ...] = ()
+    if config.rbd_mode == "kernel":
+        from hostagent.connectors.rbd import KernelRbdConnector  # noqa: PLC0415 - kernel paths only
+        from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
+
+        connectors[Transport.RBD] = KernelRbdConnector(
+            runner,
+            sysfs,
+            udev,
+            clock,
+            openers=ProcOpeners(sysfs),
+            keyfile_dir=str(state / "rbd-keys"),
+            device_timeout=config.device_timeout,
+            timeout=config.rbd_timeout,
+        )
+        extra = (qemu_rbd,)  # attachments made before a mode change can still be detached
+    log.info(
+        "RBD through %s%s",
+        "the kernel's rbd" if config.rbd_mode == "kernel" else "QEMU's librbd",
+        "" if rbd else " (not available on this host: RBD is not announced)",
+    )
     if kernel:
         from hostagent.connectors.fc import FcConnector  # noqa: PLC0415 - kernel paths only
         from hostagent.connectors.iscsi import IscsiConnector  # noqa: PLC0415
@@ -110,7 +135,7 @@ def build_agent(
             use_multipath=connector.multipath,
             map_single_path=config.multipath == "always",
         )
-        extra = (qemu_iscsi,)  # attachments made before a mode change can still be detached
+        extra = (*extra, qemu_iscsi)  # attachments made before a mode change can still be detached
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,

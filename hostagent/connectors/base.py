@@ -15,6 +15,7 @@ from typing import Protocol
 from blockwire.errors import DeadlineExceeded, InvalidArgument
 from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.runtime.clock import Deadline
+from blockwire.secret import Secret
 from blockwire.validate import validate_connection_info
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
 from hostagent.model import ConnectorKind, HostDevice
@@ -52,6 +53,25 @@ class VolumeConnector(Protocol):
 
     def expected_paths(self, info: ConnectionInfo) -> int:
         """How many of `paths` a healthy connection of `info` has (fewer: degraded). No I/O."""
+        ...
+
+
+class SecretStore(Protocol):
+    """The hypervisor's private secrets by usage id, all the QEMU-native connectors need of it
+    (LibvirtHypervisor, the tests' FakeHypervisor)."""
+
+    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
+        """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""
+        ...
+
+    def undefine_secret(self, usage: str, secret_type: str) -> bool:
+        """Removes the secret; False when there was none."""
+        ...
+
+    def secret_exists(self, usage: str, secret_type: str) -> bool: ...
+
+    def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
+        """Usage ids under `prefix` that no domain's live or persistent XML refers to."""
         ...
 
 

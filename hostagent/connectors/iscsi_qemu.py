@@ -10,13 +10,11 @@ refused here (PERMISSION_DENIED), and a LUN whose WWN is not the announced one i
 from __future__ import annotations
 
 import logging
-from typing import Protocol
 
 from blockwire.errors import FailedPrecondition, IdentityMismatch, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
-from blockwire.secret import Secret
 from blockwire.validate import split_portal
-from hostagent.connectors.base import iscsi_of, validate_iscsi
+from hostagent.connectors.base import SecretStore, iscsi_of, validate_iscsi
 from hostagent.identity import normalize_wwn, verify_wwn
 from hostagent.model import ConnectorKind, Finding, HostDevice, NetworkTarget, SecretRef
 from hostagent.tools.libiscsi import Libiscsi, Lun
@@ -25,25 +23,6 @@ log = logging.getLogger(__name__)
 
 SECRET_TYPE = "iscsi"  # noqa: S105 - libvirt secret usage type, not a password
 SECRET_PREFIX = "blockwire/"  # noqa: S105 - the usage ids of our secrets start with it
-
-
-class SecretStore(Protocol):
-    """The hypervisor's private secrets by usage id, all this connector needs of it (LibvirtHypervisor,
-    the tests' FakeHypervisor)."""
-
-    def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
-        """Defines (or updates) a private secret with this usage id and sets its value; returns its UUID."""
-        ...
-
-    def undefine_secret(self, usage: str, secret_type: str) -> bool:
-        """Removes the secret; False when there was none."""
-        ...
-
-    def secret_exists(self, usage: str, secret_type: str) -> bool: ...
-
-    def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
-        """Usage ids under `prefix` that no domain's live or persistent XML refers to."""
-        ...
 
 
 def secret_usage(info: ConnectionInfo) -> str:

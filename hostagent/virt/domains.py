@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import logging
 import threading
@@ -531,7 +532,9 @@ class LibvirtHypervisor:
                 usage_tag = "target" if secret_type == "iscsi" else "name"  # noqa: S105 - a tag name
                 etree.SubElement(usage_el, usage_tag).text = usage
                 secret = conn.secretDefineXML(etree.tostring(root, encoding="unicode"))
-            secret.setValue(value.reveal().encode())
+            # a ceph secret holds the key's bytes (libvirt gives QEMU their base64, which librados reads)
+            raw = base64.b64decode(value.reveal()) if secret_type == "ceph" else value.reveal().encode()  # noqa: S105
+            secret.setValue(raw)
             return str(secret.UUIDString())
         except libvirt.libvirtError as exc:
             _raise(exc, f"defining secret {usage!r}")

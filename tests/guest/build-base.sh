@@ -9,7 +9,8 @@ set -euo pipefail
 
 SUITE=bookworm
 # LAB.md's list: the kernel path (open-iscsi, multipath-tools, tgt, LIO via rtslib/targetcli, lvm2) and
-# libvirt + QEMU inside the guest (libpam-systemd, or polkitd fails), plus what the tests run with.
+# libvirt + QEMU inside the guest (libpam-systemd, or polkitd fails), a throwaway Ceph cluster for krbd
+# (tests/ceph.py: mon, OSD and the rbd CLI), plus what the tests run with.
 PACKAGES=(
   linux-image-amd64 initramfs-tools systemd-sysv udev kmod iproute2
   open-iscsi multipath-tools tgt lvm2 sg3-utils lsscsi libiscsi-bin
@@ -17,6 +18,7 @@ PACKAGES=(
   procps util-linux e2fsprogs psmisc thin-provisioning-tools nvme-cli
   libvirt-daemon-system libvirt-daemon-system-systemd libpam-systemd iptables libvirt-clients
   qemu-system-x86 qemu-utils
+  ceph-mon ceph-osd ceph-common
 )
 
 log() { echo "build-base: $*" >&2; }
