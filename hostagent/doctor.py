@@ -10,12 +10,13 @@ journal_error       a journal record in ERROR (an attach or detach the agent cou
                     finish; its message says why)                                        (force) decides
 domain_disk         a running domain's disk whose libvirt secret is one of blockwire's   no: a domain
                     ("blockwire/...") but whose serial no record has                     holds it
-libvirt_secret      a private secret under "blockwire/" that no record and no domain's   yes: undefined
-                    XML (live or persistent) refers to                                   (nothing uses it)
+libvirt_secret      a private secret under "blockwire/" (CHAP, cephx) that no record and  yes: undefined
+                    no domain's XML (live or persistent) refers to                       (nothing uses it)
 iscsi_session       a kernel iSCSI session to a (portal, target) no record uses          no: report only
 iscsi_node          a node record of a (portal, target) no record uses                   no: report only
 scsi_disk           a disk on such a session                                             no: report only
 multipath_map       a map whose WWID is no record's                                      no: report only
+rbd_mapping         a kernel rbd mapping of an image id no record announces              no: report only
 storage_only        an attachment storage keeps for this host that no record explains,   yes, when its
                     (volume, domain) nor id                                              domain is not
                                                                                          running: deleted

@@ -33,7 +33,7 @@ from hostagent.host.ceph import CephAccess, CephProbe, RbdImage, mon_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import UdevDevice, UdevWaiter
-from hostagent.model import ConnectorKind, HostDevice, NetworkTarget, SecretRef
+from hostagent.model import ConnectorKind, Finding, HostDevice, NetworkTarget, SecretRef
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,29 @@ class QemuRbdConnector:
                 removed.append(f"libvirt secret {usage}")
         return removed
 
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """Our ceph secrets that neither a record (`keep`) nor a domain refers to (the doctor's)."""
+        wanted = {secret_usage(i) for i in keep if isinstance(i.transport, RbdConnection)}
+        return [
+            Finding(
+                "libvirt_secret",
+                usage,
+                f"a cephx key ({SECRET_TYPE}) no attachment and no domain uses",
+                fixable=True,
+                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
+            )
+            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
+            if usage not in wanted
+        ]
+
+    def fix(self, finding: Finding) -> bool:
+        """Undefines an orphaned ceph secret of `audit`, if still no domain uses it."""
+        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
+            return False
+        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
+            return False
+        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)
+
     def extend(self, info: ConnectionInfo) -> int:
         """The image's size now (the api then tells QEMU with blockResize)."""
         t = rbd_of(info)
@@ -216,6 +239,30 @@ class KernelRbdConnector:
             raise IdentityMismatch(
                 f"/dev/rbd{dev_id} is on cluster {fsid}, but storage announced {t.cluster_fsid}: refused"
             )
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """Kernel rbd mappings of images no record (`keep`) announces, by image id. Report only: a
+        mapping may be another program's (`hostagent.doctor`)."""
+        wanted = {i.transport.image_id for i in keep if isinstance(i.transport, RbdConnection)}
+        found = []
+        for dev_id in sorted(self.sysfs.listdir(RBD_BUS), key=lambda d: int(d) if d.isdigit() else 0):
+            base = f"{RBD_BUS}/{dev_id}"
+            image_id = self.sysfs.read(f"{base}/image_id") or ""
+            if image_id in wanted:
+                continue
+            pool, name = self.sysfs.read(f"{base}/pool") or "?", self.sysfs.read(f"{base}/name") or "?"
+            found.append(
+                Finding(
+                    "rbd_mapping",
+                    f"/dev/rbd{dev_id}",
+                    f"{pool}/{name} (image id {image_id or '-'}); if nothing uses it: "
+                    f"rbd device unmap /dev/rbd{dev_id}",
+                )
+            )
+        return found
+
+    def fix(self, finding: Finding) -> bool:
+        return False  # a mapping is never removed by the doctor: nothing proves it is blockwire's
 
     def _ours(self, t: RbdConnection) -> str:
         """The device id of the mapping of exactly the announced image, or ""."""

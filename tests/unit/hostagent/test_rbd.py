@@ -399,3 +399,32 @@ def test_monitors_are_named_with_their_messenger() -> None:
 
 def test_the_probes_access_never_shows_the_key() -> None:
     assert KEY not in repr(CephAccess(MONS, "blockwire", Secret(KEY)))
+
+
+def test_the_doctor_lists_unused_ceph_secrets_and_fixes_them(hv: FakeHypervisor, ceph: FakeCeph) -> None:
+    conn = QemuRbdConnector(hv, ceph)
+    conn.connect(rbd_info("vol-1"))
+    hv.define_secret("blockwire/vol-9/att-9", "ceph", Secret(KEY))
+    (finding,) = conn.audit([rbd_info("vol-1")])
+    assert (finding.kind, finding.name, finding.fixable, finding.volume_id) == (
+        "libvirt_secret",
+        "blockwire/vol-9/att-9",
+        True,
+        "vol-9",
+    )
+    assert conn.fix(finding)
+    assert ("blockwire/vol-9/att-9", "ceph") not in hv.secrets
+    assert (secret_usage(rbd_info("vol-1")), "ceph") in hv.secrets
+    assert not conn.fix(finding)  # gone already
+
+
+def test_the_doctor_lists_kernel_mappings_no_record_announces_and_never_unmaps(tmp_path: Path) -> None:
+    rig = KernelRig(tmp_path)
+    rig.conn.connect(rbd_info("vol-1"))
+    (mapped,) = rig.conn.paths(rbd_info("vol-1"))
+    assert rig.conn.audit([rbd_info("vol-1")]) == []
+    (finding,) = rig.conn.audit([])
+    assert (finding.kind, finding.name, finding.fixable) == ("rbd_mapping", f"/dev/{mapped}", False)
+    assert "rbd/volume-vol-1" in finding.detail
+    assert not rig.conn.fix(finding)
+    assert rig.conn.paths(rbd_info("vol-1")) == [mapped]
