@@ -17,7 +17,16 @@ from dataclasses import replace
 
 from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import (
+    AccessMode,
+    Chap,
+    ConnectionInfo,
+    Connector,
+    Encryption,
+    IscsiConnection,
+    IscsiPath,
+    Transport,
+)
 from blockwire.secret import Secret
 from storagesvc import identity, paging
 from storagesvc.context import Context, Pool
@@ -75,6 +84,9 @@ class Exports:
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
+        # an encrypted volume's key is fetched first: a key manager that is down or refuses leaves nothing
+        # half-done (the key goes only into this answer, never into the catalog: see `Encryption`)
+        encryption = self._encryption_with_key(v)
         atts = ctx.catalog.attachments_of(v.id)
         # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
         # on this host or another, is a second attachment, which only a multiattach volume may have
@@ -88,6 +100,8 @@ class Exports:
                 and a.access_mode is mode
                 and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
             ):
+                if encryption is not None and a.connection_info is not None:
+                    return replace(a, connection_info=replace(a.connection_info, encryption=encryption))
                 return a
             raise FailedPrecondition(
                 f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
@@ -148,12 +162,13 @@ class Exports:
                 attachment_id=att.id,
                 wwn=v.wwn,
                 serial=v.serial,
-                size_bytes=v.size_bytes,
+                size_bytes=v.size_bytes + (encryption.header_bytes if encryption else 0),
                 access_mode=mode,
                 discard=False,
                 logical_block_size=512,
                 physical_block_size=512,
                 multiattach=v.multiattach,
+                encryption=encryption,
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)
                 validate.validate_connection_info(info)
@@ -163,7 +178,7 @@ class Exports:
                     "nothing was exported"
                 ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
-            ctx.catalog.update_attachment(att)
+            ctx.catalog.update_attachment(replace(att, connection_info=info.without_key()))
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
             ctx.save(replace(reserved, state=state))
             undo.pop_all()
@@ -176,6 +191,12 @@ class Exports:
             att.id,
         )
         return att
+
+    def _encryption_with_key(self, v: Volume) -> Encryption | None:
+        if v.encryption is None:
+            return None
+        passphrase = self.ctx.need_crypt().passphrase(v.encryption)
+        return replace(v.encryption, passphrase=passphrase)
 
     def _new_export(self, v: Volume, mode: AccessMode, lun: int) -> ExportRecord:
         ctx = self.ctx

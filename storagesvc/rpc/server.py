@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -36,6 +37,8 @@ from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
+from storagesvc.encryption import VolumeCrypt
+from storagesvc.keys import open_keys
 from storagesvc.rpc import auth
 from storagesvc.rpc.servicer import StorageServicer
 from storagesvc.service import Pool, StorageService
@@ -143,6 +146,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
+        crypt=VolumeCrypt(open_keys(config.keys, str(Path(svc.catalog_path).parent)), runner),
     )
     service.reconcile()
     if config.server.workers:
