@@ -55,7 +55,9 @@ def _key(volume_id: str, domain: str) -> str:
 
 
 def to_json(a: JournalRecord) -> dict[str, Any]:
-    info = json_format.MessageToDict(connection_info_to_pb(a.connection_info, with_secrets=True))
+    info = json_format.MessageToDict(
+        connection_info_to_pb(a.connection_info.without_key(), with_secrets=True)
+    )
     return {
         "version": 1,
         "volume_id": a.volume_id,

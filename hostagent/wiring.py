@@ -20,6 +20,7 @@ from hostagent.config import AgentConfig
 from hostagent.connectors.base import VolumeConnector
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
+from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
@@ -111,6 +112,7 @@ def build_agent(
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,
+        volume_keys=VolumeKeys(hypervisor),
         connectors=connectors,
         journal=Journal(state),
         connector=connector,

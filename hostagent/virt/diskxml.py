@@ -74,6 +74,7 @@ class DiskEncryption:
     format: str = "luks"
     engine: str = "qemu"
 
+
 # virtio-scsi addresses LUNs 0..16383 behind target 0; libvirt's default address for a disk without one is
 # derived from its target name, seven units a controller (the LSI limit), and past that it tries to
 # hot-plug a new controller, which a running q35 domain refuses. So the agent gives SCSI disks explicit
