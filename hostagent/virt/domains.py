@@ -104,6 +104,10 @@ def map_libvirt_error(exc: libvirt.libvirtError, what: str) -> BlockwireError:  
         return NotFound(message)
     if "Authentication failure" in text or "(513)" in text or code == libvirt.VIR_ERR_AUTH_FAILED:
         return PermissionDenied(f"{message} (check the CHAP credentials and the target's ACL)")
+    if "cannot unlock any keyslot" in text:  # QEMU's luks driver: the passphrase opens no key slot
+        return PermissionDenied(
+            f"{message} (the encrypted volume's key is wrong: it opens none of its LUKS key slots)"
+        )
     if "Target not found" in text or "(515)" in text:
         return NotFound(f"{message} (the target is not exported to this host)")
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
