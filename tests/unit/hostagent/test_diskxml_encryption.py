@@ -54,7 +54,7 @@ def test_golden(name: str) -> None:
     if os.environ.get("BLOCKWIRE_REGEN_GOLDEN"):
         path.write_text(text)
     assert text == path.read_text()
-    assert "<encryption format=\"luks\" engine=\"qemu\">" in text
+    assert '<encryption format="luks" engine="qemu">' in text
     assert f'<secret type="passphrase" uuid="{UUID}"/>' in text
 
 
