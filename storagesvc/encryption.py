@@ -29,7 +29,9 @@ from storagesvc.model import MIB
 log = logging.getLogger(__name__)
 
 HEADER_BYTES = 2 * MIB
-PBKDF_ITER_TIME_MS = 10  # the passphrase is a random 256-bit key: key stretching buys nothing
+PBKDF_ITER_TIME_MS = 10
+CPU_CLOCK_ERROR = "Unable to get accurate CPU usage"
+CPU_CLOCK_ATTEMPTS = 5  # the passphrase is a random 256-bit key: key stretching buys nothing
 
 
 def key_size(bits: int) -> int:
@@ -65,10 +67,19 @@ class VolumeCrypt:
                 f"iter-time={PBKDF_ITER_TIME_MS}"
             )
             argv = ["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s0,file=/dev/stdin"]
-            try:
-                self.runner.run([*argv, "-o", opts, str(header), "0"], stdin=passphrase, timeout=self.timeout)
-            except CommandFailed as exc:
-                raise FailedPrecondition(f"writing the LUKS header failed: {exc.message}") from exc
+            for attempt in range(1, CPU_CLOCK_ATTEMPTS + 1):
+                try:
+                    self.runner.run(
+                        [*argv, "-o", opts, str(header), "0"], stdin=passphrase, timeout=self.timeout
+                    )
+                    break
+                except CommandFailed as exc:
+                    # QEMU times a PBKDF2 pass by the thread's CPU clock; with tick-based accounting a
+                    # fast pass can measure 0 ms and qemu-img gives up: a new run measures again
+                    if CPU_CLOCK_ERROR in exc.stderr and attempt < CPU_CLOCK_ATTEMPTS:
+                        log.info("qemu-img could not time PBKDF2 (attempt %d); running it again", attempt)
+                        continue
+                    raise FailedPrecondition(f"writing the LUKS header failed: {exc.message}") from exc
             data = header.read_bytes()
         if len(data) > e.header_bytes:
             raise FailedPrecondition(f"the LUKS header is {len(data)} bytes, more than {e.header_bytes}")
