@@ -18,6 +18,7 @@ import logging
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
 from hostagent.connectors.iscsi_qemu import SecretStore
+from hostagent.model import Finding
 from hostagent.virt.diskxml import DiskEncryption
 
 log = logging.getLogger(__name__)
@@ -71,3 +72,26 @@ class VolumeKeys:
             if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
                 removed.append(f"libvirt secret {usage}")
         return removed
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """Our volume secrets that neither a record (`keep`) nor a domain refers to (sweep's, listed)."""
+        wanted = {secret_usage(i) for i in keep if i.encryption is not None}
+        return [
+            Finding(
+                "libvirt_secret",
+                usage,
+                f"an encrypted volume's key ({SECRET_TYPE} secret) no attachment and no domain uses",
+                fixable=True,
+                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
+            )
+            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
+            if usage not in wanted
+        ]
+
+    def fix(self, finding: Finding) -> bool:
+        """Undefines an orphaned volume secret of `audit`, if still no domain uses it."""
+        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
+            return False
+        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
+            return False
+        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)

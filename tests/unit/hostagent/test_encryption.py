@@ -59,3 +59,14 @@ def test_reconcile_sweeps_volume_secrets_no_attachment_accounts_for(rig: Rig) ->
     assert any(x.detail == "libvirt secret blockwire-luks/gone/att-9" for x in actions)
     assert list(volume_secrets(rig).values()) == [KEY]  # the live attachment's secret stays
     assert isinstance(rig.hv.disks_by_domain["vm1"][0].encryption, DiskEncryption)
+
+
+def test_doctor_lists_and_fixes_an_orphaned_volume_secret_only(rig: Rig) -> None:
+    rig.storage.infos["vol-e"] = replace(iscsi_info("vol-e"), encryption=ENC)
+    rig.agent.attach("vm1", volume_id="vol-e")
+    rig.hv.define_secret("blockwire-luks/gone/att-9", SECRET_TYPE, Secret("orphan"))
+    found = [f for f in rig.agent.audit() if f.kind == "libvirt_secret"]
+    assert [f.name for f in found] == ["blockwire-luks/gone/att-9"]
+    fixed = [f for f in rig.agent.audit(fix=True) if f.kind == "libvirt_secret"]
+    assert [f.fixed for f in fixed] == [True]
+    assert list(volume_secrets(rig).values()) == [KEY]
