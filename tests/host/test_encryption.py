@@ -239,6 +239,13 @@ def test_encrypted_volume_written_by_qemu_is_ciphertext_at_rest_and_decrypts_wit
 
 def test_a_missing_or_wrong_key_is_refused_and_nothing_is_attached(rig: Rig, domain: str) -> None:
     v = create_encrypted(rig, key_size_bits=256)
+    same = spb.CreateVolumeRequest(
+        name=v.name, size_bytes=v.size_bytes, backend="file", encrypted=True, key_size_bits=256
+    )
+    assert rig.storage.CreateVolume(same, timeout=60).volume.id == v.id  # a repeat returns it
+    same.encrypted = False
+    err = code_of(lambda: rig.storage.CreateVolume(same, timeout=60))
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err.details()
     connector = rig.agent.GetConnector(hpb.GetConnectorRequest(), timeout=10).connector
     sa = rig.storage.CreateAttachment(
         spb.CreateAttachmentRequest(volume_id=v.id, connector=connector, domain=domain), timeout=30
