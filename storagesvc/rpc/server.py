@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -146,7 +147,11 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
-        crypt=VolumeCrypt(open_keys(config.keys, str(Path(svc.catalog_path).parent)), runner),
+        crypt=VolumeCrypt(
+            open_keys(config.keys, str(Path(svc.catalog_path).parent)),
+            runner,
+            cryptsetup=shutil.which("cryptsetup") is not None,
+        ),
     )
     service.reconcile()
     if config.server.workers:

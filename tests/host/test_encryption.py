@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -23,10 +24,13 @@ import grpc
 import libvirt
 import pytest
 
+from blockwire.runtime.executor import Executor
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
+from storagesvc.encryption import VolumeCrypt
 from storagesvc.keys.embedded import EmbeddedKeys
+from tests.conftest import tier_unavailable
 from tests.fakes.daemon_rig import Rig, define_domain, force_cleanup, remove_domain
 from tests.host.daemons import Started, Tgtd
 
@@ -295,3 +299,37 @@ def test_a_missing_or_wrong_key_is_refused_and_nothing_is_attached(rig: Rig, dom
     finally:
         rig.storage.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=sa.id), timeout=30)
         rig.delete_volume(v.id)
+
+
+@pytest.mark.parametrize("tool", ["cryptsetup", "qemu-img"])
+def test_both_header_writers_make_a_luks1_volume_qemu_opens_with_the_key(tool: str, tmp_path: Path) -> None:
+    """The daemon formats with cryptsetup where it is installed, with qemu-img otherwise: both headers
+    open in QEMU with the key, and a wrong key opens neither."""
+    if shutil.which(tool) is None:
+        tier_unavailable("host", f"{tool} is not installed")
+    keys = EmbeddedKeys(tmp_path / "master.key")
+    crypt = VolumeCrypt(keys, Executor(), cryptsetup=tool == "cryptsetup")
+    e, key = crypt.new_key(512)
+    dev = tmp_path / "vol.raw"
+    with open(dev, "wb") as f:
+        f.truncate(8 * MIB + e.header_bytes)
+    crypt.format(str(dev), e, key)
+    assert dev.read_bytes()[:6] == LUKS_MAGIC
+    assert dev.stat().st_size == 8 * MIB + e.header_bytes  # formatted in place, never resized
+    opts = f"driver=luks,key-secret=s0,file.filename={dev}"
+    io = ["qemu-io", "--object", "secret,id=s0,file=/dev/stdin", "--image-opts", opts]
+    out = subprocess.run(
+        [*io, "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k"],
+        input=crypt.passphrase(e).reveal(), capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "read 65536/65536" in out, out
+    wrong = subprocess.run(
+        [*io, "-c", "read 0 64k"],
+        input="not-the-key",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert wrong.returncode != 0
+    assert "Invalid password" in wrong.stderr + wrong.stdout
