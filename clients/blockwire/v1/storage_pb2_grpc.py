@@ -246,8 +246,10 @@ class StorageServiceServicer:
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
-        Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-        UNAVAILABLE (the target daemon).
+        For an encrypted volume the answer (and a repeat's) carries the key in
+        `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
+        other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
+        FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

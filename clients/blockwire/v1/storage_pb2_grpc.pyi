@@ -100,8 +100,10 @@ class StorageServiceStub:
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
-    Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-    UNAVAILABLE (the target daemon).
+    For an encrypted volume the answer (and a repeat's) carries the key in
+    `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
+    other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
+    FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
     """
     CompleteAttachment: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -198,8 +200,10 @@ class StorageServiceAsyncStub(StorageServiceStub):
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
-    Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-    UNAVAILABLE (the target daemon).
+    For an encrypted volume the answer (and a repeat's) carries the key in
+    `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
+    other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
+    FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
     """
     CompleteAttachment: _aio.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]  # type: ignore[assignment]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -359,8 +363,10 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
-        Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume), FAILED_PRECONDITION,
-        UNAVAILABLE (the target daemon).
+        For an encrypted volume the answer (and a repeat's) carries the key in
+        `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
+        other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
+        FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
         """
 
     @_abc_1.abstractmethod
