@@ -1,4 +1,5 @@
-"""HostAgent: the facade a virt manager embeds (attach / detach / extend / list / reconcile). No grpc.
+"""HostAgent: the facade a virt manager embeds (attach / detach / extend / list / migrate / reconcile). No
+grpc. Live migration's handoff lives in hostagent/migration.py; the facade's methods delegate to it.
 
 Attach is journal first, act second, undo on failure (STYLE.md rule 6):
 
@@ -40,6 +41,13 @@ from hostagent.connectors.base import VolumeConnector
 from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.journal import Journal
+from hostagent.migration import (
+    MigrationHandoff,
+    MigrationResult,
+    MigrationVolume,
+    PeerAgent,
+    PreparedMigration,
+)
 from hostagent.model import (
     AttachmentState,
     Cache,
@@ -207,6 +215,8 @@ def option_differences(
         differ("logical_block_size", spec.logical_block_size or 512, disk.logical_block_size)
     if disk.physical_block_size:
         differ("physical_block_size", spec.physical_block_size or 512, disk.physical_block_size)
+    if disk.boot_order:
+        differ("boot_order", spec.boot_order, disk.boot_order)
     return differs
 
 
@@ -244,6 +254,7 @@ class HostAgent:
         self.events = events or EventBus()
         self.detach_timeout = detach_timeout
         self._locks = KeyedLocks()
+        self.migration = MigrationHandoff(self)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _emit(self, type_: EventType, a: JournalRecord | None = None, **kw: str) -> None:
@@ -302,11 +313,45 @@ class HostAgent:
         dom = self._domain_of(a)
         return self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
 
+    def _disk_of(self, a: JournalRecord, dom: DomainInfo | None) -> LiveDisk | None:
+        """`a`'s disk where the domain has it now: in its live XML when it runs, in its definition when
+        it is shut off (a cold attach, or a persistent one of a domain stopped since)."""
+        if dom is None:
+            return None
+        if dom.running:
+            return self._disk_by_serial(dom.name, a.serial)
+        return self._disk_by_serial(dom.name, a.serial, inactive=True) if dom.persistent else None
+
+    def _other_holders(self, a: JournalRecord) -> list[str]:
+        """Domains other than `a`'s own (by UUID) whose live XML or definition has `a`'s disk (same
+        serial and the same host device or network source): a domain undefined and defined again, whose
+        next start would open the volume. Their disk is never taken away by cleaning up `a`."""
+        own = self._domain_of(a)
+        found = []
+        for name, disks in self.hypervisor.defined_disks().items():
+            if own is not None and name == own.name:
+                continue
+            for d in disks:
+                if d.spec.serial != a.serial:
+                    continue
+                path = source_path(d.spec.source)
+                if (a.host_device and path == a.host_device) or (not path and not a.host_device):
+                    found.append(f"domain {name!r} ({d.spec.target_dev})")
+                    break
+        return found
+
     def _unplug_or_hold(self, a: JournalRecord, held: list[str]) -> None:
         """The hot-plug's undo: unplugs `a`'s disk if the domain has it. When the domain does not let
         go, `held` names it, so that nothing under the disk is disconnected or unexported."""
         dom = self._domain_of(a)
-        if dom is None or not dom.running:
+        if dom is not None and not dom.running:  # a cold attach: the disk leaves the definition
+            cold = self._disk_of(a, dom)
+            if cold is not None:
+                self.hypervisor.detach_disk(
+                    dom.name, cold.spec.target_dev, Deadline(self.clock, self.detach_timeout)
+                )
+            return
+        if dom is None:
             return
         live = self._disk_by_serial(dom.name, a.serial)
         if live is None:
@@ -366,6 +411,7 @@ class HostAgent:
         validate.block_size(disk.logical_block_size, "disk.logical_block_size")
         validate.block_size(disk.physical_block_size, "disk.physical_block_size")
         validate.iotune(disk.iotune, "disk.iotune")
+        validate.boot_order(disk.boot_order)
 
     def _validate_info(self, info: ConnectionInfo) -> VolumeConnector:
         """The wire rules (blockwire.validate; also for a connector that does not run them), then the
@@ -403,6 +449,7 @@ class HostAgent:
             shareable=info.multiattach,
             logical_block_size=logical,
             physical_block_size=physical,
+            boot_order=disk.boot_order,
         )
 
     def _undo(
@@ -431,6 +478,21 @@ class HostAgent:
 
         stack.callback(run)
 
+    @staticmethod
+    def _is_cold(dom: DomainInfo, disk: DiskOptions) -> bool:
+        """Whether an attach to `dom` is a cold one (shut off: the definition only); refuses what
+        cannot be done to the domain as it is."""
+        if not dom.running:
+            if not dom.persistent:
+                raise FailedPrecondition(f"domain {dom.name!r} is neither running nor defined")
+            return True
+        if disk.boot_order:
+            raise FailedPrecondition(
+                f"domain {dom.name!r} is running: a boot order is only written into the definition of a "
+                "shut-off domain (a cold attach); attach without boot_order, or shut the domain off first"
+            )
+        return False
+
     # -- attach -----------------------------------------------------------------------------------
     def attach(
         self,
@@ -443,7 +505,12 @@ class HostAgent:
         persistent: bool = False,
         allow_unverified_identity: bool = False,
     ) -> JournalRecord:
-        """Attaches a volume (by id, through storage; or by connection info) to a running domain.
+        """Attaches a volume (by id, through storage; or by connection info) to a domain.
+
+        A running domain gets the disk hot-plugged (and, `persistent`, in its definition too). A defined,
+        shut-off domain gets it written into its definition only (a cold attach: `persistent` is implied,
+        and `disk.boot_order` may make it the boot disk); the host side is connected (identity verified)
+        and stays so while the disk is in the definition, so that the domain's start opens it.
 
         A repeat with the same options returns the attachment; with other options it is
         FailedPrecondition naming what differs. Connection info that announces no identity is refused
@@ -467,12 +534,21 @@ class HostAgent:
         if access_mode is AccessMode.READ_ONLY:
             disk = replace(disk, read_only=True)
         dom = self.hypervisor.lookup(domain)
-        if not dom.running:
-            raise FailedPrecondition(f"domain {dom.name!r} is not running; start it first")
+        cold = self._is_cold(dom, disk)
+        persistent = persistent or cold  # a cold attach writes the definition: that is what it is
         with self._locks.hold_or_abort(volume_id, f"volume {volume_id}"):
             existing = self.journal.get(volume_id, dom.name)
+            if existing is not None and existing.migration_source_id:
+                raise FailedPrecondition(
+                    f"volume {volume_id} is being migrated to {dom.name!r} on this host "
+                    f"({existing.state.value}); finish or abort that migration first"
+                )
             if existing is not None:
-                live = self._live_disk(existing) if existing.state is AttachmentState.ATTACHED else None
+                live = (
+                    self._disk_of(existing, self._domain_of(existing))
+                    if existing.state is AttachmentState.ATTACHED
+                    else None
+                )
                 if live is not None:
                     differs = option_differences(existing, live, disk, access_mode, persistent)
                     if differs:
@@ -495,6 +571,7 @@ class HostAgent:
                 persistent=persistent,
                 others=others,
                 allow_unverified_identity=allow_unverified_identity,
+                cold=cold,
             )
 
     def _attach(
@@ -508,6 +585,7 @@ class HostAgent:
         persistent: bool,
         others: list[JournalRecord],
         allow_unverified_identity: bool,
+        cold: bool = False,
     ) -> JournalRecord:
         now = self.clock.now()
         info = given or ConnectionInfo(transport=LocalConnection(""), volume_id=volume_id)
@@ -581,6 +659,7 @@ class HostAgent:
                     bus=disk.bus,
                     preferred_target=disk.target_dev,
                     persistent=persistent,
+                    cold=cold,
                 )
                 self.failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
                 a = self.journal.update(a, target_dev=spec.target_dev)
@@ -703,7 +782,9 @@ class HostAgent:
         if a.connector_kind is not None:  # connect may have begun: disconnect (idempotent)
             self._disconnect(a, force=force)
             self.failpoints.hit(FP_DETACH_AFTER_DISCONNECT)
-        if a.owns_export and self.storage is not None:
+        if a.owns_export and self.storage is not None and a.migration_source_id:
+            self._rollback_migration(a)  # a destination's attachment of a live migration
+        elif a.owns_export and self.storage is not None:
             self.failpoints.hit(FP_DETACH_BEFORE_DELETE_ATTACHMENT)
             attachment_id = a.attachment_id
             if not attachment_id:
@@ -715,6 +796,57 @@ class HostAgent:
             self.storage.delete_attachment(attachment_id)
             self.failpoints.hit(FP_DETACH_AFTER_DELETE_ATTACHMENT)
         self.journal.delete(a.volume_id, a.domain)
+
+    def _rollback_migration(self, a: JournalRecord) -> None:
+        """Storage's side of undoing a migration's destination record: RollbackMigration; one that
+        storage already completed is an ordinary attachment, which is deleted."""
+        storage = self._storage()
+        attachment_id = a.attachment_id
+        if not attachment_id:
+            # Crashed between CreateMigrationAttachment and recording its id: a repeat tells it.
+            try:
+                attachment_id = storage.create_migration_attachment(
+                    a.migration_source_id, self.connector, a.domain
+                ).id
+            except (NotFound, FailedPrecondition) as exc:
+                log.warning(
+                    "%s@%s: no migration attachment to roll back (%s)", a.volume_id, a.domain, exc.message
+                )
+                return
+        try:
+            storage.rollback_migration(attachment_id)
+        except FailedPrecondition:
+            storage.delete_attachment(attachment_id)
+
+    # -- live migration (hostagent.migration) -----------------------------------------------------
+    def prepare_migration(
+        self,
+        domain: str,
+        domain_xml: str,
+        volumes: list[MigrationVolume],
+        *,
+        allow_unverified_identity: bool = False,
+    ) -> PreparedMigration:
+        """Destination: connects `volumes` of the arriving `domain` here and returns its destination XML."""
+        return self.migration.prepare(
+            domain, domain_xml, volumes, allow_unverified_identity=allow_unverified_identity
+        )
+
+    def finish_incoming_migration(self, domain: str) -> list[JournalRecord]:
+        """Destination: the domain runs here; its attachments become ordinary ones."""
+        return self.migration.finish_incoming(domain)
+
+    def finish_outgoing_migration(self, domain: str) -> list[str]:
+        """Source: the domain left; releases its volumes here."""
+        return self.migration.finish_outgoing(domain)
+
+    def migrate_domain(self, domain: str, peer: PeerAgent, destination_uri: str) -> MigrationResult:
+        """Source: the whole flow with the destination's agent `peer` and libvirt at `destination_uri`."""
+        return self.migration.migrate(domain, peer, destination_uri)
+
+    def abort_migration(self, domain: str) -> list[str]:
+        """Either side: undoes what this side made for a migration that did not complete."""
+        return self.migration.abort(domain)
 
     # -- extend, read -----------------------------------------------------------------------------
     def extend(self, volume_id: str, new_size_bytes: int = 0) -> int:
@@ -829,14 +961,27 @@ class HostAgent:
         so a crash after any of them [`DETACH_FAILPOINTS`] ends with nothing attached. Records in ERROR (a
         compensation failed) are rolled back the same way.
 
-        ATTACHED records are kept when the disk is live (or the domain is shut off: its persistent
-        config still has it); an ATTACHED record whose disk vanished from a running domain is rolled
-        back. For a kept record the connector's paths are compared with the connection info: a kernel
+        A cold attach (a shut-off domain) follows the same table with "the disk is in the domain's
+        definition" for "the guest sees the disk": a crash after the definition was written rolls forward.
+
+        ATTACHED records are kept when the domain has the disk: in its live XML when it runs, in its
+        definition when it is shut off (a cold attach, or a persistent one of a domain stopped since;
+        starting and stopping the domain changes nothing). An ATTACHED record whose disk is gone (a
+        running domain lost it, a shut-off one's definition no longer has it, a live-only disk of a
+        domain that stopped, an undefined domain) is rolled back, but only when no other domain's live
+        XML or definition has the disk (a domain undefined and defined again under another UUID): then
+        it is reported "kept" naming that domain, and nothing is taken away.
+
+        For a kept record the connector's paths are compared with the connection info: a kernel
         attachment that lost some of its sessions has those paths logged in again (`PathRestorer`:
         only the lost paths; one that fails again, or shows another LUN, is dropped alone, and the map
         and paths the guest still uses are never touched; the record is reported "kept, degraded"
         until every path is back). Not when it lost all of them: that would tear down the multipath
         map the guest still uses; it is reported "kept, degraded".
+
+        Records of a live migration's destination (`migration_source_id` set) follow the table in
+        `hostagent.migration`: rolled forward when the domain runs here with the disk, kept while it is
+        paused arriving, rolled back otherwise.
 
         Last, connectors that can (`Sweeper`) remove host state that no record accounts for: libvirt
         secrets under "blockwire/" of attachments that are gone. Storage-side leftovers are storage's
@@ -870,12 +1015,21 @@ class HostAgent:
 
     def _reconcile_one(self, a: JournalRecord) -> ReconcileAction:
         try:
+            if a.migration_source_id:
+                return self.migration.reconcile(a)
             dom = self._domain_of(a)
-            live = self._disk_by_serial(dom.name, a.serial) if dom is not None and dom.running else None
-            if a.state is AttachmentState.ATTACHED and (
-                live is not None or (dom is not None and not dom.running)
-            ):
+            live = self._disk_of(a, dom)
+            if a.state is AttachmentState.ATTACHED and live is not None:
                 return ReconcileAction(a.volume_id, a.domain, "kept", self._check_paths(a))
+            if dom is None or live is None:
+                holders = self._other_holders(a)
+                if holders:
+                    return ReconcileAction(
+                        a.volume_id,
+                        a.domain,
+                        "kept",
+                        f"{', '.join(holders)} has the disk, not the record's domain: detach it there",
+                    )
             if a.state is AttachmentState.ATTACHING and live is not None and a.connector_kind is not None:
                 if a.owns_export and self.storage is not None and a.attachment_id:
                     self.storage.complete_attachment(a.attachment_id, live.spec.target_dev, a.host_device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
@@ -38,6 +39,12 @@ class StorageTlsConfig:
     server_name: str = ""  # the name to check the server's certificate against, when not the address's
 
 
+def _check_host_name(value: str) -> None:
+    """`host_name`: empty (the system's) or a host name as storage takes it."""
+    if value:
+        validate.host(value, "host_name")
+
+
 _TABLES: dict[str, type] = {
     "tls": TlsConfig,
     "storage_tls": StorageTlsConfig,
@@ -55,6 +62,9 @@ class AgentConfig:
     )
     storage_timeout: float = 30.0
     libvirt_uri: str = "qemu:///system"
+    # this host's name for storage (Connector.host, the agent's TLS identity); empty: the system's host
+    # name. Two agents on one machine (each with its own libvirtd) need two names.
+    host_name: str = ""
     iscsi_mode: str = "auto"
     # kernel paths (iSCSI, FC) on a host with multipathd: "auto" maps volumes announced with two or more
     # paths and uses a single-path volume's disk as it is; "always" maps every volume (a path added later
@@ -88,6 +98,7 @@ class AgentConfig:
             raise InvalidArgument("multipath", f"must be one of {', '.join(MULTIPATH_MODES)}")
         if not self.listen_unix and not self.listen_tcp:
             raise InvalidArgument("listen_unix", "set listen_unix or listen_tcp (or both)")
+        _check_host_name(self.host_name)
         for name in (
             "storage_timeout",
             "device_timeout",

@@ -55,9 +55,12 @@ def _key(volume_id: str, domain: str) -> str:
 
 
 def to_json(a: JournalRecord) -> dict[str, Any]:
+    # CHAP passwords are kept (a restart must log in again); an encryption key never is
     info = json_format.MessageToDict(
         connection_info_to_pb(a.connection_info.without_key(), with_secrets=True)
     )
+    # written only when set, so that an ordinary record reads back exactly as older agents wrote it
+    migration = {"migration_source_id": a.migration_source_id} if a.migration_source_id else {}
     return {
         "version": 1,
         "volume_id": a.volume_id,
@@ -76,6 +79,7 @@ def to_json(a: JournalRecord) -> dict[str, Any]:
         "error_message": a.error_message,
         "create_time": a.create_time.isoformat() if a.create_time else "",
         "update_time": a.update_time.isoformat() if a.update_time else "",
+        **migration,
     }
 
 
@@ -99,6 +103,7 @@ def from_json(d: dict[str, Any]) -> JournalRecord:
         error_message=d.get("error_message", ""),
         create_time=datetime.fromisoformat(d["create_time"]) if d.get("create_time") else None,
         update_time=datetime.fromisoformat(d["update_time"]) if d.get("update_time") else None,
+        migration_source_id=d.get("migration_source_id", ""),
     )
 
 

@@ -101,6 +101,7 @@ class DiskOptions:
     target_dev: str = ""
     logical_block_size: int = 0
     physical_block_size: int = 0
+    boot_order: int = 0  # 0: none; only for a cold attach (a shut-off domain's definition)
 
 
 class AttachmentState(enum.Enum):
@@ -108,6 +109,7 @@ class AttachmentState(enum.Enum):
     ATTACHED = "attached"
     DETACHING = "detaching"
     ERROR = "error"
+    MIGRATING = "migrating"  # the destination's part of a live migration: prepared, the domain not yet here
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class JournalRecord:
     error_message: str = ""
     create_time: datetime | None = None
     update_time: datetime | None = None
+    # The destination of a live migration: the source's storage attachment, until storage completed the
+    # migration (hostagent.migration)
+    migration_source_id: str = ""
 
 
 class EventType(enum.Enum):

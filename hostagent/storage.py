@@ -26,3 +26,19 @@ class StorageApi(Protocol):
     def delete_attachment(self, attachment_id: str) -> None:
         """Removes the export; an unknown id is OK."""
         ...
+
+    # live migration (hostagent.migration)
+    def create_migration_attachment(
+        self, source_attachment_id: str, connector: Connector, domain: str
+    ) -> StorageAttachment:
+        """This host's attachment as the destination of a live migration, beside the source's live one;
+        idempotent per (source attachment, host, domain)."""
+        ...
+
+    def complete_migration(self, attachment_id: str, target_dev: str, host_device: str) -> None:
+        """The destination attachment becomes ATTACHED and ordinary; the source's goes. A repeat is OK."""
+        ...
+
+    def rollback_migration(self, attachment_id: str) -> None:
+        """Removes the destination attachment of a migration; an unknown id is OK."""
+        ...

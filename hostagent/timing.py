@@ -2,9 +2,9 @@
 each step of an attach or detach took to a `StepObserver` (the daemon's Prometheus histogram,
 `blockwire_step_duration_seconds{step}`), without a line of timing code in the connectors or the api.
 
-Steps: export / complete / unexport (storage), udev / udev_gone (waits for a device), hotplug / unplug /
-block_resize (libvirt); the commands (login, logout, identity, multipath ...) are timed by
-`blockwire.observability.TimedRunner`.
+Steps: export / complete / unexport, migration_export / migration_complete / migration_rollback
+(storage), udev / udev_gone (waits for a device), hotplug / unplug / block_resize / migrate (libvirt);
+the commands (login, logout, identity, multipath ...) are timed by `blockwire.observability.TimedRunner`.
 """
 
 from __future__ import annotations
@@ -71,6 +71,20 @@ class TimedStorage:
         with timed(self.steps, self.clock, "unexport"):
             self.storage.delete_attachment(attachment_id)
 
+    def create_migration_attachment(
+        self, source_attachment_id: str, connector: Connector, domain: str
+    ) -> StorageAttachment:
+        with timed(self.steps, self.clock, "migration_export"):
+            return self.storage.create_migration_attachment(source_attachment_id, connector, domain)
+
+    def complete_migration(self, attachment_id: str, target_dev: str, host_device: str) -> None:
+        with timed(self.steps, self.clock, "migration_complete"):
+            self.storage.complete_migration(attachment_id, target_dev, host_device)
+
+    def rollback_migration(self, attachment_id: str) -> None:
+        with timed(self.steps, self.clock, "migration_rollback"):
+            self.storage.rollback_migration(attachment_id)
+
 
 class TimedHypervisor(LibvirtHypervisor):
     """libvirt with the hot-plug, the unplug (until DEVICE_REMOVED) and the resize timed."""
@@ -87,11 +101,16 @@ class TimedHypervisor(LibvirtHypervisor):
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
         with timed(self.steps, self.clock, "hotplug"):
             return super().attach_disk(
-                domain, build, bus=bus, preferred_target=preferred_target, persistent=persistent
+                domain, build, bus=bus, preferred_target=preferred_target, persistent=persistent, cold=cold
             )
+
+    def migrate(self, domain: str, destination_uri: str, destination_xml: str) -> None:
+        with timed(self.steps, self.clock, "migrate"):
+            super().migrate(domain, destination_uri, destination_xml)
 
     def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
         with timed(self.steps, self.clock, "unplug"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,6 +70,8 @@ def build_agent(
     connector = build_connector(
         sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never"
     )
+    if config.host_name:
+        connector = replace(connector, host=config.host_name)
     qemu_iscsi = QemuIscsiConnector(
         hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
     )

@@ -16,8 +16,9 @@ from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
 from storagesvc.keys.base import KEY_KINDS, KeysConfig
 
-BACKEND_KINDS = ("file", "lvm-thin")
-EXPORTER_KINDS = ("tgt", "lio")
+BACKEND_KINDS = ("file", "lvm-thin", "rbd")
+RBD_HOST_USERS = ("backend", "per-host")
+EXPORTER_KINDS = ("tgt", "lio", "nvmet")
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,26 @@ class ServiceConfig:
 class BackendConfig:
     name: str
     kind: str
-    exporter: str
+    exporter: str = ""  # file, lvm-thin (rbd has none: hosts open the images themselves)
     path: str = ""  # file
     vg: str = ""  # lvm-thin
-    pool: str = ""  # lvm-thin
+    pool: str = ""  # lvm-thin: the thin pool; rbd: the Ceph pool
     oversubscription_ratio: float = 1.0
+    # rbd (README "Ceph RBD backend")
+    conf: str = ""  # a ceph.conf to read (mon_host, ...); or `monitors`
+    monitors: tuple[str, ...] = ()  # "host:port" (msgr v1); announced to hosts
+    data_pool: str = ""  # an erasure-coded data pool for the images' data
+    user: str = "admin"  # cephx user, without "client."
+    keyring: str = ""  # a keyring file with [client.<user>] key = ...
+    key_file: str = ""  # or a file holding just the key
+    connect_timeout: float = 10.0  # seconds for the monitors to answer (then UNAVAILABLE)
+    op_timeout: float = 30.0  # seconds for each OSD operation
+    host_users: str = "backend"  # "backend": hosts get one user; "per-host": client.<prefix>.<host>
+    host_user_prefix: str = "blockwire"
+    host_user: str = ""  # host_users = "backend": the user hosts get ("": `user`)
+    host_key_file: str = ""  # its key (a keyring or a key file)
+    capacity_bytes: int = 0  # provisioning cap; 0: the pool's size from the cluster (needs a ceph-mgr)
+    scratch_dir: str = ""  # qcow2 images are converted to raw here before their import
 
 
 @dataclass(frozen=True)
@@ -73,6 +89,13 @@ class ExporterConfig:
     control_port: int = 0  # tgt
     tgtadm: str = "tgtadm"  # tgt
     command_timeout: float = 30.0
+    # nvmet (storagesvc/targets/nvmet.py): subsystems are "<nqn_prefix>:<volume id>"; portals are the
+    # TCP addresses of its ports (one port each, one path each); DH-HMAC-CHAP per host NQN, the secrets
+    # derived from the seed in dhchap_key_file (made on first start, mode 0600).
+    nqn_prefix: str = "nqn.2026-01.io.blockwire"
+    dhchap: bool = True
+    dhchap_bidirectional: bool = True
+    dhchap_key_file: str = "/var/lib/blockwire/nvmet-dhchap.key"
 
 
 @dataclass(frozen=True)
@@ -119,14 +142,33 @@ def _exporters(tables: Mapping[str, Any]) -> dict[str, ExporterConfig]:
                 validate.portal(p, f"exporters.{name}.portals[{i}]")
             except InvalidArgument as exc:
                 raise ConfigError(exc.message) from None
+        if exp.kind == "nvmet":
+            _nqn_prefix(exp.nqn_prefix, f"exporters.{name}.nqn_prefix")
         exporters[name] = exp
     return exporters
 
 
+def _nqn_prefix(prefix: str, field: str) -> None:
+    """The subsystem NQNs "<prefix>:<volume id>" must be NVMe names of at most 223 characters."""
+    try:
+        validate.nqn(f"{prefix}:{'0' * 32}", field)
+    except InvalidArgument:
+        raise ConfigError(
+            f"[{field.rsplit('.', 1)[0]}] nqn_prefix: {prefix!r} does not make NVMe names "
+            "(nqn.YYYY-MM.reverse.domain, at most 190 characters)"
+        ) from None
+
+
 def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterConfig]) -> BackendConfig:
-    b = BackendConfig(**_take(table, f"backends[{i}]", _fields(BackendConfig)))
+    t = _take(table, f"backends[{i}]", _fields(BackendConfig))
+    if "monitors" in t:
+        t["monitors"] = tuple(t["monitors"])
+    b = BackendConfig(**t)
     if b.kind not in BACKEND_KINDS:
         raise ConfigError(f"[[backends]] {b.name}: kind is one of {', '.join(BACKEND_KINDS)}")
+    if b.kind == "rbd":
+        _rbd_backend(b)
+        return b
     if b.exporter not in exporters:
         raise ConfigError(f"[[backends]] {b.name}: exporter {b.exporter!r} is not defined under [exporters]")
     if b.kind == "file" and not b.path:
@@ -134,6 +176,36 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     if b.kind == "lvm-thin" and not (b.vg and b.pool):
         raise ConfigError(f"[[backends]] {b.name}: an lvm-thin backend needs vg and pool")
     return b
+
+
+def _rbd_backend(b: BackendConfig) -> None:  # noqa: PLR0912 - one check per key
+    where = f"[[backends]] {b.name}"
+    if b.exporter:
+        raise ConfigError(f"{where}: an rbd backend has no exporter (hosts open the images directly)")
+    if not b.pool:
+        raise ConfigError(f"{where}: an rbd backend needs pool (the Ceph pool)")
+    if not (b.conf or b.monitors):
+        raise ConfigError(f"{where}: an rbd backend needs conf (a ceph.conf) or monitors")
+    if not (b.keyring or b.key_file):
+        raise ConfigError(f"{where}: an rbd backend needs keyring or key_file (the key of client.{b.user})")
+    if b.keyring and b.key_file:
+        raise ConfigError(f"{where}: keyring or key_file, not both")
+    if b.host_users not in RBD_HOST_USERS:
+        raise ConfigError(f"{where} host_users: one of {', '.join(RBD_HOST_USERS)}")
+    if bool(b.host_user) != bool(b.host_key_file):
+        raise ConfigError(f"{where}: host_user and host_key_file go together")
+    if not (b.connect_timeout > 0 and b.op_timeout > 0):
+        raise ConfigError(f"{where}: connect_timeout and op_timeout are seconds, more than 0")
+    if b.capacity_bytes < 0:
+        raise ConfigError(f"{where} capacity_bytes: 0 (from the cluster) or more")
+    try:
+        for i, m in enumerate(b.monitors):
+            validate.portal(m, f"backends.{b.name}.monitors[{i}]")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
+    for what, value in (("pool", b.pool), ("data_pool", b.data_pool), ("user", b.user)):
+        if value and not validate.RBD_NAME_RE.fullmatch(value):
+            raise ConfigError(f"{where} {what}: {value!r} is not 1-128 characters of [A-Za-z0-9._-]")
 
 
 def _naa_oui(value: str, field: str) -> str:

@@ -4,6 +4,18 @@ entries behind them; the restore of an export (`reconcile`, the export checks) a
 An attachment is one consumer, (host, domain); the attachments of a multiattach volume share one export,
 reference-counted: its target goes with the last attachment, an initiator's ACL entry with the last
 attachment of that initiator (STYLE.md 13). Record first, act second, undo on failure (STYLE.md 6).
+
+A volume on a direct backend (`DirectBackend`: rbd) has no target: its attachment carries what the host
+needs to open the volume itself (`RbdConnection`: monitors, pool, image, the image's id, the cluster's
+fsid, a cephx user and key), read from the cluster when the attachment is made, and no export record.
+The attachment rules are the same: one (host, domain) consumer unless multiattach, repeats return the
+attachment, deletes of what is gone succeed.
+
+The exporter decides the transport (`storagesvc.targets.base.transport_of`): an iSCSI exporter (tgt,
+lio) admits the connector's initiator IQN and announces an `IscsiConnection` with the export's CHAP; an
+NVMe exporter (nvmet) names the subsystem itself, admits the connector's host NQN and announces an
+`NvmeofConnection` with the namespace's NGUID and UUID and the host's DH-HMAC-CHAP secrets. Everything
+else (records, reference counts, reconcile, repair) is the same for both.
 """
 
 from __future__ import annotations
@@ -25,10 +37,13 @@ from blockwire.model import (
     Encryption,
     IscsiConnection,
     IscsiPath,
+    NvmeofConnection,
+    NvmeofPortal,
     Transport,
 )
 from blockwire.secret import Secret
 from storagesvc import identity, paging
+from storagesvc.backends.base import DirectBackend
 from storagesvc.context import Context, Pool
 from storagesvc.model import (
     ATTACHABLE,
@@ -39,7 +54,7 @@ from storagesvc.model import (
     Volume,
     VolumeState,
 )
-from storagesvc.targets.base import Exporter, TargetState
+from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec, TargetState, transport_of
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +77,54 @@ def new_chap_secret() -> Secret:
     return Secret("".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_LENGTH)))
 
 
+def initiator_of(connector: Connector, exporter: Exporter | None) -> str:
+    """The name `exporter` admits the connector's host by: its host NQN (NVMe), else its initiator IQN
+    (also for a direct backend, None: no exporter admits anyone; the IQN tells a repeat from another
+    consumer as before)."""
+    if exporter is not None and transport_of(exporter) is Transport.NVME_TCP:
+        return connector.nvme_host_nqn
+    return connector.initiator_iqn
+
+
+def _repeat(
+    v: Volume,
+    atts: Sequence[Attachment],
+    connector: Connector,
+    *,
+    domain: str,
+    mode: AccessMode,
+    exporter: Exporter | None,
+) -> Attachment | None:
+    """The attachment a CreateAttachment repeats, or None. An attachment is one consumer: (host, domain).
+    A repeat of it returns it; another consumer, on this host or another, is a second attachment, which
+    only a multiattach volume may have (a repeat from the same host must never stand in for another
+    domain's attachment: its deletion would unexport the volume under the first domain). The same consumer
+    asking otherwise is FAILED_PRECONDITION."""
+    initiator = initiator_of(connector, exporter)
+    for a in atts:
+        if a.connector.host != connector.host or a.domain != domain:
+            continue
+        if (
+            initiator_of(a.connector, exporter) == initiator
+            and a.access_mode is mode
+            and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
+        ):
+            return a
+        raise FailedPrecondition(
+            f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
+            f"{a.state.value}, {a.access_mode.value}, {initiator_of(a.connector, exporter)}); "
+            "delete that attachment first"
+        )
+    return None
+
+
+def _with_key(a: Attachment, encryption: Encryption | None) -> Attachment:
+    """A repeat's answer carries the key like the first one (the catalog's copy has none)."""
+    if encryption is None or a.connection_info is None:
+        return a
+    return replace(a, connection_info=replace(a.connection_info, encryption=encryption))
+
+
 def _consumer(host: str, domain: str) -> str:
     return f"domain {domain!r} on host {host}" if domain else f"host {host}"
 
@@ -72,15 +135,41 @@ class Exports:
 
     # -- attachments
 
-    def create(self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = "") -> Attachment:
+    def create(
+        self,
+        volume_id: str,
+        connector: Connector,
+        mode: AccessMode,
+        domain: str = "",
+        *,
+        transport: Transport | None = None,
+    ) -> Attachment:
+        """Attaches the volume to (connector.host, domain). `transport`: the one the caller wants (None:
+        the volume's, iSCSI for exported backends, the backend's own for direct ones, e.g. RBD);
+        another one is INVALID_ARGUMENT."""
         ctx = self.ctx
         with ctx.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
-            validate.connector(connector, transport=Transport.ISCSI)
+            validate.connector(connector)
             with ctx.hold_volume(volume_id):
-                return self._create(ctx.volume(volume_id), connector, mode, domain)
+                v = ctx.volume(volume_id)
+                pool = ctx.pools[v.backend]
+                direct = pool.backend if isinstance(pool.backend, DirectBackend) else None
+                own = direct.transport if direct is not None else transport_of(pool.target_exporter())
+                if transport is not None and transport is not own:
+                    raise InvalidArgument(
+                        "transport",
+                        f"volume {v.id} is on backend {v.backend} ({pool.backend.kind}), reached over "
+                        f"{own.value}, not {transport.value}",
+                    )
+                validate.connector(connector, transport=own)
+                return self._create(v, connector, mode, domain)
 
-    def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
+    def _create(
+        self, v: Volume, connector: Connector, mode: AccessMode, domain: str, migration_source_id: str = ""
+    ) -> Attachment:
+        """`migration_source_id`: the destination attachment of a live migration (storagesvc.migrations),
+        which a volume that is not multiattach may have beside its source attachment."""
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
@@ -88,27 +177,12 @@ class Exports:
         # half-done (the key goes only into this answer, never into the catalog: see `Encryption`)
         encryption = self._encryption_with_key(v)
         atts = ctx.catalog.attachments_of(v.id)
-        # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
-        # on this host or another, is a second attachment, which only a multiattach volume may have
-        # (a repeat from the same host must never stand in for another domain's attachment: its
-        # deletion would unexport the volume under the first domain).
-        for a in atts:
-            if a.connector.host != connector.host or a.domain != domain:
-                continue
-            if (
-                a.connector.initiator_iqn == connector.initiator_iqn
-                and a.access_mode is mode
-                and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
-            ):
-                if encryption is not None and a.connection_info is not None:
-                    return replace(a, connection_info=replace(a.connection_info, encryption=encryption))
-                return a
-            raise FailedPrecondition(
-                f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
-                f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
-                "attachment first"
-            )
-        if atts and not v.multiattach:
+        pool = ctx.pools[v.backend]
+        initiator = initiator_of(connector, pool.exporter)
+        repeat = _repeat(v, atts, connector, domain=domain, mode=mode, exporter=pool.exporter)
+        if repeat is not None:
+            return _with_key(repeat, encryption)
+        if atts and not v.multiattach and not migration_source_id:
             raise FailedPrecondition(
                 f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
                 "not created multiattach; detach it there first"
@@ -117,10 +191,13 @@ class Exports:
             raise FailedPrecondition(
                 f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
             )
-        pool = ctx.pools[v.backend]
-        exporter = pool.exporter
+        if isinstance(pool.backend, DirectBackend):
+            return self._create_direct(
+                v, pool.backend, atts, connector, mode=mode, domain=domain, migration=migration_source_id
+            )
+        exporter = pool.target_exporter()
         first = not atts or v.export is None
-        export = v.export if not first else self._new_export(v, mode, exporter.lun)
+        export = v.export if not first else self._new_export(v, mode, exporter)
         assert export is not None
         now = ctx.now()
         att = Attachment(
@@ -132,6 +209,7 @@ class Exports:
             create_time=now,
             update_time=now,
             domain=domain,
+            migration_source_id=migration_source_id,
         )
         before = v
         with contextlib.ExitStack() as undo:
@@ -146,27 +224,24 @@ class Exports:
                 undo.callback(exporter.remove_target, export.target_iqn)
                 exporter.ensure_target(ctx.spec(reserved, export))
                 ctx.failpoints.hit(FP_EXPORT_AFTER_TARGET)
-            undo.callback(
-                self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
-            )
-            exporter.allow(ctx.spec(reserved, export), connector.initiator_iqn)
+            undo.callback(self._deny_unless_shared, v.id, att.id, export.target_iqn, initiator, exporter)
+            spec = ctx.spec(reserved, export)
+            exporter.allow(spec, initiator)
             ctx.failpoints.hit(FP_EXPORT_AFTER_ACL)
+            transport = _transport_info(exporter, spec, export, connector)
+            # iSCSI LUNs have 512-byte blocks; an NVMe namespace has the target's LBA size
+            block = exporter.block_size(spec.device_path) if isinstance(exporter, NvmeExporter) else 512
             info = ConnectionInfo(
-                transport=IscsiConnection(
-                    paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
-                    chap=export.chap,
-                    mutual_chap=export.mutual_chap,
-                    initiator_iqn=connector.initiator_iqn,
-                ),
+                transport=transport,
                 volume_id=v.id,
                 attachment_id=att.id,
-                wwn=v.wwn,
+                wwn=v.wwn if isinstance(transport, IscsiConnection) else "",  # NVMe: NGUID and UUID
                 serial=v.serial,
                 size_bytes=v.size_bytes + (encryption.header_bytes if encryption else 0),
                 access_mode=mode,
                 discard=False,
-                logical_block_size=512,
-                physical_block_size=512,
+                logical_block_size=block,
+                physical_block_size=block,
                 multiattach=v.multiattach,
                 encryption=encryption,
             )
@@ -187,7 +262,7 @@ class Exports:
             "volume %s exported to host %s (%s) as attachment %s",
             v.id,
             connector.host,
-            connector.initiator_iqn,
+            initiator,
             att.id,
         )
         return att
@@ -198,13 +273,98 @@ class Exports:
         passphrase = self.ctx.need_crypt().passphrase(v.encryption)
         return replace(v.encryption, passphrase=passphrase)
 
-    def _new_export(self, v: Volume, mode: AccessMode, lun: int) -> ExportRecord:
+    def _create_direct(
+        self,
+        v: Volume,
+        backend: DirectBackend,
+        atts: Sequence[Attachment],
+        connector: Connector,
+        *,
+        mode: AccessMode,
+        domain: str,
+        migration: str = "",
+    ) -> Attachment:
+        """An attachment of a volume hosts open themselves: no target, no export record. The transport
+        info (with the identity read now from the storage) is made before anything is recorded, so a
+        failure (the cluster down: UNAVAILABLE) leaves nothing behind. Not a live migration's
+        destination attachment (`migration`): not supported for these backends yet."""
         ctx = self.ctx
+        if v.encryption is not None:  # refused at create; a guard
+            raise FailedPrecondition(
+                f"volume {v.id}: encrypted volumes on backend {v.backend} are not supported"
+            )
+        if migration:
+            raise FailedPrecondition(
+                f"volume {v.id} is on backend {v.backend} (direct): live migration of its volumes is "
+                "not supported yet; the volume stays attached to the source"
+            )
+        if atts and any(a.access_mode is not mode for a in atts):
+            raise FailedPrecondition(
+                f"volume {v.id} is attached {atts[0].access_mode.value}; every attachment must use that mode"
+            )
+        transport = backend.connection(v.id, connector.host)
+        now = ctx.now()
+        info = ConnectionInfo(
+            transport=transport,
+            volume_id=v.id,
+            wwn=v.wwn,
+            serial=v.serial,
+            size_bytes=v.size_bytes,
+            access_mode=mode,
+            discard=True,
+            logical_block_size=512,
+            physical_block_size=512,
+            multiattach=v.multiattach,
+        )
+        att = Attachment(
+            id=ctx.new_id(),
+            volume_id=v.id,
+            connector=connector,
+            access_mode=mode,
+            state=AttachmentState.ATTACHING,
+            create_time=now,
+            update_time=now,
+            domain=domain,
+        )
+        info = replace(info, attachment_id=att.id)
+        try:
+            validate.validate_connection_info(info)
+        except InvalidArgument as exc:
+            raise Internal(
+                f"the connection info of volume {v.id} fails its own checks ({exc.message}); nothing was "
+                "recorded"
+            ) from exc
+        att = replace(att, connection_info=info)
+        with contextlib.ExitStack() as undo:
+            ctx.catalog.insert_attachment(att)
+            undo.callback(ctx.catalog.delete_attachment, att.id)
+            state = v.state if atts else VolumeState.ATTACHING
+            ctx.save(replace(v, state=state))
+            undo.pop_all()
+        log.info(
+            "volume %s (%s) announced to host %s as attachment %s",
+            v.id,
+            info.kind.value,
+            connector.host,
+            att.id,
+        )
+        return att
+
+    def _new_export(self, v: Volume, mode: AccessMode, exporter: Exporter) -> ExportRecord:
+        ctx = self.ctx
+        if isinstance(exporter, NvmeExporter):  # DH-HMAC-CHAP secrets are per host, not per export
+            return ExportRecord(
+                target_iqn=identity.subsystem_nqn(exporter.nqn_prefix, v.id),
+                lun=exporter.lun,
+                chap=None,
+                mutual_chap=None,
+                access_mode=mode,
+            )
         chap = Chap(f"in-{v.id[:24]}", ctx.new_secret())
         mutual = Chap(f"out-{v.id[:24]}", ctx.new_secret()) if ctx.mutual_chap else None
         return ExportRecord(
             target_iqn=identity.target_iqn(ctx.iqn_prefix, v.id),
-            lun=lun,
+            lun=exporter.lun,
             chap=chap,
             mutual_chap=mutual,
             access_mode=mode,
@@ -217,7 +377,7 @@ class Exports:
         others = [
             a
             for a in self.ctx.catalog.attachments_of(volume_id)
-            if a.id != attachment_id and a.connector.initiator_iqn == initiator_iqn
+            if a.id != attachment_id and initiator_of(a.connector, exporter) == initiator_iqn
         ]
         if not others:
             exporter.deny(target_iqn, initiator_iqn)
@@ -271,9 +431,10 @@ class Exports:
             v = ctx.save(replace(v, state=VolumeState.DETACHING))
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
         if v is not None and v.export is not None:
-            exporter = ctx.pools[v.backend].exporter
+            exporter = ctx.pools[v.backend].target_exporter()
             if others:
-                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
+                initiator = initiator_of(a.connector, exporter)
+                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, initiator, exporter)
             else:
                 exporter.remove_target(v.export.target_iqn)
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
@@ -308,9 +469,10 @@ class Exports:
         what `reconcile` and `repair` rebuild. Idempotent."""
         assert v.export is not None
         spec = self.ctx.spec(v, v.export)
-        pool.exporter.ensure_target(spec)
+        exporter = pool.target_exporter()
+        exporter.ensure_target(spec)
         for a in live:
-            pool.exporter.allow(spec, a.connector.initiator_iqn)
+            exporter.allow(spec, initiator_of(a.connector, exporter))
 
     def repair(self) -> list[str]:
         """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
@@ -329,7 +491,7 @@ class Exports:
         exporters: dict[int, Exporter] = {}
         for v in ctx.all_volumes():
             pool = ctx.pools.get(v.backend)
-            if pool is None or v.export is None or v.state not in _EXPORTED:
+            if pool is None or pool.exporter is None or v.export is None or v.state not in _EXPORTED:
                 continue
             exporters[id(pool.exporter)] = pool.exporter
             wanted.setdefault(id(pool.exporter), []).append(v)
@@ -337,8 +499,8 @@ class Exports:
         for key, volumes in wanted.items():
             exporter = exporters[key]
             try:
-                live = {t.target_iqn: t for t in exporter.list_targets(ctx.iqn_prefix + ":")}
-                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live))]
+                live = {t.target_iqn: t for t in exporter.list_targets(ctx.target_prefix(exporter))}
+                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live, exporter))]
                 if not lost:
                     continue
                 exporter.start()  # a restarted tgtd forgot its portals too
@@ -361,7 +523,7 @@ class Exports:
             if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
         ]
 
-    def _export_lost(self, v: Volume, live: Mapping[str, TargetState]) -> str:
+    def _export_lost(self, v: Volume, live: Mapping[str, TargetState], exporter: Exporter) -> str:
         """What the target side lost of the volume's export, in words; "" when it is intact."""
         assert v.export is not None
         state = live.get(v.export.target_iqn)
@@ -372,11 +534,8 @@ class Exports:
         wrong = state.lun.differs(self.ctx.spec(v, v.export))
         if wrong:
             return f"target {v.export.target_iqn}: {wrong}"
-        missing = [
-            a.connector.initiator_iqn
-            for a in self._live_attachments(v.id)
-            if a.connector.initiator_iqn not in state.initiators
-        ]
+        admitted = [initiator_of(a.connector, exporter) for a in self._live_attachments(v.id)]
+        missing = [name for name in admitted if name not in state.initiators]
         if missing:
             return f"target {v.export.target_iqn} does not admit {', '.join(missing)}"
         return ""
@@ -398,6 +557,30 @@ class Exports:
             len(atts),
         )
         return True
+
+
+def _transport_info(
+    exporter: Exporter, spec: TargetSpec, export: ExportRecord, connector: Connector
+) -> IscsiConnection | NvmeofConnection:
+    """What the host needs to reach the export over the exporter's transport."""
+    if isinstance(exporter, NvmeExporter):
+        host_secret, ctrl_secret = exporter.host_secrets(connector.nvme_host_nqn)
+        return NvmeofConnection(
+            subsystem_nqn=export.target_iqn,
+            portals=tuple(NvmeofPortal(p, "tcp") for p in exporter.portals),
+            namespace_id=export.lun,
+            namespace_uuid=spec.uuid,
+            namespace_nguid=spec.nguid,
+            host_nqn=connector.nvme_host_nqn,
+            dhchap_host_secret=host_secret,
+            dhchap_ctrl_secret=ctrl_secret,
+        )
+    return IscsiConnection(
+        paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
+        chap=export.chap,
+        mutual_chap=export.mutual_chap,
+        initiator_iqn=connector.initiator_iqn,
+    )
 
 
 def in_use_or_attaching(attachments: Sequence[Attachment]) -> VolumeState:

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from storagesvc.context import Context
 from storagesvc.exports import Exports, in_use_or_attaching
-from storagesvc.model import AttachmentState, Volume, VolumeState
+from storagesvc.model import Attachment, AttachmentState, Volume, VolumeState
 from storagesvc.targets.base import AccountPruner, Exporter
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ class Reconciler:
         with ctx.stats.measure("reconcile"):
             exporters: dict[int, Exporter] = {}
             for pool in ctx.pools.values():
-                exporters.setdefault(id(pool.exporter), pool.exporter)
+                if pool.exporter is not None:
+                    exporters.setdefault(id(pool.exporter), pool.exporter)
             for exporter in exporters.values():
                 exporter.start()
             known: set[str] = set()
@@ -52,7 +53,7 @@ class Reconciler:
                 if target:
                     known.add(target)
             for exporter in exporters.values():
-                for t in exporter.list_targets(ctx.iqn_prefix + ":"):
+                for t in exporter.list_targets(ctx.target_prefix(exporter)):
                     if t.target_iqn not in known:
                         log.warning("removing target %s: the catalog does not know it", t.target_iqn)
                         exporter.remove_target(t.target_iqn)
@@ -60,7 +61,13 @@ class Reconciler:
                     for user in exporter.prune_accounts(lambda u: _CHAP_USER.fullmatch(u) is not None):
                         log.warning("removed CHAP account %s: no target uses it", user)
 
-    def _volume(self, v: Volume) -> str:
+    def _direct(self, v: Volume, live: list[Attachment]) -> None:
+        """A volume hosts open themselves: only its state follows its live attachments."""
+        want = in_use_or_attaching(live) if live else VolumeState.AVAILABLE
+        if v.state is not VolumeState.ERROR and v.state is not want:
+            self.ctx.save(replace(v, state=want, export=None))
+
+    def _volume(self, v: Volume) -> str:  # noqa: PLR0911 - one return per case of the crash table
         ctx = self.ctx
         pool = ctx.pools.get(v.backend)
         if pool is None:
@@ -85,6 +92,9 @@ class Reconciler:
                 self.exports.remove(a.id)
         v = ctx.catalog.get_volume(v.id) or v
         live = ctx.catalog.attachments_of(v.id)
+        if pool.exporter is None:  # hosts open the volume themselves (rbd): no target to restore
+            self._direct(v, live)
+            return ""
         if not live:
             if v.export is not None:
                 pool.exporter.remove_target(v.export.target_iqn)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import replace
 
-from blockwire.model import AccessMode, Connector
+from blockwire.model import AccessMode, Connector, Transport
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
@@ -38,6 +38,7 @@ from storagesvc.exports import (
     Exports,
     new_chap_secret,
 )
+from storagesvc.migrations import Migrations
 from storagesvc.model import (
     Attachment,
     BackendStats,
@@ -113,6 +114,7 @@ class StorageService:
         self.volumes = Volumes(ctx)
         self.snapshots = Snapshots(ctx)
         self.exports = Exports(ctx)
+        self.migrations = Migrations(ctx, self.exports)
         self.reconciler = Reconciler(ctx, self.exports)
 
     # -- what callers (the daemon, tests) reach directly
@@ -179,9 +181,15 @@ class StorageService:
     # -- attachments
 
     def create_attachment(
-        self, volume_id: str, connector: Connector, mode: AccessMode, domain: str = ""
+        self,
+        volume_id: str,
+        connector: Connector,
+        mode: AccessMode,
+        domain: str = "",
+        *,
+        transport: Transport | None = None,
     ) -> Attachment:
-        return self.exports.create(volume_id, connector, mode, domain)
+        return self.exports.create(volume_id, connector, mode, domain, transport=transport)
 
     def complete_attachment(
         self, attachment_id: str, target_dev: str = "", host_device: str = ""
@@ -198,6 +206,21 @@ class StorageService:
         self, volume_id: str, host: str, page_size: int, page_token: str
     ) -> Page[Attachment]:
         return self.exports.page(volume_id, host, page_size, page_token)
+
+    # -- live migration (storagesvc.migrations)
+
+    def create_migration_attachment(
+        self, source_attachment_id: str, connector: Connector, domain: str = ""
+    ) -> Attachment:
+        return self.migrations.create(source_attachment_id, connector, domain)
+
+    def complete_migration(
+        self, attachment_id: str, target_dev: str = "", host_device: str = ""
+    ) -> Attachment:
+        return self.migrations.complete(attachment_id, target_dev, host_device)
+
+    def rollback_migration(self, attachment_id: str) -> None:
+        self.migrations.rollback(attachment_id)
 
     # -- capacity and statistics
 

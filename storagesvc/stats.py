@@ -9,11 +9,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from blockwire.errors import NotFound
+from blockwire.errors import BlockwireError, NotFound
 from blockwire.runtime.clock import Clock
 from storagesvc.model import BackendStats, Capacity, OperationStats
 
 if TYPE_CHECKING:
+    from storagesvc.backends.base import Backend
     from storagesvc.context import Context
 
 
@@ -83,24 +84,34 @@ def capacity(ctx: Context, backend: str = "") -> list[Capacity]:
     return out
 
 
+def _reachable(backend: Backend) -> bool:
+    """Whether a backend without an exporter (rbd) answers: its storage is what hosts reach."""
+    try:
+        backend.space()
+    except BlockwireError:
+        return False
+    return True
+
+
 def backend_stats(ctx: Context) -> tuple[list[BackendStats], list[OperationStats]]:
     out = []
     exports = collections.Counter(v.backend for v in ctx.all_volumes() if v.export is not None)
     health: dict[int, bool] = {}
     for name, pool in ctx.pools.items():
         vols, snaps, _ = ctx.catalog.backend_counts(name)
-        key = id(pool.exporter)
+        exporter = pool.exporter
+        key = id(exporter if exporter is not None else pool.backend)
         if key not in health:
-            health[key] = pool.exporter.healthy()
+            health[key] = exporter.healthy() if exporter is not None else _reachable(pool.backend)
         out.append(
             BackendStats(
                 backend=name,
                 kind=pool.backend.kind,
-                exporter=pool.exporter.kind,
+                exporter=exporter.kind if exporter is not None else "",
                 volume_count=vols,
                 snapshot_count=snaps,
                 export_count=exports[name],
-                portals=pool.exporter.portals,
+                portals=exporter.portals if exporter is not None else (),
                 healthy=health[key],
             )
         )

@@ -13,7 +13,7 @@ from blockwire.errors import AlreadyExists, BlockwireError, FailedPrecondition, 
 from blockwire.model import Encryption
 from blockwire.secret import Secret
 from storagesvc import identity, paging
-from storagesvc.backends.base import ImageInfo
+from storagesvc.backends.base import DirectBackend, ImageInfo
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context, Pool
 from storagesvc.encryption import HEADER_BYTES, key_size
@@ -70,6 +70,11 @@ class Volumes:
         src = spec.source
         size, image, encryption = self._source(spec, pool)
         ctx.check_space(pool, size + (HEADER_BYTES if encryption or spec.encrypted else 0))
+        if (encryption or spec.encrypted) and isinstance(pool.backend, DirectBackend):
+            raise InvalidArgument(
+                "encrypted",
+                f"backend {pool.backend.name} ({pool.backend.kind}) cannot hold encrypted volumes yet",
+            )
         encryption, passphrase = self._new_key(spec, encryption)
 
         now = ctx.now()
@@ -298,7 +303,7 @@ class Volumes:
                     pool.backend.extend(volume_id, new_size + header)
                     grown = replace(v, size_bytes=new_size)
                     if v.export is not None:
-                        pool.exporter.resize(ctx.spec(grown, v.export))
+                        pool.target_exporter().resize(ctx.spec(grown, v.export))
                 except BaseException:
                     ctx.save(replace(v, state=before))
                     raise

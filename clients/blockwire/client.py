@@ -81,6 +81,14 @@ LONG_CALL_TIMEOUTS: Final[Mapping[str, float]] = {
     "CreateAttachment": 120.0,
     "DeleteAttachment": 120.0,
     "DeleteVolume": 120.0,
+    "PrepareMigration": 300.0,
+    "FinishIncomingMigration": 120.0,
+    "FinishOutgoingMigration": 300.0,
+    "AbortMigration": 300.0,
+    "MigrateDomain": 900.0,
+    "CreateMigrationAttachment": 120.0,
+    "CompleteMigration": 120.0,
+    "RollbackMigration": 120.0,
 }
 """Default deadlines of the calls that do real work; others get `DEFAULT_TIMEOUT`."""
 
@@ -654,6 +662,38 @@ class StorageClient(_Client):
         request = storage_pb2.DeleteAttachmentRequest(attachment_id=attachment_id)
         self._unary("DeleteAttachment", self.stub.DeleteAttachment, request, timeout)
 
+    def create_migration_attachment(
+        self,
+        source_attachment_id: str,
+        connector: types_pb2.Connector | model.Connector,
+        *,
+        domain: str = "",
+        timeout: float | None = None,
+    ) -> types_pb2.Attachment:
+        """The destination host's attachment of a live migration, beside the source's; a repeat returns it."""
+        if isinstance(connector, model.Connector):
+            connector = convert.connector_to_pb(connector)
+        request = storage_pb2.CreateMigrationAttachmentRequest(
+            source_attachment_id=source_attachment_id, connector=connector, domain=domain
+        )
+        return self._unary(
+            "CreateMigrationAttachment", self.stub.CreateMigrationAttachment, request, timeout
+        ).attachment
+
+    def complete_migration(
+        self, attachment_id: str, *, target_dev: str = "", host_device: str = "", timeout: float | None = None
+    ) -> types_pb2.Attachment:
+        """Completes a migration: the source attachment goes; a repeat is harmless."""
+        request = storage_pb2.CompleteMigrationRequest(
+            attachment_id=attachment_id, target_dev=target_dev, host_device=host_device
+        )
+        return self._unary("CompleteMigration", self.stub.CompleteMigration, request, timeout).attachment
+
+    def rollback_migration(self, attachment_id: str, *, timeout: float | None = None) -> None:
+        """Rolls a migration back: the destination attachment goes; a repeat or an unknown id is OK."""
+        request = storage_pb2.RollbackMigrationRequest(attachment_id=attachment_id)
+        self._unary("RollbackMigration", self.stub.RollbackMigration, request, timeout)
+
     def get_attachment(self, attachment_id: str, *, timeout: float | None = None) -> types_pb2.Attachment:
         """Returns one attachment, with its connection info."""
         request = storage_pb2.GetAttachmentRequest(attachment_id=attachment_id)
@@ -779,6 +819,68 @@ class HostAgentClient(_Client):
         """This host's attachments, or those of one domain."""
         request = hostagent_pb2.HostAgentServiceListAttachmentsRequest(domain=domain)
         return list(self._unary("ListAttachments", self.stub.ListAttachments, request, timeout).attachments)
+
+    # -- live migration (README "Live migration": the calls a virt manager makes)
+
+    def prepare_migration(
+        self,
+        domain: str,
+        domain_xml: str,
+        volumes: list[hostagent_pb2.MigrationVolume],
+        *,
+        timeout: float | None = None,
+    ) -> hostagent_pb2.PrepareMigrationResponse:
+        """Destination: connects the arriving domain's volumes here; returns the destination XML to pass
+        to libvirt as VIR_MIGRATE_PARAM_DEST_XML. A repeat returns the same. Example::
+
+            listed = source.list_attachments("vm1")
+            volumes = [hostagent_pb2.MigrationVolume(volume_id=a.volume_id, source_attachment_id=a.id,
+                                                     target_dev=a.target_dev) for a in listed]
+            xml = dest.prepare_migration("vm1", dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), volumes)
+        """
+        request = hostagent_pb2.PrepareMigrationRequest(domain=domain, domain_xml=domain_xml, volumes=volumes)
+        return self._unary("PrepareMigration", self.stub.PrepareMigration, request, timeout)
+
+    def finish_incoming_migration(
+        self, domain: str, *, timeout: float | None = None
+    ) -> list[types_pb2.Attachment]:
+        """Destination, after libvirt migrated: the attachments become ordinary ones here."""
+        request = hostagent_pb2.FinishIncomingMigrationRequest(domain=domain)
+        return list(
+            self._unary(
+                "FinishIncomingMigration", self.stub.FinishIncomingMigration, request, timeout
+            ).attachments
+        )
+
+    def finish_outgoing_migration(self, domain: str, *, timeout: float | None = None) -> list[str]:
+        """Source, after libvirt migrated: releases the domain's volumes here; the volume ids released."""
+        request = hostagent_pb2.FinishOutgoingMigrationRequest(domain=domain)
+        return list(
+            self._unary(
+                "FinishOutgoingMigration", self.stub.FinishOutgoingMigration, request, timeout
+            ).volume_ids
+        )
+
+    def abort_migration(self, domain: str, *, timeout: float | None = None) -> list[str]:
+        """Either side, the migration did not complete: undoes what this side made; the volume ids."""
+        request = hostagent_pb2.AbortMigrationRequest(domain=domain)
+        return list(self._unary("AbortMigration", self.stub.AbortMigration, request, timeout).volume_ids)
+
+    def migrate_domain(
+        self,
+        domain: str,
+        destination_agent: str,
+        destination_libvirt_uri: str,
+        *,
+        timeout: float | None = None,
+    ) -> hostagent_pb2.MigrateDomainResponse:
+        """Source: runs the whole migration agent to agent (see the RPC's comment)."""
+        request = hostagent_pb2.MigrateDomainRequest(
+            domain=domain,
+            destination_agent=destination_agent,
+            destination_libvirt_uri=destination_libvirt_uri,
+        )
+        return self._unary("MigrateDomain", self.stub.MigrateDomain, request, timeout)
 
     def connect_volume(
         self,

@@ -42,6 +42,7 @@ _STATE = {
     AttachmentState.ATTACHED: pb.ATTACHMENT_STATE_ATTACHED,
     AttachmentState.DETACHING: pb.ATTACHMENT_STATE_DETACHING,
     AttachmentState.ERROR: pb.ATTACHMENT_STATE_ERROR,
+    AttachmentState.MIGRATING: pb.ATTACHMENT_STATE_MIGRATING,
 }
 
 
@@ -67,6 +68,7 @@ def disk_options_from_pb(m: pb.DiskOptions) -> DiskOptions:
         target_dev=m.target_dev,
         logical_block_size=m.logical_block_size,
         physical_block_size=m.physical_block_size,
+        boot_order=m.boot_order,
     )
 
 
@@ -93,6 +95,7 @@ def attachment_to_pb(a: JournalRecord, connector: Connector) -> pb.Attachment:
         target_dev=a.target_dev,
         host_device=a.host_device,
         error_message=a.error_message,
+        migration_source_id=a.migration_source_id,
     )
     if a.create_time is not None:
         m.create_time.FromDatetime(a.create_time)

@@ -30,6 +30,7 @@ from hostagent.api import HostAgent
 from hostagent.config import AgentConfig, load_config
 from hostagent.model import AttachmentState
 from hostagent.pathcheck import PathSupervisor
+from hostagent.rpc.peer_client import GrpcPeerAgent
 from hostagent.rpc.servicer import HostAgentServicer
 from hostagent.rpc.storage_client import GrpcStorageApi, channel_for, tls_options
 from hostagent.wiring import build_agent, build_path_supervisor
@@ -39,9 +40,32 @@ log = logging.getLogger("hostagent")
 SERVICE = hostagent_pb2.DESCRIPTOR.services_by_name["HostAgentService"].full_name
 LONG_METHODS = frozenset(
     f"/{SERVICE}/{name}"
-    for name in ("AttachVolume", "DetachVolume", "ExtendVolume", "ConnectVolume", "DisconnectVolume")
+    for name in (
+        "AttachVolume",
+        "DetachVolume",
+        "ExtendVolume",
+        "ConnectVolume",
+        "DisconnectVolume",
+        "PrepareMigration",
+        "FinishIncomingMigration",
+        "FinishOutgoingMigration",
+        "AbortMigration",
+        "MigrateDomain",
+    )
 )
 """The agent's long calls ([limits] max_long_calls): logins, udev and DEVICE_REMOVED waits, rescans."""
+
+
+PEER_METHODS = frozenset({"PrepareMigration", "FinishIncomingMigration", "AbortMigration"})
+"""What another host's agent may call here (its MigrateDomain, with its agent identity)."""
+
+
+def agent_policy(identity: serving.Identity, method: str, request: object) -> None:
+    """Admins (TLS admin certificate, the unix socket) may call everything; another host's agent
+    (blockwire://agent/<host>) only the destination's part of a live migration (PEER_METHODS)."""
+    if identity.role == serving.AGENT and method in PEER_METHODS:
+        return
+    serving.admin_only(identity, method, request)
 
 
 def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
@@ -61,8 +85,12 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
     if metrics is not None:
         agent_gauges(metrics, agent, supervisor)
 
+    def peer_for(address: str) -> GrpcPeerAgent:
+        # this agent's own identity ([storage_tls]: its client certificate, blockwire://agent/<host>)
+        return GrpcPeerAgent(address, tls_options(st.ca_file, st.cert_file, st.key_file, ""))
+
     def register(server: grpc.Server) -> None:
-        hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(HostAgentServicer(agent), server)
+        hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(HostAgentServicer(agent, peer_for), server)
 
     t = config.tls
     listeners = serving.Listeners(
@@ -79,7 +107,7 @@ def serve(config: AgentConfig, stop: serving.ShutdownSignal) -> int:
             limits=config.limits,
             long_methods=LONG_METHODS,
             daemon="blockwire-agent",
-            interceptors=(serving.AuthInterceptor(f"/{SERVICE}/", serving.admin_only),),
+            interceptors=(serving.AuthInterceptor(f"/{SERVICE}/", agent_policy),),
             outer=(
                 *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
                 *((metrics.interceptor(),) if metrics is not None else ()),

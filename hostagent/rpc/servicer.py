@@ -11,18 +11,19 @@ import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
 from blockwire import cinder, convert, validate
-from blockwire.errors import InvalidArgument
+from blockwire.errors import FailedPrecondition, InvalidArgument
 from blockwire.model import ConnectionInfo
 from blockwire.status import abort_with
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import hostagent_pb2_grpc
 from blockwire.v1 import types_pb2 as tpb
 from hostagent.api import HostAgent
+from hostagent.migration import MigrationVolume, PeerAgent
 from hostagent.rpc.convert import (
     attachment_to_pb,
     disk_options_from_pb,
@@ -32,6 +33,13 @@ from hostagent.rpc.convert import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class PeerClient(PeerAgent, Protocol):
+    """A destination agent reached over the network, closed after use (hostagent.rpc.peer_client)."""
+
+    def close(self) -> None: ...
+
 
 _WATCH_SLICE = 0.25  # seconds between checks that the watcher is still there
 
@@ -59,8 +67,11 @@ def _unary(
 class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
     """Serves blockwire.v1.HostAgentService on a HostAgent."""
 
-    def __init__(self, agent: HostAgent) -> None:
+    def __init__(self, agent: HostAgent, peer_for: Callable[[str], PeerClient] | None = None) -> None:
+        """`peer_for` opens a destination agent by address for MigrateDomain (None: MigrateDomain is
+        FAILED_PRECONDITION)."""
         self.agent = agent
+        self.peer_for = peer_for
 
     @_unary
     def GetConnector(
@@ -136,6 +147,76 @@ class HostAgentServicer(hostagent_pb2_grpc.HostAgentServiceServicer):
         info = _either_connection_info(request)
         self.agent.disconnect_volume(info, force=request.force)
         return hpb.DisconnectVolumeResponse()
+
+    @_unary
+    def PrepareMigration(
+        self, request: hpb.PrepareMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.PrepareMigrationResponse:
+        volumes = [
+            MigrationVolume(v.volume_id, v.source_attachment_id, v.target_dev) for v in request.volumes
+        ]
+        prepared = self.agent.prepare_migration(
+            request.domain,
+            request.domain_xml,
+            volumes,
+            allow_unverified_identity=request.allow_unverified_identity,
+        )
+        return hpb.PrepareMigrationResponse(
+            destination_domain_xml=prepared.domain_xml,
+            disks=[
+                hpb.PreparedDisk(
+                    volume_id=d.volume_id,
+                    attachment_id=d.attachment_id,
+                    target_dev=d.target_dev,
+                    disk_xml=d.disk_xml,
+                )
+                for d in prepared.disks
+            ],
+        )
+
+    @_unary
+    def FinishIncomingMigration(
+        self, request: hpb.FinishIncomingMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.FinishIncomingMigrationResponse:
+        found = self.agent.finish_incoming_migration(request.domain)
+        return hpb.FinishIncomingMigrationResponse(
+            attachments=[attachment_to_pb(a, self.agent.connector) for a in found]
+        )
+
+    @_unary
+    def FinishOutgoingMigration(
+        self, request: hpb.FinishOutgoingMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.FinishOutgoingMigrationResponse:
+        return hpb.FinishOutgoingMigrationResponse(
+            volume_ids=self.agent.finish_outgoing_migration(request.domain)
+        )
+
+    @_unary
+    def AbortMigration(
+        self, request: hpb.AbortMigrationRequest, context: grpc.ServicerContext
+    ) -> hpb.AbortMigrationResponse:
+        return hpb.AbortMigrationResponse(volume_ids=self.agent.abort_migration(request.domain))
+
+    @_unary
+    def MigrateDomain(
+        self, request: hpb.MigrateDomainRequest, context: grpc.ServicerContext
+    ) -> hpb.MigrateDomainResponse:
+        validate.domain(request.domain)
+        if not request.destination_agent:
+            raise InvalidArgument("destination_agent", "required: the destination agent's address")
+        if self.peer_for is None:
+            raise FailedPrecondition("this agent cannot reach other agents (no peer client configured)")
+        peer = self.peer_for(request.destination_agent)
+        try:
+            result = self.agent.migrate_domain(request.domain, peer, request.destination_libvirt_uri)
+        finally:
+            peer.close()
+        return hpb.MigrateDomainResponse(
+            volume_ids=list(result.volume_ids),
+            prepare_seconds=result.prepare_seconds,
+            libvirt_seconds=result.libvirt_seconds,
+            finish_seconds=result.finish_seconds,
+        )
 
     @_unary
     def AuditHost(

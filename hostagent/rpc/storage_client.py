@@ -32,7 +32,15 @@ def tls_options(ca_file: str, cert_file: str, key_file: str, server_name: str) -
     )
 
 
-_STORAGE_CALLS = ("CreateAttachment", "CompleteAttachment", "DeleteAttachment", "ListAttachments")
+_STORAGE_CALLS = (
+    "CreateAttachment",
+    "CompleteAttachment",
+    "DeleteAttachment",
+    "ListAttachments",
+    "CreateMigrationAttachment",
+    "CompleteMigration",
+    "RollbackMigration",
+)
 
 
 class GrpcStorageApi:
@@ -56,6 +64,18 @@ class GrpcStorageApi:
 
     def delete_attachment(self, attachment_id: str) -> None:
         self.client.delete_attachment(attachment_id)
+
+    def create_migration_attachment(
+        self, source_attachment_id: str, connector: Connector, domain: str
+    ) -> StorageAttachment:
+        a = self.client.create_migration_attachment(source_attachment_id, connector, domain=domain)
+        return StorageAttachment(id=a.id, connection_info=convert.connection_info_from_pb(a.connection_info))
+
+    def complete_migration(self, attachment_id: str, target_dev: str, host_device: str) -> None:
+        self.client.complete_migration(attachment_id, target_dev=target_dev, host_device=host_device)
+
+    def rollback_migration(self, attachment_id: str) -> None:
+        self.client.rollback_migration(attachment_id)
 
     def host_attachments(self, host: str) -> list[StorageRow]:
         """Storage's attachments of `host` (for the doctor)."""

@@ -112,6 +112,7 @@ class DiskSpec:
     logical_block_size: int = 0
     physical_block_size: int = 0
     address: DriveAddress | None = None
+    boot_order: int = 0
     encryption: DiskEncryption | None = None
 
 
@@ -187,6 +188,8 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
             value = getattr(spec.iotune, name)
             if value:
                 etree.SubElement(iotune, name).text = str(value)
+    if spec.boot_order:
+        etree.SubElement(disk, "boot", order=str(spec.boot_order))
     if spec.read_only:
         etree.SubElement(disk, "readonly")
     if spec.shareable:
@@ -206,6 +209,68 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
             target=str(a.target),
             unit=str(a.unit),
         )
+
+
+def with_source(disk: etree._Element, source: Source) -> etree._Element:
+    """A copy of a <disk> element that opens `source` instead: its type and <source> (with <auth>,
+    <initiator>) replaced, everything else (target, address, serial, driver, iotune, boot, alias) kept, so
+    that the guest sees the same disk. For a live migration's destination XML."""
+    copy = etree.fromstring(etree.tostring(disk))
+    copy.set("type", _disk_type(source))
+    index = len(copy)
+    for old in (copy.find("source"), copy.find("auth")):
+        if old is not None:
+            index = min(index, copy.index(old))
+            copy.remove(old)
+    scratch = etree.Element("disk")
+    _source_element(scratch, source)
+    copy.insert(index, scratch[0])
+    return copy
+
+
+def replace_disk_sources(domain_xml: str, sources: dict[str, Source]) -> str:
+    """The domain XML with the disks at the given target names opening the given sources (`with_source`);
+    InvalidArgument naming a target the domain has no disk at."""
+    root = _parse_domain(domain_xml)
+    disks = {t.get("dev", ""): d for d in root.findall("devices/disk") if (t := d.find("target")) is not None}
+    for target, source in sources.items():
+        disk = disks.get(target)
+        if disk is None:
+            raise InvalidArgument("domain_xml", f"the domain has no disk at {target}")
+        parent = disk.getparent()
+        assert parent is not None
+        parent.replace(disk, with_source(disk, source))
+    return etree.tostring(root, encoding="unicode")
+
+
+def _parse_domain(domain_xml: str) -> etree._Element:
+    try:  # a caller's text: no entities resolved, nothing fetched
+        return etree.fromstring(domain_xml.encode(), etree.XMLParser(resolve_entities=False, no_network=True))
+    except etree.XMLSyntaxError as exc:
+        raise InvalidArgument("domain_xml", f"not well-formed XML: {exc}") from None
+
+
+def domain_uuid(domain_xml: str) -> str:
+    """The <uuid> of a domain's XML ("" when it has none)."""
+    return (_parse_domain(domain_xml).findtext("uuid") or "").strip()
+
+
+def disk_at(domain_xml: str, target_dev: str) -> LiveDisk:
+    """The disk of a domain's XML at a target name; InvalidArgument when there is none."""
+    for d in _parse_domain(domain_xml).findall("devices/disk"):
+        t = d.find("target")
+        if t is not None and t.get("dev") == target_dev:
+            return parse_disk_element(d)
+    raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
+
+
+def moved_disk_xml(domain_xml: str, target_dev: str, source: Source) -> str:
+    """The disk at `target_dev` of a domain's XML, opening `source` instead (`with_source`)."""
+    for d in _parse_domain(domain_xml).findall("devices/disk"):
+        t = d.find("target")
+        if t is not None and t.get("dev") == target_dev:
+            return etree.tostring(with_source(d, source), pretty_print=True, encoding="unicode")
+    raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
 
 
 def disk_xml(spec: DiskSpec) -> str:
@@ -274,6 +339,7 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
     blockio = disk.find("blockio")
     alias = disk.find("alias")
     address_el = disk.find("address[@type='drive']")
+    boot = disk.find("boot")
     address = None
     if address_el is not None:
         address = DriveAddress(
@@ -296,6 +362,7 @@ def parse_disk_element(disk: etree._Element) -> LiveDisk:
         logical_block_size=_int(blockio.get("logical_block_size")) if blockio is not None else 0,
         physical_block_size=_int(blockio.get("physical_block_size")) if blockio is not None else 0,
         address=address,
+        boot_order=_int(boot.get("order")) if boot is not None else 0,
         encryption=_parse_encryption(disk),
     )
     return LiveDisk(spec=spec, alias=alias.get("name", "") if alias is not None else "")

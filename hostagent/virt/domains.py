@@ -42,6 +42,7 @@ from hostagent.model import Bus
 from hostagent.virt.diskxml import (
     DiskSpec,
     LiveDisk,
+    disk_element,
     disk_xml,
     next_drive_address,
     next_target_dev,
@@ -66,6 +67,16 @@ _CONNECTION_ERRORS = {
     libvirt.VIR_ERR_RPC,
     getattr(libvirt, "VIR_ERR_AUTH_UNAVAILABLE", -1),
 }
+
+# Why a domain paused for a live migration: arriving (the destination's QEMU waits for the state),
+# leaving (the source's last copy), or post-copy.
+_MIGRATION_PAUSES = frozenset(
+    {
+        libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+        libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+        getattr(libvirt, "VIR_DOMAIN_PAUSED_POSTCOPY", -1),
+    }
+)
 
 # libvirt's default event implementation is process-wide by libvirt's design: it may be registered
 # once per process. This guard is the only process-wide state of the agent.
@@ -288,7 +299,11 @@ class LibvirtHypervisor:
     def lookup(self, domain: str) -> DomainInfo:
         dom = self._domain(domain)
         try:
-            return DomainInfo(dom.name(), dom.UUIDString(), bool(dom.isPersistent()), bool(dom.isActive()))
+            state, reason = dom.state()
+            migrating = state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES
+            return DomainInfo(
+                dom.name(), dom.UUIDString(), bool(dom.isPersistent()), bool(dom.isActive()), migrating
+            )
         except libvirt.libvirtError as exc:
             _raise(exc, f"reading domain {domain!r}")
 
@@ -317,6 +332,26 @@ class LibvirtHypervisor:
                 # it stopped since the listing: it holds nothing now
         return found
 
+    def defined_disks(self) -> dict[str, list[LiveDisk]]:
+        """The disks of every domain of the host, running (live XML) or only defined (its definition), by
+        domain name: who holds or will open what."""
+        conn = self._connection()
+        try:
+            doms = conn.listAllDomains(0)
+        except libvirt.libvirtError as exc:
+            _raise(exc, "listing the domains")
+        found: dict[str, list[LiveDisk]] = {}
+        for dom in doms:
+            try:
+                xmls = [str(dom.XMLDesc(0))]
+                if dom.isPersistent():
+                    xmls.append(str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+                found[dom.name()] = [d for xml in xmls for d in parse_domain_disks(xml)]
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    _raise(exc, "reading a domain's XML")
+        return found
+
     def attach_disk(
         self,
         domain: str,
@@ -325,9 +360,12 @@ class LibvirtHypervisor:
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
         dom = self._domain(domain)
         with self._domain_locks.hold(dom.UUIDString()):
+            if cold:
+                return self._attach_cold(dom, build, bus=bus, preferred_target=preferred_target)
             flags = libvirt.VIR_DOMAIN_AFFECT_LIVE
             xmls = [self._xml(dom)]
             if persistent and dom.isPersistent():
@@ -344,6 +382,56 @@ class LibvirtHypervisor:
             except libvirt.libvirtError as exc:
                 _raise(exc, f"attaching {spec.target_dev} to domain {dom.name()!r}")
             return spec
+
+    def _attach_cold(
+        self, dom: Any, build: Callable[[str], DiskSpec], *, bus: Bus, preferred_target: str
+    ) -> DiskSpec:
+        """Writes the disk into a shut-off domain's definition (AFFECT_CONFIG only). A disk with a boot
+        order goes in by redefining the domain with the definition's <os><boot dev=.../> elements removed:
+        libvirt refuses per-device boot orders beside them (and adds <boot dev='hd'/> to every definition
+        that has no device boot order). Called under the domain's lock."""
+        name = dom.name()
+        try:
+            active, persistent = bool(dom.isActive()), bool(dom.isPersistent())
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"reading domain {name!r}")
+        if active or not persistent:
+            raise FailedPrecondition(
+                f"domain {name!r} is {'running' if active else 'not defined'} now, not shut off; "
+                "repeat the attach (a running domain gets the disk hot-plugged)"
+            )
+        config = self._xml(dom, inactive=True)
+        used = {d.spec.target_dev for d in parse_domain_disks(config)}
+        spec = build(next_target_dev(bus, used, preferred_target))
+        if spec.bus is Bus.SCSI and spec.address is None:
+            spec = replace(spec, address=next_drive_address(config))
+        log.debug("writing into the definition of %s: %s", name, disk_xml(spec))
+        try:
+            if not spec.boot_order:
+                dom.attachDeviceFlags(disk_xml(spec), libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                return spec
+            # SECURE: the definition is written back whole, with its passwords (graphics, ...).
+            root = etree.fromstring(
+                str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)).encode()
+            )
+            taken = [b.get("order") for b in root.iterfind("devices/*/boot")]
+            if str(spec.boot_order) in taken:
+                raise FailedPrecondition(
+                    f"boot order {spec.boot_order} is already given to another device of domain {name!r}; "
+                    "ask another one"
+                )
+            os_el = root.find("os")
+            if os_el is not None:
+                for boot in os_el.findall("boot"):
+                    os_el.remove(boot)
+            devices = root.find("devices")
+            if devices is None:
+                devices = etree.SubElement(root, "devices")
+            devices.append(disk_element(spec))
+            dom.connect().defineXML(etree.tostring(root, encoding="unicode"))
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"writing {spec.target_dev} into the definition of domain {name!r}")
+        return spec
 
     def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
         dom = self._domain(domain)
@@ -416,6 +504,22 @@ class LibvirtHypervisor:
             dom.blockResize(target_dev, size_bytes, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
         except libvirt.libvirtError as exc:
             _raise(exc, f"resizing {target_dev} of domain {dom.name()!r}")
+
+    # -- live migration ---------------------------------------------------------------------------
+    def migratable_xml(self, domain: str) -> str:
+        dom = self._domain(domain)
+        try:
+            return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"reading the XML of domain {dom.name()!r}")
+
+    def migrate(self, domain: str, destination_uri: str, destination_xml: str) -> None:
+        dom = self._domain(domain)
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+        try:
+            dom.migrateToURI3(destination_uri, {libvirt.VIR_MIGRATE_PARAM_DEST_XML: destination_xml}, flags)
+        except libvirt.libvirtError as exc:
+            _raise(exc, f"migrating domain {domain!r} to {destination_uri}")
 
     # -- secrets ----------------------------------------------------------------------------------
     def _secret(self, usage: str, secret_type: str) -> Any:

@@ -22,6 +22,7 @@ class DomainInfo:
     uuid: str
     persistent: bool
     running: bool
+    migrating: bool = False  # paused by a live migration: arriving (destination) or about to leave
 
 
 class Hypervisor(Protocol):
@@ -45,8 +46,16 @@ class Hypervisor(Protocol):
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
-        """Allocates a free target name (per-domain lock), builds the spec with it and hot-plugs it."""
+        """Allocates a free target name (per-domain lock), builds the spec with it and hot-plugs it.
+        `cold`: the domain is shut off and persistent; the disk is written into its definition only
+        (FailedPrecondition when it is running by then), and a boot order replaces the definition's
+        <os><boot dev=.../> elements."""
+        ...
+
+    def defined_disks(self) -> dict[str, list[LiveDisk]]:
+        """The disks of every domain, running (live) or shut off (its definition), by domain name."""
         ...
 
     def detach_disk(self, domain: str, target_dev: str, deadline: Deadline) -> bool:
@@ -54,3 +63,12 @@ class Hypervisor(Protocol):
         ...
 
     def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None: ...
+
+    def migratable_xml(self, domain: str) -> str:
+        """The domain's XML as a migration's destination needs it (VIR_DOMAIN_XML_MIGRATABLE)."""
+        ...
+
+    def migrate(self, domain: str, destination_uri: str, destination_xml: str) -> None:
+        """Live-migrates the running domain to the libvirt at `destination_uri` (peer to peer) with
+        `destination_xml` as its definition there; returns when libvirt's migration completed."""
+        ...

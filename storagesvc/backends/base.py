@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from blockwire.model import Transport, TransportInfo
 from storagesvc.model import ImageSource
 
 ProgressFn = Callable[[int, int], None]
@@ -63,4 +64,16 @@ class Backend(Protocol):
 
     def device_path(self, volume_id: str) -> str:
         """What an exporter serves: a file or block device path."""
+        ...
+
+
+@runtime_checkable
+class DirectBackend(Protocol):
+    """A backend whose volumes hosts open themselves, with no target to export (rbd: QEMU's librbd or
+    the kernel's rbd). An attachment gets `connection(...)` instead of an export."""
+
+    transport: Transport
+
+    def connection(self, volume_id: str, host: str) -> TransportInfo:
+        """How `host` reaches the volume, with its identity (an RBD image's id) read now."""
         ...

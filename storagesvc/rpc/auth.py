@@ -5,8 +5,9 @@ Identities come from `blockwire.server.serving.identify`: the unix socket and pl
 
 * **admin** (``blockwire://admin/<name>``): everything.
 * **agent** (``blockwire://agent/<host>``): only what a compute host's agent needs for its own host:
-  CreateAttachment with ``connector.host == <host>``; CompleteAttachment, DeleteAttachment and
-  GetAttachment of attachments whose connector host is ``<host>`` (an id that does not exist passes
+  CreateAttachment and CreateMigrationAttachment (the destination of a live migration) with
+  ``connector.host == <host>``; CompleteAttachment, DeleteAttachment, GetAttachment, CompleteMigration
+  and RollbackMigration of attachments whose connector host is ``<host>`` (an id that does not exist passes
   through and gets the RPC's own answer: NOT_FOUND, or OK for a delete); GetVolume.
 * anything else: PERMISSION_DENIED. No credential at all: UNAUTHENTICATED.
 """
@@ -22,7 +23,9 @@ from blockwire.v1 import storage_pb2 as spb
 
 SERVICE_PREFIX = "/blockwire.v1.StorageService/"
 AGENT_READ = frozenset({"GetVolume"})
-AGENT_OWN_ATTACHMENT = frozenset({"CompleteAttachment", "DeleteAttachment", "GetAttachment"})
+AGENT_OWN_ATTACHMENT = frozenset(
+    {"CompleteAttachment", "DeleteAttachment", "GetAttachment", "CompleteMigration", "RollbackMigration"}
+)
 
 HostOf = Callable[[str], str | None]
 """The connector host of an attachment id, or None when there is no such attachment."""
@@ -39,8 +42,8 @@ class StoragePolicy:
             raise PermissionDenied(f"{method}: the credential has no role")
         if method in AGENT_READ:
             return
-        if method == "CreateAttachment":
-            assert isinstance(request, spb.CreateAttachmentRequest)
+        if method in ("CreateAttachment", "CreateMigrationAttachment"):
+            assert isinstance(request, (spb.CreateAttachmentRequest, spb.CreateMigrationAttachmentRequest))
             if request.connector.host != who.name:
                 raise PermissionDenied(
                     f"the agent of host {who.name} may attach volumes to its own host only, "

@@ -152,6 +152,7 @@ def attachment_to_pb(a: Attachment, *, with_connection: bool = True) -> pb.Attac
         error_message=a.error_message,
         create_time=_ts(a.create_time),
         update_time=_ts(a.update_time),
+        migration_source_id=a.migration_source_id,
     )
     if with_connection and a.connection_info is not None:
         m.connection_info.CopyFrom(shared.connection_info_to_pb(a.connection_info))

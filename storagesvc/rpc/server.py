@@ -36,6 +36,7 @@ from blockwire.v1 import storage_pb2, storage_pb2_grpc
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
+from storagesvc.backends.rbd import Librbd, RbdBackend, RbdSettings, monitors_from_conf, read_key
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
 from storagesvc.encryption import VolumeCrypt
@@ -46,6 +47,7 @@ from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
 from storagesvc.targets.lio import LioExporter
+from storagesvc.targets.nvmet import NvmetExporter
 from storagesvc.targets.tgt import TgtExporter
 
 log = logging.getLogger(__name__)
@@ -77,10 +79,50 @@ def make_exporter(
             timeout=cfg.command_timeout,
             failpoints=failpoints,
         )
+    if cfg.kind == "nvmet":
+        return NvmetExporter(
+            cfg.portals,
+            nqn_prefix=cfg.nqn_prefix,
+            dhchap=cfg.dhchap,
+            dhchap_bidirectional=cfg.dhchap_bidirectional,
+            dhchap_key_file=cfg.dhchap_key_file,
+        )
     return LioExporter(cfg.portals, naa_oui=naa_oui)
 
 
+def rbd_settings(cfg: BackendConfig) -> RbdSettings:
+    """The rbd backend's settings from its config: monitors (or those its conf names) and keys."""
+    try:
+        monitors = cfg.monitors or monitors_from_conf(cfg.conf)
+        key = read_key(cfg.keyring or cfg.key_file, cfg.user)
+        host_key = read_key(cfg.host_key_file, cfg.host_user) if cfg.host_user else None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"[[backends]] {cfg.name}: {exc}") from exc
+    if not monitors:
+        raise ConfigError(f"[[backends]] {cfg.name}: {cfg.conf} names no mon_host; set monitors")
+    return RbdSettings(
+        pool=cfg.pool,
+        monitors=monitors,
+        user=cfg.user,
+        key=key,
+        conf=cfg.conf,
+        data_pool=cfg.data_pool,
+        connect_timeout=cfg.connect_timeout,
+        op_timeout=cfg.op_timeout,
+        host_users=cfg.host_users,
+        host_user_prefix=cfg.host_user_prefix,
+        host_user=cfg.host_user,
+        host_key=host_key,
+        capacity_bytes=cfg.capacity_bytes,
+        oversubscription_ratio=cfg.oversubscription_ratio,
+        scratch_dir=cfg.scratch_dir,
+    )
+
+
 def make_backend(cfg: BackendConfig, runner: Runner) -> Backend:
+    if cfg.kind == "rbd":
+        settings = rbd_settings(cfg)
+        return RbdBackend(cfg.name, settings, Librbd(settings), runner)
     if cfg.kind == "file":
         return FileBackend(cfg.name, cfg.path, runner, oversubscription_ratio=cfg.oversubscription_ratio)
     return LvmThinBackend(
@@ -130,7 +172,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     }
     pools = {
         b.name: Pool(
-            backend=make_backend(b, runner), exporter=exporters[b.exporter], exporter_name=b.exporter
+            backend=make_backend(b, runner), exporter=exporters.get(b.exporter), exporter_name=b.exporter
         )
         for b in config.backends
     }

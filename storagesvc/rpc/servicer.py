@@ -156,14 +156,21 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: spb.CreateAttachmentRequest, context: grpc.ServicerContext
     ) -> spb.CreateAttachmentResponse:
         def create() -> Attachment:
-            if request.transport not in (pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_ISCSI):
-                raise InvalidArgument("transport", "this service exports over iSCSI only")
+            if request.transport not in (pb.TRANSPORT_UNSPECIFIED, pb.TRANSPORT_ISCSI, pb.TRANSPORT_RBD):
+                raise InvalidArgument("transport", "this service attaches over iSCSI or RBD only")
+            wanted = (
+                shared.transport_from_pb(request.transport)
+                if request.transport != pb.TRANSPORT_UNSPECIFIED
+                else None
+            )
             if not request.HasField("connector"):
                 raise InvalidArgument("connector", "required")
             connector = shared.connector_from_pb(request.connector)
             mode = shared.access_mode_from_pb(request.access_mode)
             validate.domain(request.domain, required=False)
-            return self.service.create_attachment(request.volume_id, connector, mode, request.domain)
+            return self.service.create_attachment(
+                request.volume_id, connector, mode, request.domain, transport=wanted
+            )
 
         a = _call(context, create)
         return spb.CreateAttachmentResponse(attachment=convert.attachment_to_pb(a))
@@ -186,6 +193,39 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     ) -> spb.DeleteAttachmentResponse:
         _call(context, lambda: self.service.delete_attachment(request.attachment_id))
         return spb.DeleteAttachmentResponse()
+
+    def CreateMigrationAttachment(
+        self, request: spb.CreateMigrationAttachmentRequest, context: grpc.ServicerContext
+    ) -> spb.CreateMigrationAttachmentResponse:
+        def create() -> Attachment:
+            if not request.HasField("connector"):
+                raise InvalidArgument("connector", "required")
+            connector = shared.connector_from_pb(request.connector)
+            return self.service.create_migration_attachment(
+                request.source_attachment_id, connector, request.domain
+            )
+
+        a = _call(context, create)
+        return spb.CreateMigrationAttachmentResponse(attachment=convert.attachment_to_pb(a))
+
+    def CompleteMigration(
+        self, request: spb.CompleteMigrationRequest, context: grpc.ServicerContext
+    ) -> spb.CompleteMigrationResponse:
+        def complete() -> Attachment:
+            validate.text(request.target_dev, "target_dev")
+            validate.text(request.host_device, "host_device", validate.MAX_PATH)
+            return self.service.complete_migration(
+                request.attachment_id, request.target_dev, request.host_device
+            )
+
+        a = _call(context, complete)
+        return spb.CompleteMigrationResponse(attachment=convert.attachment_to_pb(a))
+
+    def RollbackMigration(
+        self, request: spb.RollbackMigrationRequest, context: grpc.ServicerContext
+    ) -> spb.RollbackMigrationResponse:
+        _call(context, lambda: self.service.rollback_migration(request.attachment_id))
+        return spb.RollbackMigrationResponse()
 
     def GetAttachment(
         self, request: spb.GetAttachmentRequest, context: grpc.ServicerContext

@@ -37,6 +37,9 @@ STORAGE_EXPECTED = {
     "ListAttachments": OK,
     "GetCapacity": OK,
     "GetBackendStats": OK,
+    "CreateMigrationAttachment": INVALID,
+    "CompleteMigration": INVALID,
+    "RollbackMigration": INVALID,
 }
 AGENT_EXPECTED = {
     "GetConnector": OK,
@@ -48,6 +51,11 @@ AGENT_EXPECTED = {
     "ConnectVolume": INVALID,
     "DisconnectVolume": INVALID,
     "WatchEvents": OPEN_STREAM,
+    "PrepareMigration": INVALID,
+    "FinishIncomingMigration": INVALID,
+    "FinishOutgoingMigration": INVALID,
+    "AbortMigration": INVALID,
+    "MigrateDomain": INVALID,
     "AuditHost": OK,
 }
 PENDING: set[str] = set()

@@ -142,3 +142,29 @@ def test_denials_say_why_and_name_no_secret(world: World) -> None:
     )
     assert secret
     assert secret not in (err.value.details() or "")
+
+
+def test_agent_migrates_to_its_own_host_only(world: World) -> None:
+    """The destination agent makes, completes or rolls back the migration attachment of its own host;
+    never one for another host, nor another host's."""
+    admin, a = world.stubs["admin"], world.stubs["agent-a"]
+    admin.CompleteAttachment(spb.CompleteAttachmentRequest(attachment_id=world.attachment_b), timeout=10)
+    to_b = spb.CreateMigrationAttachmentRequest(
+        source_attachment_id=world.attachment_b, connector=connector("host-b")
+    )
+    assert code(a.CreateMigrationAttachment, to_b) is C.PERMISSION_DENIED
+    dest = a.CreateMigrationAttachment(
+        spb.CreateMigrationAttachmentRequest(
+            source_attachment_id=world.attachment_b, connector=connector("host-a")
+        ),
+        timeout=10,
+    ).attachment
+    assert dest.migration_source_id == world.attachment_b
+    b = world.stubs["agent-b"]
+    assert (
+        code(b.RollbackMigration, spb.RollbackMigrationRequest(attachment_id=dest.id)) is C.PERMISSION_DENIED
+    )
+    assert (
+        code(b.CompleteMigration, spb.CompleteMigrationRequest(attachment_id=dest.id)) is C.PERMISSION_DENIED
+    )
+    assert code(a.RollbackMigration, spb.RollbackMigrationRequest(attachment_id=dest.id)) is C.OK

@@ -429,3 +429,20 @@ def test_mutual_tls(pki: Path) -> None:
 def test_tls_options_need_cert_and_key_together() -> None:
     with pytest.raises(errors.InvalidArgument):
         TlsOptions(cert_file="c.pem")
+
+
+def test_agent_migration_calls(agent_env: tuple[Services, HostAgentClient, StorageClient]) -> None:
+    """The SDK's migration calls reach the agent and map its answers (the whole flow runs in
+    tests/host/test_migration.py between two libvirt hosts)."""
+    _, agent, storage = agent_env
+    vol = storage.create_volume("mig1", GIB)
+    att = agent.attach_volume("vm1", volume_id=vol.id)
+    assert agent.abort_migration("vm1") == []  # nothing prepared on this side
+    assert [a.id for a in agent.finish_incoming_migration("vm1")] == [att.id]  # nothing pending: a repeat
+    with pytest.raises(errors.FailedPrecondition, match="still runs on this host"):
+        agent.finish_outgoing_migration("vm1")
+    with pytest.raises(errors.InvalidArgument, match="volumes"):
+        agent.prepare_migration("vm2", "<domain/>", [])
+    with pytest.raises(errors.FailedPrecondition, match="cannot reach other agents"):
+        agent.migrate_domain("vm1", "127.0.0.1:1", "qemu+tcp://elsewhere/system")
+    agent.detach_volume("vm1", vol.id)

@@ -12,12 +12,20 @@ import grpc
 import pytest
 
 from blockwire.client import HostAgentClient, StorageClient, TlsOptions
-from blockwire.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
+from blockwire.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+)
 from blockwire.model import AccessMode, Connector, Transport
 from blockwire.server import serving
+from blockwire.v1 import hostagent_pb2 as hpb
+from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
-from blockwire.v1 import storage_pb2_grpc
 from hostagent.config import config_from_mapping
+from hostagent.rpc.peer_client import GrpcPeerAgent
 from hostagent.rpc.storage_client import GrpcStorageApi, channel_for, tls_options
 from storagesvc.config import ConfigError, parse
 from tests.fakes.storage_rig import StorageRig
@@ -128,6 +136,34 @@ def test_agent_service_admits_admins_only(tmp_path: Path, ids: Identities) -> No
             agent.get_connector()
         with HostAgentClient(running.unix) as local:
             assert local.get_connector().host == "fake-host"
+
+
+def test_another_agent_may_call_only_the_destination_part_of_a_migration(
+    tmp_path: Path, ids: Identities
+) -> None:
+    """MigrateDomain's peer calls with the source agent's own identity (blockwire://agent/<host>):
+    PrepareMigration, FinishIncomingMigration and AbortMigration pass the policy; nothing else does."""
+    with agent_server(tmp_path, ids) as running:
+        tls = tls_options(str(ids.certs.ca.cert), str(ids.agent_a.cert), str(ids.agent_a.key), "")
+        peer = GrpcPeerAgent(running.tcp, tls)
+        try:
+            aborted = peer.abort_migration("vm1")  # nothing prepared here: nothing to undo
+            assert list(aborted.volume_ids) == []  # type: ignore[attr-defined]
+            with pytest.raises(FailedPrecondition, match="not on this host"):
+                peer.finish_incoming_migration("no-such-domain")
+            stub = hostagent_pb2_grpc.HostAgentServiceStub(peer.channel)
+            for call, request in (
+                (stub.GetConnector, hpb.GetConnectorRequest()),
+                (stub.ListAttachments, hpb.HostAgentServiceListAttachmentsRequest()),
+                (stub.DetachVolume, hpb.DetachVolumeRequest(domain="vm1", volume_id="vol-1")),
+                (stub.FinishOutgoingMigration, hpb.FinishOutgoingMigrationRequest(domain="vm1")),
+                (stub.MigrateDomain, hpb.MigrateDomainRequest(domain="vm1")),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=10)
+                assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            peer.close()
 
 
 def test_tcp_without_tls_is_refused_unless_asked_for(tmp_path: Path) -> None:

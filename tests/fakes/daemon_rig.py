@@ -56,6 +56,10 @@ class Rig:
     # Volume ids this rig's tests used: probes and cleanup look only at their libvirt secrets, since
     # libvirtd (and its secrets) is shared with whatever else runs on the machine.
     volume_ids: set[str] = field(default_factory=set)
+    # the libvirtd `virt` is connected to (a private one of tests/host/libvirt_hosts.py), and the storage
+    # daemon's socket when another rig runs it (two agents, one storage)
+    libvirt_uri: str = "qemu:///system"
+    storage_socket: Path | None = None
 
     def lv(self) -> libvirt.virConnect:
         """The libvirt connection, opened again when libvirtd restarted under it."""
@@ -65,7 +69,7 @@ class Rig:
         except libvirt.libvirtError:
             alive = False
         if not alive:
-            self.virt = libvirt.open("qemu:///system")
+            self.virt = libvirt.open(self.libvirt_uri)
         return self.virt
 
     # -- daemons
@@ -107,7 +111,7 @@ oversubscription_ratio = {self.oversubscription}
         config = self.work / "agent.toml"
         config.write_text(
             f"""state_dir = "{self.state}"
-storage_address = "unix://{self.work / "storage.sock"}"
+storage_address = "unix://{self.storage_socket or self.work / "storage.sock"}"
 storage_timeout = 20.0
 iscsi_mode = "qemu"
 listen_unix = "{sock}"

@@ -6,11 +6,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from blockwire.errors import BlockwireError, NotFound
+from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
 from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
 from hostagent.model import Bus
-from hostagent.virt.diskxml import DiskSpec, LiveDisk, NetworkSource, disk_xml, next_target_dev, parse_disk
+from hostagent.virt.diskxml import (
+    DiskSpec,
+    LiveDisk,
+    NetworkSource,
+    disk_xml,
+    next_target_dev,
+    parse_disk,
+    parse_domain_disks,
+)
 from hostagent.virt.hypervisor import DomainInfo
 
 
@@ -23,6 +31,8 @@ class FakeHypervisor:
     fail_detach: BlockwireError | None = None
     attached_xml: list[str] = field(default_factory=list)
     resized: list[tuple[str, str, int]] = field(default_factory=list)
+    peers: dict[str, FakeHypervisor] = field(default_factory=dict)  # libvirt URI -> the other host
+    fail_migrate: BlockwireError | None = None
 
     def add_domain(self, name: str, *, running: bool = True, persistent: bool = True) -> DomainInfo:
         info = DomainInfo(name, f"00000000-0000-0000-0000-{len(self.domains):012d}", persistent, running)
@@ -45,6 +55,9 @@ class FakeHypervisor:
     def running_disks(self) -> dict[str, list[LiveDisk]]:
         return {n: self.disks(n) for n, d in self.domains.items() if d.running}
 
+    def defined_disks(self) -> dict[str, list[LiveDisk]]:
+        return {n: self.disks(n) for n in self.domains}
+
     def attach_disk(
         self,
         domain: str,
@@ -53,8 +66,14 @@ class FakeHypervisor:
         bus: Bus,
         preferred_target: str = "",
         persistent: bool = False,
+        cold: bool = False,
     ) -> DiskSpec:
-        name = self.lookup(domain).name
+        dom = self.lookup(domain)
+        if cold and (dom.running or not dom.persistent):
+            raise FailedPrecondition(f"domain {dom.name!r} is not shut off")
+        if not cold and not dom.running:
+            raise FailedPrecondition(f"domain {dom.name!r} is not running")
+        name = dom.name
         used = {s.target_dev for s in self.disks_by_domain[name]}
         spec = build(next_target_dev(bus, used, preferred_target))
         xml = disk_xml(spec)
@@ -74,6 +93,22 @@ class FakeHypervisor:
 
     def block_resize(self, domain: str, target_dev: str, size_bytes: int) -> None:
         self.resized.append((domain, target_dev, size_bytes))
+
+    def migratable_xml(self, domain: str) -> str:
+        dom = self.lookup(domain)
+        disks = "".join(disk_xml(s) for s in self.disks_by_domain[dom.name])
+        return f"<domain><name>{dom.name}</name><uuid>{dom.uuid}</uuid><devices>{disks}</devices></domain>"
+
+    def migrate(self, domain: str, destination_uri: str, destination_xml: str) -> None:
+        """Hands the domain to the FakeHypervisor registered as `destination_uri` in `peers`, with the
+        disks of `destination_xml` (what libvirt does to the two hosts' domains)."""
+        if self.fail_migrate is not None:
+            raise self.fail_migrate
+        dest = self.peers[destination_uri]
+        info = self.domains.pop(self.lookup(domain).name)
+        dest.domains[info.name] = info
+        dest.disks_by_domain[info.name] = [d.spec for d in parse_domain_disks(destination_xml)]
+        del self.disks_by_domain[info.name]
 
     def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
         self.secrets[(usage, secret_type)] = value

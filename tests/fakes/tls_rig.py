@@ -13,6 +13,7 @@ import grpc
 from blockwire.client import TlsOptions, make_channel
 from blockwire.server import serving
 from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
+from hostagent.rpc.server import agent_policy
 from hostagent.rpc.servicer import HostAgentServicer
 from storagesvc.rpc import auth
 from tests.fakes.agent import fake_agent
@@ -109,7 +110,7 @@ def agent_server(state: Path, ids: Identities) -> Iterator[Running]:
         services=(AGENT,),
         register=lambda server: hostagent_pb2_grpc.add_HostAgentServiceServicer_to_server(servicer, server),
         listeners=_listeners(ids, state / "run" / "agent.sock", True),
-        interceptors=(serving.AuthInterceptor(f"/{AGENT}/", serving.admin_only),),
+        interceptors=(serving.AuthInterceptor(f"/{AGENT}/", agent_policy),),
     )
     try:
         yield _running(s)

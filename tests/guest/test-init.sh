@@ -47,6 +47,9 @@ ip link set lo up
 step "modprobe"
 modprobe -a iscsi_tcp dm_multipath dm_round_robin dm_service_time scsi_dh_alua sd_mod sg configfs \
   target_core_mod iscsi_target_mod target_core_file target_core_iblock loop
+# NVMe/TCP: the initiator (nvme-tcp, nvme-fabrics; native multipath is nvme_core's default) and the
+# kernel target (nvmet, nvmet-tcp; configured through /sys/kernel/config/nvmet). nvme-cli is in the image.
+modprobe -a nvme_fabrics nvme_tcp nvmet nvmet_tcp || step "NVMe/TCP modules missing"
 mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
 
 step "udevd"

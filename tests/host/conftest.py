@@ -1,4 +1,4 @@
-"""Host tier: real tgtd, libvirtd + QEMU and udevd on this machine (root)."""
+"""Host tier: real tgtd, libvirtd + QEMU, udevd and a throwaway Ceph cluster on this machine (root)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.ceph import CephCluster, CephMissing
 from tests.conftest import tier_unavailable
 from tests.host.daemons import (
     Missing,
@@ -51,3 +52,16 @@ def tgtd() -> Iterator[Tgtd]:
         tier_unavailable("host", str(exc))
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """One throwaway Ceph cluster for the session: mon + 1 MemStore OSD, pool `rbd` writable (~2 s).
+    Tests that kill an OSD and need the data back start their own BlueStore CephCluster."""
+    try:
+        need_root()
+        cluster = CephCluster(osds=1, objectstore="memstore").start()
+    except (Missing, CephMissing) as exc:
+        tier_unavailable("host", f"Ceph cluster: {exc}")
+    yield cluster
+    cluster.stop()

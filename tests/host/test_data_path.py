@@ -30,10 +30,10 @@ from lxml import etree
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
-from hostagent.api import FP_ATTACH_BEFORE_COMPLETE
+from hostagent.api import FP_ATTACH_AFTER_HOTPLUG, FP_ATTACH_BEFORE_COMPLETE
 from tests.fakes.daemon_rig import MIB, Rig, force_cleanup, remove_domain, rpc_code
 from tests.host.daemons import Started, Tgtd
-from tests.rig import domain_xml
+from tests.rig import KILLED, domain_xml
 
 # Free PCIe root ports (q35), so that a virtio (PCI) disk can be hot-plugged; with no guest OS nothing
 # ever acknowledges its unplug.
@@ -274,6 +274,102 @@ def test_a_volume_path_is_never_left_in_a_stopped_domain(
     rig.detach(name, v.id)
     assert inactive_disks(rig, name) == []
     assert rig.nothing_left(name, v.id) == {}
+
+
+def test_cold_attach_boots_from_the_volume_and_leaves_nothing(rig: Rig, domains: list[str]) -> None:
+    """Boot from volume: a defined, shut-off domain without disks gets the volume in its definition with
+    a boot order; the host side (QEMU's CHAP secret, the export) stays while it is there, survives an
+    agent restart (reconcile keeps it), and the domain's start opens it."""
+    name = unique("bw-dp-cold")
+    rig.lv().defineXML(domain_xml(name))
+    domains.append(name)
+    v = create_volume(rig)
+    a = attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1))
+    assert a.state == pb.ATTACHMENT_STATE_ATTACHED
+    (disk,) = inactive_disks(rig, name)
+    assert disk.find("boot").get("order") == "1"
+    definition = etree.fromstring(
+        rig.lv().lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).encode()
+    )
+    assert definition.findall("os/boot") == []  # libvirt allows no <boot dev> beside a boot order
+    assert len(rig.secrets()) == 1
+    assert list(rig.targets().values()) == [[rig.agent_iqn()]]
+    # a repeat returns the attachment
+    assert attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1)).id == a.id
+    # the agent restarts while the domain is shut off: reconcile keeps the attachment
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert len(rig.secrets()) == 1
+    assert [x.state for x in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    # virsh start: QEMU logs in with the secret and opens the LUN
+    dom = rig.lv().lookupByName(name)
+    dom.create()
+    (live,) = rig.live_disks(name)
+    assert live.find("boot").get("order") == "1"
+    capacity, _allocation, _physical = dom.blockInfo(live.find("target").get("dev"))
+    assert capacity == 8 * MIB
+    assert rig.complete(name, v.id) == {}
+    dom.destroy()
+    rig.detach(name, v.id)
+    assert inactive_disks(rig, name) == []
+    assert rig.nothing_left(name, v.id) == {}
+
+
+def test_cold_attach_killed_after_writing_the_definition_is_rolled_forward(
+    rig: Rig, domains: list[str]
+) -> None:
+    """The agent killed after the disk went into a shut-off domain's definition: its restart finishes
+    the attach (the definition is "what the guest sees" for a shut-off domain)."""
+    name = unique("bw-dp-coldkill")
+    rig.lv().defineXML(domain_xml(name))
+    domains.append(name)
+    v = create_volume(rig)
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    agent = rig.start_agent(failpoints=f"{FP_ATTACH_AFTER_HOTPLUG}=kill")
+    try:
+        err = refused(lambda: attach(rig, name, v.id, disk=pb.DiskOptions(boot_order=1)))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert agent.died() == KILLED
+    finally:
+        rig.start_agent()
+    (record,) = rig.agent.ListAttachments(
+        hpb.HostAgentServiceListAttachmentsRequest(), timeout=10
+    ).attachments
+    assert record.state == pb.ATTACHMENT_STATE_ATTACHED
+    assert [a.state for a in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    (disk,) = inactive_disks(rig, name)
+    assert disk.find("boot").get("order") == "1"
+    rig.detach(name, v.id)
+    assert rig.nothing_left(name, v.id) == {}
+
+
+def test_undefined_domain_is_cleaned_only_when_no_domain_has_the_disk(rig: Rig, domains: list[str]) -> None:
+    """A cold attachment's domain undefined behind the agent's back, while another defined domain has
+    the disk in its definition: the agent's restart keeps the attachment (host side, export, secret);
+    once no domain has the disk, the next restart removes everything."""
+    first, second = unique("bw-dp-undef"), unique("bw-dp-other")
+    rig.lv().defineXML(domain_xml(first))
+    domains.extend([first, second])
+    v = create_volume(rig)
+    attach(rig, first, v.id)
+    (disk,) = inactive_disks(rig, first)
+    other = etree.fromstring(domain_xml(second).encode())
+    other.find("devices").append(disk)  # type: ignore[union-attr]
+    rig.lv().defineXML(etree.tostring(other, encoding="unicode"))
+    rig.lv().lookupByName(first).undefine()
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert len(rig.journal()) == 1
+    assert len(rig.secrets()) == 1
+    assert [a.state for a in rig.attachments(v.id)] == [pb.ATTACHMENT_STATE_ATTACHED]
+    rig.lv().lookupByName(second).undefine()
+    rig.agent_proc.stop()  # type: ignore[union-attr]
+    rig.start_agent()
+    assert rig.journal() == []
+    assert rig.secrets() == []
+    assert rig.attachments(v.id) == []
+    assert rig.targets() == {}
+    assert rig.volume(v.id).state == pb.VOLUME_STATE_AVAILABLE
 
 
 def test_cinder_connection_info_attaches_and_detaches_like_our_own(rig: Rig, domains: list[str]) -> None:

@@ -50,6 +50,7 @@ def test_the_tree_as_it_is_keeps_every_contract(tree: Path) -> None:
         ("hostagent/journal.py", "import grpc", "hostagent speaks gRPC only in hostagent.rpc"),
         ("hostagent/api.py", "import blockwire.v1.storage_pb2_grpc", "hostagent speaks gRPC only"),
         ("storagesvc/paging.py", "import blockwire.server.serving", "storagesvc speaks gRPC only"),
+        ("storagesvc/exports.py", "import rbd", "storagesvc reaches Ceph only in storagesvc.backends.rbd"),
         (
             "hostagent/connectors/local.py",
             "import hostagent.virt.diskxml",

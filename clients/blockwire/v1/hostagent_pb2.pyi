@@ -131,7 +131,7 @@ class AttachVolumeRequest(_message.Message):
     PERSISTENT_FIELD_NUMBER: _builtins.int
     ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
     domain: _builtins.str
-    """libvirt domain name or UUID; the domain must be running."""
+    """libvirt domain name or UUID; the domain must be running, or defined and shut off (cold attach)."""
     volume_id: _builtins.str
     """A volume id the agent resolves with the storage service."""
     cinder_connection_info: _builtins.str
@@ -143,7 +143,9 @@ class AttachVolumeRequest(_message.Message):
     access_mode: _types_pb2.AccessMode.ValueType
     """Read-write or read-only; UNSPECIFIED means READ_WRITE."""
     persistent: _builtins.bool
-    """Also add the disk to the persistent definition (AFFECT_CONFIG) when the domain is persistent."""
+    """Also add the disk to the persistent definition (AFFECT_CONFIG) when the domain is persistent.
+    Implied for a shut-off domain (a cold attach writes only the definition).
+    """
     allow_unverified_identity: _builtins.bool
     """Attach even though the connection info announces no identity (neither wwn nor serial), so that
     the device reached cannot be checked. Without it such connection info is FAILED_PRECONDITION.
@@ -582,6 +584,338 @@ class WatchEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchEventsResponse: _TypeAlias = WatchEventsResponse  # noqa: Y015
+
+@_typing.final
+class MigrationVolume(_message.Message):
+    """MigrationVolume is one volume of a migrating domain, as the source agent reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    TARGET_DEV_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    """The volume."""
+    source_attachment_id: _builtins.str
+    """The source host's storage attachment (the source agent's Attachment.id)."""
+    target_dev: _builtins.str
+    """The disk's name in the domain ("sda"; the source agent's Attachment.target_dev)."""
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        source_attachment_id: _builtins.str = ...,
+        target_dev: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["source_attachment_id", b"source_attachment_id", "target_dev", b"target_dev", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationVolume: _TypeAlias = MigrationVolume  # noqa: Y015
+
+@_typing.final
+class PrepareMigrationRequest(_message.Message):
+    """PrepareMigrationRequest readies the destination for a domain's volumes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    DOMAIN_XML_FIELD_NUMBER: _builtins.int
+    VOLUMES_FIELD_NUMBER: _builtins.int
+    ALLOW_UNVERIFIED_IDENTITY_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name."""
+    domain_xml: _builtins.str
+    """The source domain's XML (virDomainGetXMLDesc with VIR_DOMAIN_XML_MIGRATABLE)."""
+    allow_unverified_identity: _builtins.bool
+    """Connect even though the connection info announces no identity (see AttachVolumeRequest)."""
+    @_builtins.property
+    def volumes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MigrationVolume]:
+        """The volumes to hand over (each with a disk in domain_xml at target_dev)."""
+
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        domain_xml: _builtins.str = ...,
+        volumes: _abc.Iterable[Global___MigrationVolume] | None = ...,
+        allow_unverified_identity: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_unverified_identity", b"allow_unverified_identity", "domain", b"domain", "domain_xml", b"domain_xml", "volumes", b"volumes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareMigrationRequest: _TypeAlias = PrepareMigrationRequest  # noqa: Y015
+
+@_typing.final
+class PreparedDisk(_message.Message):
+    """PreparedDisk is one volume's disk for the destination."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_ID_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    TARGET_DEV_FIELD_NUMBER: _builtins.int
+    DISK_XML_FIELD_NUMBER: _builtins.int
+    volume_id: _builtins.str
+    """The volume."""
+    attachment_id: _builtins.str
+    """The destination's storage attachment."""
+    target_dev: _builtins.str
+    """The disk's name in the domain."""
+    disk_xml: _builtins.str
+    """The <disk> element for the destination."""
+    def __init__(
+        self,
+        *,
+        volume_id: _builtins.str = ...,
+        attachment_id: _builtins.str = ...,
+        target_dev: _builtins.str = ...,
+        disk_xml: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "disk_xml", b"disk_xml", "target_dev", b"target_dev", "volume_id", b"volume_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreparedDisk: _TypeAlias = PreparedDisk  # noqa: Y015
+
+@_typing.final
+class PrepareMigrationResponse(_message.Message):
+    """PrepareMigrationResponse returns the destination XML."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_DOMAIN_XML_FIELD_NUMBER: _builtins.int
+    DISKS_FIELD_NUMBER: _builtins.int
+    destination_domain_xml: _builtins.str
+    """The domain XML to pass as libvirt's VIR_MIGRATE_PARAM_DEST_XML."""
+    @_builtins.property
+    def disks(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreparedDisk]:
+        """Each volume's disk."""
+
+    def __init__(
+        self,
+        *,
+        destination_domain_xml: _builtins.str = ...,
+        disks: _abc.Iterable[Global___PreparedDisk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_domain_xml", b"destination_domain_xml", "disks", b"disks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrepareMigrationResponse: _TypeAlias = PrepareMigrationResponse  # noqa: Y015
+
+@_typing.final
+class FinishIncomingMigrationRequest(_message.Message):
+    """FinishIncomingMigrationRequest names the domain that arrived."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishIncomingMigrationRequest: _TypeAlias = FinishIncomingMigrationRequest  # noqa: Y015
+
+@_typing.final
+class FinishIncomingMigrationResponse(_message.Message):
+    """FinishIncomingMigrationResponse returns the domain's attachments here."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attachments(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Attachment]:
+        """The attachments, ATTACHED."""
+
+    def __init__(
+        self,
+        *,
+        attachments: _abc.Iterable[_types_pb2.Attachment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachments", b"attachments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishIncomingMigrationResponse: _TypeAlias = FinishIncomingMigrationResponse  # noqa: Y015
+
+@_typing.final
+class FinishOutgoingMigrationRequest(_message.Message):
+    """FinishOutgoingMigrationRequest names the domain that left."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishOutgoingMigrationRequest: _TypeAlias = FinishOutgoingMigrationRequest  # noqa: Y015
+
+@_typing.final
+class FinishOutgoingMigrationResponse(_message.Message):
+    """FinishOutgoingMigrationResponse says what was released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The volumes whose attachments this host released."""
+
+    def __init__(
+        self,
+        *,
+        volume_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_ids", b"volume_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishOutgoingMigrationResponse: _TypeAlias = FinishOutgoingMigrationResponse  # noqa: Y015
+
+@_typing.final
+class AbortMigrationRequest(_message.Message):
+    """AbortMigrationRequest names the domain whose migration did not complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortMigrationRequest: _TypeAlias = AbortMigrationRequest  # noqa: Y015
+
+@_typing.final
+class MigrateDomainRequest(_message.Message):
+    """MigrateDomainRequest asks the source agent to run a whole migration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    DESTINATION_AGENT_FIELD_NUMBER: _builtins.int
+    DESTINATION_LIBVIRT_URI_FIELD_NUMBER: _builtins.int
+    domain: _builtins.str
+    """The domain's name or UUID, running on this host."""
+    destination_agent: _builtins.str
+    """The destination agent's address ("host:port", or "unix:///path" on one machine)."""
+    destination_libvirt_uri: _builtins.str
+    """The destination's libvirt URI as this host's libvirtd reaches it (peer to peer)."""
+    def __init__(
+        self,
+        *,
+        domain: _builtins.str = ...,
+        destination_agent: _builtins.str = ...,
+        destination_libvirt_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_agent", b"destination_agent", "destination_libvirt_uri", b"destination_libvirt_uri", "domain", b"domain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateDomainRequest: _TypeAlias = MigrateDomainRequest  # noqa: Y015
+
+@_typing.final
+class MigrateDomainResponse(_message.Message):
+    """MigrateDomainResponse says what moved and how long each part took."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_IDS_FIELD_NUMBER: _builtins.int
+    PREPARE_SECONDS_FIELD_NUMBER: _builtins.int
+    LIBVIRT_SECONDS_FIELD_NUMBER: _builtins.int
+    FINISH_SECONDS_FIELD_NUMBER: _builtins.int
+    prepare_seconds: _builtins.float
+    """Seconds of the destination's PrepareMigration."""
+    libvirt_seconds: _builtins.float
+    """Seconds of libvirt's migration."""
+    finish_seconds: _builtins.float
+    """Seconds of both finishes."""
+    @_builtins.property
+    def volume_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The volumes handed over."""
+
+    def __init__(
+        self,
+        *,
+        volume_ids: _abc.Iterable[_builtins.str] | None = ...,
+        prepare_seconds: _builtins.float = ...,
+        libvirt_seconds: _builtins.float = ...,
+        finish_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_seconds", b"finish_seconds", "libvirt_seconds", b"libvirt_seconds", "prepare_seconds", b"prepare_seconds", "volume_ids", b"volume_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrateDomainResponse: _TypeAlias = MigrateDomainResponse  # noqa: Y015
+
+@_typing.final
+class AbortMigrationResponse(_message.Message):
+    """AbortMigrationResponse says what was rolled back."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The volumes whose prepared attachments this host rolled back."""
+
+    def __init__(
+        self,
+        *,
+        volume_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_ids", b"volume_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortMigrationResponse: _TypeAlias = AbortMigrationResponse  # noqa: Y015
 
 @_typing.final
 class AuditHostRequest(_message.Message):

@@ -101,6 +101,31 @@ class HostAgentServiceStub:
                 request_serializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.FromString,
                 _registered_method=True)
+        self.PrepareMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/PrepareMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.FromString,
+                _registered_method=True)
+        self.FinishIncomingMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/FinishIncomingMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.FromString,
+                _registered_method=True)
+        self.FinishOutgoingMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/FinishOutgoingMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.FromString,
+                _registered_method=True)
+        self.AbortMigration = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/AbortMigration',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.FromString,
+                _registered_method=True)
+        self.MigrateDomain = channel.unary_unary(
+                '/blockwire.v1.HostAgentService/MigrateDomain',
+                request_serializer=blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainResponse.FromString,
+                _registered_method=True)
 
 
 class HostAgentServiceServicer:
@@ -133,6 +158,12 @@ class HostAgentServiceServicer:
     def AttachVolume(self, request, context):
         """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
         connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+        Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+        is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+        same way; it stays connected while the definition has the disk, so that the domain's start opens
+        it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+        disk from the definition and disconnects; an undefined domain's attachment is removed by the
+        agent's reconcile (at its start) once no domain's definition has the disk.
         Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
         a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
         what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -141,8 +172,10 @@ class HostAgentServiceServicer:
         nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
         finishes it once the domain lets go.
         Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-        options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+        is not running, a boot order for a running domain or one another device has, the domain started
+        or stopped during the call (repeat it), options differ from the existing attachment, not
+        multiattach), PERMISSION_DENIED (CHAP, ACL),
         DEADLINE_EXCEEDED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -224,6 +257,75 @@ class HostAgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareMigration(self, request, context):
+        """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+        domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+        the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+        FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+        keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+        Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+        (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+        QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+        volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+        iotune, boot order are kept). A failure undoes every volume of the call.
+        Idempotent: a repeat returns the same disks and XML.
+        Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+        otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+        UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishIncomingMigration(self, request, context):
+        """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+        journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+        returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+        the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishOutgoingMigration(self, request, context):
+        """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+        domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+        sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+        A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+        the migration did not complete), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortMigration(self, request, context):
+        """Either side, when the migration did not complete: undoes only what this side made. Destination:
+        disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+        A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+        the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+        running), UNAVAILABLE (a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MigrateDomain(self, request, context):
+        """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+        (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+        TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+        agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+        prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+        aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+        as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+        not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HostAgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -276,6 +378,31 @@ def add_HostAgentServiceServicer_to_server(servicer, server):
                     servicer.AuditHost,
                     request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.SerializeToString,
+            ),
+            'PrepareMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.SerializeToString,
+            ),
+            'FinishIncomingMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishIncomingMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.SerializeToString,
+            ),
+            'FinishOutgoingMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishOutgoingMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.SerializeToString,
+            ),
+            'AbortMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortMigration,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.SerializeToString,
+            ),
+            'MigrateDomain': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateDomain,
+                    request_deserializer=blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -565,6 +692,141 @@ class HostAgentService:
             '/blockwire.v1.HostAgentService/AuditHost',
             blockwire_dot_v1_dot_hostagent__pb2.AuditHostRequest.SerializeToString,
             blockwire_dot_v1_dot_hostagent__pb2.AuditHostResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/PrepareMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.PrepareMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishIncomingMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/FinishIncomingMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.FinishIncomingMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishOutgoingMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/FinishOutgoingMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.FinishOutgoingMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/AbortMigration',
+            blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.AbortMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateDomain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.HostAgentService/MigrateDomain',
+            blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainRequest.SerializeToString,
+            blockwire_dot_v1_dot_hostagent__pb2.MigrateDomainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,12 @@ class HostAgentServiceStub:
     AttachVolume: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.AttachVolumeRequest, _hostagent_pb2.AttachVolumeResponse]
     """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
     connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+    Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+    is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+    same way; it stays connected while the definition has the disk, so that the domain's start opens
+    it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+    disk from the definition and disconnects; an undefined domain's attachment is removed by the
+    agent's reconcile (at its start) once no domain's definition has the disk.
     Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
     a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
     what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -63,8 +69,10 @@ class HostAgentServiceStub:
     nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
     finishes it once the domain lets go.
     Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-    options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+    is not running, a boot order for a running domain or one another device has, the domain started
+    or stopped during the call (repeat it), options differ from the existing attachment, not
+    multiattach), PERMISSION_DENIED (CHAP, ACL),
     DEADLINE_EXCEEDED, UNAVAILABLE.
     """
     DetachVolume: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.DetachVolumeRequest, _hostagent_pb2.DetachVolumeResponse]
@@ -108,6 +116,55 @@ class HostAgentServiceStub:
     attachment of this host whose domain does not run here), never a device, and reports each. A repeat
     finds what is left.
     """
+    PrepareMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.PrepareMigrationRequest, _hostagent_pb2.PrepareMigrationResponse]
+    """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+    domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+    the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+    FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+    keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+    Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+    (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+    QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+    volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+    iotune, boot order are kept). A failure undoes every volume of the call.
+    Idempotent: a repeat returns the same disks and XML.
+    Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+    otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+    UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+    """
+    FinishIncomingMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.FinishIncomingMigrationRequest, _hostagent_pb2.FinishIncomingMigrationResponse]
+    """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+    journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+    returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+    the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+    """
+    FinishOutgoingMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.FinishOutgoingMigrationRequest, _hostagent_pb2.FinishOutgoingMigrationResponse]
+    """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+    domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+    sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+    A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+    the migration did not complete), UNAVAILABLE (a repeat finishes it).
+    """
+    AbortMigration: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.AbortMigrationRequest, _hostagent_pb2.AbortMigrationResponse]
+    """Either side, when the migration did not complete: undoes only what this side made. Destination:
+    disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+    A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+    the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+    running), UNAVAILABLE (a repeat finishes it).
+    """
+    MigrateDomain: _grpc.UnaryUnaryMultiCallable[_hostagent_pb2.MigrateDomainRequest, _hostagent_pb2.MigrateDomainResponse]
+    """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+    (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+    TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+    agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+    prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+    aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+    as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+    not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
+    """
 
 @_typing.type_check_only
 class HostAgentServiceAsyncStub(HostAgentServiceStub):
@@ -136,6 +193,12 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     AttachVolume: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.AttachVolumeRequest, _hostagent_pb2.AttachVolumeResponse]  # type: ignore[assignment]
     """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
     connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+    Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+    is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+    same way; it stays connected while the definition has the disk, so that the domain's start opens
+    it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+    disk from the definition and disconnects; an undefined domain's attachment is removed by the
+    agent's reconcile (at its start) once no domain's definition has the disk.
     Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
     a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
     what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -144,8 +207,10 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
     finishes it once the domain lets go.
     Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-    options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+    volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+    is not running, a boot order for a running domain or one another device has, the domain started
+    or stopped during the call (repeat it), options differ from the existing attachment, not
+    multiattach), PERMISSION_DENIED (CHAP, ACL),
     DEADLINE_EXCEEDED, UNAVAILABLE.
     """
     DetachVolume: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.DetachVolumeRequest, _hostagent_pb2.DetachVolumeResponse]  # type: ignore[assignment]
@@ -189,6 +254,55 @@ class HostAgentServiceAsyncStub(HostAgentServiceStub):
     attachment of this host whose domain does not run here), never a device, and reports each. A repeat
     finds what is left.
     """
+    PrepareMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.PrepareMigrationRequest, _hostagent_pb2.PrepareMigrationResponse]  # type: ignore[assignment]
+    """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+    domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+    the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+    FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+    keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+    Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+    (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+    QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+    volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+    iotune, boot order are kept). A failure undoes every volume of the call.
+    Idempotent: a repeat returns the same disks and XML.
+    Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+    otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+    UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+    """
+    FinishIncomingMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.FinishIncomingMigrationRequest, _hostagent_pb2.FinishIncomingMigrationResponse]  # type: ignore[assignment]
+    """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+    journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+    returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+    the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+    """
+    FinishOutgoingMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.FinishOutgoingMigrationRequest, _hostagent_pb2.FinishOutgoingMigrationResponse]  # type: ignore[assignment]
+    """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+    domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+    sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+    A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+    the migration did not complete), UNAVAILABLE (a repeat finishes it).
+    """
+    AbortMigration: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.AbortMigrationRequest, _hostagent_pb2.AbortMigrationResponse]  # type: ignore[assignment]
+    """Either side, when the migration did not complete: undoes only what this side made. Destination:
+    disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+    A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+    the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+    running), UNAVAILABLE (a repeat finishes it).
+    """
+    MigrateDomain: _aio.UnaryUnaryMultiCallable[_hostagent_pb2.MigrateDomainRequest, _hostagent_pb2.MigrateDomainResponse]  # type: ignore[assignment]
+    """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+    (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+    TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+    agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+    prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+    aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+    as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+    not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
+    """
 
 class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """HostAgentService connects volumes to its host (iSCSI, FC, NVMe-oF, local), verifies their identity,
@@ -226,6 +340,12 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_hostagent_pb2.AttachVolumeResponse, _abc.Awaitable[_hostagent_pb2.AttachVolumeResponse]]:
         """Attaches a volume to a running domain: storage CreateAttachment (unless connection info is given),
         connect on the host, verify the device identity, hot-plug the disk, storage CompleteAttachment.
+        Cold attach: a defined, shut-off domain gets the disk written into its definition only (persistent
+        is implied; DiskOptions.boot_order makes it a boot disk), the host side connected and verified the
+        same way; it stays connected while the definition has the disk, so that the domain's start opens
+        it. Starting and stopping the domain changes nothing; DetachVolume of a shut-off domain removes the
+        disk from the definition and disconnects; an undefined domain's attachment is removed by the
+        agent's reconcile (at its start) once no domain's definition has the disk.
         Idempotent per (domain, volume): a repeat with the same options returns the existing attachment;
         a repeat with other options (access mode, bus, read_only, cache, ...) is FAILED_PRECONDITION naming
         what differs. The same volume on another domain of this host gives FAILED_PRECONDITION unless
@@ -234,8 +354,10 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         nothing under the disk is disconnected or unexported: the attachment stays ERROR, and a detach
         finishes it once the domain lets go.
         Errors: INVALID_ARGUMENT (domain, volume_id, connection_info, disk options), NOT_FOUND (domain,
-        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, domain not running,
-        options differ from the existing attachment, not multiattach), PERMISSION_DENIED (CHAP, ACL),
+        volume), FAILED_PRECONDITION (identity mismatch or no identity announced, a transient domain that
+        is not running, a boot order for a running domain or one another device has, the domain started
+        or stopped during the call (repeat it), options differ from the existing attachment, not
+        multiattach), PERMISSION_DENIED (CHAP, ACL),
         DEADLINE_EXCEEDED, UNAVAILABLE.
         """
 
@@ -326,6 +448,85 @@ class HostAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         with `fix`, removes only what is provably orphaned (an unused blockwire libvirt secret, a storage
         attachment of this host whose domain does not run here), never a device, and reports each. A repeat
         finds what is left.
+        """
+
+    @_abc_1.abstractmethod
+    def PrepareMigration(
+        self,
+        request: _hostagent_pb2.PrepareMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.PrepareMigrationResponse, _abc.Awaitable[_hostagent_pb2.PrepareMigrationResponse]]:
+        """Live migration (README "Live migration"). The caller: source ListAttachments(domain), the source
+        domain's XML (VIR_DOMAIN_XML_MIGRATABLE), destination PrepareMigration, libvirt migrateToURI3 with
+        the returned XML as VIR_MIGRATE_PARAM_DEST_XML, then destination FinishIncomingMigration and source
+        FinishOutgoingMigration; or, when libvirt's migration failed, destination AbortMigration (the VM
+        keeps running on the source with its disks untouched: the source makes nothing before it finishes).
+
+        Destination: for each volume, journal first (state MIGRATING), storage CreateMigrationAttachment
+        (beside the source's live attachment), connect with the identity verified (the libvirt secret for
+        QEMU's initiator is defined here); returns the destination domain XML: the source's with each
+        volume's disk opening it from this host (only <source> changes: target dev, address, serial, driver,
+        iotune, boot order are kept). A failure undoes every volume of the call.
+        Idempotent: a repeat returns the same disks and XML.
+        Errors: INVALID_ARGUMENT (domain, domain_xml, volumes), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (identity mismatch, the domain already runs here, the volume attached here
+        otherwise or migrating elsewhere, a disk without serial), PERMISSION_DENIED (CHAP, ACL),
+        UNAVAILABLE, ABORTED (a call on one of the volumes is in flight).
+        """
+
+    @_abc_1.abstractmethod
+    def FinishIncomingMigration(
+        self,
+        request: _hostagent_pb2.FinishIncomingMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.FinishIncomingMigrationResponse, _abc.Awaitable[_hostagent_pb2.FinishIncomingMigrationResponse]]:
+        """Destination, after libvirt's migration returned: the domain runs here with the prepared disks;
+        journal ATTACHED, storage CompleteMigration (the source's attachment and ACL entry go). A repeat
+        returns the attachments. Errors: FAILED_PRECONDITION (the domain is not here, is still paused for
+        the migration, or runs without a prepared disk), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def FinishOutgoingMigration(
+        self,
+        request: _hostagent_pb2.FinishOutgoingMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.FinishOutgoingMigrationResponse, _abc.Awaitable[_hostagent_pb2.FinishOutgoingMigrationResponse]]:
+        """Source, after libvirt's migration returned: the domain left this host; its disks leave the
+        domain's definition if it is still defined here, the host side is disconnected (libvirt secrets,
+        sessions), the source's storage attachments deleted, the records dropped (journal DETACHING first).
+        A repeat returns OK with nothing released. Errors: FAILED_PRECONDITION (the domain still runs here:
+        the migration did not complete), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def AbortMigration(
+        self,
+        request: _hostagent_pb2.AbortMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.AbortMigrationResponse, _abc.Awaitable[_hostagent_pb2.AbortMigrationResponse]]:
+        """Either side, when the migration did not complete: undoes only what this side made. Destination:
+        disconnect, storage RollbackMigration, drop the records; source: nothing was made, nothing to undo.
+        A repeat returns OK with nothing rolled back. Errors: FAILED_PRECONDITION (the domain runs here with
+        the volumes: the migration completed, finish it; or libvirt's migration into this host is still
+        running), UNAVAILABLE (a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def MigrateDomain(
+        self,
+        request: _hostagent_pb2.MigrateDomainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hostagent_pb2.MigrateDomainResponse, _abc.Awaitable[_hostagent_pb2.MigrateDomainResponse]]:
+        """Source, a convenience: the whole flow above, run by this agent. It calls the destination agent
+        (PrepareMigration, then FinishIncomingMigration or AbortMigration) over gRPC with this agent's own
+        TLS identity ([storage_tls] client certificate, blockwire://agent/<host>; the destination admits an
+        agent identity for exactly those three calls), migrates with libvirt (live, peer to peer, the
+        prepared XML) and finishes here. When the prepare or libvirt's migration fails, the destination
+        aborts and the error is returned: the domain runs here with its disks untouched. Not idempotent
+        as a whole: after an error, inspect both sides (ListAttachments) and finish or abort by hand.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (domain), FAILED_PRECONDITION (not running here, an attachment
+        not simply attached, the destination's refusals), UNAVAILABLE (destination agent or libvirt).
         """
 
 def add_HostAgentServiceServicer_to_server(servicer: HostAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

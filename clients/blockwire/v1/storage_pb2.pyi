@@ -1102,3 +1102,152 @@ class GetBackendStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetBackendStatsResponse: _TypeAlias = GetBackendStatsResponse  # noqa: Y015
+
+@_typing.final
+class CreateMigrationAttachmentRequest(_message.Message):
+    """CreateMigrationAttachmentRequest asks for the destination's attachment of a live migration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    CONNECTOR_FIELD_NUMBER: _builtins.int
+    DOMAIN_FIELD_NUMBER: _builtins.int
+    source_attachment_id: _builtins.str
+    """The source host's attachment (ATTACHED) of the volume."""
+    domain: _builtins.str
+    """The consumer on the destination; empty means the source attachment's domain."""
+    @_builtins.property
+    def connector(self) -> _types_pb2.Connector:
+        """The destination host's connector; its host must differ from the source attachment's."""
+
+    def __init__(
+        self,
+        *,
+        source_attachment_id: _builtins.str = ...,
+        connector: _types_pb2.Connector | None = ...,
+        domain: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connector", b"connector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connector", b"connector", "domain", b"domain", "source_attachment_id", b"source_attachment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMigrationAttachmentRequest: _TypeAlias = CreateMigrationAttachmentRequest  # noqa: Y015
+
+@_typing.final
+class CreateMigrationAttachmentResponse(_message.Message):
+    """CreateMigrationAttachmentResponse returns the destination attachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attachment(self) -> _types_pb2.Attachment:
+        """The destination attachment (ATTACHING, migration_source_id set), with connection_info."""
+
+    def __init__(
+        self,
+        *,
+        attachment: _types_pb2.Attachment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMigrationAttachmentResponse: _TypeAlias = CreateMigrationAttachmentResponse  # noqa: Y015
+
+@_typing.final
+class CompleteMigrationRequest(_message.Message):
+    """CompleteMigrationRequest names the destination attachment of a migration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    TARGET_DEV_FIELD_NUMBER: _builtins.int
+    HOST_DEVICE_FIELD_NUMBER: _builtins.int
+    attachment_id: _builtins.str
+    """The destination attachment id."""
+    target_dev: _builtins.str
+    """The device name in the destination domain; informational."""
+    host_device: _builtins.str
+    """The block device on the destination host; informational."""
+    def __init__(
+        self,
+        *,
+        attachment_id: _builtins.str = ...,
+        target_dev: _builtins.str = ...,
+        host_device: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id", "host_device", b"host_device", "target_dev", b"target_dev"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteMigrationRequest: _TypeAlias = CompleteMigrationRequest  # noqa: Y015
+
+@_typing.final
+class CompleteMigrationResponse(_message.Message):
+    """CompleteMigrationResponse returns the destination attachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def attachment(self) -> _types_pb2.Attachment:
+        """The attachment, ATTACHED, migration_source_id empty."""
+
+    def __init__(
+        self,
+        *,
+        attachment: _types_pb2.Attachment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteMigrationResponse: _TypeAlias = CompleteMigrationResponse  # noqa: Y015
+
+@_typing.final
+class RollbackMigrationRequest(_message.Message):
+    """RollbackMigrationRequest names the destination attachment of a migration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTACHMENT_ID_FIELD_NUMBER: _builtins.int
+    attachment_id: _builtins.str
+    """The destination attachment id."""
+    def __init__(
+        self,
+        *,
+        attachment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_id", b"attachment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackMigrationRequest: _TypeAlias = RollbackMigrationRequest  # noqa: Y015
+
+@_typing.final
+class RollbackMigrationResponse(_message.Message):
+    """RollbackMigrationResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackMigrationResponse: _TypeAlias = RollbackMigrationResponse  # noqa: Y015

@@ -132,6 +132,21 @@ class StorageServiceStub:
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsResponse.FromString,
                 _registered_method=True)
+        self.CreateMigrationAttachment = channel.unary_unary(
+                '/blockwire.v1.StorageService/CreateMigrationAttachment',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentResponse.FromString,
+                _registered_method=True)
+        self.CompleteMigration = channel.unary_unary(
+                '/blockwire.v1.StorageService/CompleteMigration',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.CompleteMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.CompleteMigrationResponse.FromString,
+                _registered_method=True)
+        self.RollbackMigration = channel.unary_unary(
+                '/blockwire.v1.StorageService/RollbackMigration',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.FromString,
+                _registered_method=True)
 
 
 class StorageServiceServicer:
@@ -246,10 +261,16 @@ class StorageServiceServicer:
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
+        A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+        (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+        and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+        above hold the same.
         For an encrypted volume the answer (and a repeat's) carries the key in
         `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
-        other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
-        FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
+        other answer does (UNAVAILABLE naming the key manager when it is down).
+        Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+        offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+        backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,6 +319,50 @@ class StorageServiceServicer:
     def GetBackendStats(self, request, context):
         """Reports backend and exporter statistics (object counts, export counts, operation latencies).
         Read-only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateMigrationAttachment(self, request, context):
+        """Live migration, storage side. The destination host's attachment of a volume while the source's is
+        still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+        CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+        (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+        States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+        makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+        destination uses the same initiator; the target stays), or RollbackMigration removes it and
+        leaves the source's untouched.
+        Idempotent: a repeat with the same source, connector, domain returns the existing destination
+        attachment and the same connection info.
+        Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+        destination is the source's host, the volume already has a migration to another host or domain: the
+        message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+        for its own host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteMigration(self, request, context):
+        """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+        the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+        The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+        returns the attachment unchanged; the source attachment already gone is OK.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+        ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackMigration(self, request, context):
+        """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+        source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+        or an unknown id, returns OK.
+        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+        is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -390,6 +455,21 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.GetBackendStats,
                     request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsResponse.SerializeToString,
+            ),
+            'CreateMigrationAttachment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMigrationAttachment,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentResponse.SerializeToString,
+            ),
+            'CompleteMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteMigration,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.CompleteMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.CompleteMigrationResponse.SerializeToString,
+            ),
+            'RollbackMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackMigration,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -864,6 +944,87 @@ class StorageService:
             '/blockwire.v1.StorageService/GetBackendStats',
             blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.SerializeToString,
             blockwire_dot_v1_dot_storage__pb2.GetBackendStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMigrationAttachment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/CreateMigrationAttachment',
+            blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.CreateMigrationAttachmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/CompleteMigration',
+            blockwire_dot_v1_dot_storage__pb2.CompleteMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.CompleteMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/RollbackMigration',
+            blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

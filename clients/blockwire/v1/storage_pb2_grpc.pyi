@@ -100,10 +100,16 @@ class StorageServiceStub:
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
+    A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+    (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+    and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+    above hold the same.
     For an encrypted volume the answer (and a repeat's) carries the key in
     `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
-    other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
-    FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
+    other answer does (UNAVAILABLE naming the key manager when it is down).
+    Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+    offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+    backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
     """
     CompleteAttachment: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -126,6 +132,38 @@ class StorageServiceStub:
     GetBackendStats: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
+    """
+    CreateMigrationAttachment: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateMigrationAttachmentRequest, _storage_pb2.CreateMigrationAttachmentResponse]
+    """Live migration, storage side. The destination host's attachment of a volume while the source's is
+    still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+    CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+    (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+    States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+    makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+    destination uses the same initiator; the target stays), or RollbackMigration removes it and
+    leaves the source's untouched.
+    Idempotent: a repeat with the same source, connector, domain returns the existing destination
+    attachment and the same connection info.
+    Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+    destination is the source's host, the volume already has a migration to another host or domain: the
+    message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+    for its own host.
+    """
+    CompleteMigration: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CompleteMigrationRequest, _storage_pb2.CompleteMigrationResponse]
+    """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+    the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+    The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+    returns the attachment unchanged; the source attachment already gone is OK.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+    ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+    """
+    RollbackMigration: _grpc.UnaryUnaryMultiCallable[_storage_pb2.RollbackMigrationRequest, _storage_pb2.RollbackMigrationResponse]
+    """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+    source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+    or an unknown id, returns OK.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+    is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -200,10 +238,16 @@ class StorageServiceAsyncStub(StorageServiceStub):
     FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
     deleting one never removes what another still uses (the initiator's ACL entry stays while any
     attachment of that initiator does).
+    A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+    (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+    and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+    above hold the same.
     For an encrypted volume the answer (and a repeat's) carries the key in
     `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
-    other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
-    FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
+    other answer does (UNAVAILABLE naming the key manager when it is down).
+    Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+    offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+    backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
     """
     CompleteAttachment: _aio.UnaryUnaryMultiCallable[_storage_pb2.CompleteAttachmentRequest, _storage_pb2.CompleteAttachmentResponse]  # type: ignore[assignment]
     """Marks an attachment ATTACHED (the host connected and the consumer uses it); the volume becomes
@@ -226,6 +270,38 @@ class StorageServiceAsyncStub(StorageServiceStub):
     GetBackendStats: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]  # type: ignore[assignment]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
+    """
+    CreateMigrationAttachment: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateMigrationAttachmentRequest, _storage_pb2.CreateMigrationAttachmentResponse]  # type: ignore[assignment]
+    """Live migration, storage side. The destination host's attachment of a volume while the source's is
+    still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+    CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+    (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+    States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+    makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+    destination uses the same initiator; the target stays), or RollbackMigration removes it and
+    leaves the source's untouched.
+    Idempotent: a repeat with the same source, connector, domain returns the existing destination
+    attachment and the same connection info.
+    Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+    FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+    destination is the source's host, the volume already has a migration to another host or domain: the
+    message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+    for its own host.
+    """
+    CompleteMigration: _aio.UnaryUnaryMultiCallable[_storage_pb2.CompleteMigrationRequest, _storage_pb2.CompleteMigrationResponse]  # type: ignore[assignment]
+    """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+    the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+    The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+    returns the attachment unchanged; the source attachment already gone is OK.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+    ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+    """
+    RollbackMigration: _aio.UnaryUnaryMultiCallable[_storage_pb2.RollbackMigrationRequest, _storage_pb2.RollbackMigrationResponse]  # type: ignore[assignment]
+    """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+    source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+    or an unknown id, returns OK.
+    Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+    is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -363,10 +439,16 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         FAILED_PRECONDITION. Attachments of a multiattach volume share one export (target, LUN, CHAP);
         deleting one never removes what another still uses (the initiator's ACL entry stays while any
         attachment of that initiator does).
+        A volume on an rbd backend has no target: the attachment's connection info is an RbdConnection
+        (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
+        and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
+        above hold the same.
         For an encrypted volume the answer (and a repeat's) carries the key in
         `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
-        other answer does. Errors: INVALID_ARGUMENT (connector fields, IQN, mode), NOT_FOUND (volume),
-        FAILED_PRECONDITION, UNAVAILABLE (the target daemon, or the key manager, named).
+        other answer does (UNAVAILABLE naming the key manager when it is down).
+        Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
+        offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
+        backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).
         """
 
     @_abc_1.abstractmethod
@@ -425,6 +507,56 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_storage_pb2.GetBackendStatsResponse, _abc.Awaitable[_storage_pb2.GetBackendStatsResponse]]:
         """Reports backend and exporter statistics (object counts, export counts, operation latencies).
         Read-only.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateMigrationAttachment(
+        self,
+        request: _storage_pb2.CreateMigrationAttachmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CreateMigrationAttachmentResponse, _abc.Awaitable[_storage_pb2.CreateMigrationAttachmentResponse]]:
+        """Live migration, storage side. The destination host's attachment of a volume while the source's is
+        still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
+        CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+        (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
+        States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
+        makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
+        destination uses the same initiator; the target stays), or RollbackMigration removes it and
+        leaves the source's untouched.
+        Idempotent: a repeat with the same source, connector, domain returns the existing destination
+        attachment and the same connection info.
+        Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
+        FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+        destination is the source's host, the volume already has a migration to another host or domain: the
+        message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
+        for its own host.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteMigration(
+        self,
+        request: _storage_pb2.CompleteMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CompleteMigrationResponse, _abc.Awaitable[_storage_pb2.CompleteMigrationResponse]]:
+        """Completes a migration: the destination attachment becomes ATTACHED and no longer a migration, and
+        the source attachment is removed with what of the export only it used (its initiator's ACL entry).
+        The volume stays IN_USE. A repeat (or an attachment that is not a migration, already ATTACHED)
+        returns the attachment unchanged; the source attachment already gone is OK.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (attachment), FAILED_PRECONDITION (attachment DETACHING or
+        ERROR), UNAVAILABLE (the target daemon: a repeat finishes it).
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackMigration(
+        self,
+        request: _storage_pb2.RollbackMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.RollbackMigrationResponse, _abc.Awaitable[_storage_pb2.RollbackMigrationResponse]]:
+        """Rolls a migration back: removes the destination attachment (its initiator's ACL entry unless the
+        source uses the same initiator); the source attachment and the export stay as they were. A repeat,
+        or an unknown id, returns OK.
+        Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
+        is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

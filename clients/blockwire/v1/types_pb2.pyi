@@ -223,6 +223,10 @@ class _AttachmentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Attac
     """Being torn down."""
     ATTACHMENT_STATE_ERROR: _AttachmentState.ValueType  # 5
     """A step failed; see `Attachment.error_message`. Deleting it cleans up."""
+    ATTACHMENT_STATE_MIGRATING: _AttachmentState.ValueType  # 40
+    """A host agent's record of the destination side of a live migration: storage attachment made and the
+    host connected (PrepareMigration), the domain not yet running on that host. Storage never reports it.
+    """
 
 class AttachmentState(_AttachmentState, metaclass=_AttachmentStateEnumTypeWrapper):
     """AttachmentState is an attachment's place in its life cycle:
@@ -240,6 +244,10 @@ ATTACHMENT_STATE_DETACHING: AttachmentState.ValueType  # 4
 """Being torn down."""
 ATTACHMENT_STATE_ERROR: AttachmentState.ValueType  # 5
 """A step failed; see `Attachment.error_message`. Deleting it cleans up."""
+ATTACHMENT_STATE_MIGRATING: AttachmentState.ValueType  # 40
+"""A host agent's record of the destination side of a live migration: storage attachment made and the
+host connected (PrepareMigration), the domain not yet running on that host. Storage never reports it.
+"""
 Global___AttachmentState: _TypeAlias = AttachmentState  # noqa: Y015
 
 class _DiskBus:
@@ -1180,6 +1188,7 @@ class Attachment(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MIGRATION_SOURCE_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (the storage service's)."""
     volume_id: _builtins.str
@@ -1196,6 +1205,10 @@ class Attachment(_message.Message):
     """The block device on the host ("/dev/dm-3", "/dev/sdc"); empty for QEMU-native transports."""
     error_message: _builtins.str
     """Why the attachment is in ERROR."""
+    migration_source_id: _builtins.str
+    """Set on the destination attachment of a live migration that is not complete: the source host's
+    attachment it replaces (see StorageService.CreateMigrationAttachment). Empty otherwise.
+    """
     @_builtins.property
     def connector(self) -> Global___Connector:
         """The host's connector."""
@@ -1229,10 +1242,11 @@ class Attachment(_message.Message):
         error_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        migration_source_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "domain", b"domain", "error_message", b"error_message", "host_device", b"host_device", "id", b"id", "state", b"state", "target_dev", b"target_dev", "update_time", b"update_time", "volume_id", b"volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "connection_info", b"connection_info", "connector", b"connector", "create_time", b"create_time", "domain", b"domain", "error_message", b"error_message", "host_device", b"host_device", "id", b"id", "migration_source_id", b"migration_source_id", "state", b"state", "target_dev", b"target_dev", "update_time", b"update_time", "volume_id", b"volume_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1313,6 +1327,7 @@ class DiskOptions(_message.Message):
     TARGET_DEV_FIELD_NUMBER: _builtins.int
     LOGICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     PHYSICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
+    BOOT_ORDER_FIELD_NUMBER: _builtins.int
     bus: Global___DiskBus.ValueType
     """Bus; UNSPECIFIED means SCSI (hot-unplug works without guest cooperation)."""
     cache: Global___DiskCache.ValueType
@@ -1337,6 +1352,12 @@ class DiskOptions(_message.Message):
     """Logical block size exposed to the guest; 0 means the volume's."""
     physical_block_size: _builtins.int
     """Physical block size exposed to the guest; 0 means the volume's."""
+    boot_order: _builtins.int
+    """Boot order of the disk (<boot order='N'/>), 1 first; 0 means none. Only for a shut-off domain (a
+    cold attach writes it into the definition, so `virsh start` boots from the disk); libvirt does not
+    allow per-device boot orders beside the definition's <os><boot dev=.../> elements, so a cold attach
+    with a boot order removes those. At most 999.
+    """
     @_builtins.property
     def iotune(self) -> Global___IoTune:
         """Throttling; combined with ConnectionInfo.qos, the stricter limit wins."""
@@ -1355,10 +1376,11 @@ class DiskOptions(_message.Message):
         target_dev: _builtins.str = ...,
         logical_block_size: _builtins.int = ...,
         physical_block_size: _builtins.int = ...,
+        boot_order: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["iotune", b"iotune"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bus", b"bus", "cache", b"cache", "discard", b"discard", "io", b"io", "iotune", b"iotune", "logical_block_size", b"logical_block_size", "physical_block_size", b"physical_block_size", "read_only", b"read_only", "serial", b"serial", "shareable", b"shareable", "target_dev", b"target_dev"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["boot_order", b"boot_order", "bus", b"bus", "cache", b"cache", "discard", b"discard", "io", b"io", "iotune", b"iotune", "logical_block_size", b"logical_block_size", "physical_block_size", b"physical_block_size", "read_only", b"read_only", "serial", b"serial", "shareable", b"shareable", "target_dev", b"target_dev"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

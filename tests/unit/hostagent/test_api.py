@@ -80,9 +80,10 @@ def test_unknown_domain_touches_nothing(rig: Rig) -> None:
     assert_nothing_left(rig)
 
 
-def test_stopped_domain_is_a_failed_precondition(rig: Rig) -> None:
-    with pytest.raises(FailedPrecondition, match="not running"):
-        rig.agent.attach("stopped", volume_id="vol-1")
+def test_stopped_transient_domain_is_a_failed_precondition(rig: Rig) -> None:
+    rig.hv.add_domain("gone", running=False, persistent=False)
+    with pytest.raises(FailedPrecondition, match="neither running nor defined"):
+        rig.agent.attach("gone", volume_id="vol-1")
     assert rig.storage.calls == []
 
 

@@ -50,6 +50,9 @@ class FakeDomain:
     def isActive(self) -> bool:
         return True
 
+    def state(self) -> list[int]:
+        return [libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED]
+
     def XMLDesc(self, flags: int = 0) -> str:
         with self._lock:
             return etree.tostring(self.root, encoding="unicode")
