@@ -93,14 +93,18 @@ database_path={self.root / "kmip.db"}
         wait_until(f"KMIP server on {self.address}", listening, timeout=30)
 
     def stop(self) -> None:
+        """Stops the server and what it forked (PyKMIP runs sessions in child processes, which keep
+        the listening socket): its own process group, made at start, by the server's pid."""
         if self.proc is None:
             return
+        pgid = self.proc.pid  # start_new_session: the server leads a group of its own
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGTERM)
-        try:
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)  # forked session processes that outlived it
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=10)
         self.proc = None
 
