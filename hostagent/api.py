@@ -46,6 +46,7 @@ from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
 from hostagent import doctor
 from hostagent.connectors.base import VolumeConnector
+from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.journal import Journal
 from hostagent.migration import (
@@ -249,8 +250,10 @@ class HostAgent:
         detach_timeout: float = 30.0,
         extra_connectors: tuple[VolumeConnector, ...] = (),
         failpoints: Failpoints = NO_FAILPOINTS,
+        volume_keys: VolumeKeys | None = None,
     ) -> None:
         self.hypervisor = hypervisor
+        self.volume_keys = volume_keys  # encrypted volumes; None: refused on this host
         self.failpoints = failpoints
         self.connectors = dict(connectors)
         self._by_kind = {c.kind: c for c in (*connectors.values(), *extra_connectors)}
@@ -404,6 +407,8 @@ class HostAgent:
                 f"{', '.join(foreign)} still holds volume {a.volume_id}; not disconnecting it from the "
                 "host. Detach it from that domain first, then repeat"
             )
+        if self.volume_keys is not None:  # this attachment's own secret, whoever shares the device
+            self.volume_keys.remove(a.connection_info)
         if shared:
             log.info("volume %s: host connection kept for %s", a.volume_id, ", ".join(shared))
             return
@@ -633,6 +638,7 @@ class HostAgent:
                     )
                     info = a.connection_info
                 conn = self._validate_info(info)  # what storage announced is checked as what a caller gives
+                keys = self._volume_keys(info)
                 a = self.journal.update(a, connector_kind=conn.kind)
                 self._undo(
                     stack,
@@ -654,9 +660,12 @@ class HostAgent:
                 # the undo then finds it by its serial in the live XML.
                 self._undo(stack, failures, "hot-plug", lambda: self._unplug_or_hold(att, held))
                 source = disk_source(device)
+                encryption = keys.define(info) if keys is not None else None
                 spec = self.hypervisor.attach_disk(
                     dom.name,
-                    lambda target: self._spec(target, att, info, source, disk),
+                    lambda target: replace(
+                        self._spec(target, att, info, source, disk), encryption=encryption
+                    ),
                     bus=disk.bus,
                     preferred_target=disk.target_dev,
                     persistent=persistent,
@@ -683,6 +692,18 @@ class HostAgent:
         self._emit(EventType.ATTACHED, a, path=a.target_dev)
         log.info("attached volume %s to %s as %s", volume_id, dom.name, a.target_dev)
         return a
+
+    def _volume_keys(self, info: ConnectionInfo) -> VolumeKeys | None:
+        """For an encrypted volume, the host's key handling, after checking the key came along."""
+        if info.encryption is None:
+            return None
+        if self.volume_keys is None:
+            raise FailedPrecondition(
+                f"volume {info.volume_id} is encrypted and this host's agent has no libvirt secrets to "
+                "hand its key to QEMU"
+            )
+        self.volume_keys.check(info)
+        return self.volume_keys
 
     def _export(
         self,
@@ -993,6 +1014,13 @@ class HostAgent:
                         actions.append(ReconcileAction("", "", "swept", what))
                 except BlockwireError as exc:
                     log.error("reconcile: sweeping %s state failed: %s", conn.kind, exc.message)
+        if self.volume_keys is not None:
+            try:
+                for what in self.volume_keys.sweep(keep):
+                    log.warning("reconcile: removed %s, which no attachment accounts for", what)
+                    actions.append(ReconcileAction("", "", "swept", what))
+            except BlockwireError as exc:
+                log.error("reconcile: sweeping volume key secrets failed: %s", exc.message)
         return actions
 
     def _reconcile_one(self, a: JournalRecord) -> ReconcileAction:

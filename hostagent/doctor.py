@@ -10,8 +10,9 @@ journal_error       a journal record in ERROR (an attach or detach the agent cou
                     finish; its message says why)                                        (force) decides
 domain_disk         a running domain's disk whose libvirt secret is one of blockwire's   no: a domain
                     ("blockwire/...") but whose serial no record has                     holds it
-libvirt_secret      a private secret under "blockwire/" (CHAP, cephx) that no record and  yes: undefined
-                    no domain's XML (live or persistent) refers to                       (nothing uses it)
+libvirt_secret      a private secret under "blockwire/" (CHAP, cephx) or "blockwire-luks/"  yes: undefined
+                    (an encrypted volume's key) that no record and no domain's XML       (nothing uses it)
+                    (live or persistent) refers to
 iscsi_session       a kernel iSCSI session to a (portal, target) no record uses          no: report only
 iscsi_node          a node record of a (portal, target) no record uses                   no: report only
 scsi_disk           a disk on such a session                                             no: report only
@@ -104,12 +105,15 @@ def audit(agent: HostAgent, *, fix: bool = False) -> list[Finding]:
                         "records; detach it from the domain (virsh detach-disk) if it is not wanted",
                     )
                 )
-    auditors = [c for c in agent.all_connectors() if isinstance(c, Auditor)]
+    auditors: list[Auditor] = [c for c in agent.all_connectors() if isinstance(c, Auditor)]
+    if agent.volume_keys is not None:  # encrypted volumes' key secrets (hostagent.encryption)
+        auditors.append(agent.volume_keys)
     for conn in auditors:
         try:
             findings += conn.audit(keep)
         except BlockwireError as exc:
-            findings.append(Finding("audit_failed", str(conn.kind.value), exc.message))
+            kind = getattr(conn, "kind", None)
+            findings.append(Finding("audit_failed", str(getattr(kind, "value", "volume keys")), exc.message))
     storage = agent.storage
     if isinstance(storage, AttachmentLister):
         findings += _storage(storage, agent.connector.host, records, running)

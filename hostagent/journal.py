@@ -55,7 +55,10 @@ def _key(volume_id: str, domain: str) -> str:
 
 
 def to_json(a: JournalRecord) -> dict[str, Any]:
-    info = json_format.MessageToDict(connection_info_to_pb(a.connection_info, with_secrets=True))
+    # CHAP passwords are kept (a restart must log in again); an encryption key never is
+    info = json_format.MessageToDict(
+        connection_info_to_pb(a.connection_info.without_key(), with_secrets=True)
+    )
     # written only when set, so that an ordinary record reads back exactly as older agents wrote it
     migration = {"migration_source_id": a.migration_source_id} if a.migration_source_id else {}
     return {

@@ -22,6 +22,7 @@ from hostagent.connectors.base import VolumeConnector
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
 from hostagent.connectors.rbd import QemuRbdConnector
+from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.host.ceph import RadosProbe
 from hostagent.host.sysfs import Sysfs
@@ -139,6 +140,7 @@ def build_agent(
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,
+        volume_keys=VolumeKeys(hypervisor),
         connectors=connectors,
         journal=Journal(state),
         connector=connector,

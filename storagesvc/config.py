@@ -14,6 +14,7 @@ from blockwire import validate
 from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
+from storagesvc.keys.base import KEY_KINDS, KeysConfig
 
 BACKEND_KINDS = ("file", "lvm-thin", "rbd")
 RBD_HOST_USERS = ("backend", "per-host")
@@ -107,6 +108,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)  # [limits]: concurrent calls per class (blockwire.limits)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
+    keys: KeysConfig = field(default_factory=KeysConfig)  # [keys]: key manager of encrypted volumes
 
 
 class ConfigError(Exception):
@@ -247,7 +249,7 @@ def _observability(top: Mapping[str, Any]) -> tuple[MetricsConfig, TracingConfig
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    tables = ("server", "service", "backends", "exporters", "tls", "limits", "metrics", "tracing")
+    tables = ("server", "service", "backends", "exporters", "tls", "limits", "metrics", "tracing", "keys")
     top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
@@ -289,7 +291,17 @@ def parse(data: Mapping[str, Any]) -> Config:
         limits=limits,
         metrics=metrics,
         tracing=tracing,
+        keys=_keys(top.get("keys", {})),
     )
+
+
+def _keys(table: Mapping[str, Any]) -> KeysConfig:
+    k = KeysConfig(**_take(table, "keys", _fields(KeysConfig)))
+    if k.kind not in KEY_KINDS:
+        raise ConfigError(f"[keys] kind: one of {', '.join(KEY_KINDS)}")
+    if k.kind == "kmip" and not (k.host and k.cert_file and k.key_file and k.ca_file):
+        raise ConfigError('[keys] kind = "kmip" needs host, cert_file, key_file and ca_file')
+    return k
 
 
 def load(path: str | Path) -> Config:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from blockwire import validate
-from blockwire.errors import InvalidArgument, NotFound, ResourceExhausted
+from blockwire.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from blockwire.model import AccessMode
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
@@ -26,6 +26,7 @@ from blockwire.secret import Secret
 from storagesvc import identity
 from storagesvc.backends.base import Backend
 from storagesvc.catalog import Catalog, Cursor, time_key
+from storagesvc.encryption import VolumeCrypt
 from storagesvc.model import ExportRecord, Volume
 from storagesvc.stats import Stats
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec
@@ -89,6 +90,29 @@ class Context:
     default_backend: str
     mutual_chap: bool
     failpoints: Failpoints = NO_FAILPOINTS
+    crypt: VolumeCrypt | None = None  # encrypted volumes; None: refused (no key manager)
+
+    def need_crypt(self) -> VolumeCrypt:
+        if self.crypt is None:
+            raise FailedPrecondition(
+                "encrypted volumes need a key manager; configure [keys] on the storage service"
+            )
+        return self.crypt
+
+    def key_in_use(self, key_ref: str, *, but_volume: str = "", but_snapshot: str = "") -> bool:
+        """Whether a volume or snapshot other than the named ones holds this key (clones share keys)."""
+        for v in self.all_volumes():
+            if v.id != but_volume and v.encryption is not None and v.encryption.key_ref == key_ref:
+                return True
+        after = None
+        while True:
+            snaps = self.catalog.list_snapshots(after=after, limit=500)
+            for s in snaps:
+                if s.id != but_snapshot and s.encryption is not None and s.encryption.key_ref == key_ref:
+                    return True
+            if len(snaps) < 500:
+                return False
+            after = Cursor(time_key(snaps[-1].create_time), snaps[-1].id)
 
     def now(self) -> datetime:
         return self.clock.now()

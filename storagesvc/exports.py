@@ -34,6 +34,7 @@ from blockwire.model import (
     Chap,
     ConnectionInfo,
     Connector,
+    Encryption,
     IscsiConnection,
     IscsiPath,
     NvmeofConnection,
@@ -117,6 +118,13 @@ def _repeat(
     return None
 
 
+def _with_key(a: Attachment, encryption: Encryption | None) -> Attachment:
+    """A repeat's answer carries the key like the first one (the catalog's copy has none)."""
+    if encryption is None or a.connection_info is None:
+        return a
+    return replace(a, connection_info=replace(a.connection_info, encryption=encryption))
+
+
 def _consumer(host: str, domain: str) -> str:
     return f"domain {domain!r} on host {host}" if domain else f"host {host}"
 
@@ -165,12 +173,15 @@ class Exports:
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
+        # an encrypted volume's key is fetched first: a key manager that is down or refuses leaves nothing
+        # half-done (the key goes only into this answer, never into the catalog: see `Encryption`)
+        encryption = self._encryption_with_key(v)
         atts = ctx.catalog.attachments_of(v.id)
         pool = ctx.pools[v.backend]
         initiator = initiator_of(connector, pool.exporter)
         repeat = _repeat(v, atts, connector, domain=domain, mode=mode, exporter=pool.exporter)
         if repeat is not None:
-            return repeat
+            return _with_key(repeat, encryption)
         if atts and not v.multiattach and not migration_source_id:
             raise FailedPrecondition(
                 f"volume {v.id} is attached to {_consumer(atts[0].connector.host, atts[0].domain)} and was "
@@ -226,12 +237,13 @@ class Exports:
                 attachment_id=att.id,
                 wwn=v.wwn if isinstance(transport, IscsiConnection) else "",  # NVMe: NGUID and UUID
                 serial=v.serial,
-                size_bytes=v.size_bytes,
+                size_bytes=v.size_bytes + (encryption.header_bytes if encryption else 0),
                 access_mode=mode,
                 discard=False,
                 logical_block_size=block,
                 physical_block_size=block,
                 multiattach=v.multiattach,
+                encryption=encryption,
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)
                 validate.validate_connection_info(info)
@@ -241,7 +253,7 @@ class Exports:
                     "nothing was exported"
                 ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
-            ctx.catalog.update_attachment(att)
+            ctx.catalog.update_attachment(replace(att, connection_info=info.without_key()))
             state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
             ctx.save(replace(reserved, state=state))
             undo.pop_all()
@@ -254,6 +266,12 @@ class Exports:
             att.id,
         )
         return att
+
+    def _encryption_with_key(self, v: Volume) -> Encryption | None:
+        if v.encryption is None:
+            return None
+        passphrase = self.ctx.need_crypt().passphrase(v.encryption)
+        return replace(v.encryption, passphrase=passphrase)
 
     def _create_direct(
         self,
@@ -271,6 +289,10 @@ class Exports:
         failure (the cluster down: UNAVAILABLE) leaves nothing behind. Not a live migration's
         destination attachment (`migration`): not supported for these backends yet."""
         ctx = self.ctx
+        if v.encryption is not None:  # refused at create; a guard
+            raise FailedPrecondition(
+                f"volume {v.id}: encrypted volumes on backend {v.backend} are not supported"
+            )
         if migration:
             raise FailedPrecondition(
                 f"volume {v.id} is on backend {v.backend} (direct): live migration of its volumes is "

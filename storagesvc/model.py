@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Generic, TypeVar
 
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector
+from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, Encryption
 
 MIB = 1024 * 1024
 
@@ -110,9 +110,14 @@ class Volume:
     multiattach: bool = False
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     source: VolumeSource = field(default_factory=VolumeSource)
+    encrypted: bool = False  # LUKS1 with a fresh key (a copy of an encrypted source is encrypted anyway)
+    key_size_bits: int = 0  # 0: 512
     progress: Progress = field(default_factory=Progress)
     error_message: str = ""
     export: ExportRecord | None = None
+    #: Set when encrypted at rest (LUKS1; never with the passphrase). The backing device is then
+    #: `encryption.header_bytes` larger than `size_bytes`.
+    encryption: Encryption | None = None
     #: Filled in on reads from the attachments recorded for the volume; not stored with it.
     attachment_ids: tuple[str, ...] = ()
 
@@ -128,6 +133,8 @@ class Snapshot:
     create_time: datetime
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     error_message: str = ""
+    #: The volume's encryption when taken (the snapshot holds the same LUKS header and key).
+    encryption: Encryption | None = None
 
 
 @dataclass(frozen=True)
@@ -196,3 +203,5 @@ class CreateVolumeSpec:
     multiattach: bool = False
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)
     source: VolumeSource = field(default_factory=VolumeSource)
+    encrypted: bool = False  # LUKS1 with a fresh key (a copy of an encrypted source is encrypted anyway)
+    key_size_bits: int = 0  # 0: 512

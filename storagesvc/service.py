@@ -27,6 +27,7 @@ from blockwire.secret import Secret
 from storagesvc import stats
 from storagesvc.catalog import Catalog
 from storagesvc.context import Context, Pool, VolumeEvents, new_id
+from storagesvc.encryption import VolumeCrypt
 from storagesvc.exports import (
     FP_EXPORT_AFTER_ACL,
     FP_EXPORT_AFTER_ATTACHING,
@@ -84,6 +85,7 @@ class StorageService:
         id_factory: Callable[[], str] = new_id,
         secret_factory: Callable[[], Secret] = new_chap_secret,
         failpoints: Failpoints = NO_FAILPOINTS,
+        crypt: VolumeCrypt | None = None,
     ) -> None:
         if not pools:
             raise ValueError("at least one backend")
@@ -103,6 +105,7 @@ class StorageService:
                 default_backend=default_backend or next(iter(pools)),
                 mutual_chap=mutual_chap,
                 failpoints=failpoints,
+                crypt=crypt,
             )
         )
 

@@ -51,6 +51,7 @@ class Snapshots:
                         backend=v.backend,
                         create_time=ctx.now(),
                         labels=dict(labels),
+                        encryption=v.encryption,
                     )
                     with contextlib.ExitStack() as undo:
                         try:
@@ -93,6 +94,8 @@ class Snapshots:
                     raise FailedPrecondition(
                         f"a volume is being copied from snapshot {snapshot_id}; wait for it"
                     )
+                if s.encryption is not None and not ctx.key_in_use(s.encryption.key_ref, but_snapshot=s.id):
+                    ctx.need_crypt().keys.delete_key(s.encryption.key_ref)  # shared with its volume until now
                 ctx.catalog.update_snapshot(replace(s, state=SnapshotState.DELETING))
                 pool = ctx.pools.get(s.backend)
                 if pool is not None:

@@ -10,10 +10,13 @@ from dataclasses import replace
 
 from blockwire import validate
 from blockwire.errors import AlreadyExists, BlockwireError, FailedPrecondition, InvalidArgument, NotFound
+from blockwire.model import Encryption
+from blockwire.secret import Secret
 from storagesvc import identity, paging
-from storagesvc.backends.base import ImageInfo
+from storagesvc.backends.base import DirectBackend, ImageInfo
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context, Pool
+from storagesvc.encryption import HEADER_BYTES, key_size
 from storagesvc.model import (
     ATTACHABLE,
     MIB,
@@ -47,11 +50,15 @@ class Volumes:
                 return self._create(spec, pool)
 
     def _same_volume(self, v: Volume, spec: CreateVolumeSpec, pool: Pool) -> Volume:
+        src_empty = spec.source.is_empty()
+        key_bits = spec.key_size_bits or 512
         same = (
             v.backend == pool.backend.name
             and v.multiattach == spec.multiattach
             and dict(v.labels) == dict(spec.labels)
             and v.source == spec.source
+            and ((v.encryption is not None) if spec.encrypted else (v.encryption is None or not src_empty))
+            and (not (spec.encrypted and src_empty) or getattr(v.encryption, "key_size_bits", 0) == key_bits)
             and spec.size_bytes in ((v.size_bytes,) if spec.source.is_empty() else (0, v.size_bytes))
         )
         if not same:
@@ -60,35 +67,15 @@ class Volumes:
 
     def _create(self, spec: CreateVolumeSpec, pool: Pool) -> Volume:
         ctx = self.ctx
-        size = spec.size_bytes
-        image: ImageInfo | None = None
         src = spec.source
-        if src.snapshot_id:
-            snap = ctx.catalog.get_snapshot(src.snapshot_id)
-            if snap is None:
-                raise NotFound(f"source snapshot {src.snapshot_id} does not exist")
-            if snap.state is not SnapshotState.AVAILABLE:
-                raise FailedPrecondition(f"source snapshot {snap.id} is {snap.state.value}, not available")
-            if snap.backend != pool.backend.name:
-                raise InvalidArgument(
-                    "backend", f"the snapshot is on backend {snap.backend}; create the volume there"
-                )
-            size = _source_size(size, snap.size_bytes)
-        elif src.volume_id:
-            source = ctx.catalog.get_volume(src.volume_id)
-            if source is None:
-                raise NotFound(f"source volume {src.volume_id} does not exist")
-            if source.state in (VolumeState.CREATING, VolumeState.ERROR, VolumeState.DELETING):
-                raise FailedPrecondition(f"source volume {source.id} is {source.state.value}")
-            if source.backend != pool.backend.name:
-                raise InvalidArgument(
-                    "backend", f"the source volume is on backend {source.backend}; clone it there"
-                )
-            size = _source_size(size, source.size_bytes)
-        elif src.image is not None:
-            image = pool.backend.inspect_image(src.image)
-            size = _source_size(size, -(-image.virtual_size // MIB) * MIB)
-        ctx.check_space(pool, size)
+        size, image, encryption = self._source(spec, pool)
+        ctx.check_space(pool, size + (HEADER_BYTES if encryption or spec.encrypted else 0))
+        if (encryption or spec.encrypted) and isinstance(pool.backend, DirectBackend):
+            raise InvalidArgument(
+                "encrypted",
+                f"backend {pool.backend.name} ({pool.backend.kind}) cannot hold encrypted volumes yet",
+            )
+        encryption, passphrase = self._new_key(spec, encryption)
 
         now = ctx.now()
         vid = ctx.new_id()
@@ -106,15 +93,23 @@ class Volumes:
             labels=dict(spec.labels),
             source=src,
             progress=Progress(0, size if not src.is_empty() else 0),
+            encryption=encryption,
         )
         with contextlib.ExitStack() as undo:
+            if passphrase is not None and encryption is not None:
+                undo.callback(ctx.need_crypt().keys.delete_key, encryption.key_ref)
             try:
                 ctx.catalog.insert_volume(volume)
             except Conflict:
                 raise AlreadyExists(f"volume name {spec.name} is taken") from None
             undo.callback(ctx.catalog.delete_volume, vid)
             if src.is_empty():
-                pool.backend.create(vid, size)
+                if encryption is not None and passphrase is not None:
+                    pool.backend.create(vid, size + encryption.header_bytes)
+                    undo.callback(pool.backend.delete, vid)
+                    ctx.need_crypt().format(pool.backend.device_path(vid), encryption, passphrase)
+                else:
+                    pool.backend.create(vid, size)
                 undo.pop_all()
                 volume = ctx.save(replace(volume, state=VolumeState.AVAILABLE))
                 log.info("volume %s (%s) created: %d bytes on %s", vid, spec.name, size, pool.backend.name)
@@ -125,16 +120,64 @@ class Volumes:
         log.info("volume %s (%s) creating from %s", vid, spec.name, src)
         return volume
 
+    def _source(self, spec: CreateVolumeSpec, pool: Pool) -> tuple[int, ImageInfo | None, Encryption | None]:
+        """The size of the new volume, the image to copy, and the encryption a copy inherits: a copy of an
+        encrypted source is encrypted with its key (the LUKS header is copied with the bytes)."""
+        ctx = self.ctx
+        size = spec.size_bytes
+        src = spec.source
+        if src.snapshot_id:
+            snap = ctx.catalog.get_snapshot(src.snapshot_id)
+            if snap is None:
+                raise NotFound(f"source snapshot {src.snapshot_id} does not exist")
+            if snap.state is not SnapshotState.AVAILABLE:
+                raise FailedPrecondition(f"source snapshot {snap.id} is {snap.state.value}, not available")
+            if snap.backend != pool.backend.name:
+                raise InvalidArgument(
+                    "backend", f"the snapshot is on backend {snap.backend}; create the volume there"
+                )
+            return _source_size(size, snap.size_bytes), None, snap.encryption
+        if src.volume_id:
+            source = ctx.catalog.get_volume(src.volume_id)
+            if source is None:
+                raise NotFound(f"source volume {src.volume_id} does not exist")
+            if source.state in (VolumeState.CREATING, VolumeState.ERROR, VolumeState.DELETING):
+                raise FailedPrecondition(f"source volume {source.id} is {source.state.value}")
+            if source.backend != pool.backend.name:
+                raise InvalidArgument(
+                    "backend", f"the source volume is on backend {source.backend}; clone it there"
+                )
+            return _source_size(size, source.size_bytes), None, source.encryption
+        if src.image is not None:
+            if spec.encrypted:
+                raise InvalidArgument("encrypted", "an image cannot be copied into an encrypted volume yet")
+            image = pool.backend.inspect_image(src.image)
+            return _source_size(size, -(-image.virtual_size // MIB) * MIB), image, None
+        return size, None, None
+
+    def _new_key(
+        self, spec: CreateVolumeSpec, copied: Encryption | None
+    ) -> tuple[Encryption | None, Secret | None]:
+        """The encryption of a new volume: its source's (a copy), or a fresh key when asked for."""
+        if copied is not None or not spec.encrypted:
+            return copied, None
+        if not spec.source.is_empty():
+            raise InvalidArgument(
+                "encrypted", "a copy of an unencrypted snapshot or volume cannot be encrypted"
+            )
+        return self.ctx.need_crypt().new_key(key_size(spec.key_size_bits))
+
     def _fill(self, volume: Volume, pool: Pool, image: ImageInfo | None) -> None:
         """Copies the source into a CREATING volume (a job); ends AVAILABLE, or ERROR with no file."""
         ctx = self.ctx
         src = volume.source
         with ctx.stats.measure("copy_volume"):
+            backing = volume.size_bytes + (volume.encryption.header_bytes if volume.encryption else 0)
             try:
                 if src.snapshot_id:
-                    pool.backend.create_from_snapshot(src.snapshot_id, volume.id, volume.size_bytes)
+                    pool.backend.create_from_snapshot(src.snapshot_id, volume.id, backing)
                 elif src.volume_id:
-                    pool.backend.clone(src.volume_id, volume.id, volume.size_bytes)
+                    pool.backend.clone(src.volume_id, volume.id, backing)
                 else:
                     assert src.image is not None
                     assert image is not None
@@ -229,6 +272,9 @@ class Volumes:
                     c.state is VolumeState.CREATING for c in ctx.catalog.volumes_from(volume_id=volume_id)
                 ):
                     raise FailedPrecondition(f"a clone of volume {volume_id} is being copied; wait for it")
+                if v.encryption is not None and not ctx.key_in_use(v.encryption.key_ref, but_volume=v.id):
+                    # first: a key manager that is down refuses the delete before anything changed
+                    ctx.need_crypt().keys.delete_key(v.encryption.key_ref)
                 v = ctx.save(replace(v, state=VolumeState.DELETING))
                 if pool is not None:
                     pool.backend.delete(volume_id)
@@ -253,7 +299,8 @@ class Volumes:
                 before = v.state
                 v = ctx.save(replace(v, state=VolumeState.EXTENDING))
                 try:
-                    pool.backend.extend(volume_id, new_size)
+                    header = v.encryption.header_bytes if v.encryption is not None else 0
+                    pool.backend.extend(volume_id, new_size + header)
                     grown = replace(v, size_bytes=new_size)
                     if v.export is not None:
                         pool.target_exporter().resize(ctx.spec(grown, v.export))

@@ -253,6 +253,8 @@ def cmd_volume_create(ctx: _Context) -> int:
         source_volume_id=a.from_volume,
         source_image=a.from_image,
         image_format=_IMAGE_FORMATS.get(a.image_format or "", types_pb2.IMAGE_FORMAT_UNSPECIFIED),
+        encrypted=a.encrypted,
+        key_size_bits=a.key_size or 0,
     )
     if a.wait and volume.state not in _SETTLED:
         progress = _VolumeProgress(ctx, a.name) if ctx.progress else None
@@ -723,6 +725,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
     )
     p.add_argument("--backend", metavar="NAME", help="storage backend (default: the service's default)")
     p.add_argument("--multiattach", action="store_true", help="allow several attachments at once")
+    p.add_argument(
+        "--encrypted", action="store_true", help="LUKS1 at rest, decrypted by QEMU (README Encryption)"
+    )
+    p.add_argument("--key-size", type=int, choices=(256, 512), help="with --encrypted: key bits (512)")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="add a label (repeatable)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--from-snapshot", metavar="SNAPSHOT_ID", help="copy of this snapshot")

@@ -465,8 +465,11 @@ class StorageClient(_Client):
         source_image: str | None = None,
         image_format: types_pb2.ImageFormat.ValueType = types_pb2.IMAGE_FORMAT_UNSPECIFIED,
         timeout: float | None = None,
+        encrypted: bool = False,
+        key_size_bits: int = 0,
     ) -> types_pb2.Volume:
         """Creates a volume, empty or from one source (snapshot, volume, or image path on the storage host).
+        `encrypted`: LUKS1 at rest with a fresh key from the service's key manager (README "Encryption").
 
         Idempotent by name: a repeat with the same parameters returns the existing volume, perhaps still
         CREATING (see `wait_volume`); other parameters raise `AlreadyExists`.
@@ -474,7 +477,13 @@ class StorageClient(_Client):
         Example: ``storage.create_volume("web1-root", 0, source_image="/srv/images/debian.qcow2")``
         """
         request = storage_pb2.CreateVolumeRequest(
-            name=name, size_bytes=size_bytes, backend=backend, multiattach=multiattach, labels=labels or {}
+            name=name,
+            size_bytes=size_bytes,
+            backend=backend,
+            multiattach=multiattach,
+            labels=labels or {},
+            encrypted=encrypted,
+            key_size_bits=key_size_bits,
         )
         sources = [s for s in (source_snapshot_id, source_volume_id, source_image) if s is not None]
         if len(sources) > 1:

@@ -180,7 +180,41 @@ def connection_info_from_pb(m: pb.ConnectionInfo, field: str = "connection_info"
         physical_block_size=m.physical_block_size or m.logical_block_size or 512,
         qos=iotune_from_pb(m.qos),
         multiattach=m.multiattach,
+        encryption=encryption_from_pb(m.encryption) if m.HasField("encryption") else None,
     )
+
+
+_ENCRYPTION_FORMATS = {pb.ENCRYPTION_FORMAT_LUKS: "luks"}
+
+
+def encryption_from_pb(m: pb.Encryption) -> model.Encryption:
+    """An unknown or unspecified format is kept as "" (validation refuses it, naming the field)."""
+    return model.Encryption(
+        cipher=m.cipher,
+        key_size_bits=m.key_size_bits,
+        key_ref=m.key_ref,
+        passphrase=Secret(m.passphrase) if m.passphrase else None,
+        header_bytes=m.header_bytes,
+        format=_ENCRYPTION_FORMATS.get(m.format, ""),
+    )
+
+
+def _put_encryption(m: pb.ConnectionInfo, e: model.Encryption | None, with_secrets: bool) -> None:
+    if e is not None:
+        m.encryption.CopyFrom(encryption_to_pb(e, with_secrets=with_secrets))
+
+
+def encryption_to_pb(e: model.Encryption, *, with_secrets: bool = True) -> pb.Encryption:
+    m = pb.Encryption(
+        format=pb.ENCRYPTION_FORMAT_LUKS if e.format == "luks" else pb.ENCRYPTION_FORMAT_UNSPECIFIED,
+        cipher=e.cipher,
+        key_size_bits=e.key_size_bits,
+        key_ref=e.key_ref,
+        header_bytes=e.header_bytes,
+    )
+    if e.passphrase is not None and with_secrets:
+        m.passphrase = e.passphrase.reveal()
+    return m
 
 
 def connection_info_to_pb(c: model.ConnectionInfo, *, with_secrets: bool = True) -> pb.ConnectionInfo:
@@ -198,6 +232,7 @@ def connection_info_to_pb(c: model.ConnectionInfo, *, with_secrets: bool = True)
         qos=iotune_to_pb(c.qos),
         multiattach=c.multiattach,
     )
+    _put_encryption(m, c.encryption, with_secrets)
     t = c.transport
     if isinstance(t, model.IscsiConnection):
         m.iscsi.paths.extend(

@@ -8,7 +8,7 @@ grpc nor protobuf.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from blockwire.secret import Secret
 
@@ -129,6 +129,27 @@ class IoTune:
         return self == IoTune()
 
 
+LUKS_CIPHER = "aes-xts-plain64"
+LUKS_KEY_SIZES = (256, 512)
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """A volume encrypted at rest with LUKS1 (QEMU decrypts it). `passphrase` travels only in a
+    CreateAttachment answer to the attaching host; everywhere else (catalog, journal, listings) it is
+    None and `key_ref` names the key in the storage service's key manager."""
+
+    cipher: str = LUKS_CIPHER
+    key_size_bits: int = 512
+    key_ref: str = ""
+    passphrase: Secret | None = None
+    header_bytes: int = 0
+    format: str = "luks"
+
+    def without_key(self) -> Encryption:
+        return Encryption(self.cipher, self.key_size_bits, self.key_ref, None, self.header_bytes, self.format)
+
+
 @dataclass(frozen=True)
 class ConnectionInfo:
     """Everything a host needs to connect one attachment, and to check that it reached the right LUN."""
@@ -145,6 +166,13 @@ class ConnectionInfo:
     physical_block_size: int = 512
     qos: IoTune = field(default_factory=IoTune)
     multiattach: bool = False
+    encryption: Encryption | None = None
+
+    def without_key(self) -> ConnectionInfo:
+        """The same info with the encryption passphrase dropped (what may be stored or listed)."""
+        if self.encryption is None or self.encryption.passphrase is None:
+            return self
+        return replace(self, encryption=self.encryption.without_key())
 
     @property
     def kind(self) -> Transport:

@@ -43,9 +43,12 @@ from typing import Final
 
 from blockwire.errors import InvalidArgument
 from blockwire.model import (
+    LUKS_CIPHER,
+    LUKS_KEY_SIZES,
     Chap,
     ConnectionInfo,
     Connector,
+    Encryption,
     FcConnection,
     IoTune,
     IscsiConnection,
@@ -497,6 +500,8 @@ def validate_connection_info(info: ConnectionInfo, field: str = "connection_info
     block_size(info.logical_block_size, f"{field}.logical_block_size")
     block_size(info.physical_block_size, f"{field}.physical_block_size")
     iotune(info.qos, f"{field}.qos")
+    if info.encryption is not None:
+        encryption(info.encryption, f"{field}.encryption")
     t = info.transport
     if isinstance(t, IscsiConnection):
         _iscsi(t, f"{field}.iscsi")
@@ -511,3 +516,20 @@ def validate_connection_info(info: ConnectionInfo, field: str = "connection_info
     else:
         raise InvalidArgument(field, "no transport set (one of iscsi, fc, nvmeof, rbd, local)")
     return info
+
+
+def encryption(e: Encryption, field: str = "encryption") -> None:
+    """LUKS1 with aes-xts-plain64 and a 256 or 512 bit key; the passphrase (when present) is not empty
+    and not a multi-line or over-long value (it becomes a libvirt secret's value)."""
+    if e.format != "luks":
+        raise InvalidArgument(f"{field}.format", "must be LUKS (the only format QEMU decrypts here)")
+    if e.cipher != LUKS_CIPHER:
+        raise InvalidArgument(f"{field}.cipher", f"must be {LUKS_CIPHER}")
+    if e.key_size_bits not in LUKS_KEY_SIZES:
+        raise InvalidArgument(f"{field}.key_size_bits", "must be 256 or 512")
+    text(e.key_ref, f"{field}.key_ref")
+    _uint(e.header_bytes, f"{field}.header_bytes", MAX_U64)
+    if e.passphrase is not None:
+        value = e.passphrase.reveal()
+        if not value or len(value) > 1024 or any(c in value for c in "\r\n\0"):
+            raise InvalidArgument(f"{field}.passphrase", "must be 1-1024 characters on one line")

@@ -53,7 +53,14 @@ from hostagent.virt.hypervisor import DomainInfo
 
 log = logging.getLogger(__name__)
 
-_SECRET_USAGE = {"iscsi": libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, "ceph": libvirt.VIR_SECRET_USAGE_TYPE_CEPH}
+_SECRET_USAGE = {
+    "iscsi": libvirt.VIR_SECRET_USAGE_TYPE_ISCSI,
+    "ceph": libvirt.VIR_SECRET_USAGE_TYPE_CEPH,
+    "volume": libvirt.VIR_SECRET_USAGE_TYPE_VOLUME,
+}
+# The <usage> child naming the secret, by usage type; a 'volume' secret (a LUKS passphrase) is ephemeral:
+# libvirt keeps it in memory only, never in /etc/libvirt/secrets.
+_USAGE_TAG = {"iscsi": "target", "ceph": "name", "volume": "volume"}
 _CONNECTION_ERRORS = {
     libvirt.VIR_ERR_NO_CONNECT,
     libvirt.VIR_ERR_INVALID_CONN,
@@ -109,6 +116,10 @@ def map_libvirt_error(exc: libvirt.libvirtError, what: str) -> BlockwireError:  
         return NotFound(message)
     if "Authentication failure" in text or "(513)" in text or code == libvirt.VIR_ERR_AUTH_FAILED:
         return PermissionDenied(f"{message} (check the CHAP credentials and the target's ACL)")
+    if "cannot unlock any keyslot" in text:  # QEMU's luks driver: the passphrase opens no key slot
+        return PermissionDenied(
+            f"{message} (the encrypted volume's key is wrong: it opens none of its LUKS key slots)"
+        )
     if "Target not found" in text or "(515)" in text:
         return NotFound(f"{message} (the target is not exported to this host)")
     if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
@@ -526,11 +537,11 @@ class LibvirtHypervisor:
         secret = self._secret(usage, secret_type)
         try:
             if secret is None:
-                root = etree.Element("secret", ephemeral="no", private="yes")
+                ephemeral = "yes" if secret_type == "volume" else "no"  # noqa: S105 - a usage type
+                root = etree.Element("secret", ephemeral=ephemeral, private="yes")
                 etree.SubElement(root, "description").text = "blockwire attachment credential"
                 usage_el = etree.SubElement(root, "usage", type=secret_type)
-                usage_tag = "target" if secret_type == "iscsi" else "name"  # noqa: S105 - a tag name
-                etree.SubElement(usage_el, usage_tag).text = usage
+                etree.SubElement(usage_el, _USAGE_TAG[secret_type]).text = usage
                 secret = conn.secretDefineXML(etree.tostring(root, encoding="unicode"))
             # a ceph secret holds the key's bytes (libvirt gives QEMU their base64, which librados reads)
             raw = base64.b64decode(value.reveal()) if secret_type == "ceph" else value.reveal().encode()  # noqa: S105
@@ -559,12 +570,13 @@ class LibvirtHypervisor:
         refers to: what a crash between defining a secret and hot-plugging its disk could leave."""
         conn = self._connection()
         try:
-            usages = {
-                str(s.usageID())
+            uuids = {
+                str(s.usageID()): str(s.UUIDString())
                 for s in conn.listAllSecrets(0)
                 if s.usageType() == _SECRET_USAGE[secret_type] and str(s.usageID() or "").startswith(prefix)
             }
             used: set[str] = set()
+            used_uuids: set[str] = set()
             for dom in conn.listAllDomains(0):
                 xmls = [self._xml(dom)]
                 if dom.isPersistent():
@@ -572,9 +584,11 @@ class LibvirtHypervisor:
                 for xml in xmls:
                     root = etree.fromstring(xml.encode())
                     used.update(e.get("usage", "") for e in root.iterfind("devices/disk/source/auth/secret"))
+                    for path in ("devices/disk/encryption/secret", "devices/disk/source/encryption/secret"):
+                        used_uuids.update(e.get("uuid", "") for e in root.iterfind(path))
         except libvirt.libvirtError as exc:
             _raise(exc, "listing secrets and domains")
-        return sorted(usages - used)
+        return sorted(u for u, uuid in uuids.items() if u not in used and uuid not in used_uuids)
 
 
 def _disk_elements(domain_xml: str) -> dict[str, etree._Element]:

@@ -29,6 +29,7 @@ from blockwire.model import (
     Chap,
     ConnectionInfo,
     Connector,
+    Encryption,
     IscsiConnection,
     IscsiPath,
     NvmeofConnection,
@@ -88,6 +89,31 @@ def _chap(d: dict[str, str] | None) -> Chap | None:
     return None if d is None else Chap(d["username"], Secret(d["password"]))
 
 
+def _encryption_doc(e: Encryption | None) -> dict[str, Any] | None:
+    """Never the passphrase: the catalog holds the key manager's reference (a wrapped key or an id)."""
+    if e is None:
+        return None
+    return {
+        "format": e.format,
+        "cipher": e.cipher,
+        "key_size_bits": e.key_size_bits,
+        "key_ref": e.key_ref,
+        "header_bytes": e.header_bytes,
+    }
+
+
+def _encryption(d: dict[str, Any] | None) -> Encryption | None:
+    if d is None:
+        return None
+    return Encryption(
+        cipher=d["cipher"],
+        key_size_bits=d["key_size_bits"],
+        key_ref=d["key_ref"],
+        header_bytes=d["header_bytes"],
+        format=d["format"],
+    )
+
+
 def volume_doc(v: Volume) -> dict[str, Any]:
     e = v.export
     return {
@@ -120,6 +146,7 @@ def volume_doc(v: Volume) -> dict[str, Any]:
             "mutual_chap": _chap_doc(e.mutual_chap),
             "access_mode": e.access_mode.value,
         },
+        "encryption": _encryption_doc(v.encryption),
     }
 
 
@@ -156,6 +183,7 @@ def volume_from_doc(d: dict[str, Any]) -> Volume:
             mutual_chap=_chap(e["mutual_chap"]),
             access_mode=AccessMode(e["access_mode"]),
         ),
+        encryption=_encryption(d.get("encryption")),
     )
 
 
@@ -170,6 +198,7 @@ def snapshot_doc(s: Snapshot) -> dict[str, Any]:
         "create_time": s.create_time.isoformat(),
         "labels": dict(s.labels),
         "error_message": s.error_message,
+        "encryption": _encryption_doc(s.encryption),
     }
 
 
@@ -184,6 +213,7 @@ def snapshot_from_doc(d: dict[str, Any]) -> Snapshot:
         create_time=datetime.fromisoformat(d["create_time"]),
         labels=d["labels"],
         error_message=d["error_message"],
+        encryption=_encryption(d.get("encryption")),
     )
 
 
@@ -260,6 +290,7 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
         "discard": c.discard,
         "logical_block_size": c.logical_block_size,
         "physical_block_size": c.physical_block_size,
+        "encryption": _encryption_doc(c.encryption),
     }
 
 
@@ -331,6 +362,7 @@ def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
         discard=d["discard"],
         logical_block_size=d["logical_block_size"],
         physical_block_size=d["physical_block_size"],
+        encryption=_encryption(d.get("encryption")),
     )
 
 

@@ -91,6 +91,8 @@ def create_volume_from_pb(m: spb.CreateVolumeRequest) -> CreateVolumeSpec:
         multiattach=m.multiattach,
         labels=dict(m.labels),
         source=source,
+        encrypted=m.encrypted,
+        key_size_bits=m.key_size_bits,
     )
 
 
@@ -119,6 +121,8 @@ def volume_to_pb(v: Volume) -> pb.Volume:
         m.source_image.CopyFrom(
             pb.ImageSource(path=v.source.image.path, format=_IMAGE_FORMATS_PB[v.source.image.format])
         )
+    if v.encryption is not None:
+        m.encryption.CopyFrom(shared.encryption_to_pb(v.encryption, with_secrets=False))
     return m
 
 

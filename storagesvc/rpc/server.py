@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -37,6 +39,8 @@ from storagesvc.backends.lvm_thin import LvmThinBackend
 from storagesvc.backends.rbd import Librbd, RbdBackend, RbdSettings, monitors_from_conf, read_key
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
+from storagesvc.encryption import VolumeCrypt
+from storagesvc.keys import open_keys
 from storagesvc.rpc import auth
 from storagesvc.rpc.servicer import StorageServicer
 from storagesvc.service import Pool, StorageService
@@ -185,6 +189,11 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
+        crypt=VolumeCrypt(
+            open_keys(config.keys, str(Path(svc.catalog_path).parent)),
+            runner,
+            cryptsetup=shutil.which("cryptsetup") is not None,
+        ),
     )
     service.reconcile()
     if config.server.workers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -111,6 +112,8 @@ class FakeHypervisor:
 
     def define_secret(self, usage: str, secret_type: str, value: Secret) -> str:
         self.secrets[(usage, secret_type)] = value
+        if secret_type == "volume":
+            return str(uuid.uuid5(uuid.NAMESPACE_URL, usage))
         return "11111111-2222-3333-4444-555555555555"
 
     def undefine_secret(self, usage: str, secret_type: str) -> bool:
@@ -127,6 +130,10 @@ class FakeHypervisor:
             for s in specs
             if isinstance(s.source, NetworkSource) and s.source.auth is not None
         }
+        used_uuids = {
+            s.encryption.secret_uuid for d in self.disks_by_domain.values() for s in d if s.encryption
+        }
+        used |= {u for (u, t) in self.secrets if str(uuid.uuid5(uuid.NAMESPACE_URL, u)) in used_uuids}
         return sorted(
             u for (u, t) in self.secrets if t == secret_type and u.startswith(prefix) and u not in used
         )

@@ -696,3 +696,10 @@ def test_attach_with_cinder_connection_info_from_a_file(env: Env, tmp_path: Path
     assert "unknown key target_lunz" in r.err
     assert env.run("attach", "vm1").code == cli.EXIT_USAGE  # neither a volume id nor connection info
     assert env.run("detach", "vm1", doc["data"]["volume_id"]).code == 0
+
+
+def test_volume_create_encrypted_reaches_the_service(env: Env) -> None:
+    # this service has no key manager: the flag arrives, and the refusal says what to configure
+    r = env.run("volume", "create", "enc1", "1G", "--encrypted", "--key-size", "256")
+    assert r.code != 0
+    assert "[keys]" in r.err

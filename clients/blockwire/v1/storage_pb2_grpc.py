@@ -265,6 +265,9 @@ class StorageServiceServicer:
         (monitors, pool, image, the image's id read from the cluster now, the cluster's fsid, a cephx user
         and key), for connectors that list TRANSPORT_RBD (or list none); nothing is exported, the rules
         above hold the same.
+        For an encrypted volume the answer (and a repeat's) carries the key in
+        `connection_info.encryption.passphrase`, read from the key manager before anything is exported; no
+        other answer does (UNAVAILABLE naming the key manager when it is down).
         Errors: INVALID_ARGUMENT (connector fields, IQN, mode, a transport the volume's backend does not
         offer), NOT_FOUND (volume), FAILED_PRECONDITION, PERMISSION_DENIED (the Ceph cluster refused the
         backend's key), UNAVAILABLE (the target daemon, or the Ceph monitors within connect_timeout).

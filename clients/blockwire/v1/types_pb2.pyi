@@ -62,6 +62,24 @@ TRANSPORT_LOCAL: Transport.ValueType  # 5
 """A block device or file already present on the host."""
 Global___Transport: _TypeAlias = Transport  # noqa: Y015
 
+class _EncryptionFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EncryptionFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EncryptionFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ENCRYPTION_FORMAT_UNSPECIFIED: _EncryptionFormat.ValueType  # 0
+    ENCRYPTION_FORMAT_LUKS: _EncryptionFormat.ValueType  # 1
+    """LUKS version 1 (the format QEMU's luks driver opens; QEMU 7.2 cannot open LUKS2)."""
+
+class EncryptionFormat(_EncryptionFormat, metaclass=_EncryptionFormatEnumTypeWrapper):
+    """EncryptionFormat is how an encrypted volume's bytes are laid out."""
+
+ENCRYPTION_FORMAT_UNSPECIFIED: EncryptionFormat.ValueType  # 0
+ENCRYPTION_FORMAT_LUKS: EncryptionFormat.ValueType  # 1
+"""LUKS version 1 (the format QEMU's luks driver opens; QEMU 7.2 cannot open LUKS2)."""
+Global___EncryptionFormat: _TypeAlias = EncryptionFormat  # noqa: Y015
+
 class _AccessMode:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -767,6 +785,7 @@ class ConnectionInfo(_message.Message):
     PHYSICAL_BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     QOS_FIELD_NUMBER: _builtins.int
     MULTIATTACH_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
     volume_id: _builtins.str
     """The volume this connection reaches."""
     attachment_id: _builtins.str
@@ -815,6 +834,12 @@ class ConnectionInfo(_message.Message):
     def qos(self) -> Global___IoTune:
         """QoS limits the storage side asks the host to apply; unset fields mean no limit."""
 
+    @_builtins.property
+    def encryption(self) -> Global___Encryption:
+        """Set when the volume is encrypted at rest (LUKS1): the host makes QEMU decrypt it. `size_bytes` is then
+        the LUN's size, the encrypted payload is `Encryption.header_bytes` smaller.
+        """
+
     def __init__(
         self,
         *,
@@ -834,16 +859,64 @@ class ConnectionInfo(_message.Message):
         physical_block_size: _builtins.int = ...,
         qos: Global___IoTune | None = ...,
         multiattach: _builtins.bool = ...,
+        encryption: Global___Encryption | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["fc", b"fc", "iscsi", b"iscsi", "local", b"local", "nvmeof", b"nvmeof", "qos", b"qos", "rbd", b"rbd", "transport", b"transport"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["encryption", b"encryption", "fc", b"fc", "iscsi", b"iscsi", "local", b"local", "nvmeof", b"nvmeof", "qos", b"qos", "rbd", b"rbd", "transport", b"transport"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "attachment_id", b"attachment_id", "discard", b"discard", "fc", b"fc", "iscsi", b"iscsi", "local", b"local", "logical_block_size", b"logical_block_size", "multiattach", b"multiattach", "nvmeof", b"nvmeof", "physical_block_size", b"physical_block_size", "qos", b"qos", "rbd", b"rbd", "serial", b"serial", "size_bytes", b"size_bytes", "transport", b"transport", "volume_id", b"volume_id", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "attachment_id", b"attachment_id", "discard", b"discard", "encryption", b"encryption", "fc", b"fc", "iscsi", b"iscsi", "local", b"local", "logical_block_size", b"logical_block_size", "multiattach", b"multiattach", "nvmeof", b"nvmeof", "physical_block_size", b"physical_block_size", "qos", b"qos", "rbd", b"rbd", "serial", b"serial", "size_bytes", b"size_bytes", "transport", b"transport", "volume_id", b"volume_id", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_transport: _TypeAlias = _typing.Literal["iscsi", "fc", "nvmeof", "rbd", "local"]  # noqa: Y015
     _WhichOneofArgType_transport: _TypeAlias = _typing.Literal["transport", b"transport"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_transport) -> _WhichOneofReturnType_transport | None: ...
 
 Global___ConnectionInfo: _TypeAlias = ConnectionInfo  # noqa: Y015
+
+@_typing.final
+class Encryption(_message.Message):
+    """Encryption describes an encrypted volume and, in CreateAttachment's answer only, its key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FORMAT_FIELD_NUMBER: _builtins.int
+    CIPHER_FIELD_NUMBER: _builtins.int
+    KEY_SIZE_BITS_FIELD_NUMBER: _builtins.int
+    KEY_REF_FIELD_NUMBER: _builtins.int
+    PASSPHRASE_FIELD_NUMBER: _builtins.int
+    HEADER_BYTES_FIELD_NUMBER: _builtins.int
+    format: Global___EncryptionFormat.ValueType
+    """The on-disk format."""
+    cipher: _builtins.str
+    """The cipher, as cryptsetup names it: "aes-xts-plain64"."""
+    key_size_bits: _builtins.int
+    """The cipher's key size in bits: 256 (AES-128-XTS) or 512 (AES-256-XTS)."""
+    key_ref: _builtins.str
+    """The key manager's reference of the volume's key ("embedded:..." or "kmip:<uid>"); never the key."""
+    passphrase: _builtins.str
+    """The LUKS passphrase (the volume's key from the key manager). Set only in CreateAttachment's answer,
+    which the agent of the attachment's host (or an admin) receives; never stored in the catalog, the
+    agent's journal, a listing or a Volume.
+    """
+    header_bytes: _builtins.int
+    """Bytes before the payload: the LUKS header and key slots (the backing device is this much larger than
+    the volume).
+    """
+    def __init__(
+        self,
+        *,
+        format: Global___EncryptionFormat.ValueType = ...,
+        cipher: _builtins.str = ...,
+        key_size_bits: _builtins.int = ...,
+        key_ref: _builtins.str = ...,
+        passphrase: _builtins.str = ...,
+        header_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cipher", b"cipher", "format", b"format", "header_bytes", b"header_bytes", "key_ref", b"key_ref", "key_size_bits", b"key_size_bits", "passphrase", b"passphrase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Encryption: _TypeAlias = Encryption  # noqa: Y015
 
 @_typing.final
 class ImageSource(_message.Message):
@@ -940,6 +1013,7 @@ class Volume(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    ENCRYPTION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -986,6 +1060,10 @@ class Volume(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
 
+    @_builtins.property
+    def encryption(self) -> Global___Encryption:
+        """Set when the volume is encrypted at rest (without the passphrase)."""
+
     def __init__(
         self,
         *,
@@ -1006,10 +1084,11 @@ class Volume(_message.Message):
         error_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        encryption: Global___Encryption | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "progress", b"progress", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "encryption", b"encryption", "progress", b"progress", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_snapshot_id", "source_volume_id", "source_image"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

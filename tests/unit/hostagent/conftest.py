@@ -13,6 +13,7 @@ from blockwire.secret import Secret
 from hostagent.api import HostAgent
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
 from hostagent.connectors.local import LocalConnector
+from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.host.sysfs import Sysfs
 from hostagent.journal import Journal
@@ -98,5 +99,6 @@ def rig(tmp_path: Path) -> Rig:
         storage=storage,
         events=EventBus(),
         failpoints=Failpoints(),
+        volume_keys=VolumeKeys(hv),
     )
     return Rig(agent, hv, storage, udev, runner, clock, journal, tmp_path / "state")
