@@ -31,7 +31,15 @@ from blockwire.errors import (
     NotFound,
     Unavailable,
 )
-from blockwire.model import AccessMode, ConnectionInfo, Connector, IoTune, LocalConnection, Transport
+from blockwire.model import (
+    AccessMode,
+    ConnectionInfo,
+    Connector,
+    IoTune,
+    LocalConnection,
+    NvmeofConnection,
+    Transport,
+)
 from blockwire.runtime.clock import Clock, Deadline
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
@@ -139,8 +147,12 @@ def require_identity(info: ConnectionInfo, allow_unverified: bool) -> None:
     unless the caller opts out for this call; a local path has none to check."""
     if info.kind is Transport.LOCAL or info.wwn or info.serial or allow_unverified:
         return
+    t = info.transport
+    if isinstance(t, NvmeofConnection) and (t.namespace_nguid or t.namespace_uuid):
+        return
     raise FailedPrecondition(
-        f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial), "
+        f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial, nor "
+        "an NVMe namespace NGUID or UUID), "
         "so the device it reaches cannot be checked; give the volume's wwn, or set "
         "allow_unverified_identity for this call"
     )

@@ -97,6 +97,11 @@ def kernel_iscsi_available(sysfs: Sysfs) -> bool:
     return sysfs.exists("module/iscsi_tcp") or sysfs.exists("class/iscsi_transport")
 
 
+def nvme_tcp_available(sysfs: Sysfs) -> bool:
+    """The kernel has the NVMe/TCP host driver (nvme-tcp loaded or built in) and its fabrics device."""
+    return sysfs.exists("module/nvme_tcp") and sysfs.exists("class/nvme-fabrics")
+
+
 def host_ips() -> tuple[str, ...]:
     ips: set[str] = set()
     try:
@@ -108,13 +113,20 @@ def host_ips() -> tuple[str, ...]:
 
 
 def build_connector(
-    sysfs: Sysfs, files: HostFiles, *, kernel_iscsi: bool, multipath_allowed: bool = True
+    sysfs: Sysfs,
+    files: HostFiles,
+    *,
+    kernel_iscsi: bool,
+    multipath_allowed: bool = True,
+    nvme_tcp: bool = False,
 ) -> Connector:
     wwpns, wwnns = fc_ports(sysfs)
     nqn, hostid = host_nqn(files)
     transports = [Transport.ISCSI]
     if wwpns:
         transports.append(Transport.FC)
+    if nvme_tcp:
+        transports.append(Transport.NVME_TCP)
     transports.append(Transport.LOCAL)
     return Connector(
         host=socket.gethostname(),

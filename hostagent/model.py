@@ -17,6 +17,7 @@ class ConnectorKind(enum.Enum):
     ISCSI_QEMU = "iscsi-qemu"
     FC = "fc"
     LOCAL = "local"
+    NVME_TCP = "nvme-tcp"  # the kernel's NVMe/TCP host driver (hostagent.connectors.nvme)
 
 
 @dataclass(frozen=True)

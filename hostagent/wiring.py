@@ -22,7 +22,7 @@ from hostagent.connectors.local import LocalConnector
 from hostagent.events import EventBus
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter
-from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available
+from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available, nvme_tcp_available
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
@@ -53,8 +53,9 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
     hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
+    nvme = nvme_tcp_available(sysfs)
     connector = build_connector(
-        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never"
+        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never", nvme_tcp=nvme
     )
     qemu_iscsi = QemuIscsiConnector(
         hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
@@ -96,6 +97,28 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
             map_single_path=config.multipath == "always",
         )
         extra = (qemu_iscsi,)  # attachments made before a mode change can still be detached
+    if nvme:
+        from hostagent.connectors.nvme import NvmeConnector  # noqa: PLC0415 - kernel paths only
+        from hostagent.host.nvme import DevFabrics, NvmeHost  # noqa: PLC0415
+        from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
+        from hostagent.tools.nvme import Timeouts  # noqa: PLC0415
+
+        connectors[Transport.NVME_TCP] = NvmeConnector(
+            NvmeHost(sysfs),
+            DevFabrics(),
+            udev,
+            clock,
+            openers=ProcOpeners(sysfs),
+            host_nqn=connector.nvme_host_nqn,
+            host_id=connector.nvme_host_id,
+            timeouts=Timeouts(
+                ctrl_loss_tmo=config.nvme_ctrl_loss_tmo,
+                reconnect_delay=config.nvme_reconnect_delay,
+                fast_io_fail_tmo=config.nvme_fast_io_fail_tmo,
+            ),
+            device_timeout=config.device_timeout,
+        )
+        log.info("NVMe/TCP through the kernel's host driver (host NQN %s)", connector.nvme_host_nqn)
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,
