@@ -94,14 +94,7 @@ class AgentConfig:
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
-        if self.nvme_ctrl_loss_tmo < -1 or self.nvme_ctrl_loss_tmo == 0:
-            raise InvalidArgument("nvme_ctrl_loss_tmo", "seconds, at least 1, or -1 for forever")
-        if self.nvme_reconnect_delay < 1:
-            raise InvalidArgument("nvme_reconnect_delay", "seconds, at least 1")
-        if self.nvme_fast_io_fail_tmo < -1:
-            raise InvalidArgument("nvme_fast_io_fail_tmo", "seconds, 0 or more, or -1 for off")
-        if -1 < self.nvme_ctrl_loss_tmo < self.nvme_reconnect_delay:
-            raise InvalidArgument("nvme_ctrl_loss_tmo", "must be at least nvme_reconnect_delay")
+        self._check_nvme()
         if not self.path_check_interval >= 0:
             raise InvalidArgument("path_check_interval", "seconds, 0 or more (0 disables the checks)")
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
@@ -114,6 +107,16 @@ class AgentConfig:
             )
         if bool(self.storage_tls.cert_file) != bool(self.storage_tls.key_file):
             raise InvalidArgument("storage_tls", "cert_file and key_file go together")
+
+    def _check_nvme(self) -> None:
+        if self.nvme_ctrl_loss_tmo < -1 or self.nvme_ctrl_loss_tmo == 0:
+            raise InvalidArgument("nvme_ctrl_loss_tmo", "seconds, at least 1, or -1 for forever")
+        if self.nvme_reconnect_delay < 1:
+            raise InvalidArgument("nvme_reconnect_delay", "seconds, at least 1")
+        if self.nvme_fast_io_fail_tmo < -1:
+            raise InvalidArgument("nvme_fast_io_fail_tmo", "seconds, 0 or more, or -1 for off")
+        if -1 < self.nvme_ctrl_loss_tmo < self.nvme_reconnect_delay:
+            raise InvalidArgument("nvme_ctrl_loss_tmo", "must be at least nvme_reconnect_delay")
 
 
 def config_from_mapping(data: dict[str, Any]) -> AgentConfig:

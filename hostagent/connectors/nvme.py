@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 from blockwire.errors import (
@@ -125,7 +126,7 @@ class NvmeConnector:
         openers: Openers,
         host_nqn: str,
         host_id: str,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts | None = None,
         device_timeout: float = 30.0,
     ) -> None:
         self.host = host
@@ -135,7 +136,7 @@ class NvmeConnector:
         self.openers = openers
         self.host_nqn = host_nqn
         self.host_id = host_id
-        self.timeouts = timeouts
+        self.timeouts = timeouts or Timeouts()
         self.device_timeout = device_timeout
         self._subsystems = KeyedLocks()
 
@@ -151,7 +152,7 @@ class NvmeConnector:
     def _hostnqn(self, t: NvmeofConnection) -> str:
         return t.host_nqn or self.host_nqn
 
-    def _lock(self, t: NvmeofConnection) -> object:
+    def _lock(self, t: NvmeofConnection) -> AbstractContextManager[None]:
         return self._subsystems.hold(f"{self._hostnqn(t)}|{t.subsystem_nqn}")
 
     def _controllers(self, t: NvmeofConnection) -> dict[Portal, Controller]:
@@ -171,7 +172,9 @@ class NvmeConnector:
         t = nvme_of(info)
         existing = self._controllers(t).get(p)
         if existing is not None:
-            log.info("%s on %s: reusing controller %s (%s)", t.subsystem_nqn, p, existing.name, existing.state)
+            log.info(
+                "%s on %s: reusing controller %s (%s)", t.subsystem_nqn, p, existing.name, existing.state
+            )
             return existing
         opts = fabrics_options(
             subsystem_nqn=t.subsystem_nqn,
@@ -208,7 +211,7 @@ class NvmeConnector:
         t = nvme_of(info)
         subsystem = next((c.subsystem for c in controllers if c.subsystem), "")
         if not subsystem:
-            subsystem = next((s for c in controllers if (s := self.host._subsystem_of(c.name))), "")
+            subsystem = next((s for c in controllers if (s := self.host.subsystem_of_controller(c.name))), "")
         if not subsystem:
             raise Unavailable(f"the controllers of {t.subsystem_nqn} belong to no subsystem; retry")
 
@@ -235,12 +238,19 @@ class NvmeConnector:
         what = f"namespace {t.namespace_id or ''} of {t.subsystem_nqn}".replace("  ", " ")
         try:
             dev = wait_device(
-                self.udev, "block", match, Deadline(self.clock, self.device_timeout), trigger=rescan, what=what
+                self.udev,
+                "block",
+                match,
+                Deadline(self.clock, self.device_timeout),
+                trigger=rescan,
+                what=what,
             )
         except DeadlineExceeded:
             there = self.host.namespaces(subsystem)
             if there:
-                shown = ", ".join(f"nsid {n.nsid} nguid {n.nguid or '(none)'} uuid {n.uuid or '(none)'}" for n in there)
+                shown = ", ".join(
+                    f"nsid {n.nsid} nguid {n.nguid or '(none)'} uuid {n.uuid or '(none)'}" for n in there
+                )
                 raise IdentityMismatch(
                     f"{t.subsystem_nqn} has no namespace {self._announced(info)} (it has {shown}): refused, "
                     "nothing was attached"
@@ -260,7 +270,9 @@ class NvmeConnector:
     @staticmethod
     def _announced(info: ConnectionInfo) -> str:
         ids = announced_ids(info)
-        return " and ".join(f"{k.upper()} {v}" for k, v in ids.items()) or f"nsid {nvme_of(info).namespace_id}"
+        return (
+            " and ".join(f"{k.upper()} {v}" for k, v in ids.items()) or f"nsid {nvme_of(info).namespace_id}"
+        )
 
     # -- the interface ------------------------------------------------------------------------------
     def connect(self, info: ConnectionInfo) -> HostDevice:
@@ -356,12 +368,18 @@ class NvmeConnector:
                 )
             else:
                 delete()
-            log.info("disconnected %s: controllers %s", t.subsystem_nqn, " ".join(c.name for c in ctrls.values()))
+            log.info(
+                "disconnected %s: controllers %s", t.subsystem_nqn, " ".join(c.name for c in ctrls.values())
+            )
 
     def _namespace(self, info: ConnectionInfo) -> Namespace | None:
         ctrls = self._controllers(nvme_of(info))
         subsystem = next((c.subsystem for c in ctrls.values() if c.subsystem), "")
-        return next((ns for ns in self.host.namespaces(subsystem) if is_volume(ns, info)), None) if subsystem else None
+        return (
+            next((ns for ns in self.host.namespaces(subsystem) if is_volume(ns, info)), None)
+            if subsystem
+            else None
+        )
 
     def extend(self, info: ConnectionInfo) -> int:
         t = nvme_of(info)
@@ -369,7 +387,9 @@ class NvmeConnector:
             ctrls = [c for c in self._controllers(t).values() if c.state == "live"]
             ns = self._namespace(info)
             if ns is None or not ctrls:
-                raise FailedPrecondition(f"volume {info.volume_id} is not connected here (no live controller)")
+                raise FailedPrecondition(
+                    f"volume {info.volume_id} is not connected here (no live controller)"
+                )
             before = ns.size_bytes
             if info.size_bytes and before != info.size_bytes:
                 return before  # the kernel took the new size already (the target's change notice)
@@ -393,7 +413,9 @@ class NvmeConnector:
 
     def paths(self, info: ConnectionInfo) -> list[str]:
         """The live controllers of the volume (its paths), as /dev/nvmeN."""
-        return sorted(f"/dev/{c.name}" for c in self._controllers(nvme_of(info)).values() if c.state == "live")
+        return sorted(
+            f"/dev/{c.name}" for c in self._controllers(nvme_of(info)).values() if c.state == "live"
+        )
 
     def expected_paths(self, info: ConnectionInfo) -> int:
         return len(nvme_of(info).portals)

@@ -137,7 +137,7 @@ class NvmeHost:
             trsvcid=addr.get("trsvcid", ""),
             hostnqn=self._attr(f"{base}/hostnqn"),
             state=self._attr(f"{base}/state"),
-            subsystem=self._subsystem_of(name),
+            subsystem=self.subsystem_of_controller(name),
         )
 
     def controllers(self, subsysnqn: str = "") -> list[Controller]:
@@ -151,7 +151,7 @@ class NvmeHost:
                 found.append(c)
         return found
 
-    def _subsystem_of(self, controller: str) -> str:
+    def subsystem_of_controller(self, controller: str) -> str:
         for s in self.sysfs.listdir("class/nvme-subsystem"):
             if controller in self.sysfs.listdir(f"class/nvme-subsystem/{s}"):
                 return s
@@ -195,7 +195,9 @@ class NvmeHost:
     def namespaces(self, subsystem: str) -> list[Namespace]:
         """The namespaces a consumer opens of one subsystem: its heads (native multipath), or else the
         namespace devices of each of its controllers."""
-        names = [n for n in self.sysfs.listdir(f"class/nvme-subsystem/{subsystem}") if NAMESPACE_RE.fullmatch(n)]
+        names = [
+            n for n in self.sysfs.listdir(f"class/nvme-subsystem/{subsystem}") if NAMESPACE_RE.fullmatch(n)
+        ]
         if not names:
             for c in self.subsystem_controllers(subsystem):
                 names += [n for n in self.sysfs.listdir(f"class/nvme/{c}") if NAMESPACE_RE.fullmatch(n)]

@@ -53,7 +53,7 @@ class Timeouts:
 
 
 def split_portal(address: str) -> tuple[str, str]:
-    """"10.0.0.1:4420" / "[fe80::1]:4420" / "10.0.0.1" -> (traddr, trsvcid)."""
+    """ "10.0.0.1:4420" / "[fe80::1]:4420" / "10.0.0.1" -> (traddr, trsvcid)."""
     if address.startswith("["):
         host, _, rest = address[1:].partition("]")
         return host, rest.lstrip(":") or DEFAULT_TRSVCID
@@ -100,7 +100,7 @@ def fabrics_options(
 
 
 def render_options(opts: Sequence[tuple[str, str | Secret]], *, reveal: bool = False) -> str:
-    """"nqn=...,transport=tcp,..."; Secret values shown as ******** unless `reveal` (only the fabrics
+    """ "nqn=...,transport=tcp,..."; Secret values shown as ******** unless `reveal` (only the fabrics
     device write reveals them)."""
     return ",".join(f"{k}={v.reveal() if reveal and isinstance(v, Secret) else v}" for k, v in opts)
 
@@ -153,7 +153,12 @@ def connect_argv(
     ]  # fmt: skip
     if host_id:
         argv += ["--hostid", host_id]
-    argv += ["--ctrl-loss-tmo", str(timeouts.ctrl_loss_tmo), "--reconnect-delay", str(timeouts.reconnect_delay)]
+    argv += [
+        "--ctrl-loss-tmo",
+        str(timeouts.ctrl_loss_tmo),
+        "--reconnect-delay",
+        str(timeouts.reconnect_delay),
+    ]
     if timeouts.fast_io_fail_tmo >= 0:
         argv += ["--fast_io_fail_tmo", str(timeouts.fast_io_fail_tmo)]
     if dhchap_secret is not None:
@@ -259,7 +264,9 @@ class NvmeCli:
         self.timeout = timeout
 
     def list_subsys(self) -> list[SubsystemInfo]:
-        return parse_list_subsys(self.runner.run([NVME, "list-subsys", "-o", "json"], timeout=self.timeout).stdout)
+        return parse_list_subsys(
+            self.runner.run([NVME, "list-subsys", "-o", "json"], timeout=self.timeout).stdout
+        )
 
     def list(self) -> list[DeviceInfo]:
         return parse_list(self.runner.run([NVME, "list", "-o", "json"], timeout=self.timeout).stdout)

@@ -25,7 +25,7 @@ ADDRESSES = ("127.0.0.1", "127.0.0.2")
 
 
 def available() -> str:
-    """"" when the guest has the NVMe/TCP target and initiator, else why not."""
+    """ "" when the guest has the NVMe/TCP target and initiator, else why not."""
     if not CONFIGFS.is_dir():
         return "no /sys/kernel/config/nvmet (nvmet not loaded, or configfs not mounted)"
     if not Path("/dev/nvme-fabrics").exists():
@@ -34,7 +34,8 @@ def available() -> str:
 
 
 def target_auth() -> str:
-    """"" when nvmet can demand DH-HMAC-CHAP (CONFIG_NVME_TARGET_AUTH: hosts/<nqn>/dhchap_key), else why not."""
+    """Empty when nvmet can demand DH-HMAC-CHAP (CONFIG_NVME_TARGET_AUTH: hosts/<nqn>/dhchap_key),
+    else why not."""
     probe = CONFIGFS / "hosts" / "nqn.2014-08.io.blockwire:probe"
     probe.mkdir(exist_ok=True)
     try:

@@ -57,7 +57,10 @@ def save(out: Path, name: str, argv: list[str], rc_file: bool = False) -> str:
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     text = proc.stdout
     if rc_file:
-        text = f"$ {' '.join(argv)}\nrc: {proc.returncode}\n--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}"
+        text = (
+            f"$ {' '.join(argv)}\nrc: {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout}--- stderr ---\n{proc.stderr}"
+        )
     (out / name).write_text(text)
     return proc.stdout
 
@@ -102,7 +105,8 @@ def test_record_nvme(target: nvmet.Nvmet, tmp_path: Path) -> None:
     tmo = ",ctrl_loss_tmo=30,reconnect_delay=2"
     rc, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},{base}{tmo}")
     (out / "fabrics_connect_answer.txt").write_text(f"rc: {rc}\n{answer}")
-    assert rc == 0 and answer.startswith("instance="), (rc, answer)
+    assert rc == 0, (rc, answer)
+    assert answer.startswith("instance="), answer
     rc, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},{base}{tmo}")
     (out / "fabrics_connect_again.txt").write_text(f"rc: {rc} ({errno.errorcode.get(rc, '')})\n{answer}")
     assert rc == errno.EALREADY, rc
@@ -125,7 +129,9 @@ def test_record_nvme(target: nvmet.Nvmet, tmp_path: Path) -> None:
     wrong = nvmet.dhchap_key()
     rc, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
                          f"hostnqn={HOSTNQN},hostid={HOSTID},dhchap_secret={wrong}")  # fmt: skip
-    (out / "fabrics_connect_wrong_dhchap.txt").write_text(f"rc: {rc} ({errno.errorcode.get(rc, '')})\n{answer}")
+    (out / "fabrics_connect_wrong_dhchap.txt").write_text(
+        f"rc: {rc} ({errno.errorcode.get(rc, '')})\n{answer}"
+    )
     rc_none, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
                               f"hostnqn={HOSTNQN},hostid={HOSTID}")  # fmt: skip
     (out / "fabrics_connect_no_dhchap.txt").write_text(

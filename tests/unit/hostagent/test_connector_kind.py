@@ -22,7 +22,7 @@ def old_journal(tmp_path: Path) -> Journal:
 
 
 def test_the_values_are_the_strings_the_journal_stores() -> None:
-    assert [k.value for k in ConnectorKind] == ["iscsi-kernel", "iscsi-qemu", "fc", "local"]
+    assert [k.value for k in ConnectorKind] == ["iscsi-kernel", "iscsi-qemu", "fc", "local", "nvme-tcp"]
 
 
 def test_records_written_before_the_enum_load_with_their_kind(tmp_path: Path) -> None:
