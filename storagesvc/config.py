@@ -15,7 +15,7 @@ from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 
 BACKEND_KINDS = ("file", "lvm-thin")
-EXPORTER_KINDS = ("tgt", "lio")
+EXPORTER_KINDS = ("tgt", "lio", "nvmet")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,13 @@ class ExporterConfig:
     control_port: int = 0  # tgt
     tgtadm: str = "tgtadm"  # tgt
     command_timeout: float = 30.0
+    # nvmet (storagesvc/targets/nvmet.py): subsystems are "<nqn_prefix>:<volume id>"; portals are the
+    # TCP addresses of its ports (one port each, one path each); DH-HMAC-CHAP per host NQN, the secrets
+    # derived from the seed in dhchap_key_file (made on first start, mode 0600).
+    nqn_prefix: str = "nqn.2026-01.io.blockwire"
+    dhchap: bool = True
+    dhchap_bidirectional: bool = True
+    dhchap_key_file: str = "/var/lib/blockwire/nvmet-dhchap.key"
 
 
 @dataclass(frozen=True)
@@ -114,8 +121,21 @@ def _exporters(tables: Mapping[str, Any]) -> dict[str, ExporterConfig]:
                 validate.portal(p, f"exporters.{name}.portals[{i}]")
             except InvalidArgument as exc:
                 raise ConfigError(exc.message) from None
+        if exp.kind == "nvmet":
+            _nqn_prefix(exp.nqn_prefix, f"exporters.{name}.nqn_prefix")
         exporters[name] = exp
     return exporters
+
+
+def _nqn_prefix(prefix: str, field: str) -> None:
+    """The subsystem NQNs "<prefix>:<volume id>" must be NVMe names of at most 223 characters."""
+    try:
+        validate.nqn(f"{prefix}:{'0' * 32}", field)
+    except InvalidArgument:
+        raise ConfigError(
+            f"[{field.rsplit('.', 1)[0]}] nqn_prefix: {prefix!r} does not make NVMe names "
+            "(nqn.YYYY-MM.reverse.domain, at most 190 characters)"
+        ) from None
 
 
 def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterConfig]) -> BackendConfig:

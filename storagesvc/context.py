@@ -23,11 +23,12 @@ from blockwire.runtime.clock import Clock
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.runtime.locks import KeyedLocks
 from blockwire.secret import Secret
+from storagesvc import identity
 from storagesvc.backends.base import Backend
 from storagesvc.catalog import Catalog, Cursor, time_key
 from storagesvc.model import ExportRecord, Volume
 from storagesvc.stats import Stats
-from storagesvc.targets.base import Exporter, TargetSpec
+from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec
 
 
 def new_id() -> str:
@@ -132,8 +133,14 @@ class Context:
                 f"backend {pool.backend.name} can take at most {limit} more bytes now; {size} were asked for"
             )
 
+    def target_prefix(self, exporter: Exporter) -> str:
+        """What the name of every target of this service on `exporter` starts with: the IQN prefix
+        and ":" for iSCSI exporters, the exporter's NQN prefix and ":" for NVMe ones."""
+        return f"{exporter.nqn_prefix if isinstance(exporter, NvmeExporter) else self.iqn_prefix}:"
+
     def spec(self, volume: Volume, export: ExportRecord) -> TargetSpec:
         pool = self.pools[volume.backend]
+        nvme = isinstance(pool.exporter, NvmeExporter)
         return TargetSpec(
             volume_id=volume.id,
             target_iqn=export.target_iqn,
@@ -143,4 +150,6 @@ class Context:
             readonly=export.access_mode is AccessMode.READ_ONLY,
             chap=export.chap,
             mutual_chap=export.mutual_chap,
+            nguid=identity.namespace_nguid(volume.id, self.naa_oui) if nvme else "",
+            uuid=identity.namespace_uuid(volume.id) if nvme else "",
         )

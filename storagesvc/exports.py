@@ -4,6 +4,12 @@ entries behind them; the restore of an export (`reconcile`, the export checks) a
 An attachment is one consumer, (host, domain); the attachments of a multiattach volume share one export,
 reference-counted: its target goes with the last attachment, an initiator's ACL entry with the last
 attachment of that initiator (STYLE.md 13). Record first, act second, undo on failure (STYLE.md 6).
+
+The exporter decides the transport (`storagesvc.targets.base.transport_of`): an iSCSI exporter (tgt,
+lio) admits the connector's initiator IQN and announces an `IscsiConnection` with the export's CHAP; an
+NVMe exporter (nvmet) names the subsystem itself, admits the connector's host NQN and announces an
+`NvmeofConnection` with the namespace's NGUID and UUID and the host's DH-HMAC-CHAP secrets. Everything
+else (records, reference counts, reconcile, repair) is the same for both.
 """
 
 from __future__ import annotations
@@ -17,7 +23,17 @@ from dataclasses import replace
 
 from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, Internal, InvalidArgument, NotFound
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import (
+    AccessMode,
+    Chap,
+    ConnectionInfo,
+    Connector,
+    IscsiConnection,
+    IscsiPath,
+    NvmeofConnection,
+    NvmeofPortal,
+    Transport,
+)
 from blockwire.secret import Secret
 from storagesvc import identity, paging
 from storagesvc.context import Context, Pool
@@ -30,7 +46,7 @@ from storagesvc.model import (
     Volume,
     VolumeState,
 )
-from storagesvc.targets.base import Exporter, TargetState
+from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec, TargetState, transport_of
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +69,13 @@ def new_chap_secret() -> Secret:
     return Secret("".join(secrets.choice(CHAP_ALPHABET) for _ in range(CHAP_LENGTH)))
 
 
+def initiator_of(connector: Connector, exporter: Exporter) -> str:
+    """The name `exporter` admits the connector's host by: its host NQN (NVMe), else its initiator IQN."""
+    return (
+        connector.nvme_host_nqn if transport_of(exporter) is Transport.NVME_TCP else connector.initiator_iqn
+    )
+
+
 def _consumer(host: str, domain: str) -> str:
     return f"domain {domain!r} on host {host}" if domain else f"host {host}"
 
@@ -67,15 +90,20 @@ class Exports:
         ctx = self.ctx
         with ctx.stats.measure("create_attachment"):
             validate.object_id(volume_id, "volume_id")
-            validate.connector(connector, transport=Transport.ISCSI)
+            validate.connector(connector)
             with ctx.hold_volume(volume_id):
-                return self._create(ctx.volume(volume_id), connector, mode, domain)
+                v = ctx.volume(volume_id)
+                validate.connector(connector, transport=transport_of(ctx.pools[v.backend].exporter))
+                return self._create(v, connector, mode, domain)
 
     def _create(self, v: Volume, connector: Connector, mode: AccessMode, domain: str) -> Attachment:
         ctx = self.ctx
         if v.state not in ATTACHABLE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}; it can be attached when available")
         atts = ctx.catalog.attachments_of(v.id)
+        pool = ctx.pools[v.backend]
+        exporter = pool.exporter
+        initiator = initiator_of(connector, exporter)
         # An attachment is one consumer: (host, domain). A repeat of it returns it; another consumer,
         # on this host or another, is a second attachment, which only a multiattach volume may have
         # (a repeat from the same host must never stand in for another domain's attachment: its
@@ -84,15 +112,15 @@ class Exports:
             if a.connector.host != connector.host or a.domain != domain:
                 continue
             if (
-                a.connector.initiator_iqn == connector.initiator_iqn
+                initiator_of(a.connector, exporter) == initiator
                 and a.access_mode is mode
                 and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
             ):
                 return a
             raise FailedPrecondition(
                 f"volume {v.id} is already attached to {_consumer(a.connector.host, a.domain)} ({a.id}, "
-                f"{a.state.value}, {a.access_mode.value}, {a.connector.initiator_iqn}); delete that "
-                "attachment first"
+                f"{a.state.value}, {a.access_mode.value}, {initiator_of(a.connector, exporter)}); "
+                "delete that attachment first"
             )
         if atts and not v.multiattach:
             raise FailedPrecondition(
@@ -103,10 +131,8 @@ class Exports:
             raise FailedPrecondition(
                 f"volume {v.id} is exported {v.export.access_mode.value}; every attachment must use that mode"
             )
-        pool = ctx.pools[v.backend]
-        exporter = pool.exporter
         first = not atts or v.export is None
-        export = v.export if not first else self._new_export(v, mode, exporter.lun)
+        export = v.export if not first else self._new_export(v, mode, exporter)
         assert export is not None
         now = ctx.now()
         att = Attachment(
@@ -132,21 +158,16 @@ class Exports:
                 undo.callback(exporter.remove_target, export.target_iqn)
                 exporter.ensure_target(ctx.spec(reserved, export))
                 ctx.failpoints.hit(FP_EXPORT_AFTER_TARGET)
-            undo.callback(
-                self._deny_unless_shared, v.id, att.id, export.target_iqn, connector.initiator_iqn, exporter
-            )
-            exporter.allow(ctx.spec(reserved, export), connector.initiator_iqn)
+            undo.callback(self._deny_unless_shared, v.id, att.id, export.target_iqn, initiator, exporter)
+            spec = ctx.spec(reserved, export)
+            exporter.allow(spec, initiator)
             ctx.failpoints.hit(FP_EXPORT_AFTER_ACL)
+            transport = _transport_info(exporter, spec, export, connector)
             info = ConnectionInfo(
-                transport=IscsiConnection(
-                    paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
-                    chap=export.chap,
-                    mutual_chap=export.mutual_chap,
-                    initiator_iqn=connector.initiator_iqn,
-                ),
+                transport=transport,
                 volume_id=v.id,
                 attachment_id=att.id,
-                wwn=v.wwn,
+                wwn=v.wwn if isinstance(transport, IscsiConnection) else "",  # NVMe: NGUID and UUID
                 serial=v.serial,
                 size_bytes=v.size_bytes,
                 access_mode=mode,
@@ -172,18 +193,26 @@ class Exports:
             "volume %s exported to host %s (%s) as attachment %s",
             v.id,
             connector.host,
-            connector.initiator_iqn,
+            initiator,
             att.id,
         )
         return att
 
-    def _new_export(self, v: Volume, mode: AccessMode, lun: int) -> ExportRecord:
+    def _new_export(self, v: Volume, mode: AccessMode, exporter: Exporter) -> ExportRecord:
         ctx = self.ctx
+        if isinstance(exporter, NvmeExporter):  # DH-HMAC-CHAP secrets are per host, not per export
+            return ExportRecord(
+                target_iqn=identity.subsystem_nqn(exporter.nqn_prefix, v.id),
+                lun=exporter.lun,
+                chap=None,
+                mutual_chap=None,
+                access_mode=mode,
+            )
         chap = Chap(f"in-{v.id[:24]}", ctx.new_secret())
         mutual = Chap(f"out-{v.id[:24]}", ctx.new_secret()) if ctx.mutual_chap else None
         return ExportRecord(
             target_iqn=identity.target_iqn(ctx.iqn_prefix, v.id),
-            lun=lun,
+            lun=exporter.lun,
             chap=chap,
             mutual_chap=mutual,
             access_mode=mode,
@@ -196,7 +225,7 @@ class Exports:
         others = [
             a
             for a in self.ctx.catalog.attachments_of(volume_id)
-            if a.id != attachment_id and a.connector.initiator_iqn == initiator_iqn
+            if a.id != attachment_id and initiator_of(a.connector, exporter) == initiator_iqn
         ]
         if not others:
             exporter.deny(target_iqn, initiator_iqn)
@@ -252,7 +281,8 @@ class Exports:
         if v is not None and v.export is not None:
             exporter = ctx.pools[v.backend].exporter
             if others:
-                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, a.connector.initiator_iqn, exporter)
+                initiator = initiator_of(a.connector, exporter)
+                self._deny_unless_shared(v.id, a.id, v.export.target_iqn, initiator, exporter)
             else:
                 exporter.remove_target(v.export.target_iqn)
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
@@ -289,7 +319,7 @@ class Exports:
         spec = self.ctx.spec(v, v.export)
         pool.exporter.ensure_target(spec)
         for a in live:
-            pool.exporter.allow(spec, a.connector.initiator_iqn)
+            pool.exporter.allow(spec, initiator_of(a.connector, pool.exporter))
 
     def repair(self) -> list[str]:
         """Compares each exporter's live targets with the catalog and rebuilds the exports it lost;
@@ -316,8 +346,8 @@ class Exports:
         for key, volumes in wanted.items():
             exporter = exporters[key]
             try:
-                live = {t.target_iqn: t for t in exporter.list_targets(ctx.iqn_prefix + ":")}
-                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live))]
+                live = {t.target_iqn: t for t in exporter.list_targets(ctx.target_prefix(exporter))}
+                lost = [(v, why) for v in volumes if (why := self._export_lost(v, live, exporter))]
                 if not lost:
                     continue
                 exporter.start()  # a restarted tgtd forgot its portals too
@@ -340,7 +370,7 @@ class Exports:
             if a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
         ]
 
-    def _export_lost(self, v: Volume, live: Mapping[str, TargetState]) -> str:
+    def _export_lost(self, v: Volume, live: Mapping[str, TargetState], exporter: Exporter) -> str:
         """What the target side lost of the volume's export, in words; "" when it is intact."""
         assert v.export is not None
         state = live.get(v.export.target_iqn)
@@ -351,11 +381,8 @@ class Exports:
         wrong = state.lun.differs(self.ctx.spec(v, v.export))
         if wrong:
             return f"target {v.export.target_iqn}: {wrong}"
-        missing = [
-            a.connector.initiator_iqn
-            for a in self._live_attachments(v.id)
-            if a.connector.initiator_iqn not in state.initiators
-        ]
+        admitted = [initiator_of(a.connector, exporter) for a in self._live_attachments(v.id)]
+        missing = [name for name in admitted if name not in state.initiators]
         if missing:
             return f"target {v.export.target_iqn} does not admit {', '.join(missing)}"
         return ""
@@ -377,6 +404,30 @@ class Exports:
             len(atts),
         )
         return True
+
+
+def _transport_info(
+    exporter: Exporter, spec: TargetSpec, export: ExportRecord, connector: Connector
+) -> IscsiConnection | NvmeofConnection:
+    """What the host needs to reach the export over the exporter's transport."""
+    if isinstance(exporter, NvmeExporter):
+        host_secret, ctrl_secret = exporter.host_secrets(connector.nvme_host_nqn)
+        return NvmeofConnection(
+            subsystem_nqn=export.target_iqn,
+            portals=tuple(NvmeofPortal(p, "tcp") for p in exporter.portals),
+            namespace_id=export.lun,
+            namespace_uuid=spec.uuid,
+            namespace_nguid=spec.nguid,
+            host_nqn=connector.nvme_host_nqn,
+            dhchap_host_secret=host_secret,
+            dhchap_ctrl_secret=ctrl_secret,
+        )
+    return IscsiConnection(
+        paths=tuple(IscsiPath(p, export.target_iqn, export.lun) for p in exporter.portals),
+        chap=export.chap,
+        mutual_chap=export.mutual_chap,
+        initiator_iqn=connector.initiator_iqn,
+    )
 
 
 def in_use_or_attaching(attachments: Sequence[Attachment]) -> VolumeState:

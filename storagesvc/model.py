@@ -89,9 +89,9 @@ class ExportRecord:
     the catalog file is therefore as sensitive as the secrets (the daemon creates it mode 0600).
     """
 
-    target_iqn: str
-    lun: int
-    chap: Chap | None
+    target_iqn: str  # the target's name: an IQN, or the subsystem NQN for NVMe exporters
+    lun: int  # the LUN, or the namespace id for NVMe exporters
+    chap: Chap | None  # iSCSI only: NVMe's DH-HMAC-CHAP secrets are per host (NvmeExporter)
     mutual_chap: Chap | None
     access_mode: AccessMode
 

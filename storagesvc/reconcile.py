@@ -52,7 +52,7 @@ class Reconciler:
                 if target:
                     known.add(target)
             for exporter in exporters.values():
-                for t in exporter.list_targets(ctx.iqn_prefix + ":"):
+                for t in exporter.list_targets(ctx.target_prefix(exporter)):
                     if t.target_iqn not in known:
                         log.warning("removing target %s: the catalog does not know it", t.target_iqn)
                         exporter.remove_target(t.target_iqn)

@@ -352,7 +352,8 @@ def iotune(value: IoTune, field: str) -> IoTune:
 
 def connector(value: Connector, field: str = "connector", *, transport: Transport | None = None) -> Connector:
     """A compute host's connector. With `transport`, one an export over that transport can be made for:
-    the host lists it (when it lists any) and, for iSCSI, has an initiator name."""
+    the host lists it (when it lists any) and has the name the target admits it by: an initiator name
+    for iSCSI, a host NQN for NVMe/TCP."""
     if not value.host:
         raise InvalidArgument(f"{field}.host", "required")
     host(value.host, f"{field}.host")
@@ -374,8 +375,13 @@ def connector(value: Connector, field: str = "connector", *, transport: Transpor
                 raise InvalidArgument(
                     f"{field}.{port_kind}[{i}]", f"{quote(w)} is not 16 lower-case hex digits"
                 )
-    # Informational until an export uses them (storage exports over iSCSI only).
-    text(value.nvme_host_nqn, f"{field}.nvme_host_nqn")
+    # An NVMe export admits the host by its host NQN; the host id (a UUID) goes with it on connect.
+    if transport is Transport.NVME_TCP:
+        nqn(value.nvme_host_nqn, f"{field}.nvme_host_nqn")
+    else:
+        text(value.nvme_host_nqn, f"{field}.nvme_host_nqn")
+    if transport is Transport.NVME_TCP and value.nvme_host_id and not UUID_RE.fullmatch(value.nvme_host_id):
+        raise InvalidArgument(f"{field}.nvme_host_id", f"{quote(value.nvme_host_id)} is not a UUID")
     text(value.nvme_host_id, f"{field}.nvme_host_id")
     text(value.platform, f"{field}.platform")
     return value

@@ -24,7 +24,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
+from blockwire.model import (
+    AccessMode,
+    Chap,
+    ConnectionInfo,
+    Connector,
+    IscsiConnection,
+    IscsiPath,
+    NvmeofConnection,
+    NvmeofPortal,
+    Transport,
+)
 from blockwire.secret import Secret
 from storagesvc.catalog import Conflict, Cursor, time_key
 from storagesvc.model import (
@@ -212,15 +222,22 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
     if c is None:
         return None
     t = c.transport
-    if not isinstance(t, IscsiConnection):
-        raise TypeError(f"the catalog records iSCSI connection info only, not {type(t).__name__}")
+    transport: dict[str, Any]
+    if isinstance(t, IscsiConnection):
+        transport = {
+            "iscsi": {
+                "paths": [[p.portal, p.target_iqn, p.lun] for p in t.paths],
+                "chap": _chap_doc(t.chap),
+                "mutual_chap": _chap_doc(t.mutual_chap),
+                "initiator_iqn": t.initiator_iqn,
+            }
+        }
+    elif isinstance(t, NvmeofConnection):
+        transport = {"nvmeof": _nvmeof_doc(t)}
+    else:
+        raise TypeError(f"the catalog records iSCSI and NVMe-oF connection info only, not {type(t).__name__}")
     return {
-        "iscsi": {
-            "paths": [[p.portal, p.target_iqn, p.lun] for p in t.paths],
-            "chap": _chap_doc(t.chap),
-            "mutual_chap": _chap_doc(t.mutual_chap),
-            "initiator_iqn": t.initiator_iqn,
-        },
+        **transport,
         "volume_id": c.volume_id,
         "attachment_id": c.attachment_id,
         "wwn": c.wwn,
@@ -233,17 +250,54 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
     }
 
 
+def _nvmeof_doc(t: NvmeofConnection) -> dict[str, Any]:
+    def secret(s: Secret | None) -> str | None:
+        return None if s is None else s.reveal()
+
+    return {
+        "subsystem_nqn": t.subsystem_nqn,
+        "portals": [[p.address, p.transport] for p in t.portals],
+        "namespace_id": t.namespace_id,
+        "namespace_uuid": t.namespace_uuid,
+        "namespace_nguid": t.namespace_nguid,
+        "host_nqn": t.host_nqn,
+        "dhchap_host_secret": secret(t.dhchap_host_secret),
+        "dhchap_ctrl_secret": secret(t.dhchap_ctrl_secret),
+    }
+
+
+def _nvmeof(n: dict[str, Any]) -> NvmeofConnection:
+    def secret(s: str | None) -> Secret | None:
+        return None if s is None else Secret(s)
+
+    return NvmeofConnection(
+        subsystem_nqn=n["subsystem_nqn"],
+        portals=tuple(NvmeofPortal(p[0], p[1]) for p in n["portals"]),
+        namespace_id=n["namespace_id"],
+        namespace_uuid=n["namespace_uuid"],
+        namespace_nguid=n["namespace_nguid"],
+        host_nqn=n["host_nqn"],
+        dhchap_host_secret=secret(n["dhchap_host_secret"]),
+        dhchap_ctrl_secret=secret(n["dhchap_ctrl_secret"]),
+    )
+
+
 def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
     if d is None:
         return None
-    i = d["iscsi"]
-    return ConnectionInfo(
-        transport=IscsiConnection(
+    transport: IscsiConnection | NvmeofConnection
+    if "nvmeof" in d:
+        transport = _nvmeof(d["nvmeof"])
+    else:
+        i = d["iscsi"]
+        transport = IscsiConnection(
             paths=tuple(IscsiPath(p[0], p[1], p[2]) for p in i["paths"]),
             chap=_chap(i["chap"]),
             mutual_chap=_chap(i["mutual_chap"]),
             initiator_iqn=i["initiator_iqn"],
-        ),
+        )
+    return ConnectionInfo(
+        transport=transport,
         volume_id=d["volume_id"],
         attachment_id=d["attachment_id"],
         wwn=d["wwn"],

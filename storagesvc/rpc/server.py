@@ -39,6 +39,7 @@ from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
 from storagesvc.targets.lio import LioExporter
+from storagesvc.targets.nvmet import NvmetExporter
 from storagesvc.targets.tgt import TgtExporter
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ def make_exporter(
             tgtadm=cfg.tgtadm,
             timeout=cfg.command_timeout,
             failpoints=failpoints,
+        )
+    if cfg.kind == "nvmet":
+        return NvmetExporter(
+            cfg.portals,
+            nqn_prefix=cfg.nqn_prefix,
+            dhchap=cfg.dhchap,
+            dhchap_bidirectional=cfg.dhchap_bidirectional,
+            dhchap_key_file=cfg.dhchap_key_file,
         )
     return LioExporter(cfg.portals, naa_oui=naa_oui)
 

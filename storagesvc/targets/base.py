@@ -2,6 +2,11 @@
 
 One target per volume (IQN = prefix + ":" + volume id), one LUN, the volume's WWN and serial on every
 portal (see `storagesvc.identity`), CHAP per volume export, and an ACL entry per attaching initiator.
+
+The same interface serves NVMe-oF (`NvmeExporter`, the `nvmet` exporter): there a "target" is a
+subsystem (its NQN where an IQN would be), the "LUN" is namespace 1 (identified by NGUID and UUID
+instead of WWN), an "initiator" is a host NQN, and DH-HMAC-CHAP secrets belong to the host (see
+`NvmeExporter.host_secrets`) rather than to the export. `transport_of` tells the two kinds apart.
 Every method is idempotent: creating what exists or removing what is gone succeeds, so the service can
 repeat calls after a crash and undo half-done work with the same calls.
 """
@@ -13,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from blockwire.model import Chap
+from blockwire.model import Chap, Transport
+from blockwire.secret import Secret
 
 
 @dataclass(frozen=True)
@@ -28,6 +34,8 @@ class TargetSpec:
     readonly: bool
     chap: Chap | None = None
     mutual_chap: Chap | None = None
+    nguid: str = ""  # NVMe exporters: the namespace's NGUID and UUID (storagesvc.identity)
+    uuid: str = ""
 
 
 def same_path(a: str, b: str) -> bool:
@@ -45,12 +53,21 @@ class LunState:
     serial: str  # its unit serial number (VPD 0x80)
     online: bool = True
     readonly: bool | None = None  # None: the exporter protects writes elsewhere (LIO: per mapped LUN)
+    #: An NVMe namespace's NGUID and UUID (its identity in place of wwn and serial); None: a SCSI LUN.
+    nguid: str | None = None
+    uuid: str | None = None
 
     def differs(self, spec: TargetSpec) -> str:
         """What is wrong with this LUN for `spec`, in words; "" when it serves the volume as it must."""
         if not same_path(self.device_path, spec.device_path):
             return f"LUN {self.lun} is backed by {self.device_path or 'nothing'}, not {spec.device_path}"
-        if (self.wwn, self.serial) != (spec.wwn, spec.serial):
+        if self.nguid is not None:
+            if (self.nguid, self.uuid) != (spec.nguid, spec.uuid):
+                return (
+                    f"namespace {self.lun} announces nguid {self.nguid or '-'} uuid {self.uuid or '-'}, "
+                    f"not the volume's {spec.nguid} {spec.uuid}"
+                )
+        elif (self.wwn, self.serial) != (spec.wwn, spec.serial):
             return (
                 f"LUN {self.lun} announces wwn {self.wwn or '-'} serial {self.serial or '-'}, "
                 f"not the volume's {spec.wwn} {spec.serial}"
@@ -121,3 +138,23 @@ class AccountPruner(Protocol):
     def prune_accounts(self, is_ours: Callable[[str], bool]) -> list[str]:
         """Deletes accounts `is_ours` claims that no target uses; returns their names."""
         ...
+
+
+@runtime_checkable
+class NvmeExporter(Protocol):
+    """An exporter over NVMe-oF. Its targets are subsystems named `nqn_prefix` + ":" + volume id
+    (`storagesvc.identity.subsystem_nqn`), its initiators host NQNs (`Connector.nvme_host_nqn`), and
+    DH-HMAC-CHAP secrets are per host: the kernel target keeps one key per host NQN for every subsystem
+    that admits it."""
+
+    nqn_prefix: str
+
+    def host_secrets(self, host_nqn: str) -> tuple[Secret | None, Secret | None]:
+        """The host's DH-HMAC-CHAP secrets (host, controller) as `allow` sets them; (None, None) when
+        authentication is off, (secret, None) when the target cannot authenticate itself to hosts."""
+        ...
+
+
+def transport_of(exporter: Exporter) -> Transport:
+    """The transport hosts reach `exporter`'s targets over."""
+    return Transport.NVME_TCP if isinstance(exporter, NvmeExporter) else Transport.ISCSI
