@@ -267,6 +267,26 @@ class NvmeConnector:
             )
         return ns
 
+    def _check_identity_early(self, info: ConnectionInfo, controllers: list[Controller]) -> None:
+        """Asks a live controller for the identity of the announced namespace id (Identify, one admin
+        command) before waiting for its block device: a namespace with another identity is refused at
+        once, also one the kernel will not make a device for (its NGUID is another subsystem's here)."""
+        t = nvme_of(info)
+        ids = announced_ids(info)
+        live = next((c for c in controllers if c.state == "live"), None)
+        if not t.namespace_id or not ids or live is None:
+            return
+        seen = self.host.identify(live.name, t.namespace_id)
+        if not seen:
+            return  # cannot ask (or the target reports no identifiers): the sysfs check after the wait decides
+        if any(seen.get(k, "") != v for k, v in ids.items()):
+            raise IdentityMismatch(
+                f"namespace {t.namespace_id} of {t.subsystem_nqn} (controller /dev/{live.name}) has NGUID "
+                f"{seen.get('nguid') or '(none)'} and UUID {seen.get('uuid') or '(none)'} but storage "
+                f"announced {self._announced(info)}: refused (the namespace may have been reused); nothing "
+                "was attached"
+            )
+
     @staticmethod
     def _announced(info: ConnectionInfo) -> str:
         ids = announced_ids(info)
@@ -296,6 +316,7 @@ class NvmeConnector:
                             errors.append(exc)
                 if not got:
                     raise errors[0]
+                self._check_identity_early(info, got)
                 ns = self._wait_namespace(info, got)
             except BaseException:
                 self._undo(made)

@@ -21,10 +21,14 @@ Layout (kernel 6.1, recorded in tests/data/recorded/sysfs_*nvme*):
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import fcntl
 import logging
 import os
 import re
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -107,11 +111,69 @@ class DevFabrics:
             os.close(fd)
 
 
-class NvmeHost:
-    """Reads controllers, subsystems and namespaces from sysfs; deletes and rescans controllers."""
+# Identify, CNS 03h (namespace identification descriptor list) through the controller's character device:
+# struct nvme_passthru_cmd (linux/nvme_ioctl.h), NVME_IOCTL_ADMIN_CMD = _IOWR('N', 0x41, 72 bytes).
+NVME_IOCTL_ADMIN_CMD = 0xC0484E41
+NVME_ADMIN_IDENTIFY = 0x06
+CNS_NS_DESCRIPTORS = 0x03
+_PASSTHRU = struct.Struct("=BBHIIIQQII6III")  # opcode flags rsvd nsid cdw2 cdw3 metadata addr mlen dlen cdw10-15 tmo result
+NIDT_NGUID, NIDT_UUID = 2, 3
 
-    def __init__(self, sysfs: Sysfs) -> None:
+Identify = Callable[[str, int], "dict[str, str] | None"]
+
+
+def parse_ns_descriptors(data: bytes) -> dict[str, str]:
+    """The namespace identification descriptor list (NVMe base spec, Identify CNS 03h): NIDT (1 byte),
+    NIDL (1), 2 reserved, NIDL bytes of id -> {"nguid": hex, "uuid": hex} (normal_id form)."""
+    out: dict[str, str] = {}
+    i = 0
+    while i + 4 <= len(data):
+        nidt, nidl = data[i], data[i + 1]
+        if nidt == 0 or nidl == 0:
+            break
+        value = data[i + 4 : i + 4 + nidl].hex()
+        if nidt == NIDT_NGUID:
+            out["nguid"] = normal_id(value)
+        elif nidt == NIDT_UUID:
+            out["uuid"] = normal_id(value)
+        i += 4 + nidl
+    return out
+
+
+def identify_ns_ioctl(device: str, nsid: int) -> dict[str, str] | None:
+    """The identity the controller /dev/<device> reports for namespace `nsid` (one admin command, no
+    process): known before, and whether or not, the kernel makes a block device for it (it makes none
+    for a namespace whose NGUID another subsystem's namespace on this host has). None when it cannot be
+    asked."""
+    buf = ctypes.create_string_buffer(4096)
+    cmd = bytearray(
+        _PASSTHRU.pack(
+            NVME_ADMIN_IDENTIFY, 0, 0, nsid, 0, 0, 0, ctypes.addressof(buf), 0, 4096,
+            CNS_NS_DESCRIPTORS, 0, 0, 0, 0, 0, 5000, 0,
+        )  # fmt: skip
+    )
+    try:
+        fd = os.open(f"/dev/{device}", os.O_RDONLY)
+    except OSError as exc:
+        log.debug("cannot open /dev/%s to identify namespace %d: %s", device, nsid, exc.strerror)
+        return None
+    try:
+        fcntl.ioctl(fd, NVME_IOCTL_ADMIN_CMD, cmd)
+    except OSError as exc:
+        log.debug("identify of namespace %d on /dev/%s failed: %s", nsid, device, exc.strerror)
+        return None
+    finally:
+        os.close(fd)
+    return parse_ns_descriptors(buf.raw)
+
+
+class NvmeHost:
+    """Reads controllers, subsystems and namespaces from sysfs; deletes and rescans controllers; asks a
+    controller for a namespace's identity (`identify`, injectable: tests give a fake)."""
+
+    def __init__(self, sysfs: Sysfs, identify: Identify = identify_ns_ioctl) -> None:
         self.sysfs = sysfs
+        self.identify = identify
 
     def available(self) -> bool:
         """The host can connect NVMe/TCP (nvme-tcp loaded or built in)."""

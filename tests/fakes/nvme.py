@@ -200,6 +200,14 @@ class FakeNvmeKernel:
     def set_state(self, name: str, state: str) -> None:
         (self.root / "class/nvme" / name / "state").write_text(state + "\n")
 
+    def identify(self, controller: str, nsid: int) -> dict[str, str] | None:
+        """Identify CNS 03h as the target answers it (hostagent.host.nvme.identify_ns_ioctl's seam)."""
+        nqn = (self.root / "class/nvme" / controller / "subsysnqn").read_text().strip()
+        for ns in self.targets[nqn].namespaces:
+            if ns.nsid == nsid:
+                return {"nguid": ns.nguid, "uuid": ns.uuid.replace("-", "")}
+        return {}
+
     def heads(self) -> list[str]:
         self.sync()
         return sorted(p.name for p in (self.root / "block").iterdir())

@@ -19,7 +19,7 @@ from blockwire.model import ConnectionInfo, NvmeofConnection, NvmeofPortal, Tran
 from blockwire.secret import Secret
 from hostagent.config import AgentConfig, config_from_mapping
 from hostagent.connectors.nvme import NvmeConnector
-from hostagent.host.nvme import NvmeHost, normal_id
+from hostagent.host.nvme import NvmeHost, normal_id, parse_ns_descriptors
 from hostagent.host.sysfs import Sysfs
 from hostagent.hostinfo import HostFiles, build_connector, nvme_tcp_available
 from hostagent.model import ConnectorKind
@@ -200,13 +200,14 @@ def info(volume: str = "vol-1", *, nqn: str = NQN, nguid: str = NGUID, uuid: str
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, multipath: bool = True) -> None:
+    def __init__(self, tmp_path: Path, multipath: bool = True, identify: bool = False) -> None:
         self.udev = FakeUdev()
         self.kernel = FakeNvmeKernel(tmp_path / "sys", self.udev, multipath=multipath)
         self.openers = FakeOpeners()
         self.clock = FakeClock()
         self.conn = NvmeConnector(
-            NvmeHost(Sysfs(tmp_path / "sys")), self.kernel, self.udev, self.clock,
+            NvmeHost(Sysfs(tmp_path / "sys"), self.kernel.identify if identify else lambda c, n: None),
+            self.kernel, self.udev, self.clock,
             openers=self.openers, host_nqn=HOSTNQN, host_id=HOSTID,
             timeouts=Timeouts(ctrl_loss_tmo=1800, reconnect_delay=2), device_timeout=5,
         )  # fmt: skip
@@ -265,6 +266,27 @@ def test_another_identity_is_refused_and_what_connect_made_removed(r: Rig) -> No
     with pytest.raises(IdentityMismatch):
         r.conn.connect(info())
     assert r.kernel.controllers() == []
+
+
+def test_identify_refuses_before_any_block_device(tmp_path: Path) -> None:
+    """The controller's Identify answer says another NGUID: refused before a block device is waited for
+    (the kernel makes none for an NGUID another subsystem on this host has)."""
+    r = Rig(tmp_path, identify=True)
+    r.export(nguid="44" * 16)
+    with pytest.raises(IdentityMismatch, match="controller /dev/nvme"):
+        r.conn.connect(info())
+    assert "block device" not in " ".join(r.udev.waits)
+    assert not [w for w in r.udev.waits if w.startswith("namespace")]
+    assert r.kernel.controllers() == []
+    r.export()
+    assert r.conn.connect(info()).path.startswith("/dev/nvme")
+    r.conn.disconnect(info())
+
+
+def test_ns_descriptors_parse() -> None:
+    data = bytes([3, 16, 0, 0]) + bytes.fromhex(UUID.replace("-", "")) + bytes([2, 16, 0, 0])
+    data += bytes.fromhex(NGUID) + bytes(64)
+    assert parse_ns_descriptors(data) == {"uuid": UUID.replace("-", ""), "nguid": NGUID}
 
 
 def test_a_refused_connect_never_touches_controllers_it_reused(r: Rig) -> None:
