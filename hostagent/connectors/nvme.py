@@ -278,7 +278,7 @@ class NvmeConnector:
             return
         seen = self.host.identify(live.name, t.namespace_id)
         if not seen:
-            return  # cannot ask (or the target reports no identifiers): the sysfs check after the wait decides
+            return  # cannot ask, or no identifiers reported: the sysfs check after the wait decides
         if any(seen.get(k, "") != v for k, v in ids.items()):
             raise IdentityMismatch(
                 f"namespace {t.namespace_id} of {t.subsystem_nqn} (controller /dev/{live.name}) has NGUID "

@@ -116,7 +116,8 @@ class DevFabrics:
 NVME_IOCTL_ADMIN_CMD = 0xC0484E41
 NVME_ADMIN_IDENTIFY = 0x06
 CNS_NS_DESCRIPTORS = 0x03
-_PASSTHRU = struct.Struct("=BBHIIIQQII6III")  # opcode flags rsvd nsid cdw2 cdw3 metadata addr mlen dlen cdw10-15 tmo result
+# opcode flags rsvd nsid cdw2 cdw3 metadata addr metadata_len data_len cdw10-15 timeout_ms result
+_PASSTHRU = struct.Struct("=BBHIIIQQII6III")
 NIDT_NGUID, NIDT_UUID = 2, 3
 
 Identify = Callable[[str, int], "dict[str, str] | None"]
@@ -146,12 +147,13 @@ def identify_ns_ioctl(device: str, nsid: int) -> dict[str, str] | None:
     for a namespace whose NGUID another subsystem's namespace on this host has). None when it cannot be
     asked."""
     buf = ctypes.create_string_buffer(4096)
-    cmd = bytearray(
-        _PASSTHRU.pack(
-            NVME_ADMIN_IDENTIFY, 0, 0, nsid, 0, 0, 0, ctypes.addressof(buf), 0, 4096,
-            CNS_NS_DESCRIPTORS, 0, 0, 0, 0, 0, 5000, 0,
-        )  # fmt: skip
+    # fmt: off
+    fields = (
+        NVME_ADMIN_IDENTIFY, 0, 0, nsid, 0, 0, 0, ctypes.addressof(buf), 0, 4096,
+        CNS_NS_DESCRIPTORS, 0, 0, 0, 0, 0, 5000, 0,
     )
+    # fmt: on
+    cmd = bytearray(_PASSTHRU.pack(*fields))
     try:
         fd = os.open(f"/dev/{device}", os.O_RDONLY)
     except OSError as exc:

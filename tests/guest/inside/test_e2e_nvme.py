@@ -320,7 +320,7 @@ def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, nvme_stack: Stack) 
                 ),
             )  # fmt: skip
 
-        with pytest.raises(Exception, match="DH-HMAC-CHAP|refused|EIO"):
+        with pytest.raises(Exception, match=r"DH-HMAC-CHAP|refused|EIO"):
             s.agent.connect_volume(info(nvmet.dhchap_key()))
         assert not ctrl_states(nqn)
         dev = s.agent.connect_volume(info(key))
