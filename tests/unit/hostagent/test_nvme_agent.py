@@ -52,7 +52,7 @@ class NvmeRig:
             journal=self.journal,
             connector=Connector(
                 host="host-a", nvme_host_nqn=HOSTNQN, nvme_host_id=HOSTID, transports=(Transport.NVME_TCP,)
-            ),  # fmt: skip
+            ),
             clock=self.clock,
             storage=self.storage,
             events=EventBus(),
