@@ -25,7 +25,10 @@ host's NQN; contenders `floor` (raw `nvme connect` per port, in parallel, argv f
 hostagent.tools.nvme, then a wait for the namespace head; detach `nvme disconnect -n NQN` and a wait for
 the subsystem to go), `bw-lib` (hostagent.connectors.nvme.NvmeConnector) and `bw-e2e` (AttachVolume).
 Then the iSCSI contenders (floor, bw-lib, bw-e2e) on the same scenarios, for the side-by-side table.
-os-brick's NVMe-oF connector is not a contender (see bench/README.md).
+`os-brick` is os-brick's NVMeOFConnector (new-format properties: target_nqn, portals, vol_uuid,
+volume_nguid, ns_id, host_nqn; native multipath), in-process as root like its iSCSI connector. Its
+disconnect_volume leaves the controllers connected by design ("disconnect of volumes happens on storage
+system side"): those count as its leftovers, and the harness disconnects them before the next contender.
 """
 
 from __future__ import annotations
@@ -923,6 +926,38 @@ class NvmeBwLib:
         self.conn.disconnect(info)
 
 
+class NvmeOsBrick(OsBrick):
+    """os-brick 7.1.1's NVMeOFConnector, set up like `OsBrick` (privsep in direct mode)."""
+
+    name = "os-brick"
+
+    def __init__(self, lock_dir: Path) -> None:
+        super().__init__(True, lock_dir)  # oslo config and privsep, once
+        from os_brick.initiator import connector  # noqa: PLC0415
+
+        self.conn = connector.InitiatorConnector.factory("NVMEOF", "sudo", use_multipath=True)
+
+    @staticmethod
+    def props(info: Any) -> dict[str, Any]:
+        from hostagent.tools.nvme import split_portal  # noqa: PLC0415
+
+        t = info.transport
+        return {
+            "target_nqn": t.subsystem_nqn,
+            "vol_uuid": t.namespace_uuid or None,
+            "volume_nguid": t.namespace_nguid or None,
+            "ns_id": t.namespace_id or None,
+            "host_nqn": t.host_nqn or None,
+            "portals": [(*split_portal(p.address), "tcp") for p in t.portals],
+        }
+
+    def connect(self, info: Any) -> Any:
+        return self.conn.connect_volume(self.props(info))
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.conn.disconnect_volume(self.props(info), device)
+
+
 NVME_SCENARIOS = ((1, 1, 3), (2, 1, 3), (1, 8, 1), (2, 8, 1))
 
 
@@ -936,9 +971,15 @@ def run_nvme_plan(work: Path) -> dict[str, Any]:
         results["versions"]["nvme-cli"] = run(["nvme", "version"]).stdout.splitlines()[0]
         for paths, n, reps in NVME_SCENARIOS:
             infos = [i if paths == 2 else nvme_single_path(i) for i in env.infos[:n]]
-            for name in ("floor", "bw-lib", "bw-e2e"):
+            for name in ("floor", "os-brick", "bw-lib", "bw-e2e"):
                 if name == "floor":
                     contender: Any = NvmeFloor(connector.nvme_host_nqn, connector.nvme_host_id)
+                elif name == "os-brick":
+                    try:
+                        contender = NvmeOsBrick(work / "locks")
+                    except Exception as exc:  # not installable here: said in the results, not fatal
+                        results.setdefault("os_brick_error", f"{type(exc).__name__}: {exc}"[:300])
+                        continue
                 elif name == "bw-lib":
                     contender = NvmeBwLib(rec, connector.nvme_host_nqn, connector.nvme_host_id)
                 else:
