@@ -136,10 +136,11 @@ def build_agent(config: AgentConfig, storage: StorageApi | None) -> tuple[HostAg
 
 
 def build_path_supervisor(config: AgentConfig, agent: HostAgent) -> PathSupervisor | None:
-    """The kernel iSCSI session supervisor (hostagent.pathcheck), when the agent uses the kernel initiator;
+    """The path supervisor (hostagent.pathcheck), when the agent uses the kernel iSCSI initiator or NVMe/TCP;
     start it after `reconcile()`, stop it before the agent goes."""
     from hostagent.pathcheck import PathSupervisor  # noqa: PLC0415 - kernel paths only
 
-    if agent.connector_of_kind(ConnectorKind.ISCSI_KERNEL) is None:
+    kinds = (ConnectorKind.ISCSI_KERNEL, ConnectorKind.NVME_TCP)
+    if all(agent.connector_of_kind(k) is None for k in kinds):
         return None
     return PathSupervisor(agent, Sysfs(config.sysfs_root), SystemClock(), config.path_check_interval)
