@@ -30,6 +30,9 @@ without NVMe target authentication (``CONFIG_NVME_TARGET_AUTH``: host entries ha
 cannot authenticate hosts: with `dhchap` on, `start` refuses with FAILED_PRECONDITION and says to set
 ``dhchap = false``; nothing is exported unauthenticated by surprise.
 
+A file on a file system without O_DIRECT (tmpfs) is served with ``buffered_io`` 1 (the target opens
+files with O_DIRECT by default and fails with EINVAL otherwise).
+
 Read-only exports are refused: the kernel target (6.1) has no write protection per namespace or host.
 Growing is one write to the namespace's ``revalidate_size``: the target re-reads the size of the device
 or file and tells connected hosts (namespace attribute changed); files grow too, unlike LIO fileio.
@@ -88,11 +91,14 @@ class Configfs:
 
     def write(self, path: Path, value: str) -> None:
         # One write(2) per attribute: configfs stores what a single write gives it.
-        fd = os.open(path, os.O_WRONLY)
         try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def dhchap_secret(key: bytes) -> Secret:
@@ -108,6 +114,21 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+def _direct_io_ok(path: str) -> bool:
+    """Whether the target can open the volume's file with O_DIRECT, as it does by default; a file on a
+    file system without it (tmpfs) is served through the page cache instead (``buffered_io``)."""
+    if not os.path.isfile(path):
+        return True  # block devices: always direct
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
 
 
 def _nguid_of(text: str) -> str:
@@ -324,6 +345,9 @@ class NvmetExporter:
         else:
             self.fs.mkdir(ns)
         self.fs.write(ns / "device_path", spec.device_path)
+        buffered = "0" if _direct_io_ok(spec.device_path) else "1"
+        if (ns / "buffered_io").exists() and _read(ns / "buffered_io") != buffered:
+            self.fs.write(ns / "buffered_io", buffered)
         self.fs.write(ns / "device_nguid", spec.nguid)
         self.fs.write(ns / "device_uuid", spec.uuid)
         if (ns / "ana_grpid").exists() and _read(ns / "ana_grpid") != ANA_GROUP:

@@ -22,7 +22,13 @@ import uuid
 from pathlib import Path
 
 SUBSYSTEM_ATTRS = {"attr_allow_any_host": "0", "attr_version": "1.3", "attr_model": "Linux"}
-NAMESPACE_ATTRS = {"device_path": "", "device_nguid": str(uuid.UUID(int=0)), "enable": "0", "ana_grpid": "1"}
+NAMESPACE_ATTRS = {
+    "device_path": "",
+    "device_nguid": str(uuid.UUID(int=0)),
+    "enable": "0",
+    "ana_grpid": "1",
+    "buffered_io": "0",
+}
 PORT_ATTRS = {"addr_trtype": "", "addr_adrfam": "", "addr_traddr": "", "addr_trsvcid": "", "addr_treq": ""}
 AUTH_ATTRS = {
     "dhchap_key": "",
@@ -135,7 +141,7 @@ class FakeNvmetConfigfs:
         shown = value.strip()
         if kind == "namespace":
             enabled = (item / "enable").read_text().strip() == "1"
-            if name in ("device_path", "device_nguid", "device_uuid") and enabled:
+            if name in ("device_path", "device_nguid", "device_uuid", "buffered_io") and enabled:
                 raise _fail(errno.EBUSY, path)
             if name == "device_nguid":
                 digits = shown.replace("-", "").replace(":", "")

@@ -18,6 +18,7 @@ Real nvme-cli output is saved to BLOCKWIRE_GUEST_RESULTS/recorded-nvme/ for pars
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -149,6 +150,24 @@ def storage(nvmet: None, thin_pool: ThinPool, tmp_path_factory: pytest.TempPathF
             remove_subsystem(sub.name)
 
 
+@pytest.fixture(autouse=True)
+def tidy(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used `storage` (failed half-way or not): no controller, attachment or volume
+    of it is left for the next test."""
+    yield
+    if "storage" not in request.fixturenames:
+        return
+    s: Storage = request.getfixturevalue("storage")
+    disconnect_all(s.prefix)
+    if not s.daemon.running:
+        s.daemon.start()
+    stub = s.stub
+    for a in stub.ListAttachments(spb.ListAttachmentsRequest(), timeout=60).attachments:
+        stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=a.id), timeout=120)
+    for v in stub.ListVolumes(spb.ListVolumesRequest(), timeout=60).volumes:
+        stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=120)
+
+
 # --- the host side: nvme-cli and sysfs ---------------------------------------------------------------
 
 
@@ -205,6 +224,13 @@ def head(nqn: str) -> str | None:
     return heads[0] if heads else None
 
 
+def path_devices(nqn: str) -> list[str]:
+    """The per-path (hidden) namespace devices, nvmeXcYnZ, of the subsystem's controllers."""
+    return sorted(
+        p.name for c in controllers(nqn) for p in c.iterdir() if re.fullmatch(r"nvme\d+c\d+n\d+", p.name)
+    )
+
+
 def sys_block(dev: str, attr: str) -> str:
     return (Path("/sys/block") / dev / attr).read_text().strip()
 
@@ -251,6 +277,13 @@ def _connector(host_nqn: str = HOST_NQN, host_id: str = HOST_ID) -> pb.Connector
         multipath=True,
         transports=[pb.TRANSPORT_NVME_TCP],
     )
+
+
+def _ana_state(path_device: str) -> str:
+    for c in SUBSYS_CLASS.glob("*/nvme*"):
+        if (c / path_device / "ana_state").exists():
+            return (c / path_device / "ana_state").read_text().strip()
+    return "-"
 
 
 def _nguid(text: str) -> str:
@@ -317,8 +350,10 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
         assert sys_block(dev, "uuid") == nv.namespace_uuid
         assert sys_block(dev, "wwid") == f"uuid.{nv.namespace_uuid}"
         assert int(sys_block(dev, "size")) * 512 == 64 * MIB
-        paths = sorted(p.name for p in (Path("/sys/block") / dev / "multipath").iterdir())
-        assert len(paths) == 2, paths
+        paths = path_devices(nqn)
+        assert len(paths) == 2, paths  # nvmeXcYnZ: one per controller under the one head
+        head_of = dev[: dev.rindex("n")]  # nvme0n1 -> nvme0: its paths are nvme0c<controller>n1
+        assert all(p.startswith(f"{head_of}c") for p in paths), (dev, paths)
         addresses = sorted((c / "address").read_text().strip() for c in controllers(nqn))
         assert [a.split(",")[0] for a in addresses] == ["traddr=127.0.0.1", "traddr=127.0.0.2"]
         serial = (controllers(nqn)[0] / "serial").read_text().strip()
@@ -346,6 +381,7 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
             "nvme_sysfs_summary.txt",
             "".join(f"{a}: {sys_block(dev, a)}\n" for a in ("nguid", "uuid", "wwid", "nsid", "size"))
             + f"multipath: {' '.join(paths)}\n"
+            + "".join(f"{p} ana_state: {_ana_state(p)}\n" for p in paths)
             + "".join(
                 f"{c.name} address: {(c / 'address').read_text().strip()} "
                 f"state: {(c / 'state').read_text().strip()}\n"
