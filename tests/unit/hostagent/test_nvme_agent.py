@@ -124,7 +124,7 @@ def test_a_crash_before_and_after_the_hotplug_all_or_nothing(r: NvmeRig) -> None
 
 def test_reconcile_connects_a_port_the_kernel_gave_up_on(r: NvmeRig) -> None:
     r.agent.attach("vm1", volume_id="vol-1")
-    r.kernel.drop("nvme1")  # ctrl_loss_tmo ran out on 127.0.0.2 while the agent was down
+    r.kernel.drop("nvme1")  # ctrl_loss_tmo ran out on one port while the agent was down
     (action,) = r.new_agent().reconcile()
     assert action.action == "kept"
     assert sorted(c["name"] for c in r.kernel.controllers()) == ["nvme0", "nvme2"]
