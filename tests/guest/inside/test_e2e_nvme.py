@@ -31,11 +31,14 @@ from pathlib import Path
 
 import pytest
 
-from blockwire.errors import FailedPrecondition
+from blockwire.client import NO_RETRY, HostAgentClient
+from blockwire.errors import BlockwireError, FailedPrecondition
 from blockwire.v1 import types_pb2 as pb
+from hostagent import api
 from tests.guest.inside import kernel, nvmet
 from tests.guest.inside.conftest import Stack, start_stack
 from tests.guest.inside.kernel import MiB
+from tests.rig import KILLED
 
 PORTALS = ("127.0.0.1:4420", "127.0.0.2:4420")
 CONFIGFS = Path("/sys/kernel/config/nvmet")
@@ -331,3 +334,50 @@ def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, nvme_stack: Stack) 
         nvmet.disconnect_all()
         t.close()
         image.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("failpoint", "outcome"),
+    [(api.FP_ATTACH_AFTER_CONNECT, "nothing"), (api.FP_ATTACH_AFTER_HOTPLUG, "complete")],
+)
+def test_agent_killed_mid_attach_all_or_nothing(
+    clean_nvme: None, nvme_stack: Stack, domain: str, failpoint: str, outcome: str
+) -> None:
+    """SIGKILL after the controllers are made: the restarted agent leaves nothing (no controller,
+    namespace or subsystem on the host, no storage attachment); after the hot-plug: one complete
+    attachment over both ports, which then detaches to nothing."""
+    s = nvme_stack
+    vol = s.storage.create_volume(f"e2e-nvme-kill-{uuid.uuid4().hex[:6]}", 16 * MiB, backend="file")
+
+    def restart(failpoints: str = "") -> None:
+        s.agent.close()
+        s.agent_daemon.stop()  # nothing to do when a failpoint killed it
+        s.agent_daemon.start(failpoints)
+        s.agent = HostAgentClient(f"unix://{s.agent_daemon.socket}")
+
+    try:
+        restart(f"{failpoint}=kill")
+        client = HostAgentClient(f"unix://{s.agent_daemon.socket}", retry=NO_RETRY)
+        with client, contextlib.suppress(BlockwireError):
+            client.attach_volume(domain, volume_id=vol.id)
+        assert s.agent_daemon.died(60) == KILLED
+        assert nvmet.host_leftovers(), "the kill came before the connect"
+        restart()  # reconciles before it serves
+        kernel.settle()
+        if outcome == "nothing":
+            assert nvmet.host_leftovers() == {}
+            assert kernel.domain_disks(domain) == []
+            assert s.storage.list_attachments(volume_id=vol.id) == []
+        else:
+            att = s.agent.get_attachment(vol.id, domain)
+            nqn = att.connection_info.nvmeof.subsystem_nqn
+            assert ctrl_states(nqn) == {"127.0.0.1": "live", "127.0.0.2": "live"}
+            assert [d.source for d in kernel.domain_disks(domain)] == [att.host_device]
+            s.agent.detach_volume(domain, vol.id)
+            kernel.settle()
+            assert nvmet.host_leftovers() == {}
+    finally:
+        if not s.agent_daemon.running:
+            restart()
+        s.agent.detach_volume(domain, vol.id, force=True)
+        s.storage.delete_volume(vol.id)
