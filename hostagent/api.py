@@ -714,7 +714,9 @@ class HostAgent:
                 raise NotFound(f"volume {volume_id} is not attached on this host")
             size = 0
             for a in records:
-                size = self._connector_for(a.connection_info, a.connector_kind).extend(a.connection_info)
+                # the size storage says the volume has now, for connectors that wait for it (NVMe/TCP)
+                info = replace(a.connection_info, size_bytes=new_size_bytes or a.connection_info.size_bytes)
+                size = self._connector_for(a.connection_info, a.connector_kind).extend(info)
                 if new_size_bytes and size < new_size_bytes:
                     raise FailedPrecondition(
                         f"the host still sees {size} bytes for volume {volume_id}, not {new_size_bytes}; "

@@ -403,6 +403,9 @@ class NvmeConnector:
         )
 
     def extend(self, info: ConnectionInfo) -> int:
+        """A rescan of one live controller; when `info.size_bytes` is more than the host sees (HostAgent's
+        extend passes the new size it was given), a udev wait, bounded by EXTEND_WAIT, for the head to
+        reach it. The target's change notice usually made the kernel rescan already."""
         t = nvme_of(info)
         with self._lock(t):
             ctrls = [c for c in self._controllers(t).values() if c.state == "live"]
@@ -411,26 +414,27 @@ class NvmeConnector:
                 raise FailedPrecondition(
                     f"volume {info.volume_id} is not connected here (no live controller)"
                 )
-            before = ns.size_bytes
-            if info.size_bytes and before != info.size_bytes:
-                return before  # the kernel took the new size already (the target's change notice)
+            name, want = ns.name, info.size_bytes
 
             def rescan() -> None:
                 self.host.rescan(ctrls[0].name)
 
             def grown(d: UdevDevice) -> bool:
                 now = self.host.namespace(d.sys_name)
-                return d.sys_name == ns.name and now is not None and now.size_bytes != before
+                return d.sys_name == name and now is not None and now.size_bytes >= want
 
-            try:
-                wait_device(
-                    self.udev, "block", grown, Deadline(self.clock, min(EXTEND_WAIT, self.device_timeout)),
-                    trigger=rescan, what=f"a new size of /dev/{ns.name}",
-                )  # fmt: skip
-            except DeadlineExceeded:
-                log.info("/dev/%s still has %d bytes after a rescan", ns.name, before)
-            now = self.host.namespace(ns.name)
-            return now.size_bytes if now is not None else before
+            if want <= ns.size_bytes:
+                rescan()
+            else:
+                try:
+                    wait_device(
+                        self.udev, "block", grown, Deadline(self.clock, min(EXTEND_WAIT, self.device_timeout)),
+                        trigger=rescan, what=f"/dev/{name} at {want} bytes",
+                    )  # fmt: skip
+                except DeadlineExceeded:
+                    log.info("/dev/%s is still smaller than %d bytes after a rescan", name, want)
+            now = self.host.namespace(name)
+            return now.size_bytes if now is not None else ns.size_bytes
 
     def paths(self, info: ConnectionInfo) -> list[str]:
         """The live controllers of the volume (its paths), as /dev/nvmeN."""

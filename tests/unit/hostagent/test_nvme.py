@@ -4,6 +4,7 @@ on a fake kernel (tests/fakes/nvme.py: the recorded sysfs layout behind the Fabr
 from __future__ import annotations
 
 import errno
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -364,8 +365,10 @@ def test_extend_rescans_and_returns_the_new_size(r: Rig) -> None:
     r.export()
     i = ConnectionInfo(transport=info().transport, volume_id="vol-1", size_bytes=16 << 20)
     r.conn.connect(i)
-    r.kernel.targets[NQN].namespaces[0].size = 24 << 20
-    assert r.conn.extend(i) == 24 << 20
+    for size in (24 << 20, 32 << 20):  # twice: the second grow is waited for too
+        r.kernel.targets[NQN].namespaces[0].size = size
+        assert r.conn.extend(replace(i, size_bytes=size)) == size
+    assert r.conn.extend(i) == 32 << 20  # the size not given: a rescan, what the host sees
     r.conn.disconnect(i)
     with pytest.raises(FailedPrecondition):
         r.conn.extend(i)
