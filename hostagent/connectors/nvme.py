@@ -426,11 +426,16 @@ class NvmeConnector:
             if want <= ns.size_bytes:
                 rescan()
             else:
+                deadline = Deadline(self.clock, min(EXTEND_WAIT, self.device_timeout))
                 try:
                     wait_device(
-                        self.udev, "block", grown, Deadline(self.clock, min(EXTEND_WAIT, self.device_timeout)),
-                        trigger=rescan, what=f"/dev/{name} at {want} bytes",
-                    )  # fmt: skip
+                        self.udev,
+                        "block",
+                        grown,
+                        deadline,
+                        trigger=rescan,
+                        what=f"/dev/{name} at {want} bytes",
+                    )
                 except DeadlineExceeded:
                     log.info("/dev/%s is still smaller than %d bytes after a rescan", name, want)
             now = self.host.namespace(name)
