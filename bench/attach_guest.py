@@ -661,7 +661,16 @@ def batch(contender: Any, infos: list[Any], rec: Recorder | None) -> dict[str, A
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(one_disconnect, range(n)))
     disconnect_wall = now() - t1
-    secrets = [i.transport.chap.password.reveal() for i in infos if i.transport.chap is not None]
+    secrets = [  # CHAP (iSCSI) and DH-HMAC-CHAP (NVMe) secrets, scrubbed from error texts
+        s.reveal()
+        for i in infos
+        for s in (
+            getattr(getattr(i.transport, "chap", None), "password", None),
+            getattr(i.transport, "dhchap_host_secret", None),
+            getattr(i.transport, "dhchap_ctrl_secret", None),
+        )
+        if s is not None
+    ]
     errors = [scrub(e, secrets) for e in errors]
     out: dict[str, Any] = {
         "connect_s": conn_t,
