@@ -981,7 +981,7 @@ class NvmeOsBrick(OsBrick):
         self.conn.disconnect_volume(self.props(info), device)
 
 
-NVME_SCENARIOS = ((1, 1, 3), (2, 1, 3), (1, 8, 1), (2, 8, 1))
+NVME_SCENARIOS = ((1, 1, 3), (2, 1, 3), (2, 8, 1))
 
 
 def run_nvme_plan(work: Path) -> dict[str, Any]:
