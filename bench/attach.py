@@ -27,7 +27,9 @@ from typing import Any
 from bench.attach_guest import CONTENDERS, pct, scrub
 
 ROOT = Path(__file__).resolve().parents[1]
-GUEST_TIMEOUT = {"full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0}
+GUEST_TIMEOUT = {
+    "full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0, "nvme": 2100.0,
+}  # fmt: skip
 
 
 def host_machine() -> dict[str, Any]:
@@ -286,11 +288,91 @@ def before_section(before: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def nvme_markdown(results: dict[str, Any]) -> str:
+    """The `nvme` plan's report: each transport's contenders against its own floor, then NVMe/TCP beside
+    iSCSI for the same contender and scenario."""
+    m, g = results["machine"], results["guest"]
+    lines = [
+        f"# NVMe/TCP and iSCSI attach/detach, {results['date'][:10]}",
+        "",
+        f"Host: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, kernel {m['kernel']}; load average "
+        f"before {', '.join(f'{x:.2f}' for x in m['load_before'])}, after "
+        f"{', '.join(f'{x:.2f}' for x in m['load_after'])}. Guest: Debian 12 under QEMU **TCG**, "
+        f"{g.get('guest_cpus')} vCPUs, kernel {g.get('kernel')}, {g.get('nvme-cli', 'nvme-cli')}, "
+        f"{g.get('open-iscsi', 'open-iscsi')}. Guest time {results['guest_seconds'] or '-'} s.",
+        "",
+        "One run, the same guest: NVMe/TCP against the kernel target (nvmet, ports 127.0.0.1:4420 and "
+        "127.0.0.2:4420, no DH-HMAC-CHAP: the guest kernel has none), then iSCSI against tgtd (portals "
+        "127.0.0.1:3260 and 127.0.0.2:3260, CHAP); 32 MiB file volumes made and exported by "
+        "blockwire-storage. floor = the raw tools (`nvme connect` / `iscsiadm`), bw-lib = the connector as "
+        "a library, bw-e2e = AttachVolume with the libvirt hot-plug. Seconds; 1 volume: per-operation p50, "
+        "8 volumes: wall time of the batch (all at once).",
+        "",
+        "| transport | paths | volumes | contender | reps | connect p50 | detach p50 | connect / floor "
+        "| detach / floor | leftovers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for t, rows in results["transports"].items():
+        for r in rows:
+            c = r["connect"] if r["volumes"] == 1 else r["connect_wall"]
+            d = r["disconnect"] if r["volumes"] == 1 else r["disconnect_wall"]
+            lines.append(
+                f"| {t} | {r['paths']} | {r['volumes']} | {r['contender']} | {r['reps']} | {c['p50']} "
+                f"| {d['p50']} | {fmt(r.get('connect_vs_floor'))} | {fmt(r.get('disconnect_vs_floor'))} "
+                f"| {r['leftovers']} |"
+            )
+    lines += [
+        "",
+        "NVMe/TCP beside iSCSI (p50, NVMe/TCP / iSCSI):",
+        "",
+        "| paths | volumes | contender | connect NVMe/TCP | connect iSCSI | ratio | detach NVMe/TCP "
+        "| detach iSCSI | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    iscsi = {(r["paths"], r["volumes"], r["contender"]): r for r in results["transports"].get("iscsi", [])}
+    for r in results["transports"].get("nvme-tcp", []):
+        i = iscsi.get((r["paths"], r["volumes"], r["contender"]))
+        if i is None:
+            continue
+        key = "connect" if r["volumes"] == 1 else "connect_wall"
+        dkey = "disconnect" if r["volumes"] == 1 else "disconnect_wall"
+        lines.append(
+            f"| {r['paths']} | {r['volumes']} | {r['contender']} | {r[key]['p50']} | {i[key]['p50']} "
+            f"| {fmt(_ratio(r[key]['p50'], i[key]['p50']))} | {r[dkey]['p50']} | {i[dkey]['p50']} "
+            f"| {fmt(_ratio(r[dkey]['p50'], i[dkey]['p50']))} |"
+        )
+    errors = [(t, r["contender"], r["paths"], r["volumes"], e)
+              for t, rows in results["transports"].items() for r in rows for e in r["errors"]]  # fmt: skip
+    if errors:
+        lines += ["", "Errors:", ""] + [f"* {t} {c} {p}-path x{n}: {e}" for t, c, p, n, e in errors[:20]]
+    for note in results.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
 def write(
     raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str], before: dict[str, Any] | None
 ) -> Path:
     date = datetime.now(UTC)
     scrub_raw(raw)
+    if any("transport" in r for r in raw.get("scenarios", [])):
+        by_t: dict[str, list[dict[str, Any]]] = {}
+        for r in raw["scenarios"]:
+            by_t.setdefault(r.get("transport", "iscsi"), []).append(r)
+        results = {
+            "date": date.isoformat(timespec="seconds"),
+            "machine": machine,
+            "guest": raw.get("versions", {}),
+            "guest_seconds": raw.get("guest_seconds"),
+            "transports": {t: aggregate({"scenarios": rs}) for t, rs in by_t.items()},
+            "notes": notes,
+            "raw": raw,
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / f"attach-nvme-{date:%Y-%m-%d}"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(nvme_markdown(results))
+        return stem
     if before:
         scrub_raw(before)
     results = {

@@ -18,6 +18,17 @@ Contenders:
   bw-lib     hostagent.connectors.iscsi.IscsiConnector connect / disconnect as a library call.
   bw-e2e     AttachVolume / DetachVolume over gRPC to the blockwire-agent daemon, hot-plugging into a
              no-OS type='qemu' libvirt domain with virtio-scsi (connection info given: no export step).
+
+The `nvme` plan measures NVMe/TCP beside iSCSI in the same run: blockwire-storage with the `nvmet`
+exporter (the kernel target, ports 127.0.0.1:4420 and 127.0.0.2:4420), volumes exported once to this
+host's NQN; contenders `floor` (raw `nvme connect` per port, in parallel, argv from
+hostagent.tools.nvme, then a wait for the namespace head; detach `nvme disconnect -n NQN` and a wait for
+the subsystem to go), `bw-lib` (hostagent.connectors.nvme.NvmeConnector) and `bw-e2e` (AttachVolume).
+Then the iSCSI contenders (floor, bw-lib, bw-e2e) on the same scenarios, for the side-by-side table.
+`os-brick` is os-brick's NVMeOFConnector (new-format properties: target_nqn, portals, vol_uuid,
+volume_nguid, ns_id, host_nqn; native multipath), in-process as root like its iSCSI connector. Its
+disconnect_volume leaves the controllers connected by design ("disconnect of volumes happens on storage
+system side"): those count as its leftovers, and the harness disconnects them before the next contender.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import os
 import re
 import shutil
 import statistics
+import subprocess
 import threading
 import time
 import traceback
@@ -649,7 +661,16 @@ def batch(contender: Any, infos: list[Any], rec: Recorder | None) -> dict[str, A
     with ThreadPoolExecutor(n) as pool:
         list(pool.map(one_disconnect, range(n)))
     disconnect_wall = now() - t1
-    secrets = [i.transport.chap.password.reveal() for i in infos if i.transport.chap is not None]
+    secrets = [  # CHAP (iSCSI) and DH-HMAC-CHAP (NVMe) secrets, scrubbed from error texts
+        s.reveal()
+        for i in infos
+        for s in (
+            getattr(getattr(i.transport, "chap", None), "password", None),
+            getattr(i.transport, "dhchap_host_secret", None),
+            getattr(i.transport, "dhchap_ctrl_secret", None),
+        )
+        if s is not None
+    ]
     errors = [scrub(e, secrets) for e in errors]
     out: dict[str, Any] = {
         "connect_s": conn_t,
@@ -741,6 +762,283 @@ def run_plan(plan: Plan, work: Path, tgtd: Tgtd | None = None) -> dict[str, Any]
     return results
 
 
+# --- NVMe/TCP (the `nvme` plan) ------------------------------------------------------------------------
+
+NVME_PORTALS = ("127.0.0.1:4420", "127.0.0.2:4420")
+
+
+def nvme_leftovers(env: Env, contender: str) -> dict[str, list[str]]:
+    from tests.guest.inside import nvmet  # noqa: PLC0415
+
+    kernel.settle()
+    found = nvmet.host_leftovers()
+    if contender == "bw-e2e" and dom_disks(env):
+        found["domain disks"] = [f"{dom_disks(env)} disk(s) in {env.domain}"]
+    return found
+
+
+def libvirtd_up(started: Started, tries: int = 4) -> None:
+    """`ensure_libvirtd`, asked again when its first `virsh version` times out: libvirtd still starting in
+    a guest that shares the host's 2 cores with other guests (bounded: `tries` times)."""
+    for attempt in range(tries):
+        try:
+            ensure_libvirtd(started)
+            return
+        except subprocess.TimeoutExpired:
+            if attempt == tries - 1:
+                raise
+            progress(f"bench: libvirtd does not answer yet (attempt {attempt + 1})")
+
+
+@contextlib.contextmanager
+def nvme_environment(work: Path, volumes: int) -> Iterator[Env]:
+    """blockwire-storage (file backend, nvmet exporter on NVME_PORTALS) with `volumes` volumes exported
+    to this host's NQN; libvirtd with a running no-OS domain and blockwire-agent."""
+    import libvirt  # noqa: PLC0415
+
+    from blockwire import convert  # noqa: PLC0415
+    from blockwire.client import HostAgentClient, StorageClient  # noqa: PLC0415
+
+    with contextlib.ExitStack() as stack:
+        vols = Path("/var/tmp/attach-bench-nvme")
+        shutil.rmtree(vols, ignore_errors=True)
+        vols.mkdir(parents=True)
+        stack.callback(shutil.rmtree, vols, True)
+        ssock, asock = work / "storage-nvme.sock", work / "agent-nvme.sock"
+        portals = ", ".join(f'"{p}"' for p in NVME_PORTALS)
+        (work / "storage-nvme.toml").write_text(
+            f'[server]\nunix_socket = "{ssock}"\nlog_format = "kv"\nlog_level = "INFO"\n'
+            f'[service]\ncatalog_path = "{work}/catalog-nvme.db"\n'
+            'iqn_prefix = "iqn.2026-01.io.blockwire.bn"\n'
+            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{vols}"\nexporter = "nvmet"\n'
+            f'[exporters.nvmet]\nkind = "nvmet"\nportals = [{portals}]\n'
+            f'nqn_prefix = "nqn.2026-01.io.blockwire.bench"\ndhchap = false\n'
+            f'dhchap_key_file = "{work}/dhchap.key"\n'
+        )
+        storage = Daemon.storage(work / "storage-nvme.toml", ssock, **DAEMON).start()
+        stack.callback(storage.stop)
+        sc = StorageClient(f"unix://{ssock}")
+        stack.callback(sc.close)
+        env = Env(work, None, storage, None, sc, None, "", None)  # type: ignore[arg-type]
+        started = Started()
+        libvirtd_up(started)
+        stack.callback(started.stop)
+        (work / "agent-nvme.toml").write_text(
+            f'state_dir = "{work}/agent-nvme-state"\nstorage_address = "unix://{ssock}"\n'
+            f'iscsi_mode = "kernel"\nlisten_unix = "{asock}"\nlog_level = "INFO"\n'
+            "reconcile_on_start = false\n"
+        )
+        env.agent = Daemon.agent(work / "agent-nvme.toml", asock, **DAEMON).start()
+        stack.callback(env.agent.stop)
+        env.agent_client = HostAgentClient(f"unix://{asock}")
+        stack.callback(env.agent_client.close)
+        env.virt = libvirt.open("qemu:///system")
+        stack.callback(env.virt.close)
+        env.domain = f"bw-bench-{uuid.uuid4().hex[:6]}"
+        dom = env.virt.createXML(domain_xml(env.domain, virt_type="qemu"), 0)
+
+        def destroy() -> None:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+
+        stack.callback(destroy)
+        connector = env.agent_client.get_connector()
+
+        def cleanup_volumes() -> None:
+            for att in env.attachments:
+                with contextlib.suppress(Exception):
+                    sc.delete_attachment(att, timeout=60)
+            for vid in env.volumes:
+                with contextlib.suppress(Exception):
+                    sc.delete_volume(vid, timeout=60)
+
+        stack.callback(cleanup_volumes)
+        for i in range(volumes):
+            vol = sc.create_volume(f"nbench{i:02d}", VOLUME_MIB * MIB, timeout=60)
+            env.volumes.append(vol.id)
+            att = sc.create_attachment(vol.id, connector, timeout=60)
+            env.attachments.append(att.id)
+            env.infos.append(convert.connection_info_from_pb(att.connection_info))
+        yield env
+
+
+def nvme_single_path(info: Any) -> Any:
+    return replace(info, transport=replace(info.transport, portals=info.transport.portals[:1]))
+
+
+def nvme_head(nqn: str, nsid: int) -> str:
+    """The namespace head nvmeKnM of subsystem `nqn` with namespace id `nsid`, "" while there is none."""
+    for sub in Path("/sys/class/nvme-subsystem").glob("nvme-subsys*"):
+        with contextlib.suppress(OSError):
+            if (sub / "subsysnqn").read_text().strip() != nqn:
+                continue
+            for ns in sub.glob("nvme*n*"):
+                if (Path("/sys/block") / ns.name / "nsid").read_text().strip() == str(nsid):
+                    return ns.name
+    return ""
+
+
+def nvme_subsystem_there(nqn: str) -> bool:
+    for sub in Path("/sys/class/nvme-subsystem").glob("nvme-subsys*"):
+        with contextlib.suppress(OSError):
+            if (sub / "subsysnqn").read_text().strip() == nqn:
+                return True
+    return False
+
+
+class NvmeFloor:
+    """Only what the raw tools need: `nvme connect` per port (in parallel), the head's block device in
+    /dev; `nvme disconnect -n NQN`, the subsystem gone. No identity check, no reuse of a controller."""
+
+    name = "floor"
+
+    def __init__(self, host_nqn: str, host_id: str) -> None:
+        self.host_nqn, self.host_id = host_nqn, host_id
+
+    def connect(self, info: Any) -> Any:
+        from hostagent.tools.nvme import connect_argv, split_portal  # noqa: PLC0415
+
+        t = info.transport
+
+        def one(p: Any) -> None:
+            traddr, trsvcid = split_portal(p.address)
+            argv = connect_argv(subsystem_nqn=t.subsystem_nqn, traddr=traddr, trsvcid=trsvcid,
+                                host_nqn=t.host_nqn or self.host_nqn, host_id=self.host_id)  # fmt: skip
+            run([str(a) for a in argv], timeout=120)
+
+        if len(t.portals) == 1:
+            one(t.portals[0])
+        else:
+            with ThreadPoolExecutor(len(t.portals)) as pool:
+                for f in [pool.submit(one, p) for p in t.portals]:
+                    f.result()
+        wait_until("namespace head", lambda: bool(nvme_head(t.subsystem_nqn, t.namespace_id or 1)), 60, 0.01)
+        head = nvme_head(t.subsystem_nqn, t.namespace_id or 1)
+        wait_until("head in /dev", Path(f"/dev/{head}").exists, 60, 0.01)
+        return f"/dev/{head}"
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        nqn = info.transport.subsystem_nqn
+        run(["nvme", "disconnect", "-n", nqn], timeout=120)
+        wait_until("subsystem gone", lambda: not nvme_subsystem_there(nqn), 60, 0.01)
+
+
+class NvmeBwLib:
+    """hostagent's NVMe/TCP connector as a library, its udev waiter timed."""
+
+    name = "bw-lib"
+
+    def __init__(self, rec: Recorder, host_nqn: str, host_id: str) -> None:
+        from blockwire.runtime.clock import SystemClock  # noqa: PLC0415
+        from hostagent.connectors.nvme import NvmeConnector  # noqa: PLC0415
+        from hostagent.host.nvme import DevFabrics, NvmeHost  # noqa: PLC0415
+        from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
+        from hostagent.host.sysfs import Sysfs  # noqa: PLC0415
+        from hostagent.host.udev import PyudevWaiter  # noqa: PLC0415
+
+        sysfs = Sysfs("/sys")
+        self.conn = NvmeConnector(
+            NvmeHost(sysfs), DevFabrics(), TimedUdev(PyudevWaiter(), rec), SystemClock(),
+            openers=ProcOpeners(sysfs), host_nqn=host_nqn, host_id=host_id, device_timeout=60,
+        )  # fmt: skip
+
+    def connect(self, info: Any) -> Any:
+        return self.conn.connect(info)
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.conn.disconnect(info)
+
+
+class NvmeOsBrick(OsBrick):
+    """os-brick 7.1.1's NVMeOFConnector, set up like `OsBrick` (privsep in direct mode)."""
+
+    name = "os-brick"
+
+    def __init__(self, lock_dir: Path) -> None:
+        super().__init__(True, lock_dir)  # oslo config and privsep, once
+        from os_brick.initiator import connector  # noqa: PLC0415
+
+        self.conn = connector.InitiatorConnector.factory("NVMEOF", "sudo", use_multipath=True)
+
+    @staticmethod
+    def props(info: Any) -> dict[str, Any]:
+        from hostagent.tools.nvme import split_portal  # noqa: PLC0415
+
+        t = info.transport
+        return {
+            "target_nqn": t.subsystem_nqn,
+            "vol_uuid": t.namespace_uuid or None,
+            "volume_nguid": t.namespace_nguid or None,
+            "ns_id": t.namespace_id or None,
+            "host_nqn": t.host_nqn or None,
+            "portals": [(*split_portal(p.address), "tcp") for p in t.portals],
+        }
+
+    def connect(self, info: Any) -> Any:
+        return self.conn.connect_volume(self.props(info))
+
+    def disconnect(self, info: Any, device: Any) -> None:
+        self.conn.disconnect_volume(self.props(info), device)
+
+
+NVME_SCENARIOS = ((1, 1, 3), (2, 1, 3), (2, 8, 1))
+
+
+def run_nvme_plan(work: Path) -> dict[str, Any]:
+    """NVMe/TCP contenders, then the iSCSI ones on the same scenarios: one run, side by side."""
+    results: dict[str, Any] = {"scenarios": [], "versions": versions()}
+    rec = Recorder()
+    max_n = max(n for _, n, _ in NVME_SCENARIOS)
+    with nvme_environment(work, max_n) as env:
+        connector = env.agent_client.get_connector()
+        results["versions"]["nvme-cli"] = run(["nvme", "version"]).stdout.splitlines()[0]
+        for paths, n, reps in NVME_SCENARIOS:
+            infos = [i if paths == 2 else nvme_single_path(i) for i in env.infos[:n]]
+            for name in ("floor", "os-brick", "bw-lib", "bw-e2e"):
+                if name == "floor":
+                    contender: Any = NvmeFloor(connector.nvme_host_nqn, connector.nvme_host_id)
+                elif name == "os-brick":
+                    try:
+                        contender = NvmeOsBrick(work / "locks")
+                    except Exception as exc:  # not installable here: said in the results, not fatal
+                        results.setdefault("os_brick_error", f"{type(exc).__name__}: {exc}"[:300])
+                        continue
+                elif name == "bw-lib":
+                    contender = NvmeBwLib(rec, connector.nvme_host_nqn, connector.nvme_host_id)
+                else:
+                    contender = BwE2e(env)
+                progress(f"bench: nvme {paths} path(s) x {n} volume(s): {name} x {reps}")
+                for rep in range(reps):
+                    t_wall = time.time()
+                    r = batch(contender, infos, rec if name == "bw-lib" else None)
+                    left = nvme_leftovers(env, name)
+                    if left:
+                        from tests.guest.inside import nvmet  # noqa: PLC0415
+
+                        if name == "bw-e2e":
+                            with contextlib.suppress(Exception):
+                                for i in infos:
+                                    env.agent_client.detach_volume(env.domain, i.volume_id, force=True)
+                        nvmet.disconnect_all()
+                    r.update(
+                        transport="nvme-tcp", contender=name, paths=paths, volumes=n, rep=rep, leftovers=left
+                    )
+                    if name == "bw-e2e" and n == 1:
+                        r["events"] = e2e_steps(env, {i.volume_id for i in infos}, t_wall)
+                    progress(
+                        f"bench:   rep {rep}: connect {r['connect_wall_s']:.2f}s disconnect "
+                        f"{r['disconnect_wall_s']:.2f}s errors {len(r['errors'])} leftovers {left}"
+                    )
+                    results["scenarios"].append(r)
+                    (RESULTS / "attach-partial.json").write_text(json.dumps(results) + "\n")
+    iscsi = run_plan(Plan(scenarios=NVME_SCENARIOS, contenders=("floor", "bw-lib", "bw-e2e")), work)
+    for r in iscsi["scenarios"]:
+        r["transport"] = "iscsi"
+    results["scenarios"] += iscsi["scenarios"]
+    results["versions"].update(iscsi["versions"])
+    return results
+
+
 def versions() -> dict[str, str]:
     out = {"kernel": os.uname().release}
     for mod in ("os_brick", "oslo_privsep"):
@@ -762,10 +1060,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_and_write(plan: Plan, work: Path, name: str, tgtd: Tgtd | None = None) -> dict[str, Any]:
+def run_and_write(plan: Plan | None, work: Path, name: str, tgtd: Tgtd | None = None) -> dict[str, Any]:
+    """`plan` None: the `nvme` plan (`run_nvme_plan`)."""
     started = time.time()
     try:
-        results = run_plan(plan, work, tgtd)
+        results = run_plan(plan, work, tgtd) if plan is not None else run_nvme_plan(work)
     except BaseException:
         (RESULTS / f"{name}.error.txt").write_text(traceback.format_exc())
         raise
@@ -774,7 +1073,9 @@ def run_and_write(plan: Plan, work: Path, name: str, tgtd: Tgtd | None = None) -
     return results
 
 
-PLANS = {"full": FULL, "quick": QUICK, "scale": SCALE, "single": SINGLE, "smoke": SMOKE}
+PLANS: dict[str, Plan | None] = {
+    "full": FULL, "quick": QUICK, "scale": SCALE, "single": SINGLE, "smoke": SMOKE, "nvme": None,
+}  # fmt: skip
 
 
 @pytest.mark.timeout(2400)

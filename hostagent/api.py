@@ -38,6 +38,7 @@ from blockwire.model import (
     Connector,
     IoTune,
     LocalConnection,
+    NvmeofConnection,
     RbdConnection,
     Transport,
 )
@@ -160,8 +161,12 @@ def require_identity(info: ConnectionInfo, allow_unverified: bool) -> None:
         return
     if isinstance(info.transport, RbdConnection) and info.transport.image_id:
         return  # an RBD image's identity is its id (the RBD connectors verify it)
+    t = info.transport
+    if isinstance(t, NvmeofConnection) and (t.namespace_nguid or t.namespace_uuid):
+        return
     raise FailedPrecondition(
-        f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial), "
+        f"the connection info of volume {info.volume_id} announces no identity (neither wwn nor serial, nor "
+        "an NVMe namespace NGUID or UUID, nor an RBD image id), "
         "so the device it reaches cannot be checked; give the volume's wwn, or set "
         "allow_unverified_identity for this call"
     )
@@ -443,8 +448,10 @@ class HostAgent:
         logical = disk.logical_block_size or (
             info.logical_block_size if info.logical_block_size != 512 else 0
         )
-        physical = disk.physical_block_size or (
-            info.physical_block_size if info.physical_block_size not in (512, logical) else 0
+        # QEMU refuses a physical block size below the logical one, and takes 512 when none is given: a
+        # 4096-byte logical size (nvmet on a 4 KiB file system) needs its physical size written too.
+        physical = disk.physical_block_size or max(
+            info.physical_block_size if info.physical_block_size != 512 else 0, logical
         )
         return DiskSpec(
             source=source,
@@ -867,7 +874,9 @@ class HostAgent:
                 raise NotFound(f"volume {volume_id} is not attached on this host")
             size = 0
             for a in records:
-                size = self._connector_for(a.connection_info, a.connector_kind).extend(a.connection_info)
+                # the size storage says the volume has now, for connectors that wait for it (NVMe/TCP)
+                info = replace(a.connection_info, size_bytes=new_size_bytes or a.connection_info.size_bytes)
+                size = self._connector_for(a.connection_info, a.connector_kind).extend(info)
                 if new_size_bytes and size < new_size_bytes:
                     raise FailedPrecondition(
                         f"the host still sees {size} bytes for volume {volume_id}, not {new_size_bytes}; "

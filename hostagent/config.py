@@ -81,6 +81,13 @@ class AgentConfig:
     rbd_timeout: float = 15.0
     detach_timeout: float = 30.0
     login_timeout: float = 30.0
+    # NVMe/TCP controller loss policy (README "NVMe/TCP"): seconds the kernel keeps reconnecting a lost
+    # controller before it deletes it (-1: forever), seconds between reconnects, seconds after which I/O
+    # on a lost path fails instead of waiting (-1: I/O waits until ctrl_loss_tmo; native multipath sends
+    # it to another live path meanwhile)
+    nvme_ctrl_loss_tmo: int = 1800
+    nvme_reconnect_delay: int = 2
+    nvme_fast_io_fail_tmo: int = -1
     path_check_interval: float = 5.0  # seconds between kernel iSCSI session checks; 0 disables them
     sysfs_root: str = "/sys"
     initiator_file: str = "/etc/iscsi/initiatorname.iscsi"
@@ -118,6 +125,7 @@ class AgentConfig:
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be positive")
+        self._check_nvme()
         if not self.path_check_interval >= 0:
             raise InvalidArgument("path_check_interval", "seconds, 0 or more (0 disables the checks)")
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
@@ -134,6 +142,16 @@ class AgentConfig:
             split_portal(self.metrics.listen, "metrics.listen")
         if self.tracing.check():
             raise InvalidArgument("tracing.exporter", self.tracing.check())
+
+    def _check_nvme(self) -> None:
+        if self.nvme_ctrl_loss_tmo < -1 or self.nvme_ctrl_loss_tmo == 0:
+            raise InvalidArgument("nvme_ctrl_loss_tmo", "seconds, at least 1, or -1 for forever")
+        if self.nvme_reconnect_delay < 1:
+            raise InvalidArgument("nvme_reconnect_delay", "seconds, at least 1")
+        if self.nvme_fast_io_fail_tmo < -1:
+            raise InvalidArgument("nvme_fast_io_fail_tmo", "seconds, 0 or more, or -1 for off")
+        if -1 < self.nvme_ctrl_loss_tmo < self.nvme_reconnect_delay:
+            raise InvalidArgument("nvme_ctrl_loss_tmo", "must be at least nvme_reconnect_delay")
 
 
 def config_from_mapping(data: dict[str, Any]) -> AgentConfig:

@@ -98,6 +98,11 @@ def kernel_iscsi_available(sysfs: Sysfs) -> bool:
     return sysfs.exists("module/iscsi_tcp") or sysfs.exists("class/iscsi_transport")
 
 
+def nvme_tcp_available(sysfs: Sysfs) -> bool:
+    """The kernel has the NVMe/TCP host driver (nvme-tcp loaded or built in) and its fabrics device."""
+    return sysfs.exists("module/nvme_tcp") and sysfs.exists("class/nvme-fabrics")
+
+
 def host_ips() -> tuple[str, ...]:
     ips: set[str] = set()
     try:
@@ -136,6 +141,7 @@ def build_connector(
     kernel_iscsi: bool,
     multipath_allowed: bool = True,
     rbd: bool = False,
+    nvme_tcp: bool = False,
 ) -> Connector:
     wwpns, wwnns = fc_ports(sysfs)
     nqn, hostid = host_nqn(files)
@@ -144,6 +150,8 @@ def build_connector(
         transports.append(Transport.FC)
     if rbd:
         transports.append(Transport.RBD)
+    if nvme_tcp:
+        transports.append(Transport.NVME_TCP)
     transports.append(Transport.LOCAL)
     return Connector(
         host=socket.gethostname(),

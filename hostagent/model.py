@@ -19,6 +19,7 @@ class ConnectorKind(enum.Enum):
     LOCAL = "local"
     RBD_QEMU = "rbd-qemu"
     RBD_KERNEL = "rbd-kernel"
+    NVME_TCP = "nvme-tcp"  # the kernel's NVMe/TCP host driver (hostagent.connectors.nvme)
 
 
 @dataclass(frozen=True)

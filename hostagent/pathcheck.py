@@ -15,6 +15,12 @@ the whole login timeout at every round; reconcile at start and a new attach deal
 * a FAILED session is left to iscsid's own recovery for one interval; still FAILED after that, it is
   logged out and that path logged in again (`relogin_paths`), one path at a time.
 
+NVMe/TCP attachments (ConnectorKind.NVME_TCP) are watched too, with less to do: the kernel reconnects a
+lost controller by itself (every reconnect_delay, until ctrl_loss_tmo), so a controller that is not
+`live` (connecting, resetting) only gets PATH_DOWN, and PATH_UP when it is live again; a port whose
+controller is gone (the kernel gave up, or it was deleted) after it was seen is connected again
+(`restore_paths`), that port only.
+
 Each repair takes the volume's lock (a call in flight on it: skipped until the next round) and the
 connector's per-target locks; the multipath map and the healthy paths are never touched. An interval of
 0 disables it; `stop()` ends the thread within a bound.
@@ -27,11 +33,12 @@ from collections.abc import Collection
 from typing import Protocol, runtime_checkable
 
 from blockwire.errors import BlockwireError
-from blockwire.model import ConnectionInfo, IscsiConnection
+from blockwire.model import ConnectionInfo, IscsiConnection, NvmeofConnection
 from blockwire.runtime.clock import Clock
 from blockwire.runtime.periodic import Periodic, Waiter, event_wait
 from hostagent.api import HostAgent, PathRestorer
 from hostagent.host.iscsi_sessions import kernel_sessions
+from hostagent.host.nvme import NvmeHost
 from hostagent.host.sysfs import Sysfs
 from hostagent.model import AttachmentState, ConnectorKind, EventType, JournalRecord
 
@@ -111,23 +118,80 @@ class PathSupervisor:
                     failed.append(p.portal)
             if gone or failed:
                 added += self._repair(a, gone, failed)
+        added += self._check_nvme(watched)
         for key in set(self._down) - watched:  # detached meanwhile
             del self._down[key]
         self._seen_up &= watched
         return added
 
-    def _down_since(self, a: JournalRecord, key: tuple[str, str, str], state: str) -> float:
+    def _check_nvme(self, watched: set[tuple[str, str, str]]) -> list[str]:
+        """The NVMe/TCP round: events for controllers not live; a port whose controller is gone after it
+        was seen is connected again."""
+        records = [
+            a for a in self.agent.journal.all()
+            if a.state is AttachmentState.ATTACHED and a.connector_kind is ConnectorKind.NVME_TCP
+        ]  # fmt: skip
+        if not records:
+            return []
+        states = {
+            (c.subsysnqn, f"{c.traddr}:{c.trsvcid}"): c.state for c in NvmeHost(self.sysfs).controllers()
+        }
+        added: list[str] = []
+        for a in records:
+            t = a.connection_info.transport
+            if not isinstance(t, NvmeofConnection):
+                continue
+            gone = False
+            for p in t.portals:
+                key = (a.volume_id, a.domain, p.address)
+                watched.add(key)
+                state = states.get((t.subsystem_nqn, p.address))
+                if state == "live":
+                    self._seen_up.add(key)
+                    self._up(a, key, "NVMe controller live")
+                    continue
+                if state is not None:
+                    self._seen_up.add(key)  # it exists: it was connected
+                if key not in self._seen_up:
+                    continue
+                self._down_since(a, key, state or "gone", "NVMe controller")
+                gone = gone or state is None
+            if gone:
+                added += self._restore_nvme(a)
+        return added
+
+    def _restore_nvme(self, a: JournalRecord) -> list[str]:
+        conn = self.agent.connector_of_kind(ConnectorKind.NVME_TCP)
+        if not isinstance(conn, PathRestorer):
+            return []
+        try:
+            with self.agent.hold_volume(a.volume_id):
+                current = self.agent.journal.get(a.volume_id, a.domain)
+                if current is None or current.state is not AttachmentState.ATTACHED:
+                    return []
+                log.warning("%s@%s: connecting the ports whose controller is gone", a.volume_id, a.domain)
+                return conn.restore_paths(current.connection_info)
+        except BlockwireError as exc:
+            log.warning("%s@%s: restoring paths failed (next round in %.1fs): %s",
+                        a.volume_id, a.domain, self.interval, exc.message)  # fmt: skip
+            return []
+
+    def _down_since(
+        self, a: JournalRecord, key: tuple[str, str, str], state: str, what: str = "iSCSI session"
+    ) -> float:
         """When the path was first seen down; PATH_DOWN is published then."""
         if key not in self._down:
             self._down[key] = self.clock.monotonic()
-            log.warning("%s@%s: path %s is down (session %s)", a.volume_id, a.domain, key[2], state)
-            self.agent.emit(EventType.PATH_DOWN, a, path=key[2], message=f"iSCSI session {state}")
+            log.warning("%s@%s: path %s is down (%s %s)", a.volume_id, a.domain, key[2], what, state)
+            self.agent.emit(EventType.PATH_DOWN, a, path=key[2], message=f"{what} {state}")
         return self._down[key]
 
-    def _up(self, a: JournalRecord, key: tuple[str, str, str]) -> None:
+    def _up(
+        self, a: JournalRecord, key: tuple[str, str, str], message: str = "iSCSI session logged in"
+    ) -> None:
         if self._down.pop(key, None) is not None:
             log.info("%s@%s: path %s is up again", a.volume_id, a.domain, key[2])
-            self.agent.emit(EventType.PATH_UP, a, path=key[2], message="iSCSI session logged in")
+            self.agent.emit(EventType.PATH_UP, a, path=key[2], message=message)
 
     def _repair(self, a: JournalRecord, gone: list[str], failed: list[str]) -> list[str]:
         conn = self.agent.connector_of_kind(ConnectorKind.ISCSI_KERNEL)

@@ -11,9 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from blockwire.model import Transport
+from blockwire.model import Connector, Transport
 from blockwire.observability import NO_STEPS, StepObserver, TimedRunner
-from blockwire.runtime.clock import SystemClock
+from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.runtime.executor import Executor, Runner
 from blockwire.runtime.failpoints import Failpoints
 from hostagent.api import HostAgent
@@ -27,7 +27,13 @@ from hostagent.events import EventBus
 from hostagent.host.ceph import RadosProbe
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
-from hostagent.hostinfo import HostFiles, build_connector, kernel_iscsi_available, rbd_available
+from hostagent.hostinfo import (
+    HostFiles,
+    build_connector,
+    kernel_iscsi_available,
+    nvme_tcp_available,
+    rbd_available,
+)
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
@@ -70,8 +76,14 @@ def build_agent(
     kernel = use_kernel_iscsi(config, sysfs)
     files = HostFiles(str(state), config.initiator_file, config.hostnqn_file, config.hostid_file)
     rbd = rbd_available(sysfs, config.rbd_mode)
+    nvme = nvme_tcp_available(sysfs)
     connector = build_connector(
-        sysfs, files, kernel_iscsi=kernel, multipath_allowed=config.multipath != "never", rbd=rbd
+        sysfs,
+        files,
+        kernel_iscsi=kernel,
+        multipath_allowed=config.multipath != "never",
+        rbd=rbd,
+        nvme_tcp=nvme,
     )
     if config.host_name:
         connector = replace(connector, host=config.host_name)
@@ -137,6 +149,8 @@ def build_agent(
             map_single_path=config.multipath == "always",
         )
         extra = (*extra, qemu_iscsi)  # attachments made before a mode change can still be detached
+    if nvme:
+        connectors[Transport.NVME_TCP] = _nvme_connector(config, connector, sysfs, udev, clock)
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,
@@ -154,11 +168,40 @@ def build_agent(
     return agent, hypervisor
 
 
+def _nvme_connector(
+    config: AgentConfig, connector: Connector, sysfs: Sysfs, udev: UdevWaiter, clock: Clock
+) -> VolumeConnector:
+    """The kernel's NVMe/TCP host driver, with the controller loss policy of the config."""
+    from hostagent.connectors.nvme import NvmeConnector  # noqa: PLC0415 - kernel paths only
+    from hostagent.host.nvme import DevFabrics, NvmeHost  # noqa: PLC0415
+    from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
+    from hostagent.tools.nvme import Timeouts  # noqa: PLC0415
+
+    nvme = NvmeConnector(
+        NvmeHost(sysfs),
+        DevFabrics(),
+        udev,
+        clock,
+        openers=ProcOpeners(sysfs),
+        host_nqn=connector.nvme_host_nqn,
+        host_id=connector.nvme_host_id,
+        timeouts=Timeouts(
+            ctrl_loss_tmo=config.nvme_ctrl_loss_tmo,
+            reconnect_delay=config.nvme_reconnect_delay,
+            fast_io_fail_tmo=config.nvme_fast_io_fail_tmo,
+        ),
+        device_timeout=config.device_timeout,
+    )
+    log.info("NVMe/TCP through the kernel's host driver (host NQN %s)", connector.nvme_host_nqn)
+    return nvme
+
+
 def build_path_supervisor(config: AgentConfig, agent: HostAgent) -> PathSupervisor | None:
-    """The kernel iSCSI session supervisor (hostagent.pathcheck), when the agent uses the kernel initiator;
+    """The path supervisor (hostagent.pathcheck), when the agent uses the kernel iSCSI initiator or NVMe/TCP;
     start it after `reconcile()`, stop it before the agent goes."""
     from hostagent.pathcheck import PathSupervisor  # noqa: PLC0415 - kernel paths only
 
-    if agent.connector_of_kind(ConnectorKind.ISCSI_KERNEL) is None:
+    kinds = (ConnectorKind.ISCSI_KERNEL, ConnectorKind.NVME_TCP)
+    if all(agent.connector_of_kind(k) is None for k in kinds):
         return None
     return PathSupervisor(agent, Sysfs(config.sysfs_root), SystemClock(), config.path_check_interval)

@@ -29,6 +29,7 @@ def test_the_values_are_the_strings_the_journal_stores() -> None:
         "local",
         "rbd-qemu",
         "rbd-kernel",
+        "nvme-tcp",
     ]
 
 

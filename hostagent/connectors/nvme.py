@@ -1,0 +1,472 @@
+"""NVMe over TCP through the kernel's host driver, with native NVMe multipath.
+
+connect: one controller per announced portal (host NQN and host id of this host, or the host NQN storage
+announced; DH-HMAC-CHAP secrets written with the options to /dev/nvme-fabrics, never on an argv:
+`hostagent.tools.nvme`), made in parallel; a live (or reconnecting) controller to the same subsystem,
+address and host NQN is reused, never connected twice (the kernel's EALREADY, ceph-csi#5808's "already
+connected"); then a udev wait, with a deadline, for the namespace head; then the identity check: the
+namespace's NGUID and UUID must be those storage announced (each one announced), or the connect is
+refused (IdentityMismatch) and what it made is removed. With native multipath (nvme_core multipath=Y,
+the Debian default) the head /dev/nvmeKnM is one device over every path; without it a volume is
+reached over its first path (dm-multipath over NVMe is not done).
+
+disconnect: the volume's controllers (its subsystem, portals and host NQN) are deleted only when no
+other namespace hangs on them: a namespace with another identity in the subsystem (another volume of
+a per-host subsystem, or the namespace reused) keeps them, and itself, untouched. A namespace head that
+something holds open (QEMU, a mount; `Openers`) is FAILED_PRECONDITION naming the holder unless forced
+(the agent checks the running domains first; force overrides "open", never "not this volume's").
+Nothing is left: no controller, so no path device, head or subsystem. Idempotent.
+
+The controller loss policy (ctrl_loss_tmo, reconnect_delay, fast_io_fail_tmo) is the agent's config
+(`Timeouts`; README "NVMe/TCP" says why its defaults differ from the kernel's, os-brick's and
+ceph-csi's). The kernel reconnects a lost path by itself within that policy; a controller it gave up on
+is gone from sysfs, and `restore_paths` (reconcile) connects that portal again.
+
+All work on one subsystem (for one host NQN) is serialized by a lock of that subsystem: a disconnect
+can never delete controllers that a concurrent connect of another namespace of the same subsystem has
+just found and reuses. Different subsystems proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from blockwire.errors import (
+    BlockwireError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    IdentityMismatch,
+    InvalidArgument,
+    Unavailable,
+)
+from blockwire.model import ConnectionInfo, NvmeofConnection, NvmeofPortal
+from blockwire.runtime.clock import Clock, Deadline
+from blockwire.runtime.locks import KeyedLocks
+from blockwire.validate import validate_connection_info
+from hostagent.connectors.base import wait_device
+from hostagent.host.nvme import NAMESPACE_RE, Controller, Fabrics, Namespace, NvmeHost, normal_id
+from hostagent.host.openers import Openers
+from hostagent.host.udev import UdevDevice, UdevWaiter
+from hostagent.model import ConnectorKind, HostDevice
+from hostagent.tools.nvme import (
+    Timeouts,
+    connect_error,
+    fabrics_options,
+    parse_connect_answer,
+    render_options,
+    split_portal,
+)
+
+log = logging.getLogger(__name__)
+
+GONE_STATES = ("deleting", "deleting (no IO)", "dead")  # a controller on its way out: not reused
+USERS_GRACE = 3.0  # seconds a holder of the head gets to let go (QEMU's blockdev-del after an unplug)
+USERS_RETRY = 0.2
+EXTEND_WAIT = 10.0  # seconds an extend waits for the kernel's rescan to show a new size
+
+
+def nvme_of(info: ConnectionInfo) -> NvmeofConnection:
+    t = info.transport
+    if not isinstance(t, NvmeofConnection):
+        raise InvalidArgument("connection_info", "the NVMe connector needs an nvmeof transport")
+    return t
+
+
+def announced_ids(info: ConnectionInfo) -> dict[str, str]:
+    """The identity storage announced: {"nguid": ..., "uuid": ...} (normal form), each only if given.
+    `info.wwn`, when set, is compared with the NGUID (storage's WWN of an NVMe volume is its NGUID)."""
+    t = nvme_of(info)
+    ids = {}
+    if t.namespace_nguid:
+        ids["nguid"] = normal_id(t.namespace_nguid)
+    elif info.wwn:
+        ids["nguid"] = normal_id(info.wwn)
+    if t.namespace_uuid:
+        ids["uuid"] = normal_id(t.namespace_uuid)
+    return ids
+
+
+def is_volume(ns: Namespace, info: ConnectionInfo) -> bool:
+    """Whether `ns` is the announced namespace: every announced identity equal; with none announced
+    (allow_unverified_identity), the announced namespace id."""
+    ids = announced_ids(info)
+    if ids:
+        return all(getattr(ns, k) == v for k, v in ids.items())
+    nsid = nvme_of(info).namespace_id
+    return bool(nsid) and ns.nsid == nsid
+
+
+@dataclass(frozen=True)
+class Portal:
+    traddr: str
+    trsvcid: str
+
+    @classmethod
+    def of(cls, p: NvmeofPortal) -> Portal:
+        return cls(*split_portal(p.address))
+
+    def __str__(self) -> str:
+        return f"{self.traddr}:{self.trsvcid}"
+
+
+class NvmeConnector:
+    kind = ConnectorKind.NVME_TCP
+
+    def __init__(
+        self,
+        host: NvmeHost,
+        fabrics: Fabrics,
+        udev: UdevWaiter,
+        clock: Clock,
+        *,
+        openers: Openers,
+        host_nqn: str,
+        host_id: str,
+        timeouts: Timeouts | None = None,
+        device_timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.fabrics = fabrics
+        self.udev = udev
+        self.clock = clock
+        self.openers = openers
+        self.host_nqn = host_nqn
+        self.host_id = host_id
+        self.timeouts = timeouts or Timeouts()
+        self.device_timeout = device_timeout
+        self._subsystems = KeyedLocks()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def validate(self, info: ConnectionInfo) -> None:
+        t = nvme_of(validate_connection_info(info))
+        for i, p in enumerate(t.portals):
+            if p.transport != "tcp":
+                raise InvalidArgument(
+                    f"connection_info.nvmeof.portals[{i}].transport", "this host connects NVMe over tcp only"
+                )
+
+    def _hostnqn(self, t: NvmeofConnection) -> str:
+        return t.host_nqn or self.host_nqn
+
+    def _lock(self, t: NvmeofConnection) -> AbstractContextManager[None]:
+        return self._subsystems.hold(f"{self._hostnqn(t)}|{t.subsystem_nqn}")
+
+    def _controllers(self, t: NvmeofConnection) -> dict[Portal, Controller]:
+        """The controllers of the volume: its subsystem, one of its portals, this host NQN, not being
+        deleted. The first of each portal."""
+        hostnqn = self._hostnqn(t)
+        portals = {Portal.of(p) for p in t.portals}
+        found: dict[Portal, Controller] = {}
+        for c in self.host.controllers(t.subsystem_nqn):
+            p = Portal(c.traddr, c.trsvcid)
+            if p in portals and c.hostnqn == hostnqn and c.state not in GONE_STATES and p not in found:
+                found[p] = c
+        return found
+
+    def _connect_portal(self, info: ConnectionInfo, p: Portal, made: list[str]) -> Controller:
+        """A controller to `p`: the existing one, or a new one (added to `made`)."""
+        t = nvme_of(info)
+        existing = self._controllers(t).get(p)
+        if existing is not None:
+            log.info(
+                "%s on %s: reusing controller %s (%s)", t.subsystem_nqn, p, existing.name, existing.state
+            )
+            return existing
+        opts = fabrics_options(
+            subsystem_nqn=t.subsystem_nqn,
+            traddr=p.traddr,
+            trsvcid=p.trsvcid,
+            host_nqn=self._hostnqn(t),
+            host_id=self.host_id,
+            timeouts=self.timeouts,
+            dhchap_secret=t.dhchap_host_secret,
+            dhchap_ctrl_secret=t.dhchap_ctrl_secret,
+        )
+        log.debug("connecting: %s", render_options(opts))  # secrets shown as ********
+        try:
+            answer = self.fabrics.connect(render_options(opts, reveal=True))
+        except OSError as exc:
+            err = exc.errno or errno.EIO
+            if err == errno.EALREADY:  # made meanwhile (by another agent or by hand): take it
+                again = self._controllers(t).get(p)
+                if again is not None:
+                    return again
+            raise connect_error(err, f"{t.subsystem_nqn} on {p}") from None
+        instance, _ = parse_connect_answer(answer)
+        name = f"nvme{instance}"
+        made.append(name)
+        c = self.host.controller(name)
+        if c is None:
+            raise Unavailable(f"controller {name} to {t.subsystem_nqn} on {p} went away after the connect")
+        log.info("%s on %s: connected controller %s", t.subsystem_nqn, p, name)
+        return c
+
+    def _wait_namespace(self, info: ConnectionInfo, controllers: list[Controller]) -> Namespace:
+        """The namespace of `info` in the controllers' subsystem, once udev has it. Refuses one at the
+        announced namespace id with another identity."""
+        t = nvme_of(info)
+        subsystem = next((c.subsystem for c in controllers if c.subsystem), "")
+        if not subsystem:
+            subsystem = next((s for c in controllers if (s := self.host.subsystem_of_controller(c.name))), "")
+        if not subsystem:
+            raise Unavailable(f"the controllers of {t.subsystem_nqn} belong to no subsystem; retry")
+
+        def candidate(ns: Namespace) -> bool:
+            return ns.nsid == t.namespace_id if t.namespace_id else is_volume(ns, info)
+
+        def match(dev: UdevDevice) -> bool:
+            if not NAMESPACE_RE.fullmatch(dev.sys_name):
+                return False
+            if self.host.subsystem_of_namespace(dev.sys_name) != subsystem:
+                return False
+            ns = self.host.namespace(dev.sys_name)
+            return ns is not None and candidate(ns)
+
+        def rescan() -> None:
+            for c in controllers:  # a namespace added to a subsystem we were already connected to
+                if c.state == "live":
+                    try:
+                        self.host.rescan(c.name)
+                    except BlockwireError as exc:
+                        log.debug("rescan of %s: %s", c.name, exc.message)
+                    return
+
+        what = f"namespace {t.namespace_id or ''} of {t.subsystem_nqn}".replace("  ", " ")
+        try:
+            dev = wait_device(
+                self.udev,
+                "block",
+                match,
+                Deadline(self.clock, self.device_timeout),
+                trigger=rescan,
+                what=what,
+            )
+        except DeadlineExceeded:
+            there = self.host.namespaces(subsystem)
+            if there:
+                shown = ", ".join(
+                    f"nsid {n.nsid} nguid {n.nguid or '(none)'} uuid {n.uuid or '(none)'}" for n in there
+                )
+                raise IdentityMismatch(
+                    f"{t.subsystem_nqn} has no namespace {self._announced(info)} (it has {shown}): refused, "
+                    "nothing was attached"
+                ) from None
+            raise
+        ns = self.host.namespace(dev.sys_name)
+        if ns is None:
+            raise Unavailable(f"/dev/{dev.sys_name} went away; retry")
+        if not is_volume(ns, info):
+            raise IdentityMismatch(
+                f"/dev/{ns.name} (nsid {ns.nsid} of {t.subsystem_nqn}) has NGUID {ns.nguid or '(none)'} and "
+                f"UUID {ns.uuid or '(none)'} but storage announced {self._announced(info)}: refused (the "
+                "namespace may have been reused); nothing was attached"
+            )
+        return ns
+
+    def _check_identity_early(self, info: ConnectionInfo, controllers: list[Controller]) -> None:
+        """Asks a live controller for the identity of the announced namespace id (Identify, one admin
+        command) before waiting for its block device: a namespace with another identity is refused at
+        once, also one the kernel will not make a device for (its NGUID is another subsystem's here)."""
+        t = nvme_of(info)
+        ids = announced_ids(info)
+        live = next((c for c in controllers if c.state == "live"), None)
+        if not t.namespace_id or not ids or live is None:
+            return
+        seen = self.host.identify(live.name, t.namespace_id)
+        if not seen:
+            return  # cannot ask, or no identifiers reported: the sysfs check after the wait decides
+        if any(seen.get(k, "") != v for k, v in ids.items()):
+            raise IdentityMismatch(
+                f"namespace {t.namespace_id} of {t.subsystem_nqn} (controller /dev/{live.name}) has NGUID "
+                f"{seen.get('nguid') or '(none)'} and UUID {seen.get('uuid') or '(none)'} but storage "
+                f"announced {self._announced(info)}: refused (the namespace may have been reused); nothing "
+                "was attached"
+            )
+
+    @staticmethod
+    def _announced(info: ConnectionInfo) -> str:
+        ids = announced_ids(info)
+        return (
+            " and ".join(f"{k.upper()} {v}" for k, v in ids.items()) or f"nsid {nvme_of(info).namespace_id}"
+        )
+
+    # -- the interface ------------------------------------------------------------------------------
+    def connect(self, info: ConnectionInfo) -> HostDevice:
+        t = nvme_of(info)
+        portals = [Portal.of(p) for p in t.portals]
+        if not self.host.native_multipath() and len(portals) > 1:
+            log.warning("nvme_core multipath is off: %s is reached over %s only", info.volume_id, portals[0])
+            portals = portals[:1]
+        with self._lock(t):
+            made: list[str] = []  # controllers this call made (list.append is atomic: shared by the threads)
+            try:
+                got: list[Controller] = []
+                errors: list[BlockwireError] = []
+                with ThreadPoolExecutor(max_workers=len(portals), thread_name_prefix="nvme-connect") as pool:
+                    futures = [pool.submit(self._connect_portal, info, p, made) for p in portals]
+                    for p, f in zip(portals, futures, strict=True):
+                        try:
+                            got.append(f.result())
+                        except BlockwireError as exc:
+                            log.warning("%s on %s failed: %s", t.subsystem_nqn, p, exc.message)
+                            errors.append(exc)
+                if not got:
+                    raise errors[0]
+                self._check_identity_early(info, got)
+                ns = self._wait_namespace(info, got)
+            except BaseException:
+                self._undo(made)
+                raise
+            return HostDevice(
+                path=f"/dev/{ns.name}",
+                wwn=ns.nguid or ns.uuid,
+                size_bytes=ns.size_bytes,
+                path_devices=tuple(f"/dev/{c.name}" for c in got),
+            )
+
+    def _undo(self, made: list[str]) -> None:
+        """After a failed connect: deletes the controllers this call made (never one it reused: another
+        volume's namespaces may hang on it). A head that appeared only through them goes with them."""
+        for name in made:
+            try:
+                self.host.delete_controller(name)
+                log.info("removed controller %s made by the failed connect", name)
+            except BlockwireError as exc:
+                log.warning("could not remove controller %s after a failed connect: %s", name, exc.message)
+
+    def _users(self, heads: list[str], force: bool) -> dict[str, list[str]]:
+        deadline = Deadline(self.clock, 0 if force else min(USERS_GRACE, self.device_timeout))
+        while True:
+            held = self.openers.users(heads)
+            if not held or deadline.remaining() <= USERS_RETRY:
+                return held
+            self.clock.sleep(USERS_RETRY)
+
+    def disconnect(self, info: ConnectionInfo, force: bool = False) -> None:
+        t = nvme_of(info)
+        with self._lock(t):
+            ctrls = self._controllers(t)
+            if not ctrls:
+                return
+            subsystem = next((c.subsystem for c in ctrls.values() if c.subsystem), "")
+            there = self.host.namespaces(subsystem) if subsystem else []
+            ours = [ns for ns in there if is_volume(ns, info)]
+            others = [ns for ns in there if ns not in ours]
+            if others:
+                log.warning(
+                    "keeping the controllers %s of %s: %s on them %s not volume %s's",
+                    " ".join(c.name for c in ctrls.values()), t.subsystem_nqn,
+                    " ".join(f"/dev/{ns.name}" for ns in others), "are" if len(others) > 1 else "is",
+                    info.volume_id,
+                )  # fmt: skip
+                return
+            held = self._users([ns.name for ns in ours], force)
+            if held:
+                said = "; ".join(f"/dev/{dev}: {', '.join(who)}" for dev, who in sorted(held.items()))
+                if not force:
+                    raise FailedPrecondition(
+                        f"the volume's device is in use ({said}); stop that user (detach the disk from its "
+                        "domain, unmount it) and repeat, or force"
+                    )
+                log.warning("disconnecting %s although it is in use (force): %s", info.volume_id, said)
+            heads = {ns.name for ns in ours}
+
+            def delete() -> None:
+                for c in ctrls.values():
+                    self.host.delete_controller(c.name)
+
+            if heads:
+                self.udev.wait_gone(
+                    "block",
+                    lambda d: d.sys_name in heads,
+                    Deadline(self.clock, self.device_timeout),
+                    trigger=delete,
+                    what=" ".join(f"/dev/{h}" for h in sorted(heads)),
+                )
+            else:
+                delete()
+            log.info(
+                "disconnected %s: controllers %s", t.subsystem_nqn, " ".join(c.name for c in ctrls.values())
+            )
+
+    def _namespace(self, info: ConnectionInfo) -> Namespace | None:
+        ctrls = self._controllers(nvme_of(info))
+        subsystem = next((c.subsystem for c in ctrls.values() if c.subsystem), "")
+        return (
+            next((ns for ns in self.host.namespaces(subsystem) if is_volume(ns, info)), None)
+            if subsystem
+            else None
+        )
+
+    def extend(self, info: ConnectionInfo) -> int:
+        """A rescan of one live controller; when `info.size_bytes` is more than the host sees (HostAgent's
+        extend passes the new size it was given), a udev wait, bounded by EXTEND_WAIT, for the head to
+        reach it. The target's change notice usually made the kernel rescan already."""
+        t = nvme_of(info)
+        with self._lock(t):
+            ctrls = [c for c in self._controllers(t).values() if c.state == "live"]
+            ns = self._namespace(info)
+            if ns is None or not ctrls:
+                raise FailedPrecondition(
+                    f"volume {info.volume_id} is not connected here (no live controller)"
+                )
+            name, want = ns.name, info.size_bytes
+
+            def rescan() -> None:
+                self.host.rescan(ctrls[0].name)
+
+            def grown(d: UdevDevice) -> bool:
+                now = self.host.namespace(d.sys_name)
+                return d.sys_name == name and now is not None and now.size_bytes >= want
+
+            if want <= ns.size_bytes:
+                rescan()
+            else:
+                deadline = Deadline(self.clock, min(EXTEND_WAIT, self.device_timeout))
+                try:
+                    wait_device(
+                        self.udev,
+                        "block",
+                        grown,
+                        deadline,
+                        trigger=rescan,
+                        what=f"/dev/{name} at {want} bytes",
+                    )
+                except DeadlineExceeded:
+                    log.info("/dev/%s is still smaller than %d bytes after a rescan", name, want)
+            now = self.host.namespace(name)
+            return now.size_bytes if now is not None else ns.size_bytes
+
+    def paths(self, info: ConnectionInfo) -> list[str]:
+        """The live controllers of the volume (its paths), as /dev/nvmeN."""
+        return sorted(
+            f"/dev/{c.name}" for c in self._controllers(nvme_of(info)).values() if c.state == "live"
+        )
+
+    def expected_paths(self, info: ConnectionInfo) -> int:
+        return len(nvme_of(info).portals)
+
+    def restore_paths(self, info: ConnectionInfo) -> list[str]:
+        """Connects the portals of a live attachment that have no controller (the kernel gave up on it
+        after ctrl_loss_tmo, or it was never made); never touches the controllers it has. A portal that
+        fails stays down; a new controller whose namespace is not the volume's is removed again."""
+        t = nvme_of(info)
+        added: list[str] = []
+        with self._lock(t):
+            have = self._controllers(t)
+            for p in (Portal.of(x) for x in t.portals):
+                if p in have:
+                    continue
+                made: list[str] = []
+                try:
+                    c = self._connect_portal(info, p, made)
+                    self._wait_namespace(info, [c])
+                    added.append(f"/dev/{c.name}")
+                except BlockwireError as exc:
+                    log.warning("path %s of %s not restored: %s", p, t.subsystem_nqn, exc.message)
+                    self._undo(made)
+        return added

@@ -1,0 +1,213 @@
+"""FakeNvmeKernel: the host's NVMe-oF driver and a target, on a fake sysfs tree (the Fabrics seam).
+
+The tree has the layout recorded in the guest (tests/data/recorded/nvme_sysfs_*): controllers
+class/nvme/nvmeN with subsysnqn, address, state, hostnqn, transport; subsystems
+class/nvme-subsystem/nvme-subsysK with a link per controller and the heads nvmeKnM; namespaces
+block/nvmeKnM with nsid, nguid, uuid (UUID notation), wwid, size; path devices nvmeKcNnM under each
+controller. `connect` (the fabrics write) makes a controller, like the kernel: EALREADY for a second
+one with the same subsystem, address and host NQN, ECONNREFUSED for a port that does not offer the
+subsystem, EIO for a host the subsystem does not allow or a wrong DH-HMAC-CHAP key. A write of "1" to
+delete_controller / rescan_controller takes effect at `sync()` (run as a FakeUdev reaction).
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import threading
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostagent.host.udev import UdevDevice
+from tests.fakes.udev import FakeUdev
+
+
+@dataclass
+class FakeNs:
+    nsid: int
+    nguid: str  # 32 hex
+    uuid: str
+    size: int
+
+
+@dataclass
+class FakeSubsystem:
+    nqn: str
+    portals: set[str]  # "127.0.0.1:4420"
+    hosts: set[str]
+    namespaces: list[FakeNs] = field(default_factory=list)
+    key: str = ""  # DH-HMAC-CHAP key the host must give
+
+
+def dashed(hex32: str) -> str:
+    return str(uuidlib.UUID(hex=hex32))
+
+
+class FakeNvmeKernel:
+    def __init__(self, root: Path, udev: FakeUdev, *, multipath: bool = True) -> None:
+        self.root = root
+        self.udev = udev
+        self.targets: dict[str, FakeSubsystem] = {}
+        self.written: list[str] = []  # every options string written to the fabrics device
+        self.next_instance = 0
+        self.lock = threading.RLock()  # the kernel makes one controller at a time here
+        (root / "module/nvme_core/parameters").mkdir(parents=True, exist_ok=True)
+        (root / "module/nvme_core/parameters/multipath").write_text("Y\n" if multipath else "N\n")
+        (root / "module/nvme_tcp").mkdir(parents=True, exist_ok=True)
+        (root / "class/nvme-fabrics").mkdir(parents=True, exist_ok=True)
+        for d in ("class/nvme", "class/nvme-subsystem", "block"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        udev.on_trigger.append(lambda _u: self.sync())
+
+    # -- the target ------------------------------------------------------------------------------
+    def export(
+        self, nqn: str, portals: tuple[str, ...], host: str, *ns: FakeNs, key: str = ""
+    ) -> FakeSubsystem:
+        s = FakeSubsystem(nqn, set(portals), {host}, list(ns), key)
+        self.targets[nqn] = s
+        return s
+
+    # -- the fabrics device ----------------------------------------------------------------------
+    def connect(self, options: str) -> str:
+        with self.lock:
+            self.sync()
+            return self._connect(options)
+
+    def _connect(self, options: str) -> str:
+        self.written.append(options)
+        o = dict(part.split("=", 1) for part in options.split(","))
+        portal = f"{o['traddr']}:{o['trsvcid']}"
+        for c in self._controllers():
+            if (c["subsysnqn"], c["address"].split(",src")[0], c["hostnqn"]) == (
+                o["nqn"], f"traddr={o['traddr']},trsvcid={o['trsvcid']}", o["hostnqn"]
+            ) and c["state"] not in ("deleting",):  # fmt: skip
+                raise OSError(errno.EALREADY, "already connected")
+        t = self.targets.get(o["nqn"])
+        if t is None or portal not in t.portals:
+            raise OSError(errno.ECONNREFUSED, "refused")
+        if o["hostnqn"] not in t.hosts or (t.key and o.get("dhchap_secret") != t.key):
+            raise OSError(errno.EIO, "refused")
+        instance = self.next_instance
+        self.next_instance += 1
+        name = f"nvme{instance}"
+        c = self.root / "class/nvme" / name
+        c.mkdir()
+        for attr, value in (
+            ("subsysnqn", t.nqn),
+            ("transport", "tcp"),
+            ("address", f"traddr={o['traddr']},trsvcid={o['trsvcid']},src_addr=127.0.0.1"),
+            ("hostnqn", o["hostnqn"]),
+            ("state", "live"),
+            ("ctrl_loss_tmo", o.get("ctrl_loss_tmo", "600")),
+            ("delete_controller", ""),
+            ("rescan_controller", ""),
+        ):
+            (c / attr).write_text(value + "\n")
+        sub = self._subsystem(t.nqn) or f"nvme-subsys{instance}"
+        (self.root / "class/nvme-subsystem" / sub).mkdir(exist_ok=True)
+        (self.root / "class/nvme-subsystem" / sub / "subsysnqn").write_text(t.nqn + "\n")
+        (self.root / "class/nvme-subsystem" / sub / name).mkdir()
+        self._scan(sub)
+        return f"instance={instance},cntlid={instance + 1}\n"
+
+    def _subsystem(self, nqn: str) -> str:
+        for s in sorted((self.root / "class/nvme-subsystem").iterdir()):
+            if (s / "subsysnqn").read_text().strip() == nqn:
+                return s.name
+        return ""
+
+    def controllers(self) -> list[dict[str, str]]:
+        """The controllers there are (after acting on writes: the real kernel deletes synchronously)."""
+        with self.lock:
+            self.sync()
+            return self._controllers()
+
+    def _controllers(self) -> list[dict[str, str]]:
+        out = []
+        for c in sorted((self.root / "class/nvme").iterdir()):
+            d = {a.name: a.read_text().strip() for a in c.iterdir() if a.is_file()}
+            d["name"] = c.name
+            out.append(d)
+        return out
+
+    def _scan(self, sub: str) -> None:
+        """The namespaces of the subsystem's target appear (heads, path devices, block/ and udev)."""
+        k = sub.removeprefix("nvme-subsys")
+        sdir = self.root / "class/nvme-subsystem" / sub
+        nqn = (sdir / "subsysnqn").read_text().strip()
+        t = self.targets[nqn]
+        ctrls = [
+            p.name
+            for p in sdir.iterdir()
+            if p.is_dir() and p.name.startswith("nvme") and "n" not in p.name[4:]
+        ]
+        for ns in t.namespaces:
+            head = f"nvme{k}n{ns.nsid}"
+            b = self.root / "block" / head
+            if not b.exists():
+                b.mkdir()
+                (sdir / head).mkdir()
+                self.udev.add(
+                    UdevDevice(sys_name=head, sys_path=f"/sys/devices/virtual/nvme-subsystem/{sub}/{head}")
+                )
+            (b / "nsid").write_text(f"{ns.nsid}\n")
+            (b / "nguid").write_text(dashed(ns.nguid) + "\n")
+            (b / "uuid").write_text(ns.uuid + "\n")
+            (b / "wwid").write_text(f"uuid.{ns.uuid}\n")
+            (b / "size").write_text(f"{ns.size // 512}\n")
+            for c in ctrls:
+                (self.root / "class/nvme" / c / f"nvme{k}c{c[4:]}n{ns.nsid}").mkdir(exist_ok=True)
+
+    def sync(self) -> None:
+        """Acts on what was written to controllers' delete_controller and rescan_controller."""
+        with self.lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        for c in sorted((self.root / "class/nvme").iterdir()):
+            if (c / "rescan_controller").read_text().strip() == "1":
+                (c / "rescan_controller").write_text("")
+                sub = self._subsystem((c / "subsysnqn").read_text().strip())
+                self._scan(sub)
+            if (c / "delete_controller").read_text().strip() == "1":
+                self.drop(c.name)
+
+    def drop(self, name: str) -> None:
+        """The controller goes (deleted, or given up after ctrl_loss_tmo); the subsystem and its heads go
+        with its last controller."""
+        nqn = (self.root / "class/nvme" / name / "subsysnqn").read_text().strip()
+        shutil.rmtree(self.root / "class/nvme" / name)
+        sub = self._subsystem(nqn)
+        sdir = self.root / "class/nvme-subsystem" / sub
+        shutil.rmtree(sdir / name)
+        if not [p for p in sdir.iterdir() if p.is_dir() and "n" not in p.name[4:]]:
+            for head in [p.name for p in sdir.iterdir() if p.is_dir()]:
+                shutil.rmtree(self.root / "block" / head, ignore_errors=True)
+                self.udev.remove(head)
+            shutil.rmtree(sdir)
+
+    def remove_namespace(self, nqn: str, nsid: int) -> None:
+        """The target drops a namespace; the host removes its head on the change notice."""
+        t = self.targets[nqn]
+        t.namespaces = [n for n in t.namespaces if n.nsid != nsid]
+        sub = self._subsystem(nqn)
+        head = f"nvme{sub.removeprefix('nvme-subsys')}n{nsid}"
+        shutil.rmtree(self.root / "block" / head, ignore_errors=True)
+        shutil.rmtree(self.root / "class/nvme-subsystem" / sub / head, ignore_errors=True)
+        self.udev.remove(head)
+
+    def set_state(self, name: str, state: str) -> None:
+        (self.root / "class/nvme" / name / "state").write_text(state + "\n")
+
+    def identify(self, controller: str, nsid: int) -> dict[str, str] | None:
+        """Identify CNS 03h as the target answers it (hostagent.host.nvme.identify_ns_ioctl's seam)."""
+        nqn = (self.root / "class/nvme" / controller / "subsysnqn").read_text().strip()
+        for ns in self.targets[nqn].namespaces:
+            if ns.nsid == nsid:
+                return {"nguid": ns.nguid, "uuid": ns.uuid.replace("-", "")}
+        return {}
+
+    def heads(self) -> list[str]:
+        self.sync()
+        return sorted(p.name for p in (self.root / "block").iterdir())
