@@ -18,6 +18,7 @@ iscsi_node          a node record of a (portal, target) no record uses          
 scsi_disk           a disk on such a session                                             no: report only
 multipath_map       a map whose WWID is no record's                                      no: report only
 rbd_mapping         a kernel rbd mapping of an image id no record announces              no: report only
+nvme_controller     an NVMe-oF controller to a subsystem no record announces             no: report only
 storage_only        an attachment storage keeps for this host that no record explains,   yes, when its
                     (volume, domain) nor id                                              domain is not
                                                                                          running: deleted

@@ -51,7 +51,7 @@ from hostagent.connectors.base import wait_device
 from hostagent.host.nvme import NAMESPACE_RE, Controller, Fabrics, Namespace, NvmeHost, normal_id
 from hostagent.host.openers import Openers
 from hostagent.host.udev import UdevDevice, UdevWaiter
-from hostagent.model import ConnectorKind, HostDevice
+from hostagent.model import ConnectorKind, Finding, HostDevice
 from hostagent.tools.nvme import (
     Timeouts,
     connect_error,
@@ -141,6 +141,24 @@ class NvmeConnector:
         self._subsystems = KeyedLocks()
 
     # -- helpers ------------------------------------------------------------------------------------
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """NVMe-oF controllers to subsystems no record (`keep`) announces. Report only: a controller may
+        be another program's (`hostagent.doctor`)."""
+        wanted = {i.transport.subsystem_nqn for i in keep if isinstance(i.transport, NvmeofConnection)}
+        return [
+            Finding(
+                "nvme_controller",
+                c.name,
+                f"{c.transport} {c.traddr}:{c.trsvcid} to {c.subsysnqn} ({c.state}); if nothing uses it: "
+                f"nvme disconnect -d {c.name}",
+            )
+            for c in self.host.controllers()
+            if c.subsysnqn not in wanted and c.transport in ("tcp", "rdma")
+        ]
+
+    def fix(self, finding: Finding) -> bool:
+        return False  # a controller is never removed by the doctor: nothing proves it is blockwire's
+
     def validate(self, info: ConnectionInfo) -> None:
         t = nvme_of(validate_connection_info(info))
         for i, p in enumerate(t.portals):

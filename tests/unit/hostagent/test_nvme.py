@@ -413,3 +413,15 @@ def test_the_host_announces_nvme_tcp_when_it_has_it(tmp_path: Path) -> None:
     c = build_connector(sysfs, files, kernel_iscsi=False, nvme_tcp=True)
     assert Transport.NVME_TCP in c.transports
     assert Transport.NVME_TCP not in build_connector(sysfs, files, kernel_iscsi=False).transports
+
+
+def test_the_doctor_lists_controllers_no_record_announces_and_never_removes_them(r: Rig) -> None:
+    r.export()
+    r.conn.connect(info())
+    assert r.conn.audit([info()]) == []
+    found = r.conn.audit([])
+    assert sorted(f.name for f in found) == ["nvme0", "nvme1"]
+    assert all(f.kind == "nvme_controller" and NQN in f.detail and not f.fixable for f in found)
+    assert not any(r.conn.fix(f) for f in found)
+    assert len(r.kernel.controllers()) == 2
+    r.conn.disconnect(info())
