@@ -42,6 +42,8 @@ from typing import Any
 
 import pytest
 
+from tests.ceph import CephCluster
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", "/tmp"))
 RBD_DEVICES = Path("/sys/bus/rbd/devices")
@@ -60,7 +62,7 @@ class Plan:
     image_mib: int = 64
 
 
-FULL = Plan(rounds=20)
+FULL = Plan(rounds=15)
 SMOKE = Plan(rounds=1, warmup=False, image_mib=16)
 PLANS = {"full": FULL, "smoke": SMOKE}
 
@@ -93,9 +95,9 @@ def timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - began
 
 
-def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
+def run_plan(plan: Plan, work: Path, cluster: CephCluster | None = None) -> dict[str, Any]:
+    """Runs the plan; on `cluster` if given (the guest tests' session cluster), else on one of its own."""
     from bench.rbd_attach import machine  # noqa: PLC0415 - imports libvirt
-    from tests.ceph import CephCluster  # noqa: PLC0415
     from tests.guest.inside import kernel  # noqa: PLC0415
     from tests.guest.inside.conftest import GUEST_DAEMON, running_domain  # noqa: PLC0415
     from tests.host.daemons import Started, ensure_libvirtd  # noqa: PLC0415
@@ -112,12 +114,13 @@ def run_plan(plan: Plan, work: Path) -> dict[str, Any]:
         started = Started()
         stack.callback(started.stop)
         ensure_libvirtd(started)
-        began = time.monotonic()
-        cluster = stack.enter_context(
-            CephCluster(osds=1, objectstore="memstore", osd_bytes=512 << 20, start_timeout=300)
-        )
-        results["cluster_start_s"] = round(time.monotonic() - began, 1)
-        progress(f"rbd-bench: cluster up in {results['cluster_start_s']}s")
+        if cluster is None:
+            began = time.monotonic()
+            cluster = stack.enter_context(
+                CephCluster(osds=1, objectstore="memstore", osd_bytes=512 << 20, start_timeout=300)
+            )
+            results["cluster_start_s"] = round(time.monotonic() - began, 1)
+            progress(f"rbd-bench: cluster up in {results['cluster_start_s']}s")
         user = cluster.create_user("bench-guest")
         agents: dict[str, RbdAgent] = {}
         for name in CONTENDERS:
@@ -203,10 +206,10 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def run_and_write(plan: Plan, work: Path, name: str) -> dict[str, Any]:
+def run_and_write(plan: Plan, work: Path, name: str, cluster: CephCluster | None = None) -> dict[str, Any]:
     started = time.time()
     try:
-        results = run_plan(plan, work)
+        results = run_plan(plan, work, cluster)
     except BaseException:
         (RESULTS / f"{name}.error.txt").write_text(traceback.format_exc())
         raise
@@ -237,7 +240,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"Guest (QEMU TCG, tests/guest/image.py): {g['cores']} vCPUs, {g['memory_gib']} GiB, kernel "
         f"{g['kernel']}, Python {g['python']}, libvirt {g['libvirt']}, {g['qemu']}, {g['ceph']}; load "
         f"before {g['load_before']}. Ceph: a throwaway cluster (tests/ceph.py: 1 mon, 1 MemStore OSD) on "
-        f"loopback in the guest (up in {results['cluster_start_s']} s). One running no-OS `type='qemu'` "
+        f"loopback in the guest (up in {results.get('cluster_start_s', '-')} s). One running no-OS "
+        "`type='qemu'` "
         f"domain (virtio-scsi); {p['image_mib']} MiB images; guest time {results.get('guest_seconds')} s.",
         "",
         'krbd = blockwire-agent with `rbd_mode = "kernel"` (KernelRbdConnector: `rbd device map`, identity '

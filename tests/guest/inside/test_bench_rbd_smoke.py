@@ -1,19 +1,21 @@
 """A smoke of the guest RBD benchmark's harness (bench/rbd_guest.py): one counted round of each contender
 (krbd: the kernel-mode agent maps and hot-plugs /dev/rbdN; librbd: the qemu-mode agent hot-plugs a
-network disk), no warm-up. Asserts only that it produced results and left nothing behind (no mapping, no
-secret, no disk, no journal record); the numbers are not checked (`python -m bench.rbd_guest` is the
-benchmark, its full plan `bench/rbd_guest.py::test_rbd_guest_bench[full]`)."""
+network disk), no warm-up, on the session's Ceph cluster (shared with test_krbd.py). Asserts only that
+it produced results and left nothing behind (no mapping, no secret, no disk, no journal record); the
+numbers are not checked (`python -m bench.rbd_guest` is the benchmark, its full plan
+`bench/rbd_guest.py::test_rbd_guest_bench[full]`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bench.rbd_guest import CONTENDERS, RBD_DEVICES, SMOKE, run_and_write
+from tests.ceph import CephCluster
 from tests.guest.inside import kernel
 
 
-def test_rbd_bench_harness(libvirtd: None, tmp_path: Path) -> None:
-    results = run_and_write(SMOKE, tmp_path, "rbd-guest-smoke")
+def test_rbd_bench_harness(ceph_cluster: CephCluster, libvirtd: None, tmp_path: Path) -> None:
+    results = run_and_write(SMOKE, tmp_path, "rbd-guest-smoke", ceph_cluster)
     rounds = results["rounds"]
     assert sorted(r["contender"] for r in rounds) == sorted(CONTENDERS)
     for r in rounds:
