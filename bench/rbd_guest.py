@@ -1,6 +1,6 @@
 """RBD attach benchmark in the guest: the kernel's rbd (krbd) against QEMU's librbd, side by side.
 
-    sudo python -m bench.rbd_guest                      # full plan, ~8-10 min of guest time
+    sudo python -m bench.rbd_guest                      # full plan, ~6 min of guest time
     sudo python -m bench.rbd_guest --plan smoke
     sudo python -m bench.rbd_guest --from-raw /var/tmp/blockwire-bench/run-.../results/rbd-guest-raw.json
 
