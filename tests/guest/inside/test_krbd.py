@@ -29,7 +29,7 @@ from tests.host.rbd_rig import RbdAgent, create_image, rbd_info, to_pb
 RBD_DEVICES = Path("/sys/bus/rbd/devices")
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster(ceph_cluster: CephCluster) -> CephCluster:
     return ceph_cluster
 
