@@ -10,7 +10,8 @@ set -euo pipefail
 SUITE=bookworm
 # LAB.md's list: the kernel path (open-iscsi, multipath-tools, tgt, LIO via rtslib/targetcli, lvm2) and
 # libvirt + QEMU inside the guest (libpam-systemd, or polkitd fails), a throwaway Ceph cluster for krbd
-# (tests/ceph.py: mon, OSD and the rbd CLI), plus what the tests run with.
+# (tests/ceph.py: mon, OSD and the rbd CLI) and QEMU's librbd (qemu-block-extra, and the rados/rbd
+# bindings the agent checks an image's identity with: bench/rbd_guest.py), plus what the tests run with.
 PACKAGES=(
   linux-image-amd64 initramfs-tools systemd-sysv udev kmod iproute2
   open-iscsi multipath-tools tgt lvm2 sg3-utils lsscsi libiscsi-bin
@@ -18,7 +19,7 @@ PACKAGES=(
   procps util-linux e2fsprogs psmisc thin-provisioning-tools nvme-cli
   libvirt-daemon-system libvirt-daemon-system-systemd libpam-systemd iptables libvirt-clients
   qemu-system-x86 qemu-utils
-  ceph-mon ceph-osd ceph-common
+  ceph-mon ceph-osd ceph-common qemu-block-extra python3-rados python3-rbd
 )
 
 log() { echo "build-base: $*" >&2; }

@@ -44,6 +44,16 @@ stage_image() {
   in_root "$root" "$VENV/bin/pip" install -q --no-index --no-cache-dir --find-links /tmp/wheelhouse \
     "${wheels[@]}"
   rm -rf "$root/tmp/wheelhouse"
+  # Debian's rados/rbd extension modules (python3-rados, python3-rbd; PyPI has none): just those two
+  # importable in the venv through a .pth naming a directory of symlinks to them, as scripts/setup does.
+  local site
+  site=$(in_root "$root" "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$root$VENV/lib/debian-ceph"
+  for so in "$root"/usr/lib/python3/dist-packages/rados.cpython-311-*.so \
+    "$root"/usr/lib/python3/dist-packages/rbd.cpython-311-*.so; do
+    [ -e "$so" ] && ln -sf "/usr/lib/python3/dist-packages/$(basename "$so")" "$root$VENV/lib/debian-ceph/"
+  done
+  echo "$VENV/lib/debian-ceph" >"$root$site/blockwire-debian-ceph.pth"
 
   {
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from blockwire.client import HostAgentClient, StorageClient
+from tests.ceph import CephCluster, CephMissing
 from tests.guest.inside import kernel
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 from tests.rig import Daemon, domain_xml
@@ -73,6 +74,19 @@ def clean_host() -> Iterator[None]:
     if left:
         kernel.force_cleanup()
         pytest.fail(f"the test left behind: {left}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ceph_cluster() -> Iterator[CephCluster]:
+    """A throwaway Ceph cluster (tests/ceph.py: mon + one 512 MiB MemStore OSD on loopback) with rbd.ko
+    loaded, shared by the session's RBD tests: under TCG it takes minutes to start."""
+    kernel.run(["modprobe", "rbd"])
+    try:
+        c = CephCluster(osds=1, objectstore="memstore", osd_bytes=512 * kernel.MiB, start_timeout=300).start()
+    except CephMissing as exc:
+        pytest.fail(f"no Ceph cluster in the guest: {exc}", pytrace=False)
+    yield c
+    c.stop()
 
 
 @pytest.fixture(scope="session")

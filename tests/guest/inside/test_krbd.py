@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
-from tests.ceph import CephCluster, CephMissing
+from tests.ceph import CephCluster
 from tests.guest.inside import kernel
 from tests.guest.inside.conftest import GUEST_DAEMON
 from tests.guest.inside.kernel import MiB
@@ -30,14 +30,8 @@ RBD_DEVICES = Path("/sys/bus/rbd/devices")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[CephCluster]:
-    kernel.run(["modprobe", "rbd"])
-    try:
-        c = CephCluster(osds=1, objectstore="memstore", osd_bytes=512 * MiB, start_timeout=300).start()
-    except CephMissing as exc:
-        pytest.fail(f"no Ceph cluster in the guest: {exc}", pytrace=False)
-    yield c
-    c.stop()
+def cluster(ceph_cluster: CephCluster) -> CephCluster:
+    return ceph_cluster
 
 
 @pytest.fixture(scope="module")
