@@ -17,7 +17,7 @@ import logging
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
-from hostagent.connectors.base import SecretStore
+from hostagent.connectors.base import PrivateSecrets, SecretStore
 from hostagent.model import Finding
 from hostagent.virt.diskxml import DiskEncryption
 
@@ -35,6 +35,7 @@ def secret_usage(info: ConnectionInfo) -> str:
 class VolumeKeys:
     def __init__(self, secrets: SecretStore) -> None:
         self.secrets = secrets
+        self._private = PrivateSecrets(secrets, SECRET_PREFIX, SECRET_TYPE, "an encrypted volume's key")
 
     @staticmethod
     def check(info: ConnectionInfo) -> None:
@@ -64,34 +65,16 @@ class VolumeKeys:
             return False
         return self.secrets.undefine_secret(secret_usage(info), SECRET_TYPE)
 
+    def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
+        return {secret_usage(i) for i in keep if i.encryption is not None}
+
     def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
         """Undefines our volume secrets that neither a journal record (`keep`) nor a domain refers to."""
-        wanted = {secret_usage(i) for i in keep if i.encryption is not None}
-        removed = []
-        for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
-                removed.append(f"libvirt secret {usage}")
-        return removed
+        return self._private.sweep(self._wanted(keep))
 
     def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """Our volume secrets that neither a record (`keep`) nor a domain refers to (sweep's, listed)."""
-        wanted = {secret_usage(i) for i in keep if i.encryption is not None}
-        return [
-            Finding(
-                "libvirt_secret",
-                usage,
-                f"an encrypted volume's key ({SECRET_TYPE} secret) no attachment and no domain uses",
-                fixable=True,
-                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
-            )
-            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
-            if usage not in wanted
-        ]
+        """The same secrets, listed for the doctor."""
+        return self._private.findings(self._wanted(keep))
 
     def fix(self, finding: Finding) -> bool:
-        """Undefines an orphaned volume secret of `audit`, if still no domain uses it."""
-        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
-            return False
-        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            return False
-        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)
+        return self._private.fix(finding)

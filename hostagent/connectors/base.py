@@ -9,7 +9,7 @@ consumer writes for it (libvirt's disk <source>) is `hostagent.virt.sources`, no
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from blockwire.errors import DeadlineExceeded, InvalidArgument
@@ -18,7 +18,7 @@ from blockwire.runtime.clock import Deadline
 from blockwire.secret import Secret
 from blockwire.validate import validate_connection_info
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
-from hostagent.model import ConnectorKind, HostDevice
+from hostagent.model import ConnectorKind, Finding, HostDevice
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,48 @@ class SecretStore(Protocol):
     def unused_secrets(self, prefix: str, secret_type: str) -> list[str]:
         """Usage ids under `prefix` that no domain's live or persistent XML refers to."""
         ...
+
+
+class PrivateSecrets:
+    """One kind of blockwire's per-attachment private libvirt secrets (a usage type under a usage-id
+    prefix whose next part is the volume id): what the restart's sweep, the doctor's audit and its fix
+    need of them. The iSCSI CHAP, cephx and LUKS secrets alike."""
+
+    def __init__(self, store: SecretStore, prefix: str, secret_type: str, what: str) -> None:
+        self.store, self.prefix, self.secret_type, self.what = store, prefix, secret_type, what
+
+    def orphans(self, wanted: Collection[str]) -> list[str]:
+        """Usage ids of ours that no journal record (`wanted`) and no domain's XML refers to."""
+        return [u for u in self.store.unused_secrets(self.prefix, self.secret_type) if u not in wanted]
+
+    def sweep(self, wanted: Collection[str]) -> list[str]:
+        """Undefines the orphans; says what it removed."""
+        return [
+            f"libvirt secret {u}"
+            for u in self.orphans(wanted)
+            if self.store.undefine_secret(u, self.secret_type)
+        ]
+
+    def findings(self, wanted: Collection[str]) -> list[Finding]:
+        """The orphans as the doctor lists them (fixable)."""
+        return [
+            Finding(
+                "libvirt_secret",
+                usage,
+                f"{self.what} ({self.secret_type} secret) no attachment and no domain uses",
+                fixable=True,
+                volume_id=usage.removeprefix(self.prefix).partition("/")[0],
+            )
+            for usage in self.orphans(wanted)
+        ]
+
+    def fix(self, finding: Finding) -> bool:
+        """Undefines one orphan the doctor found, if it is one of these and still no domain uses it."""
+        if finding.kind != "libvirt_secret" or not finding.name.startswith(self.prefix):
+            return False
+        if finding.name not in self.store.unused_secrets(self.prefix, self.secret_type):
+            return False
+        return self.store.undefine_secret(finding.name, self.secret_type)
 
 
 def iscsi_of(info: ConnectionInfo) -> IscsiConnection:

@@ -14,7 +14,7 @@ import logging
 from blockwire.errors import FailedPrecondition, IdentityMismatch, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.validate import split_portal
-from hostagent.connectors.base import SecretStore, iscsi_of, validate_iscsi
+from hostagent.connectors.base import PrivateSecrets, SecretStore, iscsi_of, validate_iscsi
 from hostagent.identity import normalize_wwn, verify_wwn
 from hostagent.model import ConnectorKind, Finding, HostDevice, NetworkTarget, SecretRef
 from hostagent.tools.libiscsi import Libiscsi, Lun
@@ -37,6 +37,7 @@ class QemuIscsiConnector:
 
     def __init__(self, secrets: SecretStore, libiscsi: Libiscsi, *, initiator_iqn: str) -> None:
         self.secrets = secrets
+        self._private = PrivateSecrets(secrets, SECRET_PREFIX, SECRET_TYPE, "an iSCSI CHAP secret")
         self.libiscsi = libiscsi
         self.initiator_iqn = initiator_iqn
 
@@ -105,42 +106,21 @@ class QemuIscsiConnector:
         if t.chap is not None or self.secrets.secret_exists(secret_usage(info), SECRET_TYPE):
             self.secrets.undefine_secret(secret_usage(info), SECRET_TYPE)
 
-    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
-        """Undefines our libvirt secrets that neither a journal record (`keep`) nor a domain refers to."""
-        wanted = set()
-        for info in keep:
-            if isinstance(info.transport, IscsiConnection) and info.transport.paths:
-                wanted.add(secret_usage(info))
-        removed = []
-        for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
-                removed.append(f"libvirt secret {usage}")
-        return removed
-
-    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """Our libvirt secrets that neither a record (`keep`) nor a domain refers to (sweep's, listed)."""
-        wanted = {
+    def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
+        return {
             secret_usage(i) for i in keep if isinstance(i.transport, IscsiConnection) and i.transport.paths
         }
-        return [
-            Finding(
-                "libvirt_secret",
-                usage,
-                f"an iSCSI CHAP secret ({SECRET_TYPE}) no attachment and no domain uses",
-                fixable=True,
-                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
-            )
-            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
-            if usage not in wanted
-        ]
+
+    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
+        """Undefines our libvirt secrets that neither a journal record (`keep`) nor a domain refers to."""
+        return self._private.sweep(self._wanted(keep))
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """The same secrets, listed for the doctor."""
+        return self._private.findings(self._wanted(keep))
 
     def fix(self, finding: Finding) -> bool:
-        """Undefines an orphaned secret of `audit`, if still no domain uses it."""
-        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
-            return False
-        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            return False
-        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)
+        return self._private.fix(finding)
 
     def extend(self, info: ConnectionInfo) -> int:
         t = iscsi_of(info)

@@ -28,7 +28,7 @@ from blockwire.runtime.clock import Clock, Deadline
 from blockwire.runtime.executor import CommandFailed, Runner
 from blockwire.secret import Secret
 from blockwire.validate import split_portal, validate_connection_info
-from hostagent.connectors.base import SecretStore, wait_device
+from hostagent.connectors.base import PrivateSecrets, SecretStore, wait_device
 from hostagent.host.ceph import CephAccess, CephProbe, RbdImage, mon_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
@@ -96,6 +96,7 @@ class QemuRbdConnector:
 
     def __init__(self, secrets: SecretStore, ceph: CephProbe, *, timeout: float = 15.0) -> None:
         self.secrets = secrets
+        self._private = PrivateSecrets(secrets, SECRET_PREFIX, SECRET_TYPE, "a cephx key")
         self.ceph = ceph
         self.timeout = timeout
 
@@ -132,37 +133,19 @@ class QemuRbdConnector:
         rbd_of(info)
         self.secrets.undefine_secret(secret_usage(info), SECRET_TYPE)
 
+    def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
+        return {secret_usage(i) for i in keep if isinstance(i.transport, RbdConnection)}
+
     def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
         """Undefines our ceph secrets that neither a journal record (`keep`) nor a domain refers to."""
-        wanted = {secret_usage(i) for i in keep if isinstance(i.transport, RbdConnection)}
-        removed = []
-        for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            if usage not in wanted and self.secrets.undefine_secret(usage, SECRET_TYPE):
-                removed.append(f"libvirt secret {usage}")
-        return removed
+        return self._private.sweep(self._wanted(keep))
 
     def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """Our ceph secrets that neither a record (`keep`) nor a domain refers to (the doctor's)."""
-        wanted = {secret_usage(i) for i in keep if isinstance(i.transport, RbdConnection)}
-        return [
-            Finding(
-                "libvirt_secret",
-                usage,
-                f"a cephx key ({SECRET_TYPE}) no attachment and no domain uses",
-                fixable=True,
-                volume_id=usage.removeprefix(SECRET_PREFIX).partition("/")[0],
-            )
-            for usage in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE)
-            if usage not in wanted
-        ]
+        """The same secrets, listed for the doctor."""
+        return self._private.findings(self._wanted(keep))
 
     def fix(self, finding: Finding) -> bool:
-        """Undefines an orphaned ceph secret of `audit`, if still no domain uses it."""
-        if finding.kind != "libvirt_secret" or not finding.name.startswith(SECRET_PREFIX):
-            return False
-        if finding.name not in self.secrets.unused_secrets(SECRET_PREFIX, SECRET_TYPE):
-            return False
-        return self.secrets.undefine_secret(finding.name, SECRET_TYPE)
+        return self._private.fix(finding)
 
     def extend(self, info: ConnectionInfo) -> int:
         """The image's size now (the api then tells QEMU with blockResize)."""

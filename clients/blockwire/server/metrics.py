@@ -14,8 +14,9 @@ process do not mix their numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -25,6 +26,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
 from blockwire.runtime.clock import Clock, SystemClock
+from blockwire.server import serving
 from blockwire.validate import split_portal
 
 log = logging.getLogger(__name__)
@@ -141,39 +143,13 @@ class _RpcInterceptor(_Interceptor):
         method = handler_call_details.method.rpartition("/")[2]
         metrics, clock = self.metrics, self.metrics.clock
 
-        def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def run(request: Any, context: grpc.ServicerContext) -> Any:
-                start, failed = clock.monotonic(), True
-                try:
-                    response = behavior(request, context)
-                    failed = False
-                    return response
-                finally:
-                    metrics.record(method, _code_of(context, failed), clock.monotonic() - start)
+        @contextlib.contextmanager
+        def measured(context: grpc.ServicerContext) -> Iterator[None]:
+            start, failed = clock.monotonic(), True
+            try:
+                yield
+                failed = False
+            finally:
+                metrics.record(method, _code_of(context, failed), clock.monotonic() - start)
 
-            return run
-
-        def streamed(behavior: Callable[[Any, grpc.ServicerContext], Iterable[Any]]) -> Callable[..., Any]:
-            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                start, failed = clock.monotonic(), True
-                try:
-                    yield from behavior(request, context)
-                    failed = False
-                finally:
-                    metrics.record(method, _code_of(context, failed), clock.monotonic() - start)
-
-            return run
-
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                streamed(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # client-streaming calls: none in blockwire's services
+        return serving.around(handler, measured)

@@ -31,6 +31,7 @@ import sys
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent import futures
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -321,30 +322,25 @@ class LimitsInterceptor(_Interceptor):
         return _gated(handler, lambda context: self._admit(gate, method, context), gate.leave)
 
 
-def _gated(
+def around(
     handler: grpc.RpcMethodHandler[Any, Any],
-    admit: Callable[[grpc.ServicerContext], None],
-    leave: Callable[[], None],
+    scope: Callable[[grpc.ServicerContext], AbstractContextManager[object]],
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """`handler` with `admit` before its behavior runs and `leave` once it has ended."""
+    """`handler` with its behavior run inside `scope(context)`: entered before it starts (for a stream:
+    when the worker starts it), left once it has ended, failed or not. The one place interceptors
+    (limits, metrics, tracing) wrap a call."""
 
     def once(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            admit(context)
-            try:
+            with scope(context):
                 return behavior(request, context)
-            finally:
-                leave()
 
         return run
 
     def streamed(behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
         def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            admit(context)  # in the generator: runs when the worker starts the stream
-            try:
+            with scope(context):  # in the generator: entered when the worker starts the stream
                 yield from behavior(request, context)
-            finally:
-                leave()
 
         return run
 
@@ -358,6 +354,24 @@ def _gated(
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(streamed(handler.stream_stream), des, ser)
     return handler
+
+
+def _gated(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    admit: Callable[[grpc.ServicerContext], None],
+    leave: Callable[[], None],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with `admit` before its behavior runs and `leave` once it has ended."""
+
+    @contextlib.contextmanager
+    def gate(context: grpc.ServicerContext) -> Iterator[None]:
+        admit(context)
+        try:
+            yield
+        finally:
+            leave()
+
+    return around(handler, gate)
 
 
 @dataclass

@@ -9,9 +9,10 @@ to a file: for tests and for a quick look without a collector).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from blockwire import tracing
 from blockwire.observability import TracingConfig
+from blockwire.server import serving
 
 if TYPE_CHECKING:
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -111,42 +113,15 @@ class TracingInterceptor(_Interceptor):
         name = handler_call_details.method.lstrip("/")
         parent = tracing.extract(handler_call_details.invocation_metadata)
 
-        def finish(s: Any, context: grpc.ServicerContext) -> None:
-            code = _code_of(context)
-            s.set_attribute("rpc.grpc.status_code", (code or grpc.StatusCode.OK).name)
-            if code not in (None, grpc.StatusCode.OK):
-                tracing.fail(s, code.name)
+        @contextlib.contextmanager
+        def traced(context: grpc.ServicerContext) -> Iterator[None]:
+            with tracing.span(name, SpanKind.SERVER, parent, {"rpc.system": "grpc"}) as s:
+                try:
+                    yield
+                finally:
+                    code = _code_of(context)
+                    s.set_attribute("rpc.grpc.status_code", (code or grpc.StatusCode.OK).name)
+                    if code is not None and code is not grpc.StatusCode.OK:
+                        tracing.fail(s, code.name)
 
-        def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
-            def run(request: Any, context: grpc.ServicerContext) -> Any:
-                with tracing.span(name, SpanKind.SERVER, parent, {"rpc.system": "grpc"}) as s:
-                    try:
-                        return behavior(request, context)
-                    finally:
-                        finish(s, context)
-
-            return run
-
-        def streamed(behavior: Callable[[Any, grpc.ServicerContext], Iterable[Any]]) -> Callable[..., Any]:
-            def run(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with tracing.span(name, SpanKind.SERVER, parent, {"rpc.system": "grpc"}) as s:
-                    try:
-                        yield from behavior(request, context)
-                    finally:
-                        finish(s, context)
-
-            return run
-
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                unary(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                streamed(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return serving.around(handler, traced)
