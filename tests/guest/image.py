@@ -49,7 +49,8 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # os-brick: the peer the attach benchmark (bench/attach.py) compares with, run inside the guest.
 REQUIREMENTS = ("pytest", "hypothesis", "pytest-timeout", "rtslib-fb", "setuptools", "wheel", "os-brick")
 BUILD_TIMEOUT = 1800.0
-RUN_TIMEOUT = float(os.environ.get("BLOCKWIRE_GUEST_TIMEOUT", "3000"))  # the whole inside suite under TCG: ~25 min
+# The whole inside suite takes about 25 min under TCG (RBD, NVMe/TCP, cold attach, encryption, the facade).
+RUN_TIMEOUT = float(os.environ.get("BLOCKWIRE_GUEST_TIMEOUT", "3000"))
 INSIDE_TEST_TIMEOUT = 600  # pytest-timeout inside, per test
 MEMORY_MB = 3072
 
