@@ -43,7 +43,7 @@ from tests.host.daemons import (  # noqa: E402
     free_tgt_control_port,
     need_root,
 )
-from tests.host.test_encryption import hmp_qemu_io  # noqa: E402
+from tests.rig import hmp_qemu_io  # noqa: E402
 
 MIB = 1 << 20
 _RATE = re.compile(r"\(([\d.]+) (KiB|MiB|GiB)/sec")

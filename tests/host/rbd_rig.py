@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,23 +134,6 @@ def running_domain(virt: libvirt.virConnect, prefix: str = "bw-rbd") -> Iterator
             dom.destroy()
         with contextlib.suppress(libvirt.libvirtError):
             dom.undefine()
-
-
-def qemu_io(domain: str, target_dev: str, command: str, timeout: float = 60) -> str:
-    """Runs a qemu-io command on the domain's disk (HMP, on the disk's qdev); the lines QEMU logged."""
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", domain], capture_output=True,
-                         text=True, check=True, timeout=30).stdout  # fmt: skip
-    alias = xml.split(f"<target dev='{target_dev}'")[1].split("<alias name='")[1].split("'")[0]
-    log = Path(f"/var/log/libvirt/qemu/{domain}.log")
-    size = log.stat().st_size
-    subprocess.run(
-        ["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain, "--hmp",
-         f'qemu-io -d {alias} "{command}"'],
-        capture_output=True, text=True, timeout=timeout, check=True,
-    )  # fmt: skip
-    with open(log, "rb") as f:
-        f.seek(size)
-        return f.read().decode(errors="replace")
 
 
 def librbd_read(cluster: CephCluster, pool: str, image: str, offset: int, length: int) -> bytes:

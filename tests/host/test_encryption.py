@@ -33,6 +33,7 @@ from storagesvc.keys.embedded import EmbeddedKeys
 from tests.conftest import tier_unavailable
 from tests.fakes.daemon_rig import Rig, define_domain, force_cleanup, remove_domain
 from tests.host.daemons import Started, Tgtd
+from tests.rig import hmp_qemu_io
 
 MIB = 1 << 20
 PATTERN = 0xA5
@@ -103,24 +104,6 @@ def backing(rig: Rig, volume_id: str) -> Path:
 def passphrase(rig: Rig, v: pb.Volume) -> str:
     """The key, from the key manager the storage service uses (the master key file it made)."""
     return EmbeddedKeys(rig.work / "keys" / "master.key").get_key(v.encryption.key_ref).reveal()
-
-
-def hmp_qemu_io(domain: str, target_dev: str, command: str) -> str:
-    """HMP qemu-io on the disk's qdev; qemu-io prints to QEMU's stdout, which libvirt writes to the
-    domain's log: returns the lines it added."""
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", domain], capture_output=True,
-                         text=True, check=True, timeout=30).stdout  # fmt: skip
-    alias = xml.split(f"<target dev='{target_dev}'")[1].split("<alias name='")[1].split("'")[0]
-    log = Path(f"/var/log/libvirt/qemu/{domain}.log")
-    size = log.stat().st_size
-    subprocess.run(
-        ["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain, "--hmp",
-         f'qemu-io -d {alias} "{command}"'],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    with open(log, "rb") as f:
-        f.seek(size)
-        return f.read().decode(errors="replace")
 
 
 def decrypt(path: Path, key: str, out: Path) -> None:

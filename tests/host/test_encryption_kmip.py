@@ -34,9 +34,9 @@ from tests.host.test_encryption import (
     create_encrypted,
     decrypt,
     has_pattern,
-    hmp_qemu_io,
     luks_secrets,
 )
+from tests.rig import hmp_qemu_io
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from tests.fakes.daemon_rig import (
     remove_domain,
 )
 from tests.host.daemons import Started, Tgtd
-from tests.rig import wait_until
+from tests.rig import hmp_qemu_io, wait_until
 
 
 @pytest.fixture
@@ -65,21 +65,8 @@ def domain(rig: Rig) -> Iterator[str]:
 
 
 def qemu_read(domain: str, target_dev: str) -> str:
-    """QEMU reads 64 KiB of the disk through its block layer (HMP qemu-io on the disk's qdev); qemu-io
-    prints to QEMU's stdout, which libvirt writes to the domain's log: the lines it added."""
-    xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", domain], capture_output=True,
-                         text=True, check=True, timeout=30).stdout  # fmt: skip
-    alias = xml.split(f"<target dev='{target_dev}'")[1].split("<alias name='")[1].split("'")[0]
-    log = Path(f"/var/log/libvirt/qemu/{domain}.log")
-    size = log.stat().st_size
-    subprocess.run(
-        ["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain, "--hmp",
-         f'qemu-io -d {alias} "read 0 64k"'],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    with open(log, "rb") as f:
-        f.seek(size)
-        return f.read().decode(errors="replace")
+    """QEMU reads 64 KiB of the disk through its block layer: the lines qemu-io logged."""
+    return hmp_qemu_io(domain, target_dev, "read 0 64k")
 
 
 def _lun_identity(rig: Rig, iqn: str) -> list[str]:

@@ -39,13 +39,12 @@ from tests.host.rbd_rig import (
     create_image,
     disk_size,
     librbd_read,
-    qemu_io,
     rbd_info,
     running_domain,
     to_pb,
 )
 from tests.host.test_rbd_storage import running, write_config
-from tests.rig import KILLED, Daemon
+from tests.rig import KILLED, Daemon, hmp_qemu_io
 
 MIB = 1 << 20
 WRONG_KEY = "AQBUDCtnAAAAABAAd2GrbV3R1lXo7h9SWzr3iA=="
@@ -95,7 +94,7 @@ def test_attach_write_read_extend_detach(
         # a repeat returns the attachment
         assert agent.attach(dom, info).target_dev == a.target_dev
 
-        out = qemu_io(dom, a.target_dev, "write -P 0xa7 64k 64k")
+        out = hmp_qemu_io(dom, a.target_dev, "write -P 0xa7 64k 64k")
         assert "wrote 65536/65536 bytes" in out, out
         assert librbd_read(ceph_cluster, ceph_cluster.pool, vid, 64 * 1024, 64 * 1024) == b"\xa7" * 65536
 
@@ -188,12 +187,12 @@ def test_io_resumes_after_an_osd_restart(
     iid = create_image(bluestore, vid, 8)
     with running_domain(virt) as dom:
         a = agent.attach(dom, to_pb(rbd_info(bluestore, user, vid, vid, image_id_=iid)))
-        assert "wrote" in qemu_io(dom, a.target_dev, "write -P 0x5a 0 64k")
+        assert "wrote" in hmp_qemu_io(dom, a.target_dev, "write -P 0x5a 0 64k")
         bluestore.kill_osd(0)
         done: list[str] = []
         # issued while the OSD is down: it waits in QEMU's librbd and completes once the OSD is back
         writer = threading.Thread(
-            target=lambda: done.append(qemu_io(dom, a.target_dev, "write -P 0x6b 1M 64k", timeout=120))
+            target=lambda: done.append(hmp_qemu_io(dom, a.target_dev, "write -P 0x6b 1M 64k", timeout=120))
         )
         writer.start()
         bluestore.start_osd(0)
@@ -285,7 +284,7 @@ def test_attach_by_volume_id_through_both_daemons(
         (sa,) = s.ListAttachments(spb.ListAttachmentsRequest(volume_id=vol.id), timeout=10).attachments
         assert sa.state == pb.ATTACHMENT_STATE_ATTACHED
 
-        assert "wrote 65536/65536 bytes" in qemu_io(dom, a.target_dev, "write -P 0xc3 0 64k")
+        assert "wrote 65536/65536 bytes" in hmp_qemu_io(dom, a.target_dev, "write -P 0xc3 0 64k")
         image = a.connection_info.rbd.image
         assert librbd_read(ceph_cluster, pool, image, 0, 65536) == b"\xc3" * 65536
 

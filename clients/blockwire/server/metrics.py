@@ -122,8 +122,8 @@ class Metrics:
 
 
 def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
-    code = context.code()  # type: ignore[attr-defined]  # set by abort() or set_code(); not in the stubs
-    if isinstance(code, grpc.StatusCode):
+    code = serving.status_code(context)
+    if code is not None:
         return code
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 

@@ -322,6 +322,12 @@ class LimitsInterceptor(_Interceptor):
         return _gated(handler, lambda context: self._admit(gate, method, context), gate.leave)
 
 
+def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status a handler ended with: what abort() or set_code() set; None when it set none."""
+    code = context.code()  # type: ignore[attr-defined]  # not in the stubs
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
 def around(
     handler: grpc.RpcMethodHandler[Any, Any],
     scope: Callable[[grpc.ServicerContext], AbstractContextManager[object]],

@@ -94,11 +94,6 @@ def configure(config: TracingConfig, service: str) -> Callable[[], None] | None:
     return provider.shutdown
 
 
-def _code_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
-    code = context.code()  # type: ignore[attr-defined]  # set by abort() or set_code(); not in the stubs
-    return code if isinstance(code, grpc.StatusCode) else None
-
-
 class TracingInterceptor(_Interceptor):
     """Each call a SERVER span named after its method, child of the caller's span."""
 
@@ -119,7 +114,7 @@ class TracingInterceptor(_Interceptor):
                 try:
                     yield
                 finally:
-                    code = _code_of(context)
+                    code = serving.status_code(context)
                     s.set_attribute("rpc.grpc.status_code", (code or grpc.StatusCode.OK).name)
                     if code is not None and code is not grpc.StatusCode.OK:
                         tracing.fail(s, code.name)
