@@ -8,6 +8,7 @@ Needs grpc, grpc_health and lxml; never libvirt (the guest drives its domains wi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -241,17 +242,37 @@ def domain_xml(
 
 
 def hmp_qemu_io(domain: str, target_dev: str, command: str, timeout: float = 60) -> str:
-    """Runs a qemu-io command on the domain's disk (HMP, on the disk's qdev); the lines QEMU logged."""
+    """Runs a qemu-io command on the domain's disk (HMP, on the disk's qdev); the lines QEMU logged.
+
+    QEMU 7.2's qemu-io prints to QEMU's stdout, which reaches the domain's log through virtlogd some time
+    after the monitor command returned, while libvirt's own lines (the first HMP command's "tainted:
+    custom-monitor") may arrive first: waits, bounded, for a line that is not libvirt's."""
     xml = subprocess.run(["virsh", "-c", "qemu:///system", "dumpxml", domain], capture_output=True,
                          text=True, check=True, timeout=30).stdout  # fmt: skip
     alias = xml.split(f"<target dev='{target_dev}'")[1].split("<alias name='")[1].split("'")[0]
     log = Path(f"/var/log/libvirt/qemu/{domain}.log")
     size = log.stat().st_size
-    subprocess.run(
+    reply = subprocess.run(
         ["virsh", "-c", "qemu:///system", "qemu-monitor-command", domain, "--hmp",
          f'qemu-io -d {alias} "{command}"'],
         capture_output=True, text=True, timeout=timeout, check=True,
-    )  # fmt: skip
-    with open(log, "rb") as f:
-        f.seek(size)
-        return f.read().decode(errors="replace")
+    ).stdout  # fmt: skip
+
+    def logged() -> str:
+        with open(log, "rb") as f:
+            f.seek(size)
+            return f.read().decode(errors="replace")
+
+    def from_qemu_io(text: str) -> bool:
+        return any(line and not _LIBVIRT_LOG_LINE.match(line) for line in text.splitlines())
+
+    deadline = time.monotonic() + 10
+    text = logged()
+    while not from_qemu_io(reply + text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = logged()
+    return reply + text
+
+
+# libvirt's own lines in a domain log start with a timestamp: "2026-11-30 10:05:24.799+0000: ..."
+_LIBVIRT_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+\+\d{4}: ")
