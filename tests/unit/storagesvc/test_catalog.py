@@ -11,7 +11,8 @@ import pytest
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
 from blockwire.secret import Secret
 from storagesvc.catalog import Conflict, Cursor, time_key
-from storagesvc.catalog.sqlite import MIGRATIONS, SqliteCatalog
+from storagesvc.catalog.sql import MIGRATIONS
+from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.model import (
     Attachment,
     AttachmentState,
