@@ -9,7 +9,9 @@ an NVMe device and no controller exists) and with multipath=Y after, whatever ha
   announced NGUID and UUID -> one dm-multipath map over both (dm uuid mpath-<the namespace's wwid>) ->
   hot-plugged into the domain -> data through the map is in the volume's file -> one port down: I/O
   through the map goes on -> the port back: both controllers live, multipathd has both paths again ->
-  DetachVolume -> nothing left (no controller, namespace device or map; no subsystem in configfs).
+  DetachVolume -> nothing left (no controller, namespace device or map; no subsystem in configfs);
+* a namespace over two ports that carries another attached volume's NGUID and UUID is refused, and the
+  attached volume's controllers, devices, map, disk and data are untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from blockwire.errors import FailedPrecondition
 from blockwire.v1 import types_pb2 as pb
 from tests.guest.inside import kernel, nvmet
 from tests.guest.inside.conftest import Stack, start_stack
@@ -190,3 +193,63 @@ def test_two_ports_one_dm_map_port_down_and_back_then_nothing_left(
             s.agent.detach_volume(domain, vol.id, force=True)
         s.storage.delete_volume(vol.id)
     print(f"timings (s): {timings}")
+
+
+def test_a_namespace_with_another_volumes_identity_is_refused_and_its_map_untouched(
+    clean_dm_nvme: None, dm_nvme_stack: Stack, domain: str
+) -> None:
+    """Volume B attached (its map over two namespace devices); connection info of a volume A over two
+    ports of a second target whose namespace carries B's NGUID and UUID: refused by ConnectVolume and
+    AttachVolume, a forced DisconnectVolume of A's info removes nothing; B's controllers, devices, map,
+    disk and data are as they were."""
+    s = dm_nvme_stack
+    b = s.storage.create_volume(f"e2e-nvme-dm-b-{uuid.uuid4().hex[:6]}", 32 * MiB, backend="file")
+    other = nvmet.Nvmet(trsvcid=4430)
+    image = Path(f"/var/tmp/bw-reused-dm-{uuid.uuid4().hex[:6]}.img")
+    try:
+        att_b = s.agent.attach_volume(domain, volume_id=b.id)
+        assert att_b.host_device.startswith("/dev/dm-"), att_b.host_device
+        ci_b = att_b.connection_info.nvmeof
+        pattern = kernel.write_pattern(att_b.host_device, 3)
+        before = (nvmet.controllers(), nvmet.heads(), nvme_maps(), kernel.domain_xml(domain))
+
+        host_nqn = s.agent.get_connector().nvme_host_nqn
+        a_nqn = "nqn.2026-01.io.blockwire.test:reused-dm"
+        other.subsystem(a_nqn, host_nqn)
+        other.namespace(a_nqn, 1, image, 32 * MiB,
+                        nguid=ci_b.namespace_nguid, ns_uuid=ci_b.namespace_uuid)  # fmt: skip
+        info_a = pb.ConnectionInfo(
+            volume_id="vol-a-reused",
+            nvmeof=pb.NvmeofConnection(
+                subsystem_nqn=a_nqn,
+                portals=[
+                    pb.NvmeofPortal(address="127.0.0.1:4430", transport="tcp"),
+                    pb.NvmeofPortal(address="127.0.0.2:4430", transport="tcp"),
+                ],
+                namespace_id=1,
+                namespace_nguid=uuid.uuid4().hex,
+                namespace_uuid=str(uuid.uuid4()),
+                host_nqn=host_nqn,
+            ),
+        )
+        with pytest.raises(FailedPrecondition, match="storage announced"):
+            s.agent.connect_volume(info_a)
+        with pytest.raises(FailedPrecondition, match="storage announced"):
+            s.agent.attach_volume(domain, connection_info=info_a)
+        s.agent.disconnect_volume(info_a, force=True)
+        kernel.settle()
+        assert not ctrl_states(a_nqn), "the refused connects left controllers"
+        assert (nvmet.controllers(), nvmet.heads(), nvme_maps(), kernel.domain_xml(domain)) == before
+        assert kernel.read_at(att_b.host_device, 3) == pattern
+        assert kernel.read_at(s.volume_file(b.id), 3) == pattern
+        s.agent.detach_volume(domain, b.id)
+        kernel.settle()
+        assert nvme_maps() == []
+    finally:
+        with contextlib.suppress(Exception):
+            s.agent.detach_volume(domain, b.id, force=True)
+        s.storage.delete_volume(b.id)
+        nvmet.disconnect_all()
+        kernel.settle()
+        other.close()
+        image.unlink(missing_ok=True)
