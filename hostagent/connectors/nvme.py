@@ -103,6 +103,12 @@ def announced_ids(info: ConnectionInfo) -> dict[str, str]:
     return ids
 
 
+def _dashed(hex32: str) -> str:
+    """A UUID in normal_id form (32 hex) in UUID notation, as the kernel's wwid shows it; "" for none."""
+    h = hex32
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}" if len(h) == 32 else ""
+
+
 def is_volume(ns: Namespace, info: ConnectionInfo) -> bool:
     """Whether `ns` is the announced namespace: every announced identity equal; with none announced
     (allow_unverified_identity), the announced namespace id."""
@@ -408,6 +414,27 @@ class NvmeConnector:
                 maps[found[0]] = self.maps.dm_map(found[0])
         return maps
 
+    def _flush_pathless_map(self, info: ConnectionInfo, force: bool) -> None:
+        """No controller of the volume is left (the kernel gave up on them, or a disconnect stopped after
+        deleting them): a map of the volume's WWID that has no path left is flushed, under the same rule
+        (refused while held, unless forced). A map with paths is not touched: they are another host
+        NQN's controllers, not this connection's."""
+        if self.maps is None:
+            return
+        ids = announced_ids(info)
+        wwids = [f"uuid.{_dashed(ids['uuid'])}"] if ids.get("uuid") else []
+        wwids += [f"eui.{ids['nguid']}"] if ids.get("nguid") else []
+        for wwid in wwids:
+            found = self.maps.map_in_sysfs(wwid)
+            if found is None:
+                continue
+            m = self.maps.dm_map(found[0])
+            if m.slaves:
+                continue
+            self._refuse_held(info, [], {m.dm: m}, force)
+            self._flush(m, force)
+            log.info("flushed map %s of %s (no path left)", m.name, info.volume_id)
+
     def _flush(self, m: DmMap, force: bool) -> None:
         assert self.maps is not None
         try:
@@ -516,6 +543,7 @@ class NvmeConnector:
         with self._lock(t):
             ctrls = self._controllers(t)
             if not ctrls:
+                self._flush_pathless_map(info, force)
                 return
             subsystem = next((c.subsystem for c in ctrls.values() if c.subsystem), "")
             there = self.host.namespaces(subsystem) if subsystem else []

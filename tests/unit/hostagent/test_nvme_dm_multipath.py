@@ -287,3 +287,23 @@ def test_one_portal_is_its_plain_device_unless_every_volume_is_mapped(tmp_path: 
     assert r.conn.connect(info(portals=(P1,))).path == "/dev/dm-0"
     r.conn.disconnect(info(portals=(P1,)))
     r.nothing_left()
+
+
+def test_a_map_left_without_paths_is_flushed_by_a_disconnect_with_no_controller_left(tmp_path: Path) -> None:
+    """The kernel gave up on every controller (ctrl_loss_tmo) while the map was held: the map of the
+    volume's WWID is left with no path. A later disconnect flushes it (not while it is held); a map of
+    the volume's WWID that still has paths is not this connection's to flush."""
+    r = Rig(tmp_path)
+    r.export()
+    r.conn.connect(info())
+    for c in ("nvme0", "nvme1"):
+        r.kernel.drop(c)
+    for slave in (r.kernel.root / "block/dm-0/slaves").iterdir():
+        slave.rmdir()
+    r.openers.hold("dm-0")
+    with pytest.raises(FailedPrecondition, match=r"/dev/dm-0 \(mpatha\)"):
+        r.conn.disconnect(info())
+    r.openers.release("dm-0")
+    r.conn.disconnect(info())
+    r.nothing_left()
+    r.conn.disconnect(info())  # idempotent
