@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -76,6 +77,8 @@ from hostagent.tools.nvme import (
 
 log = logging.getLogger(__name__)
 
+_HEAD_PATH = re.compile(r"/nvme-subsystem/(nvme-subsys\d+)/nvme\d+n\d+$")
+_OWN_PATH = re.compile(r"/ctl/(nvme\d+)/nvme\d+n\d+$")
 GONE_STATES = ("deleting", "deleting (no IO)", "dead")  # a controller on its way out: not reused
 USERS_GRACE = 3.0  # seconds a holder of the head gets to let go (QEMU's blockdev-del after an unplug)
 USERS_RETRY = 0.2
@@ -266,7 +269,7 @@ class NvmeConnector:
                 return False
             if own and dev.sys_name not in self.host.controller_namespaces(controllers[0].name):
                 return False
-            if self.host.subsystem_of_namespace(dev.sys_name) != subsystem:
+            if not self._in_subsystem(dev, subsystem, controllers):
                 return False
             ns = self.host.namespace(dev.sys_name)
             return ns is not None and candidate(ns)
@@ -314,6 +317,19 @@ class NvmeConnector:
                 f"{self._announced(info)}: refused (the namespace may have been reused); nothing was attached"
             )
         return ns
+
+    def _in_subsystem(self, dev: UdevDevice, subsystem: str, controllers: list[Controller]) -> bool:
+        """Whether namespace device `dev` belongs to `subsystem`, from its sysfs path when it says (a head
+        sits under .../nvme-subsystem/nvme-subsysK/, a controller's own device under .../ctl/nvmeN/):
+        a wait of many volumes at once sees every volume's events, and a scan of every subsystem for
+        each of them costs seconds under load."""
+        if m := _HEAD_PATH.search(dev.sys_path):
+            return m[1] == subsystem
+        if m := _OWN_PATH.search(dev.sys_path):
+            return (
+                m[1] in {c.name for c in controllers} or self.host.subsystem_of_controller(m[1]) == subsystem
+            )
+        return self.host.subsystem_of_namespace(dev.sys_name) == subsystem
 
     def _check_identity_early(
         self, info: ConnectionInfo, controllers: list[Controller], *, every: bool = False

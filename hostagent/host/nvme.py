@@ -210,6 +210,8 @@ class NvmeHost:
         for name in self.sysfs.listdir("class/nvme"):
             if not CONTROLLER_RE.fullmatch(name):
                 continue
+            if subsysnqn and self.sysfs.read(f"class/nvme/{name}/subsysnqn") != subsysnqn:
+                continue  # another subsystem's: not read further (many volumes: many controllers)
             c = self.controller(name)
             if c is not None and (not subsysnqn or c.subsysnqn == subsysnqn):
                 found.append(c)

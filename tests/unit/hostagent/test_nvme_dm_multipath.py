@@ -307,3 +307,20 @@ def test_a_map_left_without_paths_is_flushed_by_a_disconnect_with_no_controller_
     r.conn.disconnect(info())
     r.nothing_left()
     r.conn.disconnect(info())  # idempotent
+
+
+def test_the_subsystem_of_a_namespace_device_is_read_from_its_recorded_sysfs_path() -> None:
+    """The udev wait tells a volume's namespace device from another's by its sysfs path (no scan of every
+    subsystem per event): a head under its subsystem, a controller's own device under the controller."""
+    from hostagent.connectors.nvme import _HEAD_PATH, _OWN_PATH  # noqa: PLC0415
+
+    head = (REC / "nvme_udevadm_info_nvme0n1.txt").read_text().splitlines()[0].removeprefix("P: ")
+    own = recorded("udevadm_info_nvme0n1.txt").splitlines()[0].removeprefix("P: ")
+    m = _HEAD_PATH.search(head)
+    assert m
+    assert m[1] == "nvme-subsys0"
+    assert not _OWN_PATH.search(head)
+    m = _OWN_PATH.search(own)
+    assert m
+    assert m[1] == "nvme0"
+    assert not _HEAD_PATH.search(own)
