@@ -1035,7 +1035,8 @@ def run_nvme_plan(work: Path) -> dict[str, Any]:
                         f"{r['disconnect_wall_s']:.2f}s errors {len(r['errors'])} leftovers {left}"
                     )
                     results["scenarios"].append(r)
-                    (RESULTS / "attach-partial.json").write_text(json.dumps(results) + "\n")
+                    # its own file: the iSCSI part's run_plan writes attach-partial.json afresh
+                    (RESULTS / "attach-partial-nvme.json").write_text(json.dumps(results) + "\n")
     iscsi = run_plan(Plan(scenarios=NVME_ISCSI_SCENARIOS, contenders=("floor", "bw-lib", "bw-e2e")), work)
     for r in iscsi["scenarios"]:
         r["transport"] = "iscsi"
