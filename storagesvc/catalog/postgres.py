@@ -127,7 +127,15 @@ class PostgresCatalog(SqlCatalog):
         try:
             with (pool or self._pool).connection() as conn:
                 yield conn
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+        except psycopg_pool.PoolTimeout as exc:
+            if pool is self._locks:
+                raise Unavailable(
+                    f"catalog database {self.server}: no lock connection within {self.connect_timeout:g}s "
+                    f"(the server is unreachable, or all {self._locks.max_size} [catalog] lock_connections "
+                    "are in use); retry"
+                ) from None
+            raise self._unreachable(exc) from None
+        except psycopg.OperationalError as exc:
             if isinstance(exc, pgerrors.LockNotAvailable | pgerrors.QueryCanceled):
                 raise
             raise self._unreachable(exc) from None
