@@ -35,7 +35,7 @@ import psycopg_pool
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
-from blockwire.errors import Aborted, Unavailable
+from blockwire.errors import Aborted, ResourceExhausted, Unavailable
 from storagesvc.catalog import Conflict
 from storagesvc.catalog.sql import MIGRATIONS, SqlCatalog, statements
 
@@ -91,8 +91,9 @@ class PostgresCatalog(SqlCatalog):
     ) -> None:
         try:
             params = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"[catalog] dsn: not a PostgreSQL connection string ({exc})") from None
+        except psycopg.ProgrammingError:
+            # psycopg's message quotes the string, which may hold a secret: not repeated
+            raise ValueError("[catalog] dsn: not a libpq connection string or postgresql:// URI") from None
         if params.get("password"):
             raise ValueError("[catalog] dsn: holds a password; put the password in password_file")
         host = str(params.get("host") or params.get("hostaddr") or "localhost")
@@ -140,11 +141,11 @@ class PostgresCatalog(SqlCatalog):
             with (pool or self._pool).connection() as conn:
                 yield conn
         except psycopg_pool.PoolTimeout as exc:
-            if pool is self._locks:
-                raise Unavailable(
-                    f"catalog database {self.server}: no lock connection within {self.connect_timeout:g}s "
-                    f"(the server is unreachable, or all {self._locks.max_size} [catalog] lock_connections "
-                    "are in use); retry"
+            if pool is self._locks and self._locks.get_stats().get("pool_size", 0) >= self._locks.max_size:
+                raise ResourceExhausted(
+                    f"all {self._locks.max_size} lock connections to the catalog database are held by "
+                    f"other calls (waited {self.connect_timeout:g}s); retry, or raise [catalog] "
+                    "lock_connections"
                 ) from None
             raise self._unreachable(exc) from None
         except psycopg.OperationalError as exc:

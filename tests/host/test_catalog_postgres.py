@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blockwire.errors import Aborted, Unavailable
+from blockwire.errors import Aborted, ResourceExhausted, Unavailable
 from storagesvc.catalog import Conflict
 from storagesvc.catalog.postgres import PostgresCatalog, lock_key
 from storagesvc.catalog.sql import MIGRATIONS
@@ -276,5 +276,21 @@ def test_connections_the_server_ended_are_replaced_before_use(
                     assert time.monotonic() < deadline, "terminated backends still there after 10 s"
             assert c.get_volume(volume(1).id) is not None
             c.insert_volume(volume(2 + i))
+    finally:
+        c.close()
+
+
+def test_all_lock_connections_held_is_resource_exhausted_naming_the_bound(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    c = open_catalog(postgres_server, postgres_dsn, lock_connections=1, connect_timeout=1)
+    try:
+        with c.hold("volume a", 1):
+            t0 = time.monotonic()
+            with pytest.raises(ResourceExhausted, match="lock_connections"), c.hold("volume b", 1):
+                pass
+            assert time.monotonic() - t0 < 10
+        with c.hold("volume b", 1):  # given back
+            pass
     finally:
         c.close()

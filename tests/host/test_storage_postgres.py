@@ -328,3 +328,11 @@ def test_the_catalog_server_restarted_mid_run_unavailable_then_nothing_lost(node
         nodes.stub(i % 2).DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=30)
         assert nodes.targets_of(v.id) == []
     assert nodes.stub(0).ListVolumes(spb.ListVolumesRequest(), timeout=30).volumes == []
+    # the catalog's password is in no log line (an outage logs the pool's connection errors) or argv
+    password = Path(nodes.server.password_file).read_text().strip()
+    logs = [d.log.read_text() for d in nodes.daemons]
+    assert any(f"port {nodes.server.port} failed" in log for log in logs)  # the outage was logged ...
+    assert not [log for log in logs if password in log]  # ... without the password
+    for d in nodes.daemons:
+        assert d.proc is not None
+        assert password not in Path(f"/proc/{d.proc.pid}/cmdline").read_text()
