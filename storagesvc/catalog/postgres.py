@@ -121,6 +121,12 @@ class PostgresCatalog(SqlCatalog):
         self._locks = psycopg_pool.ConnectionPool(
             dsn, min_size=0, max_size=lock_connections, name="catalog-locks", **common
         )
+        # one direct connection first: on start, the server's own reason (refused, a wrong password, no
+        # such database) is worth more than the pool's "couldn't get a connection"
+        try:
+            psycopg.connect(dsn, **kwargs).close()
+        except psycopg.OperationalError as exc:
+            raise self._unreachable(exc) from None
         self._pool.open(wait=False)
         self._locks.open(wait=False)
         try:
@@ -131,7 +137,7 @@ class PostgresCatalog(SqlCatalog):
 
     # connections
     def _unreachable(self, exc: BaseException) -> Unavailable:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         return Unavailable(f"catalog database {self.server} is unreachable ({reason}); retry")
 
     @contextlib.contextmanager
