@@ -64,8 +64,9 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     the server says so and closes the socket), so only then is it asked (and found broken)."""
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("connection closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select(): a daemon may hold more than FD_SETSIZE descriptors
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
         psycopg_pool.ConnectionPool.check_connection(conn)
 
 
