@@ -51,6 +51,7 @@ from storagesvc.model import (
     Volume,
 )
 from storagesvc.reconcile import Reconciler
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.snapshots import Snapshots
 from storagesvc.targets.base import TargetSpec
 from storagesvc.volumes import Volumes
@@ -86,9 +87,11 @@ class StorageService:
         secret_factory: Callable[[], Secret] = new_chap_secret,
         failpoints: Failpoints = NO_FAILPOINTS,
         crypt: VolumeCrypt | None = None,
+        scheduler: SchedulerSettings | None = None,
     ) -> None:
         if not pools:
             raise ValueError("at least one backend")
+        settings = replace(scheduler or SchedulerSettings(), default_backend=default_backend)
         self._bind(
             Context(
                 catalog=catalog,
@@ -106,6 +109,7 @@ class StorageService:
                 mutual_chap=mutual_chap,
                 failpoints=failpoints,
                 crypt=crypt,
+                scheduler=settings,
             )
         )
 

@@ -31,11 +31,13 @@ from storagesvc.model import (
     ImageFormat,
     ImageSource,
     Progress,
+    QosSpecs,
     Snapshot,
     SnapshotState,
     Volume,
     VolumeSource,
     VolumeState,
+    VolumeType,
 )
 
 
@@ -105,6 +107,7 @@ def volume_doc(v: Volume) -> dict[str, Any]:
             "access_mode": e.access_mode.value,
         },
         "encryption": _encryption_doc(v.encryption),
+        "volume_type": v.volume_type,
     }
 
 
@@ -142,6 +145,7 @@ def volume_from_doc(d: dict[str, Any]) -> Volume:
             access_mode=AccessMode(e["access_mode"]),
         ),
         encryption=_encryption(d.get("encryption")),
+        volume_type=d.get("volume_type", ""),
     )
 
 
@@ -357,4 +361,50 @@ def attachment_from_doc(d: dict[str, Any]) -> Attachment:
         host_device=d["host_device"],
         error_message=d["error_message"],
         migration_source_id=d.get("migration_source_id", ""),
+    )
+
+
+def volume_type_doc(t: VolumeType) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "description": t.description,
+        "extra_specs": dict(t.extra_specs),
+        "qos_specs_id": t.qos_specs_id,
+        "create_time": t.create_time.isoformat(),
+        "update_time": t.update_time.isoformat(),
+    }
+
+
+def volume_type_from_doc(d: dict[str, Any]) -> VolumeType:
+    return VolumeType(
+        id=d["id"],
+        name=d["name"],
+        description=d["description"],
+        extra_specs=d["extra_specs"],
+        qos_specs_id=d["qos_specs_id"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
+    )
+
+
+def qos_specs_doc(q: QosSpecs) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "name": q.name,
+        "consumer": q.consumer,
+        "specs": dict(q.specs),
+        "create_time": q.create_time.isoformat(),
+        "update_time": q.update_time.isoformat(),
+    }
+
+
+def qos_specs_from_doc(d: dict[str, Any]) -> QosSpecs:
+    return QosSpecs(
+        id=d["id"],
+        name=d["name"],
+        consumer=d["consumer"],
+        specs=d["specs"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
     )
