@@ -22,7 +22,7 @@ from blockwire.errors import (
 )
 from blockwire.model import Encryption
 from blockwire.secret import Secret
-from storagesvc import identity, paging, placement, scheduler
+from storagesvc import identity, paging, placement, scheduler, voltypes
 from storagesvc.backends.base import DirectBackend, ImageInfo
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context, Pool
@@ -56,6 +56,7 @@ class Volumes:
             validate.labels(spec.labels)
             if spec.backend:
                 ctx.pool(spec.backend)
+            spec = self._typed(spec)
             with ctx.locks.hold(f"name:{spec.name}", f"volume name {spec.name}"):
                 existing = ctx.catalog.volume_by_name(spec.name)
                 if existing is not None:
@@ -76,6 +77,21 @@ class Volumes:
                             exc.message if isinstance(exc, BlockwireError) else type(exc).__name__,
                         )
                 raise _attempts_failed(spec.name, attempts)
+
+    def _typed(self, spec: CreateVolumeSpec) -> CreateVolumeSpec:
+        """The request with its volume type applied (the named one or the default): the type's extra
+        specs place it, and a type that says multiattach or encryption makes the volume so (encryption:
+        a new empty volume; a copy is encrypted exactly when its source is)."""
+        vtype = voltypes.VolumeTypes(self.ctx).for_create(spec.volume_type)
+        if vtype is None:
+            return replace(spec, extra_specs={})
+        return replace(
+            spec,
+            volume_type=vtype.name,
+            extra_specs=dict(vtype.extra_specs),
+            multiattach=spec.multiattach or voltypes.type_says(vtype, "multiattach"),
+            encrypted=spec.encrypted or (voltypes.type_says(vtype, "encryption") and spec.source.is_empty()),
+        )
 
     def _placements(self, spec: CreateVolumeSpec) -> list[Pool]:
         """The pools to try, best first: the named backend, the source's backend for a copy, the
@@ -157,6 +173,7 @@ class Volumes:
             source=src,
             progress=Progress(0, size if not src.is_empty() else 0),
             encryption=encryption,
+            volume_type=spec.volume_type,
         )
         with contextlib.ExitStack() as undo:
             if passphrase is not None and encryption is not None:

@@ -7,6 +7,7 @@ the documents: the catalog is protected like a key file (SQLite: mode 0600; Post
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from blockwire.model import (
     ConnectionInfo,
     Connector,
     Encryption,
+    IoTune,
     IscsiConnection,
     IscsiPath,
     NvmeofConnection,
@@ -253,6 +255,7 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
         "logical_block_size": c.logical_block_size,
         "physical_block_size": c.physical_block_size,
         "encryption": _encryption_doc(c.encryption),
+        "qos": {k: v for k, v in dataclasses.asdict(c.qos).items() if v} if not c.qos.is_empty() else None,
     }
 
 
@@ -325,6 +328,7 @@ def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
         logical_block_size=d["logical_block_size"],
         physical_block_size=d["physical_block_size"],
         encryption=_encryption(d.get("encryption")),
+        qos=IoTune(**d["qos"]) if d.get("qos") else IoTune(),
     )
 
 

@@ -93,11 +93,30 @@ def test_capabilities_from_settings_steer_placement(make: type[Rig]) -> None:
     state = placement.backend_state(rig.service.ctx, "b")
     assert state.capabilities["disk_type"] == "ssd"
     assert state.capabilities["transport"] == "iscsi"
-    assert rig.create("ssd", extra_specs={"disk_type": "ssd"}) == "b"
-    assert rig.create("zoned", extra_specs={"availability_zone": "az2"}) == "c"
+    svc = rig.service
+    svc.create_volume_type("ssd", "", {"disk_type": "ssd"})
+    svc.create_volume_type("zoned", "", {"availability_zone": "az2"})
+    svc.create_volume_type("nvme", "", {"disk_type": "nvme"})
+    assert rig.create("ssd", volume_type="ssd") == "b"
+    assert rig.create("zoned", volume_type="zoned") == "c"
     with pytest.raises(FailedPrecondition, match="without disk_type='nvme'"):
-        rig.create("none", extra_specs={"disk_type": "nvme"})
+        rig.create("none", volume_type="nvme")
     assert rig.catalog.volume_by_name("none") is None
+    # extra specs come from the type only: a caller's own are ignored
+    assert rig.create("own", extra_specs={"disk_type": "nvme"}) == "a"
+
+
+def test_the_default_volume_type_applies_when_none_is_named(make: type[Rig]) -> None:
+    rig = make(default_volume_type="pinned")
+    with pytest.raises(FailedPrecondition, match="default volume type pinned"):
+        rig.create("v")
+    rig.service.create_volume_type("pinned", "", {"volume_backend_name": "c"})
+    assert rig.create("v") == "c"
+    made = rig.catalog.volume_by_name("v")
+    assert made is not None
+    assert made.volume_type == "pinned"
+    with pytest.raises(FailedPrecondition, match="is the default"):
+        rig.service.delete_volume_type("pinned")
 
 
 def test_a_failed_create_is_rescheduled_to_the_next_backend_and_leaves_nothing(make: type[Rig]) -> None:
