@@ -219,6 +219,7 @@ def _filter(
 ) -> list[tuple[int, BackendState]]:
     """(room, backend) of each candidate that passes the filters; the others go to `rejected`."""
     checks = compile_specs(request.extra_specs)
+    seen: dict[tuple[int, str], bool] = {}  # (check, capability value) -> passed: values repeat a lot
     size = request.size_bytes
     passed: list[tuple[int, BackendState]] = []
     for b in candidates:
@@ -230,8 +231,7 @@ def _filter(
         if zone and b.availability_zone != zone:
             rejected.other_zone.append(b.backend)
             continue
-        caps = b.capabilities
-        failed = next((key for key, cap, ok in checks if (v := caps.get(cap)) is None or not ok(v)), "")
+        failed = _failed_spec(checks, b.capabilities, seen)
         if failed:
             rejected.lacking.setdefault(failed, []).append(b.backend)
             continue
@@ -241,6 +241,22 @@ def _filter(
             continue
         passed.append((left, b))
     return passed
+
+
+def _failed_spec(
+    checks: list[tuple[str, str, Predicate]], caps: Mapping[str, str], seen: dict[tuple[int, str], bool]
+) -> str:
+    """The first extra spec the capabilities fail ("" when none)."""
+    for i, (key, cap, ok) in enumerate(checks):
+        value = caps.get(cap)
+        if value is None:
+            return key
+        hit = seen.get((i, value))
+        if hit is None:
+            hit = seen[(i, value)] = ok(value)
+        if not hit:
+            return key
+    return ""
 
 
 def _names(backends: list[str]) -> str:
