@@ -63,7 +63,9 @@ class CreateVolumeRequest(_message.Message):
     size grows the copy.
     """
     backend: _builtins.str
-    """Backend name; empty means the service's default."""
+    """Backend name; empty means the service's default backend ([service] default_backend), else the
+    scheduler's choice among the backends that meet the volume type's extra specs.
+    """
     multiattach: _builtins.bool
     """Allow several attachments at once."""
     source_snapshot_id: _builtins.str

@@ -224,8 +224,12 @@ class StorageServiceServicer:
         """Creates a volume, empty or from a snapshot, another volume or an image.
         Idempotent by name: a repeat with the same name and parameters returns the existing volume (even
         while it is still CREATING); the same name with other parameters gives ALREADY_EXISTS.
-        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source), NOT_FOUND (source snapshot or volume),
-        RESOURCE_EXHAUSTED, ALREADY_EXISTS.
+        Without a backend, the scheduler places the volume (README "Volume types, QoS specs and the
+        scheduler") and a backend failure is retried on the next ranked backend ([scheduler] max_attempts);
+        the final error names each attempt.
+        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source, backend), NOT_FOUND (source snapshot or
+        volume, volume type), FAILED_PRECONDITION (no backend meets the type's extra specs: the message counts
+        them per reason), RESOURCE_EXHAUSTED, ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
