@@ -15,6 +15,7 @@ from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
 from storagesvc.keys.base import KEY_KINDS, KeysConfig
+from storagesvc.scheduler import WEIGHERS
 
 BACKEND_KINDS = ("file", "lvm-thin", "rbd")
 RBD_HOST_USERS = ("backend", "per-host")
@@ -97,6 +98,9 @@ class BackendConfig:
     host_key_file: str = ""  # its key (a keyring or a key file)
     capacity_bytes: int = 0  # provisioning cap; 0: the pool's size from the cluster (needs a ceph-mgr)
     scratch_dir: str = ""  # qcow2 images are converted to raw here before their import
+    # the scheduler (README "Volume types, QoS specs and the scheduler")
+    availability_zone: str = ""
+    capabilities: Mapping[str, str] = field(default_factory=dict, hash=False)  # added to the kind's own
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,15 @@ class ExporterConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: where CreateVolume puts a volume that names no backend (storagesvc.scheduler)."""
+
+    max_attempts: int = 3  # backends tried, in rank order, before a create fails
+    weigher: str = "free_capacity"  # or "volume_count"
+    default_volume_type: str = ""  # the type of a volume created without one ("": none)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -132,6 +145,8 @@ class Config:
     def catalog_path(self) -> str:
         """The SQLite file: [catalog] path, else [service] catalog_path."""
         return self.catalog.path or self.service.catalog_path
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 class ConfigError(Exception):
@@ -186,7 +201,15 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     t = _take(table, f"backends[{i}]", _fields(BackendConfig))
     if "monitors" in t:
         t["monitors"] = tuple(t["monitors"])
+    caps = t.get("capabilities", {})
+    if not isinstance(caps, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, bool, int, float)) for k, v in caps.items()
+    ):
+        raise ConfigError(f"[[backends]] {t.get('name')}: capabilities is a table of names to values")
+    t["capabilities"] = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in caps.items()}
     b = BackendConfig(**t)
+    if not b.oversubscription_ratio >= 1.0:
+        raise ConfigError(f"[[backends]] {b.name}: oversubscription_ratio is 1.0 or more")
     if b.kind not in BACKEND_KINDS:
         raise ConfigError(f"[[backends]] {b.name}: kind is one of {', '.join(BACKEND_KINDS)}")
     if b.kind == "rbd":
@@ -283,6 +306,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         "tracing",
         "keys",
         "catalog",
+        "scheduler",
     )
     top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
@@ -327,6 +351,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         tracing=tracing,
         keys=_keys(top.get("keys", {})),
         catalog=_catalog(top.get("catalog", {})),
+        scheduler=_scheduler(top.get("scheduler", {})),
     )
 
 
@@ -363,6 +388,20 @@ def _catalog(table: Mapping[str, Any]) -> CatalogConfig:
             "[catalog] dsn: holds a password (it would reach logs and errors); put it in password_file"
         )
     return c
+
+
+def _scheduler(table: Mapping[str, Any]) -> SchedulerConfig:
+    s = SchedulerConfig(**_take(table, "scheduler", _fields(SchedulerConfig)))
+    if not (isinstance(s.max_attempts, int) and 1 <= s.max_attempts <= 100):
+        raise ConfigError("[scheduler] max_attempts: 1 to 100 backends")
+    if s.weigher not in WEIGHERS:
+        raise ConfigError(f"[scheduler] weigher: one of {', '.join(WEIGHERS)}")
+    if s.default_volume_type:
+        try:
+            validate.name(s.default_volume_type, "scheduler.default_volume_type")
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from None
+    return s
 
 
 def _keys(table: Mapping[str, Any]) -> KeysConfig:
