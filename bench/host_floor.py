@@ -1,4 +1,4 @@
-"""Host-tier attach/detach against the raw floor: QEMU-native iSCSI with CHAP on tgtd, side by side in one run.
+"""Host-tier attach/detach against the raw floor: QEMU-native iSCSI with CHAP on tgtd, side by side.
 
     sudo python -m bench.host_floor [--cycles 15] [--storm 64 --domains 8] [--out bench/results]
 
@@ -89,7 +89,9 @@ def machine() -> dict[str, Any]:
         platform.processor(),
     )  # fmt: skip
     mem_kb = next(
-        int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")
+        int(ln.split()[1])
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal")
     )
     return {
         "cpu": cpu,
@@ -229,7 +231,9 @@ class Floor:
         out = self.tgtd.adm("--op", "show", "--mode", "target", check=False).stdout
         for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.M):
             if f".{RAW_PREFIX}:" in m.group(2):
-                self.tgtd.adm("--op", "delete", "--mode", "target", "--tid", m.group(1), "--force", check=False)
+                self.tgtd.adm(
+                    "--op", "delete", "--mode", "target", "--tid", m.group(1), "--force", check=False
+                )
         acc = self.tgtd.adm("--op", "show", "--mode", "account", check=False).stdout
         for user in re.findall(r"^\s+(bf-[0-9a-f]+)$", acc, re.M):
             self.tgtd.adm("--op", "delete", "--mode", "account", "--user", user, check=False)
@@ -304,6 +308,7 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
     profile_detach: list[dict[str, float]] = []
     try:
         for i in range(n + 1):
+
             def floor_cycle() -> tuple[float, float]:
                 t = floor.new(0)
                 a = floor.attach(dom, t, 0)
@@ -319,9 +324,8 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
                 sa = steps.take()
                 d = timed(lambda: agent.detach(dom, vol_lib))
                 sd = steps.take()
-                if i:
-                    profile_attach.append({**sa, "total": a})
-                    profile_detach.append({**sd, "total": d})
+                profile_attach.append({**sa, "total": a})  # the first (warm-up) is dropped below
+                profile_detach.append({**sd, "total": d})
                 return a, d
 
             cycles = [("floor", floor_cycle), ("grpc", grpc_cycle), ("lib", lib_cycle)]
@@ -341,8 +345,8 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
         for op in ("attach", "detach"):
             out[f"ratio_{c}_{op}_p50"] = round(out[f"{c}_{op}"]["p50_ms"] / out[f"floor_{op}"]["p50_ms"], 2)
             out[f"ratio_{c}_{op}_p95"] = round(out[f"{c}_{op}"]["p95_ms"] / out[f"floor_{op}"]["p95_ms"], 2)
-    out["profile_attach_ms"] = mean_profile(profile_attach)
-    out["profile_detach_ms"] = mean_profile(profile_detach)
+    out["profile_attach_ms"] = mean_profile(profile_attach[1:])
+    out["profile_detach_ms"] = mean_profile(profile_detach[1:])
     return out
 
 
@@ -404,9 +408,10 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
             def one(i: int) -> None:
                 try:
                     t = fn(i)
-                except Exception as exc:  # noqa: BLE001 - counted and reported
+                except Exception as exc:  # counted and reported
+                    details = exc.details() if hasattr(exc, "details") else str(exc)
                     with lock:
-                        errors.append(f"{name} {i}: {getattr(exc, 'details', lambda: str(exc))()}"[:300])
+                        errors.append(f"{name} {i}: {details}"[:300])
                     return
                 with lock:
                     per[name].append(t)
@@ -503,7 +508,8 @@ def report(results: dict[str, Any], out: Path) -> Path:
         for k in ("floor", "grpc", "floor_detach", "grpc_detach"):
             r = c[k]
             lines.append(
-                f"| {k} | {r['n']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['wall_s']} |"
+                f"| {k} | {r['n']} | {r['p50_ms']} | {r['p95_ms']} | {r['p99_ms']} | {r['max_ms']} "
+                f"| {r['wall_s']} |"
             )
         lines += [
             "",
@@ -519,10 +525,11 @@ def report(results: dict[str, Any], out: Path) -> Path:
 
 
 def commit() -> str:
-    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                       check=False, timeout=10)  # fmt: skip
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, check=False, timeout=10).stdout.strip()  # fmt: skip
+    git = ["git", "-C", str(ROOT)]
+    r = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                       timeout=10)  # fmt: skip
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, check=False, timeout=10).stdout.strip()  # fmt: skip
     return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
