@@ -59,6 +59,7 @@ from tests.host.daemons import Started, Tgtd, ensure_libvirtd, free_port, free_t
 PORTAL_HOSTS = ("127.0.0.1",)
 MIB = 1 << 20
 RAW_PREFIX = "bench-floor"
+METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
 
 
 def pct(values: list[float], p: float) -> float:
@@ -306,6 +307,7 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
     times: dict[str, list[float]] = defaultdict(list)
     profile_attach: list[dict[str, float]] = []
     profile_detach: list[dict[str, float]] = []
+    grpc_steps: list[tuple[dict[str, Any], ...]] = []
     try:
         for i in range(n + 1):
 
@@ -315,8 +317,13 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
                 return a, floor.detach(dom, t)
 
             def grpc_cycle() -> tuple[float, float]:
+                s0 = {name: scrape(listen) for name, listen in METRICS.items()}
                 a = timed(lambda: rig.attach(dom, vol_grpc))
-                return a, timed(lambda: rig.detach(dom, vol_grpc))
+                s1 = {name: scrape(listen) for name, listen in METRICS.items()}
+                d = timed(lambda: rig.detach(dom, vol_grpc))
+                s2 = {name: scrape(listen) for name, listen in METRICS.items()}
+                grpc_steps.append((s0, s1, s2))
+                return a, d
 
             def lib_cycle() -> tuple[float, float]:
                 steps.take()
@@ -345,6 +352,10 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
         for op in ("attach", "detach"):
             out[f"ratio_{c}_{op}_p50"] = round(out[f"{c}_{op}"]["p50_ms"] / out[f"floor_{op}"]["p50_ms"], 2)
             out[f"ratio_{c}_{op}_p95"] = round(out[f"{c}_{op}"]["p95_ms"] / out[f"floor_{op}"]["p95_ms"], 2)
+    for op, (x, y) in (("attach", (0, 1)), ("detach", (1, 2))):
+        out[f"daemon_steps_{op}"] = {
+            name: mean_steps([step_delta(c[x][name], c[y][name]) for c in grpc_steps[1:]]) for name in METRICS
+        }
     out["profile_attach_ms"] = mean_profile(profile_attach[1:])
     out["profile_detach_ms"] = mean_profile(profile_detach[1:])
     return out
@@ -358,6 +369,15 @@ def mean_profile(profiles: list[dict[str, float]]) -> dict[str, float]:
     keys = sorted({k for p in profiles for k in p})
     mean = {k: 1000 * sum(p.get(k, 0.0) for p in profiles) / len(profiles) for k in keys}
     mean["untimed"] = mean["total"] - sum(v for k, v in mean.items() if k != "total")
+    return {k: round(v, 1) for k, v in sorted(mean.items(), key=lambda kv: -kv[1])}
+
+
+def mean_steps(deltas: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Mean ms per operation of each step (summed over its calls in one operation)."""
+    if not deltas:
+        return {}
+    keys = {k for d in deltas for k in d}
+    mean = {k: 1000 * sum(d[k]["sum_s"] for d in deltas if k in d) / len(deltas) for k in keys}
     return {k: round(v, 1) for k, v in sorted(mean.items(), key=lambda kv: -kv[1])}
 
 
@@ -423,7 +443,9 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
 
         run("floor", lambda i: floor.attach(placed[i][0], targets[i], placed[i][1]), n)
         run("floor_detach", lambda i: floor.detach(placed[i][0], targets[i], timeout=120), n)
+        scraped = {name: scrape(listen) for name, listen in METRICS.items()}
         run("grpc", lambda i: timed(lambda: rig.attach(placed[i][0], vols[i], timeout=180)), n)
+        steps = {name: step_delta(scraped[name], scrape(listen)) for name, listen in METRICS.items()}
         attached = len(rig.journal())
         run("grpc_detach", lambda i: timed(lambda: rig.detach(placed[i][0], vols[i], timeout=180)), n)
         left = leftovers(rig, floor, doms)
@@ -439,9 +461,39 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
         if walls.get("floor_detach")
         else None,
         "grpc_attached": attached,
+        "grpc_steps": steps,
         "left_after_detach": left,
         "errors": errors[:20],
     }
+
+
+_STEP = re.compile(r'^blockwire_step_duration_seconds_(sum|count)\{step="([^"]+)"\} (\S+)$', re.M)
+
+
+def scrape(listen: str) -> dict[str, tuple[float, float]]:
+    """A daemon's step histogram from its metrics endpoint: step -> (seconds summed, count)."""
+    import urllib.request  # noqa: PLC0415
+
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as r:  # loopback
+        text = r.read().decode()
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for kind, step, value in _STEP.findall(text):
+        out[step][0 if kind == "sum" else 1] = float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def step_delta(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, dict[str, float]]:
+    """Per step between two scrapes: calls, mean ms, and seconds summed over every call."""
+    out = {}
+    for step, (total, count) in after.items():
+        t0, c0 = before.get(step, (0.0, 0.0))
+        n = count - c0
+        if n > 0:
+            out[step] = {"calls": int(n), "mean_ms": round(1000 * (total - t0) / n, 1),
+                         "sum_s": round(total - t0, 2)}  # fmt: skip
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["sum_s"]))
 
 
 def report(results: dict[str, Any], out: Path) -> Path:
@@ -492,7 +544,14 @@ def report(results: dict[str, Any], out: Path) -> Path:
             "",
             "* attach: " + ", ".join(f"{k} {v}" for k, v in s["profile_attach_ms"].items()),
             "* detach: " + ", ".join(f"{k} {v}" for k, v in s["profile_detach_ms"].items()),
+            "",
+            "The grpc contender's daemons, from their own step histograms (mean ms per operation; the "
+            "agent's steps as above, storage's tgt_* are its tgtadm requests):",
+            "",
         ]
+        for op in ("attach", "detach"):
+            for daemon, by_step in s.get(f"daemon_steps_{op}", {}).items():
+                lines.append(f"* {op}, {daemon}: " + ", ".join(f"{k} {v}" for k, v in by_step.items()))
     c = results.get("storm")
     if c:
         lines += [
@@ -518,6 +577,20 @@ def report(results: dict[str, Any], out: Path) -> Path:
             f"{c['left_after_detach'] or 'nothing'}; errors: {len(c['errors'])}.",
         ]
         lines += [f"* {e}" for e in c["errors"][:10]]
+        lines += [
+            "",
+            "Where the grpc storm's time went (the daemons' own step histograms, scraped before and after: "
+            "calls, mean ms, seconds summed over all calls; tgt_* are storage's tgtadm requests, which one "
+            "tgtd serves one at a time):",
+            "",
+        ]
+        for daemon, by_step in c.get("grpc_steps", {}).items():
+            lines.append(
+                f"* {daemon}: "
+                + ", ".join(
+                    f"{k} {v['calls']}x {v['mean_ms']} ms ({v['sum_s']} s)" for k, v in by_step.items()
+                )
+            )
     for note in results.get("notes", []):
         lines += ["", note]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -557,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bwfloor-", dir="/tmp") as tmp:
             rig = Rig(Path(tmp), tgtd, virt, log_level="INFO")
+            for name in ("agent", "storage"):
+                METRICS[name] = f"127.0.0.1:{free_port(('127.0.0.1',))}"
+            rig.agent_config = f'[metrics]\nlisten = "{METRICS["agent"]}"\n'
+            rig.storage_config = f'[metrics]\nlisten = "{METRICS["storage"]}"\n'
+
             floor = Floor(tgtd, virt, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host")
             try:
                 with rig.running():
