@@ -146,7 +146,7 @@ class Floor:
     initiator: str
     next_tid: int = 5000
     lock: threading.Lock = field(default_factory=threading.Lock)
-    events: Any = None
+    usages: set[str] = field(default_factory=set)  # the secrets this run defined
 
     def adm(self, *args: str) -> None:
         r = self.tgtd.adm(*args, check=False)
@@ -203,6 +203,7 @@ class Floor:
         root = etree.Element("secret", ephemeral="no", private="yes")
         usage = etree.SubElement(root, "usage", type="iscsi")
         etree.SubElement(usage, "target").text = t.usage
+        self.usages.add(t.usage)
         secret = self.virt.secretDefineXML(etree.tostring(root, encoding="unicode"))
         secret.setValue(t.password.encode())
         t.xml = self.disk(t, host, int(port), unit)
@@ -400,7 +401,7 @@ def leftovers(rig: Rig, floor: Floor, doms: list[str]) -> dict[str, Any]:
         left["domain disks"] = {d: n for d, n in disks.items() if n}
     if rig.secrets():
         left["agent secrets"] = len(rig.secrets())
-    floor_secrets = [s for s in rig.lv().listAllSecrets() if (s.usageID() or "").startswith(RAW_PREFIX + "/")]
+    floor_secrets = [s for s in rig.lv().listAllSecrets() if s.usageID() in floor.usages]
     if floor_secrets:
         left["floor secrets"] = len(floor_secrets)
     if rig.journal():
@@ -492,7 +493,7 @@ def step_delta(
         n = count - c0
         if n > 0:
             out[step] = {"calls": int(n), "mean_ms": round(1000 * (total - t0) / n, 1),
-                         "sum_s": round(total - t0, 2)}  # fmt: skip
+                         "sum_s": round(total - t0, 4)}  # fmt: skip
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["sum_s"]))
 
 
