@@ -141,7 +141,7 @@ class Floor:
     """The raw floor: tgtadm and libvirt calls, nothing else."""
 
     tgtd: Tgtd
-    virt: libvirt.virConnect
+    lv: Callable[[], libvirt.virConnect]  # the connection (opened again after a libvirtd restart)
     work: Path
     initiator: str
     next_tid: int = 5000
@@ -204,14 +204,14 @@ class Floor:
         usage = etree.SubElement(root, "usage", type="iscsi")
         etree.SubElement(usage, "target").text = t.usage
         self.usages.add(t.usage)
-        secret = self.virt.secretDefineXML(etree.tostring(root, encoding="unicode"))
+        secret = self.lv().secretDefineXML(etree.tostring(root, encoding="unicode"))
         secret.setValue(t.password.encode())
         t.xml = self.disk(t, host, int(port), unit)
-        self.virt.lookupByName(domain).attachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        self.lv().lookupByName(domain).attachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         return time.perf_counter() - began
 
     def detach(self, domain: str, t: RawTarget, timeout: float = 30) -> float:
-        dom = self.virt.lookupByName(domain)
+        dom = self.lv().lookupByName(domain)
         began = time.perf_counter()
         dom.detachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
         deadline = began + timeout
@@ -219,14 +219,14 @@ class Floor:
             if time.perf_counter() > deadline:
                 raise RuntimeError(f"floor detach of {t.serial}: still there after {timeout:g}s")
             time.sleep(0.002)
-        self.virt.secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, t.usage).undefine()
+        self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, t.usage).undefine()
         self.adm("--op", "delete", "--mode", "target", "--tid", str(t.tid), "--force")
         self.adm("--op", "delete", "--mode", "account", "--user", t.user)
         return time.perf_counter() - began
 
     def cleanup(self) -> None:
         """Whatever a failed floor run left: our secrets, targets and accounts (ours by prefix only)."""
-        for s in self.virt.listAllSecrets():
+        for s in self.lv().listAllSecrets():
             if (s.usageID() or "").startswith(RAW_PREFIX + "/"):
                 with contextlib.suppress(libvirt.libvirtError):
                     s.undefine()
@@ -383,15 +383,26 @@ def mean_steps(deltas: list[dict[str, dict[str, float]]]) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def domains(virt: libvirt.virConnect, n: int, prefix: str) -> Iterator[list[str]]:
+def domains(lv: Callable[[], libvirt.virConnect], n: int, prefix: str) -> Iterator[list[str]]:
+    """`n` running no-OS domains, removed afterwards (through `lv()`, which opens the connection again
+    when libvirtd restarted meanwhile; a removal that fails is tried again once libvirtd is back)."""
     names: list[str] = []
     try:
         for _ in range(n):
-            names.append(define_domain(virt, prefix))
+            names.append(define_domain(lv(), prefix))
         yield names
     finally:
         for name in names:
-            remove_domain(virt, name)
+            for attempt in range(4):
+                try:
+                    remove_domain(lv(), name)
+                    lv().lookupByName(name)  # still there: try again
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        break
+                time.sleep(5 * (attempt + 1))
+            else:
+                print(f"bench: domain {name} could not be removed; remove it by hand", file=sys.stderr)
 
 
 def leftovers(rig: Rig, floor: Floor, doms: list[str]) -> dict[str, Any]:
@@ -421,7 +432,7 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
     walls: dict[str, float] = {}
     errors: list[str] = []
     lock = threading.Lock()
-    with domains(rig.lv(), n_domains, "bw-storm") as doms:
+    with domains(rig.lv, n_domains, "bw-storm") as doms:
         placed = [(doms[i % n_domains], i // n_domains) for i in range(n)]
         targets = [floor.new(i) for i in range(n)]
 
@@ -636,11 +647,11 @@ def main(argv: list[str] | None = None) -> int:
             rig.agent_config = f'[metrics]\nlisten = "{METRICS["agent"]}"\n'
             rig.storage_config = f'[metrics]\nlisten = "{METRICS["storage"]}"\n'
 
-            floor = Floor(tgtd, virt, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host")
+            floor = Floor(tgtd, rig.lv, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host")
             try:
                 with rig.running():
                     if args.cycles:
-                        with domains(virt, 1, "bw-floor") as (dom,):
+                        with domains(rig.lv, 1, "bw-floor") as (dom,):
                             results["serial"] = serial_cycles(args.cycles, rig, floor, dom)
                     if args.storm:
                         results["storm"] = storm(args.storm, args.domains, rig, floor)
