@@ -603,10 +603,55 @@ def report(results: dict[str, Any], out: Path) -> Path:
                     f"{k} {v['calls']}x {v['mean_ms']} ms ({v['sum_s']} s)" for k, v in by_step.items()
                 )
             )
+    b = results.get("before")
+    if b:
+        lines += before_lines(b)
     for note in results.get("notes", []):
         lines += ["", note]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return stem
+
+
+def before_lines(b: dict[str, Any]) -> list[str]:
+    """An earlier run (the code before a change, `--before`): its ratios and profile beside this one's."""
+    m = b.get("machine", {})
+    lines = [
+        "",
+        f"## Before: {b.get('commit') or 'the code before the change'} ({b.get('date', '?')}, load average "
+        f"{m.get('load_before')} -> {m.get('load_after')})",
+        "",
+    ]
+    s = b.get("serial")
+    if s:
+        lines += ["| one volume at a time | p50 ms | p95 ms | p50 / floor |", "|---|---|---|---|"]
+        for op in ("attach", "detach"):
+            for c in ("floor", "grpc", "lib"):
+                r = s[f"{c}_{op}"]
+                ratio = f"{s[f'ratio_{c}_{op}_p50']}x" if c != "floor" else "1"
+                lines.append(f"| {c} {op} | {r['p50_ms']} | {r['p95_ms']} | {ratio} |")
+        lines += [
+            "",
+            "* attach: " + ", ".join(f"{k} {v}" for k, v in s["profile_attach_ms"].items()),
+            "* detach: " + ", ".join(f"{k} {v}" for k, v in s["profile_detach_ms"].items()),
+        ]
+    c = b.get("storm")
+    if c:
+        lines += [
+            "",
+            f"Storm ({c['volumes']} on {c['domains']}): attach wall floor {c['floor']['wall_s']} s, grpc "
+            f"{c['grpc']['wall_s']} s ({c['ratio_wall']}x), grpc p99 {c['grpc']['p99_ms']} ms; detach "
+            f"{c['ratio_detach_wall']}x; errors {len(c['errors'])}.",
+        ]
+    return lines
+
+
+def with_metrics(rig: Rig) -> Rig:
+    """Gives both daemons of `rig` a metrics endpoint on a free loopback port (before they start)."""
+    for name in ("agent", "storage"):
+        METRICS[name] = f"127.0.0.1:{free_port(('127.0.0.1',))}"
+    rig.agent_config += f'[metrics]\nlisten = "{METRICS["agent"]}"\n'
+    rig.storage_config += f'[metrics]\nlisten = "{METRICS["storage"]}"\n'
+    return rig
 
 
 def commit() -> str:
@@ -625,8 +670,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--domains", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--note", action="append", default=[])
-    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. 'before')")
+    parser.add_argument("--tag", default="", help="a subdirectory of --out for the result files")
+    parser.add_argument("--before", type=Path, help="the JSON of a run on the code before a change")
+    parser.add_argument("--from-json", type=Path, help="only write the report of an earlier run's JSON")
     args = parser.parse_args(argv)
+    before = json.loads(args.before.read_text()) if args.before else None
+    if before is not None:
+        before.pop("before", None)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        results["notes"] = results.get("notes", []) + args.note
+        if before is not None:
+            results["before"] = before
+        stem = report(results, args.out)
+        print(stem.with_suffix(".md").read_text())
+        return 0
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -641,11 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     virt = libvirt.open("qemu:///system")
     try:
         with tempfile.TemporaryDirectory(prefix="bwfloor-", dir="/tmp") as tmp:
-            rig = Rig(Path(tmp), tgtd, virt, log_level="INFO")
-            for name in ("agent", "storage"):
-                METRICS[name] = f"127.0.0.1:{free_port(('127.0.0.1',))}"
-            rig.agent_config = f'[metrics]\nlisten = "{METRICS["agent"]}"\n'
-            rig.storage_config = f'[metrics]\nlisten = "{METRICS["storage"]}"\n'
+            rig = with_metrics(Rig(Path(tmp), tgtd, virt, log_level="INFO"))
 
             floor = Floor(tgtd, rig.lv, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host")
             try:
@@ -661,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         tgtd.stop()
         started.stop()
     results["machine"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    if before is not None:
+        results["before"] = before
     stem = report(results, args.out if not args.tag else args.out / args.tag)
     print(stem.with_suffix(".md").read_text())
     return 0
