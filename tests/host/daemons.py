@@ -1,7 +1,8 @@
 """Starting and stopping the real host daemons the host tier needs: tgtd, libvirtd (+virtlogd), udevd.
 
 Each `ensure_*` starts the daemon when it is not already running and returns a handle whose `stop()`
-undoes exactly what was started, except libvirtd, which stays running (shared with every other run). Waits are bounded and poll the daemon's own control socket.
+undoes exactly what was started, except libvirtd, which stays running (shared with every other run).
+Waits are bounded and poll the daemon's own control socket.
 """
 
 from __future__ import annotations
