@@ -1,14 +1,15 @@
 """Starting and stopping the real host daemons the host tier needs: tgtd, libvirtd (+virtlogd), udevd.
 
 Each `ensure_*` starts the daemon when it is not already running and returns a handle whose `stop()`
-undoes exactly what was started, except libvirtd, which stays running (shared with every other run).
-Waits are bounded and poll the daemon's own control socket.
+undoes exactly what was started. Waits are bounded and poll the daemon's own control socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -201,6 +202,13 @@ class Started:
             self.stops.pop()()
 
 
+def _pid_of(pidfile: str) -> int:
+    try:
+        return int(Path(pidfile).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def _pid_alive(pidfile: str) -> bool:
     try:
         pid = int(Path(pidfile).read_text().strip())
@@ -230,11 +238,19 @@ def ensure_libvirtd(started: Started) -> None:
     if not _pid_alive("/run/virtlogd.pid"):
         subprocess.run([virtlogd, "-d"], check=True, timeout=30)
     if not _pid_alive("/run/libvirtd.pid"):
-        # Left running afterwards: the host's libvirtd is shared by every run on the machine, and one
-        # started here (it was down for a moment, another run restarting it) is theirs too. Stopping it
-        # at the end of this session (by the pid file, whichever libvirtd that names by then) cut the
-        # other runs' domains and connections off, and their next start stopped it again.
         subprocess.run([libvirtd, "-d"], check=True, timeout=30)
+        _wait_for("libvirtd", answers, 60)
+        ours = _pid_of("/run/libvirtd.pid")
+
+        def stop_libvirtd() -> None:
+            # Only the libvirtd this session started, by the pid it had then: one that another run
+            # restarted meanwhile (the pid file names another process) is that run's to stop.
+            if ours and _pid_of("/run/libvirtd.pid") == ours:
+                with contextlib.suppress(OSError):
+                    os.kill(ours, signal.SIGTERM)
+
+        started.stops.append(stop_libvirtd)
+        return
     _wait_for("libvirtd", answers, 60)
 
 
