@@ -19,12 +19,16 @@ from storagesvc.catalog import Cursor, time_key
 from storagesvc.catalog.docs import (
     attachment_doc,
     attachment_from_doc,
+    node_backend_doc,
+    node_backend_from_doc,
+    node_doc,
+    node_from_doc,
     snapshot_doc,
     snapshot_from_doc,
     volume_doc,
     volume_from_doc,
 )
-from storagesvc.model import Attachment, Snapshot, Volume
+from storagesvc.model import Attachment, NodeBackend, Snapshot, StorageNode, Volume
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the three tables
@@ -45,6 +49,14 @@ MIGRATIONS: tuple[str, ...] = (
         create_ns BIGINT NOT NULL, doc TEXT NOT NULL);
     CREATE INDEX attachments_order ON attachments (create_ns, id);
     CREATE INDEX attachments_volume ON attachments (volume_id);
+    """,
+    # 2: storage nodes and the backends each registered (README "Several storage nodes")
+    """
+    CREATE TABLE storage_nodes (
+        name TEXT PRIMARY KEY, address TEXT NOT NULL, heartbeat_ns BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE TABLE node_backends (
+        name TEXT PRIMARY KEY, node TEXT NOT NULL, shared BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE INDEX node_backends_node ON node_backends (node);
     """,
 )
 
@@ -253,3 +265,38 @@ class SqlCatalog:
         )
         ((snaps,),) = self._rows("SELECT COUNT(*) FROM snapshots WHERE backend = ?", [backend])
         return int(vols), int(snaps), int(size)
+
+    # storage nodes
+    def put_node(self, node: StorageNode) -> None:
+        """Registers or heartbeats a node: its row and each of its backends' rows (upserts, so a
+        restarted node takes its rows back). A backend it no longer has keeps its row until
+        `drop_node_backend`."""
+        self._write(
+            "INSERT INTO storage_nodes (name, address, heartbeat_ns, doc) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
+            "heartbeat_ns = excluded.heartbeat_ns, doc = excluded.doc",
+            [node.name, node.address, time_key(node.heartbeat), json.dumps(node_doc(node))],
+        )
+        for b in node.backends:
+            self._write(
+                "INSERT INTO node_backends (name, node, shared, doc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET node = excluded.node, shared = excluded.shared, "
+                "doc = excluded.doc",
+                [b.name, b.node, int(b.shared), json.dumps(node_backend_doc(b))],
+            )
+
+    def drop_node_backend(self, backend: str) -> None:
+        self._write("DELETE FROM node_backends WHERE name = ?", [backend])
+
+    def list_nodes(self) -> list[StorageNode]:
+        """Every registered node with its backends, by name."""
+        backends: dict[str, list[NodeBackend]] = {}
+        for b in self._many("SELECT doc FROM node_backends ORDER BY name", [], node_backend_from_doc):
+            backends.setdefault(b.node, []).append(b)
+        return [
+            node_from_doc(json.loads(doc), tuple(backends.get(name, ())))
+            for name, doc in self._rows("SELECT name, doc FROM storage_nodes ORDER BY name", [])
+        ]
+
+    def node_backend(self, backend: str) -> NodeBackend | None:
+        return self._one("SELECT doc FROM node_backends WHERE name = ?", [backend], node_backend_from_doc)

@@ -1014,6 +1014,8 @@ class Volume(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_DOWN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -1036,6 +1038,10 @@ class Volume(_message.Message):
     """Cloned from this volume."""
     error_message: _builtins.str
     """Why the volume is in ERROR."""
+    node: _builtins.str
+    """The storage node that serves the volume's backend ("" on a single-node service or a shared backend)."""
+    node_down: _builtins.bool
+    """Whether that node is down: calls that need it get UNAVAILABLE naming it until it is back."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels."""
@@ -1085,10 +1091,12 @@ class Volume(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         encryption: Global___Encryption | None = ...,
+        node: _builtins.str = ...,
+        node_down: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "encryption", b"encryption", "progress", b"progress", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "node", b"node", "node_down", b"node_down", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_snapshot_id", "source_volume_id", "source_image"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
