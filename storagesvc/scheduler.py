@@ -2,7 +2,8 @@
 
 This is the minimal scheduler of the multi-node service (filters: node up, explicit backend,
 availability zone, capacity with the over-subscription ratio, capabilities against extra specs;
-weigher: most free capacity, then fewest volumes, then name). `rank` is deterministic: the same
+weighers: most room in whole GiB (so backends on the same filesystem, whose free bytes differ by a few
+blocks from one heartbeat to the next, count as equal), then fewest volumes, then name). `rank` is deterministic: the same
 candidates and request give the same order.
 """
 
@@ -12,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from blockwire.errors import FailedPrecondition, ResourceExhausted
+
+
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -69,4 +73,4 @@ def rank(candidates: Sequence[BackendState], request: PlacementRequest) -> list[
     if not passed:
         message = f"no backend can take {request.size_bytes} bytes: " + "; ".join(why)
         raise ResourceExhausted(message) if short else FailedPrecondition(message)
-    return sorted(passed, key=lambda b: (-headroom(b), b.volume_count, b.backend))
+    return sorted(passed, key=lambda b: (-(headroom(b) // GIB), b.volume_count, b.backend))
