@@ -3,8 +3,8 @@
 This is the minimal scheduler of the multi-node service (filters: node up, explicit backend,
 availability zone, capacity with the over-subscription ratio, capabilities against extra specs;
 weighers: most room in whole GiB (so backends on the same filesystem, whose free bytes differ by a few
-blocks from one heartbeat to the next, count as equal), then fewest volumes, then name). `rank` is deterministic: the same
-candidates and request give the same order.
+blocks from one heartbeat to the next, count as equal), then fewest volumes, then name). `rank` is
+deterministic: the same candidates and request give the same order.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from blockwire.errors import FailedPrecondition, ResourceExhausted
-
 
 GIB = 1 << 30
 

@@ -48,18 +48,21 @@ def test_nodes_register_their_backends(rig: NodeRig) -> None:
     nodes = rig.stub("a").ListStorageNodes(spb.ListStorageNodesRequest(), timeout=10).nodes
     assert [n.name for n in nodes] == ["a", "b", "c"]
     for n in nodes:
-        assert n.up and n.address == rig.nodes[n.name].address
+        assert n.up
+        assert n.address == rig.nodes[n.name].address
         assert [(b.name, b.kind, b.shared, b.healthy) for b in n.backends] == [
             (f"file-{n.name}", "file", False, True)
         ]
-        assert n.backends[0].total_bytes > 0 and n.backends[0].capabilities["transport"] == "iscsi"
+        assert n.backends[0].total_bytes > 0
+        assert n.backends[0].capabilities["transport"] == "iscsi"
     caps = rig.stub("b").GetCapacity(spb.GetCapacityRequest(node="c"), timeout=10).backends
     assert [(c.backend, c.node, c.node_down) for c in caps] == [("file-c", "c", False)]
     every = rig.stub("b").GetCapacity(spb.GetCapacityRequest(), timeout=10).backends
     assert sorted(c.node for c in every) == ["a", "b", "c"]
     with pytest.raises(grpc.RpcError) as err:
         rig.stub("a").GetCapacity(spb.GetCapacityRequest(node="zz"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND and "zz" in (err.value.details() or "")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "zz" in (err.value.details() or "")
 
 
 def test_creates_spread_across_nodes_and_run_on_the_owner(rig: NodeRig) -> None:
@@ -67,18 +70,22 @@ def test_creates_spread_across_nodes_and_run_on_the_owner(rig: NodeRig) -> None:
     volumes = [_create(stub) for _ in range(6)]
     assert sorted(v.node for v in volumes) == ["a", "a", "b", "b", "c", "c"]  # fewest volumes first
     for v in volumes:
-        assert v.backend == f"file-{v.node}" and not v.node_down
+        assert v.backend == f"file-{v.node}"
+        assert not v.node_down
         assert rig.nodes[v.node].backend.exists(v.id)  # made by the owner, in its own directory
         for other in set(rig.nodes) - {v.node}:
             assert not rig.nodes[other].backend.exists(v.id)
     # a repeat by name through another node returns the same volume
-    again = rig.stub("c").CreateVolume(
-        spb.CreateVolumeRequest(name=volumes[0].name, size_bytes=MIB), timeout=30
-    ).volume
+    again = (
+        rig.stub("c")
+        .CreateVolume(spb.CreateVolumeRequest(name=volumes[0].name, size_bytes=MIB), timeout=30)
+        .volume
+    )
     assert again.id == volumes[0].id
     # an explicit backend of another node
     v = _create(rig.stub("a"), backend="file-b")
-    assert v.node == "b" and rig.nodes["b"].backend.exists(v.id)
+    assert v.node == "b"
+    assert rig.nodes["b"].backend.exists(v.id)
 
 
 def test_attachments_export_on_the_owning_node(rig: NodeRig) -> None:
@@ -88,9 +95,11 @@ def test_attachments_export_on_the_owning_node(rig: NodeRig) -> None:
     assert again.id == a.id
     assert len(rig.nodes["b"].exporter.list_targets("")) == 1
     assert rig.nodes["a"].exporter.list_targets("") == rig.nodes["c"].exporter.list_targets("") == []
-    snap = rig.stub("c").CreateSnapshot(
-        spb.CreateSnapshotRequest(volume_id=v.id, name=f"s-{v.id[:6]}"), timeout=30
-    ).snapshot
+    snap = (
+        rig.stub("c")
+        .CreateSnapshot(spb.CreateSnapshotRequest(volume_id=v.id, name=f"s-{v.id[:6]}"), timeout=30)
+        .snapshot
+    )
     assert [p.name for p in rig.nodes["b"].backend.snapshots.iterdir() if snap.id in p.name]  # made on b
     rig.stub("a").DeleteSnapshot(spb.DeleteSnapshotRequest(snapshot_id=snap.id), timeout=30)
     rig.stub("c").DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=a.id), timeout=30)
@@ -108,15 +117,18 @@ def test_a_node_down_is_named_and_the_rest_keeps_working(rig: NodeRig) -> None:
     nodes = {n.name: n.up for n in stub.ListStorageNodes(spb.ListStorageNodesRequest(), timeout=10).nodes}
     assert nodes == {"a": True, "b": False, "c": True}
     got = stub.GetVolume(spb.GetVolumeRequest(volume_id=on_b.id), timeout=10).volume
-    assert got.node == "b" and got.node_down
+    assert got.node == "b"
+    assert got.node_down
     with pytest.raises(grpc.RpcError) as err:
         _attach(stub, on_b.id)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "storage node b" in (err.value.details() or "") and "down" in (err.value.details() or "")
+    assert "storage node b" in (err.value.details() or "")
+    assert "down" in (err.value.details() or "")
     assert rig.nodes["b"].exporter.list_targets("") == []  # nothing was sent to b
     with pytest.raises(grpc.RpcError) as err:
         _create(stub, backend="file-b")
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "storage node b" in (err.value.details() or "")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "storage node b" in (err.value.details() or "")
     placed = [_create(stub) for _ in range(4)]
     assert {v.node for v in placed} == {"a", "c"}  # creates go to the nodes that are up
     rig.heartbeat("b")  # b is back

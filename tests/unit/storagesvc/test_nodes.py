@@ -1,0 +1,191 @@
+"""The node registry (catalog rows, registration, down after silence), the minimal scheduler's filters
+and weighers, and the [node] config table."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from blockwire.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from blockwire.runtime.executor import Executor
+from storagesvc.backends.file import FileBackend
+from storagesvc.catalog.sqlite import SqliteCatalog
+from storagesvc.config import ConfigError, parse
+from storagesvc.context import Pool
+from storagesvc.model import NodeBackend, StorageNode
+from storagesvc.nodes import Cluster, NodeSettings
+from storagesvc.scheduler import GIB, BackendState, PlacementRequest, rank
+from tests.fakes.clock import FakeClock
+from tests.fakes.exporter import FakeExporter
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _backend(name: str, node: str, shared: bool = False) -> NodeBackend:
+    return NodeBackend(
+        name, node, "rbd" if shared else "file", shared, True, 100, 50, 10, 1, {"kind": "file"}
+    )
+
+
+def test_catalog_keeps_nodes_and_their_backends(tmp_path: Path) -> None:
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    a = StorageNode("a", "127.0.0.1:1", T0, T0, 10.0, (_backend("fa", "a"),))
+    catalog.put_node(a)
+    catalog.put_node(
+        StorageNode("b", "127.0.0.1:2", T0, T0, 10.0, (_backend("fb", "b"), _backend("r", "b", True)))
+    )
+    later = T0 + timedelta(seconds=5)
+    catalog.put_node(StorageNode("a", "127.0.0.1:3", later, T0, 10.0, (_backend("fa", "a"),)))  # a heartbeat
+    nodes = catalog.list_nodes()
+    assert [(n.name, n.address, n.heartbeat) for n in nodes] == [
+        ("a", "127.0.0.1:3", later),
+        ("b", "127.0.0.1:2", T0),
+    ]
+    assert [b.name for b in nodes[1].backends] == ["fb", "r"]
+    assert catalog.node_backend("r") == _backend("r", "b", True)
+    assert catalog.node_backend("nope") is None
+    catalog.drop_node_backend("r")
+    assert [b.name for b in catalog.list_nodes()[1].backends] == ["fb"]
+    # a second connection on the same file (another process) sees the same rows
+    other = SqliteCatalog(tmp_path / "c.db")
+    assert [n.name for n in other.list_nodes()] == ["a", "b"]
+    assert other.schema_version == catalog.schema_version == 2
+
+
+def test_a_node_is_down_after_its_down_after() -> None:
+    n = StorageNode("a", "x", T0, T0, 10.0)
+    assert n.up(T0 + timedelta(seconds=9.9))
+    assert not n.up(T0 + timedelta(seconds=10))
+
+
+def _cluster(tmp_path: Path, catalog: SqliteCatalog, clock: FakeClock, node: str, backend: str) -> Cluster:
+    pools = {backend: Pool(FileBackend(backend, tmp_path / node, Executor()), FakeExporter(), "fake")}
+    return Cluster(
+        catalog, pools, clock, NodeSettings(node, f"127.0.0.1:{ord(node)}", 1.0, 10.0), cache_seconds=0
+    )
+
+
+def test_routes_follow_the_backend_and_a_silent_node_is_named(tmp_path: Path) -> None:
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    clock = FakeClock()
+    a = _cluster(tmp_path, catalog, clock, "a", "file-a")
+    b = _cluster(tmp_path, catalog, clock, "b", "file-b")
+    a.register()
+    b.register()
+    assert a.route("file-a") is None  # its own
+    routed = a.route("file-b")
+    assert routed is not None
+    assert routed.name == "b"
+    assert a.route("unknown") is None  # served here, where it gets its own error
+    assert a.volume_node("file-b") == ("b", False)
+    clock.advance(11)
+    a.heartbeat()
+    with pytest.raises(Unavailable) as err:
+        a.route("file-b")
+    assert "storage node b (127.0.0.1:98)" in err.value.message
+    assert "no heartbeat for 11s" in err.value.message
+    assert a.volume_node("file-b") == ("b", True)
+    assert [s.backend for s in a.place(PlacementRequest(size_bytes=1, extra_specs={}))] == ["file-a"]
+
+
+def test_a_backend_name_served_by_another_node_that_is_up_is_refused(tmp_path: Path) -> None:
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    clock = FakeClock()
+    _cluster(tmp_path, catalog, clock, "a", "file").register()
+    with pytest.raises(FailedPrecondition, match="already served by storage node a"):
+        _cluster(tmp_path, catalog, clock, "b", "file").register()
+    clock.advance(11)  # a is down: b may take the name over (a node replaced under another name)
+    _cluster(tmp_path, catalog, clock, "b", "file").register()
+
+
+def test_single_node_cluster_is_itself(tmp_path: Path) -> None:
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    pools = {"file": Pool(FileBackend("file", tmp_path / "f", Executor()), FakeExporter(), "fake")}
+    c = Cluster(catalog, pools, FakeClock())
+    (n,) = c.nodes()
+    assert (n.name, [b.name for b in n.backends]) == ("", ["file"])
+    assert c.route("file") is None
+    assert c.route("other") is None
+    assert c.volume_node("file") == ("", False)
+    assert catalog.list_nodes() == []  # nothing registered
+
+
+# -- scheduler
+
+
+def _state(
+    backend: str, *, free: int = 100 * GIB, volumes: int = 0, up: bool = True, **kw: object
+) -> BackendState:
+    return BackendState(
+        node=backend[0],
+        backend=backend,
+        total_bytes=200 * GIB,
+        free_bytes=free,
+        provisioned_bytes=0,
+        volume_count=volumes,
+        capabilities=kw.pop("capabilities", {"thin_provisioning": "true"}),  # type: ignore[arg-type]
+        availability_zone=str(kw.pop("zone", "")),
+        up=up,
+    )
+
+
+def test_rank_weighs_room_then_volume_count_then_name() -> None:
+    ranked = rank(
+        [_state("c", volumes=1), _state("b", volumes=1), _state("a", volumes=3), _state("d", free=150 * GIB)],
+        PlacementRequest(size_bytes=GIB, extra_specs={}),
+    )
+    assert [b.backend for b in ranked] == ["d", "b", "c", "a"]
+    # room within the same GiB counts as equal (the same filesystem between two heartbeats)
+    near = rank([_state("x", free=100 * GIB + 5, volumes=2), _state("y", volumes=1)], PlacementRequest(1, {}))
+    assert [b.backend for b in near] == ["y", "x"]
+
+
+def test_rank_filters_and_says_why_none_passed() -> None:
+    req = PlacementRequest(size_bytes=GIB, extra_specs={"thin_provisioning": "true"}, availability_zone="z1")
+    cands = [
+        _state("a", up=False, zone="z1"),
+        _state("b", zone="z2"),
+        _state("c", zone="z1", capabilities={}),
+        _state("d", zone="z1"),
+    ]
+    assert [b.backend for b in rank(cands, req)] == ["d"]
+    with pytest.raises(FailedPrecondition) as err:
+        rank(cands[:3], req)
+    assert "node a is down" in err.value.message
+    assert "lacks thin_provisioning" in err.value.message
+    with pytest.raises(ResourceExhausted):
+        rank([_state("a", free=0)], PlacementRequest(size_bytes=GIB, extra_specs={}))
+    assert [b.backend for b in rank(cands, PlacementRequest(1, {}, backend="b"))] == ["b"]
+
+
+# -- config
+
+
+BASE = {
+    "server": {"listen": ["127.0.0.1:7000"]},
+    "tls": {"cert_file": "s.pem", "key_file": "s.key", "client_ca_file": "ca.pem"},
+    "exporters": {"tgt": {"portals": ["127.0.0.1:3260"]}},
+    "backends": [{"name": "file-a", "kind": "file", "exporter": "tgt", "path": "/v"}],
+}
+NODE = {
+    "name": "a",
+    "address": "127.0.0.1:7000",
+    "cert_file": "n.pem",
+    "key_file": "n.key",
+    "ca_file": "ca.pem",
+}
+
+
+def test_node_table() -> None:
+    assert parse(BASE).node is None
+    node = parse({**BASE, "node": NODE}).node
+    assert node is not None
+    assert (node.name, node.heartbeat_interval, node.down_after) == ("a", 2.0, 10.0)
+    with pytest.raises(ConfigError, match="heartbeat_interval"):
+        parse({**BASE, "node": {**NODE, "heartbeat_interval": 10.0}})
+    with pytest.raises(ConfigError, match="ca_file: required"):
+        parse({**BASE, "node": {**NODE, "ca_file": ""}})
+    with pytest.raises(ConfigError, match="mutual TLS"):
+        parse({**BASE, "tls": {"allow_insecure_tcp": True}, "node": NODE})
