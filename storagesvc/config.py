@@ -56,6 +56,23 @@ class ServiceConfig:
     export_check_interval: float = 2.0  # seconds between export checks (ExportSupervisor); 0 disables
 
 
+CATALOG_KINDS = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """[catalog]: where the records live (README "Catalog on PostgreSQL")."""
+
+    kind: str = "sqlite"  # or "postgresql": shared by every storage process pointing at it
+    path: str = ""  # sqlite: the file ("": [service] catalog_path)
+    dsn: str = ""  # postgresql: a libpq connection string or URI, WITHOUT the password
+    password_file: str = ""  # postgresql: a file holding the role's password (mode 0600)
+    pool_min_size: int = 1  # postgresql: connections kept open for statements
+    pool_max_size: int = 8  # postgresql: at most this many statements at once
+    lock_connections: int = 16  # postgresql: volume locks held at once (one connection each)
+    connect_timeout: float = 5.0  # postgresql: seconds to reach the server, then UNAVAILABLE
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     name: str
@@ -125,6 +142,12 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
     keys: KeysConfig = field(default_factory=KeysConfig)  # [keys]: key manager of encrypted volumes
     node: NodeConfig | None = None  # [node]: one of several storage nodes (None: a single node)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)  # [catalog]: SQLite or PostgreSQL
+
+    @property
+    def catalog_path(self) -> str:
+        """The SQLite file: [catalog] path, else [service] catalog_path."""
+        return self.catalog.path or self.service.catalog_path
 
 
 class ConfigError(Exception):
@@ -266,8 +289,18 @@ def _observability(top: Mapping[str, Any]) -> tuple[MetricsConfig, TracingConfig
 
 def parse(data: Mapping[str, Any]) -> Config:
     tables = (
-        "server", "service", "backends", "exporters", "tls", "limits", "metrics", "tracing", "keys", "node",
-    )  # fmt: skip
+        "server",
+        "service",
+        "backends",
+        "exporters",
+        "tls",
+        "limits",
+        "metrics",
+        "tracing",
+        "keys",
+        "catalog",
+        "node",
+    )
     top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
@@ -311,6 +344,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         tracing=tracing,
         keys=_keys(top.get("keys", {})),
         node=_node(top["node"], srv, tls) if "node" in top else None,
+        catalog=_catalog(top.get("catalog", {})),
     )
 
 
@@ -335,6 +369,41 @@ def _node(table: Mapping[str, Any], srv: ServerConfig, tls: TlsConfig) -> NodeCo
             "key_file, client_ca_file with require_client_cert = true"
         )
     return node
+
+
+def _catalog(table: Mapping[str, Any]) -> CatalogConfig:
+    c = CatalogConfig(**_take(table, "catalog", _fields(CatalogConfig)))
+    if c.kind not in CATALOG_KINDS:
+        raise ConfigError(f"[catalog] kind: one of {', '.join(CATALOG_KINDS)}")
+    if c.kind == "sqlite":
+        if c.dsn or c.password_file:
+            raise ConfigError('[catalog] dsn and password_file are for kind = "postgresql"')
+        return c
+    if c.path:
+        raise ConfigError('[catalog] path is for kind = "sqlite" (postgresql: dsn)')
+    if not c.dsn:
+        raise ConfigError(
+            '[catalog] kind = "postgresql" needs dsn (e.g. "host=db1 port=5432 user=bw dbname=bw")'
+        )
+    if not (1 <= c.pool_min_size <= c.pool_max_size) or c.lock_connections < 1:
+        raise ConfigError("[catalog] 1 <= pool_min_size <= pool_max_size, and lock_connections >= 1")
+    if not c.connect_timeout > 0:
+        raise ConfigError("[catalog] connect_timeout: seconds, more than 0")
+    try:
+        from storagesvc.catalog.postgres import dsn_has_password  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise ConfigError(
+            '[catalog] kind = "postgresql" needs psycopg: pip install "blockwire[postgresql]"'
+        ) from None
+    try:
+        has_password = dsn_has_password(c.dsn)
+    except Exception:  # noqa: BLE001 - psycopg's parse error; never echo the dsn (it may hold a secret)
+        raise ConfigError("[catalog] dsn: not a libpq connection string or postgresql:// URI") from None
+    if has_password:
+        raise ConfigError(
+            "[catalog] dsn: holds a password (it would reach logs and errors); put it in password_file"
+        )
+    return c
 
 
 def _keys(table: Mapping[str, Any]) -> KeysConfig:

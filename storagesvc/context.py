@@ -31,6 +31,8 @@ from storagesvc.model import ExportRecord, Volume
 from storagesvc.stats import Stats
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec
 
+LOCK_WAIT_FOREVER = 365 * 86400.0  # a catalog lock's wait when the service has no lock timeout
+
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -117,9 +119,16 @@ class Context:
     def now(self) -> datetime:
         return self.clock.now()
 
-    def hold_volume(self, volume_id: str) -> contextlib.AbstractContextManager[None]:
-        """The volume's lock (ABORTED after the lock timeout)."""
-        return self.locks.hold(volume_id, f"volume {volume_id}")
+    @contextlib.contextmanager
+    def hold_volume(self, volume_id: str) -> Iterator[None]:
+        """The volume's lock: this process's first, then the catalog's across every storage process
+        sharing it (a no-op on SQLite); ABORTED naming the volume when either is not had within the
+        lock timeout."""
+        with (
+            self.locks.hold(volume_id, f"volume {volume_id}"),
+            self.catalog.hold(f"volume {volume_id}", self.locks.timeout or LOCK_WAIT_FOREVER),
+        ):
+            yield
 
     def pool(self, backend: str, field: str = "backend") -> Pool:
         try:

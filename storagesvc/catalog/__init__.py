@@ -1,7 +1,7 @@
 """The catalog: where volumes, snapshots and attachments are recorded (before their side effects).
 
 `Catalog` is the interface the service uses; `storagesvc.catalog.sqlite.SqliteCatalog` is the embedded
-default. A server database (PostgreSQL, ...) implements the same protocol.
+default, `storagesvc.catalog.postgres.PostgresCatalog` the one several storage processes share.
 
 Listing order is (create_time, id); a page cursor is that pair of the last item returned. The catalog
 knows nothing of tokens (see `storagesvc.paging`).
@@ -9,6 +9,7 @@ knows nothing of tokens (see `storagesvc.paging`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -100,6 +101,14 @@ class Catalog(Protocol):
 
     def node_backend(self, backend: str) -> NodeBackend | None:
         """The registration of one backend (which node serves it, whether it is shared)."""
+        ...
+
+    # locks
+    def hold(self, key: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """The lock named `key` across every process sharing this catalog, for the `with` block: waits
+        up to `timeout` seconds, then raises `blockwire.errors.Aborted` naming `key`. The embedded
+        catalog has one process (a no-op there: in-process locks already serialize); a server catalog
+        releases it when the holder's connection ends."""
         ...
 
     def close(self) -> None: ...
