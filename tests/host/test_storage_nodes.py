@@ -26,9 +26,9 @@ from blockwire.v1 import hostagent_pb2_grpc, storage_pb2_grpc
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from tests.conftest import tier_unavailable
-from tests.fakes.certs import Certs
 from tests.fakes.daemon_rig import define_domain, remove_domain
-from tests.host.daemons import Missing, Started, Tgtd, free_port, free_tgt_control_port
+from tests.host.daemons import Missing, Started, Tgtd
+from tests.host.nodes_rig import running_nodes
 from tests.postgres import PostgresServer
 from tests.rig import Daemon, wait_until
 
@@ -67,63 +67,6 @@ class Cluster:
         return {n.name: n.up for n in nodes}
 
 
-def storage_config(
-    work: Path, node: str, prefix: str, tgtd: Tgtd, certs: Certs, listen: str, pg: PostgresServer, dsn: str
-) -> Path:
-    d = work / node
-    d.mkdir(parents=True, exist_ok=True)
-    server = certs.server(f"server-{node}")
-    client = certs.client(f"node-{node}", f"blockwire://storage-node/{node}")
-    portals = ", ".join(f'"{p}"' for p in tgtd.portals)
-    config = d / "storage.toml"
-    config.write_text(
-        f"""
-[server]
-unix_socket = "{d}/storage.sock"
-listen = ["{listen}"]
-log_format = "kv"
-log_level = "DEBUG"
-
-[tls]
-cert_file = "{server.cert}"
-key_file = "{server.key}"
-client_ca_file = "{certs.ca.cert}"
-
-[service]
-catalog_path = "{d}/unused.db"
-iqn_prefix = "{prefix}"
-lock_timeout = 5.0
-export_check_interval = 0.0
-
-[catalog]
-kind = "postgresql"
-dsn = "{dsn}"
-password_file = "{pg.password_file}"
-connect_timeout = 2.0
-
-[node]
-name = "{node}"
-address = "{listen}"
-cert_file = "{client.cert}"
-key_file = "{client.key}"
-ca_file = "{certs.ca.cert}"
-heartbeat_interval = {HEARTBEAT}
-down_after = {DOWN_AFTER}
-
-[[backends]]
-name = "file-{node}"
-kind = "file"
-path = "{d}/volumes"
-exporter = "tgt"
-
-[exporters.tgt]
-control_port = {tgtd.control_port}
-portals = [{portals}]
-"""
-    )
-    return config
-
-
 def agent_config(work: Path, storage_socket: Path) -> Path:
     config = work / "agent.toml"
     config.write_text(
@@ -155,39 +98,20 @@ def cluster(
 ) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("nodes")
     dsn = postgres_server.create_database()
-    (work / "certs").mkdir()
-    certs = Certs(work / "certs")
     prefix = f"iqn.2026-01.io.blockwire.n{uuid.uuid4().hex[:10]}"
-    tgtds: dict[str, Tgtd] = {}
-    daemons: dict[str, Daemon] = {}
     agent: Daemon | None = None
     try:
-        control = free_tgt_control_port()
-        for node in NODES:
-            tgtd = Tgtd(portals=(f"127.0.0.1:{free_port(('127.0.0.1',))}",), control_port=control)
-            tgtd.start()
-            tgtds[node] = tgtd
-            control = free_tgt_control_port(control + 1)
-        for node in NODES:
-            listen = f"127.0.0.1:{free_port(('127.0.0.1',))}"
-            config = storage_config(work, node, prefix, tgtds[node], certs, listen, postgres_server, dsn)
-            daemons[node] = Daemon.storage(
-                config,
-                work / node / "storage.sock",
-                start_timeout=30,
-                health_service="blockwire.v1.StorageService",
-            ).start()
-        agent = Daemon.agent(agent_config(work, work / "a" / "storage.sock"), work / "agent.sock").start()
-        yield Cluster(work, prefix, tgtds, daemons, agent)
+        with running_nodes(work, NODES, prefix, postgres_server, dsn, HEARTBEAT, DOWN_AFTER) as (
+            tgtds,
+            daemons,
+        ):
+            agent = Daemon.agent(agent_config(work, work / "a" / "storage.sock"), work / "agent.sock").start()
+            try:
+                yield Cluster(work, prefix, tgtds, daemons, agent)
+            finally:
+                agent.stop()
     except Missing as exc:
         tier_unavailable("host", str(exc))
-    finally:
-        if agent is not None:
-            agent.stop()
-        for d in daemons.values():
-            d.stop()
-        for tgtd in tgtds.values():
-            tgtd.stop()
 
 
 @pytest.fixture
