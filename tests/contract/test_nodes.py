@@ -148,3 +148,14 @@ def test_the_storage_node_role_is_served_locally_and_only_for_forwarded_calls(ri
         peer.CreateVolume(spb.CreateVolumeRequest(name="x", size_bytes=MIB, backend="file-c"), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "file-c" in (err.value.details() or "")
+
+
+def test_a_node_reconciles_only_its_own_volumes(rig: NodeRig, caplog: pytest.LogCaptureFixture) -> None:
+    on_b = _create(rig.stub("a"), backend="file-b")
+    on_a = _create(rig.stub("a"), backend="file-a")
+    _attach(rig.stub("a"), on_b.id)
+    _attach(rig.stub("a"), on_a.id)
+    rig.nodes["a"].service.reconcile()  # a restarted: b's volumes are b's to reconcile (and lock)
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert len(rig.nodes["a"].exporter.list_targets("")) == 1  # a's own export, restored
+    assert len(rig.nodes["b"].exporter.list_targets("")) == 1  # b's untouched
