@@ -141,6 +141,11 @@ class Cluster:
                         f"backend {b.name} is already served by storage node {n.name} ({n.address}); "
                         "backend names are unique across the cluster: rename this node's backend"
                     )
+        for n in self.catalog.list_nodes():
+            for b in n.backends:
+                if n.name == self.name and b.name not in self.pools:
+                    log.info("backend %s is no longer in this node's config: unregistering it", b.name)
+                    self.catalog.drop_node_backend(b.name)
         self.heartbeat()
         log.info(
             "storage node %s registered at %s with backends %s",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
+from storagesvc.model import NodeBackend
 from tests.fakes.node_rig import DOWN_AFTER, NodeRig, node_rig
 
 MIB = 1 << 20
@@ -159,3 +161,30 @@ def test_a_node_reconciles_only_its_own_volumes(rig: NodeRig, caplog: pytest.Log
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
     assert len(rig.nodes["a"].exporter.list_targets("")) == 1  # a's own export, restored
     assert len(rig.nodes["b"].exporter.list_targets("")) == 1  # b's untouched
+
+
+def test_an_unreachable_node_is_named_and_creates_go_to_the_next_backend(rig: NodeRig) -> None:
+    on_b = _create(rig.stub("a"), backend="file-b")
+    rig.nodes["b"].running.stop(0)  # b's server gone, its last heartbeat still fresh
+    with pytest.raises(grpc.RpcError) as err:
+        _attach(rig.stub("a"), on_b.id)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "storage node b" in (err.value.details() or "")
+    # the scheduler ranks b first (fewest volumes after a and c get theirs); the create is rescheduled
+    _create(rig.stub("a"), backend="file-a")
+    _create(rig.stub("a"), backend="file-c")
+    _create(rig.stub("a"), backend="file-a")
+    _create(rig.stub("a"), backend="file-c")
+    v = _create(rig.stub("a"))
+    assert v.node in ("a", "c")
+    assert not [p for p in (rig.root / "b").rglob("*") if p.is_file() and v.id in p.name]
+
+
+def test_a_backend_dropped_from_a_node_is_unregistered(rig: NodeRig) -> None:
+    c = rig.nodes["c"]
+    gone = NodeBackend("file-old", "c", "file", False, True, 1, 1, 0, 0)
+    rig.nodes["a"].catalog.put_node(replace(c.cluster.local(), backends=(gone,)))
+    assert c.catalog.node_backend("file-old") is not None
+    c.cluster.register()  # c restarted without it
+    assert c.catalog.node_backend("file-old") is None
+    assert c.catalog.node_backend("file-c") is not None

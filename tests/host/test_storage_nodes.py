@@ -3,7 +3,7 @@ file backend and its own tgtd (own ports), sharing ONE PostgreSQL catalog, regis
 ([node]: heartbeats, mutual TLS between them with storage-node certificates), and one real
 `blockwire-agent` talking to node a only, attaching to a libvirt domain with QEMU's iSCSI initiator.
 
-* volumes created through node a spread over the three nodes per the scheduler, each made by its owner;
+* 30 volumes created through node a spread over the three nodes per the scheduler, each made by its owner;
 * attached and detached through the agent: the export is on the owning node's tgtd, no other;
 * node c killed: its volumes report it down, creates go to a and b, an attach of one of its volumes is
   UNAVAILABLE naming c, the others still attach; c restarted (it reconciles): back, its volume attaches.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,12 @@ def test_three_nodes_spread_attach_and_survive_one_going_down(cluster: Cluster, 
     assert c.up() == {"a": True, "b": True, "c": True}
 
     # creates through node a spread over the nodes (the weigher: room, then fewest volumes)
-    volumes = [create(c) for _ in range(9)]
-    assert sorted(v.node for v in volumes) == ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    volumes = [create(c) for _ in range(30)]
+    spread = Counter(v.node for v in volumes)
+    # the same filesystem under the three backends: equal room (in whole GiB), so fewest volumes decides;
+    # 1 of slack for another process moving the free space across a GiB boundary between heartbeats
+    assert set(spread) == {"a", "b", "c"}
+    assert max(spread.values()) - min(spread.values()) <= 1, spread
     for v in volumes:
         assert v.backend == f"file-{v.node}"
         assert v.state == pb.VOLUME_STATE_AVAILABLE

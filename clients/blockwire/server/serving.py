@@ -158,8 +158,8 @@ class AuthInterceptor(_Interceptor):
         if not who.role:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "the client certificate names no blockwire role (SAN URI blockwire://agent/<host> "
-                "or blockwire://admin/<name>)",
+                "the client certificate names no blockwire role (SAN URI blockwire://agent/<host>, "
+                "blockwire://admin/<name> or blockwire://storage-node/<name>)",
             )
         try:
             self.policy(who, method, request)
