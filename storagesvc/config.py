@@ -15,6 +15,7 @@ from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
 from storagesvc.keys.base import KEY_KINDS, KeysConfig
+from storagesvc.scheduler import WEIGHERS
 
 BACKEND_KINDS = ("file", "lvm-thin", "rbd")
 RBD_HOST_USERS = ("backend", "per-host")
@@ -97,6 +98,9 @@ class BackendConfig:
     host_key_file: str = ""  # its key (a keyring or a key file)
     capacity_bytes: int = 0  # provisioning cap; 0: the pool's size from the cluster (needs a ceph-mgr)
     scratch_dir: str = ""  # qcow2 images are converted to raw here before their import
+    # the scheduler (README "Volume types, QoS specs and the scheduler")
+    availability_zone: str = ""
+    capabilities: Mapping[str, str] = field(default_factory=dict, hash=False)  # added to the kind's own
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,15 @@ class NodeConfig:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: where CreateVolume puts a volume that names no backend (storagesvc.scheduler)."""
+
+    max_attempts: int = 3  # backends tried, in rank order, before a create fails
+    weigher: str = "free_capacity"  # or "volume_count"
+    default_volume_type: str = ""  # the type of a volume created without one ("": none)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -143,6 +156,7 @@ class Config:
     keys: KeysConfig = field(default_factory=KeysConfig)  # [keys]: key manager of encrypted volumes
     node: NodeConfig | None = None  # [node]: one of several storage nodes (None: a single node)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)  # [catalog]: SQLite or PostgreSQL
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @property
     def catalog_path(self) -> str:
@@ -202,7 +216,15 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     t = _take(table, f"backends[{i}]", _fields(BackendConfig))
     if "monitors" in t:
         t["monitors"] = tuple(t["monitors"])
+    caps = t.get("capabilities", {})
+    if not isinstance(caps, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, bool, int, float)) for k, v in caps.items()
+    ):
+        raise ConfigError(f"[[backends]] {t.get('name')}: capabilities is a table of names to values")
+    t["capabilities"] = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in caps.items()}
     b = BackendConfig(**t)
+    if not b.oversubscription_ratio >= 1.0:
+        raise ConfigError(f"[[backends]] {b.name}: oversubscription_ratio is 1.0 or more")
     if b.kind not in BACKEND_KINDS:
         raise ConfigError(f"[[backends]] {b.name}: kind is one of {', '.join(BACKEND_KINDS)}")
     if b.kind == "rbd":
@@ -300,6 +322,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         "keys",
         "catalog",
         "node",
+        "scheduler",
     )
     top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
@@ -345,6 +368,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         keys=_keys(top.get("keys", {})),
         node=_node(top["node"], srv, tls) if "node" in top else None,
         catalog=_catalog(top.get("catalog", {})),
+        scheduler=_scheduler(top.get("scheduler", {})),
     )
 
 
@@ -404,6 +428,20 @@ def _catalog(table: Mapping[str, Any]) -> CatalogConfig:
             "[catalog] dsn: holds a password (it would reach logs and errors); put it in password_file"
         )
     return c
+
+
+def _scheduler(table: Mapping[str, Any]) -> SchedulerConfig:
+    s = SchedulerConfig(**_take(table, "scheduler", _fields(SchedulerConfig)))
+    if not (isinstance(s.max_attempts, int) and 1 <= s.max_attempts <= 100):
+        raise ConfigError("[scheduler] max_attempts: 1 to 100 backends")
+    if s.weigher not in WEIGHERS:
+        raise ConfigError(f"[scheduler] weigher: one of {', '.join(WEIGHERS)}")
+    if s.default_volume_type:
+        try:
+            validate.name(s.default_volume_type, "scheduler.default_volume_type")
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from None
+    return s
 
 
 def _keys(table: Mapping[str, Any]) -> KeysConfig:

@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from blockwire import validate
@@ -28,6 +28,7 @@ from storagesvc.backends.base import Backend
 from storagesvc.catalog import Catalog, Cursor, time_key
 from storagesvc.encryption import VolumeCrypt
 from storagesvc.model import ExportRecord, Volume
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.stats import Stats
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec
 
@@ -93,6 +94,7 @@ class Context:
     mutual_chap: bool
     failpoints: Failpoints = NO_FAILPOINTS
     crypt: VolumeCrypt | None = None  # encrypted volumes; None: refused (no key manager)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def need_crypt(self) -> VolumeCrypt:
         if self.crypt is None:

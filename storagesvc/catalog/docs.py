@@ -7,6 +7,7 @@ the documents: the catalog is protected like a key file (SQLite: mode 0600; Post
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from blockwire.model import (
     ConnectionInfo,
     Connector,
     Encryption,
+    IoTune,
     IscsiConnection,
     IscsiPath,
     NvmeofConnection,
@@ -32,12 +34,14 @@ from storagesvc.model import (
     ImageSource,
     NodeBackend,
     Progress,
+    QosSpecs,
     Snapshot,
     SnapshotState,
     StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
+    VolumeType,
 )
 
 
@@ -107,6 +111,7 @@ def volume_doc(v: Volume) -> dict[str, Any]:
             "access_mode": e.access_mode.value,
         },
         "encryption": _encryption_doc(v.encryption),
+        "volume_type": v.volume_type,
     }
 
 
@@ -144,6 +149,7 @@ def volume_from_doc(d: dict[str, Any]) -> Volume:
             access_mode=AccessMode(e["access_mode"]),
         ),
         encryption=_encryption(d.get("encryption")),
+        volume_type=d.get("volume_type", ""),
     )
 
 
@@ -251,6 +257,7 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
         "logical_block_size": c.logical_block_size,
         "physical_block_size": c.physical_block_size,
         "encryption": _encryption_doc(c.encryption),
+        "qos": {k: v for k, v in dataclasses.asdict(c.qos).items() if v} if not c.qos.is_empty() else None,
     }
 
 
@@ -323,6 +330,7 @@ def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
         logical_block_size=d["logical_block_size"],
         physical_block_size=d["physical_block_size"],
         encryption=_encryption(d.get("encryption")),
+        qos=IoTune(**d["qos"]) if d.get("qos") else IoTune(),
     )
 
 
@@ -415,4 +423,50 @@ def node_backend_from_doc(d: dict[str, Any]) -> NodeBackend:
         capabilities=dict(d.get("capabilities", {})),
         max_over_subscription_ratio=float(d.get("max_over_subscription_ratio", 1.0)),
         availability_zone=str(d.get("availability_zone", "")),
+    )
+
+
+def volume_type_doc(t: VolumeType) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "description": t.description,
+        "extra_specs": dict(t.extra_specs),
+        "qos_specs_id": t.qos_specs_id,
+        "create_time": t.create_time.isoformat(),
+        "update_time": t.update_time.isoformat(),
+    }
+
+
+def volume_type_from_doc(d: dict[str, Any]) -> VolumeType:
+    return VolumeType(
+        id=d["id"],
+        name=d["name"],
+        description=d["description"],
+        extra_specs=d["extra_specs"],
+        qos_specs_id=d["qos_specs_id"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
+    )
+
+
+def qos_specs_doc(q: QosSpecs) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "name": q.name,
+        "consumer": q.consumer,
+        "specs": dict(q.specs),
+        "create_time": q.create_time.isoformat(),
+        "update_time": q.update_time.isoformat(),
+    }
+
+
+def qos_specs_from_doc(d: dict[str, Any]) -> QosSpecs:
+    return QosSpecs(
+        id=d["id"],
+        name=d["name"],
+        consumer=d["consumer"],
+        specs=d["specs"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
     )

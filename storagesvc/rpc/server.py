@@ -53,6 +53,7 @@ from storagesvc.nodes import Cluster, Heartbeat, NodeSettings
 from storagesvc.rpc import auth
 from storagesvc.rpc.forward import ForwardInterceptor, Peers, PeerTls, Router
 from storagesvc.rpc.servicer import StorageServicer
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
@@ -225,6 +226,14 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
+        scheduler=SchedulerSettings(
+            max_attempts=config.scheduler.max_attempts,
+            weigher=config.scheduler.weigher,
+            default_volume_type=config.scheduler.default_volume_type,
+            zones={b.name: b.availability_zone for b in config.backends},
+            capabilities={b.name: dict(b.capabilities) for b in config.backends},
+            ratios={b.name: b.oversubscription_ratio for b in config.backends},
+        ),
         crypt=VolumeCrypt(
             open_keys(config.keys, str(Path(config.catalog_path).parent)),
             runner,

@@ -1,5 +1,5 @@
-"""The node registry (catalog rows, registration, down after silence), the minimal scheduler's filters
-and weighers, and the [node] config table."""
+"""The node registry (catalog rows, registration, down after silence), routes and placement across
+nodes, and the [node] config table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from blockwire.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from blockwire.errors import FailedPrecondition, Unavailable
 from blockwire.runtime.executor import Executor
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
@@ -16,7 +16,7 @@ from storagesvc.config import ConfigError, parse
 from storagesvc.context import Pool
 from storagesvc.model import NodeBackend, StorageNode
 from storagesvc.nodes import Cluster, NodeSettings
-from storagesvc.scheduler import GIB, BackendState, PlacementRequest, rank
+from storagesvc.scheduler import PlacementRequest
 from tests.fakes.clock import FakeClock
 from tests.fakes.exporter import FakeExporter
 
@@ -93,54 +93,6 @@ def test_single_node_cluster_is_itself(tmp_path: Path) -> None:
     assert c.route("other") is None
     assert c.volume_node("file") == ("", False)
     assert catalog.list_nodes() == []  # nothing registered
-
-
-# -- scheduler
-
-
-def _state(
-    backend: str, *, free: int = 100 * GIB, volumes: int = 0, up: bool = True, **kw: object
-) -> BackendState:
-    return BackendState(
-        node=backend[0],
-        backend=backend,
-        total_bytes=200 * GIB,
-        free_bytes=free,
-        provisioned_bytes=0,
-        volume_count=volumes,
-        capabilities=kw.pop("capabilities", {"thin_provisioning": "true"}),  # type: ignore[arg-type]
-        availability_zone=str(kw.pop("zone", "")),
-        up=up,
-    )
-
-
-def test_rank_weighs_room_then_volume_count_then_name() -> None:
-    ranked = rank(
-        [_state("c", volumes=1), _state("b", volumes=1), _state("a", volumes=3), _state("d", free=150 * GIB)],
-        PlacementRequest(size_bytes=GIB, extra_specs={}),
-    )
-    assert [b.backend for b in ranked] == ["d", "b", "c", "a"]
-    # room within the same GiB counts as equal (the same filesystem between two heartbeats)
-    near = rank([_state("x", free=100 * GIB + 5, volumes=2), _state("y", volumes=1)], PlacementRequest(1, {}))
-    assert [b.backend for b in near] == ["y", "x"]
-
-
-def test_rank_filters_and_says_why_none_passed() -> None:
-    req = PlacementRequest(size_bytes=GIB, extra_specs={"thin_provisioning": "true"}, availability_zone="z1")
-    cands = [
-        _state("a", up=False, zone="z1"),
-        _state("b", zone="z2"),
-        _state("c", zone="z1", capabilities={}),
-        _state("d", zone="z1"),
-    ]
-    assert [b.backend for b in rank(cands, req)] == ["d"]
-    with pytest.raises(FailedPrecondition) as err:
-        rank(cands[:3], req)
-    assert "node a is down" in err.value.message
-    assert "lacks thin_provisioning" in err.value.message
-    with pytest.raises(ResourceExhausted):
-        rank([_state("a", free=0)], PlacementRequest(size_bytes=GIB, extra_specs={}))
-    assert [b.backend for b in rank(cands, PlacementRequest(1, {}, backend="b"))] == ["b"]
 
 
 # -- config
