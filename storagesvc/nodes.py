@@ -48,8 +48,12 @@ class NodeSettings:
     down_after: float = 10.0
 
 
-def describe(pool: Pool, node: str, catalog: Catalog) -> NodeBackend:
-    """One local backend as it is registered: its space, counts, capabilities and health now."""
+def describe(
+    pool: Pool, node: str, catalog: Catalog, state: Callable[[str], BackendState] | None = None
+) -> NodeBackend:
+    """One local backend as it is registered: its space, counts, capabilities and health now; with
+    `state` (`storagesvc.placement.backend_state`), its capabilities, zone and over-subscription ratio
+    as the local scheduler sees them ([[backends]] capabilities, availability_zone)."""
     b = pool.backend
     volumes, _, provisioned = catalog.backend_counts(b.name)
     try:
@@ -61,6 +65,7 @@ def describe(pool: Pool, node: str, catalog: Catalog) -> NodeBackend:
         total = free = 0
         healthy = False
     transport = transport_of(pool.exporter).value if pool.exporter is not None else b.kind
+    seen = state(b.name) if state is not None else None
     return NodeBackend(
         name=b.name,
         node=node,
@@ -71,14 +76,19 @@ def describe(pool: Pool, node: str, catalog: Catalog) -> NodeBackend:
         free_bytes=free,
         provisioned_bytes=provisioned,
         volume_count=volumes,
-        capabilities={
+        capabilities=dict(seen.capabilities)
+        if seen is not None
+        else {
             "kind": b.kind,
             "transport": transport,
             "thin_provisioning": "true",
             "multiattach": "true",
             "encryption": "false" if pool.exporter is None else "true",
         },
-        max_over_subscription_ratio=float(getattr(b, "ratio", 1.0)),
+        max_over_subscription_ratio=seen.max_over_subscription_ratio
+        if seen is not None
+        else float(getattr(b, "ratio", 1.0)),
+        availability_zone=seen.availability_zone if seen is not None else "",
     )
 
 
@@ -93,7 +103,11 @@ class Cluster:
         settings: NodeSettings | None = None,
         *,
         cache_seconds: float = 0.5,
+        state: Callable[[str], BackendState] | None = None,
+        weigher: str = "free_capacity",
     ) -> None:
+        self.state = state
+        self.weigher = weigher
         self.catalog = catalog
         self.pools = pools
         self.clock = clock
@@ -123,7 +137,7 @@ class Cluster:
             heartbeat=now,
             start_time=self.started,
             down_after=s.down_after if s is not None else 0.0,
-            backends=tuple(describe(p, self.name, self.catalog) for p in self.pools.values()),
+            backends=tuple(describe(p, self.name, self.catalog, self.state) for p in self.pools.values()),
         )
 
     def register(self) -> None:
@@ -251,7 +265,7 @@ class Cluster:
 
     def place(self, request: PlacementRequest) -> list[BackendState]:
         """The backends a new volume may go to, best first (`scheduler.rank`)."""
-        return rank(self.candidates(), request)
+        return rank(self.candidates(), request, weigher=self.weigher)
 
     def capacity(self, backend: str = "", node: str = "") -> list[tuple[Capacity, str, bool, bool]]:
         """(capacity, node, node down, shared) of every registered backend, or of one backend or node."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,11 +30,14 @@ from blockwire.server.serving import STORAGE_NODE, identify
 from blockwire.status import abort_with
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
+from storagesvc import voltypes
 from storagesvc.catalog import Catalog
+from storagesvc.encryption import HEADER_BYTES as ENCRYPTION_HEADER_BYTES
 from storagesvc.model import StorageNode
 from storagesvc.nodes import Cluster
 from storagesvc.rpc.auth import FORWARDED, SERVICE_PREFIX
 from storagesvc.scheduler import PlacementRequest
+from storagesvc.service import StorageService
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +89,37 @@ class Peers:
 
 
 class Router:
-    """Which node runs a call (None: this one), from the request and the shared catalog."""
+    """Which node runs a call (None: this one), from the request and the shared catalog.
+    `type_specs`: the extra specs of a volume type by name ("": the default type; {} for none);
+    `default_backend`: [service] default_backend, where a volume that names no backend or type goes."""
 
-    def __init__(self, cluster: Cluster, catalog: Catalog) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        catalog: Catalog,
+        *,
+        type_specs: Callable[[str], Mapping[str, str]] = lambda name: {},
+        default_backend: str = "",
+    ) -> None:
         self.cluster = cluster
         self.catalog = catalog
+        self.type_specs = type_specs
+        self.default_backend = default_backend
+
+    @classmethod
+    def of(cls, cluster: Cluster, service: StorageService) -> Router:
+        """The router of a service: its volume types and default backend."""
+
+        def type_specs(name: str) -> Mapping[str, str]:
+            vtype = voltypes.VolumeTypes(service.ctx).for_create(name)
+            return dict(vtype.extra_specs) if vtype is not None else {}
+
+        return cls(
+            cluster,
+            service.catalog,
+            type_specs=type_specs,
+            default_backend=service.ctx.scheduler.default_backend,
+        )
 
     def _volume_backend(self, volume_id: str) -> str:
         v = self.catalog.get_volume(volume_id) if volume_id else None
@@ -130,7 +159,11 @@ class Router:
             return [s.backend] if s is not None else [""]
         if request.WhichOneof("source") == "source_volume_id":
             return [self._volume_backend(request.source_volume_id)]
-        ranked = self.cluster.place(PlacementRequest(size_bytes=request.size_bytes, extra_specs={}))
+        specs = self.type_specs(request.volume_type)
+        if not specs and self.default_backend:
+            return [self.default_backend]
+        size = request.size_bytes + (ENCRYPTION_HEADER_BYTES if request.encrypted else 0)
+        ranked = self.cluster.place(PlacementRequest(size_bytes=size, extra_specs=specs))
         return [b.backend for b in ranked]
 
 

@@ -40,6 +40,7 @@ from blockwire.server import serving
 from blockwire.server import tracing as server_tracing
 from blockwire.server.metrics import Metrics
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
+from storagesvc import placement
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
@@ -318,6 +319,8 @@ def join_cluster(config: Config, service: StorageService, clock: SystemClock) ->
         service.pools,
         clock,
         NodeSettings(node.name, node.address, node.heartbeat_interval, node.down_after) if node else None,
+        state=lambda name: placement.backend_state(service.ctx, name),
+        weigher=service.ctx.scheduler.weigher,
     )
     if node is None:
         return Joined(cluster, None, None, ())
@@ -327,8 +330,12 @@ def join_cluster(config: Config, service: StorageService, clock: SystemClock) ->
         heartbeat.start()  # registers first: refuses a backend name another node serves
     except (OSError, BlockwireError) as exc:
         raise ConfigError(f"[node] {node.name}: {exc}") from exc
-    router = Router(cluster, service.catalog)
-    forward = ForwardInterceptor(router, peers, default_timeout=node.forward_timeout)
+    forward = ForwardInterceptor(
+        Router.of(cluster, service),
+        peers,
+        default_timeout=node.forward_timeout,
+        max_attempts=service.ctx.scheduler.max_attempts,
+    )
     return Joined(cluster, heartbeat, peers, (forward,))
 
 

@@ -188,3 +188,28 @@ def test_a_backend_dropped_from_a_node_is_unregistered(rig: NodeRig) -> None:
     c.cluster.register()  # c restarted without it
     assert c.catalog.node_backend("file-old") is None
     assert c.catalog.node_backend("file-c") is not None
+
+
+def test_a_volume_type_places_across_nodes(rig: NodeRig) -> None:
+    rig.stub("b").CreateVolumeType(
+        spb.CreateVolumeTypeRequest(
+            name="on-c", extra_specs={"volume_backend_name": "file-c", "capabilities:transport": "s== iscsi"}
+        ),
+        timeout=10,
+    )
+    for _ in range(2):  # c gets them although it has the most volumes after the first
+        v = (
+            rig.stub("a")
+            .CreateVolume(
+                spb.CreateVolumeRequest(name=f"t-{uuid.uuid4().hex[:8]}", size_bytes=MIB, volume_type="on-c"),
+                timeout=30,
+            )
+            .volume
+        )
+        assert (v.node, v.volume_type) == ("c", "on-c")
+        assert rig.nodes["c"].backend.exists(v.id)
+    with pytest.raises(grpc.RpcError) as err:
+        rig.stub("a").CreateVolume(
+            spb.CreateVolumeRequest(name="t-none", size_bytes=MIB, volume_type="nope"), timeout=30
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -21,6 +21,7 @@ from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor as CommandExecutor
 from blockwire.server import serving
 from blockwire.v1 import storage_pb2_grpc
+from storagesvc import placement
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.nodes import Cluster, NodeSettings
@@ -88,7 +89,12 @@ class NodeRig:
             lock_timeout=5.0,
         )
         cluster = Cluster(
-            catalog, service.pools, self.clock, NodeSettings(name, "", 1.0, DOWN_AFTER), cache_seconds=0
+            catalog,
+            service.pools,
+            self.clock,
+            NodeSettings(name, "", 1.0, DOWN_AFTER),
+            cache_seconds=0,
+            state=lambda backend: placement.backend_state(service.ctx, backend),
         )
         peers = Peers(PeerTls(str(client.cert), str(client.key), str(self.certs.ca.cert)))
 
@@ -109,7 +115,7 @@ class NodeRig:
             ),
             interceptors=(
                 auth.interceptor(host_of),
-                ForwardInterceptor(Router(cluster, catalog), peers, default_timeout=30),
+                ForwardInterceptor(Router.of(cluster, service), peers, default_timeout=30),
             ),
         )
         address = running.addresses[0].removeprefix("tls://")
