@@ -181,7 +181,12 @@ class Volumes:
             try:
                 ctx.catalog.insert_volume(volume)
             except Conflict:
-                raise AlreadyExists(f"volume name {spec.name} is taken") from None
+                # another storage process sharing the catalog took the name meanwhile: a repeat of its
+                # call (same parameters) gets that volume, anything else ALREADY_EXISTS (undo runs)
+                existing = ctx.catalog.volume_by_name(spec.name)
+                if existing is None:
+                    raise AlreadyExists(f"volume name {spec.name} is taken") from None
+                return self._same_volume(existing, spec, pool)
             undo.callback(ctx.catalog.delete_volume, vid)
             if src.is_empty():
                 if encryption is not None and passphrase is not None:

@@ -67,6 +67,8 @@ class PostgresServer:
     root: Path = field(default_factory=Path)
     bindir: Path = field(default_factory=Path)
     password_file: str = ""
+    fsync: bool = False  # tests: off (a throwaway server); benchmarks: on, as in production
+    parent: str | None = None  # where the temp dir goes (None: the system's temp dir)
     _password: str = ""
     _databases: int = 0
 
@@ -86,7 +88,7 @@ class PostgresServer:
             owner = pwd.getpwnam(OS_USER)
         except KeyError:
             raise PostgresMissing(f"no {OS_USER} user: apt-get install postgresql") from None
-        self.root = Path(tempfile.mkdtemp(prefix="bw-pg-"))
+        self.root = Path(tempfile.mkdtemp(prefix="bw-pg-", dir=self.parent))
         os.chown(self.root, owner.pw_uid, owner.pw_gid)
         self.root.chmod(0o700)
         self._password = secrets.token_urlsafe(18)
@@ -134,7 +136,8 @@ class PostgresServer:
             raise PostgresMissing(f"{Path(argv[0]).name} exited {r.returncode}: {r.stderr.strip()[-400:]}")
 
     def _start_server(self) -> None:
-        opts = f"-p {self.port} -k {self.root} -c listen_addresses={self.host} -c fsync=off"
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses={self.host}"
+        opts += "" if self.fsync else " -c fsync=off"
         self._as_postgres(
             str(self.bindir / "pg_ctl"),
             "-D",

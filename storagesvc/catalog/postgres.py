@@ -15,8 +15,8 @@ The password: never in the DSN (refused), read from `password_file` and handed t
 keyword, so it is in no log line, error message or argv. Errors name the server as ``host:port/dbname``.
 
 Unreachable server: every call raises `blockwire.errors.Unavailable` naming host:port, within
-`connect_timeout` seconds; pooled connections are checked before use, so once the server is back the
-pool reconnects and calls succeed again.
+`connect_timeout` seconds; pooled connections are checked before use (`check_connection`), so once the
+server is back the pool reconnects and calls succeed again.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import select
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ import psycopg_pool
 from psycopg import errors as pgerrors
 from psycopg.conninfo import conninfo_to_dict
 
-from blockwire.errors import Aborted, Unavailable
+from blockwire.errors import Aborted, ResourceExhausted, Unavailable
 from storagesvc.catalog import Conflict
 from storagesvc.catalog.sql import MIGRATIONS, SqlCatalog, statements
 
@@ -55,6 +56,17 @@ def lock_key(key: str) -> int:
 def to_pyformat(sql: str) -> str:
     """A ``?`` statement in psycopg's ``%s`` style (no statement of ours has a ``?`` inside a literal)."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+def check_connection(conn: psycopg.Connection[Any]) -> None:
+    """The pool's check before it hands out a connection, without a round trip when it can: an idle
+    connection has nothing to read unless the server has closed it (a restart, a terminated backend:
+    the server says so and closes the socket), so only then is it asked (and found broken)."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("connection closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        psycopg_pool.ConnectionPool.check_connection(conn)
 
 
 def dsn_has_password(dsn: str) -> bool:
@@ -79,8 +91,9 @@ class PostgresCatalog(SqlCatalog):
     ) -> None:
         try:
             params = conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError as exc:
-            raise ValueError(f"[catalog] dsn: not a PostgreSQL connection string ({exc})") from None
+        except psycopg.ProgrammingError:
+            # psycopg's message quotes the string, which may hold a secret: not repeated
+            raise ValueError("[catalog] dsn: not a libpq connection string or postgresql:// URI") from None
         if params.get("password"):
             raise ValueError("[catalog] dsn: holds a password; put the password in password_file")
         host = str(params.get("host") or params.get("hostaddr") or "localhost")
@@ -97,7 +110,7 @@ class PostgresCatalog(SqlCatalog):
             kwargs["password"] = Path(password_file).read_text().strip()
         common: dict[str, Any] = {
             "kwargs": kwargs,
-            "check": psycopg_pool.ConnectionPool.check_connection,
+            "check": check_connection,
             "timeout": connect_timeout,
             "reconnect_timeout": 365 * 86400.0,  # never give up a slot: the server comes back
             "open": False,
@@ -127,7 +140,15 @@ class PostgresCatalog(SqlCatalog):
         try:
             with (pool or self._pool).connection() as conn:
                 yield conn
-        except (psycopg_pool.PoolTimeout, psycopg.OperationalError) as exc:
+        except psycopg_pool.PoolTimeout as exc:
+            if pool is self._locks and self._locks.get_stats().get("pool_size", 0) >= self._locks.max_size:
+                raise ResourceExhausted(
+                    f"all {self._locks.max_size} lock connections to the catalog database are held by "
+                    f"other calls (waited {self.connect_timeout:g}s); retry, or raise [catalog] "
+                    "lock_connections"
+                ) from None
+            raise self._unreachable(exc) from None
+        except psycopg.OperationalError as exc:
             if isinstance(exc, pgerrors.LockNotAvailable | pgerrors.QueryCanceled):
                 raise
             raise self._unreachable(exc) from None
@@ -192,10 +213,11 @@ class PostgresCatalog(SqlCatalog):
         number = lock_key(key)
         with self._conn(self._locks) as conn:
             try:
+                # one round trip: the subquery (volatile, so never pulled up) sets the wait first
                 conn.execute(
-                    "SELECT set_config('lock_timeout', %s, false)", [f"{max(1, int(timeout * 1000))}ms"]
+                    "SELECT pg_advisory_lock(%s) FROM (SELECT set_config('lock_timeout', %s, false)) AS t",
+                    [number, f"{max(1, int(timeout * 1000))}ms"],
                 )
-                conn.execute("SELECT pg_advisory_lock(%s)", [number])
             except pgerrors.LockNotAvailable:
                 raise Aborted(
                     f"{key} is busy: a call on another storage node holds it (waited {timeout:g}s); retry"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blockwire.errors import Aborted, Unavailable
+from blockwire.errors import Aborted, ResourceExhausted, Unavailable
 from storagesvc.catalog import Conflict
 from storagesvc.catalog.postgres import PostgresCatalog, lock_key
 from storagesvc.catalog.sql import MIGRATIONS
@@ -248,5 +248,51 @@ def test_the_server_restarted_calls_fail_clearly_then_succeed_nothing_lost(
         assert [v.name for v in got] == [f"vol-{i}" for i in range(5)]
         c.insert_volume(volume(5))
         assert c.get_volume(volume(5).id) is not None
+    finally:
+        c.close()
+
+
+def test_connections_the_server_ended_are_replaced_before_use(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    """A pooled connection whose backend was terminated (the server closed it) is checked and replaced
+    before a statement runs on it: no call fails for it."""
+    c = open_catalog(postgres_server, postgres_dsn, min_size=2, max_size=2)
+    try:
+        c.insert_volume(volume(1))
+        for i in range(3):
+            with postgres_server.connect(postgres_dsn) as admin:
+                pids = [
+                    r[0]
+                    for r in admin.execute(
+                        "SELECT pid FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    ).fetchall()
+                ]
+                assert pids
+                admin.execute("SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", [pids])
+                deadline = time.monotonic() + 10
+                while admin.execute(  # the backends are gone: their goodbyes are on the sockets
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s::int[])", [pids]
+                ).fetchone() != (0,):
+                    assert time.monotonic() < deadline, "terminated backends still there after 10 s"
+            assert c.get_volume(volume(1).id) is not None
+            c.insert_volume(volume(2 + i))
+    finally:
+        c.close()
+
+
+def test_all_lock_connections_held_is_resource_exhausted_naming_the_bound(
+    postgres_server: PostgresServer, postgres_dsn: str
+) -> None:
+    c = open_catalog(postgres_server, postgres_dsn, lock_connections=1, connect_timeout=1)
+    try:
+        with c.hold("volume a", 1):
+            t0 = time.monotonic()
+            with pytest.raises(ResourceExhausted, match="lock_connections"), c.hold("volume b", 1):
+                pass
+            assert time.monotonic() - t0 < 10
+        with c.hold("volume b", 1):  # given back
+            pass
     finally:
         c.close()

@@ -79,6 +79,7 @@ class Nodes:
     prefix: str
     tgtd: Tgtd
     daemons: tuple[Daemon, Daemon]
+    volumes: Path  # the file backend's directory, shared
 
     def stub(self, i: int) -> storage_pb2_grpc.StorageServiceStub:
         return storage_pb2_grpc.StorageServiceStub(self.daemons[i].channel)
@@ -103,7 +104,9 @@ def nodes(postgres_server: PostgresServer, postgres_dsn: str, tgtd: Tgtd, tmp_pa
     try:
         for d in daemons:
             started.append(d.start())
-        yield Nodes(postgres_server, postgres_dsn, prefix, tgtd, (daemons[0], daemons[1]))
+        yield Nodes(
+            postgres_server, postgres_dsn, prefix, tgtd, (daemons[0], daemons[1]), tmp_path / "volumes"
+        )
     finally:
         for d in started:
             d.stop()
@@ -169,6 +172,53 @@ def test_two_nodes_attaching_one_volume_exactly_one_wins_one_export(nodes: Nodes
         assert len(nodes.targets_of(vol.id)) == 1  # exported once
         listed = nodes.stub(1).ListAttachments(spb.ListAttachmentsRequest(volume_id=vol.id), timeout=30)
         assert [x.id for x in listed.attachments] == [won[0].id]
+
+
+def test_two_nodes_creating_one_name_at_once_one_volume(nodes: Nodes) -> None:
+    """A repeat (same parameters) through another node gets the same volume; other parameters get
+    ALREADY_EXISTS; one file on the backend either way."""
+    for round_ in range(4):
+        same = spb.CreateVolumeRequest(name=f"name-{round_}", size_bytes=16 * MIB)
+        a, b = race(
+            lambda same=same: nodes.stub(0).CreateVolume(same, timeout=30).volume,
+            lambda same=same: nodes.stub(1).CreateVolume(same, timeout=30).volume,
+        )
+        assert isinstance(a, pb.Volume), a
+        assert isinstance(b, pb.Volume), b
+        assert a.id == b.id
+        other = spb.CreateVolumeRequest(name=f"other-{round_}", size_bytes=32 * MIB)
+        c, d = race(
+            lambda other=other: nodes.stub(0).CreateVolume(same_as(other, 16 * MIB), timeout=30).volume,
+            lambda other=other: nodes.stub(1).CreateVolume(other, timeout=30).volume,
+        )
+        won = [r for r in (c, d) if isinstance(r, pb.Volume)]
+        lost = [r for r in (c, d) if not isinstance(r, pb.Volume)]
+        assert len(won) == 1, (c, d)
+        assert lost[0][0] == grpc.StatusCode.ALREADY_EXISTS, lost
+    listed = nodes.stub(0).ListVolumes(spb.ListVolumesRequest(), timeout=30).volumes
+    assert len(listed) == 8
+    files = sorted(p.name for p in (nodes.volumes / "volumes").iterdir())
+    assert len(files) == 8, files
+
+
+def test_two_nodes_snapshotting_one_name_at_once_one_snapshot(nodes: Nodes) -> None:
+    vol = create(nodes, "snapped")
+    for round_ in range(4):
+        req = spb.CreateSnapshotRequest(volume_id=vol.id, name=f"snap-{round_}")
+        a, b = race(
+            lambda req=req: nodes.stub(0).CreateSnapshot(req, timeout=30).snapshot,
+            lambda req=req: nodes.stub(1).CreateSnapshot(req, timeout=30).snapshot,
+        )
+        assert isinstance(a, pb.Snapshot), a
+        assert isinstance(b, pb.Snapshot), b
+        assert a.id == b.id
+    listed = nodes.stub(1).ListSnapshots(spb.ListSnapshotsRequest(volume_id=vol.id), timeout=30)
+    assert len(listed.snapshots) == 4
+    assert len(list((nodes.volumes / "snapshots").iterdir())) == 4
+
+
+def same_as(req: spb.CreateVolumeRequest, size: int) -> spb.CreateVolumeRequest:
+    return spb.CreateVolumeRequest(name=req.name, size_bytes=size)
 
 
 def test_two_nodes_attaching_a_multiattach_volume_share_one_export(nodes: Nodes) -> None:
@@ -278,3 +328,11 @@ def test_the_catalog_server_restarted_mid_run_unavailable_then_nothing_lost(node
         nodes.stub(i % 2).DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=30)
         assert nodes.targets_of(v.id) == []
     assert nodes.stub(0).ListVolumes(spb.ListVolumesRequest(), timeout=30).volumes == []
+    # the catalog's password is in no log line (an outage logs the pool's connection errors) or argv
+    password = Path(nodes.server.password_file).read_text().strip()
+    logs = [d.log.read_text() for d in nodes.daemons]
+    assert any(f"port {nodes.server.port} failed" in log for log in logs)  # the outage was logged ...
+    assert not [log for log in logs if password in log]  # ... without the password
+    for d in nodes.daemons:
+        assert d.proc is not None
+        assert password not in Path(f"/proc/{d.proc.pid}/cmdline").read_text()

@@ -256,7 +256,10 @@ def test_hold_is_a_context_for_one_process(catalog: SqlCatalog) -> None:
 
 
 def test_catalog_config(tmp_path: Path) -> None:
-    from storagesvc.config import ConfigError, parse  # noqa: PLC0415
+    from storagesvc.config import CatalogConfig, ConfigError, load, parse  # noqa: PLC0415
+
+    example = Path(__file__).resolve().parents[3] / "deploy" / "storage.example.toml"
+    assert load(example).catalog == CatalogConfig()  # the example documents every key, at its default
 
     base = {
         "backends": [{"name": "f", "kind": "file", "exporter": "tgt", "path": "/x"}],
