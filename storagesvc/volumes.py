@@ -186,7 +186,7 @@ class Volumes:
                 existing = ctx.catalog.volume_by_name(spec.name)
                 if existing is None:
                     raise AlreadyExists(f"volume name {spec.name} is taken") from None
-                return self._same_volume(existing, spec, pool)
+                return self._same_volume(existing, spec)
             undo.callback(ctx.catalog.delete_volume, vid)
             if src.is_empty():
                 if encryption is not None and passphrase is not None:
