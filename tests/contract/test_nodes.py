@@ -6,8 +6,10 @@ return, and the storage-node role."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -213,3 +215,54 @@ def test_a_volume_type_places_across_nodes(rig: NodeRig) -> None:
             spb.CreateVolumeRequest(name="t-none", size_bytes=MIB, volume_type="nope"), timeout=30
         )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_concurrent_attaches_through_two_nodes_have_one_winner(rig: NodeRig) -> None:
+    v = _create(rig.stub("a"), backend="file-b")  # not multiattach
+    barrier = threading.Barrier(2)
+
+    def attach_via(node: str, host: str) -> object:
+        barrier.wait(10)
+        try:
+            return (
+                rig.stub(node)
+                .CreateAttachment(
+                    spb.CreateAttachmentRequest(
+                        volume_id=v.id,
+                        connector=pb.Connector(host=host, initiator_iqn=f"iqn.2026-01.io.example:{host}"),
+                        access_mode=pb.ACCESS_MODE_READ_WRITE,
+                    ),
+                    timeout=30,
+                )
+                .attachment
+            )
+        except grpc.RpcError as err:
+            return err.code()
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(attach_via, ("a", "c"), ("host-a", "host-c")))
+    won = [r for r in results if isinstance(r, pb.Attachment)]
+    assert len(won) == 1, results
+    assert [r for r in results if not isinstance(r, pb.Attachment)] == [grpc.StatusCode.FAILED_PRECONDITION]
+    (target,) = rig.nodes["b"].exporter.list_targets("")  # one export, on b only
+    assert len(target.initiators) == 1
+    assert rig.nodes["a"].exporter.list_targets("") == rig.nodes["c"].exporter.list_targets("") == []
+
+
+def test_an_agent_is_authorized_by_the_node_it_calls(rig: NodeRig) -> None:
+    v = _create(rig.stub("a"), backend="file-b")
+    agent = rig.certs.client("agent-a", "blockwire://agent/host-a")
+    stub = storage_pb2_grpc.StorageServiceStub(rig.channel("a", agent))
+    a = _attach(stub, v.id)  # connector host-a: its own host; forwarded to b
+    assert len(rig.nodes["b"].exporter.list_targets("")) == 1
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateAttachment(
+            spb.CreateAttachmentRequest(
+                volume_id=v.id,
+                connector=pb.Connector(host="host-x", initiator_iqn="iqn.2026-01.io.example:host-x"),
+            ),
+            timeout=30,
+        )
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # refused by a, never sent to b
+    stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=a.id), timeout=30)
+    assert rig.nodes["b"].exporter.list_targets("") == []
