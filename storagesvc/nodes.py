@@ -159,7 +159,14 @@ class Cluster:
             for b in n.backends:
                 if n.name == self.name and b.name not in self.pools:
                     log.info("backend %s is no longer in this node's config: unregistering it", b.name)
-                    self.catalog.drop_node_backend(b.name)
+                    self.catalog.drop_node_backend(b.name, n.name)
+                elif n.name != self.name and b.name in self.pools and not b.shared:
+                    log.warning(
+                        "backend %s was served by storage node %s, which is down: this node takes it over",
+                        b.name,
+                        n.name,
+                    )
+                    self.catalog.drop_node_backend(b.name, n.name)
         self.heartbeat()
         log.info(
             "storage node %s registered at %s with backends %s",
@@ -203,10 +210,8 @@ class Cluster:
         holders = [n for n in self.nodes() if any(b.name == backend for b in n.backends)]
         if not holders:
             return None
-        shared = any(b.shared for n in holders for b in n.backends if b.name == backend)
-        if shared:
-            return next((n for n in holders if self.up(n)), holders[0])
-        return holders[0]
+        # a shared backend: any node up that reaches it; a local one has one holder (register makes it so)
+        return next((n for n in holders if self.up(n)), holders[0])
 
     def route(self, backend: str) -> StorageNode | None:
         """Where a call on a volume of `backend` runs: None here, or the node to forward to. UNAVAILABLE

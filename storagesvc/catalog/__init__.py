@@ -122,14 +122,14 @@ class Catalog(Protocol):
         """Registers or heartbeats a node and its backends (upserts)."""
         ...
 
-    def drop_node_backend(self, backend: str) -> None: ...
+    def drop_node_backend(self, backend: str, node: str) -> None: ...
 
     def list_nodes(self) -> Sequence[StorageNode]:
         """Every registered node with its backends, by name."""
         ...
 
     def node_backend(self, backend: str) -> NodeBackend | None:
-        """The registration of one backend (which node serves it, whether it is shared)."""
+        """A registration of one backend (which node serves it, whether it is shared); None: none."""
         ...
 
     # locks

@@ -72,7 +72,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE storage_nodes (
         name TEXT PRIMARY KEY, address TEXT NOT NULL, heartbeat_ns BIGINT NOT NULL, doc TEXT NOT NULL);
     CREATE TABLE node_backends (
-        name TEXT PRIMARY KEY, node TEXT NOT NULL, shared BIGINT NOT NULL, doc TEXT NOT NULL);
+        name TEXT NOT NULL, node TEXT NOT NULL, shared BIGINT NOT NULL, doc TEXT NOT NULL,
+        PRIMARY KEY (name, node));
     CREATE INDEX node_backends_node ON node_backends (node);
     """,
 )
@@ -288,7 +289,7 @@ class SqlCatalog:
     def put_node(self, node: StorageNode) -> None:
         """Registers or heartbeats a node: its row and each of its backends' rows (upserts, so a
         restarted node takes its rows back). A backend it no longer has keeps its row until
-        `drop_node_backend`."""
+        `drop_node_backend`. A shared backend (rbd) has a row per node that reaches it."""
         self._write(
             "INSERT INTO storage_nodes (name, address, heartbeat_ns, doc) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
@@ -298,18 +299,17 @@ class SqlCatalog:
         for b in node.backends:
             self._write(
                 "INSERT INTO node_backends (name, node, shared, doc) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET node = excluded.node, shared = excluded.shared, "
-                "doc = excluded.doc",
+                "ON CONFLICT (name, node) DO UPDATE SET shared = excluded.shared, doc = excluded.doc",
                 [b.name, b.node, int(b.shared), json.dumps(node_backend_doc(b))],
             )
 
-    def drop_node_backend(self, backend: str) -> None:
-        self._write("DELETE FROM node_backends WHERE name = ?", [backend])
+    def drop_node_backend(self, backend: str, node: str) -> None:
+        self._write("DELETE FROM node_backends WHERE name = ? AND node = ?", [backend, node])
 
     def list_nodes(self) -> list[StorageNode]:
         """Every registered node with its backends, by name."""
         backends: dict[str, list[NodeBackend]] = {}
-        for b in self._many("SELECT doc FROM node_backends ORDER BY name", [], node_backend_from_doc):
+        for b in self._many("SELECT doc FROM node_backends ORDER BY name, node", [], node_backend_from_doc):
             backends.setdefault(b.node, []).append(b)
         return [
             node_from_doc(json.loads(doc), tuple(backends.get(name, ())))
@@ -317,7 +317,12 @@ class SqlCatalog:
         ]
 
     def node_backend(self, backend: str) -> NodeBackend | None:
-        return self._one("SELECT doc FROM node_backends WHERE name = ?", [backend], node_backend_from_doc)
+        """One registration of the backend (the first node's, by name), None when no node has it."""
+        return self._one(
+            "SELECT doc FROM node_backends WHERE name = ? ORDER BY node LIMIT 1",
+            [backend],
+            node_backend_from_doc,
+        )
 
     # volume types
     def insert_volume_type(self, vtype: VolumeType) -> None:

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 else:
     _Interceptor = grpc.ServerInterceptor
 
+TRACE_METADATA = frozenset({"traceparent", "tracestate"})
+
 RESCHEDULE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 """A create sent to another node that ends so goes to the next backend the scheduler ranked."""
 
@@ -256,7 +258,10 @@ class ForwardInterceptor(_Interceptor):
         timeout = self.default_timeout if remaining is None else max(0.0, remaining)
         log.debug("forwarding %s to storage node %s at %s", method, node.name, node.address)
         call = getattr(self.peers.stub(node.address), method)
-        return call(request, timeout=timeout)
+        trace = tuple(
+            (m.key, m.value) for m in context.invocation_metadata() if m.key in TRACE_METADATA
+        )  # the caller's trace goes on with the call
+        return call(request, timeout=timeout, metadata=trace)
 
     def _send(self, node: StorageNode, method: str, request: Any, context: grpc.ServicerContext) -> Any:
         try:

@@ -308,5 +308,11 @@ def test_storage_nodes_and_their_backends(catalog: SqlCatalog) -> None:
     assert [b.name for b in nodes[1].backends] == ["fb", "r"]
     assert catalog.node_backend("r") == backend("r", "b", True)
     assert catalog.node_backend("nope") is None
-    catalog.drop_node_backend("r")
-    assert [b.name for b in catalog.list_nodes()[1].backends] == ["fb"]
+    # a shared backend has a row per node that reaches it
+    catalog.put_node(
+        StorageNode("a", "127.0.0.1:3", later, t0, 10.0, (backend("fa", "a"), backend("r", "a", True)))
+    )
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb", "r"]]
+    assert catalog.node_backend("r") == backend("r", "a", True)
+    catalog.drop_node_backend("r", "b")
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb"]]

@@ -73,6 +73,31 @@ def test_routes_follow_the_backend_and_a_silent_node_is_named(tmp_path: Path) ->
     assert [s.backend for s in a.place(PlacementRequest(size_bytes=1, extra_specs={}))] == ["file-a"]
 
 
+def test_a_shared_backend_is_served_by_any_node_that_is_up(tmp_path: Path) -> None:
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    clock = FakeClock()
+    a = _cluster(tmp_path, catalog, clock, "a", "file-a")
+    a.register()
+    for name in ("b", "c"):
+        catalog.put_node(
+            StorageNode(
+                name, f"127.0.0.1:{ord(name)}", clock.now(), clock.now(), 10.0, (_backend("rbd", name, True),)
+            )
+        )
+    routed = a.route("rbd")
+    assert routed is not None
+    assert routed.name in ("b", "c")
+    assert a.volume_node("rbd") == ("", False)  # a shared backend's volumes belong to no node
+    clock.advance(11)
+    a.heartbeat()
+    catalog.put_node(
+        StorageNode("c", "127.0.0.1:99", clock.now(), clock.now(), 10.0, (_backend("rbd", "c", True),))
+    )
+    routed = a.route("rbd")
+    assert routed is not None
+    assert routed.name == "c"  # b is down
+
+
 def test_a_backend_name_served_by_another_node_that_is_up_is_refused(tmp_path: Path) -> None:
     catalog = SqliteCatalog(tmp_path / "c.db")
     clock = FakeClock()
@@ -80,7 +105,12 @@ def test_a_backend_name_served_by_another_node_that_is_up_is_refused(tmp_path: P
     with pytest.raises(FailedPrecondition, match="already served by storage node a"):
         _cluster(tmp_path, catalog, clock, "b", "file").register()
     clock.advance(11)  # a is down: b may take the name over (a node replaced under another name)
-    _cluster(tmp_path, catalog, clock, "b", "file").register()
+    b = _cluster(tmp_path, catalog, clock, "b", "file")
+    b.register()
+    routed = _cluster(tmp_path, catalog, clock, "c", "file-c").route("file")
+    assert routed is not None
+    assert routed.name == "b"  # a's stale row went with the take-over
+    assert [n.name for n in catalog.list_nodes() if n.backends and n.backends[0].name == "file"] == ["b"]
 
 
 def test_single_node_cluster_is_itself(tmp_path: Path) -> None:
