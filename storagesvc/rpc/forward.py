@@ -259,7 +259,7 @@ class ForwardInterceptor(_Interceptor):
         log.debug("forwarding %s to storage node %s at %s", method, node.name, node.address)
         call = getattr(self.peers.stub(node.address), method)
         trace = tuple(
-            (m.key, m.value) for m in context.invocation_metadata() if m.key in TRACE_METADATA
+            (key, value) for key, value in context.invocation_metadata() if key in TRACE_METADATA
         )  # the caller's trace goes on with the call
         return call(request, timeout=timeout, metadata=trace)
 
