@@ -6,8 +6,9 @@ on a PostgreSQL catalog, side by side in one run.
 Two clusters run at once on the same machine, each on its own PostgreSQL database of one throwaway
 server (tests/postgres.py) and made with the host tier's rig (tests/host/nodes_rig.py: a daemon and a
 tgtd per node, mutual TLS between nodes): "1 node" (node s alone) and "3 nodes" (a, b, c). Every cycle is
-sent to the first node; on 3 nodes the scheduler places two volumes in three on another node, so their
-create, attach, detach and delete are forwarded over mutual TLS and exported by that node's tgtd. The
+sent to the first node, cycle i naming backend file-<node i mod n>: on 3 nodes two cycles in three are on
+another node, so their create, attach, detach and delete are forwarded over mutual TLS and exported by
+that node's tgtd (the scheduler's placement is measured by bench/scheduler_bench.py). The
 phases (sequential, then `parallel` threads) alternate between the clusters `rounds` times; the report
 gives the median cycles/s of each and the ratio 3 nodes / 1 node. The cycle is bench/storage_bench.py's.
 Writes bench/results/nodes-YYYY-MM-DD.{md,json} with the machine's facts.
@@ -43,6 +44,9 @@ CLUSTERS = {"1 node": ("s",), "3 nodes": ("a", "b", "c")}
 
 
 def phase(stub: Any, cluster: str, label: str, cycles: int, parallel: int, round_no: int) -> dict[str, Any]:
+    """`cycles` cycles; cycle i names backend file-<node i mod n> (with n = 3, two in three run on
+    another node than the one called: forwarded)."""
+    nodes = CLUSTERS[cluster]
     timings: dict[str, list[float]] = {}
     lock = threading.Lock()
     tag = uuid.uuid4().hex[:6]
@@ -50,7 +54,14 @@ def phase(stub: Any, cluster: str, label: str, cycles: int, parallel: int, round
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         list(
             pool.map(
-                lambda i: cycle(stub, f"{label.replace(' ', '-')}-{tag}-{i}", timings, lock), range(cycles)
+                lambda i: cycle(
+                    stub,
+                    f"{label.replace(' ', '-')}-{tag}-{i}",
+                    timings,
+                    lock,
+                    f"file-{nodes[i % len(nodes)]}",
+                ),
+                range(cycles),
             )
         )
     wall = time.perf_counter() - t0
@@ -95,7 +106,8 @@ def report(results: dict[str, Any], out: Path) -> None:
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, "
         f"Python {m['python']}, {m['tgt']}. Catalog: PostgreSQL ({results['postgres']}), one database "
         "per cluster. Each cycle: CreateVolume (64 MiB, file backend), CreateAttachment, DeleteAttachment, "
-        "DeleteVolume, all sent to the first node; on 3 nodes 2/3 of them are forwarded over mutual TLS.",
+        "DeleteVolume, all sent to the first node, the backends named in turn: on 3 nodes 2/3 of the "
+        "cycles are forwarded over mutual TLS.",
         "",
         f"{results['cycles']} cycles per phase, {results['rounds']} rounds alternating between the "
         "clusters; medians over the rounds.",
