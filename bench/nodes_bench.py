@@ -126,8 +126,8 @@ def report(results: dict[str, Any], out: Path) -> None:
     lines += [
         "",
         "Reading: here all nodes share the machine's cores, so 3 nodes add no capacity; the ratio is the "
-        "cost of forwarding (one more gRPC hop over mutual TLS for 2/3 of the calls, and the placement's "
-        "catalog reads). On separate machines each node's tgtd and backend work would run in parallel.",
+        "cost of forwarding (one more gRPC hop over mutual TLS for 2/3 of the cycles). "
+        "On separate machines each node's tgtd and backend work would run in parallel.",
     ]
     (out / f"nodes-{day}.md").write_text("\n".join(lines) + "\n")
 
