@@ -124,6 +124,8 @@ class PostgresServer:
         return self
 
     def _as_postgres(self, *argv: str, timeout: float) -> None:
+        if shutil.which("runuser") is None:
+            raise PostgresMissing("runuser not found (util-linux)")
         r = subprocess.run(
             ["runuser", "-u", OS_USER, "--", *argv],
             capture_output=True,

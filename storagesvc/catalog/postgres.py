@@ -64,8 +64,9 @@ def check_connection(conn: psycopg.Connection[Any]) -> None:
     the server says so and closes the socket), so only then is it asked (and found broken)."""
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("connection closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    poller = select.poll()  # not select(): a daemon may hold more than FD_SETSIZE descriptors
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
         psycopg_pool.ConnectionPool.check_connection(conn)
 
 
@@ -121,6 +122,12 @@ class PostgresCatalog(SqlCatalog):
         self._locks = psycopg_pool.ConnectionPool(
             dsn, min_size=0, max_size=lock_connections, name="catalog-locks", **common
         )
+        # one direct connection first: on start, the server's own reason (refused, a wrong password, no
+        # such database) is worth more than the pool's "couldn't get a connection"
+        try:
+            psycopg.connect(dsn, **kwargs).close()
+        except psycopg.OperationalError as exc:
+            raise self._unreachable(exc) from None
         self._pool.open(wait=False)
         self._locks.open(wait=False)
         try:
@@ -131,7 +138,7 @@ class PostgresCatalog(SqlCatalog):
 
     # connections
     def _unreachable(self, exc: BaseException) -> Unavailable:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         return Unavailable(f"catalog database {self.server} is unreachable ({reason}); retry")
 
     @contextlib.contextmanager

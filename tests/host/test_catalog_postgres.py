@@ -218,6 +218,12 @@ def test_an_unreachable_server_is_unavailable_naming_it_without_the_password(
         )
     assert time.monotonic() - t0 < 10
     assert secret not in str(info.value)
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("not-" + secret)
+    with pytest.raises(Unavailable, match="password authentication failed") as denied:
+        PostgresCatalog(postgres_server.dsn(), password_file=str(wrong), connect_timeout=2)
+    assert secret not in str(denied.value)
+    assert f"127.0.0.1:{postgres_server.port}" in str(denied.value)
     with pytest.raises(ValueError, match="password_file") as refused:
         PostgresCatalog(f"host=127.0.0.1 port={port} user=bw password={secret}")
     assert secret not in str(refused.value)

@@ -316,3 +316,32 @@ def test_storage_nodes_and_their_backends(catalog: SqlCatalog) -> None:
     assert catalog.node_backend("r") == backend("r", "a", True)
     catalog.drop_node_backend("r", "b")
     assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb"]]
+
+
+def test_the_daemon_refuses_to_start_on_an_unreachable_postgresql_naming_it(tmp_path: Path) -> None:
+    """[catalog] kind = "postgresql" with nothing listening: a ConfigError naming host:port, at once
+    (connection refused), and never the password."""
+    import socket  # noqa: PLC0415
+
+    from storagesvc.config import ConfigError, parse  # noqa: PLC0415
+    from storagesvc.rpc.server import open_catalog  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    (tmp_path / "pw").write_text("sekrit-pw-123\n")
+    config = parse(
+        {
+            "backends": [{"name": "f", "kind": "file", "exporter": "tgt", "path": "/x"}],
+            "exporters": {"tgt": {"portals": ["127.0.0.1:3260"]}},
+            "catalog": {
+                "kind": "postgresql",
+                "dsn": f"host=127.0.0.1 port={port} user=bw dbname=bw",
+                "password_file": str(tmp_path / "pw"),
+                "connect_timeout": 2.0,
+            },
+        }
+    )
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as info:
+        open_catalog(config)
+    assert "sekrit" not in str(info.value)
