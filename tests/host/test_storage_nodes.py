@@ -86,8 +86,9 @@ log_level = "DEBUG"
     return config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def virt(host_daemons: Started) -> Iterator[libvirt.virConnect]:
+    """A connection of this test's own (libvirtd is shared: one opened earlier may have been cut)."""
     conn = libvirt.open("qemu:///system")
     yield conn
     conn.close()
