@@ -130,7 +130,9 @@ class Storage:
         return total, count
 
 
-def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading.Lock) -> float:
+def cycle(
+    stub: Any, name: str, timings: dict[str, list[float]], lock: threading.Lock, backend: str = ""
+) -> float:
     connector = pb.Connector(host=f"h-{name}", initiator_iqn=f"iqn.2026-01.io.blockwire.bench:{name}")
     began = time.perf_counter()
     marks: list[tuple[str, float]] = []
@@ -143,7 +145,9 @@ def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading
 
     vol = timed(
         "CreateVolume",
-        lambda: stub.CreateVolume(spb.CreateVolumeRequest(name=name, size_bytes=64 * MIB), timeout=60),
+        lambda: stub.CreateVolume(
+            spb.CreateVolumeRequest(name=name, size_bytes=64 * MIB, backend=backend), timeout=60
+        ),
     ).volume
     att = timed(
         "CreateAttachment",

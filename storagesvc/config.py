@@ -120,6 +120,21 @@ class ExporterConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """[node]: this process is one storage node of several sharing one catalog (README "Several
+    storage nodes"). Absent: a single-node service, nothing registered, nothing forwarded."""
+
+    name: str
+    address: str  # "host:port" other nodes reach this node's TLS listener on (one of [server] listen)
+    cert_file: str  # client certificate for calls to other nodes (SAN URI blockwire://storage-node/<name>)
+    key_file: str
+    ca_file: str  # the CA that signed the other nodes' server certificates
+    heartbeat_interval: float = 2.0
+    down_after: float = 10.0  # seconds without a heartbeat after which the node is down
+    forward_timeout: float = 120.0  # a forwarded call's deadline when its caller set none
+
+
+@dataclass(frozen=True)
 class SchedulerConfig:
     """[scheduler]: where CreateVolume puts a volume that names no backend (storagesvc.scheduler)."""
 
@@ -139,14 +154,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
     keys: KeysConfig = field(default_factory=KeysConfig)  # [keys]: key manager of encrypted volumes
+    node: NodeConfig | None = None  # [node]: one of several storage nodes (None: a single node)
     catalog: CatalogConfig = field(default_factory=CatalogConfig)  # [catalog]: SQLite or PostgreSQL
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @property
     def catalog_path(self) -> str:
         """The SQLite file: [catalog] path, else [service] catalog_path."""
         return self.catalog.path or self.service.catalog_path
-
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
 class ConfigError(Exception):
@@ -306,6 +321,7 @@ def parse(data: Mapping[str, Any]) -> Config:
         "tracing",
         "keys",
         "catalog",
+        "node",
         "scheduler",
     )
     top = _take(data, "top level", tables)
@@ -350,9 +366,33 @@ def parse(data: Mapping[str, Any]) -> Config:
         metrics=metrics,
         tracing=tracing,
         keys=_keys(top.get("keys", {})),
+        node=_node(top["node"], srv, tls) if "node" in top else None,
         catalog=_catalog(top.get("catalog", {})),
         scheduler=_scheduler(top.get("scheduler", {})),
     )
+
+
+def _node(table: Mapping[str, Any], srv: ServerConfig, tls: TlsConfig) -> NodeConfig:
+    t = _take(table, "node", _fields(NodeConfig))
+    for key in ("name", "address", "cert_file", "key_file", "ca_file"):
+        if not t.get(key):
+            raise ConfigError(f'[node] {key}: required (README "Several storage nodes")')
+    node = NodeConfig(**t)
+    try:
+        validate.name(node.name, "node.name")
+        validate.split_portal(node.address, "node.address")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
+    if not (0 < node.heartbeat_interval < node.down_after):
+        raise ConfigError("[node] heartbeat_interval: seconds, more than 0 and less than down_after")
+    if node.forward_timeout <= 0:
+        raise ConfigError("[node] forward_timeout: seconds, more than 0")
+    if not srv.listen or not tls.cert_file or not tls.client_ca_file or not tls.require_client_cert:
+        raise ConfigError(
+            "[node]: other nodes call this one over mutual TLS: set [server] listen and [tls] cert_file, "
+            "key_file, client_ca_file with require_client_cert = true"
+        )
+    return node
 
 
 def _catalog(table: Mapping[str, Any]) -> CatalogConfig:

@@ -237,3 +237,42 @@ class VolumeType:
     description: str = ""
     extra_specs: Mapping[str, str] = field(default_factory=dict, hash=False)
     qos_specs_id: str = ""
+
+
+@dataclass(frozen=True)
+class NodeBackend:
+    """One backend as its storage node registered it in the shared catalog (figures as of the node's
+    last heartbeat). `shared`: every node reaches it (rbd); otherwise only `node` does (file, lvm-thin)."""
+
+    name: str
+    node: str
+    kind: str
+    shared: bool
+    healthy: bool
+    total_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    volume_count: int
+    capabilities: Mapping[str, str] = field(default_factory=dict, hash=False)
+    max_over_subscription_ratio: float = 1.0
+    availability_zone: str = ""
+
+
+@dataclass(frozen=True)
+class StorageNode:
+    """One blockwire-storage process of a cluster: where other nodes forward calls to (`address`, mutual
+    TLS) and its last heartbeat. It is down when that heartbeat is older than its own `down_after`."""
+
+    name: str
+    address: str
+    heartbeat: datetime
+    start_time: datetime
+    down_after: float
+    backends: tuple[NodeBackend, ...] = ()
+
+    def up(self, now: datetime) -> bool:
+        return (now - self.heartbeat).total_seconds() < self.down_after
+
+    def silent_for(self, now: datetime) -> float:
+        """Seconds since its last heartbeat."""
+        return max(0.0, (now - self.heartbeat).total_seconds())

@@ -655,6 +655,34 @@ def cmd_capacity(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(ctx: _Context) -> int:
+    nodes = ctx.storage.list_storage_nodes()
+    if ctx.args.json:
+        ctx.json([out.message_to_dict(n) for n in nodes])
+        return EXIT_OK
+    ctx.print(
+        out.table(
+            ("NODE", "ADDRESS", "STATE", "LAST HEARTBEAT", "BACKEND", "KIND", "SHARED", "FREE", "VOLUMES"),
+            (
+                (
+                    n.name or "(single)",
+                    n.address or "-",
+                    "up" if n.up else "DOWN",
+                    n.last_heartbeat.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                    b.name,
+                    b.kind,
+                    "yes" if b.shared else "no",
+                    format_size(b.free_bytes),
+                    str(b.volume_count),
+                )
+                for n in nodes
+                for b in n.backends
+            ),
+        )
+    )
+    return EXIT_OK
+
+
 def cmd_health(ctx: _Context) -> int:
     a = ctx.args
     results: list[dict[str, str]] = []
@@ -1006,6 +1034,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
     p.add_argument("--fix", action="store_true", help="remove what is provably orphaned")
     p = sub(commands, "capacity", "show space per storage backend", func=cmd_capacity)
     p.add_argument("backend", metavar="BACKEND", nargs="?", help="only this backend")
+    sub(
+        commands,
+        "nodes",
+        "list the storage nodes, whether each is up, and their backends",
+        func=cmd_nodes,
+    )
     p = sub(
         commands,
         "health",

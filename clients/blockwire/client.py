@@ -728,6 +728,11 @@ class StorageClient(_Client):
         request = storage_pb2.GetCapacityRequest(backend=backend)
         return list(self._unary("GetCapacity", self.stub.GetCapacity, request, timeout).backends)
 
+    def list_storage_nodes(self, *, timeout: float | None = None) -> list[storage_pb2.StorageNode]:
+        """The storage nodes registered in the shared catalog, with their backends and whether each is up."""
+        request = storage_pb2.ListStorageNodesRequest()
+        return list(self._unary("ListStorageNodes", self.stub.ListStorageNodes, request, timeout).nodes)
+
     def get_backend_stats(self, *, timeout: float | None = None) -> storage_pb2.GetBackendStatsResponse:
         """Backend, exporter and per-operation statistics."""
         request = storage_pb2.GetBackendStatsRequest()

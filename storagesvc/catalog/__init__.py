@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from storagesvc.model import Attachment, QosSpecs, Snapshot, Volume, VolumeType
+from storagesvc.model import Attachment, NodeBackend, QosSpecs, Snapshot, StorageNode, Volume, VolumeType
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,21 @@ class Catalog(Protocol):
     # aggregates
     def backend_counts(self, backend: str) -> tuple[int, int, int]:
         """(volumes, snapshots, provisioned bytes) of one backend."""
+        ...
+
+    # storage nodes (README "Several storage nodes")
+    def put_node(self, node: StorageNode) -> None:
+        """Registers or heartbeats a node and its backends (upserts)."""
+        ...
+
+    def drop_node_backend(self, backend: str, node: str) -> None: ...
+
+    def list_nodes(self) -> Sequence[StorageNode]:
+        """Every registered node with its backends, by name."""
+        ...
+
+    def node_backend(self, backend: str) -> NodeBackend | None:
+        """A registration of one backend (which node serves it, whether it is shared); None: none."""
         ...
 
     # locks

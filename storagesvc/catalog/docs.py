@@ -32,10 +32,12 @@ from storagesvc.model import (
     ExportRecord,
     ImageFormat,
     ImageSource,
+    NodeBackend,
     Progress,
     QosSpecs,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
@@ -365,6 +367,62 @@ def attachment_from_doc(d: dict[str, Any]) -> Attachment:
         host_device=d["host_device"],
         error_message=d["error_message"],
         migration_source_id=d.get("migration_source_id", ""),
+    )
+
+
+def node_doc(n: StorageNode) -> dict[str, Any]:
+    """A node's own row (its backends have theirs)."""
+    return {
+        "name": n.name,
+        "address": n.address,
+        "heartbeat": n.heartbeat.isoformat(),
+        "start_time": n.start_time.isoformat(),
+        "down_after": n.down_after,
+    }
+
+
+def node_from_doc(d: dict[str, Any], backends: tuple[NodeBackend, ...] = ()) -> StorageNode:
+    return StorageNode(
+        name=d["name"],
+        address=d["address"],
+        heartbeat=datetime.fromisoformat(d["heartbeat"]),
+        start_time=datetime.fromisoformat(d["start_time"]),
+        down_after=float(d["down_after"]),
+        backends=backends,
+    )
+
+
+def node_backend_doc(b: NodeBackend) -> dict[str, Any]:
+    return {
+        "name": b.name,
+        "node": b.node,
+        "kind": b.kind,
+        "shared": b.shared,
+        "healthy": b.healthy,
+        "total_bytes": b.total_bytes,
+        "free_bytes": b.free_bytes,
+        "provisioned_bytes": b.provisioned_bytes,
+        "volume_count": b.volume_count,
+        "capabilities": dict(b.capabilities),
+        "max_over_subscription_ratio": b.max_over_subscription_ratio,
+        "availability_zone": b.availability_zone,
+    }
+
+
+def node_backend_from_doc(d: dict[str, Any]) -> NodeBackend:
+    return NodeBackend(
+        name=d["name"],
+        node=d["node"],
+        kind=d["kind"],
+        shared=bool(d["shared"]),
+        healthy=bool(d["healthy"]),
+        total_bytes=int(d["total_bytes"]),
+        free_bytes=int(d["free_bytes"]),
+        provisioned_bytes=int(d["provisioned_bytes"]),
+        volume_count=int(d["volume_count"]),
+        capabilities=dict(d.get("capabilities", {})),
+        max_over_subscription_ratio=float(d.get("max_over_subscription_ratio", 1.0)),
+        availability_zone=str(d.get("availability_zone", "")),
     )
 
 

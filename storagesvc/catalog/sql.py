@@ -19,6 +19,10 @@ from storagesvc.catalog import Cursor, time_key
 from storagesvc.catalog.docs import (
     attachment_doc,
     attachment_from_doc,
+    node_backend_doc,
+    node_backend_from_doc,
+    node_doc,
+    node_from_doc,
     qos_specs_doc,
     qos_specs_from_doc,
     snapshot_doc,
@@ -28,7 +32,7 @@ from storagesvc.catalog.docs import (
     volume_type_doc,
     volume_type_from_doc,
 )
-from storagesvc.model import Attachment, QosSpecs, Snapshot, Volume, VolumeType
+from storagesvc.model import Attachment, NodeBackend, QosSpecs, Snapshot, StorageNode, Volume, VolumeType
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the three tables
@@ -62,6 +66,15 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX volume_types_qos ON volume_types (qos_specs_id);
     ALTER TABLE volumes ADD COLUMN volume_type TEXT NOT NULL DEFAULT '';
     CREATE INDEX volumes_type ON volumes (volume_type);
+    """,
+    # 3: storage nodes and the backends each registered (README "Several storage nodes")
+    """
+    CREATE TABLE storage_nodes (
+        name TEXT PRIMARY KEY, address TEXT NOT NULL, heartbeat_ns BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE TABLE node_backends (
+        name TEXT NOT NULL, node TEXT NOT NULL, shared BIGINT NOT NULL, doc TEXT NOT NULL,
+        PRIMARY KEY (name, node));
+    CREATE INDEX node_backends_node ON node_backends (node);
     """,
 )
 
@@ -271,6 +284,45 @@ class SqlCatalog:
         )
         ((snaps,),) = self._rows("SELECT COUNT(*) FROM snapshots WHERE backend = ?", [backend])
         return int(vols), int(snaps), int(size)
+
+    # storage nodes
+    def put_node(self, node: StorageNode) -> None:
+        """Registers or heartbeats a node: its row and each of its backends' rows (upserts, so a
+        restarted node takes its rows back). A backend it no longer has keeps its row until
+        `drop_node_backend`. A shared backend (rbd) has a row per node that reaches it."""
+        self._write(
+            "INSERT INTO storage_nodes (name, address, heartbeat_ns, doc) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
+            "heartbeat_ns = excluded.heartbeat_ns, doc = excluded.doc",
+            [node.name, node.address, time_key(node.heartbeat), json.dumps(node_doc(node))],
+        )
+        for b in node.backends:
+            self._write(
+                "INSERT INTO node_backends (name, node, shared, doc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, node) DO UPDATE SET shared = excluded.shared, doc = excluded.doc",
+                [b.name, b.node, int(b.shared), json.dumps(node_backend_doc(b))],
+            )
+
+    def drop_node_backend(self, backend: str, node: str) -> None:
+        self._write("DELETE FROM node_backends WHERE name = ? AND node = ?", [backend, node])
+
+    def list_nodes(self) -> list[StorageNode]:
+        """Every registered node with its backends, by name."""
+        backends: dict[str, list[NodeBackend]] = {}
+        for b in self._many("SELECT doc FROM node_backends ORDER BY name, node", [], node_backend_from_doc):
+            backends.setdefault(b.node, []).append(b)
+        return [
+            node_from_doc(json.loads(doc), tuple(backends.get(name, ())))
+            for name, doc in self._rows("SELECT name, doc FROM storage_nodes ORDER BY name", [])
+        ]
+
+    def node_backend(self, backend: str) -> NodeBackend | None:
+        """One registration of the backend (the first node's, by name), None when no node has it."""
+        return self._one(
+            "SELECT doc FROM node_backends WHERE name = ? ORDER BY node LIMIT 1",
+            [backend],
+            node_backend_from_doc,
+        )
 
     # volume types
     def insert_volume_type(self, vtype: VolumeType) -> None:

@@ -23,6 +23,7 @@ from storagesvc.model import (
     QosSpecs,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
@@ -217,4 +218,28 @@ def operation_stats_to_pb(o: OperationStats) -> spb.OperationStats:
         errors=o.errors,
         p50_micros=o.p50_micros,
         p95_micros=o.p95_micros,
+    )
+
+
+def storage_node_to_pb(n: StorageNode, up: bool) -> spb.StorageNode:
+    return spb.StorageNode(
+        name=n.name,
+        address=n.address,
+        up=up,
+        last_heartbeat=_ts(n.heartbeat),
+        start_time=_ts(n.start_time),
+        backends=[
+            spb.StorageNodeBackend(
+                name=b.name,
+                kind=b.kind,
+                shared=b.shared,
+                healthy=b.healthy,
+                total_bytes=b.total_bytes,
+                free_bytes=b.free_bytes,
+                provisioned_bytes=b.provisioned_bytes,
+                volume_count=b.volume_count,
+                capabilities=dict(b.capabilities),
+            )
+            for b in n.backends
+        ],
     )

@@ -37,6 +37,7 @@ STORAGE_EXPECTED = {
     "ListAttachments": OK,
     "GetCapacity": OK,
     "GetBackendStats": OK,
+    "ListStorageNodes": OK,
     "CreateMigrationAttachment": INVALID,
     "CompleteMigration": INVALID,
     "RollbackMigration": INVALID,

@@ -25,6 +25,7 @@ from tests.unit.storagesvc.test_catalog import (  # the same assertions, on Post
     test_listing_is_ordered_by_creation_and_pages_after_a_cursor,
     test_names_are_unique,
     test_snapshots_and_attachments,
+    test_storage_nodes_and_their_backends,
     test_update_and_delete,
     test_volume_round_trip_keeps_export_secrets,
     volume,
@@ -38,6 +39,7 @@ __all__ = [
     "test_listing_is_ordered_by_creation_and_pages_after_a_cursor",
     "test_names_are_unique",
     "test_snapshots_and_attachments",
+    "test_storage_nodes_and_their_backends",
     "test_update_and_delete",
     "test_volume_round_trip_keeps_export_secrets",
 ]

@@ -7,6 +7,7 @@ from blockwire.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -899,16 +900,20 @@ class GetCapacityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKEND_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """One backend; empty means all."""
+    node: _builtins.str
+    """One storage node's backends; empty means every node's."""
     def __init__(
         self,
         *,
         backend: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -925,6 +930,9 @@ class BackendCapacity(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     PROVISIONED_BYTES_FIELD_NUMBER: _builtins.int
     MAX_VOLUME_BYTES_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_DOWN_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """Backend name."""
     total_bytes: _builtins.int
@@ -935,6 +943,12 @@ class BackendCapacity(_message.Message):
     """Sum of the sizes of its volumes (thin provisioning can exceed total_bytes)."""
     max_volume_bytes: _builtins.int
     """Largest volume that can be created now."""
+    node: _builtins.str
+    """The storage node that serves the backend ("" on a single-node service)."""
+    node_down: _builtins.bool
+    """Whether that node is down (its heartbeat is older than its down_after)."""
+    shared: _builtins.bool
+    """Whether every node reaches the backend (rbd) rather than only its own node (file, lvm-thin)."""
     def __init__(
         self,
         *,
@@ -943,10 +957,13 @@ class BackendCapacity(_message.Message):
         free_bytes: _builtins.int = ...,
         provisioned_bytes: _builtins.int = ...,
         max_volume_bytes: _builtins.int = ...,
+        node: _builtins.str = ...,
+        node_down: _builtins.bool = ...,
+        shared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "free_bytes", b"free_bytes", "max_volume_bytes", b"max_volume_bytes", "provisioned_bytes", b"provisioned_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "free_bytes", b"free_bytes", "max_volume_bytes", b"max_volume_bytes", "node", b"node", "node_down", b"node_down", "provisioned_bytes", b"provisioned_bytes", "shared", b"shared", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1261,6 +1278,171 @@ class RollbackMigrationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackMigrationResponse: _TypeAlias = RollbackMigrationResponse  # noqa: Y015
+
+@_typing.final
+class ListStorageNodesRequest(_message.Message):
+    """ListStorageNodesRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorageNodesRequest: _TypeAlias = ListStorageNodesRequest  # noqa: Y015
+
+@_typing.final
+class StorageNodeBackend(_message.Message):
+    """StorageNodeBackend is one backend as its node registered it (figures as of its last heartbeat)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CapabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    PROVISIONED_BYTES_FIELD_NUMBER: _builtins.int
+    VOLUME_COUNT_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Backend name (unique across the cluster)."""
+    kind: _builtins.str
+    """"file", "lvm-thin" or "rbd"."""
+    shared: _builtins.bool
+    """Whether every node reaches it (rbd) or only its own node (file, lvm-thin)."""
+    healthy: _builtins.bool
+    """Whether the backend and its exporter answered at the last heartbeat."""
+    total_bytes: _builtins.int
+    """Bytes the backend can hold."""
+    free_bytes: _builtins.int
+    """Bytes still free."""
+    provisioned_bytes: _builtins.int
+    """Sum of the sizes of its volumes."""
+    volume_count: _builtins.int
+    """How many volumes it holds."""
+    @_builtins.property
+    def capabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What it can do ("kind", "thin_provisioning", "multiattach", "transport", ...)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        shared: _builtins.bool = ...,
+        healthy: _builtins.bool = ...,
+        total_bytes: _builtins.int = ...,
+        free_bytes: _builtins.int = ...,
+        provisioned_bytes: _builtins.int = ...,
+        volume_count: _builtins.int = ...,
+        capabilities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "free_bytes", b"free_bytes", "healthy", b"healthy", "kind", b"kind", "name", b"name", "provisioned_bytes", b"provisioned_bytes", "shared", b"shared", "total_bytes", b"total_bytes", "volume_count", b"volume_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageNodeBackend: _TypeAlias = StorageNodeBackend  # noqa: Y015
+
+@_typing.final
+class StorageNode(_message.Message):
+    """StorageNode is one blockwire-storage process of the cluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its [node] name."""
+    address: _builtins.str
+    """The gRPC address other nodes forward calls to ("host:port", mutual TLS)."""
+    up: _builtins.bool
+    """Whether its last heartbeat is younger than its down_after."""
+    @_builtins.property
+    def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
+        """When it last heartbeated."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it (last) started."""
+
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageNodeBackend]:
+        """Its backends."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        backends: _abc.Iterable[Global___StorageNodeBackend] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backends", b"backends", "last_heartbeat", b"last_heartbeat", "name", b"name", "start_time", b"start_time", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageNode: _TypeAlias = StorageNode  # noqa: Y015
+
+@_typing.final
+class ListStorageNodesResponse(_message.Message):
+    """ListStorageNodesResponse lists every registered node, by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageNode]:
+        """The nodes."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___StorageNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorageNodesResponse: _TypeAlias = ListStorageNodesResponse  # noqa: Y015
 
 @_typing.final
 class CreateVolumeTypeRequest(_message.Message):

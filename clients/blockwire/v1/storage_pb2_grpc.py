@@ -127,6 +127,11 @@ class StorageServiceStub:
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityResponse.FromString,
                 _registered_method=True)
+        self.ListStorageNodes = channel.unary_unary(
+                '/blockwire.v1.StorageService/ListStorageNodes',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.FromString,
+                _registered_method=True)
         self.GetBackendStats = channel.unary_unary(
                 '/blockwire.v1.StorageService/GetBackendStats',
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.SerializeToString,
@@ -369,7 +374,18 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCapacity(self, request, context):
-        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown).
+        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+        With several storage nodes: every backend of every node (from the shared catalog), each naming its
+        node and whether that node is up; `node` narrows to one node's backends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStorageNodes(self, request, context):
+        """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+        up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+        table reports itself as one unnamed node. Read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -604,6 +620,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.GetCapacity,
                     request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityResponse.SerializeToString,
+            ),
+            'ListStorageNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStorageNodes,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.SerializeToString,
             ),
             'GetBackendStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBackendStats,
@@ -1126,6 +1147,33 @@ class StorageService:
             '/blockwire.v1.StorageService/GetCapacity',
             blockwire_dot_v1_dot_storage__pb2.GetCapacityRequest.SerializeToString,
             blockwire_dot_v1_dot_storage__pb2.GetCapacityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStorageNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/ListStorageNodes',
+            blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

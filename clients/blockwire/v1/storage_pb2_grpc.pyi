@@ -132,7 +132,15 @@ class StorageServiceStub:
     Errors: INVALID_ARGUMENT (page_size, page_token).
     """
     GetCapacity: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetCapacityRequest, _storage_pb2.GetCapacityResponse]
-    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+    With several storage nodes: every backend of every node (from the shared catalog), each naming its
+    node and whether that node is up; `node` narrows to one node's backends.
+    """
+    ListStorageNodes: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListStorageNodesRequest, _storage_pb2.ListStorageNodesResponse]
+    """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+    up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+    table reports itself as one unnamed node. Read-only.
+    """
     GetBackendStats: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
@@ -323,7 +331,15 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: INVALID_ARGUMENT (page_size, page_token).
     """
     GetCapacity: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetCapacityRequest, _storage_pb2.GetCapacityResponse]  # type: ignore[assignment]
-    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+    With several storage nodes: every backend of every node (from the shared catalog), each naming its
+    node and whether that node is up; `node` narrows to one node's backends.
+    """
+    ListStorageNodes: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListStorageNodesRequest, _storage_pb2.ListStorageNodesResponse]  # type: ignore[assignment]
+    """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+    up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+    table reports itself as one unnamed node. Read-only.
+    """
     GetBackendStats: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]  # type: ignore[assignment]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
@@ -607,7 +623,21 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_pb2.GetCapacityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.GetCapacityResponse, _abc.Awaitable[_storage_pb2.GetCapacityResponse]]:
-        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+        With several storage nodes: every backend of every node (from the shared catalog), each naming its
+        node and whether that node is up; `node` narrows to one node's backends.
+        """
+
+    @_abc_1.abstractmethod
+    def ListStorageNodes(
+        self,
+        request: _storage_pb2.ListStorageNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListStorageNodesResponse, _abc.Awaitable[_storage_pb2.ListStorageNodesResponse]]:
+        """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+        up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+        table reports itself as one unnamed node. Read-only.
+        """
 
     @_abc_1.abstractmethod
     def GetBackendStats(

@@ -1015,6 +1015,8 @@ class Volume(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
     VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_DOWN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -1039,6 +1041,10 @@ class Volume(_message.Message):
     """Why the volume is in ERROR."""
     volume_type: _builtins.str
     """The name of the volume's type; empty: none."""
+    node: _builtins.str
+    """The storage node that serves the volume's backend ("" on a single-node service or a shared backend)."""
+    node_down: _builtins.bool
+    """Whether that node is down: calls that need it get UNAVAILABLE naming it until it is back."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels."""
@@ -1089,10 +1095,12 @@ class Volume(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         encryption: Global___Encryption | None = ...,
         volume_type: _builtins.str = ...,
+        node: _builtins.str = ...,
+        node_down: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "encryption", b"encryption", "progress", b"progress", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "volume_type", b"volume_type", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "node", b"node", "node_down", b"node_down", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "volume_type", b"volume_type", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_snapshot_id", "source_volume_id", "source_image"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015

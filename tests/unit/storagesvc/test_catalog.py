@@ -22,8 +22,10 @@ from storagesvc.model import (
     ExportRecord,
     ImageFormat,
     ImageSource,
+    NodeBackend,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
@@ -284,6 +286,36 @@ def test_catalog_config(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match=match) as info:
             parse({**base, "catalog": table})
         assert "hunter2" not in str(info.value)
+
+
+def test_storage_nodes_and_their_backends(catalog: SqlCatalog) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def backend(name: str, node: str, shared: bool = False) -> NodeBackend:
+        return NodeBackend(name, node, "file", shared, True, 100, 50, 10, 1, {"kind": "file"}, 2.0)
+
+    catalog.put_node(
+        StorageNode("b", "127.0.0.1:2", t0, t0, 10.0, (backend("fb", "b"), backend("r", "b", True)))
+    )
+    catalog.put_node(StorageNode("a", "127.0.0.1:1", t0, t0, 10.0, (backend("fa", "a"),)))
+    later = t0 + timedelta(seconds=5)
+    catalog.put_node(StorageNode("a", "127.0.0.1:3", later, t0, 10.0, (backend("fa", "a"),)))  # a heartbeat
+    nodes = catalog.list_nodes()
+    assert [(n.name, n.address, n.heartbeat, n.down_after) for n in nodes] == [
+        ("a", "127.0.0.1:3", later, 10.0),
+        ("b", "127.0.0.1:2", t0, 10.0),
+    ]
+    assert [b.name for b in nodes[1].backends] == ["fb", "r"]
+    assert catalog.node_backend("r") == backend("r", "b", True)
+    assert catalog.node_backend("nope") is None
+    # a shared backend has a row per node that reaches it
+    catalog.put_node(
+        StorageNode("a", "127.0.0.1:3", later, t0, 10.0, (backend("fa", "a"), backend("r", "a", True)))
+    )
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb", "r"]]
+    assert catalog.node_backend("r") == backend("r", "a", True)
+    catalog.drop_node_backend("r", "b")
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb"]]
 
 
 def test_the_daemon_refuses_to_start_on_an_unreachable_postgresql_naming_it(tmp_path: Path) -> None:
