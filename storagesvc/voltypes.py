@@ -20,6 +20,7 @@ Names are the idempotency keys and never change; a reference is an id or a name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Mapping
@@ -230,11 +231,20 @@ class VolumeTypes:
                     "configure another first"
                 )
             used = ctx.catalog.count_volumes_of_type(vtype.name)
+            if not used:
+                ctx.catalog.delete_volume_type(vtype.id)
+                # A create of this type (here or on another node) may have recorded its volume between
+                # the count and the delete: counted again after it, such a volume puts the type back
+                # (the create, which looks for the type after recording its volume, may fail instead;
+                # never both succeed)
+                used = ctx.catalog.count_volumes_of_type(vtype.name)
+                if used:
+                    with contextlib.suppress(Conflict):  # a new type of the name: the volumes have one
+                        ctx.catalog.insert_volume_type(vtype)
             if used:
                 raise FailedPrecondition(
                     f"volume type {vtype.name} is used by {used} volume(s); delete them first"
                 )
-            ctx.catalog.delete_volume_type(vtype.id)
             log.info("volume type %s (%s) deleted", vtype.id, vtype.name)
 
     def for_create(self, name: str) -> VolumeType | None:

@@ -188,6 +188,13 @@ class Volumes:
                     raise AlreadyExists(f"volume name {spec.name} is taken") from None
                 return self._same_volume(existing, spec)
             undo.callback(ctx.catalog.delete_volume, vid)
+            if spec.volume_type and ctx.catalog.volume_type_by_name(spec.volume_type) is None:
+                # DeleteVolumeType ran meanwhile (maybe on another node): it counts the volumes of the
+                # type after removing it, we look for the type after recording the volume, so one of
+                # the two always sees the other and no volume is left with a type that is gone
+                raise FailedPrecondition(
+                    f"volume type {spec.volume_type} was deleted; create it or name another"
+                )
             if src.is_empty():
                 if encryption is not None and passphrase is not None:
                     pool.backend.create(vid, size + encryption.header_bytes)
