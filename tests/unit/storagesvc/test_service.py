@@ -503,7 +503,8 @@ def test_a_type_deleted_while_a_volume_of_it_is_created_never_leaves_a_volume_wi
     with pytest.raises(FailedPrecondition, match="volume type gold was deleted"):
         svc.create_volume(CreateVolumeSpec(name="v1", size_bytes=4 * MIB, volume_type="gold"))
     catalog.insert_volume = insert_volume  # type: ignore[method-assign]
-    assert catalog.volume_by_name("v1") is None and rig.files() == []
+    assert catalog.volume_by_name("v1") is None
+    assert rig.files() == []
 
     vtype = svc.create_volume_type("gold", "", {})
     delete_volume_type = catalog.delete_volume_type
@@ -519,4 +520,5 @@ def test_a_type_deleted_while_a_volume_of_it_is_created_never_leaves_a_volume_wi
     catalog.delete_volume_type = delete_volume_type  # type: ignore[method-assign]
     assert svc.get_volume_type("gold").id == vtype.id
     v2 = catalog.volume_by_name("v2")
-    assert v2 is not None and v2.volume_type == "gold"
+    assert v2 is not None
+    assert v2.volume_type == "gold"
