@@ -274,6 +274,10 @@ class Exports:
         )
         return att
 
+    def with_key(self, a: Attachment) -> Attachment:
+        """`a` with its encrypted volume's key in the connection info (the answer to a repeat)."""
+        return _with_key(a, self._encryption_with_key(self.ctx.volume(a.volume_id)))
+
     def _encryption_with_key(self, v: Volume) -> Encryption | None:
         if v.encryption is None:
             return None
