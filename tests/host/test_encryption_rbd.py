@@ -6,8 +6,9 @@ The storage service writes a LUKS1 header at offset 0 of the RBD image (through 
 "Encryption"); the agent's network disk carries `<encryption format='luks' engine='qemu'>` with a private
 volume secret. A pattern written through QEMU reads back through QEMU, is absent from the image read with
 librbd (ciphertext at rest and on the wire), and decrypts with qemu-img given the key from the key
-manager; a snapshot and a copy-on-write clone (which share the key) decrypt too; an extend keeps the
-header valid; detach leaves no secret; the key is in no log, listing, catalog, journal or argv.
+manager; a snapshot and a copy-on-write clone (which share the key) decrypt too; an extend while
+attached keeps the header valid and grows the domain's disk by the payload; detach leaves no secret;
+the key is in no log, listing, catalog, journal or argv.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from blockwire.v1 import storage_pb2_grpc
 from storagesvc.keys.embedded import EmbeddedKeys
 from tests.ceph import CephCluster
 from tests.host.daemons import Started
-from tests.host.rbd_rig import RbdAgent, ceph_secrets, librbd_read, running_domain
+from tests.host.rbd_rig import RbdAgent, ceph_secrets, disk_size, librbd_read, running_domain
 from tests.host.test_encryption import LUKS_MAGIC, PATTERN, decrypt, has_pattern
 from tests.host.test_rbd_storage import running, settled, write_config
 from tests.rig import Daemon, hmp_qemu_io
@@ -81,6 +82,10 @@ def image_file(cluster: CephCluster, pool: str, image: str, size: int, out: Path
     """The whole image as librbd reads it (as client.admin, not through QEMU), in a file."""
     out.write_bytes(librbd_read(cluster, pool, image, 0, size))
     return out
+
+
+def image_size(cluster: CephCluster, pool: str, image: str) -> int:
+    return int(json.loads(cluster.cli("rbd", "info", f"{pool}/{image}", "--format", "json"))["size"])
 
 
 def no_key_in_any_argv(key: str) -> None:
@@ -164,14 +169,25 @@ def test_an_encrypted_rbd_volume_is_ciphertext_in_ceph_and_readable_through_qemu
             decrypt(got, key, tmp_path / f"{c.id}.plain")
             assert has_pattern(tmp_path / f"{c.id}.plain")
 
+        # extend while attached: the image grows past the header, the domain's disk by the payload only
+        s.ExtendVolume(spb.ExtendVolumeRequest(volume_id=v.id, new_size_bytes=32 * MIB), timeout=60)
+        grow = hpb.HostAgentServiceExtendVolumeRequest(volume_id=v.id, new_size_bytes=32 * MIB)
+        agent.stub.ExtendVolume(grow, timeout=30)
+        assert disk_size(virt, dom, a.target_dev) == 32 * MIB
+        assert image_size(ceph_cluster, pool, image) == 32 * MIB + v.encryption.header_bytes
+        out = hmp_qemu_io(dom, a.target_dev, f"write -P {PATTERN:#x} 31M 64k")
+        assert "wrote 65536/65536" in out, out
+        out = hmp_qemu_io(dom, a.target_dev, f"read -P {PATTERN:#x} 0 64k")
+        assert "Pattern verification failed" not in out, out
+        assert "read 65536/65536" in out, out
+
         agent.detach(dom, v.id)
         agent.detach(dom, v.id)  # a repeat is OK
         assert luks_secrets(virt, v.id) == []
         assert ceph_secrets(virt, v.id) == []
         assert agent.journal() == []
 
-    # extend: the image grows past the header, which stays valid; the payload grows
-    s.ExtendVolume(spb.ExtendVolumeRequest(volume_id=v.id, new_size_bytes=32 * MIB), timeout=60)
+    # after the extend, the header is still valid and the payload is the new size
     grown = image_file(
         ceph_cluster, pool, image, 32 * MIB + v.encryption.header_bytes, tmp_path / "grown.raw"
     )
@@ -183,6 +199,9 @@ def test_an_encrypted_rbd_volume_is_ciphertext_in_ceph_and_readable_through_qemu
     assert json.loads(info)["virtual-size"] == 32 * MIB
     decrypt(grown, key, plain)
     assert has_pattern(plain)
+    with open(plain, "rb") as f:
+        f.seek(31 * MIB)
+        assert f.read(65536) == bytes([PATTERN]) * 65536
 
     for copy in copies:
         s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=copy.id), timeout=60)
