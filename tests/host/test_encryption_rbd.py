@@ -21,12 +21,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import libvirt
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
+from blockwire.v1 import types_pb2 as pb
 from storagesvc.keys.embedded import EmbeddedKeys
 from tests.ceph import CephCluster
 from tests.host.daemons import Started
@@ -214,3 +216,45 @@ def test_an_encrypted_rbd_volume_is_ciphertext_in_ceph_and_readable_through_qemu
         assert key not in d.log.read_text(errors="replace"), f"the volume key is in {d.log}"
     for db in storage.config.parent.glob("catalog.db*"):
         assert key.encode() not in db.read_bytes(), db
+
+
+def test_a_wrong_or_missing_key_for_an_rbd_volume_attaches_nothing(
+    stack: tuple[Daemon, RbdAgent, str, Path], virt: libvirt.virConnect
+) -> None:
+    """The connection info storage announced, given to the agent with the key removed (FAILED_PRECONDITION
+    before anything is connected) or replaced (PERMISSION_DENIED when QEMU opens the header): no disk, no
+    secret of either kind, no journal record; the wrong key in no log."""
+    storage, agent, _pool, _master = stack
+    s = storage_pb2_grpc.StorageServiceStub(storage.channel)
+    req = spb.CreateVolumeRequest(name=f"wk-{uuid.uuid4().hex[:6]}", size_bytes=8 * MIB, encrypted=True)
+    v = s.CreateVolume(req, timeout=120).volume
+    connector = agent.stub.GetConnector(hpb.GetConnectorRequest(), timeout=10).connector
+    with running_domain(virt, "bw-rbdcrypt") as dom:
+        sa = s.CreateAttachment(
+            spb.CreateAttachmentRequest(volume_id=v.id, connector=connector, domain=dom), timeout=30
+        ).attachment
+        try:
+            key = sa.connection_info.encryption.passphrase
+            assert key
+            wrong = "B" * len(key)
+            for passphrase, code, needle in (
+                ("", grpc.StatusCode.FAILED_PRECONDITION, "carries no key"),
+                (wrong, grpc.StatusCode.PERMISSION_DENIED, "key is wrong"),
+            ):
+                given = pb.ConnectionInfo()
+                given.CopyFrom(sa.connection_info)
+                given.encryption.passphrase = passphrase
+                with pytest.raises(grpc.RpcError) as err:
+                    agent.attach(dom, given)
+                assert err.value.code() == code, err.value.details()
+                assert needle in (err.value.details() or "")
+                assert "protocol='rbd'" not in virt.lookupByName(dom).XMLDesc(0)
+                assert luks_secrets(virt, v.id) == []
+                assert ceph_secrets(virt, v.id) == []
+                assert agent.journal() == []
+            assert agent.proc is not None
+            for d in (storage, agent.proc):
+                assert wrong not in d.log.read_text(errors="replace"), d.log
+        finally:
+            s.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=sa.id), timeout=30)
+    s.DeleteVolume(spb.DeleteVolumeRequest(volume_id=v.id), timeout=60)
