@@ -10,11 +10,11 @@ import pytest
 
 from blockwire.errors import FailedPrecondition, InvalidArgument, Unavailable
 from blockwire.model import Connector, Encryption, Transport
-from blockwire.secret import Secret
 from blockwire.runtime.failpoints import FailpointHit, Failpoints
+from blockwire.secret import Secret
 from hostagent.api import HostAgent
-from hostagent.encryption import SECRET_TYPE, VolumeKeys
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
+from hostagent.encryption import SECRET_TYPE, VolumeKeys
 from hostagent.events import EventBus
 from hostagent.journal import Journal
 from hostagent.migration import (
