@@ -19,7 +19,11 @@ NVMe/TCP attachments (ConnectorKind.NVME_TCP) are watched too, with less to do: 
 lost controller by itself (every reconnect_delay, until ctrl_loss_tmo), so a controller that is not
 `live` (connecting, resetting) only gets PATH_DOWN, and PATH_UP when it is live again; a port whose
 controller is gone (the kernel gave up, or it was deleted) after it was seen is connected again
-(`restore_paths`), that port only.
+(`restore_paths`), that port only. ANA is followed the same way: a live controller over which the
+volume's namespace is `inaccessible`, `persistent-loss` or in `change` (the target moved its ANA group,
+e.g. a port under maintenance) is a path down, and up again when the namespace is `optimized` or
+`non-optimized` there; the kernel's native multipath already sends I/O only to usable paths, so there
+is nothing to repair, only to report (an operator sees which paths carry I/O).
 
 Each repair takes the volume's lock (a call in flight on it: skipped until the next round) and the
 connector's per-target locks; the multipath map and the healthy paths are never touched. An interval of
@@ -57,6 +61,10 @@ class PathRelogin(Protocol):
 def session_states(sysfs: Sysfs) -> dict[tuple[str, str], str]:
     """(portal, target IQN) -> the kernel's session state (LOGGED_IN, FAILED, FREE), from sysfs."""
     return {(s.portal, s.target): s.state for s in kernel_sessions(sysfs)}
+
+
+#: ANA states over which the namespace takes no I/O (NVMe base spec 8.1.3; the kernel's names).
+ANA_UNUSABLE = frozenset({"inaccessible", "persistent-loss", "change"})
 
 
 class PathSupervisor:
@@ -133,9 +141,8 @@ class PathSupervisor:
         ]  # fmt: skip
         if not records:
             return []
-        states = {
-            (c.subsysnqn, f"{c.traddr}:{c.trsvcid}"): c.state for c in NvmeHost(self.sysfs).controllers()
-        }
+        host = NvmeHost(self.sysfs)
+        ctrls = {(c.subsysnqn, f"{c.traddr}:{c.trsvcid}"): c for c in host.controllers()}
         added: list[str] = []
         for a in records:
             t = a.connection_info.transport
@@ -145,10 +152,15 @@ class PathSupervisor:
             for p in t.portals:
                 key = (a.volume_id, a.domain, p.address)
                 watched.add(key)
-                state = states.get((t.subsystem_nqn, p.address))
-                if state == "live":
+                c = ctrls.get((t.subsystem_nqn, p.address))
+                state = c.state if c is not None else None
+                if c is not None and state == "live":
                     self._seen_up.add(key)
-                    self._up(a, key, "NVMe controller live")
+                    ana = host.ana_state_via(c.name, t.namespace_id) if t.namespace_id else ""
+                    if ana in ANA_UNUSABLE:
+                        self._down_since(a, key, f"ANA state {ana}", "NVMe namespace")
+                    else:
+                        self._up(a, key, f"NVMe controller live{f', ANA state {ana}' if ana else ''}")
                     continue
                 if state is not None:
                     self._seen_up.add(key)  # it exists: it was connected

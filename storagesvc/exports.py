@@ -55,6 +55,7 @@ from storagesvc.model import (
     VolumeState,
 )
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec, TargetState, transport_of
+from storagesvc.voltypes import VolumeTypes
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class Exports:
                 physical_block_size=block,
                 multiattach=v.multiattach,
                 encryption=encryption,
+                qos=VolumeTypes(ctx).iotune_of(v),
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)
                 validate.validate_connection_info(info)
@@ -323,6 +325,7 @@ class Exports:
             logical_block_size=512,
             physical_block_size=512,
             multiattach=v.multiattach,
+            qos=VolumeTypes(ctx).iotune_of(v),
             encryption=encryption,  # with the key: only in this answer (the catalog gets it without)
         )
         att = Attachment(

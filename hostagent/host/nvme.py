@@ -281,6 +281,15 @@ class NvmeHost:
     def ana_state(self, path_device: str) -> str:
         return self._attr(f"block/{path_device}/ana_state")
 
+    def ana_state_via(self, controller: str, nsid: int) -> str:
+        """The ANA state of namespace `nsid` over one controller: its path device's (nvmeKcNnM under
+        class/nvme/nvmeN; the M of the name is the head's instance, not the nsid, so the nsid attribute
+        decides). "" without native multipath, without ANA, or while the path has no device."""
+        for p in self.sysfs.listdir(f"class/nvme/{controller}"):
+            if PATH_RE.fullmatch(p) and self._attr(f"class/nvme/{controller}/{p}/nsid") == str(nsid):
+                return self._attr(f"class/nvme/{controller}/{p}/ana_state")
+        return ""
+
     def delete_controller(self, name: str) -> None:
         """Disconnects one controller (synchronous in the kernel: gone from sysfs when this returns). A
         controller already gone is fine."""

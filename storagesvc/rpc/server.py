@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from blockwire.errors import Unavailable
 from blockwire.observability import SPANS_ONLY, TimedRunner
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor, Runner
@@ -37,12 +38,14 @@ from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
 from storagesvc.backends.rbd import Librbd, RbdBackend, RbdSettings, monitors_from_conf, read_key
+from storagesvc.catalog import Catalog
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
 from storagesvc.encryption import VolumeCrypt
 from storagesvc.keys import open_keys
 from storagesvc.rpc import auth
 from storagesvc.rpc.servicer import StorageServicer
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
@@ -154,6 +157,26 @@ class Daemon:
         self.service.catalog.close()
 
 
+def open_catalog(config: Config) -> Catalog:
+    """The catalog [catalog] names: the SQLite file, or the PostgreSQL database (migrated on open)."""
+    c = config.catalog
+    if c.kind == "sqlite":
+        return SqliteCatalog(config.catalog_path, synchronous=config.service.catalog_synchronous)
+    from storagesvc.catalog.postgres import PostgresCatalog  # noqa: PLC0415 - optional dependency
+
+    try:
+        return PostgresCatalog(
+            c.dsn,
+            password_file=c.password_file,
+            min_size=c.pool_min_size,
+            max_size=c.pool_max_size,
+            lock_connections=c.lock_connections,
+            connect_timeout=c.connect_timeout,
+        )
+    except (ValueError, OSError, RuntimeError, Unavailable) as exc:
+        raise ConfigError(f"[catalog] cannot open the PostgreSQL catalog: {exc}") from None
+
+
 def build(config: Config, runner: Runner | None = None) -> Daemon:
     """Wires the daemon from its config, reconciles, and starts serving."""
     clock = SystemClock()
@@ -179,7 +202,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     svc = config.service
     jobs = futures.ThreadPoolExecutor(max_workers=svc.copy_workers, thread_name_prefix="copy")
     service = StorageService(
-        SqliteCatalog(svc.catalog_path, synchronous=svc.catalog_synchronous),
+        open_catalog(config),
         pools,
         clock,
         jobs,
@@ -189,8 +212,16 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
+        scheduler=SchedulerSettings(
+            max_attempts=config.scheduler.max_attempts,
+            weigher=config.scheduler.weigher,
+            default_volume_type=config.scheduler.default_volume_type,
+            zones={b.name: b.availability_zone for b in config.backends},
+            capabilities={b.name: dict(b.capabilities) for b in config.backends},
+            ratios={b.name: b.oversubscription_ratio for b in config.backends},
+        ),
         crypt=VolumeCrypt(
-            open_keys(config.keys, str(Path(svc.catalog_path).parent)),
+            open_keys(config.keys, str(Path(config.catalog_path).parent)),
             runner,
             cryptsetup=shutil.which("cryptsetup") is not None,
         ),

@@ -19,7 +19,7 @@ from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
 from storagesvc import paging
-from storagesvc.model import Attachment, Capacity, Page, Snapshot
+from storagesvc.model import Attachment, Capacity, Page, Snapshot, VolumeType
 from storagesvc.rpc import convert
 from storagesvc.service import StorageService
 
@@ -268,3 +268,87 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             backends=[convert.backend_stats_to_pb(b) for b in backends],
             operations=[convert.operation_stats_to_pb(o) for o in operations],
         )
+
+    # -- volume types and QoS specs
+
+    def _type_pb(self, t: VolumeType) -> pb.VolumeType:
+        return convert.volume_type_to_pb(t, self.service.ctx.scheduler.default_volume_type)
+
+    def CreateVolumeType(
+        self, request: spb.CreateVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.CreateVolumeTypeResponse:
+        t = _call(
+            context,
+            lambda: self.service.create_volume_type(
+                request.name, request.description, dict(request.extra_specs), request.qos_specs
+            ),
+        )
+        return spb.CreateVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def GetVolumeType(
+        self, request: spb.GetVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.GetVolumeTypeResponse:
+        t = _call(context, lambda: self.service.get_volume_type(request.volume_type))
+        return spb.GetVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def ListVolumeTypes(
+        self, request: spb.ListVolumeTypesRequest, context: grpc.ServicerContext
+    ) -> spb.ListVolumeTypesResponse:
+        page = _call(context, lambda: self.service.list_volume_types(request.page_size, request.page_token))
+        types, token = bounded(page, self._type_pb)
+        return spb.ListVolumeTypesResponse(volume_types=types, next_page_token=token)
+
+    def UpdateVolumeType(
+        self, request: spb.UpdateVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.UpdateVolumeTypeResponse:
+        description = request.description if request.HasField("description") else None
+        specs = dict(request.extra_specs.specs) if request.HasField("extra_specs") else None
+        t = _call(context, lambda: self.service.update_volume_type(request.volume_type, description, specs))
+        return spb.UpdateVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def DeleteVolumeType(
+        self, request: spb.DeleteVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteVolumeTypeResponse:
+        _call(context, lambda: self.service.delete_volume_type(request.volume_type))
+        return spb.DeleteVolumeTypeResponse()
+
+    def SetVolumeTypeQosSpecs(
+        self, request: spb.SetVolumeTypeQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.SetVolumeTypeQosSpecsResponse:
+        t = _call(context, lambda: self.service.set_volume_type_qos(request.volume_type, request.qos_specs))
+        return spb.SetVolumeTypeQosSpecsResponse(volume_type=self._type_pb(t))
+
+    def CreateQosSpecs(
+        self, request: spb.CreateQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.CreateQosSpecsResponse:
+        q = _call(
+            context,
+            lambda: self.service.create_qos_specs(request.name, request.consumer, dict(request.specs)),
+        )
+        return spb.CreateQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def GetQosSpecs(
+        self, request: spb.GetQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.GetQosSpecsResponse:
+        q = _call(context, lambda: self.service.get_qos_specs(request.qos_specs))
+        return spb.GetQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def ListQosSpecs(
+        self, request: spb.ListQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.ListQosSpecsResponse:
+        page = _call(context, lambda: self.service.list_qos_specs(request.page_size, request.page_token))
+        specs, token = bounded(page, convert.qos_specs_to_pb)
+        return spb.ListQosSpecsResponse(qos_specs=specs, next_page_token=token)
+
+    def UpdateQosSpecs(
+        self, request: spb.UpdateQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.UpdateQosSpecsResponse:
+        specs = dict(request.specs.specs) if request.HasField("specs") else None
+        q = _call(context, lambda: self.service.update_qos_specs(request.qos_specs, request.consumer, specs))
+        return spb.UpdateQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def DeleteQosSpecs(
+        self, request: spb.DeleteQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteQosSpecsResponse:
+        _call(context, lambda: self.service.delete_qos_specs(request.qos_specs))
+        return spb.DeleteQosSpecsResponse()

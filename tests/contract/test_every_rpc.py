@@ -40,6 +40,17 @@ STORAGE_EXPECTED = {
     "CreateMigrationAttachment": INVALID,
     "CompleteMigration": INVALID,
     "RollbackMigration": INVALID,
+    "CreateVolumeType": INVALID,
+    "GetVolumeType": INVALID,
+    "ListVolumeTypes": OK,
+    "UpdateVolumeType": INVALID,
+    "DeleteVolumeType": INVALID,
+    "SetVolumeTypeQosSpecs": INVALID,
+    "CreateQosSpecs": INVALID,
+    "GetQosSpecs": INVALID,
+    "ListQosSpecs": OK,
+    "UpdateQosSpecs": INVALID,
+    "DeleteQosSpecs": INVALID,
 }
 AGENT_EXPECTED = {
     "GetConnector": OK,

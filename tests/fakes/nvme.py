@@ -157,7 +157,11 @@ class FakeNvmeKernel:
             (b / "wwid").write_text(f"uuid.{ns.uuid}\n")
             (b / "size").write_text(f"{ns.size // 512}\n")
             for c in ctrls:
-                (self.root / "class/nvme" / c / f"nvme{k}c{c[4:]}n{ns.nsid}").mkdir(exist_ok=True)
+                path = self.root / "class/nvme" / c / f"nvme{k}c{c[4:]}n{ns.nsid}"
+                if not path.exists():
+                    path.mkdir()
+                    (path / "nsid").write_text(f"{ns.nsid}\n")
+                    (path / "ana_state").write_text("optimized\n")
 
     def sync(self) -> None:
         """Acts on what was written to controllers' delete_controller and rescan_controller."""
@@ -199,6 +203,11 @@ class FakeNvmeKernel:
 
     def set_state(self, name: str, state: str) -> None:
         (self.root / "class/nvme" / name / "state").write_text(state + "\n")
+
+    def set_ana(self, name: str, nsid: int, state: str) -> None:
+        """The target changed the ANA state of namespace `nsid` as controller `name` sees it."""
+        for path in (self.root / "class/nvme" / name).glob(f"nvme*c*n{nsid}"):
+            (path / "ana_state").write_text(state + "\n")
 
     def identify(self, controller: str, nsid: int) -> dict[str, str] | None:
         """Identify CNS 03h as the target answers it (hostagent.host.nvme.identify_ns_ioctl's seam)."""

@@ -11,6 +11,9 @@ NVMe/TCP host driver (hostagent/connectors/nvme.py), a no-OS domain.
   makes, is refused (FAILED_PRECONDITION, before any block device) by AttachVolume and ConnectVolume;
   the attached volume's controllers, head, disk and data are untouched, also by a forced
   DisconnectVolume of the refused connection info;
+* ANA followed: the target puts one port's ANA group `inaccessible` -> the host's path device says so,
+  I/O goes on over the other path, the agent reports that path down (PATH_DOWN, "ANA state
+  inaccessible") without touching a controller, and up again when the group is `optimized` again;
 * ExtendVolume while attached reaches the domain;
 * eight volumes attached at once and detached at once, nothing left;
 * DH-HMAC-CHAP accepted with the announced secret and refused with a wrong one, where the guest kernel
@@ -23,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,8 +37,10 @@ import pytest
 
 from blockwire.client import NO_RETRY, HostAgentClient
 from blockwire.errors import BlockwireError, FailedPrecondition
+from blockwire.v1 import hostagent_pb2
 from blockwire.v1 import types_pb2 as pb
 from hostagent import api
+from storagesvc.targets.nvmet import ANA_GROUP
 from tests.guest.inside import kernel, nvmet
 from tests.guest.inside.conftest import Stack, start_stack
 from tests.guest.inside.kernel import MiB
@@ -164,6 +170,83 @@ def test_two_ports_hotplug_port_down_and_back_then_nothing_left(
             s.agent.detach_volume(domain, vol.id, force=True)
         s.storage.delete_volume(vol.id)
     print(f"timings (s): {timings}")
+
+
+def port_ana_state(address: str) -> Path:
+    for port in CONFIGFS.glob("ports/*"):
+        if (port / "addr_traddr").read_text().strip() == address:
+            return port / "ana_groups" / ANA_GROUP / "ana_state"
+    raise AssertionError(f"no nvmet port on {address}")
+
+
+def host_ana_states(nqn: str) -> dict[str, str]:
+    """traddr -> the ANA state of the namespace over that controller, as the host kernel reports it."""
+    out = {}
+    for name, attrs in nvmet.controllers().items():
+        if attrs.get("subsysnqn") != nqn:
+            continue
+        addr = attrs["address"].split(",")[0].removeprefix("traddr=")
+        for path in Path("/sys/class/nvme", name).glob("nvme*c*n*"):
+            out[addr] = (path / "ana_state").read_text().strip()
+    return out
+
+
+def test_an_ana_change_is_followed_and_io_goes_on(clean_nvme: None, nvme_stack: Stack, domain: str) -> None:
+    s = nvme_stack
+    vol = s.storage.create_volume(f"e2e-ana-{uuid.uuid4().hex[:6]}", 32 * MiB, backend="file")
+    seen: list[hostagent_pb2.WatchEventsResponse] = []
+    stream = s.agent.watch_events(
+        volume_id=vol.id, types=[hostagent_pb2.EVENT_TYPE_PATH_DOWN, hostagent_pb2.EVENT_TYPE_PATH_UP]
+    )
+    consumer = threading.Thread(target=lambda: seen.extend(stream), daemon=True)
+    consumer.start()
+    state = port_ana_state("127.0.0.2")
+    attached = False
+    try:
+        att = s.agent.attach_volume(domain, volume_id=vol.id)
+        attached = True
+        nqn = att.connection_info.nvmeof.subsystem_nqn
+        assert host_ana_states(nqn) == {"127.0.0.1": "optimized", "127.0.0.2": "optimized"}
+        ctrls_before = dict(ctrl_states(nqn))
+
+        state.write_text("inaccessible\n")
+        kernel.wait_until(
+            "the host sees 127.0.0.2 inaccessible",
+            lambda: host_ana_states(nqn).get("127.0.0.2") == "inaccessible",
+            60,
+        )
+        pattern = kernel.write_pattern(att.host_device, 3)
+        assert kernel.read_at(s.volume_file(vol.id), 3) == pattern
+        kernel.wait_until(
+            "PATH_DOWN for 127.0.0.2",
+            lambda: any(e.type == hostagent_pb2.EVENT_TYPE_PATH_DOWN and e.path == PORTALS[1] for e in seen),
+            60,
+        )
+        down = next(e for e in seen if e.type == hostagent_pb2.EVENT_TYPE_PATH_DOWN)
+        assert "ANA state inaccessible" in down.message, down
+        assert ctrl_states(nqn) == ctrls_before  # reported, not repaired: every controller kept, live
+
+        state.write_text("optimized\n")
+        kernel.wait_until(
+            "PATH_UP for 127.0.0.2",
+            lambda: any(e.type == hostagent_pb2.EVENT_TYPE_PATH_UP and e.path == PORTALS[1] for e in seen),
+            60,
+        )
+        assert host_ana_states(nqn) == {"127.0.0.1": "optimized", "127.0.0.2": "optimized"}
+        assert [e.path for e in seen] == [PORTALS[1], PORTALS[1]]  # the other path never went down
+
+        s.agent.detach_volume(domain, vol.id)
+        attached = False
+        kernel.settle()
+        assert nvmet.host_leftovers() == {}
+    finally:
+        with contextlib.suppress(OSError):
+            state.write_text("optimized\n")
+        stream.cancel()
+        consumer.join(timeout=10)
+        if attached:
+            s.agent.detach_volume(domain, vol.id, force=True)
+        s.storage.delete_volume(vol.id)
 
 
 def test_a_namespace_with_another_volumes_nguid_is_refused_and_nothing_else_touched(
