@@ -32,6 +32,7 @@ from storagesvc.config import ConfigError, parse
 from storagesvc.encryption import VolumeCrypt
 from storagesvc.keys.embedded import EmbeddedKeys
 from storagesvc.model import CreateVolumeSpec, ImageSource, VolumeSource, VolumeState
+from storagesvc.placement import own_capabilities
 from storagesvc.service import Pool, StorageService
 from tests.fakes.clock import FakeClock
 from tests.fakes.executor import FakeRunner, Reply
@@ -427,6 +428,7 @@ def test_an_encrypted_rbd_volume_gets_a_luks_header_through_librbd_and_its_key_i
         lock_timeout=0.5,
         crypt=VolumeCrypt(keys, runner, cryptsetup=True),
     )
+    assert own_capabilities(Pool(RbdBackend("ceph", SETTINGS, fake, FakeRunner())))["encryption"] == "true"
     try:
         v = svc.create_volume(CreateVolumeSpec(name="enc", size_bytes=4 * MIB, encrypted=True))
         assert v.encryption is not None
