@@ -239,6 +239,16 @@ def _shown(value: object) -> str:
     return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
+def _disk_size(info: ConnectionInfo, device_size: int) -> int:
+    """The size the domain's disk gets for a device of `device_size` bytes. An encrypted volume's disk
+    is QEMU's luks layer, whose size is the payload's: libvirt resizes that layer, and QEMU grows the
+    device beneath it to the payload's offset plus that size, so the header's bytes come off (given in
+    full, QEMU would try to grow the device past its end, or an RBD image by the header's size)."""
+    if info.encryption is None:
+        return device_size
+    return device_size - info.encryption.header_bytes
+
+
 class HostAgent:
     """Attaches volumes to this host's libvirt domains. Every collaborator is injected."""
 
@@ -900,7 +910,7 @@ class HostAgent:
                         "check that storage finished the extend, then repeat"
                     )
                 if a.target_dev:
-                    self.hypervisor.block_resize(a.domain, a.target_dev, size)
+                    self.hypervisor.block_resize(a.domain, a.target_dev, _disk_size(a.connection_info, size))
                 self._emit(EventType.RESIZED, a, message=f"{size} bytes")
             return size
 

@@ -28,7 +28,7 @@ def own_capabilities(pool: Pool) -> dict[str, str]:
         "transport": transport,
         "thin_provisioning": "true",
         "multiattach": "true",
-        "encryption": "false" if isinstance(backend, DirectBackend) else "true",
+        "encryption": "true",  # every kind: rbd images get the LUKS header through librbd
     }
 
 

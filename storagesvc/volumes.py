@@ -149,11 +149,6 @@ class Volumes:
         src = spec.source
         size, image, encryption = self._source(spec, pool)
         ctx.check_space(pool, size + (HEADER_BYTES if encryption or spec.encrypted else 0))
-        if (encryption or spec.encrypted) and isinstance(pool.backend, DirectBackend):
-            raise InvalidArgument(
-                "encrypted",
-                f"backend {pool.backend.name} ({pool.backend.kind}) cannot hold encrypted volumes yet",
-            )
         encryption, passphrase = self._new_key(spec, encryption)
 
         now = ctx.now()
@@ -199,7 +194,11 @@ class Volumes:
                 if encryption is not None and passphrase is not None:
                     pool.backend.create(vid, size + encryption.header_bytes)
                     undo.callback(pool.backend.delete, vid)
-                    ctx.need_crypt().format(pool.backend.device_path(vid), encryption, passphrase)
+                    if isinstance(pool.backend, DirectBackend):  # rbd: written through librbd
+                        header = ctx.need_crypt().header(encryption, passphrase)
+                        pool.backend.write_header(vid, header)
+                    else:
+                        ctx.need_crypt().format(pool.backend.device_path(vid), encryption, passphrase)
                 else:
                     pool.backend.create(vid, size)
                 undo.pop_all()

@@ -409,7 +409,8 @@ class StorageServiceServicer:
         destination uses the same initiator; the target stays), or RollbackMigration removes it and
         leaves the source's untouched.
         Idempotent: a repeat with the same source, connector, domain returns the existing destination
-        attachment and the same connection info.
+        attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
+        the key as CreateAttachment's does: the destination defines its own secret for it.
         Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
         FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
         destination is the source's host, the volume already has a migration to another host or domain: the
