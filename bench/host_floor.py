@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -52,6 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 import libvirt  # noqa: E402
 from lxml import etree  # noqa: E402
 
+from bench.facts import host_facts, pct  # noqa: E402
 from hostagent.virt.diskxml import Auth, DiskSpec, DriveAddress, NetHost, NetworkSource, disk_xml  # noqa: E402
 from tests.fakes.daemon_rig import Rig, define_domain, remove_domain  # noqa: E402
 from tests.host.daemons import Started, Tgtd, ensure_libvirtd, free_port, free_tgt_control_port  # noqa: E402
@@ -60,15 +60,6 @@ PORTAL_HOSTS = ("127.0.0.1",)
 MIB = 1 << 20
 RAW_PREFIX = "bench-floor"
 METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    if not s:
-        return 0.0
-    k = (len(s) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -80,28 +71,6 @@ def stats(values: list[float]) -> dict[str, float]:
         "p99_ms": round(pct(ms, 99), 1),
         "min_ms": round(min(ms), 1) if ms else 0.0,
         "max_ms": round(max(ms), 1) if ms else 0.0,
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = next(
-        int(ln.split()[1])
-        for ln in Path("/proc/meminfo").read_text().splitlines()
-        if ln.startswith("MemTotal")
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "libvirt": libvirt.getVersion(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -687,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": host_facts(libvirt=libvirt.getVersion()),
         "commit": commit(),
         "notes": args.note,
     }

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -30,27 +29,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.facts import host_facts  # noqa: E402
 from storagesvc.scheduler import BackendState, PlacementRequest, rank  # noqa: E402
 
 GIB = 1 << 30
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_before": list(os.getloadavg()),
-    }
 
 
 def backends(n: int, seed: int = 16) -> list[BackendState]:
@@ -149,7 +131,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    facts = machine()
+    facts = host_facts()
     results = run(args.backends, args.calls, args.rounds)
     facts["load_after"] = list(os.getloadavg())
     now = datetime.now(UTC)
