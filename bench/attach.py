@@ -18,42 +18,18 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.attach_guest import CONTENDERS, pct, scrub
+from bench.attach_guest import CONTENDERS, scrub
+from bench.facts import host_facts, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
     "full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
 }  # fmt: skip
-
-
-def host_machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kb = next(
-        int(line.split()[1])
-        for line in Path("/proc/meminfo").read_text().splitlines()
-        if line.startswith("MemTotal")
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "load_before": list(os.getloadavg()),
-    }
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -405,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a line for the report")
     parser.add_argument("--before", type=Path, help="attach-raw.json of a run on the code before a change")
     args = parser.parse_args(argv)
-    machine = host_machine()
+    machine = host_facts()
     if args.from_raw:
         raw = json.loads(args.from_raw.read_text())
         machine = raw.get("host_machine", machine)

@@ -53,6 +53,7 @@ from typing import Any
 
 import pytest
 
+from bench.facts import pct
 from tests.guest.inside import kernel
 from tests.guest.inside.kernel import run
 from tests.host.daemons import Started, Tgtd, ensure_libvirtd
@@ -598,15 +599,6 @@ def scrub(text: str, secrets: Sequence[str]) -> str:
         if secret:
             text = text.replace(secret, "********")
     return SECRET_ARG.sub(r"\1********", text)
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    if not s:
-        return 0.0
-    k = (len(s) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def summary(values: list[float]) -> dict[str, float]:

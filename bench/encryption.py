@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import libvirt  # noqa: E402
 
+from bench.facts import host_facts  # noqa: E402
 from blockwire.v1 import storage_pb2 as spb  # noqa: E402
 from tests.fakes.daemon_rig import Rig, define_domain, remove_domain  # noqa: E402
 from tests.host.daemons import (  # noqa: E402
@@ -90,25 +90,12 @@ def one(rig: Rig, domain: str, encrypted: bool, size_mib: int, io_mib: int) -> d
     }
 
 
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    aes = "aes" in Path("/proc/cpuinfo").read_text().split()
+def machine_facts() -> dict[str, Any]:
     qemu = subprocess.run(["qemu-img", "--version"], capture_output=True, text=True, check=False).stdout
-    return {
-        "cpu": cpu,
-        "cpu_aes_ni": aes,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "qemu": qemu.splitlines()[0] if qemu else "",
-        "load_before": list(os.getloadavg()),
-    }
+    return host_facts(
+        cpu_aes_ni="aes" in Path("/proc/cpuinfo").read_text().split(),
+        qemu=qemu.splitlines()[0] if qemu else "",
+    )
 
 
 def main() -> int:
@@ -129,7 +116,7 @@ def main() -> int:
     tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in hosts), control_port=free_tgt_control_port())
     tgtd.start()
     results: dict[str, list[dict[str, float]]] = {"plain": [], "encrypted": []}
-    facts = machine()
+    facts = machine_facts()
     try:
         with tempfile.TemporaryDirectory(prefix="bw-crypt-bench-") as tmp:
             work = Path(tmp)

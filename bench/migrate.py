@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import libvirt  # noqa: E402
 
-from bench.attach import host_machine  # noqa: E402
+from bench.facts import host_facts  # noqa: E402
 from blockwire.v1 import hostagent_pb2 as hpb  # noqa: E402
 from tests.fakes.daemon_rig import MIB  # noqa: E402
 from tests.host.daemons import Tgtd, free_port, free_tgt_control_port, need_root  # noqa: E402
@@ -189,7 +189,7 @@ def main() -> int:
     port = free_port(hosts)
     tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in hosts), control_port=free_tgt_control_port())
     tgtd.start()
-    machine = host_machine()
+    machine = host_facts()
     try:
         with running_world(tgtd) as world:
             measured = run(world, args.rounds, args.volumes)

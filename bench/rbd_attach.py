@@ -21,8 +21,6 @@ import argparse
 import base64
 import contextlib
 import json
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -39,20 +37,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 import libvirt  # noqa: E402
 from lxml import etree  # noqa: E402
 
+from bench.facts import host_facts, pct  # noqa: E402
 from hostagent.virt.diskxml import Auth, DiskSpec, DriveAddress, NetHost, NetworkSource, disk_xml  # noqa: E402
 from tests.ceph import CephCluster  # noqa: E402
 from tests.host.rbd_rig import RbdAgent, create_image, rbd_info, running_domain, to_pb  # noqa: E402
 
 RAW_SECRET = f"bench-raw/{uuid.uuid4().hex[:8]}"
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    if not s:
-        return 0.0
-    k = (len(s) - 1) * p / 100
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -62,28 +52,6 @@ def stats(values: list[float]) -> dict[str, float]:
         "p50_ms": round(pct(ms, 50), 1),
         "p95_ms": round(pct(ms, 95), 1),
         "max_ms": round(max(ms), 1) if ms else 0.0,
-    }
-
-
-def machine() -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = next(
-        int(ln.split()[1])
-        for ln in Path("/proc/meminfo").read_text().splitlines()
-        if ln.startswith("MemTotal")
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 1024 / 1024, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "libvirt": libvirt.getVersion(),
-        "load_before": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -150,7 +118,10 @@ def main() -> int:
     parser.add_argument("--concurrent", type=int, default=32)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    results: dict[str, Any] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine()}
+    results: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": host_facts(libvirt=libvirt.getVersion()),
+    }
     virt = libvirt.open("qemu:///system")
     with tempfile.TemporaryDirectory(prefix="bwrbd-", dir="/tmp") as tmp, CephCluster() as cluster:
         user = cluster.create_user("bench-host")

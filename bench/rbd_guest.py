@@ -288,7 +288,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.attach import host_machine  # noqa: PLC0415
+    from bench.facts import host_facts  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(prog="python -m bench.rbd_guest", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=sorted(PLANS), default="full")
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.from_raw:
         raw = json.loads(args.from_raw.read_text())
-        raw.setdefault("host_machine", host_machine())
+        raw.setdefault("host_machine", host_facts())
     else:
         # Our own run directory: other guests booted meanwhile would prune the shared one's results.
         os.environ.setdefault("BLOCKWIRE_GUEST_RUNS", "/var/tmp/blockwire-bench")
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"bench: {missing}", file=sys.stderr)
             return 2
-        machine = host_machine()
+        machine = host_facts()
         run = image.run_guest(
             [f"bench/rbd_guest.py::test_rbd_guest_bench[{args.plan}]"], timeout=GUEST_TIMEOUT[args.plan]
         )

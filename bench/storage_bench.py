@@ -2,7 +2,12 @@
 `blockwire-storage` daemon and a real tgtd of its own (free control port, loopback portals).
 
     sudo python bench/storage_bench.py [--cycles 50] [--parallel 4] [--synchronous normal,full]
-                                       [--rounds 3] [--out bench/results]
+                                       [--rounds 3] [--out bench/results] [--tag NAME]
+    sudo python bench/storage_bench.py --synchronous full,postgresql --tag catalogs
+
+"postgresql" among the modes: a daemon with `[catalog] kind = "postgresql"` on a throwaway PostgreSQL
+server (tests/postgres.py, fsync on, its data next to the SQLite catalogs), side by side with the SQLite
+ones.
 
 Runs `cycles` cycles one after another, then `cycles` cycles spread over `parallel` threads (different
 volumes, so they may proceed in parallel). With several `--synchronous` modes (the catalog's SQLite
@@ -41,7 +46,10 @@ from blockwire.v1 import storage_pb2 as spb  # noqa: E402
 from blockwire.v1 import storage_pb2_grpc  # noqa: E402
 from blockwire.v1 import types_pb2 as pb  # noqa: E402
 from tests.host.daemons import Tgtd, free_port, free_tgt_control_port, need_root  # noqa: E402
+from tests.postgres import PostgresServer  # noqa: E402
 from tests.rig import Daemon  # noqa: E402
+
+MODES = ("normal", "full", "postgresql")  # SQLite synchronous = normal / full; the PostgreSQL catalog
 
 MIB = 1 << 20
 RAN = re.compile(r'logger=blockwire\.runtime\.executor msg="ran \((.*?)\) -> \d+ in ([0-9.]+)s"')
@@ -79,9 +87,12 @@ def machine() -> dict[str, Any]:
 
 
 class Storage:
-    """blockwire-storage (tests.rig's Daemon) with a catalog in the given synchronous mode."""
+    """blockwire-storage (tests.rig's Daemon) with a SQLite catalog in the given synchronous mode, or
+    (synchronous = "postgresql") a PostgreSQL one."""
 
-    def __init__(self, tmp: Path, tgtd: Tgtd, synchronous: str = "full") -> None:
+    def __init__(
+        self, tmp: Path, tgtd: Tgtd, synchronous: str = "full", postgres: PostgresServer | None = None
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
         self.synchronous = synchronous
@@ -92,8 +103,13 @@ class Storage:
         self.config.write_text(
             f'[server]\nunix_socket = "{self.socket}"\nlog_format = "kv"\nlog_level = "DEBUG"\n'
             f'[service]\ncatalog_path = "{tmp}/catalog.db"\niqn_prefix = "{self.prefix}"\n'
-            f'catalog_synchronous = "{synchronous}"\n'
-            f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
+            + (
+                f'[catalog]\nkind = "postgresql"\ndsn = "{postgres.create_database()}"\n'
+                f'password_file = "{postgres.password_file}"\n'
+                if postgres is not None
+                else f'catalog_synchronous = "{synchronous}"\n'
+            )
+            + f'[[backends]]\nname = "file"\nkind = "file"\npath = "{tmp}/volumes"\nexporter = "tgt"\n'
             f"[exporters.tgt]\ncontrol_port = {tgtd.control_port}\nportals = [{portals}]\n"
         )
         self.daemon = Daemon.storage(self.config, self.socket, start_timeout=30, stop_timeout=30).start()
@@ -114,7 +130,9 @@ class Storage:
         return total, count
 
 
-def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading.Lock) -> float:
+def cycle(
+    stub: Any, name: str, timings: dict[str, list[float]], lock: threading.Lock, backend: str = ""
+) -> float:
     connector = pb.Connector(host=f"h-{name}", initiator_iqn=f"iqn.2026-01.io.blockwire.bench:{name}")
     began = time.perf_counter()
     marks: list[tuple[str, float]] = []
@@ -127,7 +145,9 @@ def cycle(stub: Any, name: str, timings: dict[str, list[float]], lock: threading
 
     vol = timed(
         "CreateVolume",
-        lambda: stub.CreateVolume(spb.CreateVolumeRequest(name=name, size_bytes=64 * MIB), timeout=60),
+        lambda: stub.CreateVolume(
+            spb.CreateVolumeRequest(name=name, size_bytes=64 * MIB, backend=backend), timeout=60
+        ),
     ).volume
     att = timed(
         "CreateAttachment",
@@ -209,10 +229,16 @@ def compare(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def report(results: dict[str, Any], out: Path) -> None:
+def catalog_label(mode: str) -> str:
+    """How a report names a mode: "sqlite full", "sqlite normal", "postgresql"."""
+    return mode if mode == "postgresql" else f"sqlite {mode}"
+
+
+def report(results: dict[str, Any], out: Path, tag: str = "") -> None:
     day = results["date"][:10]
+    name = f"storage-{tag}-{day}" if tag else f"storage-{day}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"storage-{day}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = [
         f"# storagesvc benchmark, {day}",
@@ -221,15 +247,22 @@ def report(results: dict[str, Any], out: Path) -> None:
         f"Python {m['python']}, tgt {m['tgt']}, catalog on {m.get('catalog_fs', '?')}. Daemon "
         "`blockwire-storage` over a unix socket, file backend (64 MiB sparse files), tgt exporter with 2 "
         "loopback portals, CHAP, one ACL entry. A cycle is CreateVolume + CreateAttachment + "
-        "DeleteAttachment + DeleteVolume.",
+        "DeleteAttachment + DeleteVolume."
+        + (
+            f" Load average at the end (other jobs share the machine): "
+            f"{', '.join(f'{x:.1f}' for x in m['loadavg'])}."
+            if m.get("loadavg")
+            else ""
+        ),
         "",
-        "| phase | catalog synchronous | round | cycles | threads | wall s | cycles/s | RPCs/s "
+        "| phase | catalog | round | cycles | threads | wall s | cycles/s | RPCs/s "
         "| tgtadm calls | tgtadm s | tgtadm / wall |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
         lines.append(
-            f"| {p['phase']} | {p.get('synchronous', 'normal')} | {p.get('round', 0)} | {p['cycles']} "
+            f"| {p['phase']} | {catalog_label(p.get('synchronous', 'normal'))} | {p.get('round', 0)} "
+            f"| {p['cycles']} "
             f"| {p['parallel']} | {p['wall_s']} | {p['cycles_per_s']} | {p['rpcs_per_s']} "
             f"| {p['tgtadm_calls']} | {p['tgtadm_s']} | {p['tgtadm_share_of_wall']:.0%} |"
         )
@@ -237,15 +270,14 @@ def report(results: dict[str, Any], out: Path) -> None:
         ops = sorted({op for c in results["comparison"] for op in c["p50_ms"]})
         lines += [
             "",
-            "Catalog synchronous mode side by side (median over the rounds; RPC columns are client-side "
-            "p50 in ms):",
+            "Catalogs side by side (median over the rounds; RPC columns are client-side p50 in ms):",
             "",
-            "| phase | synchronous | rounds | cycles/s | " + " | ".join(ops) + " |",
+            "| phase | catalog | rounds | cycles/s | " + " | ".join(ops) + " |",
             "|---|---|---|---|" + "---|" * len(ops),
         ]
         for c in results["comparison"]:
             lines.append(
-                f"| {c['phase']} | {c['synchronous']} | {c['rounds']} | {c['cycles_per_s']} | "
+                f"| {c['phase']} | {catalog_label(c['synchronous'])} | {c['rounds']} | {c['cycles_per_s']} | "
                 + " | ".join(str(c["p50_ms"].get(op, "")) for op in ops)
                 + " |"
             )
@@ -253,16 +285,17 @@ def report(results: dict[str, Any], out: Path) -> None:
         "",
         "Latency per RPC (ms, client side):",
         "",
-        "| phase | synchronous | round | RPC | p50 | p95 | mean |",
+        "| phase | catalog | round | RPC | p50 | p95 | mean |",
         "|---|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
         for op, v in p["latency_ms"].items():
             lines.append(
-                f"| {p['phase']} | {p.get('synchronous', 'normal')} | {p.get('round', 0)} | {op} "
+                f"| {p['phase']} | {catalog_label(p.get('synchronous', 'normal'))} "
+                f"| {p.get('round', 0)} | {op} "
                 f"| {v['p50']} | {v['p95']} | {v['mean']} |"
             )
-    (out / f"storage-{day}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 def filesystem_of(path: Path) -> str:
@@ -282,8 +315,10 @@ def main() -> int:
     parser.add_argument(
         "--synchronous",
         default="normal,full",
-        help="catalog PRAGMA synchronous modes to compare, comma-separated (normal, full)",
+        help="catalogs to compare, comma-separated: SQLite's PRAGMA synchronous modes (normal, full) "
+        "and/or postgresql",
     )
+    parser.add_argument("--tag", default="", help="results file name: storage-TAG-DATE.{md,json}")
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the modes' phases")
     parser.add_argument(
         "--tmp", type=Path, default=Path(tempfile.gettempdir()), help="where the catalogs live"
@@ -293,18 +328,22 @@ def main() -> int:
     modes = [m.strip() for m in args.synchronous.split(",") if m.strip()]
     if not 1 <= args.cycles <= 1000 or not 1 <= args.parallel <= 32 or not 1 <= args.rounds <= 20:
         raise SystemExit("--cycles 1-1000, --parallel 1-32, --rounds 1-20")
-    if not modes or any(m not in ("normal", "full") for m in modes) or len(set(modes)) != len(modes):
-        raise SystemExit("--synchronous: normal, full or both (normal,full)")
+    if not modes or any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        raise SystemExit("--synchronous: some of normal, full, postgresql (e.g. full,postgresql)")
     need_root()
     hosts = ("127.0.0.1", "127.0.0.2")
     port = free_port(hosts)
     tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in hosts), control_port=free_tgt_control_port())
     tgtd.start()
+    postgres = PostgresServer(fsync=True, parent=str(args.tmp)).start() if "postgresql" in modes else None
     phases: list[dict[str, Any]] = []
     operations: dict[str, list[dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="storage-bench-", dir=args.tmp) as tmp:
-            daemons = [Storage(Path(tmp) / mode, tgtd, mode) for mode in modes]
+            daemons = [
+                Storage(Path(tmp) / mode, tgtd, mode, postgres if mode == "postgresql" else None)
+                for mode in modes
+            ]
             try:
                 for d in daemons:
                     phase(d, "warmup", 3, 1)
@@ -330,6 +369,8 @@ def main() -> int:
                     d.stop()
     finally:
         tgtd.stop()
+        if postgres is not None:
+            postgres.stop()
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {**machine(), "catalog_fs": filesystem_of(args.tmp), "loadavg": os.getloadavg()},
@@ -337,7 +378,7 @@ def main() -> int:
         "comparison": compare(phases),
         "server_operations": operations,
     }
-    report(results, args.out)
+    report(results, args.out, args.tag)
     print(json.dumps(results["comparison"], indent=2))
     return 0
 

@@ -239,6 +239,16 @@ def _shown(value: object) -> str:
     return str(value.value) if isinstance(value, enum.Enum) else str(value)
 
 
+def _disk_size(info: ConnectionInfo, device_size: int) -> int:
+    """The size the domain's disk gets for a device of `device_size` bytes. An encrypted volume's disk
+    is QEMU's luks layer, whose size is the payload's: libvirt resizes that layer, and QEMU grows the
+    device beneath it to the payload's offset plus that size, so the header's bytes come off (given in
+    full, QEMU would try to grow the device past its end, or an RBD image by the header's size)."""
+    if info.encryption is None:
+        return device_size
+    return device_size - info.encryption.header_bytes
+
+
 class HostAgent:
     """Attaches volumes to this host's libvirt domains. Every collaborator is injected."""
 
@@ -390,7 +400,14 @@ class HostAgent:
         sharing = {o.domain for o in self.journal.of_volume(a.volume_id) if o.domain != a.domain}
         foreign: list[str] = []
         shared: list[str] = []
-        for name, disks in self.hypervisor.running_disks().items():
+        if a.host_device:
+            running = self.hypervisor.running_disks()
+        else:
+            # No host device (a network disk QEMU opens itself): only the record's own disk, found by its
+            # serial in its own domain, can hold it; no need to read every running domain's XML
+            dom = self._domain_or_none(a.domain)
+            running = {dom.name: self.hypervisor.disks(dom.name)} if dom is not None and dom.running else {}
+        for name, disks in running.items():
             for d in disks:
                 ours = name == a.domain and bool(a.serial) and d.spec.serial == a.serial
                 same_device = bool(a.host_device) and source_path(d.spec.source) == a.host_device
@@ -646,7 +663,8 @@ class HostAgent:
                     info = a.connection_info
                 conn = self._validate_info(info)  # what storage announced is checked as what a caller gives
                 keys = self._volume_keys(info)
-                a = self.journal.update(a, connector_kind=conn.kind)
+                if a.connector_kind is not conn.kind:  # with storage's export, already in that write
+                    a = self.journal.update(a, connector_kind=conn.kind)
                 self._undo(
                     stack,
                     failures,
@@ -660,7 +678,9 @@ class HostAgent:
                     # The record keeps the identity connect found: detach, reconcile and path repair
                     # remove only devices whose WWN they can match (never "whatever is at the LUN").
                     info = replace(info, wwn=device.wwn)
-                a = self.journal.update(a, host_device=device.path, connection_info=info)
+                if device.path != a.host_device or info is not a.connection_info:
+                    # (a network disk: no host device, and the identity was announced: nothing new)
+                    a = self.journal.update(a, host_device=device.path, connection_info=info)
                 self._emit(EventType.PROGRESS, a, step="connect", path=device.path)
                 att = a
                 # Registered before the hot-plug: libvirt can fail after QEMU added the device, and
@@ -679,7 +699,9 @@ class HostAgent:
                     cold=cold,
                 )
                 self.failpoints.hit(FP_ATTACH_AFTER_HOTPLUG)
-                a = self.journal.update(a, target_dev=spec.target_dev)
+                # Written with ATTACHED below, not on its own: a crash before that finds the disk by its
+                # serial and takes the live target name (reconcile's table: after_hotplug)
+                a = replace(a, target_dev=spec.target_dev)
                 self._emit(EventType.PROGRESS, a, step="hotplug", path=spec.target_dev)
                 self.failpoints.hit(FP_ATTACH_BEFORE_COMPLETE)
                 if a.owns_export and self.storage is not None:
@@ -729,11 +751,15 @@ class HostAgent:
         self._undo(stack, failures, "export", lambda: storage.delete_attachment(sa.id), unless_held=held)
         self.failpoints.hit(FP_ATTACH_AFTER_CREATE_ATTACHMENT)
         info = sa.connection_info
+        # One write: the export's id, and the connector that will connect (when this host has one for
+        # the transport; `_attach` checks the info and writes it otherwise), so connect needs no other.
+        conn = self.connectors.get(info.kind)
         a = self.journal.update(
             a,
             attachment_id=sa.id,
             connection_info=info,
             serial=disk.serial or default_serial(a.volume_id, info.serial),
+            connector_kind=conn.kind if conn is not None else None,
         )
         self._emit(EventType.PROGRESS, a, step="export")
         require_identity(info, allow_unverified_identity)
@@ -785,7 +811,8 @@ class HostAgent:
         The disk goes from the live domain and from a persistent definition (also of a shut-off
         domain: its next start must not find a stale path); the host side is disconnected only when no
         running domain holds it (`_disconnect`)."""
-        a = self.journal.update(a, state=AttachmentState.DETACHING)
+        if a.state is not AttachmentState.DETACHING:  # detach() wrote it already
+            a = self.journal.update(a, state=AttachmentState.DETACHING)
         dom = self._domain_of(a)
         if dom is not None:
             live = self._disk_by_serial(dom.name, a.serial) if dom.running else None
@@ -883,7 +910,7 @@ class HostAgent:
                         "check that storage finished the extend, then repeat"
                     )
                 if a.target_dev:
-                    self.hypervisor.block_resize(a.domain, a.target_dev, size)
+                    self.hypervisor.block_resize(a.domain, a.target_dev, _disk_size(a.connection_info, size))
                 self._emit(EventType.RESIZED, a, message=f"{size} bytes")
             return size
 

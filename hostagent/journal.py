@@ -39,6 +39,7 @@ from hostagent.model import AttachmentState, ConnectorKind, JournalRecord
 log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(rb"[^A-Za-z0-9._-]")
+_DIGEST_PREFIX = "sha256-"  # names of records whose encoded pair is too long for a file name
 _MAX_NAME = 200  # bytes of a record's file name before ".json"; file systems allow 255
 
 
@@ -50,7 +51,7 @@ def _key(volume_id: str, domain: str) -> str:
     """The record's file name stem: collision-free for any pair (percent-encoding is reversible)."""
     key = f"{_encode(volume_id)}@{_encode(domain)}"
     if len(key) > _MAX_NAME:
-        return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+        return _DIGEST_PREFIX + hashlib.sha256(key.encode()).hexdigest()
     return key
 
 
@@ -194,10 +195,21 @@ class Journal:
         return a
 
     def all(self) -> list[JournalRecord]:
+        return self._read(lambda name: True)
+
+    def of_volume(self, volume_id: str) -> list[JournalRecord]:
+        """The volume's records. Only its own files are read (their names start with the encoded volume id
+        and "@", which no encoded id contains), and those named by a digest: an attach or detach costs
+        the same with one record on the host or hundreds."""
+        prefix = f"{_encode(volume_id)}@"
+        mine = self._read(lambda name: name.startswith((prefix, _DIGEST_PREFIX)))
+        return [a for a in mine if a.volume_id == volume_id]
+
+    def _read(self, wanted: Callable[[str], bool]) -> list[JournalRecord]:
         found = []
         for p in sorted(self.dir.glob("*.json")):
-            if p.name.startswith(_TMP_PREFIX):
-                continue  # a record being written by put(); its rename is atomic
+            if p.name.startswith(_TMP_PREFIX) or not wanted(p.name):
+                continue  # (a temporary file: a record being written by put(); its rename is atomic)
             try:
                 found.append(from_json(json.loads(p.read_bytes())))
             except FileNotFoundError:
@@ -205,9 +217,6 @@ class Journal:
             except (OSError, ValueError, KeyError) as exc:
                 log.error("journal record %s is unreadable (%s); leaving it for an operator", p.name, exc)
         return found
-
-    def of_volume(self, volume_id: str) -> list[JournalRecord]:
-        return [a for a in self.all() if a.volume_id == volume_id]
 
     def _sync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)

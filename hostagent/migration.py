@@ -57,7 +57,13 @@ from blockwire import validate
 from blockwire.errors import BlockwireError, FailedPrecondition, InvalidArgument, NotFound
 from blockwire.model import ConnectionInfo, LocalConnection
 from hostagent.model import AttachmentState, EventType, JournalRecord
-from hostagent.virt.diskxml import disk_at, domain_uuid, moved_disk_xml, replace_disk_sources
+from hostagent.virt.diskxml import (
+    DiskEncryption,
+    disk_at,
+    domain_uuid,
+    moved_disk_xml,
+    replace_disk_sources,
+)
 from hostagent.virt.sources import disk_source
 
 if TYPE_CHECKING:
@@ -181,19 +187,22 @@ class MigrationHandoff:
                 locks.enter_context(agent.hold_volume(v.volume_id))
             disks: list[PreparedDisk] = []
             sources: dict[str, Source] = {}
+            encryptions: dict[str, DiskEncryption] = {}
             with ExitStack() as undo:
                 for v in volumes:
                     arrival = _Arrival(domain, uuid, domain_xml, allow_unverified_identity)
-                    disk, source = self._prepare_one(arrival, v, specs[v.volume_id].serial, undo)
+                    disk, source, encryption = self._prepare_one(arrival, v, specs[v.volume_id].serial, undo)
                     disks.append(disk)
                     sources[v.target_dev] = source
+                    if encryption is not None:
+                        encryptions[v.target_dev] = encryption
                 undo.pop_all()
         log.info("prepared the migration of %s here: %s", domain, ", ".join(d.volume_id for d in disks))
-        return PreparedMigration(replace_disk_sources(domain_xml, sources), tuple(disks))
+        return PreparedMigration(replace_disk_sources(domain_xml, sources, encryptions), tuple(disks))
 
     def _prepare_one(
         self, arrival: _Arrival, v: MigrationVolume, serial: str, undo: ExitStack
-    ) -> tuple[PreparedDisk, Source]:
+    ) -> tuple[PreparedDisk, Source, DiskEncryption | None]:
         domain, uuid, domain_xml = arrival.domain, arrival.uuid, arrival.domain_xml
         from hostagent.api import require_identity  # noqa: PLC0415 - api imports this module
 
@@ -232,15 +241,18 @@ class MigrationHandoff:
         a = agent.journal.update(a, attachment_id=sa.id, connection_info=info, access_mode=info.access_mode)
         require_identity(info, arrival.allow_unverified_identity)
         conn = agent._validate_info(info)
+        keys = agent._volume_keys(info)  # an encrypted volume: its key came with the answer
         a = agent.journal.update(a, connector_kind=conn.kind)
         device = conn.connect(info)  # identity verified
         agent.failpoints.hit(FP_PREPARE_AFTER_CONNECT)
         agent.journal.update(a, host_device=device.path, update_time=agent.clock.now())
         source = disk_source(device)
+        # this host's own secret for the key (the source's secret stays there until FinishOutgoing);
+        # the undo's teardown removes it with the connection
+        encryption = keys.define(info) if keys is not None else None
         agent.emit(EventType.PROGRESS, a, step="migration prepared", path=device.path)
-        return PreparedDisk(
-            v.volume_id, sa.id, v.target_dev, moved_disk_xml(domain_xml, v.target_dev, source)
-        ), source
+        disk_xml = moved_disk_xml(domain_xml, v.target_dev, source, encryption)
+        return PreparedDisk(v.volume_id, sa.id, v.target_dev, disk_xml), source, encryption
 
     def _undo_prepare(self, volume_id: str, domain: str) -> None:
         """A failed prepare's undo: whatever of the record exists goes; if that fails, the record stays

@@ -15,6 +15,7 @@ from blockwire.errors import InvalidArgument
 from blockwire.limits import Limits
 from blockwire.observability import MetricsConfig, TracingConfig
 from storagesvc.keys.base import KEY_KINDS, KeysConfig
+from storagesvc.scheduler import WEIGHERS
 
 BACKEND_KINDS = ("file", "lvm-thin", "rbd")
 RBD_HOST_USERS = ("backend", "per-host")
@@ -56,6 +57,23 @@ class ServiceConfig:
     export_check_interval: float = 2.0  # seconds between export checks (ExportSupervisor); 0 disables
 
 
+CATALOG_KINDS = ("sqlite", "postgresql")
+
+
+@dataclass(frozen=True)
+class CatalogConfig:
+    """[catalog]: where the records live (README "Catalog on PostgreSQL")."""
+
+    kind: str = "sqlite"  # or "postgresql": shared by every storage process pointing at it
+    path: str = ""  # sqlite: the file ("": [service] catalog_path)
+    dsn: str = ""  # postgresql: a libpq connection string or URI, WITHOUT the password
+    password_file: str = ""  # postgresql: a file holding the role's password (mode 0600)
+    pool_min_size: int = 1  # postgresql: connections kept open for statements
+    pool_max_size: int = 8  # postgresql: at most this many statements at once
+    lock_connections: int = 16  # postgresql: volume locks held at once (one connection each)
+    connect_timeout: float = 5.0  # postgresql: seconds to reach the server, then UNAVAILABLE
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     name: str
@@ -80,6 +98,9 @@ class BackendConfig:
     host_key_file: str = ""  # its key (a keyring or a key file)
     capacity_bytes: int = 0  # provisioning cap; 0: the pool's size from the cluster (needs a ceph-mgr)
     scratch_dir: str = ""  # qcow2 images are converted to raw here before their import
+    # the scheduler (README "Volume types, QoS specs and the scheduler")
+    availability_zone: str = ""
+    capabilities: Mapping[str, str] = field(default_factory=dict, hash=False)  # added to the kind's own
 
 
 @dataclass(frozen=True)
@@ -99,6 +120,30 @@ class ExporterConfig:
 
 
 @dataclass(frozen=True)
+class NodeConfig:
+    """[node]: this process is one storage node of several sharing one catalog (README "Several
+    storage nodes"). Absent: a single-node service, nothing registered, nothing forwarded."""
+
+    name: str
+    address: str  # "host:port" other nodes reach this node's TLS listener on (one of [server] listen)
+    cert_file: str  # client certificate for calls to other nodes (SAN URI blockwire://storage-node/<name>)
+    key_file: str
+    ca_file: str  # the CA that signed the other nodes' server certificates
+    heartbeat_interval: float = 2.0
+    down_after: float = 10.0  # seconds without a heartbeat after which the node is down
+    forward_timeout: float = 120.0  # a forwarded call's deadline when its caller set none
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: where CreateVolume puts a volume that names no backend (storagesvc.scheduler)."""
+
+    max_attempts: int = 3  # backends tried, in rank order, before a create fails
+    weigher: str = "free_capacity"  # or "volume_count"
+    default_volume_type: str = ""  # the type of a volume created without one ("": none)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
@@ -109,6 +154,14 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus endpoint
     tracing: TracingConfig = field(default_factory=TracingConfig)  # [tracing]: where spans go
     keys: KeysConfig = field(default_factory=KeysConfig)  # [keys]: key manager of encrypted volumes
+    node: NodeConfig | None = None  # [node]: one of several storage nodes (None: a single node)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)  # [catalog]: SQLite or PostgreSQL
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @property
+    def catalog_path(self) -> str:
+        """The SQLite file: [catalog] path, else [service] catalog_path."""
+        return self.catalog.path or self.service.catalog_path
 
 
 class ConfigError(Exception):
@@ -163,7 +216,15 @@ def _backend(i: int, table: Mapping[str, Any], exporters: Mapping[str, ExporterC
     t = _take(table, f"backends[{i}]", _fields(BackendConfig))
     if "monitors" in t:
         t["monitors"] = tuple(t["monitors"])
+    caps = t.get("capabilities", {})
+    if not isinstance(caps, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, bool, int, float)) for k, v in caps.items()
+    ):
+        raise ConfigError(f"[[backends]] {t.get('name')}: capabilities is a table of names to values")
+    t["capabilities"] = {k: (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in caps.items()}
     b = BackendConfig(**t)
+    if not b.oversubscription_ratio >= 1.0:
+        raise ConfigError(f"[[backends]] {b.name}: oversubscription_ratio is 1.0 or more")
     if b.kind not in BACKEND_KINDS:
         raise ConfigError(f"[[backends]] {b.name}: kind is one of {', '.join(BACKEND_KINDS)}")
     if b.kind == "rbd":
@@ -249,7 +310,20 @@ def _observability(top: Mapping[str, Any]) -> tuple[MetricsConfig, TracingConfig
 
 
 def parse(data: Mapping[str, Any]) -> Config:
-    tables = ("server", "service", "backends", "exporters", "tls", "limits", "metrics", "tracing", "keys")
+    tables = (
+        "server",
+        "service",
+        "backends",
+        "exporters",
+        "tls",
+        "limits",
+        "metrics",
+        "tracing",
+        "keys",
+        "catalog",
+        "node",
+        "scheduler",
+    )
     top = _take(data, "top level", tables)
     server = _take(top.get("server", {}), "server", _fields(ServerConfig))
     if "listen" in server:
@@ -292,7 +366,82 @@ def parse(data: Mapping[str, Any]) -> Config:
         metrics=metrics,
         tracing=tracing,
         keys=_keys(top.get("keys", {})),
+        node=_node(top["node"], srv, tls) if "node" in top else None,
+        catalog=_catalog(top.get("catalog", {})),
+        scheduler=_scheduler(top.get("scheduler", {})),
     )
+
+
+def _node(table: Mapping[str, Any], srv: ServerConfig, tls: TlsConfig) -> NodeConfig:
+    t = _take(table, "node", _fields(NodeConfig))
+    for key in ("name", "address", "cert_file", "key_file", "ca_file"):
+        if not t.get(key):
+            raise ConfigError(f'[node] {key}: required (README "Several storage nodes")')
+    node = NodeConfig(**t)
+    try:
+        validate.name(node.name, "node.name")
+        validate.split_portal(node.address, "node.address")
+    except InvalidArgument as exc:
+        raise ConfigError(exc.message) from None
+    if not (0 < node.heartbeat_interval < node.down_after):
+        raise ConfigError("[node] heartbeat_interval: seconds, more than 0 and less than down_after")
+    if node.forward_timeout <= 0:
+        raise ConfigError("[node] forward_timeout: seconds, more than 0")
+    if not srv.listen or not tls.cert_file or not tls.client_ca_file or not tls.require_client_cert:
+        raise ConfigError(
+            "[node]: other nodes call this one over mutual TLS: set [server] listen and [tls] cert_file, "
+            "key_file, client_ca_file with require_client_cert = true"
+        )
+    return node
+
+
+def _catalog(table: Mapping[str, Any]) -> CatalogConfig:
+    c = CatalogConfig(**_take(table, "catalog", _fields(CatalogConfig)))
+    if c.kind not in CATALOG_KINDS:
+        raise ConfigError(f"[catalog] kind: one of {', '.join(CATALOG_KINDS)}")
+    if c.kind == "sqlite":
+        if c.dsn or c.password_file:
+            raise ConfigError('[catalog] dsn and password_file are for kind = "postgresql"')
+        return c
+    if c.path:
+        raise ConfigError('[catalog] path is for kind = "sqlite" (postgresql: dsn)')
+    if not c.dsn:
+        raise ConfigError(
+            '[catalog] kind = "postgresql" needs dsn (e.g. "host=db1 port=5432 user=bw dbname=bw")'
+        )
+    if not (1 <= c.pool_min_size <= c.pool_max_size) or c.lock_connections < 1:
+        raise ConfigError("[catalog] 1 <= pool_min_size <= pool_max_size, and lock_connections >= 1")
+    if not c.connect_timeout > 0:
+        raise ConfigError("[catalog] connect_timeout: seconds, more than 0")
+    try:
+        from storagesvc.catalog.postgres import dsn_has_password  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise ConfigError(
+            '[catalog] kind = "postgresql" needs psycopg: pip install "blockwire[postgresql]"'
+        ) from None
+    try:
+        has_password = dsn_has_password(c.dsn)
+    except Exception:  # noqa: BLE001 - psycopg's parse error; never echo the dsn (it may hold a secret)
+        raise ConfigError("[catalog] dsn: not a libpq connection string or postgresql:// URI") from None
+    if has_password:
+        raise ConfigError(
+            "[catalog] dsn: holds a password (it would reach logs and errors); put it in password_file"
+        )
+    return c
+
+
+def _scheduler(table: Mapping[str, Any]) -> SchedulerConfig:
+    s = SchedulerConfig(**_take(table, "scheduler", _fields(SchedulerConfig)))
+    if not (isinstance(s.max_attempts, int) and 1 <= s.max_attempts <= 100):
+        raise ConfigError("[scheduler] max_attempts: 1 to 100 backends")
+    if s.weigher not in WEIGHERS:
+        raise ConfigError(f"[scheduler] weigher: one of {', '.join(WEIGHERS)}")
+    if s.default_volume_type:
+        try:
+            validate.name(s.default_volume_type, "scheduler.default_volume_type")
+        except InvalidArgument as exc:
+            raise ConfigError(exc.message) from None
+    return s
 
 
 def _keys(table: Mapping[str, Any]) -> KeysConfig:

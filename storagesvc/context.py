@@ -13,7 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from blockwire import validate
@@ -28,8 +28,11 @@ from storagesvc.backends.base import Backend
 from storagesvc.catalog import Catalog, Cursor, time_key
 from storagesvc.encryption import VolumeCrypt
 from storagesvc.model import ExportRecord, Volume
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.stats import Stats
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec
+
+LOCK_WAIT_FOREVER = 365 * 86400.0  # a catalog lock's wait when the service has no lock timeout
 
 
 def new_id() -> str:
@@ -91,6 +94,7 @@ class Context:
     mutual_chap: bool
     failpoints: Failpoints = NO_FAILPOINTS
     crypt: VolumeCrypt | None = None  # encrypted volumes; None: refused (no key manager)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
     def need_crypt(self) -> VolumeCrypt:
         if self.crypt is None:
@@ -117,9 +121,16 @@ class Context:
     def now(self) -> datetime:
         return self.clock.now()
 
-    def hold_volume(self, volume_id: str) -> contextlib.AbstractContextManager[None]:
-        """The volume's lock (ABORTED after the lock timeout)."""
-        return self.locks.hold(volume_id, f"volume {volume_id}")
+    @contextlib.contextmanager
+    def hold_volume(self, volume_id: str) -> Iterator[None]:
+        """The volume's lock: this process's first, then the catalog's across every storage process
+        sharing it (a no-op on SQLite); ABORTED naming the volume when either is not had within the
+        lock timeout."""
+        with (
+            self.locks.hold(volume_id, f"volume {volume_id}"),
+            self.catalog.hold(f"volume {volume_id}", self.locks.timeout or LOCK_WAIT_FOREVER),
+        ):
+            yield
 
     def pool(self, backend: str, field: str = "backend") -> Pool:
         try:

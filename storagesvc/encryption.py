@@ -9,6 +9,11 @@ its PBKDF first: seconds per volume; QEMU's payload then starts at 2068480 bytes
 the guest sees a few KiB more than `size_bytes`). LUKS1 records no payload size, so the payload is the
 rest of the device: an extend grows the device and QEMU's luks driver sees the new size.
 
+An RBD image is not a file the service opens: `header` makes the same LUKS1 header in a private
+temporary file and the rbd backend writes its bytes at offset 0 of the image through librbd (no
+mapping, no `rbd:` target on a command line). RBD snapshots and clones are copy-on-write children that
+share the header, hence the key, with their parent; an extend grows the image past the header.
+
 The passphrase reaches either tool on its stdin (`--key-file -`, `--object secret,file=/dev/stdin`),
 never its argv or a file. Snapshots and clones copy the header with the bytes, so they open with their
 source's key (the key is shared: it is destroyed with the last volume or snapshot that uses it).
@@ -68,7 +73,23 @@ class VolumeCrypt:
         if self.cryptsetup:
             self._cryptsetup(device_path, e, passphrase)
         else:
-            self._qemu_img(device_path, e, passphrase)
+            _write_at_start(device_path, self._qemu_img(e, passphrase))
+
+    def header(self, e: Encryption, passphrase: Secret) -> bytes:
+        """A LUKS1 header for `passphrase` as bytes (at most `e.header_bytes`), for a volume the service
+        cannot open as a file (an RBD image: the backend writes them at offset 0 through librbd). Made in
+        a private (0700) temporary directory that is removed at once; the header holds the volume key
+        only wrapped by the passphrase, as it does on the volume."""
+        if not self.cryptsetup:
+            return self._qemu_img(e, passphrase)
+        with tempfile.TemporaryDirectory(prefix="bw-luks-") as tmp:
+            os.chmod(tmp, 0o700)
+            dev = Path(tmp) / "header.luks"
+            with open(dev, "wb") as f:  # sparse; one data sector past the header so cryptsetup is content
+                f.truncate(e.header_bytes + 4096)
+            self._cryptsetup(str(dev), e, passphrase)
+            with open(dev, "rb") as f:
+                return f.read(e.header_bytes)
 
     def _cryptsetup(self, device_path: str, e: Encryption, passphrase: Secret) -> None:
         """`cryptsetup luksFormat --type luks1` in place, the passphrase on stdin (`--key-file -`); no
@@ -85,9 +106,9 @@ class VolumeCrypt:
             raise FailedPrecondition(f"writing the LUKS header failed: {exc.message}") from exc
         log.debug("LUKS1 header (cryptsetup, %d-bit key) written to %s", e.key_size_bits, device_path)
 
-    def _qemu_img(self, device_path: str, e: Encryption, passphrase: Secret) -> None:
+    def _qemu_img(self, e: Encryption, passphrase: Secret) -> bytes:
         """Without cryptsetup: a header-only image from `qemu-img create -f luks` (which benchmarks its
-        PBKDF first: seconds), copied to the start of the device."""
+        PBKDF first: seconds), to be copied to the start of the device."""
         with tempfile.TemporaryDirectory(prefix="bw-luks-") as tmp:
             os.chmod(tmp, 0o700)
             header = Path(tmp) / "header.luks"
@@ -113,10 +134,15 @@ class VolumeCrypt:
             data = header.read_bytes()
         if len(data) > e.header_bytes:
             raise FailedPrecondition(f"the LUKS header is {len(data)} bytes, more than {e.header_bytes}")
-        fd = os.open(device_path, os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        log.debug("LUKS1 header (%d bytes, %s) written to %s", len(data), aes, device_path)
+        log.debug("LUKS1 header (%d bytes, %s) made by qemu-img", len(data), aes)
+        return data
+
+
+def _write_at_start(device_path: str, data: bytes) -> None:
+    fd = os.open(device_path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    log.debug("LUKS1 header (%d bytes) written to %s", len(data), device_path)

@@ -55,6 +55,7 @@ from storagesvc.model import (
     VolumeState,
 )
 from storagesvc.targets.base import Exporter, NvmeExporter, TargetSpec, TargetState, transport_of
+from storagesvc.voltypes import VolumeTypes
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,14 @@ class Exports:
             )
         if isinstance(pool.backend, DirectBackend):
             return self._create_direct(
-                v, pool.backend, atts, connector, mode=mode, domain=domain, migration=migration_source_id
+                v,
+                pool.backend,
+                atts,
+                connector,
+                mode=mode,
+                domain=domain,
+                migration=migration_source_id,
+                encryption=encryption,
             )
         exporter = pool.target_exporter()
         first = not atts or v.export is None
@@ -244,6 +252,7 @@ class Exports:
                 physical_block_size=block,
                 multiattach=v.multiattach,
                 encryption=encryption,
+                qos=VolumeTypes(ctx).iotune_of(v),
             )
             try:  # what storage announces passes the checks every agent runs on it (a bug if not)
                 validate.validate_connection_info(info)
@@ -267,6 +276,10 @@ class Exports:
         )
         return att
 
+    def with_key(self, a: Attachment) -> Attachment:
+        """`a` with its encrypted volume's key in the connection info (the answer to a repeat)."""
+        return _with_key(a, self._encryption_with_key(self.ctx.volume(a.volume_id)))
+
     def _encryption_with_key(self, v: Volume) -> Encryption | None:
         if v.encryption is None:
             return None
@@ -283,16 +296,13 @@ class Exports:
         mode: AccessMode,
         domain: str,
         migration: str = "",
+        encryption: Encryption | None = None,
     ) -> Attachment:
         """An attachment of a volume hosts open themselves: no target, no export record. The transport
         info (with the identity read now from the storage) is made before anything is recorded, so a
         failure (the cluster down: UNAVAILABLE) leaves nothing behind. Not a live migration's
         destination attachment (`migration`): not supported for these backends yet."""
         ctx = self.ctx
-        if v.encryption is not None:  # refused at create; a guard
-            raise FailedPrecondition(
-                f"volume {v.id}: encrypted volumes on backend {v.backend} are not supported"
-            )
         if migration:
             raise FailedPrecondition(
                 f"volume {v.id} is on backend {v.backend} (direct): live migration of its volumes is "
@@ -309,12 +319,14 @@ class Exports:
             volume_id=v.id,
             wwn=v.wwn,
             serial=v.serial,
-            size_bytes=v.size_bytes,
+            size_bytes=v.size_bytes + (encryption.header_bytes if encryption else 0),
             access_mode=mode,
             discard=True,
             logical_block_size=512,
             physical_block_size=512,
             multiattach=v.multiattach,
+            qos=VolumeTypes(ctx).iotune_of(v),
+            encryption=encryption,  # with the key: only in this answer (the catalog gets it without)
         )
         att = Attachment(
             id=ctx.new_id(),
@@ -336,7 +348,7 @@ class Exports:
             ) from exc
         att = replace(att, connection_info=info)
         with contextlib.ExitStack() as undo:
-            ctx.catalog.insert_attachment(att)
+            ctx.catalog.insert_attachment(replace(att, connection_info=info.without_key()))
             undo.callback(ctx.catalog.delete_attachment, att.id)
             state = v.state if atts else VolumeState.ATTACHING
             ctx.save(replace(v, state=state))

@@ -65,7 +65,7 @@ class Migrations:
                 and a.domain == domain
                 and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
             ):
-                return a  # a repeat
+                return self.exports.with_key(a)  # a repeat (with the key again, as the first answer)
             raise FailedPrecondition(
                 f"volume {source.volume_id} is already being migrated to domain {a.domain!r} on host "
                 f"{a.connector.host} (attachment {a.id}, {a.state.value}); complete or roll back that "

@@ -120,6 +120,7 @@ class Volume:
     encryption: Encryption | None = None
     #: Filled in on reads from the attachments recorded for the volume; not stored with it.
     attachment_ids: tuple[str, ...] = ()
+    volume_type: str = ""  # the name of its volume type ("": none)
 
 
 @dataclass(frozen=True)
@@ -205,3 +206,73 @@ class CreateVolumeSpec:
     source: VolumeSource = field(default_factory=VolumeSource)
     encrypted: bool = False  # LUKS1 with a fresh key (a copy of an encrypted source is encrypted anyway)
     key_size_bits: int = 0  # 0: 512
+    volume_type: str = ""  # a type's name ("": the default type, if one is configured)
+    #: The type's extra specs (filled in by the create flow from the type, not by callers).
+    extra_specs: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class QosSpecs:
+    """Named limits (storagesvc.types): `specs` maps a limit (total_bytes_sec, read_iops_sec_per_gb,
+    ...) to a non-negative integer, as text. `consumer` is where they apply: "front-end" (the
+    hypervisor: libvirt iotune), "back-end" (the storage; none of ours enforces it yet) or "both"."""
+
+    id: str
+    name: str
+    consumer: str
+    create_time: datetime
+    update_time: datetime
+    specs: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class VolumeType:
+    """A named kind of volume: extra specs place it (storagesvc.scheduler) and give it properties
+    (multiattach, encryption); at most one QoS specs limits its disks."""
+
+    id: str
+    name: str
+    create_time: datetime
+    update_time: datetime
+    description: str = ""
+    extra_specs: Mapping[str, str] = field(default_factory=dict, hash=False)
+    qos_specs_id: str = ""
+
+
+@dataclass(frozen=True)
+class NodeBackend:
+    """One backend as its storage node registered it in the shared catalog (figures as of the node's
+    last heartbeat). `shared`: every node reaches it (rbd); otherwise only `node` does (file, lvm-thin)."""
+
+    name: str
+    node: str
+    kind: str
+    shared: bool
+    healthy: bool
+    total_bytes: int
+    free_bytes: int
+    provisioned_bytes: int
+    volume_count: int
+    capabilities: Mapping[str, str] = field(default_factory=dict, hash=False)
+    max_over_subscription_ratio: float = 1.0
+    availability_zone: str = ""
+
+
+@dataclass(frozen=True)
+class StorageNode:
+    """One blockwire-storage process of a cluster: where other nodes forward calls to (`address`, mutual
+    TLS) and its last heartbeat. It is down when that heartbeat is older than its own `down_after`."""
+
+    name: str
+    address: str
+    heartbeat: datetime
+    start_time: datetime
+    down_after: float
+    backends: tuple[NodeBackend, ...] = ()
+
+    def up(self, now: datetime) -> bool:
+        return (now - self.heartbeat).total_seconds() < self.down_after
+
+    def silent_for(self, now: datetime) -> float:
+        """Seconds since its last heartbeat."""
+        return max(0.0, (now - self.heartbeat).total_seconds())

@@ -48,6 +48,12 @@ class Reconciler:
                 exporter.start()
             known: set[str] = set()
             for v in list(ctx.all_volumes()):
+                if v.backend not in ctx.pools and ctx.catalog.node_backend(v.backend) is not None:
+                    # another storage node's volume (README "Several storage nodes"): that node
+                    # reconciles it; its lock is not taken here
+                    if v.export is not None:
+                        known.add(v.export.target_iqn)
+                    continue
                 with ctx.hold_volume(v.id):
                     target = self._volume(v)
                 if target:

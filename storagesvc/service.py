@@ -47,12 +47,16 @@ from storagesvc.model import (
     ExportRecord,
     OperationStats,
     Page,
+    QosSpecs,
     Snapshot,
     Volume,
+    VolumeType,
 )
 from storagesvc.reconcile import Reconciler
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.snapshots import Snapshots
 from storagesvc.targets.base import TargetSpec
+from storagesvc.voltypes import VolumeTypes
 from storagesvc.volumes import Volumes
 
 # What callers import from here: the facade, the Pool it takes, and the export failpoints (whose home is
@@ -86,9 +90,11 @@ class StorageService:
         secret_factory: Callable[[], Secret] = new_chap_secret,
         failpoints: Failpoints = NO_FAILPOINTS,
         crypt: VolumeCrypt | None = None,
+        scheduler: SchedulerSettings | None = None,
     ) -> None:
         if not pools:
             raise ValueError("at least one backend")
+        settings = replace(scheduler or SchedulerSettings(), default_backend=default_backend)
         self._bind(
             Context(
                 catalog=catalog,
@@ -106,6 +112,7 @@ class StorageService:
                 mutual_chap=mutual_chap,
                 failpoints=failpoints,
                 crypt=crypt,
+                scheduler=settings,
             )
         )
 
@@ -116,6 +123,7 @@ class StorageService:
         self.exports = Exports(ctx)
         self.migrations = Migrations(ctx, self.exports)
         self.reconciler = Reconciler(ctx, self.exports)
+        self.types = VolumeTypes(ctx)
 
     # -- what callers (the daemon, tests) reach directly
 
@@ -221,6 +229,45 @@ class StorageService:
 
     def rollback_migration(self, attachment_id: str) -> None:
         self.migrations.rollback(attachment_id)
+
+    # -- volume types and QoS specs (storagesvc.voltypes)
+
+    def create_volume_type(
+        self, name: str, description: str, extra_specs: Mapping[str, str], qos_specs: str = ""
+    ) -> VolumeType:
+        return self.types.create_type(name, description, extra_specs, qos_specs)
+
+    def get_volume_type(self, ref: str) -> VolumeType:
+        return self.types.vtype(ref)
+
+    def list_volume_types(self, page_size: int, page_token: str) -> Page[VolumeType]:
+        return self.types.page_types(page_size, page_token)
+
+    def update_volume_type(
+        self, ref: str, description: str | None, extra_specs: Mapping[str, str] | None
+    ) -> VolumeType:
+        return self.types.update_type(ref, description, extra_specs)
+
+    def delete_volume_type(self, ref: str) -> None:
+        self.types.delete_type(ref)
+
+    def set_volume_type_qos(self, ref: str, qos_specs: str) -> VolumeType:
+        return self.types.set_qos(ref, qos_specs)
+
+    def create_qos_specs(self, name: str, consumer: str, specs: Mapping[str, str]) -> QosSpecs:
+        return self.types.create_qos(name, consumer, specs)
+
+    def get_qos_specs(self, ref: str) -> QosSpecs:
+        return self.types.qos(ref)
+
+    def list_qos_specs(self, page_size: int, page_token: str) -> Page[QosSpecs]:
+        return self.types.page_qos(page_size, page_token)
+
+    def update_qos_specs(self, ref: str, consumer: str, specs: Mapping[str, str] | None) -> QosSpecs:
+        return self.types.update_qos(ref, consumer, specs)
+
+    def delete_qos_specs(self, ref: str) -> None:
+        self.types.delete_qos(ref)
 
     # -- capacity and statistics
 

@@ -17,6 +17,16 @@ from storagesvc.model import ATTACHABLE, Page, Snapshot, SnapshotState, VolumeSt
 log = logging.getLogger(__name__)
 
 
+def _repeat(existing: Snapshot, volume_id: str, labels: Mapping[str, str]) -> Snapshot:
+    """A create of a name that exists: the same snapshot for a repeat, ALREADY_EXISTS for another."""
+    if existing.volume_id != volume_id or dict(existing.labels) != dict(labels):
+        raise AlreadyExists(
+            f"snapshot name {existing.name} is used by snapshot {existing.id} "
+            "(of another volume, or with other labels)"
+        )
+    return existing
+
+
 class Snapshots:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -30,12 +40,7 @@ class Snapshots:
             with ctx.locks.hold(f"name:{name}", f"snapshot name {name}"):
                 existing = ctx.catalog.snapshot_by_name(name)
                 if existing is not None:
-                    if existing.volume_id != volume_id or dict(existing.labels) != dict(labels):
-                        raise AlreadyExists(
-                            f"snapshot name {name} is used by snapshot {existing.id} "
-                            "(of another volume, or with other labels)"
-                        )
-                    return existing
+                    return _repeat(existing, volume_id, labels)
                 with ctx.hold_volume(volume_id):
                     v = ctx.volume(volume_id)
                     if v.state not in ATTACHABLE:
@@ -57,7 +62,11 @@ class Snapshots:
                         try:
                             ctx.catalog.insert_snapshot(snap)
                         except Conflict:
-                            raise AlreadyExists(f"snapshot name {name} is taken") from None
+                            # another storage process sharing the catalog took the name meanwhile
+                            existing = ctx.catalog.snapshot_by_name(name)
+                            if existing is None:
+                                raise AlreadyExists(f"snapshot name {name} is taken") from None
+                            return _repeat(existing, volume_id, labels)
                         undo.callback(ctx.catalog.delete_snapshot, snap.id)
                         pool.backend.snapshot(volume_id, snap.id)
                         undo.pop_all()

@@ -9,10 +9,20 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from blockwire import validate
-from blockwire.errors import AlreadyExists, BlockwireError, FailedPrecondition, InvalidArgument, NotFound
+from blockwire.errors import (
+    AlreadyExists,
+    BlockwireError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from blockwire.model import Encryption
 from blockwire.secret import Secret
-from storagesvc import identity, paging
+from storagesvc import identity, paging, placement, scheduler, voltypes
 from storagesvc.backends.base import DirectBackend, ImageInfo
 from storagesvc.catalog import Conflict
 from storagesvc.context import Context, Pool
@@ -24,8 +34,10 @@ from storagesvc.model import (
     CreateVolumeSpec,
     Page,
     Progress,
+    Snapshot,
     SnapshotState,
     Volume,
+    VolumeSource,
     VolumeState,
 )
 
@@ -42,18 +54,85 @@ class Volumes:
             validate.name(spec.name)
             validate.size(spec.size_bytes, allow_zero=not spec.source.is_empty())
             validate.labels(spec.labels)
-            pool = ctx.pool(spec.backend or ctx.default_backend)
+            if spec.backend:
+                ctx.pool(spec.backend)
+            spec = self._typed(spec)
             with ctx.locks.hold(f"name:{spec.name}", f"volume name {spec.name}"):
                 existing = ctx.catalog.volume_by_name(spec.name)
                 if existing is not None:
-                    return self._same_volume(existing, spec, pool)
-                return self._create(spec, pool)
+                    return self._same_volume(existing, spec)
+                attempts: list[tuple[str, Exception]] = []
+                pools = self._placements(spec)
+                for pool in pools[: max(1, ctx.scheduler.max_attempts)]:
+                    try:
+                        return self._create(spec, pool)
+                    except RESCHEDULED as exc:
+                        if len(pools) == 1:
+                            raise
+                        attempts.append((pool.backend.name, exc))
+                        log.warning(
+                            "volume %s: create on backend %s failed (%s); trying the next backend",
+                            spec.name,
+                            pool.backend.name,
+                            exc.message if isinstance(exc, BlockwireError) else type(exc).__name__,
+                        )
+                raise _attempts_failed(spec.name, attempts)
 
-    def _same_volume(self, v: Volume, spec: CreateVolumeSpec, pool: Pool) -> Volume:
+    def _typed(self, spec: CreateVolumeSpec) -> CreateVolumeSpec:
+        """The request with its volume type applied (the named one or the default): the type's extra
+        specs place it, and a type that says multiattach or encryption makes the volume so (encryption:
+        a new empty volume; a copy is encrypted exactly when its source is)."""
+        vtype = voltypes.VolumeTypes(self.ctx).for_create(spec.volume_type)
+        if vtype is None:
+            return replace(spec, extra_specs={})
+        return replace(
+            spec,
+            volume_type=vtype.name,
+            extra_specs=dict(vtype.extra_specs),
+            multiattach=spec.multiattach or voltypes.type_says(vtype, "multiattach"),
+            encrypted=spec.encrypted or (voltypes.type_says(vtype, "encryption") and spec.source.is_empty()),
+        )
+
+    def _placements(self, spec: CreateVolumeSpec) -> list[Pool]:
+        """The pools to try, best first: the named backend, the source's backend for a copy, the
+        configured default backend, the only one; else the scheduler's ranking (storagesvc.scheduler)."""
+        ctx = self.ctx
+        specs = spec.extra_specs
+        src = spec.source
+        backend = spec.backend
+        if not backend and (src.snapshot_id or src.volume_id):
+            backend = self._source_backend(src)
+        if not backend and not specs:
+            if ctx.scheduler.default_backend:
+                backend = ctx.scheduler.default_backend
+            elif len(ctx.pools) == 1:
+                backend = next(iter(ctx.pools))
+        if backend and not specs:
+            return [ctx.pool(backend)]
+        request = scheduler.PlacementRequest(
+            size_bytes=self._placement_size(spec), extra_specs=specs, backend=backend
+        )
+        ranked = scheduler.rank(placement.local_backends(ctx), request, weigher=ctx.scheduler.weigher)
+        return [ctx.pools[b.backend] for b in ranked]
+
+    def _source_backend(self, src: VolumeSource) -> str:
+        """A copy is made where its source is ("" when the source is not found: _source says so)."""
+        found: Snapshot | Volume | None = (
+            self.ctx.catalog.get_snapshot(src.snapshot_id)
+            if src.snapshot_id
+            else self.ctx.catalog.get_volume(src.volume_id)
+        )
+        return found.backend if found is not None else ""
+
+    def _placement_size(self, spec: CreateVolumeSpec) -> int:
+        return spec.size_bytes + (HEADER_BYTES if spec.encrypted else 0)
+
+    def _same_volume(self, v: Volume, spec: CreateVolumeSpec) -> Volume:
         src_empty = spec.source.is_empty()
         key_bits = spec.key_size_bits or 512
         same = (
-            v.backend == pool.backend.name
+            (not spec.backend or v.backend == spec.backend)
+            and v.volume_type == spec.volume_type
             and v.multiattach == spec.multiattach
             and dict(v.labels) == dict(spec.labels)
             and v.source == spec.source
@@ -70,11 +149,6 @@ class Volumes:
         src = spec.source
         size, image, encryption = self._source(spec, pool)
         ctx.check_space(pool, size + (HEADER_BYTES if encryption or spec.encrypted else 0))
-        if (encryption or spec.encrypted) and isinstance(pool.backend, DirectBackend):
-            raise InvalidArgument(
-                "encrypted",
-                f"backend {pool.backend.name} ({pool.backend.kind}) cannot hold encrypted volumes yet",
-            )
         encryption, passphrase = self._new_key(spec, encryption)
 
         now = ctx.now()
@@ -94,6 +168,7 @@ class Volumes:
             source=src,
             progress=Progress(0, size if not src.is_empty() else 0),
             encryption=encryption,
+            volume_type=spec.volume_type,
         )
         with contextlib.ExitStack() as undo:
             if passphrase is not None and encryption is not None:
@@ -101,13 +176,29 @@ class Volumes:
             try:
                 ctx.catalog.insert_volume(volume)
             except Conflict:
-                raise AlreadyExists(f"volume name {spec.name} is taken") from None
+                # another storage process sharing the catalog took the name meanwhile: a repeat of its
+                # call (same parameters) gets that volume, anything else ALREADY_EXISTS (undo runs)
+                existing = ctx.catalog.volume_by_name(spec.name)
+                if existing is None:
+                    raise AlreadyExists(f"volume name {spec.name} is taken") from None
+                return self._same_volume(existing, spec)
             undo.callback(ctx.catalog.delete_volume, vid)
+            if spec.volume_type and ctx.catalog.volume_type_by_name(spec.volume_type) is None:
+                # DeleteVolumeType ran meanwhile (maybe on another node): it counts the volumes of the
+                # type after removing it, we look for the type after recording the volume, so one of
+                # the two always sees the other and no volume is left with a type that is gone
+                raise FailedPrecondition(
+                    f"volume type {spec.volume_type} was deleted; create it or name another"
+                )
             if src.is_empty():
                 if encryption is not None and passphrase is not None:
                     pool.backend.create(vid, size + encryption.header_bytes)
                     undo.callback(pool.backend.delete, vid)
-                    ctx.need_crypt().format(pool.backend.device_path(vid), encryption, passphrase)
+                    if isinstance(pool.backend, DirectBackend):  # rbd: written through librbd
+                        header = ctx.need_crypt().header(encryption, passphrase)
+                        pool.backend.write_header(vid, header)
+                    else:
+                        ctx.need_crypt().format(pool.backend.device_path(vid), encryption, passphrase)
                 else:
                     pool.backend.create(vid, size)
                 undo.pop_all()
@@ -309,6 +400,28 @@ class Volumes:
                     raise
                 log.info("volume %s extended to %d bytes", volume_id, new_size)
                 return ctx.with_attachments(ctx.save(replace(grown, state=before)))
+
+
+#: Failures of a backend (rather than of the request) after which a create tries the next ranked one.
+RESCHEDULED = (ResourceExhausted, Unavailable, DeadlineExceeded, Internal, OSError)
+
+
+def _attempts_failed(name: str, attempts: list[tuple[str, Exception]]) -> BlockwireError:
+    """The error of a create that failed on every backend tried, naming each attempt; of the kind of
+    the last failure."""
+    said = "; ".join(
+        f"attempt {i} on backend {b}: {exc.message if isinstance(exc, BlockwireError) else 'internal error'}"
+        for i, (b, exc) in enumerate(attempts, start=1)
+    )
+    message = f"volume {name} could not be created on {len(attempts)} backend(s): {said}"
+    last = attempts[-1][1]
+    if isinstance(last, Unavailable):
+        return Unavailable(message)
+    if isinstance(last, DeadlineExceeded):
+        return DeadlineExceeded(message)
+    if isinstance(last, ResourceExhausted):
+        return ResourceExhausted(message)
+    return Internal(message)
 
 
 def _source_size(asked: int, source_size: int) -> int:

@@ -255,6 +255,7 @@ def cmd_volume_create(ctx: _Context) -> int:
         image_format=_IMAGE_FORMATS.get(a.image_format or "", types_pb2.IMAGE_FORMAT_UNSPECIFIED),
         encrypted=a.encrypted,
         key_size_bits=a.key_size or 0,
+        volume_type=a.type or "",
     )
     if a.wait and volume.state not in _SETTLED:
         progress = _VolumeProgress(ctx, a.name) if ctx.progress else None
@@ -372,6 +373,90 @@ def cmd_snapshot_show(ctx: _Context) -> int:
 
 def cmd_snapshot_delete(ctx: _Context) -> int:
     return _delete_each(ctx, ctx.args.snapshot_ids, ctx.storage.delete_snapshot, "snapshot")
+
+
+# Volume types and QoS specs
+
+
+def _specs(items: Sequence[str] | None, option: str) -> dict[str, str]:
+    specs: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(option, f"{item!r} is not KEY=VALUE")
+        specs[key] = value
+    return specs
+
+
+def _show(ctx: _Context, message: Message, text: Callable[[Any], str]) -> int:
+    if ctx.args.json:
+        ctx.json(out.message_to_dict(message))
+    else:
+        ctx.print(text(message))
+    return EXIT_OK
+
+
+def cmd_type_create(ctx: _Context) -> int:
+    a = ctx.args
+    t = ctx.storage.create_volume_type(
+        a.name, description=a.description or "", extra_specs=_specs(a.spec, "--spec"), qos_specs=a.qos or ""
+    )
+    return _show(ctx, t, out.volume_type_fields)
+
+
+def cmd_type_list(ctx: _Context) -> int:
+    return _print_list(ctx, ctx.storage.list_volume_types(), out.volume_type_table, "volume type")
+
+
+def cmd_type_show(ctx: _Context) -> int:
+    return _show(ctx, ctx.storage.get_volume_type(ctx.args.type), out.volume_type_fields)
+
+
+def cmd_type_set(ctx: _Context) -> int:
+    a = ctx.args
+    if a.description is None and a.spec is None and not a.no_specs:
+        raise UsageError("give --description, --spec KEY=VALUE or --no-specs")
+    if a.spec is not None and a.no_specs:
+        raise UsageError("--spec and --no-specs exclude each other")
+    specs = {} if a.no_specs else (_specs(a.spec, "--spec") if a.spec is not None else None)
+    t = ctx.storage.update_volume_type(a.type, description=a.description, extra_specs=specs)
+    return _show(ctx, t, out.volume_type_fields)
+
+
+def cmd_type_qos(ctx: _Context) -> int:
+    a = ctx.args
+    return _show(ctx, ctx.storage.set_volume_type_qos_specs(a.type, a.qos or ""), out.volume_type_fields)
+
+
+def cmd_type_delete(ctx: _Context) -> int:
+    return _delete_each(ctx, ctx.args.types, ctx.storage.delete_volume_type, "volume type")
+
+
+def cmd_qos_create(ctx: _Context) -> int:
+    a = ctx.args
+    q = ctx.storage.create_qos_specs(a.name, _specs(a.limit, "--limit"), consumer=a.consumer)
+    return _show(ctx, q, out.qos_specs_fields)
+
+
+def cmd_qos_list(ctx: _Context) -> int:
+    return _print_list(ctx, ctx.storage.list_qos_specs(), out.qos_specs_table, "QoS spec")
+
+
+def cmd_qos_show(ctx: _Context) -> int:
+    return _show(ctx, ctx.storage.get_qos_specs(ctx.args.qos), out.qos_specs_fields)
+
+
+def cmd_qos_set(ctx: _Context) -> int:
+    a = ctx.args
+    if a.limit is None and not a.consumer:
+        raise UsageError("give --limit KEY=VALUE or --consumer")
+    specs = _specs(a.limit, "--limit") if a.limit is not None else None
+    q = ctx.storage.update_qos_specs(a.qos, specs=specs, consumer=a.consumer or "")
+    return _show(ctx, q, out.qos_specs_fields)
+
+
+def cmd_qos_delete(ctx: _Context) -> int:
+    return _delete_each(ctx, ctx.args.qos_specs, ctx.storage.delete_qos_specs, "QoS specs")
 
 
 # Attach and detach
@@ -570,6 +655,34 @@ def cmd_capacity(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(ctx: _Context) -> int:
+    nodes = ctx.storage.list_storage_nodes()
+    if ctx.args.json:
+        ctx.json([out.message_to_dict(n) for n in nodes])
+        return EXIT_OK
+    ctx.print(
+        out.table(
+            ("NODE", "ADDRESS", "STATE", "LAST HEARTBEAT", "BACKEND", "KIND", "SHARED", "FREE", "VOLUMES"),
+            (
+                (
+                    n.name or "(single)",
+                    n.address or "-",
+                    "up" if n.up else "DOWN",
+                    n.last_heartbeat.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                    b.name,
+                    b.kind,
+                    "yes" if b.shared else "no",
+                    format_size(b.free_bytes),
+                    str(b.volume_count),
+                )
+                for n in nodes
+                for b in n.backends
+            ),
+        )
+    )
+    return EXIT_OK
+
+
 def cmd_health(ctx: _Context) -> int:
     a = ctx.args
     results: list[dict[str, str]] = []
@@ -730,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
     )
     p.add_argument("--key-size", type=int, choices=(256, 512), help="with --encrypted: key bits (512)")
     p.add_argument("--label", metavar="KEY=VALUE", action="append", help="add a label (repeatable)")
+    p.add_argument("--type", metavar="TYPE", help="volume type (id or name; default: the service's default)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--from-snapshot", metavar="SNAPSHOT_ID", help="copy of this snapshot")
     src.add_argument("--from-volume", metavar="VOLUME_ID", help="clone of this volume")
@@ -777,6 +891,73 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
     p.add_argument("snapshot_id", metavar="SNAPSHOT_ID")
     p = sub(snap, "delete", "delete snapshots (deleting one that is gone is fine)", func=cmd_snapshot_delete)
     p.add_argument("snapshot_ids", metavar="SNAPSHOT_ID", nargs="+")
+
+    # volume types
+    vtype = commands.add_parser(
+        "type",
+        help="create, list, show, change and delete volume types",
+        description="Volume types on blockwire-storage: extra specs place volumes and give them properties.",
+    )
+    vt = vtype.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub(
+        vt,
+        "create",
+        "create a volume type (idempotent by name)",
+        func=cmd_type_create,
+        epilog="examples:\n  blockwire type create fast --spec 'thin_provisioning=<is> True' --qos silver\n"
+        "  blockwire type create shared --spec 'multiattach=<is> True' \\\n"
+        "      --spec 'capabilities:transport=s== iscsi'",
+    )
+    p.add_argument("name", metavar="NAME", help="unique name: 1-63 of [A-Za-z0-9._-]")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--spec", metavar="KEY=VALUE", action="append", help="an extra spec (repeatable)")
+    p.add_argument("--qos", metavar="QOS", help="QoS specs to associate (id or name)")
+    sub(vt, "list", "list volume types", func=cmd_type_list)
+    p = sub(vt, "show", "show one volume type", func=cmd_type_show)
+    p.add_argument("type", metavar="TYPE", help="id or name")
+    p = sub(vt, "set", "change a type's description or replace all its extra specs", func=cmd_type_set)
+    p.add_argument("type", metavar="TYPE", help="id or name")
+    p.add_argument("--description", metavar="TEXT")
+    p.add_argument("--spec", metavar="KEY=VALUE", action="append", help="an extra spec (repeatable)")
+    p.add_argument("--no-specs", action="store_true", help="remove every extra spec")
+    p = sub(vt, "qos", "associate a type with QoS specs, or with none", func=cmd_type_qos)
+    p.add_argument("type", metavar="TYPE", help="id or name")
+    p.add_argument("qos", metavar="QOS", nargs="?", help="QoS specs (id or name); omit for none")
+    p = sub(vt, "delete", "delete volume types (deleting one that is gone is fine)", func=cmd_type_delete)
+    p.add_argument("types", metavar="TYPE", nargs="+")
+
+    # QoS specs
+    qos = commands.add_parser(
+        "qos",
+        help="create, list, show, change and delete QoS specs",
+        description="QoS specs on blockwire-storage: limits a volume type's disks get as libvirt <iotune>.",
+    )
+    qs = qos.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub(
+        qs,
+        "create",
+        "create QoS specs (idempotent by name)",
+        func=cmd_qos_create,
+        epilog="examples:\n  blockwire qos create silver --limit total_iops_sec=500\n"
+        "  blockwire qos create per-gb --limit read_bytes_sec_per_gb=1048576 \\\n"
+        "      --limit write_iops_sec_per_gb=10",
+    )
+    p.add_argument("name", metavar="NAME", help="unique name: 1-63 of [A-Za-z0-9._-]")
+    p.add_argument(
+        "--limit", metavar="KEY=VALUE", action="append", help="a limit, e.g. total_iops_sec=500 (repeatable)"
+    )
+    p.add_argument(
+        "--consumer", choices=("front-end", "back-end", "both"), default="front-end", help="(front-end)"
+    )
+    sub(qs, "list", "list QoS specs", func=cmd_qos_list)
+    p = sub(qs, "show", "show QoS specs", func=cmd_qos_show)
+    p.add_argument("qos", metavar="QOS", help="id or name")
+    p = sub(qs, "set", "replace all limits of QoS specs, or their consumer", func=cmd_qos_set)
+    p.add_argument("qos", metavar="QOS", help="id or name")
+    p.add_argument("--limit", metavar="KEY=VALUE", action="append", help="a limit (repeatable)")
+    p.add_argument("--consumer", choices=("front-end", "back-end", "both"))
+    p = sub(qs, "delete", "delete QoS specs (deleting ones that are gone is fine)", func=cmd_qos_delete)
+    p.add_argument("qos_specs", metavar="QOS", nargs="+")
 
     # attach, detach, attachments
     p = sub(
@@ -853,6 +1034,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one declarativ
     p.add_argument("--fix", action="store_true", help="remove what is provably orphaned")
     p = sub(commands, "capacity", "show space per storage backend", func=cmd_capacity)
     p.add_argument("backend", metavar="BACKEND", nargs="?", help="only this backend")
+    sub(
+        commands,
+        "nodes",
+        "list the storage nodes, whether each is up, and their backends",
+        func=cmd_nodes,
+    )
     p = sub(
         commands,
         "health",

@@ -467,9 +467,12 @@ class StorageClient(_Client):
         timeout: float | None = None,
         encrypted: bool = False,
         key_size_bits: int = 0,
+        volume_type: str = "",
     ) -> types_pb2.Volume:
         """Creates a volume, empty or from one source (snapshot, volume, or image path on the storage host).
         `encrypted`: LUKS1 at rest with a fresh key from the service's key manager (README "Encryption").
+        `volume_type`: a type's id or name ("": the service's default type, if any); without `backend`
+        its extra specs choose the backend (README "Volume types, QoS specs and the scheduler").
 
         Idempotent by name: a repeat with the same parameters returns the existing volume, perhaps still
         CREATING (see `wait_volume`); other parameters raise `AlreadyExists`.
@@ -484,6 +487,7 @@ class StorageClient(_Client):
             labels=labels or {},
             encrypted=encrypted,
             key_size_bits=key_size_bits,
+            volume_type=volume_type,
         )
         sources = [s for s in (source_snapshot_id, source_volume_id, source_image) if s is not None]
         if len(sources) > 1:
@@ -724,10 +728,135 @@ class StorageClient(_Client):
         request = storage_pb2.GetCapacityRequest(backend=backend)
         return list(self._unary("GetCapacity", self.stub.GetCapacity, request, timeout).backends)
 
+    def list_storage_nodes(self, *, timeout: float | None = None) -> list[storage_pb2.StorageNode]:
+        """The storage nodes registered in the shared catalog, with their backends and whether each is up."""
+        request = storage_pb2.ListStorageNodesRequest()
+        return list(self._unary("ListStorageNodes", self.stub.ListStorageNodes, request, timeout).nodes)
+
     def get_backend_stats(self, *, timeout: float | None = None) -> storage_pb2.GetBackendStatsResponse:
         """Backend, exporter and per-operation statistics."""
         request = storage_pb2.GetBackendStatsRequest()
         return self._unary("GetBackendStats", self.stub.GetBackendStats, request, timeout)
+
+    # Volume types and QoS specs (admin credentials)
+
+    def create_volume_type(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        extra_specs: Mapping[str, str] | None = None,
+        qos_specs: str = "",
+        timeout: float | None = None,
+    ) -> types_pb2.VolumeType:
+        """Creates a volume type; a repeat with the same parameters returns it (others: `AlreadyExists`).
+
+        Example: ``storage.create_volume_type("fast", extra_specs={"thin_provisioning": "<is> True"})``
+        """
+        request = storage_pb2.CreateVolumeTypeRequest(
+            name=name, description=description, extra_specs=extra_specs or {}, qos_specs=qos_specs
+        )
+        return self._unary("CreateVolumeType", self.stub.CreateVolumeType, request, timeout).volume_type
+
+    def get_volume_type(self, volume_type: str, *, timeout: float | None = None) -> types_pb2.VolumeType:
+        """One volume type, by id or name; raises `NotFound` if there is none."""
+        request = storage_pb2.GetVolumeTypeRequest(volume_type=volume_type)
+        return self._unary("GetVolumeType", self.stub.GetVolumeType, request, timeout).volume_type
+
+    def list_volume_types(
+        self, *, page_size: int = 0, timeout: float | None = None
+    ) -> list[types_pb2.VolumeType]:
+        """Every volume type, in creation order."""
+        out: list[types_pb2.VolumeType] = []
+        token = ""
+        while True:
+            request = storage_pb2.ListVolumeTypesRequest(page_size=page_size, page_token=token)
+            page = self._unary("ListVolumeTypes", self.stub.ListVolumeTypes, request, timeout)
+            out.extend(page.volume_types)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def update_volume_type(
+        self,
+        volume_type: str,
+        *,
+        description: str | None = None,
+        extra_specs: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> types_pb2.VolumeType:
+        """Replaces the description and/or all extra specs (None: kept)."""
+        request = storage_pb2.UpdateVolumeTypeRequest(volume_type=volume_type)
+        if description is not None:
+            request.description = description
+        if extra_specs is not None:
+            request.extra_specs.CopyFrom(storage_pb2.ExtraSpecs(specs=extra_specs))
+        return self._unary("UpdateVolumeType", self.stub.UpdateVolumeType, request, timeout).volume_type
+
+    def delete_volume_type(self, volume_type: str, *, timeout: float | None = None) -> None:
+        """Deletes a volume type; a repeat is OK. `FailedPrecondition` while volumes of the type exist."""
+        request = storage_pb2.DeleteVolumeTypeRequest(volume_type=volume_type)
+        self._unary("DeleteVolumeType", self.stub.DeleteVolumeType, request, timeout)
+
+    def set_volume_type_qos_specs(
+        self, volume_type: str, qos_specs: str, *, timeout: float | None = None
+    ) -> types_pb2.VolumeType:
+        """Associates the type with QoS specs (id or name), or with none (``""``)."""
+        request = storage_pb2.SetVolumeTypeQosSpecsRequest(volume_type=volume_type, qos_specs=qos_specs)
+        return self._unary(
+            "SetVolumeTypeQosSpecs", self.stub.SetVolumeTypeQosSpecs, request, timeout
+        ).volume_type
+
+    def create_qos_specs(
+        self,
+        name: str,
+        specs: Mapping[str, str],
+        *,
+        consumer: str = "front-end",
+        timeout: float | None = None,
+    ) -> types_pb2.QosSpecs:
+        """Creates QoS specs; a repeat with the same limits returns them (others: `AlreadyExists`).
+
+        Example: ``storage.create_qos_specs("silver", {"total_iops_sec_per_gb": "10"})``
+        """
+        request = storage_pb2.CreateQosSpecsRequest(name=name, consumer=consumer, specs=specs)
+        return self._unary("CreateQosSpecs", self.stub.CreateQosSpecs, request, timeout).qos_specs
+
+    def get_qos_specs(self, qos_specs: str, *, timeout: float | None = None) -> types_pb2.QosSpecs:
+        """QoS specs by id or name; raises `NotFound` if there are none."""
+        request = storage_pb2.GetQosSpecsRequest(qos_specs=qos_specs)
+        return self._unary("GetQosSpecs", self.stub.GetQosSpecs, request, timeout).qos_specs
+
+    def list_qos_specs(self, *, page_size: int = 0, timeout: float | None = None) -> list[types_pb2.QosSpecs]:
+        """Every QoS specs, in creation order."""
+        out: list[types_pb2.QosSpecs] = []
+        token = ""
+        while True:
+            request = storage_pb2.ListQosSpecsRequest(page_size=page_size, page_token=token)
+            page = self._unary("ListQosSpecs", self.stub.ListQosSpecs, request, timeout)
+            out.extend(page.qos_specs)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def update_qos_specs(
+        self,
+        qos_specs: str,
+        *,
+        specs: Mapping[str, str] | None = None,
+        consumer: str = "",
+        timeout: float | None = None,
+    ) -> types_pb2.QosSpecs:
+        """Replaces the consumer ("": kept) and/or all limits (None: kept)."""
+        request = storage_pb2.UpdateQosSpecsRequest(qos_specs=qos_specs, consumer=consumer)
+        if specs is not None:
+            request.specs.CopyFrom(storage_pb2.QosLimits(specs=specs))
+        return self._unary("UpdateQosSpecs", self.stub.UpdateQosSpecs, request, timeout).qos_specs
+
+    def delete_qos_specs(self, qos_specs: str, *, timeout: float | None = None) -> None:
+        """Deletes QoS specs; a repeat is OK. `FailedPrecondition` while a type is associated with them."""
+        request = storage_pb2.DeleteQosSpecsRequest(qos_specs=qos_specs)
+        self._unary("DeleteQosSpecs", self.stub.DeleteQosSpecs, request, timeout)
 
 
 class HostAgentClient(_Client):

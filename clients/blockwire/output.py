@@ -153,6 +153,7 @@ def volume_fields(v: types_pb2.Volume) -> str:
         ("size", f"{format_size(v.size_bytes)} ({v.size_bytes} bytes)"),
         ("state", volume_state(v.state)),
         ("backend", v.backend or "-"),
+        ("type", v.volume_type or "-"),
         ("multiattach", "yes" if v.multiattach else "no"),
         ("wwn", v.wwn or "-"),
         ("serial", v.serial or "-"),
@@ -192,6 +193,51 @@ def snapshot_fields(s: types_pb2.Snapshot) -> str:
         pairs.append(("error", s.error_message))
     pairs.append(("created", timestamp(s.create_time)))
     return fields(pairs)
+
+
+def volume_type_table(types: Iterable[types_pb2.VolumeType]) -> str:
+    return table(
+        ("ID", "NAME", "DEFAULT", "QOS", "EXTRA SPECS"),
+        (
+            (t.id, t.name, "yes" if t.is_default else "", t.qos_specs_id or "-", labels_text(t.extra_specs))
+            for t in types
+        ),
+    )
+
+
+def volume_type_fields(t: types_pb2.VolumeType) -> str:
+    return fields(
+        [
+            ("id", t.id),
+            ("name", t.name),
+            ("description", t.description or "-"),
+            ("default", "yes" if t.is_default else "no"),
+            ("extra specs", labels_text(t.extra_specs)),
+            ("qos specs", t.qos_specs_id or "-"),
+            ("created", timestamp(t.create_time)),
+            ("updated", timestamp(t.update_time)),
+        ]
+    )
+
+
+def qos_specs_table(specs: Iterable[types_pb2.QosSpecs]) -> str:
+    return table(
+        ("ID", "NAME", "CONSUMER", "LIMITS"),
+        ((q.id, q.name, q.consumer, labels_text(q.specs)) for q in specs),
+    )
+
+
+def qos_specs_fields(q: types_pb2.QosSpecs) -> str:
+    return fields(
+        [
+            ("id", q.id),
+            ("name", q.name),
+            ("consumer", q.consumer),
+            ("limits", labels_text(q.specs)),
+            ("created", timestamp(q.create_time)),
+            ("updated", timestamp(q.update_time)),
+        ]
+    )
 
 
 def attachment_state(value: int) -> str:

@@ -7,6 +7,7 @@ libvirt import, no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
 
@@ -155,6 +156,13 @@ def _source_element(disk: etree._Element, src: Source) -> None:
                 secret.set("uuid", src.auth.uuid)
 
 
+def _encryption_element(disk: etree._Element, encryption: DiskEncryption) -> None:
+    enc = etree.SubElement(disk, "encryption", format=encryption.format)
+    if encryption.engine:
+        enc.set("engine", encryption.engine)
+    etree.SubElement(enc, "secret", type="passphrase", uuid=encryption.secret_uuid)
+
+
 def disk_element(spec: DiskSpec) -> etree._Element:
     disk = etree.Element("disk", type=_disk_type(spec.source), device=spec.device)
     driver = etree.SubElement(disk, "driver", name="qemu", type=spec.driver_type)
@@ -166,10 +174,7 @@ def disk_element(spec: DiskSpec) -> etree._Element:
         driver.set("discard", spec.discard.value)
     _source_element(disk, spec.source)
     if spec.encryption is not None:
-        enc = etree.SubElement(disk, "encryption", format=spec.encryption.format)
-        if spec.encryption.engine:
-            enc.set("engine", spec.encryption.engine)
-        etree.SubElement(enc, "secret", type="passphrase", uuid=spec.encryption.secret_uuid)
+        _encryption_element(disk, spec.encryption)
     if spec.logical_block_size or spec.physical_block_size:
         blockio = etree.SubElement(disk, "blockio")
         if spec.logical_block_size:
@@ -211,26 +216,38 @@ def _tail_elements(disk: etree._Element, spec: DiskSpec) -> None:
         )
 
 
-def with_source(disk: etree._Element, source: Source) -> etree._Element:
+def with_source(
+    disk: etree._Element, source: Source, encryption: DiskEncryption | None = None
+) -> etree._Element:
     """A copy of a <disk> element that opens `source` instead: its type and <source> (with <auth>,
     <initiator>) replaced, everything else (target, address, serial, driver, iotune, boot, alias) kept, so
-    that the guest sees the same disk. For a live migration's destination XML."""
+    that the guest sees the same disk. For a live migration's destination XML. `encryption`: an
+    encrypted volume's <encryption> on this host (its own secret), replacing the source host's."""
     copy = etree.fromstring(etree.tostring(disk))
     copy.set("type", _disk_type(source))
     index = len(copy)
-    for old in (copy.find("source"), copy.find("auth")):
+    replaced = [copy.find("source"), copy.find("auth")]
+    if encryption is not None:
+        replaced.append(copy.find("encryption"))
+    for old in replaced:
         if old is not None:
             index = min(index, copy.index(old))
             copy.remove(old)
     scratch = etree.Element("disk")
     _source_element(scratch, source)
-    copy.insert(index, scratch[0])
+    if encryption is not None:
+        _encryption_element(scratch, encryption)
+    for offset, element in enumerate(list(scratch)):
+        copy.insert(index + offset, element)
     return copy
 
 
-def replace_disk_sources(domain_xml: str, sources: dict[str, Source]) -> str:
-    """The domain XML with the disks at the given target names opening the given sources (`with_source`);
-    InvalidArgument naming a target the domain has no disk at."""
+def replace_disk_sources(
+    domain_xml: str, sources: dict[str, Source], encryptions: Mapping[str, DiskEncryption] | None = None
+) -> str:
+    """The domain XML with the disks at the given target names opening the given sources (`with_source`,
+    with `encryptions` of the same target names); InvalidArgument naming a target the domain has no disk
+    at."""
     root = _parse_domain(domain_xml)
     disks = {t.get("dev", ""): d for d in root.findall("devices/disk") if (t := d.find("target")) is not None}
     for target, source in sources.items():
@@ -239,7 +256,7 @@ def replace_disk_sources(domain_xml: str, sources: dict[str, Source]) -> str:
             raise InvalidArgument("domain_xml", f"the domain has no disk at {target}")
         parent = disk.getparent()
         assert parent is not None
-        parent.replace(disk, with_source(disk, source))
+        parent.replace(disk, with_source(disk, source, (encryptions or {}).get(target)))
     return etree.tostring(root, encoding="unicode")
 
 
@@ -264,12 +281,14 @@ def disk_at(domain_xml: str, target_dev: str) -> LiveDisk:
     raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
 
 
-def moved_disk_xml(domain_xml: str, target_dev: str, source: Source) -> str:
+def moved_disk_xml(
+    domain_xml: str, target_dev: str, source: Source, encryption: DiskEncryption | None = None
+) -> str:
     """The disk at `target_dev` of a domain's XML, opening `source` instead (`with_source`)."""
     for d in _parse_domain(domain_xml).findall("devices/disk"):
         t = d.find("target")
         if t is not None and t.get("dev") == target_dev:
-            return etree.tostring(with_source(d, source), pretty_print=True, encoding="unicode")
+            return etree.tostring(with_source(d, source, encryption), pretty_print=True, encoding="unicode")
     raise InvalidArgument("domain_xml", f"the domain has no disk at {target_dev}")
 
 

@@ -77,3 +77,7 @@ class DirectBackend(Protocol):
     def connection(self, volume_id: str, host: str) -> TransportInfo:
         """How `host` reaches the volume, with its identity (an RBD image's id) read now."""
         ...
+
+    def write_header(self, volume_id: str, data: bytes) -> None:
+        """Writes `data` at offset 0 of the volume (an encrypted volume's LUKS header)."""
+        ...

@@ -668,6 +668,11 @@ class RbdBackend:
         with self._session(f"creating volume {volume_id}") as s:
             s.create(_vol(volume_id), size_bytes)
 
+    def write_header(self, volume_id: str, data: bytes) -> None:
+        """Writes an encrypted volume's LUKS header at offset 0 of its image, through librbd."""
+        with self._session(f"writing the LUKS header of volume {volume_id}") as s:
+            s.write(_vol(volume_id), [(0, data)])
+
     def extend(self, volume_id: str, size_bytes: int) -> None:
         with self._session(f"extending volume {volume_id}") as s:
             if not s.exists(_vol(volume_id)):

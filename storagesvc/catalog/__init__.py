@@ -1,7 +1,7 @@
 """The catalog: where volumes, snapshots and attachments are recorded (before their side effects).
 
 `Catalog` is the interface the service uses; `storagesvc.catalog.sqlite.SqliteCatalog` is the embedded
-default. A server database (PostgreSQL, ...) implements the same protocol.
+default, `storagesvc.catalog.postgres.PostgresCatalog` the one several storage processes share.
 
 Listing order is (create_time, id); a page cursor is that pair of the last item returned. The catalog
 knows nothing of tokens (see `storagesvc.paging`).
@@ -9,12 +9,13 @@ knows nothing of tokens (see `storagesvc.paging`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from storagesvc.model import Attachment, Snapshot, Volume
+from storagesvc.model import Attachment, NodeBackend, QosSpecs, Snapshot, StorageNode, Volume, VolumeType
 
 
 @dataclass(frozen=True)
@@ -82,9 +83,61 @@ class Catalog(Protocol):
         """Every attachment of one volume, in listing order (create_time, id)."""
         ...
 
+    # volume types and QoS specs (a volume names its type; a type names at most one QoS specs)
+    def insert_volume_type(self, vtype: VolumeType) -> None: ...
+
+    def update_volume_type(self, vtype: VolumeType) -> None: ...
+
+    def delete_volume_type(self, type_id: str) -> None: ...
+
+    def get_volume_type(self, type_id: str) -> VolumeType | None: ...
+
+    def volume_type_by_name(self, name: str) -> VolumeType | None: ...
+
+    def list_volume_types(
+        self, *, after: Cursor | None, limit: int, qos_specs_id: str = ""
+    ) -> Sequence[VolumeType]: ...
+
+    def count_volumes_of_type(self, name: str) -> int: ...
+
+    def insert_qos_specs(self, qos: QosSpecs) -> None: ...
+
+    def update_qos_specs(self, qos: QosSpecs) -> None: ...
+
+    def delete_qos_specs(self, qos_id: str) -> None: ...
+
+    def get_qos_specs(self, qos_id: str) -> QosSpecs | None: ...
+
+    def qos_specs_by_name(self, name: str) -> QosSpecs | None: ...
+
+    def list_qos_specs(self, *, after: Cursor | None, limit: int) -> Sequence[QosSpecs]: ...
+
     # aggregates
     def backend_counts(self, backend: str) -> tuple[int, int, int]:
         """(volumes, snapshots, provisioned bytes) of one backend."""
+        ...
+
+    # storage nodes (README "Several storage nodes")
+    def put_node(self, node: StorageNode) -> None:
+        """Registers or heartbeats a node and its backends (upserts)."""
+        ...
+
+    def drop_node_backend(self, backend: str, node: str) -> None: ...
+
+    def list_nodes(self) -> Sequence[StorageNode]:
+        """Every registered node with its backends, by name."""
+        ...
+
+    def node_backend(self, backend: str) -> NodeBackend | None:
+        """A registration of one backend (which node serves it, whether it is shared); None: none."""
+        ...
+
+    # locks
+    def hold(self, key: str, timeout: float) -> contextlib.AbstractContextManager[None]:
+        """The lock named `key` across every process sharing this catalog, for the `with` block: waits
+        up to `timeout` seconds, then raises `blockwire.errors.Aborted` naming `key`. The embedded
+        catalog has one process (a no-op there: in-process locks already serialize); a server catalog
+        releases it when the holder's connection ends."""
         ...
 
     def close(self) -> None: ...

@@ -7,6 +7,7 @@ the documents: the catalog is protected like a key file (SQLite: mode 0600; Post
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from blockwire.model import (
     ConnectionInfo,
     Connector,
     Encryption,
+    IoTune,
     IscsiConnection,
     IscsiPath,
     NvmeofConnection,
@@ -30,12 +32,16 @@ from storagesvc.model import (
     ExportRecord,
     ImageFormat,
     ImageSource,
+    NodeBackend,
     Progress,
+    QosSpecs,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
+    VolumeType,
 )
 
 
@@ -105,6 +111,7 @@ def volume_doc(v: Volume) -> dict[str, Any]:
             "access_mode": e.access_mode.value,
         },
         "encryption": _encryption_doc(v.encryption),
+        "volume_type": v.volume_type,
     }
 
 
@@ -142,6 +149,7 @@ def volume_from_doc(d: dict[str, Any]) -> Volume:
             access_mode=AccessMode(e["access_mode"]),
         ),
         encryption=_encryption(d.get("encryption")),
+        volume_type=d.get("volume_type", ""),
     )
 
 
@@ -249,6 +257,7 @@ def _connection_doc(c: ConnectionInfo | None) -> dict[str, Any] | None:
         "logical_block_size": c.logical_block_size,
         "physical_block_size": c.physical_block_size,
         "encryption": _encryption_doc(c.encryption),
+        "qos": {k: v for k, v in dataclasses.asdict(c.qos).items() if v} if not c.qos.is_empty() else None,
     }
 
 
@@ -321,6 +330,7 @@ def _connection(d: dict[str, Any] | None) -> ConnectionInfo | None:
         logical_block_size=d["logical_block_size"],
         physical_block_size=d["physical_block_size"],
         encryption=_encryption(d.get("encryption")),
+        qos=IoTune(**d["qos"]) if d.get("qos") else IoTune(),
     )
 
 
@@ -357,4 +367,106 @@ def attachment_from_doc(d: dict[str, Any]) -> Attachment:
         host_device=d["host_device"],
         error_message=d["error_message"],
         migration_source_id=d.get("migration_source_id", ""),
+    )
+
+
+def node_doc(n: StorageNode) -> dict[str, Any]:
+    """A node's own row (its backends have theirs)."""
+    return {
+        "name": n.name,
+        "address": n.address,
+        "heartbeat": n.heartbeat.isoformat(),
+        "start_time": n.start_time.isoformat(),
+        "down_after": n.down_after,
+    }
+
+
+def node_from_doc(d: dict[str, Any], backends: tuple[NodeBackend, ...] = ()) -> StorageNode:
+    return StorageNode(
+        name=d["name"],
+        address=d["address"],
+        heartbeat=datetime.fromisoformat(d["heartbeat"]),
+        start_time=datetime.fromisoformat(d["start_time"]),
+        down_after=float(d["down_after"]),
+        backends=backends,
+    )
+
+
+def node_backend_doc(b: NodeBackend) -> dict[str, Any]:
+    return {
+        "name": b.name,
+        "node": b.node,
+        "kind": b.kind,
+        "shared": b.shared,
+        "healthy": b.healthy,
+        "total_bytes": b.total_bytes,
+        "free_bytes": b.free_bytes,
+        "provisioned_bytes": b.provisioned_bytes,
+        "volume_count": b.volume_count,
+        "capabilities": dict(b.capabilities),
+        "max_over_subscription_ratio": b.max_over_subscription_ratio,
+        "availability_zone": b.availability_zone,
+    }
+
+
+def node_backend_from_doc(d: dict[str, Any]) -> NodeBackend:
+    return NodeBackend(
+        name=d["name"],
+        node=d["node"],
+        kind=d["kind"],
+        shared=bool(d["shared"]),
+        healthy=bool(d["healthy"]),
+        total_bytes=int(d["total_bytes"]),
+        free_bytes=int(d["free_bytes"]),
+        provisioned_bytes=int(d["provisioned_bytes"]),
+        volume_count=int(d["volume_count"]),
+        capabilities=dict(d.get("capabilities", {})),
+        max_over_subscription_ratio=float(d.get("max_over_subscription_ratio", 1.0)),
+        availability_zone=str(d.get("availability_zone", "")),
+    )
+
+
+def volume_type_doc(t: VolumeType) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "name": t.name,
+        "description": t.description,
+        "extra_specs": dict(t.extra_specs),
+        "qos_specs_id": t.qos_specs_id,
+        "create_time": t.create_time.isoformat(),
+        "update_time": t.update_time.isoformat(),
+    }
+
+
+def volume_type_from_doc(d: dict[str, Any]) -> VolumeType:
+    return VolumeType(
+        id=d["id"],
+        name=d["name"],
+        description=d["description"],
+        extra_specs=d["extra_specs"],
+        qos_specs_id=d["qos_specs_id"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
+    )
+
+
+def qos_specs_doc(q: QosSpecs) -> dict[str, Any]:
+    return {
+        "id": q.id,
+        "name": q.name,
+        "consumer": q.consumer,
+        "specs": dict(q.specs),
+        "create_time": q.create_time.isoformat(),
+        "update_time": q.update_time.isoformat(),
+    }
+
+
+def qos_specs_from_doc(d: dict[str, Any]) -> QosSpecs:
+    return QosSpecs(
+        id=d["id"],
+        name=d["name"],
+        consumer=d["consumer"],
+        specs=d["specs"],
+        create_time=datetime.fromisoformat(d["create_time"]),
+        update_time=datetime.fromisoformat(d["update_time"]),
     )

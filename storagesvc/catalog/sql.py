@@ -19,12 +19,20 @@ from storagesvc.catalog import Cursor, time_key
 from storagesvc.catalog.docs import (
     attachment_doc,
     attachment_from_doc,
+    node_backend_doc,
+    node_backend_from_doc,
+    node_doc,
+    node_from_doc,
+    qos_specs_doc,
+    qos_specs_from_doc,
     snapshot_doc,
     snapshot_from_doc,
     volume_doc,
     volume_from_doc,
+    volume_type_doc,
+    volume_type_from_doc,
 )
-from storagesvc.model import Attachment, Snapshot, Volume
+from storagesvc.model import Attachment, NodeBackend, QosSpecs, Snapshot, StorageNode, Volume, VolumeType
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the three tables
@@ -45,6 +53,28 @@ MIGRATIONS: tuple[str, ...] = (
         create_ns BIGINT NOT NULL, doc TEXT NOT NULL);
     CREATE INDEX attachments_order ON attachments (create_ns, id);
     CREATE INDEX attachments_volume ON attachments (volume_id);
+    """,
+    # 2: volume types and QoS specs; the type of each volume (by name: a type's name never changes)
+    """
+    CREATE TABLE qos_specs (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, create_ns BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE INDEX qos_specs_order ON qos_specs (create_ns, id);
+    CREATE TABLE volume_types (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, qos_specs_id TEXT NOT NULL DEFAULT '',
+        create_ns BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE INDEX volume_types_order ON volume_types (create_ns, id);
+    CREATE INDEX volume_types_qos ON volume_types (qos_specs_id);
+    ALTER TABLE volumes ADD COLUMN volume_type TEXT NOT NULL DEFAULT '';
+    CREATE INDEX volumes_type ON volumes (volume_type);
+    """,
+    # 3: storage nodes and the backends each registered (README "Several storage nodes")
+    """
+    CREATE TABLE storage_nodes (
+        name TEXT PRIMARY KEY, address TEXT NOT NULL, heartbeat_ns BIGINT NOT NULL, doc TEXT NOT NULL);
+    CREATE TABLE node_backends (
+        name TEXT NOT NULL, node TEXT NOT NULL, shared BIGINT NOT NULL, doc TEXT NOT NULL,
+        PRIMARY KEY (name, node));
+    CREATE INDEX node_backends_node ON node_backends (node);
     """,
 )
 
@@ -118,7 +148,7 @@ class SqlCatalog:
     def insert_volume(self, volume: Volume) -> None:
         self._write(
             "INSERT INTO volumes (id, name, backend, create_ns, size_bytes, source_snapshot_id, "
-            "source_volume_id, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "source_volume_id, volume_type, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 volume.id,
                 volume.name,
@@ -127,6 +157,7 @@ class SqlCatalog:
                 volume.size_bytes,
                 volume.source.snapshot_id,
                 volume.source.volume_id,
+                volume.volume_type,
                 json.dumps(volume_doc(volume)),
             ],
         )
@@ -253,3 +284,110 @@ class SqlCatalog:
         )
         ((snaps,),) = self._rows("SELECT COUNT(*) FROM snapshots WHERE backend = ?", [backend])
         return int(vols), int(snaps), int(size)
+
+    # storage nodes
+    def put_node(self, node: StorageNode) -> None:
+        """Registers or heartbeats a node: its row and each of its backends' rows (upserts, so a
+        restarted node takes its rows back). A backend it no longer has keeps its row until
+        `drop_node_backend`. A shared backend (rbd) has a row per node that reaches it."""
+        self._write(
+            "INSERT INTO storage_nodes (name, address, heartbeat_ns, doc) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "
+            "heartbeat_ns = excluded.heartbeat_ns, doc = excluded.doc",
+            [node.name, node.address, time_key(node.heartbeat), json.dumps(node_doc(node))],
+        )
+        for b in node.backends:
+            self._write(
+                "INSERT INTO node_backends (name, node, shared, doc) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name, node) DO UPDATE SET shared = excluded.shared, doc = excluded.doc",
+                [b.name, b.node, int(b.shared), json.dumps(node_backend_doc(b))],
+            )
+
+    def drop_node_backend(self, backend: str, node: str) -> None:
+        self._write("DELETE FROM node_backends WHERE name = ? AND node = ?", [backend, node])
+
+    def list_nodes(self) -> list[StorageNode]:
+        """Every registered node with its backends, by name."""
+        backends: dict[str, list[NodeBackend]] = {}
+        for b in self._many("SELECT doc FROM node_backends ORDER BY name, node", [], node_backend_from_doc):
+            backends.setdefault(b.node, []).append(b)
+        return [
+            node_from_doc(json.loads(doc), tuple(backends.get(name, ())))
+            for name, doc in self._rows("SELECT name, doc FROM storage_nodes ORDER BY name", [])
+        ]
+
+    def node_backend(self, backend: str) -> NodeBackend | None:
+        """One registration of the backend (the first node's, by name), None when no node has it."""
+        return self._one(
+            "SELECT doc FROM node_backends WHERE name = ? ORDER BY node LIMIT 1",
+            [backend],
+            node_backend_from_doc,
+        )
+
+    # volume types
+    def insert_volume_type(self, vtype: VolumeType) -> None:
+        self._write(
+            "INSERT INTO volume_types (id, name, qos_specs_id, create_ns, doc) VALUES (?, ?, ?, ?, ?)",
+            [
+                vtype.id,
+                vtype.name,
+                vtype.qos_specs_id,
+                time_key(vtype.create_time),
+                json.dumps(volume_type_doc(vtype)),
+            ],
+        )
+
+    def update_volume_type(self, vtype: VolumeType) -> None:
+        self._write(
+            "UPDATE volume_types SET qos_specs_id = ?, doc = ? WHERE id = ?",
+            [vtype.qos_specs_id, json.dumps(volume_type_doc(vtype)), vtype.id],
+        )
+
+    def delete_volume_type(self, type_id: str) -> None:
+        self._write("DELETE FROM volume_types WHERE id = ?", [type_id])
+
+    def get_volume_type(self, type_id: str) -> VolumeType | None:
+        return self._one("SELECT doc FROM volume_types WHERE id = ?", [type_id], volume_type_from_doc)
+
+    def volume_type_by_name(self, name: str) -> VolumeType | None:
+        return self._one("SELECT doc FROM volume_types WHERE name = ?", [name], volume_type_from_doc)
+
+    def list_volume_types(
+        self, *, after: Cursor | None, limit: int, qos_specs_id: str = ""
+    ) -> list[VolumeType]:
+        where: list[str] = []
+        args: list[Any] = []
+        if qos_specs_id:
+            where.append("qos_specs_id = ?")
+            args.append(qos_specs_id)
+        sql = "SELECT doc FROM volume_types" + self._page(where, args, after, limit)  # noqa: S608 - bound values
+        return self._many(sql, args, volume_type_from_doc)
+
+    def count_volumes_of_type(self, name: str) -> int:
+        ((n,),) = self._rows("SELECT COUNT(*) FROM volumes WHERE volume_type = ?", [name])
+        return int(n)
+
+    # QoS specs
+    def insert_qos_specs(self, qos: QosSpecs) -> None:
+        self._write(
+            "INSERT INTO qos_specs (id, name, create_ns, doc) VALUES (?, ?, ?, ?)",
+            [qos.id, qos.name, time_key(qos.create_time), json.dumps(qos_specs_doc(qos))],
+        )
+
+    def update_qos_specs(self, qos: QosSpecs) -> None:
+        self._write("UPDATE qos_specs SET doc = ? WHERE id = ?", [json.dumps(qos_specs_doc(qos)), qos.id])
+
+    def delete_qos_specs(self, qos_id: str) -> None:
+        self._write("DELETE FROM qos_specs WHERE id = ?", [qos_id])
+
+    def get_qos_specs(self, qos_id: str) -> QosSpecs | None:
+        return self._one("SELECT doc FROM qos_specs WHERE id = ?", [qos_id], qos_specs_from_doc)
+
+    def qos_specs_by_name(self, name: str) -> QosSpecs | None:
+        return self._one("SELECT doc FROM qos_specs WHERE name = ?", [name], qos_specs_from_doc)
+
+    def list_qos_specs(self, *, after: Cursor | None, limit: int) -> list[QosSpecs]:
+        where: list[str] = []
+        args: list[Any] = []
+        sql = "SELECT doc FROM qos_specs" + self._page(where, args, after, limit)  # noqa: S608 - bound values
+        return self._many(sql, args, qos_specs_from_doc)

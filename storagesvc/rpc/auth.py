@@ -9,6 +9,9 @@ Identities come from `blockwire.server.serving.identify`: the unix socket and pl
   ``connector.host == <host>``; CompleteAttachment, DeleteAttachment, GetAttachment, CompleteMigration
   and RollbackMigration of attachments whose connector host is ``<host>`` (an id that does not exist passes
   through and gets the RPC's own answer: NOT_FOUND, or OK for a delete); GetVolume.
+* **storage-node** (``blockwire://storage-node/<name>``): another storage node of the cluster forwarding
+  a call it accepted (and authorized) to the node that serves the volume's backend
+  (`storagesvc.rpc.forward`): the forwarded methods only (`FORWARDED`).
 * anything else: PERMISSION_DENIED. No credential at all: UNAUTHENTICATED.
 """
 
@@ -18,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blockwire.errors import PermissionDenied
-from blockwire.server.serving import ADMIN, AGENT, AuthInterceptor, Identity
+from blockwire.server.serving import ADMIN, AGENT, STORAGE_NODE, AuthInterceptor, Identity
 from blockwire.v1 import storage_pb2 as spb
 
 SERVICE_PREFIX = "/blockwire.v1.StorageService/"
@@ -26,6 +29,23 @@ AGENT_READ = frozenset({"GetVolume"})
 AGENT_OWN_ATTACHMENT = frozenset(
     {"CompleteAttachment", "DeleteAttachment", "GetAttachment", "CompleteMigration", "RollbackMigration"}
 )
+
+FORWARDED = frozenset(
+    {
+        "CreateVolume",
+        "DeleteVolume",
+        "ExtendVolume",
+        "CreateSnapshot",
+        "DeleteSnapshot",
+        "CreateAttachment",
+        "CompleteAttachment",
+        "DeleteAttachment",
+        "CreateMigrationAttachment",
+        "CompleteMigration",
+        "RollbackMigration",
+    }
+)
+"""What one storage node forwards to another: calls that need the node serving the volume's backend."""
 
 HostOf = Callable[[str], str | None]
 """The connector host of an attachment id, or None when there is no such attachment."""
@@ -37,6 +57,12 @@ class StoragePolicy:
 
     def __call__(self, who: Identity, method: str, request: Any) -> None:
         if who.role == ADMIN:
+            return
+        if who.role == STORAGE_NODE:
+            if method not in FORWARDED:
+                raise PermissionDenied(
+                    f"{method} is not forwarded between storage nodes; node {who.name} may not call it"
+                )
             return
         if who.role != AGENT:
             raise PermissionDenied(f"{method}: the credential has no role")

@@ -20,11 +20,14 @@ from storagesvc.model import (
     ImageFormat,
     ImageSource,
     OperationStats,
+    QosSpecs,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
+    VolumeType,
 )
 
 _VOLUME_STATES = {
@@ -93,6 +96,7 @@ def create_volume_from_pb(m: spb.CreateVolumeRequest) -> CreateVolumeSpec:
         source=source,
         encrypted=m.encrypted,
         key_size_bits=m.key_size_bits,
+        volume_type=m.volume_type,
     )
 
 
@@ -123,7 +127,32 @@ def volume_to_pb(v: Volume) -> pb.Volume:
         )
     if v.encryption is not None:
         m.encryption.CopyFrom(shared.encryption_to_pb(v.encryption, with_secrets=False))
+    m.volume_type = v.volume_type
     return m
+
+
+def volume_type_to_pb(t: VolumeType, default_type: str = "") -> pb.VolumeType:
+    return pb.VolumeType(
+        id=t.id,
+        name=t.name,
+        description=t.description,
+        extra_specs=dict(t.extra_specs),
+        qos_specs_id=t.qos_specs_id,
+        is_default=bool(default_type) and t.name == default_type,
+        create_time=_ts(t.create_time),
+        update_time=_ts(t.update_time),
+    )
+
+
+def qos_specs_to_pb(q: QosSpecs) -> pb.QosSpecs:
+    return pb.QosSpecs(
+        id=q.id,
+        name=q.name,
+        consumer=q.consumer,
+        specs=dict(q.specs),
+        create_time=_ts(q.create_time),
+        update_time=_ts(q.update_time),
+    )
 
 
 def snapshot_to_pb(s: Snapshot) -> pb.Snapshot:
@@ -189,4 +218,28 @@ def operation_stats_to_pb(o: OperationStats) -> spb.OperationStats:
         errors=o.errors,
         p50_micros=o.p50_micros,
         p95_micros=o.p95_micros,
+    )
+
+
+def storage_node_to_pb(n: StorageNode, up: bool) -> spb.StorageNode:
+    return spb.StorageNode(
+        name=n.name,
+        address=n.address,
+        up=up,
+        last_heartbeat=_ts(n.heartbeat),
+        start_time=_ts(n.start_time),
+        backends=[
+            spb.StorageNodeBackend(
+                name=b.name,
+                kind=b.kind,
+                shared=b.shared,
+                healthy=b.healthy,
+                total_bytes=b.total_bytes,
+                free_bytes=b.free_bytes,
+                provisioned_bytes=b.provisioned_bytes,
+                volume_count=b.volume_count,
+                capabilities=dict(b.capabilities),
+            )
+            for b in n.backends
+        ],
     )

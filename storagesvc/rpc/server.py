@@ -4,11 +4,16 @@
 
 Serves blockwire.v1.StorageService, grpc.health.v1.Health (service "" and "blockwire.v1.StorageService")
 and server reflection, through `blockwire.server.serving` (listeners, TLS, logging, signals). Callers are
-authorized by `storagesvc.rpc.auth` (admin and agent roles); concurrent calls are bounded per class by
-[limits] (`blockwire.limits`). On start it reconciles the target side with the catalog before it reports
-SERVING, then checks every `service.export_check_interval` seconds that the target side still has the
-catalog's exports (`storagesvc.supervisor`). SIGTERM or SIGINT: NOT_SERVING, stop accepting, finish
-calls in flight within `server.grace_seconds`, exit 0. Logging is configured here and only here.
+authorized by `storagesvc.rpc.auth` (admin, agent and storage-node roles); concurrent calls are
+bounded per class by [limits] (`blockwire.limits`). On start it reconciles the target side with the
+catalog before it reports SERVING, then checks every `service.export_check_interval` seconds that
+the target side still has the catalog's exports (`storagesvc.supervisor`). SIGTERM or SIGINT:
+NOT_SERVING, stop accepting, finish calls in flight within `server.grace_seconds`, exit 0. Logging is
+configured here and only here.
+
+With a [node] table the process is one of several storage nodes sharing the catalog: it registers and
+heartbeats (`storagesvc.nodes`) and sends calls on other nodes' backends to them
+(`storagesvc.rpc.forward`).
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from blockwire.errors import BlockwireError, Unavailable
 from blockwire.observability import SPANS_ONLY, TimedRunner
 from blockwire.runtime.clock import SystemClock
 from blockwire.runtime.executor import Executor, Runner
@@ -33,16 +40,21 @@ from blockwire.server import serving
 from blockwire.server import tracing as server_tracing
 from blockwire.server.metrics import Metrics
 from blockwire.v1 import storage_pb2, storage_pb2_grpc
+from storagesvc import placement
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
 from storagesvc.backends.rbd import Librbd, RbdBackend, RbdSettings, monitors_from_conf, read_key
+from storagesvc.catalog import Catalog
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
 from storagesvc.encryption import VolumeCrypt
 from storagesvc.keys import open_keys
+from storagesvc.nodes import Cluster, Heartbeat, NodeSettings
 from storagesvc.rpc import auth
+from storagesvc.rpc.forward import ForwardInterceptor, Peers, PeerTls, Router
 from storagesvc.rpc.servicer import StorageServicer
+from storagesvc.scheduler import SchedulerSettings
 from storagesvc.service import Pool, StorageService
 from storagesvc.supervisor import ExportSupervisor
 from storagesvc.targets.base import Exporter
@@ -138,20 +150,46 @@ class Daemon:
     supervisor: ExportSupervisor
     stop_metrics: Callable[[], None] | None = None
     stop_tracing: Callable[[], None] | None = None
+    heartbeat: Heartbeat | None = None
+    peers: Peers | None = None
 
     @property
     def addresses(self) -> tuple[str, ...]:
         return self.serving.addresses
 
     def stop(self, grace: float) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.supervisor.stop()
         self.serving.stop(grace)
+        if self.peers is not None:
+            self.peers.close()
         if self.stop_metrics is not None:
             self.stop_metrics()
         if self.stop_tracing is not None:
             self.stop_tracing()
         self.jobs.shutdown(wait=False, cancel_futures=True)
         self.service.catalog.close()
+
+
+def open_catalog(config: Config) -> Catalog:
+    """The catalog [catalog] names: the SQLite file, or the PostgreSQL database (migrated on open)."""
+    c = config.catalog
+    if c.kind == "sqlite":
+        return SqliteCatalog(config.catalog_path, synchronous=config.service.catalog_synchronous)
+    from storagesvc.catalog.postgres import PostgresCatalog  # noqa: PLC0415 - optional dependency
+
+    try:
+        return PostgresCatalog(
+            c.dsn,
+            password_file=c.password_file,
+            min_size=c.pool_min_size,
+            max_size=c.pool_max_size,
+            lock_connections=c.lock_connections,
+            connect_timeout=c.connect_timeout,
+        )
+    except (ValueError, OSError, RuntimeError, Unavailable) as exc:
+        raise ConfigError(f"[catalog] cannot open the PostgreSQL catalog: {exc}") from None
 
 
 def build(config: Config, runner: Runner | None = None) -> Daemon:
@@ -179,7 +217,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     svc = config.service
     jobs = futures.ThreadPoolExecutor(max_workers=svc.copy_workers, thread_name_prefix="copy")
     service = StorageService(
-        SqliteCatalog(svc.catalog_path, synchronous=svc.catalog_synchronous),
+        open_catalog(config),
         pools,
         clock,
         jobs,
@@ -189,8 +227,16 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         mutual_chap=svc.mutual_chap,
         lock_timeout=svc.lock_timeout,
         failpoints=failpoints,
+        scheduler=SchedulerSettings(
+            max_attempts=config.scheduler.max_attempts,
+            weigher=config.scheduler.weigher,
+            default_volume_type=config.scheduler.default_volume_type,
+            zones={b.name: b.availability_zone for b in config.backends},
+            capabilities={b.name: dict(b.capabilities) for b in config.backends},
+            ratios={b.name: b.oversubscription_ratio for b in config.backends},
+        ),
         crypt=VolumeCrypt(
-            open_keys(config.keys, str(Path(svc.catalog_path).parent)),
+            open_keys(config.keys, str(Path(config.catalog_path).parent)),
             runner,
             cryptsetup=shutil.which("cryptsetup") is not None,
         ),
@@ -203,8 +249,17 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
             config.server.workers,
         )
 
+    try:
+        joined = join_cluster(config, service, clock)
+    except ConfigError:
+        jobs.shutdown(wait=False)
+        service.catalog.close()
+        raise
+
     def register(server: grpc.Server) -> None:
-        storage_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(service), server)
+        storage_pb2_grpc.add_StorageServiceServicer_to_server(
+            StorageServicer(service, cluster=joined.cluster), server
+        )
 
     def host_of(attachment_id: str) -> str | None:
         a = service.catalog.get_attachment(attachment_id)
@@ -226,7 +281,7 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
             limits=config.limits,
             long_methods=LONG_METHODS,
             daemon="blockwire-storage",
-            interceptors=(auth.interceptor(host_of),),
+            interceptors=(auth.interceptor(host_of), *joined.forwarding),
             outer=(
                 *((server_tracing.TracingInterceptor(),) if stop_tracing else ()),
                 *((metrics.interceptor(),) if metrics is not None else ()),
@@ -234,6 +289,8 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
         )
         stop_metrics = metrics.serve(config.metrics.listen) if metrics is not None else None
     except (serving.ServingError, OSError) as exc:
+        if joined.heartbeat is not None:
+            joined.heartbeat.stop()
         jobs.shutdown(wait=False)
         service.catalog.close()
         raise ConfigError(f"cannot serve: {exc}") from exc
@@ -241,7 +298,45 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     if metrics is not None:
         storage_gauges(metrics, service, supervisor)
     supervisor.start()
-    return Daemon(service, running, jobs, supervisor, stop_metrics, stop_tracing)
+    return Daemon(
+        service, running, jobs, supervisor, stop_metrics, stop_tracing, joined.heartbeat, joined.peers
+    )
+
+
+@dataclass
+class Joined:
+    cluster: Cluster
+    heartbeat: Heartbeat | None
+    peers: Peers | None
+    forwarding: tuple[grpc.ServerInterceptor[Any, Any], ...]
+
+
+def join_cluster(config: Config, service: StorageService, clock: SystemClock) -> Joined:
+    """The cluster view; with [node]: registered and heartbeating, with the forwarding interceptor."""
+    node = config.node
+    cluster = Cluster(
+        service.catalog,
+        service.pools,
+        clock,
+        NodeSettings(node.name, node.address, node.heartbeat_interval, node.down_after) if node else None,
+        state=lambda name: placement.backend_state(service.ctx, name),
+        weigher=service.ctx.scheduler.weigher,
+    )
+    if node is None:
+        return Joined(cluster, None, None, ())
+    try:
+        peers = Peers(PeerTls(node.cert_file, node.key_file, node.ca_file))
+        heartbeat = Heartbeat(cluster)
+        heartbeat.start()  # registers first: refuses a backend name another node serves
+    except (OSError, BlockwireError) as exc:
+        raise ConfigError(f"[node] {node.name}: {exc}") from exc
+    forward = ForwardInterceptor(
+        Router.of(cluster, service),
+        peers,
+        default_timeout=node.forward_timeout,
+        max_attempts=service.ctx.scheduler.max_attempts,
+    )
+    return Joined(cluster, heartbeat, peers, (forward,))
 
 
 def storage_gauges(metrics: Metrics, service: StorageService, supervisor: ExportSupervisor) -> None:

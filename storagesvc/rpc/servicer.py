@@ -13,13 +13,14 @@ from google.protobuf.message import Message
 
 from blockwire import convert as shared
 from blockwire import validate
-from blockwire.errors import InvalidArgument
+from blockwire.errors import InvalidArgument, NotFound
 from blockwire.status import abort_with
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import storage_pb2_grpc
 from blockwire.v1 import types_pb2 as pb
 from storagesvc import paging
-from storagesvc.model import Attachment, Capacity, Page, Snapshot
+from storagesvc.model import Attachment, Page, Snapshot, Volume, VolumeType
+from storagesvc.nodes import Cluster
 from storagesvc.rpc import convert
 from storagesvc.service import StorageService
 
@@ -60,21 +61,30 @@ def _call(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
 class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     """Serves blockwire.v1.StorageService on a `StorageService`."""
 
-    def __init__(self, service: StorageService, *, watch_interval: float = 1.0) -> None:
+    def __init__(
+        self, service: StorageService, *, watch_interval: float = 1.0, cluster: Cluster | None = None
+    ) -> None:
         self.service = service
         self.watch_interval = watch_interval
+        self.cluster = cluster or Cluster(service.catalog, service.pools, service.ctx.clock)
+
+    def _volume(self, v: Volume) -> pb.Volume:
+        """A volume with the node that serves it and whether that node is down (Volume.node)."""
+        m = convert.volume_to_pb(v)
+        m.node, m.node_down = self.cluster.volume_node(v.backend)
+        return m
 
     def CreateVolume(
         self, request: spb.CreateVolumeRequest, context: grpc.ServicerContext
     ) -> spb.CreateVolumeResponse:
         v = _call(context, lambda: self.service.create_volume(convert.create_volume_from_pb(request)))
-        return spb.CreateVolumeResponse(volume=convert.volume_to_pb(v))
+        return spb.CreateVolumeResponse(volume=self._volume(v))
 
     def GetVolume(
         self, request: spb.GetVolumeRequest, context: grpc.ServicerContext
     ) -> spb.GetVolumeResponse:
         v = _call(context, lambda: self.service.get_volume(request.volume_id))
-        return spb.GetVolumeResponse(volume=convert.volume_to_pb(v))
+        return spb.GetVolumeResponse(volume=self._volume(v))
 
     def ListVolumes(
         self, request: spb.ListVolumesRequest, context: grpc.ServicerContext
@@ -87,7 +97,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
                 validate.labels(request.label_selector, "label_selector"),
             ),
         )
-        volumes, token = bounded(page, convert.volume_to_pb)
+        volumes, token = bounded(page, self._volume)
         return spb.ListVolumesResponse(volumes=volumes, next_page_token=token)
 
     def WatchVolume(
@@ -100,12 +110,12 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             ),
         )
         first = _call(context, lambda: next(stream))
-        yield spb.WatchVolumeResponse(volume=convert.volume_to_pb(first))
+        yield spb.WatchVolumeResponse(volume=self._volume(first))
         while True:
             v = _call(context, lambda: next(stream, None))
             if v is None:
                 return
-            yield spb.WatchVolumeResponse(volume=convert.volume_to_pb(v))
+            yield spb.WatchVolumeResponse(volume=self._volume(v))
 
     def DeleteVolume(
         self, request: spb.DeleteVolumeRequest, context: grpc.ServicerContext
@@ -117,7 +127,7 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
         self, request: spb.ExtendVolumeRequest, context: grpc.ServicerContext
     ) -> spb.ExtendVolumeResponse:
         v = _call(context, lambda: self.service.extend_volume(request.volume_id, request.new_size_bytes))
-        return spb.ExtendVolumeResponse(volume=convert.volume_to_pb(v))
+        return spb.ExtendVolumeResponse(volume=self._volume(v))
 
     def CreateSnapshot(
         self, request: spb.CreateSnapshotRequest, context: grpc.ServicerContext
@@ -252,13 +262,32 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
     def GetCapacity(
         self, request: spb.GetCapacityRequest, context: grpc.ServicerContext
     ) -> spb.GetCapacityResponse:
-        def capacity() -> list[Capacity]:
+        def capacity() -> list[spb.BackendCapacity]:
             if request.backend:
                 validate.name(request.backend, "backend")
-            return self.service.capacity(request.backend)
+            if request.node:
+                validate.name(request.node, "node")
+            if not self.cluster.multi:
+                if request.node:
+                    raise NotFound(f"storage node {request.node} is not registered: this is a single node")
+                return [convert.capacity_to_pb(c) for c in self.service.capacity(request.backend)]
+            out = []
+            for cap, node, down, is_shared in self.cluster.capacity(request.backend, request.node):
+                m = convert.capacity_to_pb(cap)
+                m.node, m.node_down, m.shared = node, down, is_shared
+                out.append(m)
+            return out
 
-        caps = _call(context, capacity)
-        return spb.GetCapacityResponse(backends=[convert.capacity_to_pb(c) for c in caps])
+        return spb.GetCapacityResponse(backends=_call(context, capacity))
+
+    def ListStorageNodes(
+        self, request: spb.ListStorageNodesRequest, context: grpc.ServicerContext
+    ) -> spb.ListStorageNodesResponse:
+        cluster = self.cluster
+        nodes = _call(context, lambda: cluster.nodes(fresh=True))
+        return spb.ListStorageNodesResponse(
+            nodes=[convert.storage_node_to_pb(n, cluster.up(n)) for n in nodes]
+        )
 
     def GetBackendStats(
         self, request: spb.GetBackendStatsRequest, context: grpc.ServicerContext
@@ -268,3 +297,87 @@ class StorageServicer(storage_pb2_grpc.StorageServiceServicer):
             backends=[convert.backend_stats_to_pb(b) for b in backends],
             operations=[convert.operation_stats_to_pb(o) for o in operations],
         )
+
+    # -- volume types and QoS specs
+
+    def _type_pb(self, t: VolumeType) -> pb.VolumeType:
+        return convert.volume_type_to_pb(t, self.service.ctx.scheduler.default_volume_type)
+
+    def CreateVolumeType(
+        self, request: spb.CreateVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.CreateVolumeTypeResponse:
+        t = _call(
+            context,
+            lambda: self.service.create_volume_type(
+                request.name, request.description, dict(request.extra_specs), request.qos_specs
+            ),
+        )
+        return spb.CreateVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def GetVolumeType(
+        self, request: spb.GetVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.GetVolumeTypeResponse:
+        t = _call(context, lambda: self.service.get_volume_type(request.volume_type))
+        return spb.GetVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def ListVolumeTypes(
+        self, request: spb.ListVolumeTypesRequest, context: grpc.ServicerContext
+    ) -> spb.ListVolumeTypesResponse:
+        page = _call(context, lambda: self.service.list_volume_types(request.page_size, request.page_token))
+        types, token = bounded(page, self._type_pb)
+        return spb.ListVolumeTypesResponse(volume_types=types, next_page_token=token)
+
+    def UpdateVolumeType(
+        self, request: spb.UpdateVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.UpdateVolumeTypeResponse:
+        description = request.description if request.HasField("description") else None
+        specs = dict(request.extra_specs.specs) if request.HasField("extra_specs") else None
+        t = _call(context, lambda: self.service.update_volume_type(request.volume_type, description, specs))
+        return spb.UpdateVolumeTypeResponse(volume_type=self._type_pb(t))
+
+    def DeleteVolumeType(
+        self, request: spb.DeleteVolumeTypeRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteVolumeTypeResponse:
+        _call(context, lambda: self.service.delete_volume_type(request.volume_type))
+        return spb.DeleteVolumeTypeResponse()
+
+    def SetVolumeTypeQosSpecs(
+        self, request: spb.SetVolumeTypeQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.SetVolumeTypeQosSpecsResponse:
+        t = _call(context, lambda: self.service.set_volume_type_qos(request.volume_type, request.qos_specs))
+        return spb.SetVolumeTypeQosSpecsResponse(volume_type=self._type_pb(t))
+
+    def CreateQosSpecs(
+        self, request: spb.CreateQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.CreateQosSpecsResponse:
+        q = _call(
+            context,
+            lambda: self.service.create_qos_specs(request.name, request.consumer, dict(request.specs)),
+        )
+        return spb.CreateQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def GetQosSpecs(
+        self, request: spb.GetQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.GetQosSpecsResponse:
+        q = _call(context, lambda: self.service.get_qos_specs(request.qos_specs))
+        return spb.GetQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def ListQosSpecs(
+        self, request: spb.ListQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.ListQosSpecsResponse:
+        page = _call(context, lambda: self.service.list_qos_specs(request.page_size, request.page_token))
+        specs, token = bounded(page, convert.qos_specs_to_pb)
+        return spb.ListQosSpecsResponse(qos_specs=specs, next_page_token=token)
+
+    def UpdateQosSpecs(
+        self, request: spb.UpdateQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.UpdateQosSpecsResponse:
+        specs = dict(request.specs.specs) if request.HasField("specs") else None
+        q = _call(context, lambda: self.service.update_qos_specs(request.qos_specs, request.consumer, specs))
+        return spb.UpdateQosSpecsResponse(qos_specs=convert.qos_specs_to_pb(q))
+
+    def DeleteQosSpecs(
+        self, request: spb.DeleteQosSpecsRequest, context: grpc.ServicerContext
+    ) -> spb.DeleteQosSpecsResponse:
+        _call(context, lambda: self.service.delete_qos_specs(request.qos_specs))
+        return spb.DeleteQosSpecsResponse()

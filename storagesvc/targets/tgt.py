@@ -30,6 +30,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 REFUSED = 22  # tgtadm's exit code for every refused request
 NOT_RUNNING = 107
 _EXISTS = ("already exists",)
+_MADE_VALID = 10.0  # seconds a made target's tid is used by `allow` without listing the targets
 _MISSING = ("can't find", "not found", "doesn't exist", "does not exist", "no such")
 
 # Failpoints (blockwire.runtime.failpoints, injected; the daemon arms them from BLOCKWIRE_FAILPOINTS) for
@@ -200,6 +202,8 @@ class TgtExporter:
         # tids are tgtd's per-daemon target numbers; allocation is the only thing serialized here.
         self._tid_lock = threading.Lock()
         self._next_tid = 1
+        # targets `ensure_target` just made: IQN -> (tid, when), for the `allow` that follows
+        self._made: dict[str, tuple[int, float]] = {}
 
     # -- running tgtadm
 
@@ -242,24 +246,35 @@ class TgtExporter:
             return False
         return True
 
-    def _create_target(self, target_iqn: str) -> int:
-        """Creates the target with a free tid. Allocation is serialized; everything else is not."""
+    def _create_target(self, target_iqn: str, shown: Sequence[TgtTarget] | None = None) -> int:
+        """Creates the target with a free tid. Allocation is serialized; everything else is not.
+        `shown`: a listing the caller just took (one tgtadm less); when tgtd refuses the tid it picked
+        from it (another tgtadm user took it since), a fresh listing is taken and the tid picked again."""
         with self._tid_lock:
-            used = {t.tid for t in self._show()}
-            tid = max(self._next_tid, 1)
-            for _ in range(10_000):
-                if tid not in used:
-                    break
-                tid += 1
-            self._adm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target_iqn)
-            self._next_tid = tid + 1
-            return tid
+            for listing in (shown, None) if shown is not None else (None,):
+                used = {t.tid for t in (listing if listing is not None else self._show())}
+                tid = max(self._next_tid, 1)
+                for _ in range(10_000):
+                    if tid not in used:
+                        break
+                    tid += 1
+                try:
+                    self._adm("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target_iqn)
+                except Unavailable:
+                    if listing is None:
+                        raise
+                    log.info("tgt tid %d was taken since the listing; listing again", tid)
+                    continue
+                self._next_tid = tid + 1
+                return tid
+            raise AssertionError("unreachable: the last attempt raises or returns")
 
     def ensure_target(self, spec: TargetSpec) -> None:
-        existing = self._find(spec.target_iqn)
+        shown = self._show()
+        existing = next((t for t in shown if t.iqn == spec.target_iqn), None)
         with contextlib.ExitStack() as undo:
             if existing is None:
-                tid = self._create_target(spec.target_iqn)
+                tid = self._create_target(spec.target_iqn, shown)
                 undo.callback(self._delete_target, tid)
                 self.failpoints.hit(FP_AFTER_TARGET_CREATE)
                 unit: TgtLun | None = None
@@ -271,6 +286,9 @@ class TgtExporter:
                     undo.callback(self._delete_account, chap.username)
                     self._account(tid, chap, outgoing)
             undo.pop_all()
+        if existing is None:
+            # the `allow` that follows (same export, under the volume's lock) binds without listing again
+            self._made[spec.target_iqn] = (tid, time.monotonic())
         log.info("tgt target %s (tid %d) exports %s", spec.target_iqn, tid, spec.device_path)
 
     def _ensure_lun(
@@ -336,10 +354,13 @@ class TgtExporter:
         )  # fmt: skip
 
     def _account(self, tid: int, chap: Chap, outgoing: bool) -> None:
-        # Accounts are global in tgtd: recreate it so that its password is the recorded one.
-        self._delete_account(chap.username)
+        # Accounts are global in tgtd: one left from before is made again, so that its password is the
+        # recorded one (the usual case, a new account, takes one request).
         password: Secret = chap.password
-        self._adm("--op", "new", "--mode", "account", "--user", chap.username, "--password", password)
+        new = ("--op", "new", "--mode", "account", "--user", chap.username, "--password", password)
+        if self._adm(*new, tolerate=_EXISTS).returncode == REFUSED:
+            self._delete_account(chap.username)
+            self._adm(*new)
         self.failpoints.hit(FP_AFTER_ACCOUNT_CREATE)
         bind = ["--op", "bind", "--mode", "account", "--tid", str(tid), "--user", chap.username]
         self._adm(*bind, *(["--outgoing"] if outgoing else []), tolerate=_EXISTS)
@@ -351,6 +372,7 @@ class TgtExporter:
         self._adm("--op", "delete", "--mode", "target", "--tid", str(tid), "--force", tolerate=_MISSING)
 
     def remove_target(self, target_iqn: str) -> None:
+        self._made.pop(target_iqn, None)
         target = self._find(target_iqn)
         if target is None:
             return
@@ -361,6 +383,15 @@ class TgtExporter:
         log.info("tgt target %s (tid %d) removed", target_iqn, target.tid)
 
     def allow(self, spec: TargetSpec, initiator_iqn: str) -> None:
+        made = self._made.pop(spec.target_iqn, None)
+        if made is not None and time.monotonic() - made[1] < _MADE_VALID:
+            # ensure_target just made this target (tid from this process's own counter, never reused):
+            # its ACL is empty, no listing needed
+            self._adm(
+                "--op", "bind", "--mode", "target", "--tid", str(made[0]), "--initiator-name", initiator_iqn,
+                tolerate=_EXISTS,
+            )  # fmt: skip
+            return
         target = self._require(spec.target_iqn)
         if initiator_iqn in target.acl:
             return

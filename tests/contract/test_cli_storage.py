@@ -96,3 +96,62 @@ def test_volume_create_from_image_waits_until_available(
     assert vol["size_bytes"] == str(32 * MIB)
     assert vol["source_image"]["path"] == str(image)
     assert "root: available" in err
+
+
+def test_type_and_qos_commands(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(
+        capsys, address, "--json", "qos", "create", "silver", "--limit", "total_iops_sec_per_gb=10"
+    )
+    assert code == 0, err
+    qos = json.loads(out)
+    assert (qos["name"], qos["consumer"], qos["specs"]) == (
+        "silver",
+        "front-end",
+        {"total_iops_sec_per_gb": "10"},
+    )
+    assert (
+        run(capsys, address, "qos", "create", "silver", "--limit", "total_iops_sec=5")[0] == cli.EXIT_CONFLICT
+    )
+    code, _, err = run(capsys, address, "qos", "create", "bad", "--limit", "iops=5")
+    assert code == cli.EXIT_USAGE
+    assert "specs[iops]" in err
+
+    args = ("--json", "type", "create", "fast", "--spec", "thin_provisioning=<is> True", "--qos", "silver")
+    code, out, err = run(capsys, address, *args)
+    assert code == 0, err
+    vtype = json.loads(out)
+    assert vtype["extra_specs"] == {"thin_provisioning": "<is> True"}
+    assert vtype["qos_specs_id"] == qos["id"]
+    assert json.loads(run(capsys, address, *args)[1])["id"] == vtype["id"]  # idempotent by name
+    code, out, _ = run(capsys, address, "type", "list")
+    assert code == 0
+    assert out.splitlines()[1].split()[:2] == [vtype["id"], "fast"]
+    assert "thin_provisioning=<is> True" in run(capsys, address, "type", "show", "fast")[1]
+
+    code, out, err = run(capsys, address, "--json", "volume", "create", "v1", "64M", "--type", "fast")
+    assert code == 0, err
+    vol = json.loads(out)
+    assert vol["volume_type"] == "fast"
+    assert run(capsys, address, "type", "delete", "fast")[0] == cli.EXIT_CONFLICT  # in use
+    assert run(capsys, address, "volume", "delete", vol["id"])[0] == 0
+
+    code, out, err = run(
+        capsys, address, "--json", "type", "set", "fast", "--spec", "kind=file", "--description", "d"
+    )
+    assert code == 0, err
+    assert (json.loads(out)["extra_specs"], json.loads(out)["description"]) == ({"kind": "file"}, "d")
+    assert (
+        json.loads(run(capsys, address, "--json", "type", "set", "fast", "--no-specs")[1])["extra_specs"]
+        == {}
+    )
+    assert run(capsys, address, "type", "set", "fast")[0] == cli.EXIT_USAGE
+    assert json.loads(run(capsys, address, "--json", "type", "qos", "fast")[1])["qos_specs_id"] == ""
+    code, out, _ = run(capsys, address, "--json", "qos", "set", "silver", "--limit", "read_iops_sec=7")
+    assert json.loads(out)["specs"] == {"read_iops_sec": "7"}
+    assert "read_iops_sec=7" in run(capsys, address, "qos", "list")[1]
+    assert run(capsys, address, "qos", "show", "silver")[0] == 0
+
+    assert run(capsys, address, "type", "delete", "fast")[0] == 0
+    assert run(capsys, address, "type", "delete", "fast")[0] == 0  # gone already: fine
+    assert run(capsys, address, "qos", "delete", "silver")[0] == 0
+    assert run(capsys, address, "type", "list")[1].strip() == "no volume types"

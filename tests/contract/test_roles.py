@@ -79,6 +79,18 @@ ADMIN_ONLY = [
     ("ListAttachments", spb.ListAttachmentsRequest()),
     ("GetCapacity", spb.GetCapacityRequest()),
     ("GetBackendStats", spb.GetBackendStatsRequest()),
+    # volume types and QoS specs: agents neither write nor read them
+    ("CreateVolumeType", spb.CreateVolumeTypeRequest(name="by-agent")),
+    ("GetVolumeType", spb.GetVolumeTypeRequest(volume_type="none")),
+    ("ListVolumeTypes", spb.ListVolumeTypesRequest()),
+    ("UpdateVolumeType", spb.UpdateVolumeTypeRequest(volume_type="none")),
+    ("DeleteVolumeType", spb.DeleteVolumeTypeRequest(volume_type="none")),
+    ("SetVolumeTypeQosSpecs", spb.SetVolumeTypeQosSpecsRequest(volume_type="none")),
+    ("CreateQosSpecs", spb.CreateQosSpecsRequest(name="by-agent")),
+    ("GetQosSpecs", spb.GetQosSpecsRequest(qos_specs="none")),
+    ("ListQosSpecs", spb.ListQosSpecsRequest()),
+    ("UpdateQosSpecs", spb.UpdateQosSpecsRequest(qos_specs="none")),
+    ("DeleteQosSpecs", spb.DeleteQosSpecsRequest(qos_specs="none")),
 ]
 
 

@@ -60,6 +60,8 @@ class Rig:
     # daemon's socket when another rig runs it (two agents, one storage)
     libvirt_uri: str = "qemu:///system"
     storage_socket: Path | None = None
+    # both daemons' log level (benchmarks run them at the deployed default, INFO)
+    log_level: str = "DEBUG"
 
     def lv(self) -> libvirt.virConnect:
         """The libvirt connection, opened again when libvirtd restarted under it."""
@@ -84,7 +86,7 @@ class Rig:
             f"""[server]
 unix_socket = "{sock}"
 log_format = "kv"
-log_level = "DEBUG"
+log_level = "{self.log_level}"
 
 [service]
 catalog_path = "{self.work / "storage.db"}"
@@ -119,7 +121,7 @@ initiator_file = "{self.work / "no-initiatorname"}"
 hostnqn_file = "{self.work / "no-hostnqn"}"
 device_timeout = 10.0
 detach_timeout = {self.detach_timeout}
-log_level = "DEBUG"
+log_level = "{self.log_level}"
 {self.agent_config}"""
         )
         self.agent_proc = Daemon.agent(config, sock).start(failpoints)

@@ -107,6 +107,8 @@ class FakeTgtd:
         if mode == "account":
             user = o.get("--user", "")
             if op == "new":
+                if user in self.accounts:
+                    return REFUSED, "", "tgtadm: this account already exists\n"
                 self.accounts.add(user)
             elif op == "delete":
                 if user not in self.accounts:

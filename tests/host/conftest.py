@@ -1,4 +1,5 @@
-"""Host tier: real tgtd, libvirtd + QEMU, udevd and a throwaway Ceph cluster on this machine (root)."""
+"""Host tier: real tgtd, libvirtd + QEMU, udevd, a throwaway Ceph cluster and a throwaway PostgreSQL
+server on this machine (root)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from tests.host.daemons import (
     free_tgt_control_port,
     need_root,
 )
+from tests.postgres import PostgresMissing, PostgresServer
 
 # Two portals on two loopback addresses: two paths to every LUN. The port and the tgtd control port are
 # chosen free per test session, so parallel runs never share a tgtd: use `tgtd.portals` and
@@ -65,3 +67,21 @@ def ceph_cluster() -> Iterator[CephCluster]:
         tier_unavailable("host", f"Ceph cluster: {exc}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (~2 s): `.dsn()` (no password in it),
+    `.password_file`, `.create_database()` -> the DSN of a fresh database, `.restart()`."""
+    try:
+        server = PostgresServer().start()
+    except PostgresMissing as exc:
+        tier_unavailable("host", f"PostgreSQL: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database per test (its DSN; the password is in postgres_server.password_file)."""
+    return postgres_server.create_database()

@@ -202,6 +202,13 @@ class Started:
             self.stops.pop()()
 
 
+def _pid_of(pidfile: str) -> int:
+    try:
+        return int(Path(pidfile).read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def _pid_alive(pidfile: str) -> bool:
     try:
         pid = int(Path(pidfile).read_text().strip())
@@ -232,12 +239,18 @@ def ensure_libvirtd(started: Started) -> None:
         subprocess.run([virtlogd, "-d"], check=True, timeout=30)
     if not _pid_alive("/run/libvirtd.pid"):
         subprocess.run([libvirtd, "-d"], check=True, timeout=30)
+        _wait_for("libvirtd", answers, 60)
+        ours = _pid_of("/run/libvirtd.pid")
 
         def stop_libvirtd() -> None:
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(Path("/run/libvirtd.pid").read_text()), signal.SIGTERM)
+            # Only the libvirtd this session started, by the pid it had then: one that another run
+            # restarted meanwhile (the pid file names another process) is that run's to stop.
+            if ours and _pid_of("/run/libvirtd.pid") == ours:
+                with contextlib.suppress(OSError):
+                    os.kill(ours, signal.SIGTERM)
 
         started.stops.append(stop_libvirtd)
+        return
     _wait_for("libvirtd", answers, 60)
 
 

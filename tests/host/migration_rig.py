@@ -18,12 +18,18 @@ from tests.fakes.daemon_rig import Rig, force_cleanup
 from tests.host.daemons import Tgtd
 from tests.host.libvirt_hosts import LibvirtHost, two_hosts
 
+KEYS = '\n[keys]\nkind = "embedded"\nmaster_key_file = "{master}"\n'
+
 
 @dataclass
 class World:
     hosts: tuple[LibvirtHost, LibvirtHost]
-    a: Rig  # storage + agent A on libvirt host A
+    a: Rig  # storage (with the embedded key manager: `master_key`) + agent A on libvirt host A
     b: Rig  # agent B on libvirt host B (storage: a's)
+
+    @property
+    def master_key(self) -> Path:
+        return self.a.work / "master.key"
 
     def rig(self, side: str) -> Rig:
         return self.a if side == "a" else self.b
@@ -55,6 +61,8 @@ def running_world(tgtd: Tgtd) -> Iterator[World]:
                     detach_timeout=5.0,
                     agent_config=f'libvirt_uri = "{h.uri}"\nhost_name = "bw-host-{side}"\n',
                     storage_socket=root / "agent-a" / "storage.sock" if side == "b" else None,
+                    # encrypted volumes: the embedded key manager, its master key beside the catalog
+                    storage_config=KEYS.format(master=work / "master.key") if side == "a" else "",
                 )
             )
         a, b = rigs

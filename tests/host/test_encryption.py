@@ -343,3 +343,25 @@ def test_a_restarted_agent_sweeps_orphaned_key_secrets_and_keeps_the_one_a_domai
     rig.detach(domain, v.id)
     assert luks_secrets(rig) == []
     rig.delete_volume(v.id)
+
+
+def test_a_volume_type_asking_encryption_makes_encrypted_volumes(rig: Rig) -> None:
+    """`encryption: <is> True` in a type's extra specs: its volumes are LUKS1 with a fresh key although
+    the request does not ask; the backend must have the capability (file: yes)."""
+    storage = rig.storage
+    name = f"enc-type-{os.urandom(3).hex()}"
+    vtype = storage.CreateVolumeType(
+        spb.CreateVolumeTypeRequest(name=name, extra_specs={"encryption": "<is> True"}), timeout=10
+    ).volume_type
+    v = storage.CreateVolume(
+        spb.CreateVolumeRequest(name=f"{name}-v", size_bytes=16 * MIB, volume_type=name), timeout=120
+    ).volume
+    rig.volume_ids.add(v.id)
+    v = wait_available(rig, v.id)
+    assert v.volume_type == name
+    assert v.encryption.key_size_bits == 512
+    assert v.encryption.key_ref
+    with backing(rig, v.id).open("rb") as f:
+        assert f.read(6) == LUKS_MAGIC
+    rig.delete_volume(v.id)
+    storage.DeleteVolumeType(spb.DeleteVolumeTypeRequest(volume_type=vtype.id), timeout=10)

@@ -9,15 +9,19 @@ and one storage daemon (file + tgt):
 * a destination QEMU that cannot log in (an initiator the target does not admit) fails libvirt's
   migration, AbortMigration on B undoes B's part, and the domain runs on A with its disks untouched;
 * an agent killed at a step on either side (failpoints), restarted (its reconcile) with the caller
-  repeating its call, ends "migrated" or "not migrated", never in between.
+  repeating its call, ends "migrated" or "not migrated", never in between;
+* an encrypted volume (LUKS1, the embedded key manager) migrates with a key secret of B's own in the
+  destination XML; A's secret goes with FinishOutgoingMigration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import libvirt
@@ -25,6 +29,7 @@ import libvirt_qemu  # type: ignore[import-untyped]
 import pytest
 
 from blockwire.v1 import hostagent_pb2 as hpb
+from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
 from hostagent.migration import (
     FP_FINISH_IN_AFTER_JOURNAL,
@@ -32,6 +37,7 @@ from hostagent.migration import (
     FP_PREPARE_AFTER_CONNECT,
     FP_PREPARE_AFTER_CREATE_ATTACHMENT,
 )
+from storagesvc.keys.embedded import EmbeddedKeys
 from tests.conftest import tier_unavailable
 from tests.fakes.daemon_rig import MIB
 from tests.host.daemons import Missing, Started, Tgtd
@@ -328,3 +334,86 @@ def test_migrate_domain_runs_the_flow_agent_to_agent(world: World, vm: Vm) -> No
         world.b.agent.MigrateDomain(back, timeout=300)
     assert holds_nothing(world, "a", vm.name, vm.volumes) == {}
     assert holds_all(world, "b", vm.name, vm.volumes) == {}
+
+
+def luks_secrets(world: World, side: str, volume_id: str) -> dict[str, str]:
+    """usage id -> uuid of `side`'s libvirt secrets holding the volume's key (hostagent.encryption)."""
+    return {
+        str(s.usageID()): str(s.UUIDString())
+        for s in world.rig(side).lv().listAllSecrets()
+        if str(s.usageID() or "").startswith(f"blockwire-luks/{volume_id}/")
+    }
+
+
+def test_an_encrypted_volume_migrates_with_a_secret_of_the_destinations_own(
+    world: World, tmp_path: Path
+) -> None:
+    """B defines its own private secret for the key (from its CreateMigrationAttachment answer) and the
+    destination XML's <encryption> names it; A's secret goes with FinishOutgoing; what QEMU wrote on A
+    reads back through QEMU on B; the file holds ciphertext only; the key is in no log or argv."""
+    a, b = world.a, world.b
+    name = f"bw-migenc-{uuid.uuid4().hex[:6]}"
+    v = a.storage.CreateVolume(
+        spb.CreateVolumeRequest(name=f"enc-{name}", size_bytes=8 * MIB, backend="file", encrypted=True),
+        timeout=120,
+    ).volume
+    assert v.state == pb.VOLUME_STATE_AVAILABLE, v
+    a.volume_ids.add(v.id)
+    b.volume_ids.add(v.id)
+    key = EmbeddedKeys(world.master_key).get_key(v.encryption.key_ref).reveal()
+    vm = Vm(name, [v.id])
+    a.lv().createXML(domain_xml(name), 0)
+    try:
+        att = a.attach(name, v.id)
+        assert att.target_dev == "sda"
+        (source_secret,) = luks_secrets(world, "a", v.id).values()
+        out = qemu_io(world, "a", name, "sda", f"write -P {PATTERN_A:#x} 0 64k")
+        assert "wrote 65536/65536 bytes" in out, out
+
+        prepared = prepare(world, "a", "b", name)
+        ((dst_usage, dst_secret),) = luks_secrets(world, "b", v.id).items()
+        (disk,) = prepared.disks
+        assert dst_usage == f"blockwire-luks/{v.id}/{disk.attachment_id}"  # B's own secret ...
+        assert dst_secret != source_secret
+        xml = prepared.destination_domain_xml
+        assert f'<secret type="passphrase" uuid="{dst_secret}"/>' in xml  # ... named by B's XML
+        assert source_secret not in xml
+        assert xml.count("<encryption") == 1
+        assert key not in xml
+        assert list(luks_secrets(world, "a", v.id).values()) == [source_secret]  # A's QEMU still uses its
+
+        libvirt_migrate(world, "a", "b", name, xml)
+        finish(world, "a", "b", name)
+        assert luks_secrets(world, "a", v.id) == {}  # FinishOutgoing removed A's secret
+        assert list(luks_secrets(world, "b", v.id).values()) == [dst_secret]
+        assert holds_all(world, "b", name, vm.volumes) == {}
+        assert holds_nothing(world, "a", name, vm.volumes) == {}
+        live = b.lv().lookupByName(name).XMLDesc(0)
+        assert f"uuid='{dst_secret}'" in live
+        out = qemu_io(world, "b", name, "sda", f"read -P {PATTERN_A:#x} 0 64k")  # A's write, B's QEMU
+        assert "read 65536/65536 bytes" in out, out
+        assert "Pattern verification failed" not in out, out
+        assert bytes([PATTERN_A]) * 4096 not in backing(world, v.id)
+
+        b.detach(name, v.id)
+        assert luks_secrets(world, "b", v.id) == {}
+        for rig in (a, b):
+            for log in rig.work.glob("*.log"):
+                assert key not in log.read_text(errors="replace"), log
+            for record in (rig.state / "attachments").glob("*.json"):
+                assert key not in record.read_text(), record
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                with contextlib.suppress(OSError):
+                    assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), f"pid {pid}"
+    finally:
+        for side in ("a", "b"):
+            rig = world.rig(side)
+            with contextlib.suppress(libvirt.libvirtError):
+                rig.lv().lookupByName(name).destroy()
+            with contextlib.suppress(grpc.RpcError):
+                rig.detach(name, v.id)
+            with contextlib.suppress(grpc.RpcError):
+                rig.agent.AbortMigration(hpb.AbortMigrationRequest(domain=name), timeout=60)
+        with contextlib.suppress(grpc.RpcError):
+            a.delete_volume(v.id)

@@ -454,6 +454,16 @@ def test_capacity(env: Env) -> None:
     assert env.run("capacity", "lvm").code == cli.EXIT_NOT_FOUND
 
 
+def test_nodes_of_a_single_node_service(env: Env) -> None:
+    r = env.run("nodes")
+    assert r.code == 0, r.err
+    row = r.out.splitlines()[1].split()
+    assert (row[0], row[2], row[3 + 2], row[4 + 2]) == ("(single)", "up", "file", "file")
+    data = env.run("nodes", "--json").json()
+    assert data[0]["up"] is True
+    assert data[0]["backends"][0]["name"] == "file"
+
+
 # health
 
 
@@ -605,6 +615,7 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         ["attachments"],
         ["connector"],
         ["capacity"],
+        ["nodes"],
         ["health"],
         ["completion"],
     ]

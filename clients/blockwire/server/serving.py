@@ -11,7 +11,8 @@ reflection, logging, signal handling, and who the caller is.
   no role and every call is UNAUTHENTICATED (health and reflection still answer). Plaintext TCP is refused
   unless `allow_insecure_tcp` says so; it is logged as a warning at start, and its callers are admins.
 * Roles come from the client certificate's SAN URI: ``blockwire://agent/<host>`` (a compute host's
-  agent) or ``blockwire://admin/<name>`` (an operator or a controller). See `identify`.
+  agent), ``blockwire://admin/<name>`` (an operator or a controller) or
+  ``blockwire://storage-node/<name>`` (another storage node forwarding a call). See `identify`.
 * Concurrency: every call but Health/Check belongs to a class (stream, long, quick) with its own bound
   (`blockwire.limits.Limits`, the daemon's [limits] table); past it the call is refused at once with
   RESOURCE_EXHAUSTED naming the bound (`LimitsInterceptor`). The thread pool has a thread for every call
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 ROLE_URI_PREFIX = "blockwire://"
 ADMIN = "admin"
 AGENT = "agent"
+STORAGE_NODE = "storage-node"  # another blockwire-storage process of the cluster forwarding a call
+ROLES = (ADMIN, AGENT, STORAGE_NODE)
 _STD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -98,7 +101,8 @@ class Listeners:
 
 @dataclass(frozen=True)
 class Identity:
-    """Who called: `role` is "admin" or "agent"; `name` is the agent's host or the admin's name;
+    """Who called: `role` is "admin", "agent" or "storage-node"; `name` is the agent's host, the admin's
+    or the storage node's name;
     `via` is "unix", "tls" or "insecure-tcp"."""
 
     role: str
@@ -121,7 +125,7 @@ def identify(context: grpc.ServicerContext) -> Identity | None:
         if not uri.startswith(ROLE_URI_PREFIX):
             continue
         role, _, name = uri.removeprefix(ROLE_URI_PREFIX).partition("/")
-        if role in (ADMIN, AGENT) and name and "/" not in name:
+        if role in ROLES and name and "/" not in name:
             return Identity(role, name, "tls")
     subject = b",".join(auth.get("x509_subject", [])).decode(errors="replace")
     return Identity("", subject[:200], "tls")
@@ -154,8 +158,8 @@ class AuthInterceptor(_Interceptor):
         if not who.role:
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                "the client certificate names no blockwire role (SAN URI blockwire://agent/<host> "
-                "or blockwire://admin/<name>)",
+                "the client certificate names no blockwire role (SAN URI blockwire://agent/<host>, "
+                "blockwire://admin/<name> or blockwire://storage-node/<name>)",
             )
         try:
             self.policy(who, method, request)

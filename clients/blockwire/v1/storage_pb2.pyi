@@ -7,6 +7,7 @@ from blockwire.v1 import types_pb2 as _types_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -55,6 +56,7 @@ class CreateVolumeRequest(_message.Message):
     SOURCE_IMAGE_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
     KEY_SIZE_BITS_FIELD_NUMBER: _builtins.int
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name; the idempotency key."""
     size_bytes: _builtins.int
@@ -62,7 +64,9 @@ class CreateVolumeRequest(_message.Message):
     size grows the copy.
     """
     backend: _builtins.str
-    """Backend name; empty means the service's default."""
+    """Backend name; empty means the service's default backend ([service] default_backend), else the
+    scheduler's choice among the backends that meet the volume type's extra specs.
+    """
     multiattach: _builtins.bool
     """Allow several attachments at once."""
     source_snapshot_id: _builtins.str
@@ -77,6 +81,12 @@ class CreateVolumeRequest(_message.Message):
     """
     key_size_bits: _builtins.int
     """The key size in bits with `encrypted`: 512 (AES-256-XTS, the default when 0) or 256 (AES-128-XTS)."""
+    volume_type: _builtins.str
+    """The volume type (id or name); empty means the service's default type ([scheduler]
+    default_volume_type), or none. Without `backend`, the type's extra specs choose the backend; a type
+    whose extra specs say `multiattach` or `encryption` is `<is> True` makes the volume so. The resolved
+    type's name is part of the idempotency check.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Labels: keys 1-63 characters of [a-z0-9._/-], values at most 255 characters."""
@@ -98,10 +108,11 @@ class CreateVolumeRequest(_message.Message):
         source_image: _types_pb2.ImageSource | None = ...,
         encrypted: _builtins.bool = ...,
         key_size_bits: _builtins.int = ...,
+        volume_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "encrypted", b"encrypted", "key_size_bits", b"key_size_bits", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "encrypted", b"encrypted", "key_size_bits", b"key_size_bits", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "volume_type", b"volume_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_snapshot_id", "source_volume_id", "source_image"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
@@ -889,16 +900,20 @@ class GetCapacityRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKEND_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """One backend; empty means all."""
+    node: _builtins.str
+    """One storage node's backends; empty means every node's."""
     def __init__(
         self,
         *,
         backend: _builtins.str = ...,
+        node: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -915,6 +930,9 @@ class BackendCapacity(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     PROVISIONED_BYTES_FIELD_NUMBER: _builtins.int
     MAX_VOLUME_BYTES_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_DOWN_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
     backend: _builtins.str
     """Backend name."""
     total_bytes: _builtins.int
@@ -925,6 +943,12 @@ class BackendCapacity(_message.Message):
     """Sum of the sizes of its volumes (thin provisioning can exceed total_bytes)."""
     max_volume_bytes: _builtins.int
     """Largest volume that can be created now."""
+    node: _builtins.str
+    """The storage node that serves the backend ("" on a single-node service)."""
+    node_down: _builtins.bool
+    """Whether that node is down (its heartbeat is older than its down_after)."""
+    shared: _builtins.bool
+    """Whether every node reaches the backend (rbd) rather than only its own node (file, lvm-thin)."""
     def __init__(
         self,
         *,
@@ -933,10 +957,13 @@ class BackendCapacity(_message.Message):
         free_bytes: _builtins.int = ...,
         provisioned_bytes: _builtins.int = ...,
         max_volume_bytes: _builtins.int = ...,
+        node: _builtins.str = ...,
+        node_down: _builtins.bool = ...,
+        shared: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "free_bytes", b"free_bytes", "max_volume_bytes", b"max_volume_bytes", "provisioned_bytes", b"provisioned_bytes", "total_bytes", b"total_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "free_bytes", b"free_bytes", "max_volume_bytes", b"max_volume_bytes", "node", b"node", "node_down", b"node_down", "provisioned_bytes", b"provisioned_bytes", "shared", b"shared", "total_bytes", b"total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1251,3 +1278,857 @@ class RollbackMigrationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RollbackMigrationResponse: _TypeAlias = RollbackMigrationResponse  # noqa: Y015
+
+@_typing.final
+class ListStorageNodesRequest(_message.Message):
+    """ListStorageNodesRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorageNodesRequest: _TypeAlias = ListStorageNodesRequest  # noqa: Y015
+
+@_typing.final
+class StorageNodeBackend(_message.Message):
+    """StorageNodeBackend is one backend as its node registered it (figures as of its last heartbeat)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CapabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SHARED_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    FREE_BYTES_FIELD_NUMBER: _builtins.int
+    PROVISIONED_BYTES_FIELD_NUMBER: _builtins.int
+    VOLUME_COUNT_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Backend name (unique across the cluster)."""
+    kind: _builtins.str
+    """"file", "lvm-thin" or "rbd"."""
+    shared: _builtins.bool
+    """Whether every node reaches it (rbd) or only its own node (file, lvm-thin)."""
+    healthy: _builtins.bool
+    """Whether the backend and its exporter answered at the last heartbeat."""
+    total_bytes: _builtins.int
+    """Bytes the backend can hold."""
+    free_bytes: _builtins.int
+    """Bytes still free."""
+    provisioned_bytes: _builtins.int
+    """Sum of the sizes of its volumes."""
+    volume_count: _builtins.int
+    """How many volumes it holds."""
+    @_builtins.property
+    def capabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """What it can do ("kind", "thin_provisioning", "multiattach", "transport", ...)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        shared: _builtins.bool = ...,
+        healthy: _builtins.bool = ...,
+        total_bytes: _builtins.int = ...,
+        free_bytes: _builtins.int = ...,
+        provisioned_bytes: _builtins.int = ...,
+        volume_count: _builtins.int = ...,
+        capabilities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "free_bytes", b"free_bytes", "healthy", b"healthy", "kind", b"kind", "name", b"name", "provisioned_bytes", b"provisioned_bytes", "shared", b"shared", "total_bytes", b"total_bytes", "volume_count", b"volume_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageNodeBackend: _TypeAlias = StorageNodeBackend  # noqa: Y015
+
+@_typing.final
+class StorageNode(_message.Message):
+    """StorageNode is one blockwire-storage process of the cluster."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    LAST_HEARTBEAT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    BACKENDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Its [node] name."""
+    address: _builtins.str
+    """The gRPC address other nodes forward calls to ("host:port", mutual TLS)."""
+    up: _builtins.bool
+    """Whether its last heartbeat is younger than its down_after."""
+    @_builtins.property
+    def last_heartbeat(self) -> _timestamp_pb2.Timestamp:
+        """When it last heartbeated."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it (last) started."""
+
+    @_builtins.property
+    def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageNodeBackend]:
+        """Its backends."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        last_heartbeat: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        backends: _abc.Iterable[Global___StorageNodeBackend] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "backends", b"backends", "last_heartbeat", b"last_heartbeat", "name", b"name", "start_time", b"start_time", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StorageNode: _TypeAlias = StorageNode  # noqa: Y015
+
+@_typing.final
+class ListStorageNodesResponse(_message.Message):
+    """ListStorageNodesResponse lists every registered node, by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StorageNode]:
+        """The nodes."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___StorageNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListStorageNodesResponse: _TypeAlias = ListStorageNodesResponse  # noqa: Y015
+
+@_typing.final
+class CreateVolumeTypeRequest(_message.Message):
+    """CreateVolumeTypeRequest asks for a volume type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExtraSpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    EXTRA_SPECS_FIELD_NUMBER: _builtins.int
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique name (1-63 characters of [A-Za-z0-9._-]); the idempotency key. Never changes."""
+    description: _builtins.str
+    """Free text, at most 255 printable characters."""
+    qos_specs: _builtins.str
+    """QoS specs (id or name) to associate; empty: none."""
+    @_builtins.property
+    def extra_specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra specs: unscoped or "capabilities:" keys are scheduler rules ("<is> True", "== 3", ">= 10",
+        "s== iscsi", "<in> ssd", "<or> a <or> b", or a plain value); "volume_backend_name" and
+        "availability_zone" pin the backend or zone. At most 64.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        extra_specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        qos_specs: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "extra_specs", b"extra_specs", "name", b"name", "qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeTypeRequest: _TypeAlias = CreateVolumeTypeRequest  # noqa: Y015
+
+@_typing.final
+class CreateVolumeTypeResponse(_message.Message):
+    """CreateVolumeTypeResponse returns the type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_type(self) -> _types_pb2.VolumeType:
+        """The type (new, or the existing one on a repeat)."""
+
+    def __init__(
+        self,
+        *,
+        volume_type: _types_pb2.VolumeType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateVolumeTypeResponse: _TypeAlias = CreateVolumeTypeResponse  # noqa: Y015
+
+@_typing.final
+class GetVolumeTypeRequest(_message.Message):
+    """GetVolumeTypeRequest names a volume type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    volume_type: _builtins.str
+    """Id or name."""
+    def __init__(
+        self,
+        *,
+        volume_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVolumeTypeRequest: _TypeAlias = GetVolumeTypeRequest  # noqa: Y015
+
+@_typing.final
+class GetVolumeTypeResponse(_message.Message):
+    """GetVolumeTypeResponse returns the type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_type(self) -> _types_pb2.VolumeType:
+        """The type."""
+
+    def __init__(
+        self,
+        *,
+        volume_type: _types_pb2.VolumeType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetVolumeTypeResponse: _TypeAlias = GetVolumeTypeResponse  # noqa: Y015
+
+@_typing.final
+class ListVolumeTypesRequest(_message.Message):
+    """ListVolumeTypesRequest asks for a page of volume types."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (1-1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumeTypesRequest: _TypeAlias = ListVolumeTypesRequest  # noqa: Y015
+
+@_typing.final
+class ListVolumeTypesResponse(_message.Message):
+    """ListVolumeTypesResponse is a page of volume types."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last."""
+    @_builtins.property
+    def volume_types(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.VolumeType]:
+        """The types."""
+
+    def __init__(
+        self,
+        *,
+        volume_types: _abc.Iterable[_types_pb2.VolumeType] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "volume_types", b"volume_types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListVolumeTypesResponse: _TypeAlias = ListVolumeTypesResponse  # noqa: Y015
+
+@_typing.final
+class ExtraSpecs(_message.Message):
+    """ExtraSpecs is a whole set of extra specs (a message so that "unset" differs from "empty")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The specs."""
+
+    def __init__(
+        self,
+        *,
+        specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExtraSpecs: _TypeAlias = ExtraSpecs  # noqa: Y015
+
+@_typing.final
+class UpdateVolumeTypeRequest(_message.Message):
+    """UpdateVolumeTypeRequest changes a volume type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    EXTRA_SPECS_FIELD_NUMBER: _builtins.int
+    volume_type: _builtins.str
+    """Id or name."""
+    description: _builtins.str
+    """The new description; unset keeps it."""
+    @_builtins.property
+    def extra_specs(self) -> Global___ExtraSpecs:
+        """The new extra specs, replacing all of them; unset keeps them."""
+
+    def __init__(
+        self,
+        *,
+        volume_type: _builtins.str = ...,
+        description: _builtins.str | None = ...,
+        extra_specs: Global___ExtraSpecs | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "extra_specs", b"extra_specs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_description", b"_description", "description", b"description", "extra_specs", b"extra_specs", "volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__description: _TypeAlias = _typing.Literal["description"]  # noqa: Y015
+    _WhichOneofArgType__description: _TypeAlias = _typing.Literal["_description", b"_description"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__description) -> _WhichOneofReturnType__description | None: ...
+
+Global___UpdateVolumeTypeRequest: _TypeAlias = UpdateVolumeTypeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateVolumeTypeResponse(_message.Message):
+    """UpdateVolumeTypeResponse returns the type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_type(self) -> _types_pb2.VolumeType:
+        """The type as it is now."""
+
+    def __init__(
+        self,
+        *,
+        volume_type: _types_pb2.VolumeType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateVolumeTypeResponse: _TypeAlias = UpdateVolumeTypeResponse  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeTypeRequest(_message.Message):
+    """DeleteVolumeTypeRequest names a volume type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    volume_type: _builtins.str
+    """Id or name."""
+    def __init__(
+        self,
+        *,
+        volume_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeTypeRequest: _TypeAlias = DeleteVolumeTypeRequest  # noqa: Y015
+
+@_typing.final
+class DeleteVolumeTypeResponse(_message.Message):
+    """DeleteVolumeTypeResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteVolumeTypeResponse: _TypeAlias = DeleteVolumeTypeResponse  # noqa: Y015
+
+@_typing.final
+class SetVolumeTypeQosSpecsRequest(_message.Message):
+    """SetVolumeTypeQosSpecsRequest associates a type with QoS specs, or with none."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    volume_type: _builtins.str
+    """Id or name of the type."""
+    qos_specs: _builtins.str
+    """Id or name of the QoS specs; empty: none."""
+    def __init__(
+        self,
+        *,
+        volume_type: _builtins.str = ...,
+        qos_specs: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs", "volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVolumeTypeQosSpecsRequest: _TypeAlias = SetVolumeTypeQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class SetVolumeTypeQosSpecsResponse(_message.Message):
+    """SetVolumeTypeQosSpecsResponse returns the type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def volume_type(self) -> _types_pb2.VolumeType:
+        """The type as it is now."""
+
+    def __init__(
+        self,
+        *,
+        volume_type: _types_pb2.VolumeType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["volume_type", b"volume_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetVolumeTypeQosSpecsResponse: _TypeAlias = SetVolumeTypeQosSpecsResponse  # noqa: Y015
+
+@_typing.final
+class CreateQosSpecsRequest(_message.Message):
+    """CreateQosSpecsRequest asks for QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    SPECS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Unique name (1-63 characters of [A-Za-z0-9._-]); the idempotency key. Never changes."""
+    consumer: _builtins.str
+    """"front-end" (the default when empty: the hypervisor applies them), "back-end" or "both"."""
+    @_builtins.property
+    def specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Limits: {total,read,write}_{bytes,iops}_sec and their _per_gb variants, whole numbers as text."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "name", b"name", "specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateQosSpecsRequest: _TypeAlias = CreateQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class CreateQosSpecsResponse(_message.Message):
+    """CreateQosSpecsResponse returns the QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def qos_specs(self) -> _types_pb2.QosSpecs:
+        """The QoS specs (new, or the existing ones on a repeat)."""
+
+    def __init__(
+        self,
+        *,
+        qos_specs: _types_pb2.QosSpecs | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateQosSpecsResponse: _TypeAlias = CreateQosSpecsResponse  # noqa: Y015
+
+@_typing.final
+class GetQosSpecsRequest(_message.Message):
+    """GetQosSpecsRequest names QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    qos_specs: _builtins.str
+    """Id or name."""
+    def __init__(
+        self,
+        *,
+        qos_specs: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQosSpecsRequest: _TypeAlias = GetQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class GetQosSpecsResponse(_message.Message):
+    """GetQosSpecsResponse returns the QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def qos_specs(self) -> _types_pb2.QosSpecs:
+        """The QoS specs."""
+
+    def __init__(
+        self,
+        *,
+        qos_specs: _types_pb2.QosSpecs | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetQosSpecsResponse: _TypeAlias = GetQosSpecsResponse  # noqa: Y015
+
+@_typing.final
+class ListQosSpecsRequest(_message.Message):
+    """ListQosSpecsRequest asks for a page of QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (1-1000; 0 means 100)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQosSpecsRequest: _TypeAlias = ListQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class ListQosSpecsResponse(_message.Message):
+    """ListQosSpecsResponse is a page of QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token of the next page; empty on the last."""
+    @_builtins.property
+    def qos_specs(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.QosSpecs]:
+        """The QoS specs."""
+
+    def __init__(
+        self,
+        *,
+        qos_specs: _abc.Iterable[_types_pb2.QosSpecs] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQosSpecsResponse: _TypeAlias = ListQosSpecsResponse  # noqa: Y015
+
+@_typing.final
+class QosLimits(_message.Message):
+    """QosLimits is a whole set of QoS limits (a message so that "unset" differs from "empty")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The limits."""
+
+    def __init__(
+        self,
+        *,
+        specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QosLimits: _TypeAlias = QosLimits  # noqa: Y015
+
+@_typing.final
+class UpdateQosSpecsRequest(_message.Message):
+    """UpdateQosSpecsRequest changes QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    SPECS_FIELD_NUMBER: _builtins.int
+    qos_specs: _builtins.str
+    """Id or name."""
+    consumer: _builtins.str
+    """The new consumer; empty keeps it."""
+    @_builtins.property
+    def specs(self) -> Global___QosLimits:
+        """The new limits, replacing all of them; unset keeps them."""
+
+    def __init__(
+        self,
+        *,
+        qos_specs: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        specs: Global___QosLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["specs", b"specs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "qos_specs", b"qos_specs", "specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateQosSpecsRequest: _TypeAlias = UpdateQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateQosSpecsResponse(_message.Message):
+    """UpdateQosSpecsResponse returns the QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def qos_specs(self) -> _types_pb2.QosSpecs:
+        """The QoS specs as they are now."""
+
+    def __init__(
+        self,
+        *,
+        qos_specs: _types_pb2.QosSpecs | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateQosSpecsResponse: _TypeAlias = UpdateQosSpecsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteQosSpecsRequest(_message.Message):
+    """DeleteQosSpecsRequest names QoS specs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QOS_SPECS_FIELD_NUMBER: _builtins.int
+    qos_specs: _builtins.str
+    """Id or name."""
+    def __init__(
+        self,
+        *,
+        qos_specs: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qos_specs", b"qos_specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteQosSpecsRequest: _TypeAlias = DeleteQosSpecsRequest  # noqa: Y015
+
+@_typing.final
+class DeleteQosSpecsResponse(_message.Message):
+    """DeleteQosSpecsResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteQosSpecsResponse: _TypeAlias = DeleteQosSpecsResponse  # noqa: Y015

@@ -127,6 +127,11 @@ class StorageServiceStub:
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityResponse.FromString,
                 _registered_method=True)
+        self.ListStorageNodes = channel.unary_unary(
+                '/blockwire.v1.StorageService/ListStorageNodes',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.FromString,
+                _registered_method=True)
         self.GetBackendStats = channel.unary_unary(
                 '/blockwire.v1.StorageService/GetBackendStats',
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.SerializeToString,
@@ -146,6 +151,61 @@ class StorageServiceStub:
                 '/blockwire.v1.StorageService/RollbackMigration',
                 request_serializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.SerializeToString,
                 response_deserializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.FromString,
+                _registered_method=True)
+        self.CreateVolumeType = channel.unary_unary(
+                '/blockwire.v1.StorageService/CreateVolumeType',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeResponse.FromString,
+                _registered_method=True)
+        self.GetVolumeType = channel.unary_unary(
+                '/blockwire.v1.StorageService/GetVolumeType',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeResponse.FromString,
+                _registered_method=True)
+        self.ListVolumeTypes = channel.unary_unary(
+                '/blockwire.v1.StorageService/ListVolumeTypes',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesResponse.FromString,
+                _registered_method=True)
+        self.UpdateVolumeType = channel.unary_unary(
+                '/blockwire.v1.StorageService/UpdateVolumeType',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeResponse.FromString,
+                _registered_method=True)
+        self.DeleteVolumeType = channel.unary_unary(
+                '/blockwire.v1.StorageService/DeleteVolumeType',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeResponse.FromString,
+                _registered_method=True)
+        self.SetVolumeTypeQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/SetVolumeTypeQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsResponse.FromString,
+                _registered_method=True)
+        self.CreateQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/CreateQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsResponse.FromString,
+                _registered_method=True)
+        self.GetQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/GetQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.GetQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.GetQosSpecsResponse.FromString,
+                _registered_method=True)
+        self.ListQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/ListQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.ListQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.ListQosSpecsResponse.FromString,
+                _registered_method=True)
+        self.UpdateQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/UpdateQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsResponse.FromString,
+                _registered_method=True)
+        self.DeleteQosSpecs = channel.unary_unary(
+                '/blockwire.v1.StorageService/DeleteQosSpecs',
+                request_serializer=blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsRequest.SerializeToString,
+                response_deserializer=blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsResponse.FromString,
                 _registered_method=True)
 
 
@@ -169,8 +229,12 @@ class StorageServiceServicer:
         """Creates a volume, empty or from a snapshot, another volume or an image.
         Idempotent by name: a repeat with the same name and parameters returns the existing volume (even
         while it is still CREATING); the same name with other parameters gives ALREADY_EXISTS.
-        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source), NOT_FOUND (source snapshot or volume),
-        RESOURCE_EXHAUSTED, ALREADY_EXISTS.
+        Without a backend, the scheduler places the volume (README "Volume types, QoS specs and the
+        scheduler") and a backend failure is retried on the next ranked backend ([scheduler] max_attempts);
+        the final error names each attempt.
+        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source, backend), NOT_FOUND (source snapshot or
+        volume, volume type), FAILED_PRECONDITION (no backend meets the type's extra specs: the message counts
+        them per reason), RESOURCE_EXHAUSTED, ALREADY_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -310,7 +374,18 @@ class StorageServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCapacity(self, request, context):
-        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown).
+        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+        With several storage nodes: every backend of every node (from the shared catalog), each naming its
+        node and whether that node is up; `node` narrows to one node's backends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListStorageNodes(self, request, context):
+        """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+        up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+        table reports itself as one unnamed node. Read-only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -334,7 +409,8 @@ class StorageServiceServicer:
         destination uses the same initiator; the target stays), or RollbackMigration removes it and
         leaves the source's untouched.
         Idempotent: a repeat with the same source, connector, domain returns the existing destination
-        attachment and the same connection info.
+        attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
+        the key as CreateAttachment's does: the destination defines its own secret for it.
         Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
         FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
         destination is the source's host, the volume already has a migration to another host or domain: the
@@ -363,6 +439,101 @@ class StorageServiceServicer:
         or an unknown id, returns OK.
         Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
         is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateVolumeType(self, request, context):
+        """Volume types (admin only for writes; agents may not call any of these). A type's extra specs
+        place its volumes (scheduler filters: capabilities, volume_backend_name, availability_zone) and may
+        make them multiattach or encrypted; its QoS specs (at most one) limit their disks.
+        Creates a volume type. Idempotent by name: a repeat with the same description, extra specs and QoS
+        specs returns the existing type; the same name with other parameters gives ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT (name, description, an extra spec: the message names its key), NOT_FOUND
+        (qos_specs), ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetVolumeType(self, request, context):
+        """Returns one volume type, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListVolumeTypes(self, request, context):
+        """Lists volume types ordered by creation, a page at a time. Read-only.
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateVolumeType(self, request, context):
+        """Replaces a type's description and/or extra specs (the unset ones are kept). Volumes that exist keep
+        what they were given; new volumes get the new specs. A repeat returns the type unchanged.
+        Errors: INVALID_ARGUMENT (an extra spec, naming its key), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteVolumeType(self, request, context):
+        """Deletes a volume type. A repeat, or an unknown type, returns OK.
+        Errors: FAILED_PRECONDITION (volumes of the type exist, or it is the configured default type).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetVolumeTypeQosSpecs(self, request, context):
+        """Associates a type with QoS specs, replacing any it had (a type has at most one), or with none
+        (qos_specs empty). Attachments made before keep their limits. A repeat returns the type unchanged.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (type or QoS specs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateQosSpecs(self, request, context):
+        """Creates QoS specs. Idempotent by name: a repeat with the same consumer and limits returns the
+        existing ones; the same name with other limits gives ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT (name, consumer, a limit: the message names its key), ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetQosSpecs(self, request, context):
+        """Returns QoS specs, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQosSpecs(self, request, context):
+        """Lists QoS specs ordered by creation, a page at a time. Read-only.
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateQosSpecs(self, request, context):
+        """Replaces the consumer and/or the limits of QoS specs (unset: kept). Attachments made before keep
+        their limits; new attachments get the new ones. A repeat returns them unchanged.
+        Errors: INVALID_ARGUMENT (consumer, a limit, naming its key), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteQosSpecs(self, request, context):
+        """Deletes QoS specs. A repeat, or unknown specs, returns OK.
+        Errors: FAILED_PRECONDITION (a volume type is associated with them: the message names it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -451,6 +622,11 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_storage__pb2.GetCapacityResponse.SerializeToString,
             ),
+            'ListStorageNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStorageNodes,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.SerializeToString,
+            ),
             'GetBackendStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBackendStats,
                     request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetBackendStatsRequest.FromString,
@@ -470,6 +646,61 @@ def add_StorageServiceServicer_to_server(servicer, server):
                     servicer.RollbackMigration,
                     request_deserializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.FromString,
                     response_serializer=blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.SerializeToString,
+            ),
+            'CreateVolumeType': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateVolumeType,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeResponse.SerializeToString,
+            ),
+            'GetVolumeType': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetVolumeType,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeResponse.SerializeToString,
+            ),
+            'ListVolumeTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVolumeTypes,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesResponse.SerializeToString,
+            ),
+            'UpdateVolumeType': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateVolumeType,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeResponse.SerializeToString,
+            ),
+            'DeleteVolumeType': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteVolumeType,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeResponse.SerializeToString,
+            ),
+            'SetVolumeTypeQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetVolumeTypeQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsResponse.SerializeToString,
+            ),
+            'CreateQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsResponse.SerializeToString,
+            ),
+            'GetQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.GetQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.GetQosSpecsResponse.SerializeToString,
+            ),
+            'ListQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.ListQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.ListQosSpecsResponse.SerializeToString,
+            ),
+            'UpdateQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsResponse.SerializeToString,
+            ),
+            'DeleteQosSpecs': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteQosSpecs,
+                    request_deserializer=blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsRequest.FromString,
+                    response_serializer=blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -928,6 +1159,33 @@ class StorageService:
             _registered_method=True)
 
     @staticmethod
+    def ListStorageNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/ListStorageNodes',
+            blockwire_dot_v1_dot_storage__pb2.ListStorageNodesRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.ListStorageNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def GetBackendStats(request,
             target,
             options=(),
@@ -1025,6 +1283,303 @@ class StorageService:
             '/blockwire.v1.StorageService/RollbackMigration',
             blockwire_dot_v1_dot_storage__pb2.RollbackMigrationRequest.SerializeToString,
             blockwire_dot_v1_dot_storage__pb2.RollbackMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateVolumeType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/CreateVolumeType',
+            blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.CreateVolumeTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetVolumeType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/GetVolumeType',
+            blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.GetVolumeTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVolumeTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/ListVolumeTypes',
+            blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.ListVolumeTypesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateVolumeType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/UpdateVolumeType',
+            blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.UpdateVolumeTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteVolumeType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/DeleteVolumeType',
+            blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.DeleteVolumeTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetVolumeTypeQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/SetVolumeTypeQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.SetVolumeTypeQosSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/CreateQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.CreateQosSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/GetQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.GetQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.GetQosSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/ListQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.ListQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.ListQosSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/UpdateQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.UpdateQosSpecsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteQosSpecs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/blockwire.v1.StorageService/DeleteQosSpecs',
+            blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsRequest.SerializeToString,
+            blockwire_dot_v1_dot_storage__pb2.DeleteQosSpecsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,8 +50,12 @@ class StorageServiceStub:
     """Creates a volume, empty or from a snapshot, another volume or an image.
     Idempotent by name: a repeat with the same name and parameters returns the existing volume (even
     while it is still CREATING); the same name with other parameters gives ALREADY_EXISTS.
-    Errors: INVALID_ARGUMENT (name, size_bytes, labels, source), NOT_FOUND (source snapshot or volume),
-    RESOURCE_EXHAUSTED, ALREADY_EXISTS.
+    Without a backend, the scheduler places the volume (README "Volume types, QoS specs and the
+    scheduler") and a backend failure is retried on the next ranked backend ([scheduler] max_attempts);
+    the final error names each attempt.
+    Errors: INVALID_ARGUMENT (name, size_bytes, labels, source, backend), NOT_FOUND (source snapshot or
+    volume, volume type), FAILED_PRECONDITION (no backend meets the type's extra specs: the message counts
+    them per reason), RESOURCE_EXHAUSTED, ALREADY_EXISTS.
     """
     GetVolume: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetVolumeRequest, _storage_pb2.GetVolumeResponse]
     """Returns one volume. Errors: INVALID_ARGUMENT (empty id), NOT_FOUND."""
@@ -128,7 +132,15 @@ class StorageServiceStub:
     Errors: INVALID_ARGUMENT (page_size, page_token).
     """
     GetCapacity: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetCapacityRequest, _storage_pb2.GetCapacityResponse]
-    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+    With several storage nodes: every backend of every node (from the shared catalog), each naming its
+    node and whether that node is up; `node` narrows to one node's backends.
+    """
+    ListStorageNodes: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListStorageNodesRequest, _storage_pb2.ListStorageNodesResponse]
+    """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+    up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+    table reports itself as one unnamed node. Read-only.
+    """
     GetBackendStats: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
@@ -143,7 +155,8 @@ class StorageServiceStub:
     destination uses the same initiator; the target stays), or RollbackMigration removes it and
     leaves the source's untouched.
     Idempotent: a repeat with the same source, connector, domain returns the existing destination
-    attachment and the same connection info.
+    attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
+    the key as CreateAttachment's does: the destination defines its own secret for it.
     Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
     FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
     destination is the source's host, the volume already has a migration to another host or domain: the
@@ -164,6 +177,55 @@ class StorageServiceStub:
     or an unknown id, returns OK.
     Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
     is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
+    """
+    CreateVolumeType: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateVolumeTypeRequest, _storage_pb2.CreateVolumeTypeResponse]
+    """Volume types (admin only for writes; agents may not call any of these). A type's extra specs
+    place its volumes (scheduler filters: capabilities, volume_backend_name, availability_zone) and may
+    make them multiattach or encrypted; its QoS specs (at most one) limit their disks.
+    Creates a volume type. Idempotent by name: a repeat with the same description, extra specs and QoS
+    specs returns the existing type; the same name with other parameters gives ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT (name, description, an extra spec: the message names its key), NOT_FOUND
+    (qos_specs), ALREADY_EXISTS.
+    """
+    GetVolumeType: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetVolumeTypeRequest, _storage_pb2.GetVolumeTypeResponse]
+    """Returns one volume type, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+    ListVolumeTypes: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListVolumeTypesRequest, _storage_pb2.ListVolumeTypesResponse]
+    """Lists volume types ordered by creation, a page at a time. Read-only.
+    Errors: INVALID_ARGUMENT (page_size, page_token).
+    """
+    UpdateVolumeType: _grpc.UnaryUnaryMultiCallable[_storage_pb2.UpdateVolumeTypeRequest, _storage_pb2.UpdateVolumeTypeResponse]
+    """Replaces a type's description and/or extra specs (the unset ones are kept). Volumes that exist keep
+    what they were given; new volumes get the new specs. A repeat returns the type unchanged.
+    Errors: INVALID_ARGUMENT (an extra spec, naming its key), NOT_FOUND.
+    """
+    DeleteVolumeType: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DeleteVolumeTypeRequest, _storage_pb2.DeleteVolumeTypeResponse]
+    """Deletes a volume type. A repeat, or an unknown type, returns OK.
+    Errors: FAILED_PRECONDITION (volumes of the type exist, or it is the configured default type).
+    """
+    SetVolumeTypeQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.SetVolumeTypeQosSpecsRequest, _storage_pb2.SetVolumeTypeQosSpecsResponse]
+    """Associates a type with QoS specs, replacing any it had (a type has at most one), or with none
+    (qos_specs empty). Attachments made before keep their limits. A repeat returns the type unchanged.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (type or QoS specs).
+    """
+    CreateQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.CreateQosSpecsRequest, _storage_pb2.CreateQosSpecsResponse]
+    """Creates QoS specs. Idempotent by name: a repeat with the same consumer and limits returns the
+    existing ones; the same name with other limits gives ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT (name, consumer, a limit: the message names its key), ALREADY_EXISTS.
+    """
+    GetQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.GetQosSpecsRequest, _storage_pb2.GetQosSpecsResponse]
+    """Returns QoS specs, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+    ListQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.ListQosSpecsRequest, _storage_pb2.ListQosSpecsResponse]
+    """Lists QoS specs ordered by creation, a page at a time. Read-only.
+    Errors: INVALID_ARGUMENT (page_size, page_token).
+    """
+    UpdateQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.UpdateQosSpecsRequest, _storage_pb2.UpdateQosSpecsResponse]
+    """Replaces the consumer and/or the limits of QoS specs (unset: kept). Attachments made before keep
+    their limits; new attachments get the new ones. A repeat returns them unchanged.
+    Errors: INVALID_ARGUMENT (consumer, a limit, naming its key), NOT_FOUND.
+    """
+    DeleteQosSpecs: _grpc.UnaryUnaryMultiCallable[_storage_pb2.DeleteQosSpecsRequest, _storage_pb2.DeleteQosSpecsResponse]
+    """Deletes QoS specs. A repeat, or unknown specs, returns OK.
+    Errors: FAILED_PRECONDITION (a volume type is associated with them: the message names it).
     """
 
 @_typing.type_check_only
@@ -188,8 +250,12 @@ class StorageServiceAsyncStub(StorageServiceStub):
     """Creates a volume, empty or from a snapshot, another volume or an image.
     Idempotent by name: a repeat with the same name and parameters returns the existing volume (even
     while it is still CREATING); the same name with other parameters gives ALREADY_EXISTS.
-    Errors: INVALID_ARGUMENT (name, size_bytes, labels, source), NOT_FOUND (source snapshot or volume),
-    RESOURCE_EXHAUSTED, ALREADY_EXISTS.
+    Without a backend, the scheduler places the volume (README "Volume types, QoS specs and the
+    scheduler") and a backend failure is retried on the next ranked backend ([scheduler] max_attempts);
+    the final error names each attempt.
+    Errors: INVALID_ARGUMENT (name, size_bytes, labels, source, backend), NOT_FOUND (source snapshot or
+    volume, volume type), FAILED_PRECONDITION (no backend meets the type's extra specs: the message counts
+    them per reason), RESOURCE_EXHAUSTED, ALREADY_EXISTS.
     """
     GetVolume: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetVolumeRequest, _storage_pb2.GetVolumeResponse]  # type: ignore[assignment]
     """Returns one volume. Errors: INVALID_ARGUMENT (empty id), NOT_FOUND."""
@@ -266,7 +332,15 @@ class StorageServiceAsyncStub(StorageServiceStub):
     Errors: INVALID_ARGUMENT (page_size, page_token).
     """
     GetCapacity: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetCapacityRequest, _storage_pb2.GetCapacityResponse]  # type: ignore[assignment]
-    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+    """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+    With several storage nodes: every backend of every node (from the shared catalog), each naming its
+    node and whether that node is up; `node` narrows to one node's backends.
+    """
+    ListStorageNodes: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListStorageNodesRequest, _storage_pb2.ListStorageNodesResponse]  # type: ignore[assignment]
+    """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+    up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+    table reports itself as one unnamed node. Read-only.
+    """
     GetBackendStats: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetBackendStatsRequest, _storage_pb2.GetBackendStatsResponse]  # type: ignore[assignment]
     """Reports backend and exporter statistics (object counts, export counts, operation latencies).
     Read-only.
@@ -281,7 +355,8 @@ class StorageServiceAsyncStub(StorageServiceStub):
     destination uses the same initiator; the target stays), or RollbackMigration removes it and
     leaves the source's untouched.
     Idempotent: a repeat with the same source, connector, domain returns the existing destination
-    attachment and the same connection info.
+    attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
+    the key as CreateAttachment's does: the destination defines its own secret for it.
     Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
     FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
     destination is the source's host, the volume already has a migration to another host or domain: the
@@ -302,6 +377,55 @@ class StorageServiceAsyncStub(StorageServiceStub):
     or an unknown id, returns OK.
     Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
     is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
+    """
+    CreateVolumeType: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateVolumeTypeRequest, _storage_pb2.CreateVolumeTypeResponse]  # type: ignore[assignment]
+    """Volume types (admin only for writes; agents may not call any of these). A type's extra specs
+    place its volumes (scheduler filters: capabilities, volume_backend_name, availability_zone) and may
+    make them multiattach or encrypted; its QoS specs (at most one) limit their disks.
+    Creates a volume type. Idempotent by name: a repeat with the same description, extra specs and QoS
+    specs returns the existing type; the same name with other parameters gives ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT (name, description, an extra spec: the message names its key), NOT_FOUND
+    (qos_specs), ALREADY_EXISTS.
+    """
+    GetVolumeType: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetVolumeTypeRequest, _storage_pb2.GetVolumeTypeResponse]  # type: ignore[assignment]
+    """Returns one volume type, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+    ListVolumeTypes: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListVolumeTypesRequest, _storage_pb2.ListVolumeTypesResponse]  # type: ignore[assignment]
+    """Lists volume types ordered by creation, a page at a time. Read-only.
+    Errors: INVALID_ARGUMENT (page_size, page_token).
+    """
+    UpdateVolumeType: _aio.UnaryUnaryMultiCallable[_storage_pb2.UpdateVolumeTypeRequest, _storage_pb2.UpdateVolumeTypeResponse]  # type: ignore[assignment]
+    """Replaces a type's description and/or extra specs (the unset ones are kept). Volumes that exist keep
+    what they were given; new volumes get the new specs. A repeat returns the type unchanged.
+    Errors: INVALID_ARGUMENT (an extra spec, naming its key), NOT_FOUND.
+    """
+    DeleteVolumeType: _aio.UnaryUnaryMultiCallable[_storage_pb2.DeleteVolumeTypeRequest, _storage_pb2.DeleteVolumeTypeResponse]  # type: ignore[assignment]
+    """Deletes a volume type. A repeat, or an unknown type, returns OK.
+    Errors: FAILED_PRECONDITION (volumes of the type exist, or it is the configured default type).
+    """
+    SetVolumeTypeQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.SetVolumeTypeQosSpecsRequest, _storage_pb2.SetVolumeTypeQosSpecsResponse]  # type: ignore[assignment]
+    """Associates a type with QoS specs, replacing any it had (a type has at most one), or with none
+    (qos_specs empty). Attachments made before keep their limits. A repeat returns the type unchanged.
+    Errors: INVALID_ARGUMENT, NOT_FOUND (type or QoS specs).
+    """
+    CreateQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.CreateQosSpecsRequest, _storage_pb2.CreateQosSpecsResponse]  # type: ignore[assignment]
+    """Creates QoS specs. Idempotent by name: a repeat with the same consumer and limits returns the
+    existing ones; the same name with other limits gives ALREADY_EXISTS.
+    Errors: INVALID_ARGUMENT (name, consumer, a limit: the message names its key), ALREADY_EXISTS.
+    """
+    GetQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.GetQosSpecsRequest, _storage_pb2.GetQosSpecsResponse]  # type: ignore[assignment]
+    """Returns QoS specs, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+    ListQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.ListQosSpecsRequest, _storage_pb2.ListQosSpecsResponse]  # type: ignore[assignment]
+    """Lists QoS specs ordered by creation, a page at a time. Read-only.
+    Errors: INVALID_ARGUMENT (page_size, page_token).
+    """
+    UpdateQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.UpdateQosSpecsRequest, _storage_pb2.UpdateQosSpecsResponse]  # type: ignore[assignment]
+    """Replaces the consumer and/or the limits of QoS specs (unset: kept). Attachments made before keep
+    their limits; new attachments get the new ones. A repeat returns them unchanged.
+    Errors: INVALID_ARGUMENT (consumer, a limit, naming its key), NOT_FOUND.
+    """
+    DeleteQosSpecs: _aio.UnaryUnaryMultiCallable[_storage_pb2.DeleteQosSpecsRequest, _storage_pb2.DeleteQosSpecsResponse]  # type: ignore[assignment]
+    """Deletes QoS specs. A repeat, or unknown specs, returns OK.
+    Errors: FAILED_PRECONDITION (a volume type is associated with them: the message names it).
     """
 
 class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -329,8 +453,12 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a volume, empty or from a snapshot, another volume or an image.
         Idempotent by name: a repeat with the same name and parameters returns the existing volume (even
         while it is still CREATING); the same name with other parameters gives ALREADY_EXISTS.
-        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source), NOT_FOUND (source snapshot or volume),
-        RESOURCE_EXHAUSTED, ALREADY_EXISTS.
+        Without a backend, the scheduler places the volume (README "Volume types, QoS specs and the
+        scheduler") and a backend failure is retried on the next ranked backend ([scheduler] max_attempts);
+        the final error names each attempt.
+        Errors: INVALID_ARGUMENT (name, size_bytes, labels, source, backend), NOT_FOUND (source snapshot or
+        volume, volume type), FAILED_PRECONDITION (no backend meets the type's extra specs: the message counts
+        them per reason), RESOURCE_EXHAUSTED, ALREADY_EXISTS.
         """
 
     @_abc_1.abstractmethod
@@ -497,7 +625,21 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _storage_pb2.GetCapacityRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_storage_pb2.GetCapacityResponse, _abc.Awaitable[_storage_pb2.GetCapacityResponse]]:
-        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend unknown)."""
+        """Reports space per backend. Read-only. Errors: NOT_FOUND (named backend or node unknown).
+        With several storage nodes: every backend of every node (from the shared catalog), each naming its
+        node and whether that node is up; `node` narrows to one node's backends.
+        """
+
+    @_abc_1.abstractmethod
+    def ListStorageNodes(
+        self,
+        request: _storage_pb2.ListStorageNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListStorageNodesResponse, _abc.Awaitable[_storage_pb2.ListStorageNodesResponse]]:
+        """Lists the storage nodes registered in the shared catalog, with their backends and whether each is
+        up (a node whose last heartbeat is older than its down_after is down). A service without a [node]
+        table reports itself as one unnamed node. Read-only.
+        """
 
     @_abc_1.abstractmethod
     def GetBackendStats(
@@ -524,7 +666,8 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         destination uses the same initiator; the target stays), or RollbackMigration removes it and
         leaves the source's untouched.
         Idempotent: a repeat with the same source, connector, domain returns the existing destination
-        attachment and the same connection info.
+        attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
+        the key as CreateAttachment's does: the destination defines its own secret for it.
         Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
         FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
         destination is the source's host, the volume already has a migration to another host or domain: the
@@ -557,6 +700,121 @@ class StorageServiceServicer(metaclass=_abc_1.ABCMeta):
         or an unknown id, returns OK.
         Errors: INVALID_ARGUMENT, FAILED_PRECONDITION (the attachment is no migration: it was completed, or
         is an ordinary attachment; detach it with DeleteAttachment), UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateVolumeType(
+        self,
+        request: _storage_pb2.CreateVolumeTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CreateVolumeTypeResponse, _abc.Awaitable[_storage_pb2.CreateVolumeTypeResponse]]:
+        """Volume types (admin only for writes; agents may not call any of these). A type's extra specs
+        place its volumes (scheduler filters: capabilities, volume_backend_name, availability_zone) and may
+        make them multiattach or encrypted; its QoS specs (at most one) limit their disks.
+        Creates a volume type. Idempotent by name: a repeat with the same description, extra specs and QoS
+        specs returns the existing type; the same name with other parameters gives ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT (name, description, an extra spec: the message names its key), NOT_FOUND
+        (qos_specs), ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def GetVolumeType(
+        self,
+        request: _storage_pb2.GetVolumeTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.GetVolumeTypeResponse, _abc.Awaitable[_storage_pb2.GetVolumeTypeResponse]]:
+        """Returns one volume type, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ListVolumeTypes(
+        self,
+        request: _storage_pb2.ListVolumeTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListVolumeTypesResponse, _abc.Awaitable[_storage_pb2.ListVolumeTypesResponse]]:
+        """Lists volume types ordered by creation, a page at a time. Read-only.
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateVolumeType(
+        self,
+        request: _storage_pb2.UpdateVolumeTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.UpdateVolumeTypeResponse, _abc.Awaitable[_storage_pb2.UpdateVolumeTypeResponse]]:
+        """Replaces a type's description and/or extra specs (the unset ones are kept). Volumes that exist keep
+        what they were given; new volumes get the new specs. A repeat returns the type unchanged.
+        Errors: INVALID_ARGUMENT (an extra spec, naming its key), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteVolumeType(
+        self,
+        request: _storage_pb2.DeleteVolumeTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.DeleteVolumeTypeResponse, _abc.Awaitable[_storage_pb2.DeleteVolumeTypeResponse]]:
+        """Deletes a volume type. A repeat, or an unknown type, returns OK.
+        Errors: FAILED_PRECONDITION (volumes of the type exist, or it is the configured default type).
+        """
+
+    @_abc_1.abstractmethod
+    def SetVolumeTypeQosSpecs(
+        self,
+        request: _storage_pb2.SetVolumeTypeQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.SetVolumeTypeQosSpecsResponse, _abc.Awaitable[_storage_pb2.SetVolumeTypeQosSpecsResponse]]:
+        """Associates a type with QoS specs, replacing any it had (a type has at most one), or with none
+        (qos_specs empty). Attachments made before keep their limits. A repeat returns the type unchanged.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (type or QoS specs).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateQosSpecs(
+        self,
+        request: _storage_pb2.CreateQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.CreateQosSpecsResponse, _abc.Awaitable[_storage_pb2.CreateQosSpecsResponse]]:
+        """Creates QoS specs. Idempotent by name: a repeat with the same consumer and limits returns the
+        existing ones; the same name with other limits gives ALREADY_EXISTS.
+        Errors: INVALID_ARGUMENT (name, consumer, a limit: the message names its key), ALREADY_EXISTS.
+        """
+
+    @_abc_1.abstractmethod
+    def GetQosSpecs(
+        self,
+        request: _storage_pb2.GetQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.GetQosSpecsResponse, _abc.Awaitable[_storage_pb2.GetQosSpecsResponse]]:
+        """Returns QoS specs, by id or name. Read-only. Errors: INVALID_ARGUMENT, NOT_FOUND."""
+
+    @_abc_1.abstractmethod
+    def ListQosSpecs(
+        self,
+        request: _storage_pb2.ListQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.ListQosSpecsResponse, _abc.Awaitable[_storage_pb2.ListQosSpecsResponse]]:
+        """Lists QoS specs ordered by creation, a page at a time. Read-only.
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateQosSpecs(
+        self,
+        request: _storage_pb2.UpdateQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.UpdateQosSpecsResponse, _abc.Awaitable[_storage_pb2.UpdateQosSpecsResponse]]:
+        """Replaces the consumer and/or the limits of QoS specs (unset: kept). Attachments made before keep
+        their limits; new attachments get the new ones. A repeat returns them unchanged.
+        Errors: INVALID_ARGUMENT (consumer, a limit, naming its key), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteQosSpecs(
+        self,
+        request: _storage_pb2.DeleteQosSpecsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_storage_pb2.DeleteQosSpecsResponse, _abc.Awaitable[_storage_pb2.DeleteQosSpecsResponse]]:
+        """Deletes QoS specs. A repeat, or unknown specs, returns OK.
+        Errors: FAILED_PRECONDITION (a volume type is associated with them: the message names it).
         """
 
 def add_StorageServiceServicer_to_server(servicer: StorageServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

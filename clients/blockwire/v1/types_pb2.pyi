@@ -1014,6 +1014,9 @@ class Volume(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ENCRYPTION_FIELD_NUMBER: _builtins.int
+    VOLUME_TYPE_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    NODE_DOWN_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     name: _builtins.str
@@ -1036,6 +1039,12 @@ class Volume(_message.Message):
     """Cloned from this volume."""
     error_message: _builtins.str
     """Why the volume is in ERROR."""
+    volume_type: _builtins.str
+    """The name of the volume's type; empty: none."""
+    node: _builtins.str
+    """The storage node that serves the volume's backend ("" on a single-node service or a shared backend)."""
+    node_down: _builtins.bool
+    """Whether that node is down: calls that need it get UNAVAILABLE naming it until it is back."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller labels."""
@@ -1085,16 +1094,167 @@ class Volume(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         encryption: Global___Encryption | None = ...,
+        volume_type: _builtins.str = ...,
+        node: _builtins.str = ...,
+        node_down: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "encryption", b"encryption", "progress", b"progress", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "wwn", b"wwn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment_ids", b"attachment_ids", "backend", b"backend", "create_time", b"create_time", "encryption", b"encryption", "error_message", b"error_message", "id", b"id", "labels", b"labels", "multiattach", b"multiattach", "name", b"name", "node", b"node", "node_down", b"node_down", "progress", b"progress", "serial", b"serial", "size_bytes", b"size_bytes", "source", b"source", "source_image", b"source_image", "source_snapshot_id", b"source_snapshot_id", "source_volume_id", b"source_volume_id", "state", b"state", "update_time", b"update_time", "volume_type", b"volume_type", "wwn", b"wwn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["source_snapshot_id", "source_volume_id", "source_image"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___Volume: _TypeAlias = Volume  # noqa: Y015
+
+@_typing.final
+class VolumeType(_message.Message):
+    """VolumeType is a named kind of volume: extra specs place it and give it properties; at most one QoS
+    specs limit its disks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExtraSpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    EXTRA_SPECS_FIELD_NUMBER: _builtins.int
+    QOS_SPECS_ID_FIELD_NUMBER: _builtins.int
+    IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned identifier."""
+    name: _builtins.str
+    """Unique name; never changes."""
+    description: _builtins.str
+    """Free text."""
+    qos_specs_id: _builtins.str
+    """The id of the associated QoS specs; empty: none."""
+    is_default: _builtins.bool
+    """Whether this is the service's default type ([scheduler] default_volume_type)."""
+    @_builtins.property
+    def extra_specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra specs (see CreateVolumeTypeRequest)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        extra_specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        qos_specs_id: _builtins.str = ...,
+        is_default: _builtins.bool = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "extra_specs", b"extra_specs", "id", b"id", "is_default", b"is_default", "name", b"name", "qos_specs_id", b"qos_specs_id", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeType: _TypeAlias = VolumeType  # noqa: Y015
+
+@_typing.final
+class QosSpecs(_message.Message):
+    """QosSpecs are named limits; a volume type's QoS specs reach its volumes' disks as libvirt <iotune>
+    (ConnectionInfo.qos, per-GB limits multiplied by the volume's size in GiB when it is attached).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SpecsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    SPECS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Server-assigned identifier."""
+    name: _builtins.str
+    """Unique name; never changes."""
+    consumer: _builtins.str
+    """"front-end", "back-end" (recorded only: no backend enforces limits yet) or "both"."""
+    @_builtins.property
+    def specs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Limits: {total,read,write}_{bytes,iops}_sec and their _per_gb variants, whole numbers as text."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When they were created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When they last changed."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        specs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "create_time", b"create_time", "id", b"id", "name", b"name", "specs", b"specs", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QosSpecs: _TypeAlias = QosSpecs  # noqa: Y015
 
 @_typing.final
 class Snapshot(_message.Message):

@@ -21,7 +21,7 @@ import pytest
 
 from blockwire.client import HostAgentClient, StorageClient
 from tests.ceph import CephCluster, CephMissing
-from tests.guest.inside import kernel
+from tests.guest.inside import kernel, nvmet
 from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 from tests.rig import Daemon, domain_xml
 
@@ -304,3 +304,16 @@ def two_paths_scenario(
     assert vol.id not in {v.id for v in s.storage.list_volumes()}
     took("delete")
     return iqn, timings
+
+
+@pytest.fixture
+def clean_nvme() -> Iterator[None]:
+    """No NVMe-oF state on the host before and after the test."""
+    kernel.settle()
+    assert nvmet.host_leftovers() == {}
+    yield
+    kernel.settle()
+    left = nvmet.host_leftovers()
+    if left:
+        nvmet.disconnect_all()
+        pytest.fail(f"the test left behind: {left}", pytrace=False)

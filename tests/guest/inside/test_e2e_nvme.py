@@ -77,19 +77,6 @@ def nvme_stack(libvirtd: None) -> Iterator[Stack]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture
-def clean_nvme() -> Iterator[None]:
-    """No NVMe-oF state on the host before and after the test."""
-    kernel.settle()
-    assert nvmet.host_leftovers() == {}
-    yield
-    kernel.settle()
-    left = nvmet.host_leftovers()
-    if left:
-        nvmet.disconnect_all()
-        pytest.fail(f"the test left behind: {left}", pytrace=False)
-
-
 def subsystem_in_configfs(nqn: str) -> bool:
     return (CONFIGFS / "subsystems" / nqn).exists()
 

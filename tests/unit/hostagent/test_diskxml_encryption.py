@@ -17,7 +17,9 @@ from hostagent.virt.diskxml import (
     NetHost,
     NetworkSource,
     disk_xml,
+    moved_disk_xml,
     parse_disk,
+    replace_disk_sources,
 )
 
 GOLDEN = Path(__file__).resolve().parents[2] / "data" / "diskxml"
@@ -73,3 +75,34 @@ def test_encryption_inside_source_is_read() -> None:
 
 def test_unencrypted_disk_has_none() -> None:
     assert parse_disk(disk_xml(DiskSpec(source=BlockSource("/dev/sdb"), target_dev="sdb"))).encryption is None
+
+
+OTHER = "0b7c2d55-3c6e-4c3a-9d51-5c3f0b8f7a10"
+
+
+@pytest.mark.parametrize("inside_source", [False, True])
+def test_a_moved_disk_names_the_destinations_secret_once(inside_source: bool) -> None:
+    """A live migration's destination disk: the source host's <encryption> (at disk level, or inside
+    <source> as libvirt may show it) is replaced by the destination's own secret; the rest is kept."""
+    enc = f"<encryption format='luks' engine='qemu'><secret type='passphrase' uuid='{UUID}'/></encryption>"
+    source = f"<source dev='/dev/sdb'>{enc}</source>" if inside_source else f"<source dev='/dev/sdb'/>{enc}"
+    domain = f"""<domain type='kvm'><name>d</name><devices><disk type='block' device='disk'>
+      <driver name='qemu' type='raw'/>{source}<target dev='sdb' bus='scsi'/><serial>vol-2</serial>
+      </disk></devices></domain>"""
+    moved = BlockSource("/dev/mapper/3600140512345678")
+    mine = DiskEncryption(secret_uuid=OTHER)
+    for xml in (
+        moved_disk_xml(domain, "sdb", moved, mine),
+        replace_disk_sources(domain, {"sdb": moved}, {"sdb": mine}),
+    ):
+        assert UUID not in xml
+        assert xml.count("<encryption") == 1
+        assert f'<secret type="passphrase" uuid="{OTHER}"/>' in xml
+        assert "/dev/mapper/3600140512345678" in xml
+        assert "<serial>vol-2</serial>" in xml
+    spec = parse_disk(moved_disk_xml(domain, "sdb", moved, mine))
+    assert spec.encryption == mine
+    assert spec.source == moved
+    # an unencrypted volume's disk: nothing added, nothing taken
+    plain = parse_disk(moved_disk_xml(domain.replace(enc, ""), "sdb", moved))
+    assert plain.encryption is None

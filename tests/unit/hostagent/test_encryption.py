@@ -13,6 +13,7 @@ from blockwire.model import Encryption
 from blockwire.secret import Secret
 from hostagent.encryption import SECRET_TYPE
 from hostagent.virt.diskxml import DiskEncryption
+from tests.fakes.executor import Reply
 from tests.unit.hostagent.conftest import Rig, iscsi_info
 
 KEY = "volume-key-passphrase-1234"
@@ -70,3 +71,14 @@ def test_doctor_lists_and_fixes_an_orphaned_volume_secret_only(rig: Rig) -> None
     fixed = [f for f in rig.agent.audit(fix=True) if f.kind == "libvirt_secret"]
     assert [f.fixed for f in fixed] == [True]
     assert list(volume_secrets(rig).values()) == [KEY]
+
+
+def test_extend_gives_the_encrypted_disk_the_payload_size(rig: Rig) -> None:
+    """libvirt resizes QEMU's luks layer, whose size is the payload's: the header's bytes come off the
+    device's size (given in full, QEMU would grow the device beneath by the header's size)."""
+    rig.storage.infos["vol-e"] = replace(iscsi_info("vol-e"), encryption=ENC)
+    rig.agent.attach("vm1", volume_id="vol-e")
+    rig.runner.on(r"iscsi-readcapacity16", Reply(stdout=f"Total size:{(32 << 20) + (2 << 20)}\n"))
+    assert rig.agent.extend("vol-e", 32 << 20) == (32 << 20) + (2 << 20)  # what the host sees
+    (resized,) = rig.hv.resized
+    assert resized[2] == 32 << 20

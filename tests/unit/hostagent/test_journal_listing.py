@@ -54,3 +54,20 @@ def test_a_temporary_record_left_by_a_crash_is_removed_on_open(tmp_path: Path) -
     journal = Journal(tmp_path)
     assert not leftover.exists()
     assert [a.volume_id for a in journal.all()] == ["vol-1"]
+
+
+def test_of_volume_reads_only_that_volumes_records(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    journal = Journal(tmp_path)
+    for n in range(3):
+        journal.put(_record(n))
+    long_domain = "d" * 300  # its record is named by a digest
+    journal.put(JournalRecord(**{**_record(1).__dict__, "domain": long_domain}))
+    journal.put(JournalRecord(**{**_record(1).__dict__, "volume_id": "vol-1@x"}))  # "@" is encoded
+    # another volume's damaged record is not even read: no error about it
+    (journal.dir / "vol-2@broken.json").write_text("{not json")
+    got = sorted(a.domain for a in journal.of_volume("vol-1"))
+    assert got == sorted(["dom", long_domain])
+    assert "unreadable" not in caplog.text
+    assert [a.volume_id for a in journal.of_volume("vol-1@x")] == ["vol-1@x"]
+    assert len(journal.all()) == 5  # all() still reads (and reports) every file
+    assert "vol-2@broken.json is unreadable" in caplog.text

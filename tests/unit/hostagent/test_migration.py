@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from blockwire.errors import FailedPrecondition, InvalidArgument, Unavailable
-from blockwire.model import Connector, Transport
+from blockwire.model import Connector, Encryption, Transport
 from blockwire.runtime.failpoints import FailpointHit, Failpoints
+from blockwire.secret import Secret
 from hostagent.api import HostAgent
 from hostagent.connectors.iscsi_qemu import QemuIscsiConnector
+from hostagent.encryption import SECRET_TYPE, VolumeKeys
 from hostagent.events import EventBus
 from hostagent.journal import Journal
 from hostagent.migration import (
@@ -46,7 +48,7 @@ class Pair:
     storage: FakeStorage
 
 
-def host(tmp: Path, name: str, storage: FakeStorage) -> Host:
+def host(tmp: Path, name: str, storage: FakeStorage, *, keys: bool = False) -> Host:
     hv = FakeHypervisor()
     runner = (
         FakeRunner()
@@ -64,6 +66,7 @@ def host(tmp: Path, name: str, storage: FakeStorage) -> Host:
         storage=storage,
         events=EventBus(),
         failpoints=Failpoints(),
+        volume_keys=VolumeKeys(hv) if keys else None,
     )
     return Host(agent, hv, journal)
 
@@ -296,3 +299,53 @@ def test_migrate_domain_whose_libvirt_migration_fails_leaves_the_vm_on_the_sourc
     assert storage.exports == before
     assert [r.state for r in a.agent.list_attachments("vm1")] == [AttachmentState.ATTACHED] * 2
     assert len(a.hv.disks_by_domain["vm1"]) == 2
+
+
+def test_an_encrypted_volume_gets_the_destinations_own_secret(tmp_path: Path) -> None:
+    """B defines a volume secret of its own (from its migration attachment's key) and the destination
+    XML's <encryption> names it, not A's; A's goes with FinishOutgoing; the key is in no journal."""
+    key = "volume-key-passphrase-5678"
+    enc = Encryption(key_ref="embedded:v1:x", passphrase=Secret(key), header_bytes=2 << 20)
+    storage = FakeStorage(infos={"vol-e": replace(iscsi_info("vol-e"), serial="SERIAL-e", encryption=enc)})
+    a = host(tmp_path, "host-a", storage, keys=True)
+    b = host(tmp_path, "host-b", storage, keys=True)
+    a.hv.domains["vm1"] = replace(a.hv.add_domain("vm1"), uuid=UUID)
+    a.agent.attach("vm1", volume_id="vol-e")
+    (a_usage,) = [u for (u, t) in a.hv.secrets if t == SECRET_TYPE]
+    (a_spec,) = a.hv.disks_by_domain["vm1"]
+    assert a_spec.encryption is not None
+
+    prepared = b.agent.prepare_migration("vm1", source_xml(a), volumes(a))
+    (disk,) = prepared.disks
+    b_usage = f"blockwire-luks/vol-e/{disk.attachment_id}"
+    assert b.hv.secrets[(b_usage, SECRET_TYPE)].reveal() == key
+    (moved,) = parse_domain_disks(prepared.domain_xml)
+    assert moved.spec.encryption is not None
+    # (a repeat of the definition answers the secret's uuid, as libvirt does)
+    assert moved.spec.encryption.secret_uuid == b.hv.define_secret(b_usage, SECRET_TYPE, Secret(key))
+    assert moved.spec.encryption.secret_uuid != a_spec.encryption.secret_uuid
+    assert disk.disk_xml.count("<encryption") == 1
+    assert moved.spec.encryption.secret_uuid in disk.disk_xml
+
+    libvirt_migrates(a, b, prepared.domain_xml)
+    b.agent.finish_incoming_migration("vm1")
+    assert (a_usage, SECRET_TYPE) in a.hv.secrets  # until the source finishes
+    assert a.agent.finish_outgoing_migration("vm1") == ["vol-e"]
+    assert a.hv.secrets == {}
+    assert [u for (u, t) in b.hv.secrets if t == SECRET_TYPE] == [b_usage]
+    for h in (a, b):
+        for record in (tmp_path / h.agent.connector.host).rglob("*.json"):
+            assert key not in record.read_text()
+
+
+def test_an_encrypted_volume_without_its_key_is_not_prepared(tmp_path: Path) -> None:
+    enc = Encryption(key_ref="embedded:v1:x", passphrase=Secret("k" * 20), header_bytes=2 << 20)
+    storage = FakeStorage(infos={"vol-e": replace(iscsi_info("vol-e"), serial="SERIAL-e", encryption=enc)})
+    a = host(tmp_path, "host-a", storage, keys=True)
+    b = host(tmp_path, "host-b", storage, keys=False)  # no libvirt secrets to hand the key to QEMU
+    a.hv.domains["vm1"] = replace(a.hv.add_domain("vm1"), uuid=UUID)
+    a.agent.attach("vm1", volume_id="vol-e")
+    with pytest.raises(FailedPrecondition, match="no libvirt secrets"):
+        b.agent.prepare_migration("vm1", source_xml(a), volumes(a))
+    assert b.journal.all() == []
+    assert b.hv.secrets == {}

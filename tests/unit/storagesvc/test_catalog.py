@@ -1,4 +1,7 @@
-"""SqliteCatalog: migrations, round trips (secrets included), uniqueness, paging order, label filters."""
+"""SqliteCatalog: migrations, round trips (secrets included), uniqueness, paging order, label filters.
+
+The dialect-neutral tests (those taking the `catalog` fixture) run on PostgreSQL too:
+tests/host/test_catalog_postgres.py collects them again with its own `catalog` fixture."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import pytest
 from blockwire.model import AccessMode, Chap, ConnectionInfo, Connector, IscsiConnection, IscsiPath, Transport
 from blockwire.secret import Secret
 from storagesvc.catalog import Conflict, Cursor, time_key
-from storagesvc.catalog.sql import MIGRATIONS
+from storagesvc.catalog.sql import MIGRATIONS, SqlCatalog
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.model import (
     Attachment,
@@ -19,8 +22,10 @@ from storagesvc.model import (
     ExportRecord,
     ImageFormat,
     ImageSource,
+    NodeBackend,
     Snapshot,
     SnapshotState,
+    StorageNode,
     Volume,
     VolumeSource,
     VolumeState,
@@ -101,7 +106,7 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         SqliteCatalog(tmp_path / "c.db")
 
 
-def test_volume_round_trip_keeps_export_secrets(catalog: SqliteCatalog) -> None:
+def test_volume_round_trip_keeps_export_secrets(catalog: SqlCatalog) -> None:
     export = ExportRecord(
         "iqn.2026-01.io.x:v",
         1,
@@ -125,13 +130,13 @@ def test_volume_round_trip_keeps_export_secrets(catalog: SqliteCatalog) -> None:
     assert got.export.chap.password.reveal() == "s" * 16
 
 
-def test_names_are_unique(catalog: SqliteCatalog) -> None:
+def test_names_are_unique(catalog: SqlCatalog) -> None:
     catalog.insert_volume(volume(1))
     with pytest.raises(Conflict):
         catalog.insert_volume(volume(2, name="vol-1"))
 
 
-def test_update_and_delete(catalog: SqliteCatalog) -> None:
+def test_update_and_delete(catalog: SqlCatalog) -> None:
     v = volume(1)
     catalog.insert_volume(v)
     catalog.update_volume(Volume(**{**v.__dict__, "size_bytes": 8 << 20, "state": VolumeState.IN_USE}))
@@ -144,7 +149,7 @@ def test_update_and_delete(catalog: SqliteCatalog) -> None:
     assert catalog.get_volume(v.id) is None
 
 
-def test_listing_is_ordered_by_creation_and_pages_after_a_cursor(catalog: SqliteCatalog) -> None:
+def test_listing_is_ordered_by_creation_and_pages_after_a_cursor(catalog: SqlCatalog) -> None:
     for i in (3, 1, 4, 0, 2):
         catalog.insert_volume(volume(i, labels={"even": str(i % 2 == 0)}))
     first = catalog.list_volumes(after=None, limit=2)
@@ -155,7 +160,7 @@ def test_listing_is_ordered_by_creation_and_pages_after_a_cursor(catalog: Sqlite
     assert [v.name for v in evens] == ["vol-0", "vol-2", "vol-4"]
 
 
-def test_snapshots_and_attachments(catalog: SqliteCatalog) -> None:
+def test_snapshots_and_attachments(catalog: SqlCatalog) -> None:
     v = volume(1)
     catalog.insert_volume(v)
     s = Snapshot("s" * 32, "snap", v.id, v.size_bytes, SnapshotState.AVAILABLE, "file", T0)
@@ -183,7 +188,7 @@ def test_snapshots_and_attachments(catalog: SqliteCatalog) -> None:
     assert catalog.list_attachments(host="x", after=None, limit=5) == []
 
 
-def test_attachments_of_a_volume_are_all_of_them_in_listing_order(catalog: SqliteCatalog) -> None:
+def test_attachments_of_a_volume_are_all_of_them_in_listing_order(catalog: SqlCatalog) -> None:
     v, other = volume(1), volume(2)
     catalog.insert_volume(v)
     catalog.insert_volume(other)
@@ -201,3 +206,142 @@ def test_attachments_of_a_volume_are_all_of_them_in_listing_order(catalog: Sqlit
     assert catalog.attachments_of(v.id) == [earlier, later]
     assert catalog.attachments_of(other.id) == [elsewhere]
     assert catalog.attachments_of("d" * 32) == []
+
+
+def test_label_filters_match_keys_with_dots_and_quotes_exactly(catalog: SqlCatalog) -> None:
+    """Label keys are [a-z0-9._/-] (validate.labels): dots and slashes are not paths; values are any text."""
+    catalog.insert_volume(volume(1, labels={"k8s.io/pvc": "a", "q": 'it\'s "x"', "tier": "gold"}))
+    catalog.insert_volume(volume(2, labels={"k8s": "a", "tier": "gold"}))
+    catalog.insert_volume(volume(3, labels={"tier": "silver"}))
+
+    def names(labels: dict[str, str]) -> list[str]:
+        return [v.name for v in catalog.list_volumes(after=None, limit=10, labels=labels)]
+
+    assert names({"k8s.io/pvc": "a"}) == ["vol-1"]
+    assert names({"q": 'it\'s "x"', "tier": "gold"}) == ["vol-1"]
+    assert names({"k8s.io": "a"}) == []
+    assert names({"tier": "gold"}) == ["vol-1", "vol-2"]
+    assert names({"tier": "gold", "k8s": "a"}) == ["vol-2"]
+    assert names({"tier": "bronze"}) == []
+    gold = catalog.list_volumes(after=None, limit=1, labels={"tier": "gold"})
+    after = Cursor(time_key(gold[0].create_time), gold[0].id)
+    assert [v.name for v in catalog.list_volumes(after=after, limit=5, labels={"tier": "gold"})] == ["vol-2"]
+
+
+def test_clones_and_counts(catalog: SqlCatalog) -> None:
+    assert catalog.backend_counts("file") == (0, 0, 0)
+    src = volume(1)
+    catalog.insert_volume(src)
+    clone = volume(2, source=VolumeSource(volume_id=src.id))
+    catalog.insert_volume(clone)
+    s = Snapshot("s" * 32, "snap", src.id, src.size_bytes, SnapshotState.AVAILABLE, "file", T0)
+    catalog.insert_snapshot(s)
+    with pytest.raises(Conflict):
+        catalog.insert_snapshot(Snapshot("t" * 32, "snap", src.id, 1, SnapshotState.AVAILABLE, "file", T0))
+    from_snap = volume(3, source=VolumeSource(snapshot_id=s.id))
+    catalog.insert_volume(from_snap)
+    assert [v.id for v in catalog.volumes_from(volume_id=src.id)] == [clone.id]
+    assert [v.id for v in catalog.volumes_from(snapshot_id=s.id)] == [from_snap.id]
+    assert catalog.snapshot_by_name("snap") == s
+    assert catalog.backend_counts("file") == (3, 1, src.size_bytes + clone.size_bytes + from_snap.size_bytes)
+    catalog.delete_snapshot(s.id)
+    assert catalog.get_snapshot(s.id) is None
+
+
+def test_hold_is_a_context_for_one_process(catalog: SqlCatalog) -> None:
+    """Every dialect's `hold` is re-usable and released: taking the same key twice in a row works."""
+    for _ in range(2):
+        with catalog.hold("volume x", 1.0):
+            pass
+
+
+def test_catalog_config(tmp_path: Path) -> None:
+    from storagesvc.config import CatalogConfig, ConfigError, load, parse  # noqa: PLC0415
+
+    example = Path(__file__).resolve().parents[3] / "deploy" / "storage.example.toml"
+    assert load(example).catalog == CatalogConfig()  # the example documents every key, at its default
+
+    base = {
+        "backends": [{"name": "f", "kind": "file", "exporter": "tgt", "path": "/x"}],
+        "exporters": {"tgt": {"portals": ["127.0.0.1:3260"]}},
+        "service": {"catalog_path": "/var/lib/x/old.db"},
+    }
+    default = parse(base)
+    assert default.catalog.kind == "sqlite"
+    assert default.catalog_path == "/var/lib/x/old.db"  # [service] catalog_path keeps working
+    assert parse({**base, "catalog": {"path": "/y/new.db"}}).catalog_path == "/y/new.db"
+    pg = parse({**base, "catalog": {"kind": "postgresql", "dsn": "host=db port=5433 user=bw dbname=bw"}})
+    assert (pg.catalog.kind, pg.catalog.pool_max_size, pg.catalog.connect_timeout) == ("postgresql", 8, 5.0)
+    bad = [
+        ({"kind": "mysql"}, "kind"),
+        ({"kind": "postgresql"}, "needs dsn"),
+        ({"kind": "postgresql", "dsn": "host=db password=hunter2"}, "password_file"),
+        ({"kind": "postgresql", "dsn": "postgresql://bw:hunter2@db/bw"}, "password_file"),
+        ({"kind": "postgresql", "dsn": "host=db", "pool_min_size": 9}, "pool_min_size"),
+        ({"kind": "postgresql", "dsn": "host=db", "path": "/x.db"}, "path"),
+        ({"dsn": "host=db"}, "postgresql"),
+        ({"kind": "postgresql", "dsn": "host=db", "pasword_file": "/p"}, "unknown"),
+    ]
+    for table, match in bad:
+        with pytest.raises(ConfigError, match=match) as info:
+            parse({**base, "catalog": table})
+        assert "hunter2" not in str(info.value)
+
+
+def test_storage_nodes_and_their_backends(catalog: SqlCatalog) -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def backend(name: str, node: str, shared: bool = False) -> NodeBackend:
+        return NodeBackend(name, node, "file", shared, True, 100, 50, 10, 1, {"kind": "file"}, 2.0)
+
+    catalog.put_node(
+        StorageNode("b", "127.0.0.1:2", t0, t0, 10.0, (backend("fb", "b"), backend("r", "b", True)))
+    )
+    catalog.put_node(StorageNode("a", "127.0.0.1:1", t0, t0, 10.0, (backend("fa", "a"),)))
+    later = t0 + timedelta(seconds=5)
+    catalog.put_node(StorageNode("a", "127.0.0.1:3", later, t0, 10.0, (backend("fa", "a"),)))  # a heartbeat
+    nodes = catalog.list_nodes()
+    assert [(n.name, n.address, n.heartbeat, n.down_after) for n in nodes] == [
+        ("a", "127.0.0.1:3", later, 10.0),
+        ("b", "127.0.0.1:2", t0, 10.0),
+    ]
+    assert [b.name for b in nodes[1].backends] == ["fb", "r"]
+    assert catalog.node_backend("r") == backend("r", "b", True)
+    assert catalog.node_backend("nope") is None
+    # a shared backend has a row per node that reaches it
+    catalog.put_node(
+        StorageNode("a", "127.0.0.1:3", later, t0, 10.0, (backend("fa", "a"), backend("r", "a", True)))
+    )
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb", "r"]]
+    assert catalog.node_backend("r") == backend("r", "a", True)
+    catalog.drop_node_backend("r", "b")
+    assert [[b.name for b in n.backends] for n in catalog.list_nodes()] == [["fa", "r"], ["fb"]]
+
+
+def test_the_daemon_refuses_to_start_on_an_unreachable_postgresql_naming_it(tmp_path: Path) -> None:
+    """[catalog] kind = "postgresql" with nothing listening: a ConfigError naming host:port, at once
+    (connection refused), and never the password."""
+    import socket  # noqa: PLC0415
+
+    from storagesvc.config import ConfigError, parse  # noqa: PLC0415
+    from storagesvc.rpc.server import open_catalog  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    (tmp_path / "pw").write_text("sekrit-pw-123\n")
+    config = parse(
+        {
+            "backends": [{"name": "f", "kind": "file", "exporter": "tgt", "path": "/x"}],
+            "exporters": {"tgt": {"portals": ["127.0.0.1:3260"]}},
+            "catalog": {
+                "kind": "postgresql",
+                "dsn": f"host=127.0.0.1 port={port} user=bw dbname=bw",
+                "password_file": str(tmp_path / "pw"),
+                "connect_timeout": 2.0,
+            },
+        }
+    )
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as info:
+        open_catalog(config)
+    assert "sekrit" not in str(info.value)

@@ -29,10 +29,13 @@ from storagesvc.backends.rbd import (
 )
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import ConfigError, parse
+from storagesvc.encryption import VolumeCrypt
+from storagesvc.keys.embedded import EmbeddedKeys
 from storagesvc.model import CreateVolumeSpec, ImageSource, VolumeSource, VolumeState
+from storagesvc.placement import own_capabilities
 from storagesvc.service import Pool, StorageService
 from tests.fakes.clock import FakeClock
-from tests.fakes.executor import FakeRunner
+from tests.fakes.executor import FakeRunner, Reply
 from tests.fakes.jobs import InlineJobs
 from tests.fakes.rbd import FSID, FakeRbd
 
@@ -395,3 +398,70 @@ def test_reconcile_keeps_live_rbd_attachments_and_drops_half_made_ones(rig: Rig)
     assert svc.exports.get(a.id).connection_info == a.connection_info
     assert svc.get_volume(v.id).state is VolumeState.IN_USE
     assert svc.get_volume(w.id).state is VolumeState.AVAILABLE
+
+
+# -- encrypted volumes
+
+
+def test_an_encrypted_rbd_volume_gets_a_luks_header_through_librbd_and_its_key_in_the_attachment(
+    tmp_path: Path,
+) -> None:
+    """The header is made by the formatting tool (here a fake cryptsetup that writes a marker into the
+    temporary file it is given, the key on its stdin) and written at offset 0 of the image; the image
+    is the header larger; the attachment's answer carries the key, the catalog and reads do not."""
+
+    def luks_format(argv: tuple[str, ...]) -> Reply:
+        with open(argv[-1], "r+b") as f:
+            f.write(b"LUKS\xba\xbe-header")
+        return Reply()
+
+    runner = FakeRunner().on(r"^cryptsetup luksFormat", luks_format)
+    keys = EmbeddedKeys(tmp_path / "master.key")
+    fake = FakeRbd()
+    catalog = SqliteCatalog(tmp_path / "c.db")
+    svc = StorageService(
+        catalog,
+        {"ceph": Pool(RbdBackend("ceph", SETTINGS, fake, FakeRunner()))},
+        FakeClock(),
+        InlineJobs(),
+        iqn_prefix="iqn.2026-01.io.blockwire.unit",
+        lock_timeout=0.5,
+        crypt=VolumeCrypt(keys, runner, cryptsetup=True),
+    )
+    assert own_capabilities(Pool(RbdBackend("ceph", SETTINGS, fake, FakeRunner())))["encryption"] == "true"
+    try:
+        v = svc.create_volume(CreateVolumeSpec(name="enc", size_bytes=4 * MIB, encrypted=True))
+        assert v.encryption is not None
+        header = v.encryption.header_bytes
+        image = fake.images[f"volume-{v.id}"]
+        assert image.size == 4 * MIB + header
+        assert len(image.data[0]) == header
+        assert image.data[0].startswith(b"LUKS\xba\xbe-header")
+        key = keys.get_key(v.encryption.key_ref)
+        (fmt,) = runner.revealed
+        assert key.reveal() not in " ".join(fmt)  # the key went on stdin, not argv
+
+        a = svc.create_attachment(v.id, HOST_A, AccessMode.READ_WRITE, "dom")
+        assert a.connection_info is not None
+        assert a.connection_info.size_bytes == 4 * MIB + header
+        assert a.connection_info.encryption is not None
+        assert a.connection_info.encryption.passphrase == key
+        # a repeat carries the key again; what is stored or read back does not
+        again = svc.create_attachment(v.id, HOST_A, AccessMode.READ_WRITE, "dom")
+        assert again.connection_info is not None
+        assert again.connection_info.encryption is not None
+        assert again.connection_info.encryption.passphrase == key
+        stored = svc.exports.get(a.id).connection_info
+        assert stored is not None
+        assert stored.encryption is not None
+        assert stored.encryption.passphrase is None
+        assert stored.encryption.key_ref == v.encryption.key_ref
+
+        # a clone is a copy-on-write child: it shares the header and the key
+        c = svc.create_volume(CreateVolumeSpec(name="c", size_bytes=0, source=VolumeSource(volume_id=v.id)))
+        assert c.encryption == v.encryption
+        assert fake.images[f"volume-{c.id}"].size == 4 * MIB + header
+        svc.extend_volume(v.id, 8 * MIB)
+        assert image.size == 8 * MIB + header
+    finally:
+        catalog.close()

@@ -27,6 +27,7 @@ from storagesvc.model import (
     AttachmentState,
     CreateVolumeSpec,
     ImageSource,
+    Volume,
     VolumeSource,
     VolumeState,
 )
@@ -482,3 +483,42 @@ def test_percentile() -> None:
     assert percentile(samples, 50) == 50.0
     assert percentile(samples, 95) == 95.0
     assert percentile([], 50) == 0.0
+
+
+def test_a_type_deleted_while_a_volume_of_it_is_created_never_leaves_a_volume_without_its_type(
+    rig: Rig,
+) -> None:
+    """The two interleavings a second storage node can produce, played in one process: DeleteVolumeType
+    between the create's type lookup and its record (the create fails and leaves nothing), and a create's
+    record between the delete's count and its removal (the delete puts the type back and fails)."""
+    svc, catalog = rig.service, rig.catalog
+    vtype = svc.create_volume_type("gold", "", {})
+    insert_volume = catalog.insert_volume
+
+    def delete_type_meanwhile(volume: Volume) -> None:
+        insert_volume(volume)
+        catalog.delete_volume_type(vtype.id)  # another node's DeleteVolumeType, after its count
+
+    catalog.insert_volume = delete_type_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(FailedPrecondition, match="volume type gold was deleted"):
+        svc.create_volume(CreateVolumeSpec(name="v1", size_bytes=4 * MIB, volume_type="gold"))
+    catalog.insert_volume = insert_volume  # type: ignore[method-assign]
+    assert catalog.volume_by_name("v1") is None
+    assert rig.files() == []
+
+    vtype = svc.create_volume_type("gold", "", {})
+    delete_volume_type = catalog.delete_volume_type
+
+    def create_meanwhile(type_id: str) -> None:
+        # another node's create recorded its volume after the delete counted none
+        svc.create_volume(CreateVolumeSpec(name="v2", size_bytes=4 * MIB, volume_type="gold"))
+        delete_volume_type(type_id)
+
+    catalog.delete_volume_type = create_meanwhile  # type: ignore[method-assign]
+    with pytest.raises(FailedPrecondition, match="used by 1 volume"):
+        svc.delete_volume_type("gold")
+    catalog.delete_volume_type = delete_volume_type  # type: ignore[method-assign]
+    assert svc.get_volume_type("gold").id == vtype.id
+    v2 = catalog.volume_by_name("v2")
+    assert v2 is not None
+    assert v2.volume_type == "gold"

@@ -60,10 +60,10 @@ def test_ensure_target_creates_target_lun_identity_and_chap_without_leaking_the_
         "--op new --mode target",
         "--op new --mode logicalunit",
         "--op update --mode logicalunit",
-        "--op delete --mode account",
         "--op new --mode account",
         "--op bind --mode account",
     ]
+    assert len(runner.ran(r"--op show --mode target")) == 1  # one listing finds and allocates
     (update,) = runner.ran(r"--op update --mode logicalunit")
     assert f"scsi_id={SPEC.wwn},scsi_sn={SPEC.serial},readonly=0" in update
     assert all(c[:3] == ("tgtadm", "-C", "7") for c in runner.calls)
@@ -83,6 +83,68 @@ def test_a_failed_bind_undoes_the_account_and_the_target() -> None:
     (delete,) = runner.ran(r"--op delete --mode target")
     assert "--tid" in delete
     assert "1" in delete
+
+
+def test_an_account_left_from_before_is_made_again_with_the_recorded_password() -> None:
+    runner = (
+        FakeRunner()
+        .on(r"--op show --mode target", Reply(stdout=""))
+        .on(r"--op new --mode account", Reply(22, stderr="tgtadm: this account already exists"))
+    )
+
+    def made_again(argv: tuple[str, ...]) -> Reply:
+        runner.on(r"--op new --mode account", Reply())  # gone now: the next create succeeds
+        return Reply()
+
+    runner.on(r"--op delete --mode account", made_again)
+    exporter(runner).ensure_target(SPEC)
+    ops = [" ".join(c[5:9]) for c in runner.calls if "account" in c]
+    assert ops == [
+        "--op new --mode account",
+        "--op delete --mode account",
+        "--op new --mode account",
+        "--op bind --mode account",
+    ]
+    assert any(SECRET in c for c in runner.revealed if "new" in c and "account" in c)
+
+
+def test_a_tid_taken_since_the_listing_is_picked_again_from_a_fresh_one() -> None:
+    taken = "Target 1: iqn.2026-01.io.example:someone-else\n"
+    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=""))
+
+    def refuse_once(argv: tuple[str, ...]) -> Reply:
+        runner.on(r"--op show --mode target", Reply(stdout=taken))  # another tgtadm user made tid 1
+        runner.on(r"--op new --mode target", Reply())
+        return Reply(22, stderr="tgtadm: this target already exists")
+
+    runner.on(r"--op new --mode target", refuse_once)
+    exporter(runner).ensure_target(SPEC)
+    tids = [c[c.index("--tid") + 1] for c in runner.ran(r"--op new --mode target")]
+    assert tids == ["1", "2"]
+
+
+def test_allow_right_after_creating_the_target_binds_without_listing_it_again() -> None:
+    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=""))
+    e = exporter(runner)
+    e.ensure_target(SPEC)
+    shows = len(runner.ran(r"--op show --mode target"))
+    e.allow(SPEC, "iqn.2024-01.test:new")
+    (bind,) = runner.ran(r"--op bind --mode target")
+    assert bind[bind.index("--tid") + 1] == "1"
+    assert len(runner.ran(r"--op show --mode target")) == shows
+    # only once: a later allow (another host) looks at the target as tgtd has it
+    with pytest.raises(Unavailable, match="gone from tgtd"):
+        e.allow(SPEC, "iqn.2024-01.test:second")
+
+
+def test_allow_after_the_target_was_removed_does_not_use_the_made_tid() -> None:
+    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=""))
+    e = exporter(runner)
+    e.ensure_target(SPEC)
+    e.remove_target(SPEC.target_iqn)
+    with pytest.raises(Unavailable, match="gone from tgtd"):
+        e.allow(SPEC, "iqn.2024-01.test:new")
+    assert not runner.ran(r"--op bind --mode target")
 
 
 def test_ensure_target_of_an_existing_target_is_a_repeat() -> None:

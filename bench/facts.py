@@ -1,0 +1,42 @@
+"""What every benchmark records beside its numbers: the machine it ran on, and the percentiles it reports.
+
+Results are only comparable as ratios taken in one run; the machine facts (CPU, cores, memory, kernel,
+the load average before the run) say how far the absolute times can be trusted.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile, linear between the closest ranks (0.0 for no values)."""
+    s = sorted(values)
+    if not s:
+        return 0.0
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def host_facts(**extra: Any) -> dict[str, Any]:
+    """CPU model, cores, memory, kernel, Python and the load average now; `extra` (tool versions) added."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "")
+    mem_kb = next(
+        int(ln.split()[1])
+        for ln in Path("/proc/meminfo").read_text().splitlines()
+        if ln.startswith("MemTotal")
+    )
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "load_before": [round(x, 2) for x in os.getloadavg()],
+        **extra,
+    }
