@@ -28,7 +28,7 @@ from bench.facts import host_facts, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
-    "full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0, "nvme": 2100.0,
+    "full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
 }  # fmt: skip
 
 
@@ -282,7 +282,7 @@ def nvme_markdown(results: dict[str, Any]) -> str:
         "127.0.0.1:3260 and 127.0.0.2:3260, CHAP); 32 MiB file volumes made and exported by "
         "blockwire-storage. floor = the raw tools (`nvme connect` / `iscsiadm`), bw-lib = the connector as "
         "a library, bw-e2e = AttachVolume with the libvirt hot-plug. Seconds; 1 volume: per-operation p50, "
-        "8 volumes: wall time of the batch (all at once).",
+        "8 and 32 volumes: wall time of the batch (all at once).",
         "",
         "| transport | paths | volumes | contender | reps | connect p50 | detach p50 | connect / floor "
         "| detach / floor | leftovers |",
@@ -346,6 +346,10 @@ def write(
         }
         out.mkdir(parents=True, exist_ok=True)
         stem = out / f"attach-nvme-{date:%Y-%m-%d}"
+        for n in range(2, 10):  # an earlier run of the same day is kept: -2, -3, ...
+            if not stem.with_suffix(".md").exists():
+                break
+            stem = out / f"attach-nvme-{date:%Y-%m-%d}-{n}"
         stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
         stem.with_suffix(".md").write_text(nvme_markdown(results))
         return stem

@@ -150,7 +150,7 @@ def build_agent(
         )
         extra = (*extra, qemu_iscsi)  # attachments made before a mode change can still be detached
     if nvme:
-        connectors[Transport.NVME_TCP] = _nvme_connector(config, connector, sysfs, udev, clock)
+        connectors[Transport.NVME_TCP] = _nvme_connector(config, connector, sysfs, udev, clock, runner=runner)
     log.info("iSCSI through %s", "the kernel initiator" if kernel else "QEMU's initiator")
     agent = HostAgent(
         hypervisor=hypervisor,
@@ -169,20 +169,34 @@ def build_agent(
 
 
 def _nvme_connector(
-    config: AgentConfig, connector: Connector, sysfs: Sysfs, udev: UdevWaiter, clock: Clock
+    config: AgentConfig, connector: Connector, sysfs: Sysfs, udev: UdevWaiter, clock: Clock, *, runner: Runner
 ) -> VolumeConnector:
-    """The kernel's NVMe/TCP host driver, with the controller loss policy of the config."""
-    from hostagent.connectors.nvme import NvmeConnector  # noqa: PLC0415 - kernel paths only
+    """The kernel's NVMe/TCP host driver, with the controller loss policy of the config; dm-multipath
+    (multipathd) for when native NVMe multipath is off, where the host announces multipath."""
+    from hostagent.connectors.dm_multipath import MultipathMaps  # noqa: PLC0415 - kernel paths only
+    from hostagent.connectors.nvme import NvmeConnector  # noqa: PLC0415
     from hostagent.host.nvme import DevFabrics, NvmeHost  # noqa: PLC0415
     from hostagent.host.openers import ProcOpeners  # noqa: PLC0415
+    from hostagent.tools.multipath import Multipath  # noqa: PLC0415
     from hostagent.tools.nvme import Timeouts  # noqa: PLC0415
 
+    openers = ProcOpeners(sysfs)
+    maps = MultipathMaps(
+        sysfs,
+        udev,
+        Multipath(runner),
+        clock,
+        openers=openers,
+        device_timeout=config.device_timeout,
+        use_multipath=connector.multipath,
+        map_single_path=config.multipath == "always",
+    )
     nvme = NvmeConnector(
         NvmeHost(sysfs),
         DevFabrics(),
         udev,
         clock,
-        openers=ProcOpeners(sysfs),
+        openers=openers,
         host_nqn=connector.nvme_host_nqn,
         host_id=connector.nvme_host_id,
         timeouts=Timeouts(
@@ -191,6 +205,7 @@ def _nvme_connector(
             fast_io_fail_tmo=config.nvme_fast_io_fail_tmo,
         ),
         device_timeout=config.device_timeout,
+        maps=maps,
     )
     log.info("NVMe/TCP through the kernel's host driver (host NQN %s)", connector.nvme_host_nqn)
     return nvme

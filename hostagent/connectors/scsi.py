@@ -13,44 +13,27 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
-from blockwire.runtime.clock import Clock, Deadline
+from blockwire.runtime.clock import Deadline
 from blockwire.runtime.executor import CommandFailed
 from hostagent.connectors.base import wait_device
-from hostagent.host.openers import Openers
-from hostagent.host.sysfs import Sysfs
-from hostagent.host.udev import UdevDevice, UdevWaiter
+from hostagent.connectors.dm_multipath import (  # noqa: F401 - IN_USE_MARKERS & co. are imported from here too
+    FLUSH_RETRY_FIRST,
+    FLUSH_RETRY_MAX,
+    IN_USE_MARKERS,
+    USERS_GRACE,
+    DmMap,
+    MultipathMaps,
+    map_in_use,
+)
+from hostagent.host.udev import UdevDevice
 from hostagent.identity import normalize_wwn, same_wwn, verify_wwn
 from hostagent.model import HostDevice
-from hostagent.tools.multipath import Multipath
 
 log = logging.getLogger(__name__)
-
-
-FLUSH_RETRY_FIRST = 0.1  # seconds; backoff of `multipath -f` while the map is in use, doubling ...
-FLUSH_RETRY_MAX = 1.0  # ... up to this
-# seconds a holder of a device about to be removed gets to let go before the removal is refused: QEMU
-# finishing its blockdev-del after an unplug, a program a udev rule ran that `Openers` cannot tell as
-# udev's. A real user (a running domain, a mount) is refused after this, not after `device_timeout`.
-USERS_GRACE = 3.0
-
-
-IN_USE_MARKERS = (
-    "in use",  # multipath saw the map's open count above zero: "<name>: map in use"
-    # The open count was zero when multipath looked, but an opener (udev's blkid after a path event or a
-    # writer's close) got in before the remove ioctl: "device-mapper: remove ioctl on <name> failed:
-    # Device or resource busy".
-    "Device or resource busy",
-)
-
-
-def map_in_use(exc: CommandFailed) -> bool:
-    """`multipath -f` refused because the map is open (exit 1), whichever of the two checks saw it."""
-    text = exc.stderr + exc.message
-    return any(marker in text for marker in IN_USE_MARKERS)
 
 
 def mpath_wwid(wwn: str) -> str:
@@ -58,46 +41,8 @@ def mpath_wwid(wwn: str) -> str:
     return "3" + normalize_wwn(wwn)
 
 
-@dataclass(frozen=True)
-class DmMap:
-    """A multipath map as sysfs shows it."""
-
-    dm: str  # "dm-0"
-    name: str  # "mpatha"
-    uuid: str  # "mpath-3600140..."
-    slaves: frozenset[str]  # its path disks ("sda", ...)
-
-
-class ScsiDevices:
-    def __init__(
-        self,
-        sysfs: Sysfs,
-        udev: UdevWaiter,
-        multipath: Multipath,
-        clock: Clock,
-        *,
-        openers: Openers,
-        device_timeout: float,
-        use_multipath: bool,
-        map_single_path: bool = False,
-    ) -> None:
-        """`use_multipath`: multipathd runs here and maps are wanted. `map_single_path`: a map even over a
-        volume announced with one path (the agent's `multipath = "always"`); otherwise such a volume is
-        its plain disk, as with os-brick's and Nova's multipath off, and only volumes announced with two
-        or more paths get a map. `openers`: who holds a device open (a disconnect refuses an open device
-        without force)."""
-        self.sysfs = sysfs
-        self.openers = openers
-        self.udev = udev
-        self.multipath = multipath
-        self.clock = clock
-        self.device_timeout = device_timeout
-        self.use_multipath = use_multipath
-        self.map_single_path = map_single_path
-
-    def wants_map(self, paths: int) -> bool:
-        """Whether a volume announced with `paths` paths gets a multipath map."""
-        return self.use_multipath and (paths > 1 or self.map_single_path)
+class ScsiDevices(MultipathMaps):
+    """The SCSI side (scans, disks at addresses, WWNs, removal of disks) over the shared maps."""
 
     def scan(self, host: int, lun: int, channel: str = "-", target: str = "-") -> None:
         """A targeted scan of one LUN (never a wildcard LUN scan)."""
@@ -141,25 +86,7 @@ class ScsiDevices:
             )
         wwid = mpath_wwid(wwn)
 
-        def trigger() -> None:
-            # multipathd may have built the map from udev's events already (find_multipaths no, or a
-            # known WWID): then only paths it lacks are added, and the WWID is known to it.
-            found = self.map_in_sysfs(wwid)
-            held = set(self.sysfs.listdir(f"block/{found[0]}/slaves")) if found else set()
-            if found is None:
-                self.multipath.allow_wwid(wwid)
-            for d in devs:
-                if d not in held:
-                    self.multipath.add_path(d)
-
-        dm = wait_device(
-            self.udev,
-            "block",
-            lambda d: d.properties.get("DM_UUID") == f"mpath-{wwid}",
-            Deadline(self.clock, self.device_timeout),
-            trigger=trigger,
-            what=f"multipath map of {wwid}",
-        )
+        dm = self.build_map(wwid, devs)
         return HostDevice(
             path=f"/dev/{dm.sys_name}",
             wwn=wwn,
@@ -179,37 +106,6 @@ class ScsiDevices:
             return found[1]
         return next((m.name for m in self.multipath.show_maps() if m.wwid == wwid), "")
 
-    def map_in_sysfs(self, wwid: str) -> tuple[str, str] | None:
-        """(dm-N, name) of the multipath map of `wwid`, read from sysfs: no round trip to multipathd."""
-        for rel in self.sysfs.glob("block/dm-*/dm/uuid"):
-            if self.sysfs.read(rel) == f"mpath-{wwid}":
-                dm = rel.split("/")[1]
-                return dm, self.sysfs.read(f"block/{dm}/dm/name") or ""
-        return None
-
-    def holder_maps(self, devs: Sequence[str]) -> dict[str, str]:
-        """Multipath maps (name -> dm uuid) that hold any of `devs`, found in sysfs (holders/), whatever
-        their WWID: multipathd may have built a map over a disk whose identity was then refused."""
-        return {m.name: m.uuid for m in self._holder_maps(devs).values()}
-
-    def _dm(self, dm: str) -> DmMap:
-        return DmMap(
-            dm=dm,
-            name=(self.sysfs.read(f"block/{dm}/dm/name") or "").strip(),
-            uuid=(self.sysfs.read(f"block/{dm}/dm/uuid") or "").strip(),
-            slaves=frozenset(self.sysfs.listdir(f"block/{dm}/slaves")),
-        )
-
-    def _holder_maps(self, devs: Sequence[str]) -> dict[str, DmMap]:
-        """dm-N -> the multipath map, of every multipath map that holds any of `devs`."""
-        found: dict[str, DmMap] = {}
-        for dev in devs:
-            for holder in self.sysfs.listdir(f"block/{dev}/holders"):
-                m = found.get(holder) or self._dm(holder)
-                if m.name and m.uuid.startswith("mpath-"):
-                    found[holder] = m
-        return found
-
     def _maps_to_flush(self, wwn: str, gone: Collection[str]) -> dict[str, DmMap]:
         """The maps `remove` flushes: the volume's own (uuid mpath-3<wwn>, wherever its paths are), and a
         map over the removed disks only when it is the volume's or every one of its paths is removed
@@ -225,46 +121,8 @@ class ScsiDevices:
             found = self.map_in_sysfs(mpath_wwid(wwn))
             name = self.map_name(wwn) if found is not None and found[0] not in maps else ""
             if found is not None and name:
-                maps[found[0]] = replace(self._dm(found[0]), name=name)
+                maps[found[0]] = replace(self.dm_map(found[0]), name=name)
         return maps
-
-    def _label(self, dev: str) -> str:
-        name = (self.sysfs.read(f"block/{dev}/dm/name") or "").strip()
-        return f"/dev/{dev} ({name})" if name else f"/dev/{dev}"
-
-    def users(self, maps: Collection[str], disks: Collection[str]) -> dict[str, list[str]]:
-        """Who holds the maps (dm-N) and disks (sdX) about to be removed: processes and mounts
-        (`Openers`), and dm devices built on them that are not removed with them (LVM, dm-crypt; a
-        partition map kpartx made is removed by `multipath -f`, so only its own users count).
-        Label ("/dev/dm-0 (mpatha)") -> phrases; empty when nothing holds any of them."""
-        removed = set(maps) | set(disks)
-        looked = list(removed)
-        said: dict[str, list[str]] = {}
-        for dev in sorted(removed):
-            for holder in self.sysfs.listdir(f"block/{dev}/holders"):
-                if holder in removed:
-                    continue
-                uuid = (self.sysfs.read(f"block/{holder}/dm/uuid") or "").strip()
-                if dev in maps and uuid.startswith("part"):
-                    looked.append(holder)  # kpartx's partition of the map: flushed with it
-                    continue
-                said.setdefault(self._label(dev), []).append(f"{self._label(holder)} is built on it")
-        for dev, who in self.openers.users(looked).items():
-            said.setdefault(self._label(dev), []).extend(who)
-        return said
-
-    def _wait_unused(self, maps: Collection[str], disks: Collection[str]) -> dict[str, list[str]]:
-        """`users`, looked at again with backoff (on the injected clock) while something holds the
-        devices, for at most USERS_GRACE seconds; what still holds them then."""
-        deadline = Deadline(self.clock, min(USERS_GRACE, self.device_timeout))
-        delay = FLUSH_RETRY_FIRST
-        while True:
-            held = self.users(maps, disks)
-            if not held or deadline.remaining() <= delay:
-                return held
-            log.debug("%s in use; looking again in %.2fs", ", ".join(held), delay)
-            self.clock.sleep(delay)
-            delay = min(delay * 2, FLUSH_RETRY_MAX)
 
     def remove(self, wwn: str, devs: Sequence[str], *, force: bool, made: Collection[str] = ()) -> list[str]:
         """Removes the volume's devices among `devs` (the disks at its SCSI addresses) and waits for udev
@@ -292,7 +150,7 @@ class ScsiDevices:
                 f"not WWN {wwn}" if wwn else "no WWN given to tell whether it is the volume's",
             )
         maps = self._maps_to_flush(wwn, gone)
-        held = self.users(maps, gone) if force else self._wait_unused(maps, gone)
+        held = self.users(maps, gone) if force else self.wait_unused(maps, gone)
         if held:
             said = "; ".join(f"{dev}: {', '.join(who)}" for dev, who in sorted(held.items()))
             if not force:
@@ -303,7 +161,7 @@ class ScsiDevices:
             log.warning("removing the volume's devices although they are in use (force): %s", said)
         for m in sorted(maps.values(), key=lambda m: m.name):
             try:
-                self._flush(m.name, m.uuid)
+                self.flush_map(m.name, m.uuid)
             except CommandFailed as exc:
                 if not force:
                     who = [w for ws in self.users([m.dm], []).values() for w in ws]
@@ -327,34 +185,6 @@ class ScsiDevices:
                 what=" ".join(f"/dev/{dev}" for dev in present),
             )
         return left
-
-    def _flush(self, name: str, dm_uuid: str) -> None:
-        """`multipath -f NAME` until udev reports the map removed. Closing a map that was open for writing
-        (QEMU on unplug, a writer) makes udev probe it (blkid), and `multipath -f` meanwhile fails with
-        "map in use": retried with backoff on the injected clock until `device_timeout`; other failures,
-        or "in use" at the deadline, are raised (CommandFailed)."""
-        deadline = Deadline(self.clock, self.device_timeout)
-        delay = FLUSH_RETRY_FIRST
-
-        def flush() -> None:
-            self.multipath.flush(name)
-
-        while True:
-            try:
-                self.udev.wait_gone(
-                    "block",
-                    lambda d: d.properties.get("DM_UUID") == dm_uuid,
-                    deadline,
-                    trigger=flush,
-                    what=f"multipath map {name}",
-                )
-                return
-            except CommandFailed as exc:
-                if not map_in_use(exc) or deadline.remaining() <= delay:
-                    raise
-                log.debug("map %s in use; flushing again in %.2fs", name, delay)
-            self.clock.sleep(delay)
-            delay = min(delay * 2, FLUSH_RETRY_MAX)
 
     def rescan(self, devs: list[str], wwn: str) -> int:
         for dev in devs:

@@ -210,6 +210,8 @@ class NvmeHost:
         for name in self.sysfs.listdir("class/nvme"):
             if not CONTROLLER_RE.fullmatch(name):
                 continue
+            if subsysnqn and self.sysfs.read(f"class/nvme/{name}/subsysnqn") != subsysnqn:
+                continue  # another subsystem's: not read further (many volumes: many controllers)
             c = self.controller(name)
             if c is not None and (not subsysnqn or c.subsysnqn == subsysnqn):
                 found.append(c)
@@ -256,6 +258,12 @@ class NvmeHost:
                     found.append(p)
         return tuple(sorted(found))
 
+    def controller_namespaces(self, controller: str) -> list[str]:
+        """The namespace block devices of one controller (nvmeNnM under class/nvme/nvmeN): there only
+        without native multipath, where each controller has its own (path devices nvmeKcNnM do not
+        match)."""
+        return sorted(n for n in self.sysfs.listdir(f"class/nvme/{controller}") if NAMESPACE_RE.fullmatch(n))
+
     def namespaces(self, subsystem: str) -> list[Namespace]:
         """The namespaces a consumer opens of one subsystem: its heads (native multipath), or else the
         namespace devices of each of its controllers."""
@@ -264,7 +272,7 @@ class NvmeHost:
         ]
         if not names:
             for c in self.subsystem_controllers(subsystem):
-                names += [n for n in self.sysfs.listdir(f"class/nvme/{c}") if NAMESPACE_RE.fullmatch(n)]
+                names += self.controller_namespaces(c)
         found = [self.namespace(n) for n in sorted(set(names))]
         return [ns for ns in found if ns is not None]
 

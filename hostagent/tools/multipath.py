@@ -59,7 +59,9 @@ def parse_show_paths(text: str) -> list[PathInfo]:
     return [PathInfo(*r[:6]) for r in _rows(text) if len(r) >= 6 and _HCIL.fullmatch(r[5])]
 
 
-_LL_HEAD = re.compile(r"^(?P<name>\S+) \((?P<wwid>\w+)\) (?P<dm>dm-\d+)")
+# The WWID of a SCSI disk is hex ("3600140..."), of an NVMe namespace its sysfs wwid ("uuid.3b9e2f4a-...",
+# "eui.7a1b...": tests/data/recorded/nvme_mp_multipath_ll.txt).
+_LL_HEAD = re.compile(r"^(?P<name>\S+) \((?P<wwid>[^()\s]+)\) (?P<dm>dm-\d+)")
 _LL_PATH = re.compile(r"(?P<hcil>\d+:\d+:\d+:\d+) (?P<dev>\w+) \d+:\d+\s+(?P<state>.+?)\s*$")
 
 

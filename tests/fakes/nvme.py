@@ -4,10 +4,13 @@ The tree has the layout recorded in the guest (tests/data/recorded/nvme_sysfs_*)
 class/nvme/nvmeN with subsysnqn, address, state, hostnqn, transport; subsystems
 class/nvme-subsystem/nvme-subsysK with a link per controller and the heads nvmeKnM; namespaces
 block/nvmeKnM with nsid, nguid, uuid (UUID notation), wwid, size; path devices nvmeKcNnM under each
-controller. `connect` (the fabrics write) makes a controller, like the kernel: EALREADY for a second
-one with the same subsystem, address and host NQN, ECONNREFUSED for a port that does not offer the
-subsystem, EIO for a host the subsystem does not allow or a wrong DH-HMAC-CHAP key. A write of "1" to
-delete_controller / rescan_controller takes effect at `sync()` (run as a FakeUdev reaction).
+controller. With `multipath=False` (nvme_core multipath=N, recorded in tests/data/recorded/nvme_mp_*):
+no heads and no path devices, each controller N has its own namespace device nvmeNnM (class/nvme/nvmeN/
+nvmeNnM, block/nvmeNnM with the same attributes). `connect` (the fabrics write) makes a controller,
+like the kernel: EALREADY for a second one with the same subsystem, address and host NQN, ECONNREFUSED
+for a port that does not offer the subsystem, EIO for a host the subsystem does not allow or a wrong
+DH-HMAC-CHAP key. A write of "1" to delete_controller / rescan_controller takes effect at `sync()` (run
+as a FakeUdev reaction).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class FakeNvmeKernel:
     def __init__(self, root: Path, udev: FakeUdev, *, multipath: bool = True) -> None:
         self.root = root
         self.udev = udev
+        self.multipath = multipath
         self.targets: dict[str, FakeSubsystem] = {}
         self.written: list[str] = []  # every options string written to the fabrics device
         self.next_instance = 0
@@ -58,6 +62,8 @@ class FakeNvmeKernel:
         (root / "class/nvme-fabrics").mkdir(parents=True, exist_ok=True)
         for d in ("class/nvme", "class/nvme-subsystem", "block"):
             (root / d).mkdir(parents=True, exist_ok=True)
+        if not (root / "class/block").exists():
+            (root / "class/block").symlink_to("../block")
         udev.on_trigger.append(lambda _u: self.sync())
 
     # -- the target ------------------------------------------------------------------------------
@@ -142,6 +148,11 @@ class FakeNvmeKernel:
             for p in sdir.iterdir()
             if p.is_dir() and p.name.startswith("nvme") and "n" not in p.name[4:]
         ]
+        if not self.multipath:
+            for c in ctrls:
+                for ns in t.namespaces:
+                    self._own_namespace(c, ns)
+            return
         for ns in t.namespaces:
             head = f"nvme{k}n{ns.nsid}"
             b = self.root / "block" / head
@@ -163,6 +174,32 @@ class FakeNvmeKernel:
                     (path / "nsid").write_text(f"{ns.nsid}\n")
                     (path / "ana_state").write_text("optimized\n")
 
+    @staticmethod
+    def _attrs(b: Path, ns: FakeNs) -> None:
+        (b / "nsid").write_text(f"{ns.nsid}\n")
+        (b / "nguid").write_text(dashed(ns.nguid) + "\n")
+        (b / "uuid").write_text(ns.uuid + "\n")
+        (b / "wwid").write_text((f"uuid.{ns.uuid}" if ns.uuid else f"eui.{ns.nguid}") + "\n")
+        (b / "size").write_text(f"{ns.size // 512}\n")
+
+    def _own_namespace(self, c: str, ns: FakeNs) -> None:
+        """Without native multipath: controller c's own device of namespace `ns`."""
+        dev = f"{c}n{ns.nsid}"
+        b = self.root / "block" / dev
+        if not b.exists():
+            b.mkdir()
+            (self.root / "class/nvme" / c / dev).mkdir()
+            self._attrs(b, ns)
+            self.udev.add(
+                UdevDevice(
+                    sys_name=dev,
+                    sys_path=f"/sys/devices/virtual/nvme-fabrics/ctl/{c}/{dev}",
+                    properties={"ID_WWN": (b / "wwid").read_text().strip()},
+                )
+            )
+        else:  # a rescan: the size follows the target (an identity change is not taken over)
+            (b / "size").write_text(f"{ns.size // 512}\n")
+
     def sync(self) -> None:
         """Acts on what was written to controllers' delete_controller and rescan_controller."""
         with self.lock:
@@ -181,6 +218,10 @@ class FakeNvmeKernel:
         """The controller goes (deleted, or given up after ctrl_loss_tmo); the subsystem and its heads go
         with its last controller."""
         nqn = (self.root / "class/nvme" / name / "subsysnqn").read_text().strip()
+        for own in (self.root / "class/nvme" / name).glob("nvme*n*"):
+            if "c" not in own.name:  # the controller's own namespace device (no native multipath)
+                shutil.rmtree(self.root / "block" / own.name, ignore_errors=True)
+                self.udev.remove(own.name)
         shutil.rmtree(self.root / "class/nvme" / name)
         sub = self._subsystem(nqn)
         sdir = self.root / "class/nvme-subsystem" / sub
@@ -196,6 +237,12 @@ class FakeNvmeKernel:
         t = self.targets[nqn]
         t.namespaces = [n for n in t.namespaces if n.nsid != nsid]
         sub = self._subsystem(nqn)
+        if not self.multipath:  # each controller's own device of it
+            for own in self.root.glob(f"class/nvme/nvme*/nvme*n{nsid}"):
+                shutil.rmtree(own)
+                shutil.rmtree(self.root / "block" / own.name, ignore_errors=True)
+                self.udev.remove(own.name)
+            return
         head = f"nvme{sub.removeprefix('nvme-subsys')}n{nsid}"
         shutil.rmtree(self.root / "block" / head, ignore_errors=True)
         shutil.rmtree(self.root / "class/nvme-subsystem" / sub / head, ignore_errors=True)

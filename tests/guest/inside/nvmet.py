@@ -13,6 +13,7 @@ import base64
 import contextlib
 import os
 import secrets
+import subprocess
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -208,3 +209,48 @@ def disconnect_all() -> None:
     for c in SYS_NVME.glob("nvme*"):
         with contextlib.suppress(OSError):
             _write(c / "delete_controller", "1")
+
+
+MULTIPATH_PARAM = Path("/sys/module/nvme_core/parameters/multipath")
+HOST_MODULES = ("nvme_tcp", "nvme_fabrics", "nvme", "nvme_core")
+
+
+def native_multipath() -> bool:
+    return MULTIPATH_PARAM.read_text().strip().upper().startswith("Y")
+
+
+def root_on_nvme() -> str:
+    """The NVMe block device the guest's root (or any mount) lives on, "" when none: reloading nvme_core
+    would take it away."""
+    out = subprocess.run(["findmnt", "-rn", "-o", "SOURCE"], capture_output=True, text=True, check=False)
+    return next((s for s in out.stdout.split() if s.startswith("/dev/nvme")), "")
+
+
+def reload_host_driver(multipath: bool) -> str:
+    """Unloads the host's NVMe driver (nvme_tcp, nvme_fabrics, nvme, nvme_core) and loads it again with
+    nvme_core multipath=Y/N. Refuses (returns why) while any NVMe controller exists or a mount is on an
+    NVMe device. "" when done and the parameter is what was asked."""
+    if root := root_on_nvme():
+        return f"{root} is mounted: nvme_core cannot be reloaded"
+    if SYS_NVME.is_dir() and any(SYS_NVME.glob("nvme*")):
+        return f"NVMe controllers exist: {sorted(p.name for p in SYS_NVME.glob('nvme*'))}"
+    if MULTIPATH_PARAM.exists() and native_multipath() == multipath:
+        return ""
+    for m in HOST_MODULES:
+        subprocess.run(["modprobe", "-r", m], capture_output=True, text=True, check=False, timeout=60)
+    flag = "Y" if multipath else "N"
+    proc = subprocess.run(
+        ["modprobe", "nvme_core", f"multipath={flag}"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    if proc.returncode != 0:
+        return f"modprobe nvme_core multipath={flag}: {proc.stderr.strip()}"
+    subprocess.run(["modprobe", "-a", "nvme_fabrics", "nvme_tcp"], check=False, timeout=60)
+    if not MULTIPATH_PARAM.exists() or native_multipath() != multipath:
+        return f"nvme_core multipath is {MULTIPATH_PARAM.read_text().strip()} after the reload (built in?)"
+    if not Path("/dev/nvme-fabrics").exists():
+        return "no /dev/nvme-fabrics after the reload"
+    return ""
