@@ -6,7 +6,10 @@ CHAP / mutual CHAP set through `-o update` (secrets as Secret); logins to every 
 (one lock per target); a scan of only the announced LUN; a udev wait for the disk at that SCSI address;
 the WWN check (IdentityMismatch, and everything it made is removed); a multipath map through multipathd.
 disconnect: flush and remove the map, delete each SCSI device, log out only sessions no other LUN
-uses, delete the node records. Idempotent; nothing left behind.
+uses, delete the node records: one `-m node -T IQN -o delete` for a target whose sessions are all gone
+(no session to it on any portal, no path connect to it in flight), one per portal otherwise. Node-database
+writes go one at a time (`hostagent.tools.iscsiadm`), so parallel detaches no longer meet in open-iscsi's
+lock and retry exit 6. Idempotent; nothing left behind.
 
 A target and LUN say where a volume was announced, not what is there now (a reused LUN, stale
 connection info): every path that removes host state here takes only devices whose WWN is the
