@@ -230,15 +230,30 @@ class TimedUdev:
         kind = wait_kind(what)
         spent: list[float] = []
         t = now()
+        found = None
         try:
-            return getattr(self.inner, method)(
+            found = getattr(self.inner, method)(
                 subsystem, match, deadline, trigger=self._wrap(kind, trigger, spent), what=what
             )
+            return found
         finally:
             end = now()
             # The wait alone: the span is placed at its end so that it falls in the operation's window.
             wait = max(0.0, end - t - sum(spent))
             self.rec.add(f"udev wait {kind}", end - wait, end)
+            if kind == "disk" and found is not None:
+                self._split_disk_wait(found, end - wait, end)
+
+    def _split_disk_wait(self, dev: Any, start: float, end: float) -> None:
+        """The disk wait in two: until udev received the kernel's add event (the kernel's probe of the
+        disk: USEC_INITIALIZED, udev's CLOCK_MONOTONIC, the clock of time.monotonic) and from there until
+        udev's event after its rules reached the connector."""
+        raw = dev.properties.get("USEC_INITIALIZED", "")
+        if not raw.isdigit():
+            return
+        seen = min(max(int(raw) / 1e6, start), end)
+        self.rec.add("disk: kernel probe", start, seen)
+        self.rec.add("disk: udev rules", seen, end)
 
     def wait_for(
         self, subsystem: str, match: Any, deadline: Any, *, trigger: Any = None, what: str = ""

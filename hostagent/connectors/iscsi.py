@@ -6,7 +6,10 @@ CHAP / mutual CHAP set through `-o update` (secrets as Secret); logins to every 
 (one lock per target); a scan of only the announced LUN; a udev wait for the disk at that SCSI address;
 the WWN check (IdentityMismatch, and everything it made is removed); a multipath map through multipathd.
 disconnect: flush and remove the map, delete each SCSI device, log out only sessions no other LUN
-uses, delete the node records. Idempotent; nothing left behind.
+uses, delete the node records: one `-m node -T IQN -o delete` for a target whose sessions are all gone
+(no session to it on any portal, no path connect to it in flight), one per portal otherwise. Node-database
+writes go one at a time (`hostagent.tools.iscsiadm`), so parallel detaches no longer meet in open-iscsi's
+lock and retry exit 6. Idempotent; nothing left behind.
 
 A target and LUN say where a volume was announced, not what is there now (a reused LUN, stale
 connection info): every path that removes host state here takes only devices whose WWN is the
@@ -24,8 +27,11 @@ volumes attached. iscsiadm runs only to change state (node records, login, logou
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Sequence
+import threading
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from blockwire.errors import BlockwireError, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection, IscsiPath
@@ -84,6 +90,25 @@ class IscsiConnector:
             map_single_path=map_single_path,
         )
         self._targets = KeyedLocks()
+        # Per-target node-record deletion: `_iqns` (one lock per IQN) orders a target's "nobody uses its
+        # records" check and its `-T IQN -o delete` against the path connects (`_connecting`) starting
+        # on it, which create and log in with those records.
+        self._iqns = KeyedLocks()
+        self._connecting: Counter[str] = Counter()
+        self._counting = threading.Lock()
+
+    @contextmanager
+    def _connecting_to(self, iqn: str) -> Iterator[None]:
+        """Marks a path connect to `iqn` in flight (its node record must not be deleted meanwhile)."""
+        with self._iqns.hold(iqn), self._counting:
+            self._connecting[iqn] += 1
+        try:
+            yield
+        finally:
+            with self._counting:
+                self._connecting[iqn] -= 1
+                if not self._connecting[iqn]:
+                    del self._connecting[iqn]
 
     def validate(self, info: ConnectionInfo) -> None:
         validate_iscsi(info)
@@ -150,7 +175,7 @@ class IscsiConnector:
         before (no session, or none at that LUN) is added to `made`, also when this fails: only this
         call can have brought it (the target's lock is held), so a failed connect may remove it
         whatever it shows. A disk that was there already may be another volume's and is not."""
-        with self._targets.hold(f"{path.portal}|{path.target_iqn}"):
+        with self._connecting_to(path.target_iqn), self._targets.hold(f"{path.portal}|{path.target_iqn}"):
             had = self._host_of(path)
             before = set(self.scsi.disks_at(had, path.lun)) if had is not None and had >= 0 else set()
             host = -1
@@ -278,10 +303,12 @@ class IscsiConnector:
 
     def _log_out(self, t: IscsiConnection, hosts: dict[IscsiPath, int]) -> None:
         """Logs out each path's session unless a disk is left on it (another LUN's, or another volume's
-        at this LUN), and deletes the node record of each path whose session is gone: never the record
-        of a session that stays."""
+        at this LUN), then deletes the node records of the paths whose session is gone: never the record
+        of a session that stays. When every path to a target lost its session, one `-T IQN -o delete`
+        removes the target's records on all portals (`_delete_records`)."""
 
-        def log_out(p: IscsiPath) -> None:
+        def log_out(p: IscsiPath) -> bool:
+            """True when `p` has no session any more (its record may go)."""
             with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
                 # A session seen above keeps its SCSI host while it lives (a logout of one already gone
                 # is OK); only a path that had none is looked up again, under the target's lock.
@@ -294,18 +321,40 @@ class IscsiConnector:
                         p.portal,
                         " ".join(f"/dev/{d}" for d in left),
                     )
-                    return
+                    return False
                 if host is not None:
                     self.iscsiadm.logout(p.portal, p.target_iqn)
-                self.iscsiadm.node_delete(p.portal, p.target_iqn)
+                return True
 
         if len(t.paths) == 1:
-            log_out(t.paths[0])
-            return
-        with ThreadPoolExecutor(max_workers=len(t.paths), thread_name_prefix="iscsi-logout") as pool:
-            futures = [pool.submit(log_out, p) for p in t.paths]
-        for f in futures:
-            f.result()  # the first failure, once every path had its turn
+            gone = [t.paths[0]] if log_out(t.paths[0]) else []
+        else:
+            with ThreadPoolExecutor(max_workers=len(t.paths), thread_name_prefix="iscsi-logout") as pool:
+                futures = [pool.submit(log_out, p) for p in t.paths]
+            # f.result() raises the first failure, once every path had its turn
+            gone = [p for p, f in zip(t.paths, futures, strict=True) if f.result()]
+        self._delete_records(t.paths, gone)
+
+    def _delete_records(self, paths: Sequence[IscsiPath], gone: Sequence[IscsiPath]) -> None:
+        """Deletes the node records of `gone` (paths of `paths` whose session is gone). A target whose
+        paths are all gone, that no session is to on any portal (sysfs) and that no path connect is in
+        flight to, has all its records deleted in one run; otherwise each gone path's record is deleted
+        alone, under its portal's lock, if it still has no session."""
+        rest: list[IscsiPath] = []
+        for iqn in dict.fromkeys(p.target_iqn for p in paths):
+            mine = [p for p in gone if p.target_iqn == iqn]
+            if not mine:
+                continue
+            if {p.portal for p in mine} == {p.portal for p in paths if p.target_iqn == iqn}:
+                with self._iqns.hold(iqn):
+                    if not self._connecting[iqn] and not kernel_sessions(self.scsi.sysfs, {iqn}):
+                        self.iscsiadm.target_delete(iqn)
+                        continue
+            rest += mine
+        for p in rest:
+            with self._targets.hold(f"{p.portal}|{p.target_iqn}"):
+                if self._host_of(p) is None:
+                    self.iscsiadm.node_delete(p.portal, p.target_iqn)
 
     def extend(self, info: ConnectionInfo) -> int:
         devs, _ = self._devices(iscsi_of(info))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -133,6 +134,14 @@ IDBM_LOCK_WAIT_SECONDS = 30.0
 KILL_MARGIN_SECONDS = 10.0
 
 
+# open-iscsi's node database is host-wide and every writer takes its one lock (idbm_lock); writers that
+# meet in it fail with exit 6 and were retried after sleeps (32 volumes on two paths: 168 `-o delete` runs
+# for 64 records). The agent's own node-database writes (new, update, delete) queue here instead, in the
+# process, so they meet in open-iscsi's lock only with other programs' (STYLE rule 8's exception: the
+# resource itself is one per host). Logins, logouts and reads do not take it: they only read records.
+_NODE_DB = threading.Lock()
+
+
 class Iscsiadm:
     def __init__(self, runner: Runner, clock: Clock, *, timeout: float = 30.0) -> None:
         """`timeout` is the budget of one operation; the process limit adds the lock wait to it."""
@@ -160,11 +169,16 @@ class Iscsiadm:
     def _node(self, portal: str, target: str) -> list[Arg]:
         return ["-m", "node", "-T", target, "-p", portal]
 
+    def _write(self, args: list[Arg], ok: dict[int, str] | None = None) -> tuple[int, str]:
+        """A node-database write: one at a time in this process (`_NODE_DB`)."""
+        with _NODE_DB:
+            return self._run(args, ok)
+
     def node_new(self, portal: str, target: str) -> None:
-        self._run([*self._node(portal, target), "-o", "new"])
+        self._write([*self._node(portal, target), "-o", "new"])
 
     def node_update(self, portal: str, target: str, name: str, value: str | Secret) -> None:
-        self._run([*self._node(portal, target), "-o", "update", "-n", name, "-v", value])
+        self._write([*self._node(portal, target), "-o", "update", "-n", name, "-v", value])
 
     def node_update_many(
         self, portal: str, target: str, settings: Sequence[tuple[str, str | Secret]]
@@ -176,11 +190,20 @@ class Iscsiadm:
         args: list[Arg] = [*self._node(portal, target), "-o", "update"]
         for name, value in settings:
             args += ["-n", name, "-v", value]
-        self._run(args)
+        self._write(args)
 
     def node_delete(self, portal: str, target: str) -> bool:
-        rc, _ = self._run(
+        rc, _ = self._write(
             [*self._node(portal, target), "-o", "delete"], {0: "ok", ISCSI_ERR_NO_OBJS_FOUND: "gone"}
+        )
+        return rc == 0
+
+    def target_delete(self, target: str) -> bool:
+        """`-m node -T IQN -o delete`: the records of `target` on every portal in one run (False: there
+        were none). iscsiadm refuses a record a session uses (exit 15): the caller deletes only a target
+        no session is to."""
+        rc, _ = self._write(
+            ["-m", "node", "-T", target, "-o", "delete"], {0: "ok", ISCSI_ERR_NO_OBJS_FOUND: "gone"}
         )
         return rc == 0
 
