@@ -69,7 +69,8 @@ class VolumeEvents:
         if getattr(self._held, "ids", None) is not None:
             yield
             return
-        self._held.ids = ids = []
+        ids: list[str] = []
+        self._held.ids = ids
         try:
             yield
         finally:

@@ -258,10 +258,7 @@ class Exports:
                     "nothing was exported"
                 ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
-            state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
-            with ctx.transaction():  # one commit: the attachment ATTACHING, the volume's state
-                ctx.catalog.update_attachment(replace(att, connection_info=info.without_key()))
-                ctx.save(replace(reserved, state=state))
+            self._record_attaching(att, reserved)
             undo.pop_all()
         ctx.failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
         log.info(
@@ -272,6 +269,16 @@ class Exports:
             att.id,
         )
         return att
+
+    def _record_attaching(self, att: Attachment, reserved: Volume) -> None:
+        """One commit: the attachment ATTACHING (its connection info without the key), the volume's
+        state."""
+        ctx = self.ctx
+        assert att.connection_info is not None
+        state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
+        with ctx.transaction():
+            ctx.catalog.update_attachment(replace(att, connection_info=att.connection_info.without_key()))
+            ctx.save(replace(reserved, state=state))
 
     def _unrecord(self, attachment_id: str, before: Volume) -> None:
         """Undoes `_create`'s record (one commit): the attachment gone, the volume as it was."""

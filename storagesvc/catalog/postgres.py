@@ -3,9 +3,9 @@
 The queries and the schema are `storagesvc.catalog.sql`'s; this is the PostgreSQL dialect (psycopg 3 and
 a psycopg_pool ConnectionPool). Every statement runs in its own transaction on a pooled connection
 (autocommit), like the SQLite dialect's, except inside `transaction`: there the calls of that thread
-(a context variable) share one pooled connection in one transaction, committed when the block ends. The schema version is the one row of ``schema_version``;
-migrations run in one transaction under a transaction-level advisory lock, so storage processes starting
-together apply each migration once.
+(a context variable) share one pooled connection in one transaction, committed when the block ends.
+The schema version is the one row of ``schema_version``; migrations run in one transaction under a
+transaction-level advisory lock, so storage processes starting together apply each migration once.
 
 Cross-process locks (`hold`): a session advisory lock on a connection of a second, dedicated pool, held
 for the whole operation; the server releases it when that connection ends (the holder died or lost the

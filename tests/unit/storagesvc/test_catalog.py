@@ -247,18 +247,28 @@ def test_a_transaction_commits_its_writes_together(catalog: SqlCatalog) -> None:
 def test_a_transaction_that_raises_leaves_nothing(catalog: SqlCatalog) -> None:
     v = volume(1)
     catalog.insert_volume(v)
-    with pytest.raises(RuntimeError, match="boom"), catalog.transaction():
-        catalog.insert_attachment(attachment_of(v))
-        catalog.update_volume(replace(v, state=VolumeState.RESERVED))
-        raise RuntimeError("boom")
+
+    def reserve_then_fail() -> None:
+        with catalog.transaction():
+            catalog.insert_attachment(attachment_of(v))
+            catalog.update_volume(replace(v, state=VolumeState.RESERVED))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        reserve_then_fail()
     assert catalog.get_volume(v.id) == v
     assert catalog.attachments_of(v.id) == []
     # atomic: a write that fails (a taken name) undoes the ones before it in the same transaction
     catalog.insert_volume(volume(2))
-    with pytest.raises(Conflict), catalog.transaction():
-        catalog.insert_attachment(attachment_of(v, "b"))
-        catalog.update_volume(replace(v, state=VolumeState.RESERVED))
-        catalog.insert_volume(volume(3, name="vol-2"))
+
+    def reserve_then_conflict() -> None:
+        with catalog.transaction():
+            catalog.insert_attachment(attachment_of(v, "b"))
+            catalog.update_volume(replace(v, state=VolumeState.RESERVED))
+            catalog.insert_volume(volume(3, name="vol-2"))
+
+    with pytest.raises(Conflict):
+        reserve_then_conflict()
     assert catalog.get_volume(v.id) == v
     assert catalog.attachments_of(v.id) == []
     assert catalog.get_volume(volume(3).id) is None
@@ -272,11 +282,16 @@ def test_a_transaction_that_raises_leaves_nothing(catalog: SqlCatalog) -> None:
 def test_a_transaction_inside_another_joins_it(catalog: SqlCatalog) -> None:
     v = volume(1)
     catalog.insert_volume(v)
-    with pytest.raises(RuntimeError, match="outer"), catalog.transaction():
+
+    def nested_then_fail() -> None:
         with catalog.transaction():
-            catalog.insert_attachment(attachment_of(v))
-        assert seen_by_another_thread(catalog, v.id) == (v, 0)  # the inner end committed nothing
-        raise RuntimeError("outer")
+            with catalog.transaction():
+                catalog.insert_attachment(attachment_of(v))
+            assert seen_by_another_thread(catalog, v.id) == (v, 0)  # the inner end committed nothing
+            raise RuntimeError("outer")
+
+    with pytest.raises(RuntimeError, match="outer"):
+        nested_then_fail()
     assert catalog.attachments_of(v.id) == []
 
 
