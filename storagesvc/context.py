@@ -60,8 +60,29 @@ class VolumeEvents:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._versions: dict[str, int] = {}
+        self._held = threading.local()  # this thread's changes held back until its commit
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """This thread's `changed` calls inside the block are told when it ends (after the catalog
+        transaction inside it committed: a watcher woken earlier would read the state before it)."""
+        if getattr(self._held, "ids", None) is not None:
+            yield
+            return
+        ids: list[str] = []
+        self._held.ids = ids
+        try:
+            yield
+        finally:
+            self._held.ids = None
+            for volume_id in dict.fromkeys(ids):
+                self.changed(volume_id)
 
     def changed(self, volume_id: str) -> None:
+        held: list[str] | None = getattr(self._held, "ids", None)
+        if held is not None:
+            held.append(volume_id)
+            return
         with self._cond:
             self._versions[volume_id] = self._versions.get(volume_id, 0) + 1
             self._cond.notify_all()
@@ -120,6 +141,13 @@ class Context:
 
     def now(self) -> datetime:
         return self.clock.now()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The catalog writes inside in one transaction (one commit), the volumes' watchers told after
+        it (see `Catalog.transaction`)."""
+        with self.events.held(), self.catalog.transaction():
+            yield
 
     @contextlib.contextmanager
     def hold_volume(self, volume_id: str) -> Iterator[None]:

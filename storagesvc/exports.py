@@ -221,11 +221,14 @@ class Exports:
         )
         before = v
         with contextlib.ExitStack() as undo:
-            # record first ...
-            ctx.catalog.insert_attachment(att)
-            undo.callback(ctx.catalog.delete_attachment, att.id)
-            reserved = ctx.save(replace(v, state=VolumeState.RESERVED if first else v.state, export=export))
-            undo.callback(ctx.save, before)
+            # record first (the attachment and the volume's export in one commit, durable before the
+            # target exists) ...
+            with ctx.transaction():
+                ctx.catalog.insert_attachment(att)
+                reserved = ctx.save(
+                    replace(v, state=VolumeState.RESERVED if first else v.state, export=export)
+                )
+            undo.callback(self._unrecord, att.id, before)
             ctx.failpoints.hit(FP_EXPORT_AFTER_CATALOG)
             # ... then act, with compensations
             if first:
@@ -262,9 +265,7 @@ class Exports:
                     "nothing was exported"
                 ) from exc
             att = replace(att, state=AttachmentState.ATTACHING, connection_info=info, update_time=ctx.now())
-            ctx.catalog.update_attachment(replace(att, connection_info=info.without_key()))
-            state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
-            ctx.save(replace(reserved, state=state))
+            self._record_attaching(att, reserved)
             undo.pop_all()
         ctx.failpoints.hit(FP_EXPORT_AFTER_ATTACHING)
         log.info(
@@ -279,6 +280,22 @@ class Exports:
     def with_key(self, a: Attachment) -> Attachment:
         """`a` with its encrypted volume's key in the connection info (the answer to a repeat)."""
         return _with_key(a, self._encryption_with_key(self.ctx.volume(a.volume_id)))
+
+    def _record_attaching(self, att: Attachment, reserved: Volume) -> None:
+        """One commit: the attachment ATTACHING (its connection info without the key), the volume's
+        state."""
+        ctx = self.ctx
+        assert att.connection_info is not None
+        state = VolumeState.ATTACHING if reserved.state is VolumeState.RESERVED else reserved.state
+        with ctx.transaction():
+            ctx.catalog.update_attachment(replace(att, connection_info=att.connection_info.without_key()))
+            ctx.save(replace(reserved, state=state))
+
+    def _unrecord(self, attachment_id: str, before: Volume) -> None:
+        """Undoes `_create`'s record (one commit): the attachment gone, the volume as it was."""
+        with self.ctx.transaction():
+            self.ctx.save(before)
+            self.ctx.catalog.delete_attachment(attachment_id)
 
     def _encryption_with_key(self, v: Volume) -> Encryption | None:
         if v.encryption is None:
@@ -347,12 +364,9 @@ class Exports:
                 "recorded"
             ) from exc
         att = replace(att, connection_info=info)
-        with contextlib.ExitStack() as undo:
+        with ctx.transaction():  # one commit: both or neither
             ctx.catalog.insert_attachment(replace(att, connection_info=info.without_key()))
-            undo.callback(ctx.catalog.delete_attachment, att.id)
-            state = v.state if atts else VolumeState.ATTACHING
-            ctx.save(replace(v, state=state))
-            undo.pop_all()
+            ctx.save(replace(v, state=v.state if atts else VolumeState.ATTACHING))
         log.info(
             "volume %s (%s) announced to host %s as attachment %s",
             v.id,
@@ -413,10 +427,11 @@ class Exports:
                     host_device=host_device,
                     update_time=ctx.now(),
                 )
-                ctx.catalog.update_attachment(a)
-                v = ctx.catalog.get_volume(a.volume_id)
-                if v is not None:
-                    ctx.save(replace(v, state=VolumeState.IN_USE))
+                with ctx.transaction():  # one commit: the attachment ATTACHED, the volume IN_USE
+                    ctx.catalog.update_attachment(a)
+                    v = ctx.catalog.get_volume(a.volume_id)
+                    if v is not None:
+                        ctx.save(replace(v, state=VolumeState.IN_USE))
                 return a
 
     def delete(self, attachment_id: str) -> None:
@@ -438,9 +453,10 @@ class Exports:
         v = ctx.catalog.get_volume(a.volume_id)
         others = [x for x in ctx.catalog.attachments_of(a.volume_id) if x.id != a.id]
         a = replace(a, state=AttachmentState.DETACHING, update_time=ctx.now())
-        ctx.catalog.update_attachment(a)
-        if v is not None and not others:
-            v = ctx.save(replace(v, state=VolumeState.DETACHING))
+        with ctx.transaction():  # record first, one commit: the attachment (and volume) DETACHING
+            ctx.catalog.update_attachment(a)
+            if v is not None and not others:
+                v = ctx.save(replace(v, state=VolumeState.DETACHING))
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_DETACHING)
         if v is not None and v.export is not None:
             exporter = ctx.pools[v.backend].target_exporter()
@@ -450,12 +466,13 @@ class Exports:
             else:
                 exporter.remove_target(v.export.target_iqn)
         ctx.failpoints.hit(FP_UNEXPORT_AFTER_TARGET_REMOVED)
-        ctx.catalog.delete_attachment(a.id)
-        if v is not None:
-            if others:
-                ctx.save(replace(v, state=in_use_or_attaching(others)))
-            else:
-                ctx.save(replace(v, state=VolumeState.AVAILABLE, export=None))
+        with ctx.transaction():  # one commit: the attachment gone, the volume's state
+            ctx.catalog.delete_attachment(a.id)
+            if v is not None:
+                if others:
+                    ctx.save(replace(v, state=in_use_or_attaching(others)))
+                else:
+                    ctx.save(replace(v, state=VolumeState.AVAILABLE, export=None))
         log.info("attachment %s of volume %s deleted", a.id, a.volume_id)
 
     def get(self, attachment_id: str) -> Attachment:

@@ -132,6 +132,14 @@ class Catalog(Protocol):
         """A registration of one backend (which node serves it, whether it is shared); None: none."""
         ...
 
+    # transactions
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """The calls inside the `with` block (on this thread) in ONE transaction: durable together when
+        the block ends (one commit, one fsync), none of them when it raises. A transaction inside
+        another joins it. Reads inside see the block's own writes; other threads see none of them
+        before the commit. A `Conflict` inside spoils the whole transaction: let it propagate."""
+        ...
+
     # locks
     def hold(self, key: str, timeout: float) -> contextlib.AbstractContextManager[None]:
         """The lock named `key` across every process sharing this catalog, for the `with` block: waits

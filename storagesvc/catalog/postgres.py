@@ -2,9 +2,10 @@
 
 The queries and the schema are `storagesvc.catalog.sql`'s; this is the PostgreSQL dialect (psycopg 3 and
 a psycopg_pool ConnectionPool). Every statement runs in its own transaction on a pooled connection
-(autocommit), like the SQLite dialect's. The schema version is the one row of ``schema_version``;
-migrations run in one transaction under a transaction-level advisory lock, so storage processes starting
-together apply each migration once.
+(autocommit), like the SQLite dialect's, except inside `transaction`: there the calls of that thread
+(a context variable) share one pooled connection in one transaction, committed when the block ends.
+The schema version is the one row of ``schema_version``; migrations run in one transaction under a
+transaction-level advisory lock, so storage processes starting together apply each migration once.
 
 Cross-process locks (`hold`): a session advisory lock on a connection of a second, dedicated pool, held
 for the whole operation; the server releases it when that connection ends (the holder died or lost the
@@ -22,6 +23,7 @@ server is back the pool reconnects and calls succeed again.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import logging
@@ -119,6 +121,10 @@ class PostgresCatalog(SqlCatalog):
         self._pool = psycopg_pool.ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, name="catalog", **common
         )
+        # the connection of this thread's (context's) open `transaction`, None outside one
+        self._tx: contextvars.ContextVar[psycopg.Connection[Any] | None] = contextvars.ContextVar(
+            f"catalog-tx-{id(self)}", default=None
+        )
         self._locks = psycopg_pool.ConnectionPool(
             dsn, min_size=0, max_size=lock_connections, name="catalog-locks", **common
         )
@@ -161,16 +167,53 @@ class PostgresCatalog(SqlCatalog):
             raise self._unreachable(exc) from None
 
     # the dialect
+    @contextlib.contextmanager
+    def _statement_conn(self) -> Iterator[psycopg.Connection[Any]]:
+        """The open transaction's connection, else a pooled one (autocommit)."""
+        tx = self._tx.get()
+        if tx is None:
+            with self._conn() as conn:
+                yield conn
+            return
+        try:
+            yield tx
+        except psycopg.OperationalError as exc:
+            if isinstance(exc, pgerrors.LockNotAvailable | pgerrors.QueryCanceled):
+                raise
+            raise self._unreachable(exc) from None
+
     def _write(self, sql: str, args: Sequence[Any]) -> int:
-        with self._conn() as conn:
+        with self._statement_conn() as conn:
             try:
                 return conn.execute(to_pyformat(sql), args).rowcount
             except pgerrors.UniqueViolation as exc:
                 raise Conflict(str(exc).splitlines()[0]) from None
 
     def _rows(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
-        with self._conn() as conn:
+        with self._statement_conn() as conn:
             return conn.execute(to_pyformat(sql), args).fetchall()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One pooled connection in one transaction for this thread's calls inside the block: COMMIT
+        when it ends, ROLLBACK when it raises (the connection goes back to the pool either way).
+        Nested: joins. The server out of reach, also at the COMMIT: Unavailable, nothing committed
+        that the caller was told about."""
+        if self._tx.get() is not None:
+            yield
+            return
+        with self._conn() as conn:
+            try:
+                with conn.transaction():
+                    token = self._tx.set(conn)
+                    try:
+                        yield
+                    finally:
+                        self._tx.reset(token)
+            except psycopg.OperationalError as exc:
+                if isinstance(exc, pgerrors.LockNotAvailable | pgerrors.QueryCanceled):
+                    raise
+                raise self._unreachable(exc) from None
 
     def _label_clause(self) -> str:
         return "((doc::jsonb) -> 'labels' ->> ?) = ?"

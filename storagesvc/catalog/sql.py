@@ -11,6 +11,7 @@ types are the ones both dialects read the same way (TEXT, BIGINT: SQLite gives B
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -89,7 +90,7 @@ def statements(script: str) -> list[str]:
 
 class SqlCatalog:
     """The queries. A dialect implements `_write`, `_rows`, `_label_clause`, `schema_version`,
-    `_apply_migration` and `close`."""
+    `_apply_migration`, `transaction` and `close`."""
 
     where: str = "catalog"  # how errors name this catalog (a path, a server)
 
@@ -111,6 +112,11 @@ class SqlCatalog:
 
     def _apply_migration(self, version: int, script: str) -> None:
         """Runs the script's statements and records `version`, in one transaction."""
+        raise NotImplementedError
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """The `_write`s and `_rows` of this thread inside the block in one transaction (see
+        `storagesvc.catalog.Catalog.transaction`)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -290,6 +296,10 @@ class SqlCatalog:
         """Registers or heartbeats a node: its row and each of its backends' rows (upserts, so a
         restarted node takes its rows back). A backend it no longer has keeps its row until
         `drop_node_backend`. A shared backend (rbd) has a row per node that reaches it."""
+        with self.transaction():
+            self._put_node(node)
+
+    def _put_node(self, node: StorageNode) -> None:
         self._write(
             "INSERT INTO storage_nodes (name, address, heartbeat_ns, doc) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (name) DO UPDATE SET address = excluded.address, "

@@ -246,10 +246,24 @@ class TgtExporter:
             return False
         return True
 
+    def _try_new_target(self, target_iqn: str) -> int | None:
+        """The usual case in one request, no listing: the target made with this process's next tid.
+        None when tgtd refused (the IQN exists already: a repeat, a leftover; or the tid is taken):
+        the caller lists the targets and decides. tgtd refuses a second target of the same IQN (as it
+        refuses a taken tid), so a target is never made twice."""
+        with self._tid_lock:
+            tid = max(self._next_tid, 1)
+            new = ("--op", "new", "--mode", "target", "--tid", str(tid), "-T", target_iqn)
+            if self._adm(*new, tolerate=_EXISTS).returncode == REFUSED:
+                return None
+            self._next_tid = tid + 1
+            return tid
+
     def _create_target(self, target_iqn: str, shown: Sequence[TgtTarget] | None = None) -> int:
         """Creates the target with a free tid. Allocation is serialized; everything else is not.
         `shown`: a listing the caller just took (one tgtadm less); when tgtd refuses the tid it picked
-        from it (another tgtadm user took it since), a fresh listing is taken and the tid picked again."""
+        from it (another tgtadm user took it since), a fresh listing is taken and the tid picked again.
+        The next tid is past every tid listed, so that the next `_try_new_target` finds it free."""
         with self._tid_lock:
             for listing in (shown, None) if shown is not None else (None,):
                 used = {t.tid for t in (listing if listing is not None else self._show())}
@@ -265,16 +279,23 @@ class TgtExporter:
                         raise
                     log.info("tgt tid %d was taken since the listing; listing again", tid)
                     continue
-                self._next_tid = tid + 1
+                self._next_tid = max(tid, *used) + 1
                 return tid
             raise AssertionError("unreachable: the last attempt raises or returns")
 
     def ensure_target(self, spec: TargetSpec) -> None:
-        shown = self._show()
-        existing = next((t for t in shown if t.iqn == spec.target_iqn), None)
+        """The target made (one `new` request, no listing: the first export of a volume), or, when
+        tgtd refuses that, the targets listed and the one of this IQN checked and repaired in place
+        (a repeat, a leftover of a crash) or made with a free tid."""
+        existing: TgtTarget | None = None
+        shown: list[TgtTarget] | None = None
+        made = self._try_new_target(spec.target_iqn)
+        if made is None:
+            shown = self._show()
+            existing = next((t for t in shown if t.iqn == spec.target_iqn), None)
         with contextlib.ExitStack() as undo:
             if existing is None:
-                tid = self._create_target(spec.target_iqn, shown)
+                tid = made if made is not None else self._create_target(spec.target_iqn, shown)
                 undo.callback(self._delete_target, tid)
                 self.failpoints.hit(FP_AFTER_TARGET_CREATE)
                 unit: TgtLun | None = None

@@ -94,7 +94,9 @@ class FakeTgtd:
             self.portals.add(o.get("--param", "").removeprefix("portal="))
             return 0, "", ""
         if op == "new" and mode == "target":
-            if t is not None:
+            # tgt refuses a taken tid and a taken name alike (usr/target.c tgt_target_create; seen on
+            # tgt 1.0.85: a second target of one IQN under another tid is refused)
+            if t is not None or any(x.iqn == o.get("-T", "") for x in self.targets.values()):
                 return REFUSED, "", "tgtadm: this target already exists\n"
             self.targets[tid] = _Target(o.get("-T", ""), {0: self._default_lun(tid, 0)})
             return 0, "", ""

@@ -18,6 +18,9 @@ from storagesvc.catalog.postgres import PostgresCatalog, lock_key
 from storagesvc.catalog.sql import MIGRATIONS
 from tests.postgres import PostgresServer, free_port
 from tests.unit.storagesvc.test_catalog import (  # the same assertions, on PostgreSQL
+    test_a_transaction_commits_its_writes_together,
+    test_a_transaction_inside_another_joins_it,
+    test_a_transaction_that_raises_leaves_nothing,
     test_attachments_of_a_volume_are_all_of_them_in_listing_order,
     test_clones_and_counts,
     test_hold_is_a_context_for_one_process,
@@ -32,6 +35,9 @@ from tests.unit.storagesvc.test_catalog import (  # the same assertions, on Post
 )
 
 __all__ = [
+    "test_a_transaction_commits_its_writes_together",
+    "test_a_transaction_inside_another_joins_it",
+    "test_a_transaction_that_raises_leaves_nothing",
     "test_attachments_of_a_volume_are_all_of_them_in_listing_order",
     "test_clones_and_counts",
     "test_hold_is_a_context_for_one_process",

@@ -6,6 +6,9 @@ tests/host/test_catalog_postgres.py collects them again with its own `catalog` f
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -208,6 +211,90 @@ def test_attachments_of_a_volume_are_all_of_them_in_listing_order(catalog: SqlCa
     assert catalog.attachments_of("d" * 32) == []
 
 
+def attachment_of(v: Volume, ident: str = "a") -> Attachment:
+    connector = Connector(host="h", initiator_iqn="iqn.2026-01.io.x:h", transports=(Transport.ISCSI,))
+    return Attachment(ident * 32, v.id, connector, AccessMode.READ_WRITE, AttachmentState.RESERVED, T0, T0)
+
+
+def seen_by_another_thread(catalog: SqlCatalog, volume_id: str) -> tuple[Volume | None, int]:
+    """What a second thread reads now (a volume, the count of its attachments), within 10 s."""
+    got: list[tuple[Volume | None, int]] = []
+    t = threading.Thread(
+        target=lambda: got.append((catalog.get_volume(volume_id), len(catalog.attachments_of(volume_id))))
+    )
+    t.start()
+    t.join(10)
+    assert got, "a read of another thread waited for the open transaction"
+    return got[0]
+
+
+def test_a_transaction_commits_its_writes_together(catalog: SqlCatalog) -> None:
+    v = volume(1)
+    catalog.insert_volume(v)
+    a = attachment_of(v)
+    reserved = replace(v, state=VolumeState.RESERVED)
+    with catalog.transaction():
+        catalog.insert_attachment(a)
+        catalog.update_volume(reserved)
+        # the transaction reads its own writes; another thread sees none of them before the commit
+        assert catalog.get_volume(v.id) == reserved
+        assert catalog.attachments_of(v.id) == [a]
+        assert seen_by_another_thread(catalog, v.id) == (v, 0)
+    assert seen_by_another_thread(catalog, v.id) == (reserved, 1)
+    assert catalog.get_attachment(a.id) == a
+
+
+def test_a_transaction_that_raises_leaves_nothing(catalog: SqlCatalog) -> None:
+    v = volume(1)
+    catalog.insert_volume(v)
+
+    def reserve_then_fail() -> None:
+        with catalog.transaction():
+            catalog.insert_attachment(attachment_of(v))
+            catalog.update_volume(replace(v, state=VolumeState.RESERVED))
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        reserve_then_fail()
+    assert catalog.get_volume(v.id) == v
+    assert catalog.attachments_of(v.id) == []
+    # atomic: a write that fails (a taken name) undoes the ones before it in the same transaction
+    catalog.insert_volume(volume(2))
+
+    def reserve_then_conflict() -> None:
+        with catalog.transaction():
+            catalog.insert_attachment(attachment_of(v, "b"))
+            catalog.update_volume(replace(v, state=VolumeState.RESERVED))
+            catalog.insert_volume(volume(3, name="vol-2"))
+
+    with pytest.raises(Conflict):
+        reserve_then_conflict()
+    assert catalog.get_volume(v.id) == v
+    assert catalog.attachments_of(v.id) == []
+    assert catalog.get_volume(volume(3).id) is None
+    # and the catalog goes on: the next transaction and the next single write commit
+    with catalog.transaction():
+        catalog.insert_attachment(attachment_of(v, "c"))
+    catalog.update_volume(replace(v, state=VolumeState.ATTACHING))
+    assert seen_by_another_thread(catalog, v.id) == (replace(v, state=VolumeState.ATTACHING), 1)
+
+
+def test_a_transaction_inside_another_joins_it(catalog: SqlCatalog) -> None:
+    v = volume(1)
+    catalog.insert_volume(v)
+
+    def nested_then_fail() -> None:
+        with catalog.transaction():
+            with catalog.transaction():
+                catalog.insert_attachment(attachment_of(v))
+            assert seen_by_another_thread(catalog, v.id) == (v, 0)  # the inner end committed nothing
+            raise RuntimeError("outer")
+
+    with pytest.raises(RuntimeError, match="outer"):
+        nested_then_fail()
+    assert catalog.attachments_of(v.id) == []
+
+
 def test_label_filters_match_keys_with_dots_and_quotes_exactly(catalog: SqlCatalog) -> None:
     """Label keys are [a-z0-9._/-] (validate.labels): dots and slashes are not paths; values are any text."""
     catalog.insert_volume(volume(1, labels={"k8s.io/pvc": "a", "q": 'it\'s "x"', "tier": "gold"}))
@@ -345,3 +432,40 @@ def test_the_daemon_refuses_to_start_on_an_unreachable_postgresql_naming_it(tmp_
     with pytest.raises(ConfigError, match=f"127.0.0.1:{port}") as info:
         open_catalog(config)
     assert "sekrit" not in str(info.value)
+
+
+def test_reads_do_not_wait_for_a_writers_commit_and_writes_still_fsync(tmp_path: Path) -> None:
+    """WAL: a read of another thread runs on a read connection while the writer holds its transaction
+    (it waited for every fsync'd commit before); the writer is still the one connection with
+    synchronous=FULL, and a read connection only reads."""
+    c = SqliteCatalog(tmp_path / "c.db")
+    v = volume(1)
+    c.insert_volume(v)
+    inside, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with c.transaction():
+            c.update_volume(replace(v, state=VolumeState.RESERVED))
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert inside.wait(10)
+        started = time.monotonic()
+        assert c.get_volume(v.id) == v  # the last commit, at once
+        assert c.list_volumes(after=None, limit=5) == [v]
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        t.join(10)
+    assert c.get_volume(v.id) == replace(v, state=VolumeState.RESERVED)
+    assert c._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    reader = c._take_reader()
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.execute("DELETE FROM volumes")
+    c._give_reader(reader)
+    c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        c.get_volume(v.id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from blockwire.runtime.failpoints import Failpoints
 from storagesvc.backends.file import FileBackend
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.model import (
+    Attachment,
     AttachmentState,
     CreateVolumeSpec,
     ImageSource,
@@ -176,6 +177,49 @@ def test_attach_life_cycle(rig: Rig) -> None:
     assert after.export is None
     with pytest.raises(NotFound):
         rig.service.complete_attachment(a.id)
+
+
+def commits(rig: Rig, call: Callable[[], object]) -> int:
+    """How many commits (fsyncs) the catalog's writer made during `call`: a transaction is one, a write
+    outside one is one."""
+    statements: list[str] = []
+    rig.catalog._db.set_trace_callback(statements.append)
+    try:
+        call()
+    finally:
+        rig.catalog._db.set_trace_callback(None)
+    n, inside = 0, False
+    for statement in statements:
+        head = statement.split(None, 1)[0].upper()
+        if head == "BEGIN":
+            inside = True
+        elif head in ("COMMIT", "ROLLBACK"):
+            inside, n = False, n + (head == "COMMIT")
+        elif head in ("INSERT", "UPDATE", "DELETE") and not inside:
+            n += 1
+    return n
+
+
+def test_each_phase_of_an_attachment_is_one_commit(rig: Rig) -> None:
+    """CreateAttachment: RESERVED (before the target) and ATTACHING; CompleteAttachment: ATTACHED;
+    DeleteAttachment: DETACHING (before the target goes) and the rows after."""
+    vid = rig.volume()
+    created: list[Attachment] = []
+    assert (
+        commits(
+            rig, lambda: created.append(rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE))
+        )
+        == 2
+    )
+    assert commits(rig, lambda: rig.service.complete_attachment(created[0].id)) == 1
+    assert commits(rig, lambda: rig.service.delete_attachment(created[0].id)) == 2
+    # a failed export: the record (one commit) undone in one more, nothing left
+    rig.exporter.fail_on.add("ensure_target")
+    with pytest.raises(Unavailable):
+        rig.service.create_attachment(vid, HOST_A, AccessMode.READ_WRITE)
+    assert rig.catalog.attachments_of(vid) == []
+    assert rig.service.get_volume(vid).state is VolumeState.AVAILABLE
+    assert rig.service.get_volume(vid).export is None
 
 
 def test_conflicting_attachments(rig: Rig) -> None:

@@ -31,6 +31,24 @@ SPEC = TargetSpec(
 SHOWN = (DATA / "tgtadm_show_target.txt").read_text()
 
 
+def listing(text: str) -> FakeRunner:
+    """A runner whose tgtd has the targets of `text`: it lists them, and refuses a new target of a taken
+    tid or IQN as tgtd does."""
+    taken = parse_targets(text)
+
+    def new_target(argv: tuple[str, ...]) -> Reply:
+        tid, iqn = argv[argv.index("--tid") + 1], argv[argv.index("-T") + 1]
+        if any(str(t.tid) == tid or t.iqn == iqn for t in taken):
+            return Reply(22, stderr="tgtadm: this target already exists")
+        return Reply()
+
+    return (
+        FakeRunner()
+        .on(r"--op show --mode target", Reply(stdout=text))
+        .on(r"--op new --mode target", new_target)
+    )
+
+
 def exporter(runner: FakeRunner) -> TgtExporter:
     return TgtExporter(runner, ("127.0.0.1:3260", "127.0.0.2:3260"), control_port=7)
 
@@ -63,7 +81,7 @@ def test_ensure_target_creates_target_lun_identity_and_chap_without_leaking_the_
         "--op new --mode account",
         "--op bind --mode account",
     ]
-    assert len(runner.ran(r"--op show --mode target")) == 1  # one listing finds and allocates
+    assert not runner.ran(r"--op show --mode target")  # a new IQN: made at once, no listing
     (update,) = runner.ran(r"--op update --mode logicalunit")
     assert f"scsi_id={SPEC.wwn},scsi_sn={SPEC.serial},readonly=0" in update
     assert all(c[:3] == ("tgtadm", "-C", "7") for c in runner.calls)
@@ -148,22 +166,31 @@ def test_allow_after_the_target_was_removed_does_not_use_the_made_tid() -> None:
 
 
 def test_ensure_target_of_an_existing_target_is_a_repeat() -> None:
-    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=SHOWN))
+    runner = listing(SHOWN)
     exporter(runner).ensure_target(SPEC)
-    assert not runner.ran(r"--op new --mode target")
+    assert len(runner.ran(r"--op new --mode target")) == 1  # refused: the IQN is there (then listed)
+    assert len(runner.ran(r"--op show --mode target")) == 1
+    assert not runner.ran(r"--op delete")
     assert not runner.ran(r"--op new --mode logicalunit")  # LUN 1 is there
 
 
 def test_tids_skip_those_in_use() -> None:
-    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=SHOWN))
+    runner = listing(SHOWN)
     other = TargetSpec(**{**SPEC.__dict__, "target_iqn": "iqn.2026-01.io.blockwire:new"})
-    exporter(runner).ensure_target(other)
-    (new,) = runner.ran(r"--op new --mode target")
-    assert new[new.index("--tid") + 1] == "2"
+    e = exporter(runner)
+    e.ensure_target(other)
+    # the next tid (1) is taken: refused, then listed and the first free one picked
+    tids = [c[c.index("--tid") + 1] for c in runner.ran(r"--op new --mode target")]
+    assert tids == ["1", "2"]
+    # the one after goes past every tid listed, made at once without another listing
+    e.ensure_target(TargetSpec(**{**SPEC.__dict__, "target_iqn": "iqn.2026-01.io.blockwire:third"}))
+    tids = [c[c.index("--tid") + 1] for c in runner.ran(r"--op new --mode target")]
+    assert tids == ["1", "2", str(max(t.tid for t in parse_targets(SHOWN)) + 1)]
+    assert len(runner.ran(r"--op show --mode target")) == 1
 
 
 def test_remove_target_deletes_its_accounts_and_is_idempotent() -> None:
-    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=SHOWN))
+    runner = listing(SHOWN)
     exporter(runner).remove_target(IQN)
     assert runner.ran(r"--op delete --mode target --tid 1 --force")
     users = [c[c.index("--user") + 1] for c in runner.ran(r"--op delete --mode account")]
@@ -174,7 +201,7 @@ def test_remove_target_deletes_its_accounts_and_is_idempotent() -> None:
 
 
 def test_allow_and_deny_are_idempotent() -> None:
-    runner = FakeRunner().on(r"--op show --mode target", Reply(stdout=SHOWN))
+    runner = listing(SHOWN)
     e = exporter(runner)
     e.allow(SPEC, "iqn.2024-01.test:good")  # already in the ACL
     e.allow(SPEC, "iqn.2024-01.test:new")
@@ -310,11 +337,7 @@ def test_ensure_target_repairs_a_lun_on_another_backing_or_with_another_identity
 
 def test_a_lun_whose_identity_cannot_be_set_is_not_left_behind() -> None:
     """Target 3 of the recorded output has lost LUN 1; tgtd refuses the identity update."""
-    runner = (
-        FakeRunner()
-        .on(r"--op show --mode target", Reply(stdout=SHOWN))
-        .on(r"--op update --mode logicalunit", Reply(22, stderr="tgtadm: invalid request"))
-    )
+    runner = listing(SHOWN).on(r"--op update --mode logicalunit", Reply(22, stderr="tgtadm: invalid request"))
     lost = TargetSpec(**{**SPEC.__dict__, "target_iqn": "iqn.2026-01.io.blockwire:ffff"})
     with pytest.raises(Unavailable, match="invalid request"):
         exporter(runner).ensure_target(lost)
