@@ -102,7 +102,9 @@ def timed(call: Callable[[], Any]) -> float:
 
 def run_plan(plan: Plan, work: Path, cluster: CephCluster | None = None) -> dict[str, Any]:
     """Runs the plan; on `cluster` if given (the guest tests' session cluster), else on one of its own."""
-    from bench.rbd_attach import machine  # noqa: PLC0415 - imports libvirt
+    import libvirt  # noqa: PLC0415 - the guest's libvirt-python
+
+    from bench.facts import host_facts  # noqa: PLC0415
     from tests.guest.inside import kernel  # noqa: PLC0415
     from tests.guest.inside.conftest import GUEST_DAEMON, running_domain  # noqa: PLC0415
     from tests.host.daemons import Started, ensure_libvirtd  # noqa: PLC0415
@@ -111,7 +113,7 @@ def run_plan(plan: Plan, work: Path, cluster: CephCluster | None = None) -> dict
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "plan": {"rounds": plan.rounds, "warmup": plan.warmup, "image_mib": plan.image_mib},
-        "guest": {**machine(), **versions()},
+        "guest": {**host_facts(libvirt=libvirt.getVersion()), **versions()},
         "rounds": [],
     }
     with ExitStack() as stack:
