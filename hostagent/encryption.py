@@ -17,8 +17,7 @@ import logging
 
 from blockwire.errors import FailedPrecondition
 from blockwire.model import ConnectionInfo
-from hostagent.connectors.base import PrivateSecrets, SecretStore
-from hostagent.model import Finding
+from hostagent.connectors.base import PrivateSecrets, PrivateSecretsOwner, SecretStore
 from hostagent.virt.diskxml import DiskEncryption
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ def secret_usage(info: ConnectionInfo) -> str:
     return f"{SECRET_PREFIX}{info.volume_id}/{info.attachment_id or 'direct'}"
 
 
-class VolumeKeys:
+class VolumeKeys(PrivateSecretsOwner):
     def __init__(self, secrets: SecretStore) -> None:
         self.secrets = secrets
         self._private = PrivateSecrets(secrets, SECRET_PREFIX, SECRET_TYPE, "an encrypted volume's key")
@@ -67,14 +66,3 @@ class VolumeKeys:
 
     def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
         return {secret_usage(i) for i in keep if i.encryption is not None}
-
-    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
-        """Undefines our volume secrets that neither a journal record (`keep`) nor a domain refers to."""
-        return self._private.sweep(self._wanted(keep))
-
-    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """The same secrets, listed for the doctor."""
-        return self._private.findings(self._wanted(keep))
-
-    def fix(self, finding: Finding) -> bool:
-        return self._private.fix(finding)

@@ -117,6 +117,27 @@ class PrivateSecrets:
         return self.store.undefine_secret(finding.name, self.secret_type)
 
 
+class PrivateSecretsOwner:
+    """The restart's sweep, the doctor's audit and its fix, for a part that keeps one kind of private
+    secrets (`_private`) and knows which of them the journal's records still want (`_wanted`)."""
+
+    _private: PrivateSecrets
+
+    def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
+        raise NotImplementedError
+
+    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
+        """Undefines our secrets that neither a journal record (`keep`) nor a domain refers to."""
+        return self._private.sweep(self._wanted(keep))
+
+    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
+        """The same secrets, listed for the doctor."""
+        return self._private.findings(self._wanted(keep))
+
+    def fix(self, finding: Finding) -> bool:
+        return self._private.fix(finding)
+
+
 def iscsi_of(info: ConnectionInfo) -> IscsiConnection:
     """The iSCSI transport of connection info `validate_iscsi` accepted (on entry, or before it was
     journaled: records are not checked again, so that rules made stricter never strand a detach)."""

@@ -14,9 +14,15 @@ import logging
 from blockwire.errors import FailedPrecondition, IdentityMismatch, Unavailable
 from blockwire.model import ConnectionInfo, IscsiConnection
 from blockwire.validate import split_portal
-from hostagent.connectors.base import PrivateSecrets, SecretStore, iscsi_of, validate_iscsi
+from hostagent.connectors.base import (
+    PrivateSecrets,
+    PrivateSecretsOwner,
+    SecretStore,
+    iscsi_of,
+    validate_iscsi,
+)
 from hostagent.identity import normalize_wwn, verify_wwn
-from hostagent.model import ConnectorKind, Finding, HostDevice, NetworkTarget, SecretRef
+from hostagent.model import ConnectorKind, HostDevice, NetworkTarget, SecretRef
 from hostagent.tools.libiscsi import Libiscsi, Lun
 
 log = logging.getLogger(__name__)
@@ -32,7 +38,7 @@ def secret_usage(info: ConnectionInfo) -> str:
     return f"blockwire/{info.volume_id}/{owner}"
 
 
-class QemuIscsiConnector:
+class QemuIscsiConnector(PrivateSecretsOwner):
     kind = ConnectorKind.ISCSI_QEMU
 
     def __init__(self, secrets: SecretStore, libiscsi: Libiscsi, *, initiator_iqn: str) -> None:
@@ -110,17 +116,6 @@ class QemuIscsiConnector:
         return {
             secret_usage(i) for i in keep if isinstance(i.transport, IscsiConnection) and i.transport.paths
         }
-
-    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
-        """Undefines our libvirt secrets that neither a journal record (`keep`) nor a domain refers to."""
-        return self._private.sweep(self._wanted(keep))
-
-    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """The same secrets, listed for the doctor."""
-        return self._private.findings(self._wanted(keep))
-
-    def fix(self, finding: Finding) -> bool:
-        return self._private.fix(finding)
 
     def extend(self, info: ConnectionInfo) -> int:
         t = iscsi_of(info)

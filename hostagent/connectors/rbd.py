@@ -28,7 +28,7 @@ from blockwire.runtime.clock import Clock, Deadline
 from blockwire.runtime.executor import CommandFailed, Runner
 from blockwire.secret import Secret
 from blockwire.validate import split_portal, validate_connection_info
-from hostagent.connectors.base import PrivateSecrets, SecretStore, wait_device
+from hostagent.connectors.base import PrivateSecrets, PrivateSecretsOwner, SecretStore, wait_device
 from hostagent.host.ceph import CephAccess, CephProbe, RbdImage, mon_host
 from hostagent.host.openers import Openers
 from hostagent.host.sysfs import Sysfs
@@ -89,7 +89,7 @@ def secret_usage(info: ConnectionInfo) -> str:
     return f"blockwire/{info.volume_id}/{info.attachment_id or t.image_id}"
 
 
-class QemuRbdConnector:
+class QemuRbdConnector(PrivateSecretsOwner):
     """RBD through QEMU's librbd: nothing is opened on the host; the disk is a libvirt network disk."""
 
     kind = ConnectorKind.RBD_QEMU
@@ -135,17 +135,6 @@ class QemuRbdConnector:
 
     def _wanted(self, keep: list[ConnectionInfo]) -> set[str]:
         return {secret_usage(i) for i in keep if isinstance(i.transport, RbdConnection)}
-
-    def sweep(self, keep: list[ConnectionInfo]) -> list[str]:
-        """Undefines our ceph secrets that neither a journal record (`keep`) nor a domain refers to."""
-        return self._private.sweep(self._wanted(keep))
-
-    def audit(self, keep: list[ConnectionInfo]) -> list[Finding]:
-        """The same secrets, listed for the doctor."""
-        return self._private.findings(self._wanted(keep))
-
-    def fix(self, finding: Finding) -> bool:
-        return self._private.fix(finding)
 
     def extend(self, info: ConnectionInfo) -> int:
         """The image's size now (the api then tells QEMU with blockResize)."""
