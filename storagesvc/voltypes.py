@@ -23,8 +23,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import TypeVar
 
 from blockwire import validate
 from blockwire.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -44,6 +45,7 @@ QOS_KEYS = QOS_LIMITS + tuple(f"{k}_per_gb" for k in QOS_LIMITS)
 MAX_SPECS = 64
 MAX_DESCRIPTION = 255
 SPEC_KEY_RE = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?")
+R = TypeVar("R")
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 
 
@@ -169,14 +171,10 @@ class VolumeTypes:
         return found
 
     def _find_type(self, ref: str, field: str) -> VolumeType | None:
-        if not ref:
-            raise InvalidArgument(field, "required: a volume type's id or name")
         catalog = self.ctx.catalog
-        found = catalog.get_volume_type(ref) if _ID_RE.fullmatch(ref) else None
-        if found is None:
-            validate.name(ref, field)
-            found = catalog.volume_type_by_name(ref)
-        return found
+        return _by_ref(
+            ref, field, "a volume type's id or name", catalog.get_volume_type, catalog.volume_type_by_name
+        )
 
     def page_types(self, page_size: int, page_token: str) -> Page[VolumeType]:
         return paging.listing(
@@ -293,14 +291,10 @@ class VolumeTypes:
         return found
 
     def _find_qos(self, ref: str, field: str) -> QosSpecs | None:
-        if not ref:
-            raise InvalidArgument(field, "required: the id or name of QoS specs")
         catalog = self.ctx.catalog
-        found = catalog.get_qos_specs(ref) if _ID_RE.fullmatch(ref) else None
-        if found is None:
-            validate.name(ref, field)
-            found = catalog.qos_specs_by_name(ref)
-        return found
+        return _by_ref(
+            ref, field, "the id or name of QoS specs", catalog.get_qos_specs, catalog.qos_specs_by_name
+        )
 
     def page_qos(self, page_size: int, page_token: str) -> Page[QosSpecs]:
         return paging.listing(
@@ -352,3 +346,17 @@ class VolumeTypes:
 def _description(text: str) -> None:
     if len(text) > MAX_DESCRIPTION or not text.isprintable():
         raise InvalidArgument("description", f"at most {MAX_DESCRIPTION} printable characters")
+
+
+def _by_ref(
+    ref: str, field: str, what: str, by_id: Callable[[str], R | None], by_name: Callable[[str], R | None]
+) -> R | None:
+    """A record by its id (when `ref` looks like one) or else by its name; INVALID_ARGUMENT naming
+    `field` for an empty or malformed reference."""
+    if not ref:
+        raise InvalidArgument(field, f"required: {what}")
+    found = by_id(ref) if _ID_RE.fullmatch(ref) else None
+    if found is None:
+        validate.name(ref, field)
+        found = by_name(ref)
+    return found
