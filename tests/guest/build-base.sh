@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Stage 1 of the guest tier's Debian 12 image: debootstrap + configuration -> OUT/rootfs/.
+# Stage 1 of the guest tier's Debian 12 image: debootstrap + configuration -> OUT/rootfs/, with two
+# kernels: Debian 12's own (6.1, the one every guest run boots by default) and bookworm-backports' (6.12,
+# for what 6.1 is built without: NVMe DH-HMAC-CHAP, CONFIG_NVME_AUTH / CONFIG_NVME_TARGET_AUTH). Their
+# releases go to OUT/rootfs/etc/blockwire-kernels ("default=..." and "backports=..."), which
+# build-image.sh reads to pick each one's vmlinuz and initrd.
 # tests/guest/image.py calls it with an empty directory inside the cache and renames that directory into
 # place only when this script succeeds, so a failed build never leaves a half cache. Needs root and
 # debootstrap. Everything the base holds is decided here: changing this file changes the cache key.
@@ -8,6 +12,7 @@
 set -euo pipefail
 
 SUITE=bookworm
+BACKPORTS=$SUITE-backports
 # LAB.md's list: the kernel path (open-iscsi, multipath-tools, tgt, LIO via rtslib/targetcli, lvm2) and
 # libvirt + QEMU inside the guest (libpam-systemd, or polkitd fails), a throwaway Ceph cluster for krbd
 # (tests/ceph.py: mon, OSD and the rbd CLI) and QEMU's librbd (qemu-block-extra, and the rados/rbd
@@ -48,6 +53,32 @@ stage_base() {
     tail -n 40 "$out/debootstrap.log" >&2
     return 1
   }
+
+  log "adding the $BACKPORTS kernel next to $SUITE's"
+  local default_release backports_release
+  default_release=$(ls "$root/lib/modules")
+  [ "$(echo "$default_release" | wc -l)" -eq 1 ] || {
+    echo "build-base: expected one kernel after debootstrap, found: $default_release" >&2
+    return 1
+  }
+  echo "deb $mirror $BACKPORTS main" >"$root/etc/apt/sources.list.d/$BACKPORTS.list"
+  # Only the kernel comes from backports (linux-image-amd64/$BACKPORTS: its dependencies that bookworm
+  # has stay bookworm's); the 6.1 kernel package stays installed.
+  if ! {
+    in_root "$root" apt-get update -q &&
+      in_root "$root" DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "linux-image-amd64/$BACKPORTS"
+  } >"$out/backports-kernel.log" 2>&1; then
+    tail -n 40 "$out/backports-kernel.log" >&2
+    echo "build-base: could not install linux-image-amd64 from $BACKPORTS on $mirror" >&2
+    return 1
+  fi
+  backports_release=$(ls "$root/lib/modules" | grep -vxF "$default_release" || true)
+  [ -n "$backports_release" ] && [ -e "$root/boot/initrd.img-$backports_release" ] || {
+    echo "build-base: no $BACKPORTS kernel or initrd in /boot after the install" >&2
+    return 1
+  }
+  printf 'default=%s\nbackports=%s\n' "$default_release" "$backports_release" >"$root/etc/blockwire-kernels"
 
   log "configuring"
   echo blockwire-guest >"$root/etc/hostname"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Stage 2 of the guest tier's image: the base root from build-base.sh + a venv with the project's
-# dependencies from the wheelhouse -> OUT/{vmlinuz,initrd.img,rootfs.img,versions.txt}. Like stage 1 it
-# writes only into OUT, which tests/guest/image.py renames into the cache on success. Needs root and
-# e2fsprogs (mkfs.ext4 -d: no mount needed). Changing this file changes the cache key.
+# dependencies from the wheelhouse -> OUT/{vmlinuz,initrd.img,rootfs.img,versions.txt}, plus the
+# bookworm-backports kernel's OUT/{vmlinuz-bpo,initrd-bpo.img} (build-base.sh installs both kernels).
+# Like stage 1 it writes only into OUT, which tests/guest/image.py renames into the cache on success.
+# Needs root and e2fsprogs (mkfs.ext4 -d: no mount needed). Changing this file changes the cache key.
 #
 #   build-image.sh BASE WHEELHOUSE OUT
 set -euo pipefail
@@ -55,21 +56,27 @@ stage_image() {
   done
   echo "$VENV/lib/debian-ceph" >"$root$site/blockwire-debian-ceph.pth"
 
+  local default_release backports_release
+  default_release=$(sed -n 's/^default=//p' "$root/etc/blockwire-kernels")
+  backports_release=$(sed -n 's/^backports=//p' "$root/etc/blockwire-kernels")
   {
     echo "built: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "kernel: $(ls "$root/lib/modules")"
+    echo "kernel: $default_release"
+    echo "kernel-backports: $backports_release"
     for p in linux-image-amd64 open-iscsi multipath-tools tgt udev libvirt-daemon qemu-system-x86 \
-      python3 targetcli-fb python3-rtslib-fb sg3-utils lvm2; do
+      python3 targetcli-fb python3-rtslib-fb sg3-utils lvm2 nvme-cli; do
       echo "$p: $(in_root "$root" dpkg-query -W -f='${Version}' "$p" 2>/dev/null || echo '?')"
     done
     echo "venv:"
     in_root "$root" "$VENV/bin/pip" list --format=freeze 2>/dev/null | sed 's/^/  /'
   } >"$out/versions.txt"
 
-  log "extracting the kernel and initrd"
-  # The symlinks at / point at the newest installed kernel.
-  cp -L "$root/vmlinuz" "$out/vmlinuz"
-  cp -L "$root/initrd.img" "$out/initrd.img"
+  log "extracting the kernels and initrds ($default_release; backports $backports_release)"
+  # By release, not through the /vmlinuz symlinks (those point at the newest: the backports one).
+  cp "$root/boot/vmlinuz-$default_release" "$out/vmlinuz"
+  cp "$root/boot/initrd.img-$default_release" "$out/initrd.img"
+  cp "$root/boot/vmlinuz-$backports_release" "$out/vmlinuz-bpo"
+  cp "$root/boot/initrd.img-$backports_release" "$out/initrd-bpo.img"
 
   log "making rootfs.img ($IMAGE_SIZE)"
   mkfs.ext4 -q -F -L blockwire-guest -d "$root" "$out/rootfs.img" "$IMAGE_SIZE"

@@ -1,10 +1,11 @@
-"""The guest tier's machinery: a cached Debian 12 image, a wheelhouse, and one boot of the guest under QEMU.
+"""The guest tier's machinery: a cached Debian 12 image, a wheelhouse, and boots of the guest under QEMU.
 
 Cache (outside the repo, BLOCKWIRE_GUEST_CACHE, default /var/cache/blockwire/guest):
   wheels-<key>/   `pip wheel` of the project and its test dependencies; key: pyproject.toml + REQUIREMENTS
   base-<key>/     debootstrap root (build-base.sh); key: build-base.sh
   <key>/          vmlinuz, initrd.img, rootfs.img (6G sparse ext4) with a venv at /opt/blockwire/venv
-                  (build-image.sh); key: base key + wheels key + build-image.sh
+                  (build-image.sh); key: base key + wheels key + build-image.sh. Also vmlinuz-bpo and
+                  initrd-bpo.img: the bookworm-backports kernel (6.12), installed in the same root
 Each entry is built in a temporary directory next to it and renamed into place when complete, under a
 lock, so a failed or concurrent build never leaves or uses a half cache.
 
@@ -12,9 +13,16 @@ A run boots the image with a copy-on-write overlay (the cache stays clean), the 
 read-only over 9p, a writable 9p share for results, the serial console in a file, and a hard timeout
 after which QEMU is killed. Inside, tests/guest/test-init.sh runs pytest over tests/guest/inside.
 
+Two kernels (KERNELS), one root: every run boots Debian 12's 6.1 ("default") unless it asks for
+"backports" (bookworm-backports' 6.12), which only the tests marked `@pytest.mark.guest_kernel("backports")`
+need (NVMe DH-HMAC-CHAP: 6.1 is built without CONFIG_NVME_AUTH and CONFIG_NVME_TARGET_AUTH). Inside, each
+boot runs only the tests of its kernel (tests/guest/inside/conftest.py deselects the others).
+
 Command line (root):
   python -m tests.guest.image build              build what is missing, print the cache paths
   python -m tests.guest.image run [FILE ...]     boot and run the inside tests (default: all)
+  python -m tests.guest.image run --kernel backports [FILE ...]
+                                                 the same on the backports kernel (its marked tests only)
   python -m tests.guest.image record             boot and record real tool output into tests/data/recorded
 """
 
@@ -52,6 +60,9 @@ BUILD_TIMEOUT = 1800.0
 # The whole inside suite takes about 25 min under TCG (RBD, NVMe/TCP, cold attach, encryption, the facade).
 RUN_TIMEOUT = float(os.environ.get("BLOCKWIRE_GUEST_TIMEOUT", "3000"))
 INSIDE_TEST_TIMEOUT = 600  # pytest-timeout inside, per test
+# The kernels in the image: name -> (kernel, initrd) file names in the cache entry (build-image.sh).
+KERNELS = {"default": ("vmlinuz", "initrd.img"), "backports": ("vmlinuz-bpo", "initrd-bpo.img")}
+DEFAULT_KERNEL = "default"
 MEMORY_MB = 3072
 
 
@@ -201,6 +212,7 @@ class GuestRun:
     seconds: float = 0.0
     timed_out: bool = False
     notes: list[str] = field(default_factory=list)
+    kernel: str = DEFAULT_KERNEL  # the KERNELS entry it booted
 
     @property
     def results(self) -> Path:
@@ -266,7 +278,10 @@ def _new_run_directory() -> Path:
     return directory
 
 
-def qemu_command(image: Path, overlay: Path, results: Path, serial: Path) -> list[str]:
+def qemu_command(
+    image: Path, overlay: Path, results: Path, serial: Path, kernel: str = DEFAULT_KERNEL
+) -> list[str]:
+    vmlinuz, initrd = KERNELS[kernel]
     return [
         "qemu-system-x86_64",
         "-accel", "tcg,thread=multi",
@@ -278,8 +293,8 @@ def qemu_command(image: Path, overlay: Path, results: Path, serial: Path) -> lis
         "-nodefaults",
         "-no-reboot",
         "-nic", "none",
-        "-kernel", str(image / "vmlinuz"),
-        "-initrd", str(image / "initrd.img"),
+        "-kernel", str(image / vmlinuz),
+        "-initrd", str(image / initrd),
         # oops=panic with panic=-1 and -no-reboot: a kernel oops ends QEMU at once, and the run reports it
         # (GuestRun.kernel_crash), instead of a wedged guest waiting out the run's timeout.
         "-append", "console=ttyS0 root=/dev/vda rw init=/sbin/blockwire-init oops=panic panic=-1 loglevel=4",
@@ -296,11 +311,18 @@ def run_guest(
     record: bool = False,
     timeout: float = RUN_TIMEOUT,
     image: Path | None = None,
+    kernel: str = DEFAULT_KERNEL,
 ) -> GuestRun:
-    """Boots the guest once: pytest over `files` (paths relative to the repo; default all of inside/), or
-    the recorder when `record`. QEMU is killed after `timeout` seconds, and always on the way out."""
+    """Boots the guest once on `kernel` (KERNELS): pytest over `files` (paths relative to the repo;
+    default all of inside/; only the tests of that kernel run), or the recorder when `record`. QEMU is
+    killed after `timeout` seconds, and always on the way out."""
+    if kernel not in KERNELS:
+        raise GuestError(f"no guest kernel {kernel!r}: one of {sorted(KERNELS)}")
     image = image or ensure_image()
-    run = GuestRun(directory=_new_run_directory())
+    missing = [name for name in KERNELS[kernel] if not (image / name).exists()]
+    if missing:
+        raise GuestError(f"the image {image} has no {' or '.join(missing)} (kernel {kernel!r}): rebuild it")
+    run = GuestRun(directory=_new_run_directory(), kernel=kernel)
     overlay = run.directory / "overlay.qcow2"
     subprocess.run(
         [
@@ -323,12 +345,13 @@ def run_guest(
         "BLOCKWIRE_RECORD": "1" if record else "0",
         "BLOCKWIRE_REQUIRE_TIERS": os.environ.get("BLOCKWIRE_REQUIRE_TIERS", ""),
         "BLOCKWIRE_INSIDE_TEST_TIMEOUT": str(INSIDE_TEST_TIMEOUT),
+        "BLOCKWIRE_GUEST_KERNEL": kernel,
     }
     (run.results / "run.env").write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
-    command = qemu_command(image, overlay, run.results, run.serial)
+    command = qemu_command(image, overlay, run.results, run.serial, kernel)
     (run.directory / "qemu.cmd").write_text(" ".join(command) + "\n")
     started = time.monotonic()
-    _log(f"booting the guest ({run.directory}), at most {timeout:.0f}s")
+    _log(f"booting the guest on its {kernel} kernel ({run.directory}), at most {timeout:.0f}s")
     with (run.directory / "qemu.log").open("wb") as qemu_log:
         proc = subprocess.Popen(command, stdout=qemu_log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -368,6 +391,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("build", help="build what is missing from the cache and print its paths")
     run_parser = sub.add_parser("run", help="boot and run inside tests")
     run_parser.add_argument("files", nargs="*")
+    run_parser.add_argument(
+        "--kernel", choices=sorted(KERNELS), default=DEFAULT_KERNEL, help="the guest kernel to boot"
+    )
     sub.add_parser("record", help="boot, record real tool output, copy it into tests/data/recorded")
     args = parser.parse_args(argv)
     missing = requirements_missing()
@@ -379,7 +405,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
         image = ensure_image()
         print(json.dumps({"image": str(image), "seconds": round(time.monotonic() - started, 1)}))
         return 0
-    run = run_guest(getattr(args, "files", ()), record=args.command == "record")
+    run = run_guest(
+        getattr(args, "files", ()),
+        record=args.command == "record",
+        kernel=getattr(args, "kernel", DEFAULT_KERNEL),
+    )
     print(f"guest: {run.directory} rc={run.returncode} {run.seconds:.0f}s {' '.join(run.notes)}")
     if run.returncode is None:
         print(run.serial_tail(), file=sys.stderr)

@@ -34,7 +34,10 @@ wait_for() {
 
 step "userspace up"
 . "$R/run.env"
-export BLOCKWIRE_REQUIRE_TIERS BLOCKWIRE_RECORD
+# BLOCKWIRE_GUEST_KERNEL: which of the image's kernels this boot is ("default" 6.1, "backports" 6.12);
+# tests/guest/inside/conftest.py runs only the tests of this kernel.
+export BLOCKWIRE_REQUIRE_TIERS BLOCKWIRE_RECORD BLOCKWIRE_GUEST_KERNEL
+step "kernel ${BLOCKWIRE_GUEST_KERNEL:-default}: $(uname -r)"
 mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/pts /dev/shm /run/lock /run/dbus /var/run/tgtd

@@ -50,3 +50,49 @@ def test_a_clean_console_has_no_crash(tmp_path: Path) -> None:
     clean = [line for line in lines if "372.1" not in line]  # everything before the oops
     (tmp_path / "serial.log").write_text("\n".join(clean))
     assert run.kernel_crash() == ""
+
+
+def test_each_guest_kernel_boots_its_own_kernel_and_initrd(tmp_path: Path) -> None:
+    for kernel, (vmlinuz, initrd) in {
+        "default": ("vmlinuz", "initrd.img"),
+        "backports": ("vmlinuz-bpo", "initrd-bpo.img"),
+    }.items():
+        argv = image.qemu_command(tmp_path, tmp_path / "o", tmp_path / "r", tmp_path / "s", kernel)
+        assert argv[argv.index("-kernel") + 1] == str(tmp_path / vmlinuz)
+        assert argv[argv.index("-initrd") + 1] == str(tmp_path / initrd)
+
+
+def test_a_run_on_a_kernel_the_image_lacks_says_so(tmp_path: Path) -> None:
+    with pytest.raises(image.GuestError, match="no guest kernel 'rc'"):
+        image.run_guest(kernel="rc", image=tmp_path)
+    (tmp_path / "vmlinuz").touch()
+    with pytest.raises(image.GuestError, match="has no vmlinuz-bpo or initrd-bpo.img"):
+        image.run_guest(kernel="backports", image=tmp_path)
+
+
+class _Item:
+    """What the inside conftest's selection reads of a collected test."""
+
+    def __init__(self, nodeid: str, kernel: str | None) -> None:
+        self.nodeid = nodeid
+        self._mark = pytest.mark.guest_kernel(kernel).mark if kernel else None
+
+    def get_closest_marker(self, name: str) -> pytest.Mark | None:
+        return self._mark if name == "guest_kernel" else None
+
+
+def test_each_boot_runs_only_the_tests_of_its_kernel() -> None:
+    from tests.guest import test_guest
+    from tests.guest.inside import conftest as inside
+
+    items = [_Item("a", None), _Item("b", "backports"), _Item("c", None)]
+    keep, other = inside.split_by_kernel(items, "default")  # type: ignore[arg-type]
+    assert ([i.nodeid for i in keep], [i.nodeid for i in other]) == (["a", "c"], ["b"])
+    keep, other = inside.split_by_kernel(items, "backports")  # type: ignore[arg-type]
+    assert ([i.nodeid for i in keep], [i.nodeid for i in other]) == (["b"], ["a", "c"])
+    # the host boots the backports kernel for the files that have such tests: the DH-HMAC-CHAP ones
+    assert test_guest.BACKPORTS_FILES == [
+        "test_e2e_nvme.py",
+        "test_nvme_raw_tools.py",
+        "test_storage_nvmet.py",
+    ]

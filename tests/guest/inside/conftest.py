@@ -4,12 +4,19 @@ Running when a test starts (tests/guest/test-init.sh): systemd-udevd, dbus, iscs
 (/etc/multipath.conf: user_friendly_names yes, find_multipaths no), virtlogd, libvirtd (may still be
 starting: use the `libvirtd` fixture). Not running: tgtd, which the `tgtd` fixture starts.
 Helpers: tests/guest/inside/kernel.py.
+
+Kernels: the image has two (tests/guest/image.py KERNELS) and each boot runs only the tests of the kernel
+it booted (BLOCKWIRE_GUEST_KERNEL, from test-init.sh): a test marked
+`@pytest.mark.guest_kernel("backports")` runs only on the bookworm-backports 6.12 boot, every other test
+only on the default 6.1 boot. The others are deselected (not skipped), so no test is counted on both
+boots; the summary names what was deselected and why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +33,40 @@ from tests.host.daemons import Missing, Started, Tgtd, ensure_libvirtd
 from tests.rig import Daemon, domain_xml
 
 _tids = itertools.count(1)
+
+GUEST_KERNEL = os.environ.get("BLOCKWIRE_GUEST_KERNEL", "default")
+_OTHER_KERNEL = pytest.StashKey[list[str]]()
+
+
+def kernel_of(item: pytest.Item) -> str:
+    """The guest kernel a test runs on: its `guest_kernel` marker's name, else "default"."""
+    marker = item.get_closest_marker("guest_kernel")
+    return str(marker.args[0]) if marker and marker.args else "default"
+
+
+def split_by_kernel(items: Sequence[pytest.Item], kernel: str) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    """(the tests that run on `kernel`'s boot, the others)."""
+    return [i for i in items if kernel_of(i) == kernel], [i for i in items if kernel_of(i) != kernel]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keeps the tests of the kernel this boot runs (GUEST_KERNEL); deselects the others."""
+    keep, other = split_by_kernel(items, GUEST_KERNEL)
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = keep
+    config.stash[_OTHER_KERNEL] = [f"{item.nodeid} (kernel {kernel_of(item)})" for item in other]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    other = config.stash.get(_OTHER_KERNEL, [])
+    if not other:
+        return
+    terminalreporter.write_sep("-", f"not on this boot (kernel {GUEST_KERNEL}, {os.uname().release})")
+    terminalreporter.write_line(f"{len(other)} tests deselected: each runs on the boot of its own kernel")
+    if len(other) <= 10:
+        for nodeid in other:
+            terminalreporter.write_line(f"deselected: {nodeid}")
 
 
 @pytest.fixture(scope="session")

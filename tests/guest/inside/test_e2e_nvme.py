@@ -16,9 +16,10 @@ NVMe/TCP host driver (hostagent/connectors/nvme.py), a no-OS domain.
   inaccessible") without touching a controller, and up again when the group is `optimized` again;
 * ExtendVolume while attached reaches the domain;
 * eight volumes attached at once and detached at once, nothing left;
-* DH-HMAC-CHAP accepted with the announced secret and refused with a wrong one, where the guest kernel
-  can (CONFIG_NVME_TARGET_AUTH and CONFIG_NVME_AUTH); Debian 12's 6.1 kernel has neither, which the
-  test says loudly.
+* DH-HMAC-CHAP (storage with `dhchap = true`, bidirectional): accepted with the secrets storage announced
+  (both directions), refused with a wrong host secret, a wrong controller secret or none, nothing left
+  connected. Runs on the guest's backports kernel only (`guest_kernel("backports")`, 6.12): Debian 12's
+  6.1 kernel is built without CONFIG_NVME_AUTH and CONFIG_NVME_TARGET_AUTH.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from blockwire.client import NO_RETRY, HostAgentClient
-from blockwire.errors import BlockwireError, FailedPrecondition
+from blockwire.errors import BlockwireError, FailedPrecondition, PermissionDenied
 from blockwire.v1 import hostagent_pb2
 from blockwire.v1 import types_pb2 as pb
 from hostagent import api
@@ -47,15 +48,18 @@ from tests.guest.inside.kernel import MiB
 from tests.rig import KILLED
 
 PORTALS = ("127.0.0.1:4420", "127.0.0.2:4420")
+AUTH_PORTALS = ("127.0.0.1:4432", "127.0.0.2:4432")  # the DH-HMAC-CHAP stack's own ports
 CONFIGFS = Path("/sys/kernel/config/nvmet")
 
 
-def nvmet_sections(workdir: Path, prefix: str) -> str:
-    portals = ", ".join(f'"{p}"' for p in PORTALS)
+def nvmet_sections(
+    workdir: Path, prefix: str, *, portals: tuple[str, ...] = PORTALS, dhchap: bool = False
+) -> str:
+    listed = ", ".join(f'"{p}"' for p in portals)
     return (
         f'[[backends]]\nname = "file"\nkind = "file"\npath = "{workdir}/backend"\nexporter = "nvmet"\n'
-        f'[exporters.nvmet]\nkind = "nvmet"\nportals = [{portals}]\nnqn_prefix = "{prefix}"\n'
-        f'dhchap = false\ndhchap_key_file = "{workdir}/dhchap.key"\n'
+        f'[exporters.nvmet]\nkind = "nvmet"\nportals = [{listed}]\nnqn_prefix = "{prefix}"\n'
+        f'dhchap = {"true" if dhchap else "false"}\ndhchap_key_file = "{workdir}/dhchap.key"\n'
     )
 
 
@@ -363,47 +367,127 @@ def test_eight_volumes_at_once(clean_nvme: None, nvme_stack: Stack, domain: str)
             s.storage.delete_volume(v.id)
 
 
-def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, nvme_stack: Stack) -> None:
+@pytest.fixture
+def dhchap_stack(libvirtd: None) -> Iterator[Stack]:
+    """Both daemons, storage's nvmet exporter with `dhchap = true` (bidirectional: host and controller
+    secrets per host NQN) on its own ports (AUTH_PORTALS)."""
+    why = nvmet.available()
+    if why:
+        pytest.fail(f"NVMe/TCP is not available in the guest: {why}", pytrace=False)
     why = nvmet.target_auth()
     if why:
-        # Not a missing tier: this guest kernel cannot do it at all (the unit tier shows the secret goes
-        # to /dev/nvme-fabrics only, never to an argv).
+        # Not a missing tier: this kernel cannot do it at all (the unit tier shows the secret goes to
+        # /dev/nvme-fabrics only, never to an argv). The backports boot has it (tests/guest/image.py).
         pytest.skip(
-            f"DH-HMAC-CHAP cannot run here: {why} (Debian 12's 6.1 kernel: no CONFIG_NVME_TARGET_AUTH)"
+            f"DH-HMAC-CHAP cannot run on {os.uname().release}: {why} (needs CONFIG_NVME_AUTH, "
+            "CONFIG_NVME_HOST_AUTH, CONFIG_NVME_TARGET_AUTH; Debian 12's 6.1 kernel has none)"
         )
-    s = nvme_stack
-    host_nqn = s.agent.get_connector().nvme_host_nqn
-    key = nvmet.dhchap_key()
-    t = nvmet.Nvmet(trsvcid=4431)
-    nqn = "nqn.2026-01.io.blockwire.test:auth"
-    image = Path(f"/var/tmp/bw-auth-{uuid.uuid4().hex[:6]}.img")
+    workdir = Path(f"/var/tmp/bw-e2e-nvme-auth-{uuid.uuid4().hex[:6]}")
+    prefix = f"nqn.2026-01.io.blockwire.a{uuid.uuid4().hex[:8]}"
+    stack = start_stack(workdir, nvmet_sections(workdir, prefix, portals=AUTH_PORTALS, dhchap=True))
     try:
-        t.subsystem(nqn, host_nqn, addresses=("127.0.0.1",))
-        t.host(host_nqn, key)
-        ns = t.namespace(nqn, 1, image, 16 * MiB)
-
-        def info(secret: str) -> pb.ConnectionInfo:
-            return pb.ConnectionInfo(
-                volume_id="vol-auth",
-                nvmeof=pb.NvmeofConnection(
-                    subsystem_nqn=nqn,
-                    portals=[pb.NvmeofPortal(address="127.0.0.1:4431", transport="tcp")],
-                    namespace_id=1, namespace_nguid=ns.nguid, namespace_uuid=ns.uuid,
-                    host_nqn=host_nqn, dhchap_host_secret=secret,
-                ),
-            )  # fmt: skip
-
-        with pytest.raises(Exception, match=r"DH-HMAC-CHAP|refused|EIO"):
-            s.agent.connect_volume(info(nvmet.dhchap_key()))
-        assert not ctrl_states(nqn)
-        dev = s.agent.connect_volume(info(key))
-        assert dev.path.startswith("/dev/nvme")
-        assert key not in Path(f"/proc/{os.getpid()}/cmdline").read_text()
-        s.agent.disconnect_volume(info(key))
+        yield stack
     finally:
+        stack.stop()  # keeps both daemons' logs in the run's results
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def with_secrets(
+    ci: pb.ConnectionInfo, *, host: str | None = None, ctrl: str | None = None
+) -> pb.ConnectionInfo:
+    """A copy of `ci` with other DH-HMAC-CHAP secrets ("" clears one)."""
+    out = pb.ConnectionInfo()
+    out.CopyFrom(ci)
+    if host is not None:
+        out.nvmeof.dhchap_host_secret = host
+    if ctrl is not None:
+        out.nvmeof.dhchap_ctrl_secret = ctrl
+    return out
+
+
+def controller_secrets(nqn: str) -> dict[str, tuple[bool, bool]]:
+    """traddr -> whether the host's controller to `nqn` holds a host secret and a controller secret
+    (sysfs dhchap_secret / dhchap_ctrl_secret: "none" when unset). The secrets themselves are not kept."""
+    out = {}
+    for name, attrs in nvmet.controllers().items():
+        if attrs.get("subsysnqn") != nqn:
+            continue
+        addr = attrs["address"].split(",")[0].removeprefix("traddr=")
+        found = []
+        for attr in ("dhchap_secret", "dhchap_ctrl_secret"):
+            f = Path("/sys/class/nvme", name, attr)
+            found.append(f.exists() and f.read_text().strip() not in ("", "none"))
+        out[addr] = (found[0], found[1])
+    return out
+
+
+@pytest.mark.guest_kernel("backports")
+def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, dhchap_stack: Stack, domain: str) -> None:
+    """Storage (dhchap on, bidirectional) announces the host's secrets in the connection info; the agent
+    connects with them (both directions authenticated) and hot-plugs the volume; a wrong host secret, a
+    wrong controller secret and no secret at all are refused by the kernel, with nothing left connected."""
+    s = dhchap_stack
+    vol = s.storage.create_volume(f"e2e-auth-{uuid.uuid4().hex[:6]}", 32 * MiB, backend="file")
+    connector = s.agent.get_connector()
+    attached = False
+    timings: dict[str, float] = {}
+    try:
+        # Refused, through the agent's ConnectVolume with storage's own connection info, secrets changed.
+        att = s.storage.create_attachment(vol.id, connector)
+        ci = att.connection_info
+        nqn = ci.nvmeof.subsystem_nqn
+        assert ci.nvmeof.dhchap_host_secret.startswith("DHHC-1:"), "storage announced no host secret"
+        assert ci.nvmeof.dhchap_ctrl_secret.startswith("DHHC-1:"), "storage announced no controller secret"
+        host_key = (CONFIGFS / "hosts" / connector.nvme_host_nqn / "dhchap_key").read_text().strip()
+        assert host_key == ci.nvmeof.dhchap_host_secret, "the target holds another host secret"
+        for case, bad in (
+            ("a wrong host secret", with_secrets(ci, host=nvmet.dhchap_key(), ctrl="")),
+            ("a wrong controller secret", with_secrets(ci, ctrl=nvmet.dhchap_key())),
+            ("no secret", with_secrets(ci, host="", ctrl="")),
+        ):
+            started = time.monotonic()
+            with pytest.raises(BlockwireError) as refused:
+                s.agent.connect_volume(bad)
+            timings[f"refused: {case}"] = round(time.monotonic() - started, 2)
+            print(f"{case}: {type(refused.value).__name__}: {refused.value}")
+            assert isinstance(refused.value, PermissionDenied), (case, refused.value)
+            assert "DH-HMAC-CHAP" in str(refused.value), (case, refused.value)
+            for secret in (ci.nvmeof.dhchap_host_secret, ci.nvmeof.dhchap_ctrl_secret):
+                assert secret not in str(refused.value)
+            kernel.settle()
+            assert not ctrl_states(nqn), f"{case}: controllers left: {ctrl_states(nqn)}"
+            assert nvmet.host_leftovers() == {}, case
+        s.storage.delete_attachment(att.id)
+
+        # Accepted: AttachVolume through both daemons, with the announced secrets, on both ports.
+        started = time.monotonic()
+        a = s.agent.attach_volume(domain, volume_id=vol.id)
+        attached = True
+        timings["attach"] = round(time.monotonic() - started, 2)
+        assert ctrl_states(nqn) == {"127.0.0.1": "live", "127.0.0.2": "live"}
+        # both directions: each controller was made with a host secret and a controller secret
+        assert controller_secrets(nqn) == {"127.0.0.1": (True, True), "127.0.0.2": (True, True)}
+        assert head_attrs(a.host_device)["nguid"].replace("-", "") == a.connection_info.nvmeof.namespace_nguid
+        pattern = kernel.write_pattern(a.host_device, 7)
+        assert kernel.read_at(s.volume_file(vol.id), 7) == pattern
+        for pid in (s.storage_daemon.pid, s.agent_daemon.pid, os.getpid()):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+            assert ci.nvmeof.dhchap_host_secret not in cmdline
+        for log in (s.storage_daemon.log, s.agent_daemon.log):
+            text = log.read_text()
+            assert ci.nvmeof.dhchap_host_secret not in text, f"the host secret is in {log}"
+            assert ci.nvmeof.dhchap_ctrl_secret not in text, f"the controller secret is in {log}"
+        s.agent.detach_volume(domain, vol.id)
+        attached = False
+        kernel.settle()
+        assert nvmet.host_leftovers() == {}
+        assert not subsystem_in_configfs(nqn)
+    finally:
+        if attached:
+            s.agent.detach_volume(domain, vol.id, force=True)
         nvmet.disconnect_all()
-        t.close()
-        image.unlink(missing_ok=True)
+        s.storage.delete_volume(vol.id)
+    print(f"timings (s): {timings}")
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,15 @@
 """Records real NVMe/TCP output in the guest (nvme-cli 2.3, kernel 6.1 sysfs) for the parsers' unit tests.
 
 Against the test's own nvmet target (tests/guest/inside/nvmet.py): one subsystem on two ports, a
-namespace with a known NGUID and UUID, a second subsystem that needs DH-HMAC-CHAP. Files go to
-$BLOCKWIRE_GUEST_RESULTS/recorded-nvme/ (copied into tests/data/recorded/ by hand). The test also
-asserts what the connector relies on: the fabrics device answers "instance=N,cntlid=M", a repeat of a
-connect is EALREADY, a wrong DH-HMAC-CHAP key is refused, one head over two controllers.
+namespace with a known NGUID and UUID. Files go to $BLOCKWIRE_GUEST_RESULTS/recorded-nvme/ (copied into
+tests/data/recorded/ by hand). The test also asserts what the connector relies on: the fabrics device
+answers "instance=N,cntlid=M", a repeat of a connect is EALREADY, one head over two controllers.
+
+DH-HMAC-CHAP (test_dhchap_raw) runs on the guest's backports kernel (6.12) only: a subsystem that
+demands it, host and controller keys; through /dev/nvme-fabrics (what the agent does) and through
+nvme-cli 2.3 (`nvme connect --dhchap-secret --dhchap-ctrl-secret`): the right keys accepted, a wrong host
+key, a wrong controller key and no key refused with nothing left connected. Output (keys scrubbed) goes
+to recorded-nvme-dhchap/.
 """
 
 from __future__ import annotations
@@ -88,13 +93,8 @@ def test_record_nvme(target: nvmet.Nvmet, tmp_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     target.subsystem(NQN, HOSTNQN)
     target.namespace(NQN, 1, tmp_path / "ns1.img", 32 << 20, nguid=NGUID, ns_uuid=NS_UUID)
-    key = nvmet.dhchap_key()
     no_auth = nvmet.target_auth()
     (out / "nvmet_target_auth.txt").write_text(no_auth or "DH-HMAC-CHAP supported\n")
-    if not no_auth:
-        target.subsystem(NQN_AUTH, HOSTNQN, addresses=(nvmet.ADDRESSES[0],))
-        target.host(HOSTNQN, key)
-        target.namespace(NQN_AUTH, 1, tmp_path / "ns2.img", 16 << 20)
     (out / "module_nvme_core_multipath.txt").write_text(
         Path("/sys/module/nvme_core/parameters/multipath").read_text()
     )
@@ -125,21 +125,6 @@ def test_record_nvme(target: nvmet.Nvmet, tmp_path: Path) -> None:
          "--hostnqn", HOSTNQN, "--hostid", HOSTID],
         rc_file=True,
     )  # fmt: skip
-    # DH-HMAC-CHAP: a wrong key refused, the right one accepted
-    wrong = nvmet.dhchap_key()
-    rc, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
-                         f"hostnqn={HOSTNQN},hostid={HOSTID},dhchap_secret={wrong}")  # fmt: skip
-    (out / "fabrics_connect_wrong_dhchap.txt").write_text(
-        f"rc: {rc} ({errno.errorcode.get(rc, '')})\n{answer}"
-    )
-    rc_none, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
-                              f"hostnqn={HOSTNQN},hostid={HOSTID}")  # fmt: skip
-    (out / "fabrics_connect_no_dhchap.txt").write_text(
-        f"rc: {rc_none} ({errno.errorcode.get(rc_none, '')})\n{answer}"
-    )
-    rc_ok, answer = fabrics(f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
-                            f"hostnqn={HOSTNQN},hostid={HOSTID},dhchap_secret={key}")  # fmt: skip
-    (out / "fabrics_connect_dhchap_ok.txt").write_text(f"rc: {rc_ok}\n{answer.replace(key, '<key>')}")
     kernel.settle()
     save(out, "nvme_list_subsys_json.txt", ["nvme", "list-subsys", "-o", "json"])
     save(out, "nvme_list_subsys.txt", ["nvme", "list-subsys"])
@@ -171,8 +156,99 @@ def test_record_nvme(target: nvmet.Nvmet, tmp_path: Path) -> None:
     save(out, "nvme_disconnect_rc.txt", ["nvme", "disconnect", "-n", NQN], rc_file=True)
     save(out, "nvme_disconnect_none_rc.txt", ["nvme", "disconnect", "-n", NQN], rc_file=True)
     save(out, "dmesg_tail.txt", ["dmesg"])
-    # DH-HMAC-CHAP is asserted where the kernel has it; this one's lack is recorded above
-    # (nvmet_target_auth.txt) and test_e2e_nvme's DH-HMAC-CHAP test skips saying so.
-    if not no_auth:
-        assert rc != 0, "a wrong DH-HMAC-CHAP key was accepted"
-        assert rc_ok == 0, rc_ok
+
+
+def auth_controllers() -> list[str]:
+    return [name for name, a in nvmet.controllers().items() if a.get("subsysnqn") == NQN_AUTH]
+
+
+@pytest.mark.guest_kernel("backports")
+def test_dhchap_raw(target: nvmet.Nvmet, tmp_path: Path) -> None:
+    why = nvmet.target_auth()
+    if why:
+        pytest.skip(
+            f"DH-HMAC-CHAP cannot run on {os.uname().release}: {why} (needs CONFIG_NVME_AUTH, "
+            "CONFIG_NVME_HOST_AUTH, CONFIG_NVME_TARGET_AUTH)"
+        )
+    out = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", str(tmp_path)), "recorded-nvme-dhchap")
+    out.mkdir(parents=True, exist_ok=True)
+    key, ctrl_key = nvmet.dhchap_key(), nvmet.dhchap_key()
+    keys = {key: "<host key>", ctrl_key: "<ctrl key>"}
+
+    def scrub(text: str) -> str:
+        for k, shown in keys.items():
+            text = text.replace(k, shown)
+        return text
+
+    target.subsystem(NQN_AUTH, HOSTNQN, addresses=(nvmet.ADDRESSES[0],))
+    target.host(HOSTNQN, key, ctrl_key)
+    target.namespace(NQN_AUTH, 1, tmp_path / "ns2.img", 16 << 20)
+    base = (f"traddr={nvmet.ADDRESSES[0]},transport=tcp,trsvcid=4420,nqn={NQN_AUTH},"
+            f"hostnqn={HOSTNQN},hostid={HOSTID}")  # fmt: skip
+    (out / "uname.txt").write_text(os.uname().release + "\n")
+
+    # Refused through the fabrics device: a wrong host key, a wrong controller key, no key.
+    refused = {
+        "wrong_host_key": f"{base},dhchap_secret={nvmet.dhchap_key()}",
+        "wrong_ctrl_key": f"{base},dhchap_secret={key},dhchap_ctrl_secret={nvmet.dhchap_key()}",
+        "no_key": base,
+    }
+    for case, options in refused.items():
+        rc, answer = fabrics(options)
+        (out / f"fabrics_connect_{case}.txt").write_text(
+            f"rc: {rc} ({errno.errorcode.get(rc, '')})\n{scrub(answer)}"
+        )
+        assert rc != 0, f"{case}: accepted ({answer})"
+        kernel.settle()
+        assert auth_controllers() == [], f"{case}: a controller was left"
+
+    # Accepted, both directions: the host key and the controller key.
+    rc, answer = fabrics(f"{base},dhchap_secret={key},dhchap_ctrl_secret={ctrl_key}")
+    (out / "fabrics_connect_dhchap_ok.txt").write_text(f"rc: {rc}\n{scrub(answer)}")
+    assert rc == 0, rc
+    assert answer.startswith("instance="), answer
+    kernel.settle()
+    made = auth_controllers()
+    assert len(made) == 1, made
+    ctrl = nvmet.SYS_NVME / made[0]
+    assert (ctrl / "state").read_text().strip() == "live"
+    (out / f"sysfs_class_nvme_{made[0]}.txt").write_text(scrub(dump_tree(ctrl)))
+    assert (ctrl / "dhchap_secret").read_text().strip() == key
+    assert (ctrl / "dhchap_ctrl_secret").read_text().strip() == ctrl_key
+    save(out, "nvme_disconnect_dhchap_rc.txt", ["nvme", "disconnect", "-n", NQN_AUTH], rc_file=True)
+    kernel.settle()
+    assert auth_controllers() == []
+
+    # nvme-cli 2.3: the same through `nvme connect` (the secrets on its argv: not the agent's way).
+    cli = ["nvme", "connect", "-t", "tcp", "-a", nvmet.ADDRESSES[0], "-s", "4420", "-n", NQN_AUTH,
+           "--hostnqn", HOSTNQN, "--hostid", HOSTID]  # fmt: skip
+    wrong = subprocess.run(
+        [*cli, "--dhchap-secret", nvmet.dhchap_key()],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    (out / "nvme_connect_wrong_dhchap_rc.txt").write_text(
+        f"rc: {wrong.returncode}\n--- stdout ---\n{wrong.stdout}--- stderr ---\n{wrong.stderr}"
+    )
+    assert wrong.returncode != 0, "nvme connect with a wrong key succeeded"
+    kernel.settle()
+    assert auth_controllers() == []
+    ok = subprocess.run(
+        [*cli, "--dhchap-secret", key, "--dhchap-ctrl-secret", ctrl_key],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    (out / "nvme_connect_dhchap_ok_rc.txt").write_text(
+        f"rc: {ok.returncode}\n--- stdout ---\n{scrub(ok.stdout)}--- stderr ---\n{scrub(ok.stderr)}"
+    )
+    assert ok.returncode == 0, scrub(ok.stderr)
+    kernel.settle()
+    made = auth_controllers()
+    assert len(made) == 1, made
+    assert (nvmet.SYS_NVME / made[0] / "state").read_text().strip() == "live"
+    save(out, "nvme_list_subsys_dhchap.txt", ["nvme", "list-subsys", "-o", "json"])
+    save(out, "nvme_disconnect_cli_rc.txt", ["nvme", "disconnect", "-n", NQN_AUTH], rc_file=True)
+    kernel.settle()
+    assert auth_controllers() == []
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    (out / "dmesg_auth.txt").write_text(
+        scrub("\n".join(line for line in dmesg.splitlines() if "nvme" in line)) + "\n"
+    )

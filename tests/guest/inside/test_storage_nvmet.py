@@ -7,9 +7,10 @@ NGUID and UUID, admitting that host only; `nvme connect` over both ports gives o
 two paths (native NVMe multipath) with that NGUID and UUID; data written through it is in the backing
 file; a host NQN not admitted is refused; ExtendVolume while connected reaches the host; DeleteAttachment
 leaves nothing in configfs (no subsystem, port link or host entry); a restarted service rebuilds an
-export the target lost and removes a stray subsystem under its prefix; DH-HMAC-CHAP: on this kernel
-(6.1, built without CONFIG_NVME_TARGET_AUTH and CONFIG_NVME_AUTH) the exporter refuses to start with
-dhchap on; on a kernel with target authentication a wrong secret is refused and the right one accepted.
+export the target lost and removes a stray subsystem under its prefix; DH-HMAC-CHAP: on the default
+kernel (6.1, built without CONFIG_NVME_TARGET_AUTH and CONFIG_NVME_AUTH) the exporter refuses to start
+with dhchap on; on the backports boot (6.12, `guest_kernel("backports")`) a wrong secret is refused and
+the announced pair (host and controller secret) accepted.
 
 Real nvme-cli output is saved to BLOCKWIRE_GUEST_RESULTS/recorded-nvme/ for parser tests
 (tests/data/recorded/nvmet_*).
@@ -480,27 +481,48 @@ def test_a_restarted_service_rebuilds_an_export_the_target_lost(storage: Storage
     stub.DeleteVolume(spb.DeleteVolumeRequest(volume_id=vol.id), timeout=120)
 
 
-def test_dh_hmac_chap(nvmet: None, thin_pool: ThinPool, tmp_path: Path) -> None:
-    """With dhchap on: on a kernel whose target cannot authenticate (no dhchap_key in host entries) the
-    service refuses to start and leaves nothing; on one that can, a wrong secret is refused and the
-    announced one accepted."""
-    prefix = f"nqn.2026-01.io.blockwire.a{uuid.uuid4().hex[:8]}"
-    config = storage_config(tmp_path, prefix, thin_pool, dhchap=True)
-    daemon = Daemon.storage(config, tmp_path / "storage.sock", **{**GUEST_DAEMON, "start_timeout": 60.0})
+def kernel_has_target_auth() -> bool:
+    """Whether this kernel's nvmet can demand DH-HMAC-CHAP (host entries have dhchap_key)."""
     probe = NVMET / "hosts" / "nqn.2014-08.org.nvmexpress:bw-auth-probe"
     probe.mkdir()
     try:
-        kernel_auth = (probe / "dhchap_key").exists()
+        return (probe / "dhchap_key").exists()
     finally:
         probe.rmdir()
-    if not kernel_auth:
-        with pytest.raises(AssertionError, match="exited with 1"):
-            daemon.start()
-        kernel.keep_log(daemon.log, "storage-nvmet-dhchap.log")
-        assert "CONFIG_NVME_TARGET_AUTH" in daemon.log.read_text()
-        assert not list((NVMET / "subsystems").glob(f"{prefix}*"))
-        assert not [h for h in (NVMET / "hosts").iterdir() if "probe" in h.name]
-        return
+
+
+def test_dh_hmac_chap_on_refused_without_target_auth(
+    nvmet: None, thin_pool: ThinPool, tmp_path: Path
+) -> None:
+    """With dhchap on, on a kernel whose target cannot authenticate (6.1: no dhchap_key in host entries),
+    the service refuses to start, says which kernel option is missing, and leaves nothing."""
+    if kernel_has_target_auth():
+        pytest.skip(f"{os.uname().release} has NVMe target authentication: test_dh_hmac_chap covers it")
+    prefix = f"nqn.2026-01.io.blockwire.a{uuid.uuid4().hex[:8]}"
+    config = storage_config(tmp_path, prefix, thin_pool, dhchap=True)
+    daemon = Daemon.storage(config, tmp_path / "storage.sock", **{**GUEST_DAEMON, "start_timeout": 60.0})
+    with pytest.raises(AssertionError, match="exited with 1"):
+        daemon.start()
+    kernel.keep_log(daemon.log, "storage-nvmet-dhchap-refused.log")
+    assert "CONFIG_NVME_TARGET_AUTH" in daemon.log.read_text()
+    assert not list((NVMET / "subsystems").glob(f"{prefix}*"))
+    assert not [h for h in (NVMET / "hosts").iterdir() if "probe" in h.name]
+
+
+@pytest.mark.guest_kernel("backports")
+def test_dh_hmac_chap(nvmet: None, thin_pool: ThinPool, tmp_path: Path) -> None:
+    """With dhchap on (bidirectional), on a kernel whose target authenticates (the backports boot, 6.12):
+    CreateAttachment announces a host and a controller secret; nvme-cli 2.3's `nvme connect` with a
+    wrong host secret is refused (no controller left), with the announced pair accepted (the head
+    appears, both secrets on the controller)."""
+    if not kernel_has_target_auth():
+        pytest.skip(
+            f"DH-HMAC-CHAP cannot run on {os.uname().release}: its nvmet has no dhchap_key "
+            "(needs CONFIG_NVME_TARGET_AUTH, CONFIG_NVME_AUTH, CONFIG_NVME_HOST_AUTH)"
+        )
+    prefix = f"nqn.2026-01.io.blockwire.a{uuid.uuid4().hex[:8]}"
+    config = storage_config(tmp_path, prefix, thin_pool, dhchap=True)
+    daemon = Daemon.storage(config, tmp_path / "storage.sock", **{**GUEST_DAEMON, "start_timeout": 60.0})
     daemon.start()
     try:
         stub = storage_pb2_grpc.StorageServiceStub(daemon.channel)
@@ -512,6 +534,7 @@ def test_dh_hmac_chap(nvmet: None, thin_pool: ThinPool, tmp_path: Path) -> None:
         )
         nv = att.attachment.connection_info.nvmeof
         assert nv.dhchap_host_secret.startswith("DHHC-1:")
+        assert nv.dhchap_ctrl_secret.startswith("DHHC-1:")
         wrong = "DHHC-1:00:" + "A" * 48 + ":"
         refused = connect(
             nv.subsystem_nqn,
@@ -525,9 +548,13 @@ def test_dh_hmac_chap(nvmet: None, thin_pool: ThinPool, tmp_path: Path) -> None:
         assert not controllers(nv.subsystem_nqn)
         try:
             connect(
-                nv.subsystem_nqn, PORTALS[0], HOST_NQN, HOST_ID, f"--dhchap-secret={nv.dhchap_host_secret}"
-            )
+                nv.subsystem_nqn, PORTALS[0], HOST_NQN, HOST_ID,
+                f"--dhchap-secret={nv.dhchap_host_secret}", f"--dhchap-ctrl-secret={nv.dhchap_ctrl_secret}",
+            )  # fmt: skip
             wait_until("the namespace head", lambda: head(nv.subsystem_nqn), 60)
+            (ctrl,) = controllers(nv.subsystem_nqn)
+            assert (ctrl / "dhchap_secret").read_text().strip() == nv.dhchap_host_secret
+            assert (ctrl / "dhchap_ctrl_secret").read_text().strip() == nv.dhchap_ctrl_secret
         finally:
             disconnect(nv.subsystem_nqn)
         stub.DeleteAttachment(spb.DeleteAttachmentRequest(attachment_id=att.attachment.id), timeout=120)
