@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.guest import image
+from tests.guest import image, test_guest
+from tests.guest.inside import conftest as inside
 
 
 def test_live_runs_survive_pruning_and_dead_ones_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -66,7 +67,7 @@ def test_a_run_on_a_kernel_the_image_lacks_says_so(tmp_path: Path) -> None:
     with pytest.raises(image.GuestError, match="no guest kernel 'rc'"):
         image.run_guest(kernel="rc", image=tmp_path)
     (tmp_path / "vmlinuz").touch()
-    with pytest.raises(image.GuestError, match="has no vmlinuz-bpo or initrd-bpo.img"):
+    with pytest.raises(image.GuestError, match=r"has no vmlinuz-bpo or initrd-bpo\.img"):
         image.run_guest(kernel="backports", image=tmp_path)
 
 
@@ -82,9 +83,6 @@ class _Item:
 
 
 def test_each_boot_runs_only_the_tests_of_its_kernel() -> None:
-    from tests.guest import test_guest
-    from tests.guest.inside import conftest as inside
-
     items = [_Item("a", None), _Item("b", "backports"), _Item("c", None)]
     keep, other = inside.split_by_kernel(items, "default")  # type: ignore[arg-type]
     assert ([i.nodeid for i in keep], [i.nodeid for i in other]) == (["a", "c"], ["b"])
