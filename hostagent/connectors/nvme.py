@@ -135,6 +135,13 @@ class Portal:
         return f"{self.traddr}:{self.trsvcid}"
 
 
+def decisive(errors: list[BlockwireError]) -> BlockwireError:
+    """The error a connect whose every portal failed reports: the first that retrying will not change (a
+    refused authentication on one path, say) over a transient one (Unavailable: another path timed out
+    at the same moment, which the 6.12 host does after a refused DH-HMAC-CHAP, ~60 s later, with EIO)."""
+    return next((e for e in errors if not isinstance(e, Unavailable)), errors[0])
+
+
 class NvmeConnector:
     kind = ConnectorKind.NVME_TCP
 
@@ -491,7 +498,7 @@ class NvmeConnector:
                             log.warning("%s on %s failed: %s", t.subsystem_nqn, p, exc.message)
                             errors.append(exc)
                 if not got:
-                    raise errors[0]
+                    raise decisive(errors)
                 self._check_identity_early(info, got, every=dm)
                 if dm:
                     return self._assemble(info, got)

@@ -120,9 +120,20 @@ def connect_error(err: int, where: str) -> BlockwireError:
     EALREADY (a live controller with the same subsystem, address and host NQN) is not an error for the
     connector, which looks for that controller first; it is here for callers that did not."""
     name = errno.errorcode.get(err, str(err))
+    # What the kernel answers (6.12, recorded in tests/data/recorded/nvme_dhchap_*): EKEYREJECTED for a
+    # wrong host secret (the target's failure1) and for a controller that did not prove the controller
+    # secret (the host refuses it); ENOKEY when the subsystem demands authentication and no secret was
+    # given. Neither goes away by retrying.
     if err in (errno.EKEYREJECTED, errno.EKEYEXPIRED, errno.EACCES, errno.EPERM):
         return PermissionDenied(
-            f"{where}: the subsystem refused this host's DH-HMAC-CHAP authentication ({name})"
+            f"{where}: DH-HMAC-CHAP authentication failed ({name}): the subsystem refused this host's "
+            "secret, or the controller did not prove the controller secret; check the secrets storage "
+            "announced for this host NQN"
+        )
+    if err == errno.ENOKEY:
+        return PermissionDenied(
+            f"{where}: the subsystem demands DH-HMAC-CHAP authentication and the connection info has no "
+            f"secret for it ({name}); storage must announce dhchap_host_secret for this host NQN"
         )
     if err in (errno.EINVAL,):
         return InvalidArgument("connection_info.nvmeof", f"{where}: the kernel refused the options ({name})")

@@ -8,9 +8,10 @@ controller. With `multipath=False` (nvme_core multipath=N, recorded in tests/dat
 no heads and no path devices, each controller N has its own namespace device nvmeNnM (class/nvme/nvmeN/
 nvmeNnM, block/nvmeNnM with the same attributes). `connect` (the fabrics write) makes a controller,
 like the kernel: EALREADY for a second one with the same subsystem, address and host NQN, ECONNREFUSED
-for a port that does not offer the subsystem, EIO for a host the subsystem does not allow or a wrong
-DH-HMAC-CHAP key. A write of "1" to delete_controller / rescan_controller takes effect at `sync()` (run
-as a FakeUdev reaction).
+for a port that does not offer the subsystem, EIO for a host the subsystem does not allow, and for
+DH-HMAC-CHAP what the 6.12 kernel answers (tests/data/recorded/nvme_dhchap_*): ENOKEY without a secret,
+EKEYREJECTED for a wrong host secret or a wrong controller secret. A write of "1" to delete_controller /
+rescan_controller takes effect at `sync()` (run as a FakeUdev reaction).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class FakeSubsystem:
     hosts: set[str]
     namespaces: list[FakeNs] = field(default_factory=list)
     key: str = ""  # DH-HMAC-CHAP key the host must give
+    ctrl_key: str = ""  # the controller's key (bidirectional): a host that gives one must give this
 
 
 def dashed(hex32: str) -> str:
@@ -68,9 +70,9 @@ class FakeNvmeKernel:
 
     # -- the target ------------------------------------------------------------------------------
     def export(
-        self, nqn: str, portals: tuple[str, ...], host: str, *ns: FakeNs, key: str = ""
+        self, nqn: str, portals: tuple[str, ...], host: str, *ns: FakeNs, key: str = "", ctrl_key: str = ""
     ) -> FakeSubsystem:
-        s = FakeSubsystem(nqn, set(portals), {host}, list(ns), key)
+        s = FakeSubsystem(nqn, set(portals), {host}, list(ns), key, ctrl_key)
         self.targets[nqn] = s
         return s
 
@@ -92,8 +94,16 @@ class FakeNvmeKernel:
         t = self.targets.get(o["nqn"])
         if t is None or portal not in t.portals:
             raise OSError(errno.ECONNREFUSED, "refused")
-        if o["hostnqn"] not in t.hosts or (t.key and o.get("dhchap_secret") != t.key):
+        if o["hostnqn"] not in t.hosts:
             raise OSError(errno.EIO, "refused")
+        if t.key and "dhchap_secret" not in o:
+            raise OSError(errno.ENOKEY, "Required key not available")
+        if t.key and o["dhchap_secret"] != t.key:
+            raise OSError(errno.EKEYREJECTED, "Key was rejected by service")
+        if "dhchap_ctrl_secret" in o and o["dhchap_ctrl_secret"] != t.ctrl_key:
+            raise OSError(
+                errno.EKEYREJECTED, "Key was rejected by service"
+            )  # the host refuses the controller
         instance = self.next_instance
         self.next_instance += 1
         name = f"nvme{instance}"

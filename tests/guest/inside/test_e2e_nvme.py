@@ -430,10 +430,12 @@ def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, dhchap_stack: Stack
     vol = s.storage.create_volume(f"e2e-auth-{uuid.uuid4().hex[:6]}", 32 * MiB, backend="file")
     connector = s.agent.get_connector()
     attached = False
+    exported = ""  # the attachment id while storage exports the volume for the refused connects
     timings: dict[str, float] = {}
     try:
         # Refused, through the agent's ConnectVolume with storage's own connection info, secrets changed.
         att = s.storage.create_attachment(vol.id, connector)
+        exported = att.id
         ci = att.connection_info
         nqn = ci.nvmeof.subsystem_nqn
         assert ci.nvmeof.dhchap_host_secret.startswith("DHHC-1:"), "storage announced no host secret"
@@ -458,6 +460,7 @@ def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, dhchap_stack: Stack
             assert not ctrl_states(nqn), f"{case}: controllers left: {ctrl_states(nqn)}"
             assert nvmet.host_leftovers() == {}, case
         s.storage.delete_attachment(att.id)
+        exported = ""
 
         # Accepted: AttachVolume through both daemons, with the announced secrets, on both ports.
         started = time.monotonic()
@@ -486,6 +489,8 @@ def test_dh_hmac_chap_accepted_and_refused(clean_nvme: None, dhchap_stack: Stack
         if attached:
             s.agent.detach_volume(domain, vol.id, force=True)
         nvmet.disconnect_all()
+        if exported:
+            s.storage.delete_attachment(exported)
         s.storage.delete_volume(vol.id)
     print(f"timings (s): {timings}")
 

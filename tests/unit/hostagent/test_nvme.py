@@ -19,7 +19,7 @@ from blockwire.errors import (
 from blockwire.model import ConnectionInfo, NvmeofConnection, NvmeofPortal, Transport
 from blockwire.secret import Secret
 from hostagent.config import AgentConfig, config_from_mapping
-from hostagent.connectors.nvme import NvmeConnector
+from hostagent.connectors.nvme import NvmeConnector, decisive
 from hostagent.host.nvme import NvmeHost, normal_id, parse_ns_descriptors
 from hostagent.host.sysfs import Sysfs
 from hostagent.hostinfo import HostFiles, build_connector, nvme_tcp_available
@@ -85,6 +85,7 @@ def test_the_fabrics_answer_and_errnos() -> None:
     with pytest.raises(Unavailable):
         parse_connect_answer("garbage")
     assert isinstance(connect_error(errno.EKEYREJECTED, "x"), PermissionDenied)
+    assert isinstance(connect_error(errno.ENOKEY, "x"), PermissionDenied)
     assert isinstance(connect_error(errno.ECONNREFUSED, "x"), Unavailable)
     assert isinstance(connect_error(errno.EINVAL, "x"), InvalidArgument)
 
@@ -186,7 +187,7 @@ def test_reader_on_the_recorded_sysfs(tmp_path: Path) -> None:
 
 def info(volume: str = "vol-1", *, nqn: str = NQN, nguid: str = NGUID, uuid: str = UUID,
          portals: tuple[str, ...] = (P1, P2),
-         secret: str = "", nsid: int = 1) -> ConnectionInfo:  # fmt: skip
+         secret: str = "", ctrl: str = "", nsid: int = 1) -> ConnectionInfo:  # fmt: skip
     return ConnectionInfo(
         transport=NvmeofConnection(
             subsystem_nqn=nqn,
@@ -195,6 +196,7 @@ def info(volume: str = "vol-1", *, nqn: str = NQN, nguid: str = NGUID, uuid: str
             namespace_nguid=nguid,
             namespace_uuid=uuid,
             dhchap_host_secret=Secret(secret) if secret else None,
+            dhchap_ctrl_secret=Secret(ctrl) if ctrl else None,
         ),
         volume_id=volume,
     )
@@ -214,9 +216,17 @@ class Rig:
         )  # fmt: skip
 
     def export(
-        self, nqn: str = NQN, nguid: str = NGUID, uuid: str = UUID, nsid: int = 1, key: str = ""
+        self,
+        nqn: str = NQN,
+        nguid: str = NGUID,
+        uuid: str = UUID,
+        nsid: int = 1,
+        key: str = "",
+        ctrl_key: str = "",
     ) -> None:
-        self.kernel.export(nqn, (P1, P2), HOSTNQN, FakeNs(nsid, nguid, uuid, 16 << 20), key=key)
+        self.kernel.export(
+            nqn, (P1, P2), HOSTNQN, FakeNs(nsid, nguid, uuid, 16 << 20), key=key, ctrl_key=ctrl_key
+        )
 
 
 @pytest.fixture
@@ -345,13 +355,43 @@ def test_one_portal_down_still_connects_the_other_none_up_is_unavailable(r: Rig)
     assert r.kernel.controllers() == []
 
 
+def test_the_6_12_kernels_dhchap_refusals_are_permission_denied() -> None:
+    """What the kernel answered in the guest (6.12, tests/data/recorded/nvme_dhchap_*): each refusal is
+    PERMISSION_DENIED naming DH-HMAC-CHAP, never a retryable UNAVAILABLE."""
+    assert recorded("nvme_dhchap_uname.txt").startswith("6.12.")
+    assert recorded("nvme_dhchap_fabrics_connect_dhchap_ok.txt").startswith("rc: 0\ninstance=")
+    for case, name in (
+        ("no_key", "ENOKEY"),
+        ("wrong_host_key", "EKEYREJECTED"),
+        ("wrong_ctrl_key", "EKEYREJECTED"),
+    ):
+        first = recorded(f"nvme_dhchap_fabrics_connect_{case}.txt").splitlines()[0]
+        err = int(first.split()[1])
+        assert errno.errorcode[err] == name, (case, first)
+        refused = connect_error(err, "nqn on 127.0.0.1:4420")
+        assert isinstance(refused, PermissionDenied), case
+        assert "DH-HMAC-CHAP" in refused.message, case
+    cli = recorded("nvme_dhchap_nvme_connect_wrong_dhchap_rc.txt")
+    assert "rc: 1" in cli
+    assert "Key was rejected by service" in cli
+
+
+def test_a_refused_authentication_wins_over_another_paths_timeout() -> None:
+    """Both portals fail: one with EIO (the 6.12 host's admin timeout after the target's failure1),
+    the other refused: the refusal is what the caller gets, not a retryable UNAVAILABLE."""
+    eio = connect_error(errno.EIO, "p1")
+    rejected = connect_error(errno.EKEYREJECTED, "p2")
+    assert decisive([eio, rejected]) is rejected
+    assert decisive([eio]) is eio
+
+
 def test_dhchap_secret_goes_to_the_fabrics_device_only(r: Rig, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
     r.export(key=KEY)
-    with pytest.raises(Unavailable):  # EIO: the subsystem refused this host without the key
+    with pytest.raises(PermissionDenied, match="no secret"):  # ENOKEY: the subsystem demands one
         r.conn.connect(info())
     wrong = KEY.replace("A", "C")
-    with pytest.raises(Unavailable):
+    with pytest.raises(PermissionDenied, match="DH-HMAC-CHAP authentication failed"):  # EKEYREJECTED
         r.conn.connect(info(secret=wrong))
     assert r.kernel.controllers() == []
     assert r.conn.connect(info(secret=KEY)).path == "/dev/nvme0n1"
@@ -359,6 +399,17 @@ def test_dhchap_secret_goes_to_the_fabrics_device_only(r: Rig, caplog: pytest.Lo
     assert KEY not in caplog.text
     assert wrong not in caplog.text
     r.conn.disconnect(info(secret=KEY))
+
+
+def test_a_controller_that_does_not_prove_the_controller_secret_is_refused(r: Rig) -> None:
+    ctrl = KEY.replace("A", "D")
+    r.export(key=KEY, ctrl_key=ctrl)
+    with pytest.raises(PermissionDenied, match="controller secret"):  # the host refuses the controller
+        r.conn.connect(info(secret=KEY, ctrl=KEY.replace("A", "E")))
+    assert r.kernel.controllers() == []
+    assert r.conn.connect(info(secret=KEY, ctrl=ctrl)).path == "/dev/nvme0n1"
+    assert f"dhchap_ctrl_secret={ctrl}" in r.kernel.written[-1]
+    r.conn.disconnect(info(secret=KEY, ctrl=ctrl))
 
 
 def test_extend_rescans_and_returns_the_new_size(r: Rig) -> None:
