@@ -60,8 +60,30 @@ BUILD_TIMEOUT = 1800.0
 # The whole inside suite takes about 25 min under TCG (RBD, NVMe/TCP, cold attach, encryption, the facade).
 RUN_TIMEOUT = float(os.environ.get("BLOCKWIRE_GUEST_TIMEOUT", "3000"))
 INSIDE_TEST_TIMEOUT = 600  # pytest-timeout inside, per test
-# The kernels in the image: name -> (kernel, initrd) file names in the cache entry (build-image.sh).
-KERNELS = {"default": ("vmlinuz", "initrd.img"), "backports": ("vmlinuz-bpo", "initrd-bpo.img")}
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """One of the image's kernels: its files in the cache entry (build-image.sh) and how QEMU runs it."""
+
+    vmlinuz: str
+    initrd: str
+    # TCG's vCPU threads. "single" for 6.12: under multi-threaded TCG its live code patching (static
+    # keys, text_poke_bp) was seen to leave another vCPU running a stale int3 ("Oops: int3" in
+    # __schedule, a panic), which one thread for both vCPUs cannot do.
+    tcg_threads: str = "multi"
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return self.vmlinuz, self.initrd
+
+
+KERNELS = {
+    "default": GuestKernel("vmlinuz", "initrd.img"),  # Debian 12's 6.1
+    "backports": GuestKernel(
+        "vmlinuz-bpo", "initrd-bpo.img", tcg_threads="single"
+    ),  # bookworm-backports' 6.12
+}
 DEFAULT_KERNEL = "default"
 MEMORY_MB = 3072
 
@@ -281,10 +303,10 @@ def _new_run_directory() -> Path:
 def qemu_command(
     image: Path, overlay: Path, results: Path, serial: Path, kernel: str = DEFAULT_KERNEL
 ) -> list[str]:
-    vmlinuz, initrd = KERNELS[kernel]
+    k = KERNELS[kernel]
     return [
         "qemu-system-x86_64",
-        "-accel", "tcg,thread=multi",
+        "-accel", f"tcg,thread={k.tcg_threads}",
         "-machine", "q35",
         "-cpu", "max",
         "-smp", "2",
@@ -293,8 +315,8 @@ def qemu_command(
         "-nodefaults",
         "-no-reboot",
         "-nic", "none",
-        "-kernel", str(image / vmlinuz),
-        "-initrd", str(image / initrd),
+        "-kernel", str(image / k.vmlinuz),
+        "-initrd", str(image / k.initrd),
         # oops=panic with panic=-1 and -no-reboot: a kernel oops ends QEMU at once, and the run reports it
         # (GuestRun.kernel_crash), instead of a wedged guest waiting out the run's timeout.
         "-append", "console=ttyS0 root=/dev/vda rw init=/sbin/blockwire-init oops=panic panic=-1 loglevel=4",
@@ -319,7 +341,7 @@ def run_guest(
     if kernel not in KERNELS:
         raise GuestError(f"no guest kernel {kernel!r}: one of {sorted(KERNELS)}")
     image = image or ensure_image()
-    missing = [name for name in KERNELS[kernel] if not (image / name).exists()]
+    missing = [name for name in KERNELS[kernel].files if not (image / name).exists()]
     if missing:
         raise GuestError(f"the image {image} has no {' or '.join(missing)} (kernel {kernel!r}): rebuild it")
     run = GuestRun(directory=_new_run_directory(), kernel=kernel)

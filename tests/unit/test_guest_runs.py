@@ -54,13 +54,14 @@ def test_a_clean_console_has_no_crash(tmp_path: Path) -> None:
 
 
 def test_each_guest_kernel_boots_its_own_kernel_and_initrd(tmp_path: Path) -> None:
-    for kernel, (vmlinuz, initrd) in {
-        "default": ("vmlinuz", "initrd.img"),
-        "backports": ("vmlinuz-bpo", "initrd-bpo.img"),
+    for kernel, (vmlinuz, initrd, accel) in {
+        "default": ("vmlinuz", "initrd.img", "tcg,thread=multi"),
+        "backports": ("vmlinuz-bpo", "initrd-bpo.img", "tcg,thread=single"),
     }.items():
         argv = image.qemu_command(tmp_path, tmp_path / "o", tmp_path / "r", tmp_path / "s", kernel)
         assert argv[argv.index("-kernel") + 1] == str(tmp_path / vmlinuz)
         assert argv[argv.index("-initrd") + 1] == str(tmp_path / initrd)
+        assert argv[argv.index("-accel") + 1] == accel
 
 
 def test_a_run_on_a_kernel_the_image_lacks_says_so(tmp_path: Path) -> None:
