@@ -3,8 +3,9 @@ each step of an attach or detach took to a `StepObserver` (the daemon's Promethe
 `blockwire_step_duration_seconds{step}`), without a line of timing code in the connectors or the api.
 
 Steps: export / complete / unexport, migration_export / migration_complete / migration_rollback
-(storage), udev / udev_gone (waits for a device), hotplug / unplug / block_resize / migrate (libvirt);
-the commands (login, logout, identity, multipath ...) are timed by `blockwire.observability.TimedRunner`.
+(storage), udev / udev_gone (waits for a device), hotplug / unplug / block_resize / migrate (libvirt),
+rbd_identity (the RBD image's id and size read through librados/librbd); the commands (login, logout,
+identity, multipath ...) are timed by `blockwire.observability.TimedRunner`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from blockwire.model import AccessMode, Connector
 from blockwire.observability import StepObserver, timed
 from blockwire.runtime.clock import Clock, Deadline
+from hostagent.host.ceph import CephAccess, CephProbe, RbdImage
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
 from hostagent.model import Bus
 from hostagent.storage import StorageApi, StorageAttachment
@@ -51,6 +53,15 @@ class TimedUdev:
 
     def find(self, subsystem: str, match: Match) -> list[UdevDevice]:
         return self.udev.find(subsystem, match)
+
+
+class TimedCephProbe:
+    def __init__(self, probe: CephProbe, steps: StepObserver, clock: Clock) -> None:
+        self.probe, self.steps, self.clock = probe, steps, clock
+
+    def image(self, access: CephAccess, pool: str, name: str, timeout: float) -> RbdImage:
+        with timed(self.steps, self.clock, "rbd_identity"):
+            return self.probe.image(access, pool, name, timeout)
 
 
 class TimedStorage:

@@ -24,7 +24,7 @@ from hostagent.connectors.local import LocalConnector
 from hostagent.connectors.rbd import QemuRbdConnector
 from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
-from hostagent.host.ceph import RadosProbe
+from hostagent.host.ceph import CephProbe, RadosProbe
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
 from hostagent.hostinfo import (
@@ -37,7 +37,7 @@ from hostagent.hostinfo import (
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
-from hostagent.timing import TimedHypervisor, TimedStorage, TimedUdev
+from hostagent.timing import TimedCephProbe, TimedHypervisor, TimedStorage, TimedUdev
 from hostagent.tools.libiscsi import Libiscsi
 from hostagent.virt.domains import LibvirtHypervisor
 
@@ -65,10 +65,12 @@ def build_agent(
     runner: Runner = Executor()
     sysfs = Sysfs(config.sysfs_root)
     udev: UdevWaiter = PyudevWaiter()
+    ceph: CephProbe = RadosProbe()
     if steps is NO_STEPS:
         hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
     else:
         runner, udev = TimedRunner(runner, steps, clock), TimedUdev(udev, steps, clock)
+        ceph = TimedCephProbe(ceph, steps, clock)
         storage = TimedStorage(storage, steps, clock) if storage is not None else None
         hypervisor = TimedHypervisor(
             config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout, steps=steps, clock=clock
@@ -94,7 +96,7 @@ def build_agent(
         Transport.LOCAL: LocalConnector(udev, sysfs, clock, device_timeout=config.device_timeout),
         Transport.ISCSI: qemu_iscsi,
     }
-    qemu_rbd = QemuRbdConnector(hypervisor, RadosProbe(), timeout=config.rbd_timeout)
+    qemu_rbd = QemuRbdConnector(hypervisor, ceph, timeout=config.rbd_timeout)
     connectors[Transport.RBD] = qemu_rbd
     extra: tuple[VolumeConnector, ...] = ()
     if config.rbd_mode == "kernel":
