@@ -663,7 +663,7 @@ TEXT = {
         "secret; attachDeviceFlags of the iSCSI network disk with auth; detach: detachDeviceFlags until the "
         "disk is gone, secret undefine, tgtadm delete target + account).",
         "identity": "identity = iscsi-inq",
-        "storage_steps": ", storage's tgt_* are its tgtadm requests",
+        "storage_steps": ", storage's tgt_* are its tgtadm requests, rpc X = the whole call served",
         "storm_steps": "; tgt_* are storage's tgtadm requests, which one tgtd serves one at a time",
     },
     "rbd": {
@@ -676,9 +676,10 @@ TEXT = {
         "detachDeviceFlags until the disk is gone, secret undefine).",
         "identity": "rbd_identity = the image's id, size and the cluster's fsid read through librados/librbd "
         "(hostagent.host.ceph, on a kept connection)",
-        "storage_steps": "; storage's rbd backend has no steps of its own: its time is inside export, "
-        "complete and unexport",
-        "storm_steps": "",
+        "storage_steps": "; storage's rbd = its rbd backend's time in cluster sessions (the kept "
+        "connection, a monitor round trip, the pool, the image's id and the fsid), rpc X = the whole call "
+        "served",
+        "storm_steps": "; rpc X = the whole call served, rbd = storage's time in cluster sessions",
     },
 }
 

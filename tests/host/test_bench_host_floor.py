@@ -103,6 +103,8 @@ def test_host_floor_bench_rbd_mode_measures_every_contender_and_leaves_nothing(
     for step in ("unplug", "unexport", "secret"):
         assert s["profile_detach_ms"][step] > 0, step
     assert s["daemon_steps_attach"]["agent"]["rbd_identity"] > 0
+    assert s["daemon_steps_attach"]["storage"]["rbd"] > 0  # storage's cluster session of CreateAttachment
+    assert s["daemon_steps_attach"]["storage"]["rpc CreateAttachment"] > 0
     assert c["errors"] == []
     assert c["grpc_attached"] == 4
     assert c["floor"]["n"] == c["grpc"]["n"] == 4
