@@ -1,4 +1,4 @@
-"""Step names of commands, and the step observer's timing (also of the Ceph reads of the agent and storage)."""
+"""Step names of commands, and the step observer's timing (also of the agent's and storage's Ceph reads)."""
 
 from __future__ import annotations
 
