@@ -63,7 +63,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 import libvirt  # noqa: E402
 from lxml import etree  # noqa: E402
 
-from bench.facts import host_facts, pct  # noqa: E402
+from bench.facts import host_facts, stats  # noqa: E402
 from hostagent.virt.diskxml import Auth, DiskSpec, DriveAddress, NetHost, NetworkSource, disk_xml  # noqa: E402
 from tests.ceph import CephCluster, CephUser  # noqa: E402
 from tests.fakes.daemon_rig import Rig, define_domain, remove_domain  # noqa: E402
@@ -73,18 +73,6 @@ PORTAL_HOSTS = ("127.0.0.1",)
 MIB = 1 << 20
 RAW_PREFIX = "bench-floor"
 METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 50), 1),
-        "p95_ms": round(pct(ms, 95), 1),
-        "p99_ms": round(pct(ms, 99), 1),
-        "min_ms": round(min(ms), 1) if ms else 0.0,
-        "max_ms": round(max(ms), 1) if ms else 0.0,
-    }
 
 
 class Steps:
