@@ -3,19 +3,19 @@
 
 The destination attachment is an ordinary attachment (`Exports._create`: record first, act second, undo
 on failure) that shares the source's export and admits the destination host beside the source's, also
-for a volume that is not multiattach, marked with `migration_source_id`. Over iSCSI (tgt, lio) that is the
-target, LUN and CHAP account, and the destination's initiator IQN in the ACL; over NVMe/TCP (nvmet) the
-subsystem and namespace, and the destination's host NQN among the subsystem's allowed hosts, with the
-DH-HMAC-CHAP secrets of that host (the kernel keeps them per host NQN) in its connection info. A volume
-that hosts open themselves (a direct backend: rbd) is refused (FAILED_PRECONDITION): it has no export to
-share yet. A volume has at most one such pair. Every step is idempotent, so a caller that crashed
-repeats it:
+for a volume that is not multiattach, marked with `migration_source_id`. Over iSCSI (tgt, lio) that is
+the target, LUN and CHAP account, and the destination's initiator IQN in the ACL; over NVMe/TCP (nvmet)
+the subsystem and namespace, and the destination's host NQN among the subsystem's allowed hosts, with
+the DH-HMAC-CHAP secrets of that host (the kernel keeps them per host NQN) in its connection info. A
+volume that hosts open themselves (a direct backend: rbd) is refused (FAILED_PRECONDITION): it has no
+export to share yet. A volume has at most one such pair. Every step is idempotent, so a caller that
+crashed repeats it:
 
 * create: a repeat (same source, host, domain, initiator) returns the destination attachment;
 * complete: the source attachment is removed first (`Exports.remove`: its ACL or allowed-host entry
   unless the destination shares the initiator or host NQN; never the target or subsystem, which the
-  destination uses), then the mark is
-  cleared and the attachment is ATTACHED; a crash between the two is finished by a repeat;
+  destination uses), then the mark is cleared and the attachment is ATTACHED; a crash between the two
+  is finished by a repeat;
 * rollback: the destination attachment is removed the same way; the source's is untouched.
 """
 

@@ -20,13 +20,13 @@ dm-multipath (no multipathd, or the agent's `multipath = "never"`), or the volum
 
 disconnect: the volume's controllers (its subsystem, portals and host NQN) are deleted only when no
 other namespace hangs on them: a namespace with another identity in the subsystem (another volume of
-a per-host subsystem, or the namespace reused) keeps them, and itself, untouched. With native
-multipath, when the kernel's subsystem has other controllers besides the volume's (another host NQN
-of this machine, e.g. a live migration's destination identity on one kernel), the head stays on them:
-only the volume's controllers go, and no holder of the head is refused (its I/O goes on over the
-others). A namespace head that
+a per-host subsystem, or the namespace reused) keeps them, and itself, untouched. A namespace head that
 something holds open (QEMU, a mount; `Openers`) is FAILED_PRECONDITION naming the holder unless forced
 (the agent checks the running domains first; force overrides "open", never "not this volume's").
+With native multipath, when the kernel's subsystem has other controllers besides the volume's (another
+host NQN of this machine, e.g. a live migration's destination identity on one kernel), the head stays
+on them: only the volume's controllers go, and a holder of the head is not refused (its I/O goes on
+over the others).
 Without native multipath the volume's map is flushed first, under the same rules as the iSCSI kernel
 path (refused while a process, a mount or a dm device on it holds it, unless forced; `multipath -f`
 retried while udev's blkid briefly holds it), then the controllers deleted.
