@@ -166,7 +166,7 @@ def test_source_lets_go_while_io_goes_on_over_the_destinations_controllers(
     assert nqn_a
     assert nqn_b != nqn_a
     vol = s.storage.create_volume(f"e2e-nvme-mig-{uuid.uuid4().hex[:6]}", 64 * MiB, backend="file")
-    on_a = on_b = False
+    on_a = on_b = finished = False
     writer: Writer | None = None
     try:
         att = s.agent.attach_volume(domain, volume_id=vol.id)
@@ -186,12 +186,14 @@ def test_source_lets_go_while_io_goes_on_over_the_destinations_controllers(
         kernel.virsh("destroy", domain)  # the domain leaves "A" (still defined, as after a migration)
 
         # B prepares, then aborts: only B's part goes
+        on_b = True
         prepared = b.agent.prepare_migration(domain, xml, volumes, timeout=300)
         took("prepare on B")
         assert allowed_hosts(nqn) == sorted([nqn_a, nqn_b])
         both = controllers_of(nqn)
-        assert sorted(both.values()) == [(nqn_a, "live")] * 2 + [(nqn_b, "live")] * 2
+        assert sorted(both.values()) == sorted([(nqn_a, "live")] * 2 + [(nqn_b, "live")] * 2), both
         assert b.agent.abort_migration(domain, timeout=300) == [vol.id]
+        on_b = False
         took("abort on B")
         assert controllers_of(nqn) == a_ctrls
         assert allowed_hosts(nqn) == [nqn_a]
@@ -257,6 +259,7 @@ def test_source_lets_go_while_io_goes_on_over_the_destinations_controllers(
         kernel.settle()
         assert nvmet.host_leftovers() == {}
         assert not (CONFIGFS / "subsystems" / nqn).exists()
+        finished = True
     finally:
         if writer is not None:
             writer.halt.set()
@@ -272,5 +275,10 @@ def test_source_lets_go_while_io_goes_on_over_the_destinations_controllers(
                 s.agent.detach_volume(domain, vol.id, force=True)
             except BlockwireError as exc:
                 print(f"cleanup on A: {exc}")
-        s.storage.delete_volume(vol.id)
+        try:
+            s.storage.delete_volume(vol.id)
+        except BlockwireError as exc:
+            if finished:
+                raise
+            print(f"cleanup: {exc}")  # never in place of the test's own failure
     print(f"timings (s): {timings}, writes during the handoff: {writer.count if writer else 0}")
