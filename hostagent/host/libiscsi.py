@@ -92,7 +92,7 @@ def load(name: str = SONAME) -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = ctypes.CDLL(name)
     except OSError as exc:
-        found = ctypes.util.find_library("iscsi")
+        found = ctypes.util.find_library("iscsi") if name == SONAME else None  # another soname version
         if found is None or found == name:
             return None, f"{name} cannot be loaded ({exc})"
         try:
@@ -272,11 +272,13 @@ class InprocLibiscsi:
             log.debug("logout not confirmed: %s", exc.message)
 
 
-def lun_reader(runner_reader: Libiscsi, clock: Clock, *, timeout: float) -> Libiscsi | InprocLibiscsi:
+def lun_reader(
+    runner_reader: Libiscsi, clock: Clock, *, timeout: float, soname: str = SONAME
+) -> Libiscsi | InprocLibiscsi:
     """The in-process reader when libiscsi loads, the tools otherwise (said once, at start)."""
-    lib, why = load()
+    lib, why = load(soname)
     if lib is None:
         log.info("LUN identity through libiscsi's tools (iscsi-inq): %s", why)
         return runner_reader
-    log.info("LUN identity through libiscsi in process (%s)", SONAME)
+    log.info("LUN identity through libiscsi in process (%s)", soname)
     return InprocLibiscsi(lib, clock, timeout=timeout)

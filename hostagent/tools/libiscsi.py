@@ -177,7 +177,7 @@ def raw_identities(designators: list[RawDesignator]) -> list[str]:
         if d.association != ASSOCIATION_LUN:
             continue
         if d.code_set == CODE_SET_BINARY:
-            if d.type in (2, 3) and d.value:  # EUI-64, NAA
+            if d.type in (2, 3) and d.value and d.value.hex() not in out:  # EUI-64, NAA
                 out.append(d.value.hex())
             continue
         text = d.value.split(b"\0", 1)[0].decode("ascii", errors="replace").strip().lower()
