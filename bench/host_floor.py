@@ -518,8 +518,8 @@ def report(results: dict[str, Any], out: Path) -> Path:
         lines += [
             "",
             "Where the library's time goes (mean ms per operation; steps timed by the agent's StepObserver: "
-            "export = storage CreateAttachment over gRPC, identity = the LUN's VPD read (libiscsi in process, "
-            "else iscsi-inq), hotplug = attachDeviceFlags, "
+            "export = storage CreateAttachment over gRPC, identity = the LUN's VPD read (libiscsi in "
+            "process, else iscsi-inq), hotplug = attachDeviceFlags, "
             "complete = CompleteAttachment, unplug = detachDeviceFlags until DEVICE_REMOVED, unexport = "
             "DeleteAttachment; journal = record writes (fsync'd), secret = the private libvirt secret, "
             "libvirt_read = the agent's lookups and XML reads outside the hot-plug; untimed = the rest):",
