@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from blockwire.errors import NotFound, PermissionDenied, Unavailable
+from blockwire.model import Chap
+from hostagent.timing import TimedLunReader
 from hostagent.tools.libiscsi import (
     BadPage,
+    Lun,
     RawDesignator,
     classify,
     identities,
@@ -21,6 +24,7 @@ from hostagent.tools.libiscsi import (
     parse_vpd83_raw,
     raw_identities,
 )
+from tests.fakes.clock import FakeClock
 
 RECORDED = Path(__file__).resolve().parents[2] / "data" / "recorded"
 WWN = "6001405aabbccddeeff0011223344000"
@@ -143,3 +147,40 @@ def test_libiscsi_errors_map_as_for_the_tools(text: str, error: type[Exception])
     exc = classify(text, WHERE)
     assert type(exc) is error
     assert WHERE in exc.message
+
+
+class _Reader:
+    """A LunReader at its Protocol seam: answers, or fails as a refused login does."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    def identities(self, lun: Lun, chap: Chap | None, initiator: str) -> list[str]:
+        self.clock.advance(0.002)
+        return [WWN]
+
+    def serial(self, lun: Lun, chap: Chap | None, initiator: str) -> str:
+        self.clock.advance(0.001)
+        raise classify("Authentication failure(513)", "here")
+
+    def size(self, lun: Lun, chap: Chap | None, initiator: str) -> int:
+        return 1 << 20
+
+
+class _Steps:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float]] = []
+
+    def observe(self, step: str, seconds: float) -> None:
+        self.seen.append((step, round(seconds, 6)))
+
+
+def test_in_process_reads_are_the_identity_step() -> None:
+    clock, steps = FakeClock(), _Steps()
+    timed = TimedLunReader(_Reader(clock), steps, clock)
+    lun = Lun("127.0.0.1", 3260, "iqn.x:t", 1)
+    assert timed.identities(lun, None, "iqn.x:i") == [WWN]
+    with pytest.raises(PermissionDenied):
+        timed.serial(lun, None, "iqn.x:i")  # a failed read is timed too
+    assert timed.size(lun, None, "iqn.x:i") == 1 << 20
+    assert steps.seen == [("identity", 0.002), ("identity", 0.001), ("identity", 0.0)]
