@@ -650,7 +650,7 @@ TEXT = {
         "floor": "floor = raw calls (tgtadm target, LUN, identity, CHAP account + bind, ACL; private libvirt "
         "secret; attachDeviceFlags of the iSCSI network disk with auth; detach: detachDeviceFlags until the "
         "disk is gone, secret undefine, tgtadm delete target + account).",
-        "identity": "identity = iscsi-inq",
+        "identity": "identity = the LUN's VPD read (libiscsi in process, else iscsi-inq)",
         "storage_steps": ", storage's tgt_* are its tgtadm requests, rpc X = the whole call served",
         "storm_steps": "; tgt_* are storage's tgtadm requests, which one tgtd serves one at a time",
     },

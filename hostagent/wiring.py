@@ -25,6 +25,7 @@ from hostagent.connectors.rbd import QemuRbdConnector
 from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
 from hostagent.host.ceph import CephProbe, RadosProbe
+from hostagent.host.libiscsi import InprocLibiscsi, lun_reader
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
 from hostagent.hostinfo import (
@@ -37,8 +38,8 @@ from hostagent.hostinfo import (
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
-from hostagent.timing import TimedCephProbe, TimedHypervisor, TimedStorage, TimedUdev
-from hostagent.tools.libiscsi import Libiscsi
+from hostagent.timing import TimedCephProbe, TimedHypervisor, TimedLunReader, TimedStorage, TimedUdev
+from hostagent.tools.libiscsi import Libiscsi, LunReader
 from hostagent.virt.domains import LibvirtHypervisor
 
 if TYPE_CHECKING:
@@ -51,6 +52,18 @@ def use_kernel_iscsi(config: AgentConfig, sysfs: Sysfs) -> bool:
     if config.iscsi_mode == "auto":
         return kernel_iscsi_available(sysfs)
     return config.iscsi_mode == "kernel"
+
+
+def build_lun_reader(
+    config: AgentConfig, runner: Runner, clock: SystemClock, steps: StepObserver
+) -> LunReader:
+    """libiscsi in process when it loads (no process per identity read), its tools otherwise."""
+    reader: LunReader = lun_reader(
+        Libiscsi(runner, timeout=config.login_timeout), clock, timeout=config.login_timeout
+    )
+    if isinstance(reader, InprocLibiscsi) and steps is not NO_STEPS:
+        reader = TimedLunReader(reader, steps, clock)  # the tools are timed as commands by the runner
+    return reader
 
 
 def build_agent(
@@ -89,9 +102,8 @@ def build_agent(
     )
     if config.host_name:
         connector = replace(connector, host=config.host_name)
-    qemu_iscsi = QemuIscsiConnector(
-        hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
-    )
+    reader = build_lun_reader(config, runner, clock, steps)
+    qemu_iscsi = QemuIscsiConnector(hypervisor, reader, initiator_iqn=connector.initiator_iqn)
     connectors: dict[Transport, VolumeConnector] = {
         Transport.LOCAL: LocalConnector(udev, sysfs, clock, device_timeout=config.device_timeout),
         Transport.ISCSI: qemu_iscsi,
