@@ -40,3 +40,16 @@ def host_facts(**extra: Any) -> dict[str, Any]:
         "load_before": [round(x, 2) for x in os.getloadavg()],
         **extra,
     }
+
+
+def stats(seconds: list[float]) -> dict[str, float]:
+    """Count, p50/p95/p99, min and max, in milliseconds, of durations in seconds."""
+    ms = [v * 1000 for v in seconds]
+    return {
+        "n": len(ms),
+        "p50_ms": round(pct(ms, 50), 1),
+        "p95_ms": round(pct(ms, 95), 1),
+        "p99_ms": round(pct(ms, 99), 1),
+        "min_ms": round(min(ms), 1) if ms else 0.0,
+        "max_ms": round(max(ms), 1) if ms else 0.0,
+    }

@@ -1,6 +1,7 @@
-"""Host-tier attach/detach against the raw floor: QEMU-native iSCSI with CHAP on tgtd, side by side.
+"""Host-tier attach/detach against the raw floor: QEMU-native iSCSI (CHAP, tgtd) or RBD, side by side.
 
-    sudo python -m bench.host_floor [--cycles 15] [--storm 64 --domains 8] [--out bench/results]
+    sudo python -m bench.host_floor [--transport iscsi|rbd] [--cycles 15] [--storm 64 --domains 8]
+        [--out bench/results]
 
 One tgtd of our own (tests/host/daemons.py), the host's libvirtd, the reliability rig's real daemons
 (tests/fakes/daemon_rig.py: blockwire-storage with the file backend and the tgt exporter, CHAP and a
@@ -17,16 +18,27 @@ interleaved (the order rotates each cycle; the first cycle warms up and is not c
 * lib: the same through the embeddable library (hostagent.wiring.build_agent in this process, no agent
   gRPC; storage still over gRPC), its steps timed by a StepObserver (the agent's own step timing).
 
+`--transport rbd`: a throwaway Ceph cluster of the bench's own (tests/ceph.py: 1 mon, 1 MemStore OSD,
+stopped by pid), storage's rbd backend on it (hosts get the backend's cephx user and key), the agent with
+rbd_mode qemu. The floor is what an RBD attach must do, with raw calls on one librados connection kept for
+the run: the image's id read through librbd (open the pool, open the image read-only, `id()`, close: the
+identity the agent checks) and compared with the id the image was created with, a private libvirt secret
+(usage ceph) holding the key, attachDeviceFlags of the rbd network disk (hostagent.virt.diskxml, as the
+agent writes it); detach: detachDeviceFlags until the disk is gone, secret undefine. The profile's
+rbd_identity is the agent's read of the image through librados (hostagent.host.ceph).
+
 `--storm N --domains D`: N volumes at once (one thread each) on D running domains, floor and grpc, per
 attach p50/p95/p99 and the batch's wall time, then all detached (also at once) and what is left counted:
-tgtd targets and accounts, libvirt secrets, domains' disks, journal records.
+tgtd targets and accounts, libvirt secrets, domains' disks, journal records, storage's attachment rows.
 
-Writes bench/results/host-floor-YYYY-MM-DD.{json,md} with the machine, its load, ratios and the profile.
+Writes bench/results/host-floor[-rbd]-YYYY-MM-DD.{json,md} with the machine, its load, ratios and the
+profile.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
@@ -43,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
@@ -51,8 +63,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 import libvirt  # noqa: E402
 from lxml import etree  # noqa: E402
 
-from bench.facts import host_facts, pct  # noqa: E402
+from bench.facts import host_facts, stats  # noqa: E402
 from hostagent.virt.diskxml import Auth, DiskSpec, DriveAddress, NetHost, NetworkSource, disk_xml  # noqa: E402
+from tests.ceph import CephCluster, CephUser  # noqa: E402
 from tests.fakes.daemon_rig import Rig, define_domain, remove_domain  # noqa: E402
 from tests.host.daemons import Started, Tgtd, ensure_libvirtd, free_port, free_tgt_control_port  # noqa: E402
 
@@ -60,18 +73,6 @@ PORTAL_HOSTS = ("127.0.0.1",)
 MIB = 1 << 20
 RAW_PREFIX = "bench-floor"
 METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    ms = [v * 1000 for v in values]
-    return {
-        "n": len(ms),
-        "p50_ms": round(pct(ms, 50), 1),
-        "p95_ms": round(pct(ms, 95), 1),
-        "p99_ms": round(pct(ms, 99), 1),
-        "min_ms": round(min(ms), 1) if ms else 0.0,
-        "max_ms": round(max(ms), 1) if ms else 0.0,
-    }
 
 
 class Steps:
@@ -89,6 +90,21 @@ class Steps:
         with self.lock:
             out, self.current = dict(self.current), defaultdict(float)
         return out
+
+
+class RawFloor(Protocol):
+    """A transport's raw floor: `new` makes (untimed) what one attach needs, `attach` and `detach` time
+    the raw calls; `usages` are the libvirt secrets it defined; `cleanup` removes what a failed run left."""
+
+    usages: set[str]
+
+    def new(self, unit: int) -> Any: ...
+
+    def attach(self, domain: str, t: Any, unit: int) -> float: ...
+
+    def detach(self, domain: str, t: Any, timeout: float = 30) -> float: ...
+
+    def cleanup(self) -> None: ...
 
 
 @dataclass
@@ -210,6 +226,134 @@ class Floor:
             self.tgtd.adm("--op", "delete", "--mode", "account", "--user", user, check=False)
 
 
+@dataclass
+class RawImage:
+    """One RBD floor volume: an image, the id it was created with, its secret's usage and disk XML."""
+
+    name: str
+    image_id: str
+    usage: str
+    serial: str
+    xml: str = ""
+
+
+class RbdFloor:
+    """The raw RBD floor: librbd and libvirt calls, nothing else, on one librados connection kept for the
+    run (what an attach must do; the agent keeps its connections too)."""
+
+    def __init__(
+        self, cluster: CephCluster, user: CephUser, lv: Callable[[], libvirt.virConnect], pool: str = ""
+    ) -> None:
+        import rados  # noqa: PLC0415 - Debian's bindings, linked into the venv by scripts/setup
+        import rbd  # noqa: PLC0415
+
+        self.rbd = rbd
+        self.cluster, self.user, self.lv = cluster, user, lv
+        self.pool = pool or cluster.pool
+        self.usages: set[str] = set()  # the secrets this run defined
+        self.steps = Steps()  # its own steps (rbd_identity, secret, hotplug; unplug, secret), as the agent's
+        conf = {"mon_host": cluster.mon_host, "key": user.key, "admin_socket": "", "log_file": ""}
+        self.rados = rados.Rados(rados_id=user.name, conffile=None, conf=conf)
+        self.rados.connect(timeout=15)
+        self.ioctx = self.rados.open_ioctx(self.pool)  # creating images (not timed)
+
+    def new(self, unit: int) -> RawImage:
+        tag = uuid.uuid4().hex[:12]
+        name = f"{RAW_PREFIX}-{tag}"
+        self.rbd.RBD().create(self.ioctx, name, 8 * MIB)
+        with self.rbd.Image(self.ioctx, name, read_only=True) as img:
+            image_id = str(img.id())
+        return RawImage(name=name, image_id=image_id, usage=f"{RAW_PREFIX}/{tag}", serial=f"bf{tag}")
+
+    def disk(self, t: RawImage, unit: int) -> str:
+        return disk_xml(
+            DiskSpec(
+                source=NetworkSource(
+                    protocol="rbd",
+                    name=f"{self.pool}/{t.name}",
+                    hosts=tuple(
+                        NetHost(h, int(p)) for h, _, p in (m.rpartition(":") for m in self.cluster.monitors)
+                    ),
+                    auth=Auth(self.user.name, "ceph", usage=t.usage),
+                ),
+                target_dev=f"sd{chr(ord('a') + unit // 26) if unit >= 26 else ''}{chr(ord('a') + unit % 26)}",
+                serial=t.serial,
+                address=DriveAddress(unit=unit),
+            )
+        )
+
+    def attach(self, domain: str, t: RawImage, unit: int) -> float:
+        began = time.perf_counter()
+        ioctx = self.rados.open_ioctx(self.pool)
+        try:
+            with self.rbd.Image(ioctx, t.name, read_only=True) as img:
+                found = str(img.id())
+        finally:
+            ioctx.close()
+        if found != t.image_id or not self.rados.get_fsid():
+            raise RuntimeError(f"floor attach of {t.name}: image id {found}, created as {t.image_id}")
+        t1 = time.perf_counter()
+        root = etree.Element("secret", ephemeral="no", private="yes")
+        usage = etree.SubElement(root, "usage", type="ceph")
+        etree.SubElement(usage, "name").text = t.usage
+        self.usages.add(t.usage)
+        secret = self.lv().secretDefineXML(etree.tostring(root, encoding="unicode"))
+        secret.setValue(base64.b64decode(self.user.key))
+        t.xml = self.disk(t, unit)
+        t2 = time.perf_counter()
+        self.lv().lookupByName(domain).attachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        end = time.perf_counter()
+        for step, seconds in (("rbd_identity", t1 - began), ("secret", t2 - t1), ("hotplug", end - t2)):
+            self.steps.observe(step, seconds)
+        return end - began
+
+    def detach(self, domain: str, t: RawImage, timeout: float = 30) -> float:
+        dom = self.lv().lookupByName(domain)
+        began = time.perf_counter()
+        dom.detachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        deadline = began + timeout
+        while f"<serial>{t.serial}</serial>" in dom.XMLDesc(0):
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"floor detach of {t.serial}: still there after {timeout:g}s")
+            time.sleep(0.002)
+        t1 = time.perf_counter()
+        self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, t.usage).undefine()
+        end = time.perf_counter()
+        self.steps.observe("unplug", t1 - began)
+        self.steps.observe("secret", end - t1)
+        return end - began
+
+    def cleanup(self) -> None:
+        """Whatever a failed floor run left: our secrets (ours by prefix only); the connection closed
+        (the images go with the throwaway cluster)."""
+        for s in self.lv().listAllSecrets():
+            if (s.usageID() or "").startswith(RAW_PREFIX + "/"):
+                with contextlib.suppress(libvirt.libvirtError):
+                    s.undefine()
+        with contextlib.suppress(Exception):
+            self.ioctx.close()
+            self.rados.shutdown()
+
+
+def rbd_backend(rig: Rig, cluster: CephCluster, user: CephUser) -> Rig:
+    """Gives `rig`'s storage an rbd backend "ceph" on `cluster` as `user` (before the daemons start);
+    its volumes are then created there. Hosts get the backend's user and key."""
+    rig.storage_config += f"""
+[[backends]]
+name = "ceph"
+kind = "rbd"
+monitors = ["{cluster.monitors[0]}"]
+pool = "{cluster.pool}"
+user = "{user.name}"
+keyring = "{user.keyring}"
+connect_timeout = 10.0
+op_timeout = 30.0
+capacity_bytes = {64 << 30}
+"""
+    rig.backend = "ceph"
+    return rig
+
+
 def timed(call: Callable[[], object]) -> float:
     began = time.perf_counter()
     call()
@@ -269,7 +413,7 @@ def library_agent(rig: Rig, steps: Steps) -> tuple[Any, Any, Any]:
     return agent, hypervisor, channel
 
 
-def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
+def serial_cycles(n: int, rig: Rig, floor: RawFloor, dom: str) -> dict[str, Any]:
     steps = Steps()
     agent, hypervisor, channel = library_agent(rig, steps)
     vol_grpc = rig.create_volume().id
@@ -277,14 +421,24 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
     times: dict[str, list[float]] = defaultdict(list)
     profile_attach: list[dict[str, float]] = []
     profile_detach: list[dict[str, float]] = []
+    floor_attach: list[dict[str, float]] = []
+    floor_detach: list[dict[str, float]] = []
     grpc_steps: list[tuple[dict[str, Any], ...]] = []
     try:
         for i in range(n + 1):
 
             def floor_cycle() -> tuple[float, float]:
                 t = floor.new(0)
+                own = getattr(floor, "steps", None)  # a floor that times its own steps
+                if own is not None:
+                    own.take()
                 a = floor.attach(dom, t, 0)
-                return a, floor.detach(dom, t)
+                sa = own.take() if own is not None else {}
+                d = floor.detach(dom, t)
+                if own is not None:
+                    floor_attach.append({**sa, "total": a})
+                    floor_detach.append({**own.take(), "total": d})
+                return a, d
 
             def grpc_cycle() -> tuple[float, float]:
                 s0 = {name: scrape(listen) for name, listen in METRICS.items()}
@@ -328,6 +482,9 @@ def serial_cycles(n: int, rig: Rig, floor: Floor, dom: str) -> dict[str, Any]:
         }
     out["profile_attach_ms"] = mean_profile(profile_attach[1:])
     out["profile_detach_ms"] = mean_profile(profile_detach[1:])
+    if floor_attach:
+        out["floor_profile_attach_ms"] = mean_profile(floor_attach[1:])
+        out["floor_profile_detach_ms"] = mean_profile(floor_detach[1:])
     return out
 
 
@@ -374,8 +531,11 @@ def domains(lv: Callable[[], libvirt.virConnect], n: int, prefix: str) -> Iterat
                 print(f"bench: domain {name} could not be removed; remove it by hand", file=sys.stderr)
 
 
-def leftovers(rig: Rig, floor: Floor, doms: list[str]) -> dict[str, Any]:
+def leftovers(rig: Rig, floor: RawFloor, doms: list[str], vols: list[str]) -> dict[str, Any]:
     left: dict[str, Any] = {}
+    rows = sum(len(rig.attachments(v)) for v in vols)
+    if rows:
+        left["storage attachments"] = rows
     disks = {d: len(rig.live_disks(d)) for d in doms}
     if any(disks.values()):
         left["domain disks"] = {d: n for d, n in disks.items() if n}
@@ -395,7 +555,7 @@ def leftovers(rig: Rig, floor: Floor, doms: list[str]) -> dict[str, Any]:
     return left
 
 
-def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
+def storm(n: int, n_domains: int, rig: Rig, floor: RawFloor) -> dict[str, Any]:
     vols = [rig.create_volume().id for _ in range(n)]
     per: dict[str, list[float]] = {"floor": [], "grpc": [], "floor_detach": [], "grpc_detach": []}
     walls: dict[str, float] = {}
@@ -428,8 +588,10 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
         run("grpc", lambda i: timed(lambda: rig.attach(placed[i][0], vols[i], timeout=180)), n)
         steps = {name: step_delta(scraped[name], scrape(listen)) for name, listen in METRICS.items()}
         attached = len(rig.journal())
+        scraped = {name: scrape(listen) for name, listen in METRICS.items()}
         run("grpc_detach", lambda i: timed(lambda: rig.detach(placed[i][0], vols[i], timeout=180)), n)
-        left = leftovers(rig, floor, doms)
+        detach_steps = {name: step_delta(scraped[name], scrape(listen)) for name, listen in METRICS.items()}
+        left = leftovers(rig, floor, doms, vols)
     for v in vols:
         with contextlib.suppress(Exception):
             rig.delete_volume(v)
@@ -443,16 +605,19 @@ def storm(n: int, n_domains: int, rig: Rig, floor: Floor) -> dict[str, Any]:
         else None,
         "grpc_attached": attached,
         "grpc_steps": steps,
+        "grpc_detach_steps": detach_steps,
         "left_after_detach": left,
         "errors": errors[:20],
     }
 
 
 _STEP = re.compile(r'^blockwire_step_duration_seconds_(sum|count)\{step="([^"]+)"\} (\S+)$', re.M)
+_RPC = re.compile(r'^blockwire_rpc_duration_seconds_(sum|count)\{method="(?:[^"]*/)?([^"/]+)"\} (\S+)$', re.M)
 
 
 def scrape(listen: str) -> dict[str, tuple[float, float]]:
-    """A daemon's step histogram from its metrics endpoint: step -> (seconds summed, count)."""
+    """A daemon's step histogram from its metrics endpoint: step -> (seconds summed, count); and each RPC
+    it served, as the step "rpc <Method>" (the whole call, server side)."""
     import urllib.request  # noqa: PLC0415
 
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=10) as r:  # loopback
@@ -460,6 +625,8 @@ def scrape(listen: str) -> dict[str, tuple[float, float]]:
     out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for kind, step, value in _STEP.findall(text):
         out[step][0 if kind == "sum" else 1] = float(value)
+    for kind, method, value in _RPC.findall(text):
+        out[f"rpc {method}"][0 if kind == "sum" else 1] += float(value)
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
@@ -477,24 +644,52 @@ def step_delta(
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["sum_s"]))
 
 
+TEXT = {
+    "iscsi": {
+        "title": "QEMU-native iSCSI, CHAP, tgtd",
+        "floor": "floor = raw calls (tgtadm target, LUN, identity, CHAP account + bind, ACL; private libvirt "
+        "secret; attachDeviceFlags of the iSCSI network disk with auth; detach: detachDeviceFlags until the "
+        "disk is gone, secret undefine, tgtadm delete target + account).",
+        "identity": "identity = the LUN's VPD read (libiscsi in process, else iscsi-inq)",
+        "storage_steps": ", storage's tgt_* are its tgtadm requests, rpc X = the whole call served",
+        "storm_steps": "; tgt_* are storage's tgtadm requests, which one tgtd serves one at a time",
+    },
+    "rbd": {
+        "title": "RBD through QEMU's librbd, a throwaway Ceph cluster",
+        "floor": "Ceph: a throwaway cluster of the bench's own (tests/ceph.py: 1 mon, 1 MemStore OSD) on "
+        "loopback; storage's rbd backend on it, the agent with rbd_mode qemu. floor = raw calls on one "
+        "librados connection kept for the run (the image's id read through librbd: open the pool, open the "
+        "image read-only, id(), close, compared with the id it was created with; a private libvirt secret "
+        "of usage ceph with the key; attachDeviceFlags of the rbd network disk with auth; detach: "
+        "detachDeviceFlags until the disk is gone, secret undefine).",
+        "identity": "rbd_identity = the image's id, size and the cluster's fsid read through librados/librbd "
+        "(hostagent.host.ceph, on a kept connection)",
+        "storage_steps": "; storage's rbd = its rbd backend's time in cluster sessions (the kept "
+        "connection, a monitor round trip, the pool, the image's id and the fsid), rpc X = the whole call "
+        "served",
+        "storm_steps": "; rpc X = the whole call served, rbd = storage's time in cluster sessions",
+    },
+}
+
+
 def report(results: dict[str, Any], out: Path) -> Path:
     day = results["date"][:10]
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"host-floor-{day}"
+    transport = results.get("transport", "iscsi")
+    words = TEXT[transport]
+    stem = out / f"host-floor{'' if transport == 'iscsi' else '-' + transport}-{day}"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
     lines = [
-        f"# Host-tier attach against the raw floor (QEMU-native iSCSI, CHAP, tgtd), {day}",
+        f"# Host-tier attach against the raw floor ({words['title']}), {day}",
         "",
         f"Machine: {m['cores']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, kernel {m['kernel']}, Python "
         f"{m['python']}, libvirt {m['libvirt']}; load average before {m['load_before']}, after "
         f"{m.get('load_after')}. Code: {results.get('commit', '?')}. Other engineers' runs share the 2 "
         "cores: read the ratios (all contenders side by side in one run), not the absolute times.",
         "",
-        "floor = raw calls (tgtadm target, LUN, identity, CHAP account + bind, ACL; private libvirt "
-        "secret; attachDeviceFlags of the iSCSI network disk with auth; detach: detachDeviceFlags until "
-        "the disk is gone, secret undefine, tgtadm delete target + account). grpc = AttachVolume / "
-        "DetachVolume on blockwire-agent's unix socket (which calls blockwire-storage over gRPC). lib = "
+        f"{words['floor']} grpc = AttachVolume / DetachVolume on blockwire-agent's unix socket (which "
+        "calls blockwire-storage over gRPC). lib = "
         "the same through hostagent as a library in the bench's process (storage still over gRPC). "
         "Cycles interleaved, order rotating, first cycle not counted.",
     ]
@@ -518,16 +713,27 @@ def report(results: dict[str, Any], out: Path) -> Path:
         lines += [
             "",
             "Where the library's time goes (mean ms per operation; steps timed by the agent's StepObserver: "
-            "export = storage CreateAttachment over gRPC, identity = iscsi-inq, hotplug = attachDeviceFlags, "
+            f"export = storage CreateAttachment over gRPC, {words['identity']}, hotplug = attachDeviceFlags, "
             "complete = CompleteAttachment, unplug = detachDeviceFlags until DEVICE_REMOVED, unexport = "
             "DeleteAttachment; journal = record writes (fsync'd), secret = the private libvirt secret, "
             "libvirt_read = the agent's lookups and XML reads outside the hot-plug; untimed = the rest):",
             "",
             "* attach: " + ", ".join(f"{k} {v}" for k, v in s["profile_attach_ms"].items()),
             "* detach: " + ", ".join(f"{k} {v}" for k, v in s["profile_detach_ms"].items()),
+        ]
+        if "floor_profile_attach_ms" in s:
+            lines += [
+                "",
+                "The floor's own steps, the same way (rbd_identity = its librbd read of the image id; "
+                "secret = define + set value, or undefine; hotplug, unplug as above):",
+                "",
+                "* floor attach: " + ", ".join(f"{k} {v}" for k, v in s["floor_profile_attach_ms"].items()),
+                "* floor detach: " + ", ".join(f"{k} {v}" for k, v in s["floor_profile_detach_ms"].items()),
+            ]
+        lines += [
             "",
             "The grpc contender's daemons, from their own step histograms (mean ms per operation; the "
-            "agent's steps as above, storage's tgt_* are its tgtadm requests):",
+            f"agent's steps as above{words['storage_steps']}):",
             "",
         ]
         for op in ("attach", "detach"):
@@ -561,17 +767,17 @@ def report(results: dict[str, Any], out: Path) -> Path:
         lines += [
             "",
             "Where the grpc storm's time went (the daemons' own step histograms, scraped before and after: "
-            "calls, mean ms, seconds summed over all calls; tgt_* are storage's tgtadm requests, which one "
-            "tgtd serves one at a time):",
+            f"calls, mean ms, seconds summed over all calls{words['storm_steps']}):",
             "",
         ]
-        for daemon, by_step in c.get("grpc_steps", {}).items():
-            lines.append(
-                f"* {daemon}: "
-                + ", ".join(
-                    f"{k} {v['calls']}x {v['mean_ms']} ms ({v['sum_s']} s)" for k, v in by_step.items()
+        for key, op in (("grpc_steps", "attach"), ("grpc_detach_steps", "detach")):
+            for daemon, by_step in c.get(key, {}).items():
+                lines.append(
+                    f"* {op}, {daemon}: "
+                    + ", ".join(
+                        f"{k} {v['calls']}x {v['mean_ms']} ms ({v['sum_s']} s)" for k, v in by_step.items()
+                    )
                 )
-            )
     b = results.get("before")
     if b:
         lines += before_lines(b)
@@ -634,6 +840,7 @@ def commit() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.host_floor", description=__doc__.splitlines()[0])
+    parser.add_argument("--transport", choices=sorted(TEXT), default="iscsi")
     parser.add_argument("--cycles", type=int, default=15)
     parser.add_argument("--storm", type=int, default=0, help="volumes attached at once (0: no storm)")
     parser.add_argument("--domains", type=int, default=8)
@@ -658,19 +865,32 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": host_facts(libvirt=libvirt.getVersion()),
         "commit": commit(),
+        "transport": args.transport,
         "notes": args.note,
     }
     started = Started()
     ensure_libvirtd(started)
     port = free_port(PORTAL_HOSTS)
     tgtd = Tgtd(portals=tuple(f"{h}:{port}" for h in PORTAL_HOSTS), control_port=free_tgt_control_port())
-    tgtd.start()
+    tgtd.start()  # storage's file backend exports through it (the rbd mode's volumes do not)
     virt = libvirt.open("qemu:///system")
     try:
-        with tempfile.TemporaryDirectory(prefix="bwfloor-", dir="/tmp") as tmp:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bwfloor-", dir="/tmp"))
             rig = with_metrics(Rig(Path(tmp), tgtd, virt, log_level="INFO"))
-
-            floor = Floor(tgtd, rig.lv, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host")
+            floor: RawFloor
+            if args.transport == "rbd":
+                cluster = stack.enter_context(CephCluster(osds=1, objectstore="memstore"))
+                user = cluster.create_user("bench-storage")
+                rbd_backend(rig, cluster, user)
+                floor = RbdFloor(cluster, user, rig.lv)
+                results["machine"]["ceph"] = subprocess.run(
+                    ["ceph", "--version"], capture_output=True, text=True, check=False, timeout=30
+                ).stdout.strip()
+            else:
+                floor = Floor(
+                    tgtd, rig.lv, Path(tmp), initiator=f"iqn.2026-01.io.blockwire.{RAW_PREFIX}:host"
+                )
             try:
                 with rig.running():
                     if args.cycles:

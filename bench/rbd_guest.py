@@ -195,7 +195,7 @@ def versions() -> dict[str, str]:
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    from bench.rbd_attach import stats  # noqa: PLC0415
+    from bench.facts import stats  # noqa: PLC0415
 
     out: dict[str, Any] = {}
     for name in CONTENDERS:

@@ -67,9 +67,10 @@ class AgentConfig:
     # name. Two agents on one machine (each with its own libvirtd) need two names.
     host_name: str = ""
     iscsi_mode: str = "auto"
-    # kernel paths (iSCSI, FC) on a host with multipathd: "auto" maps volumes announced with two or more
-    # paths and uses a single-path volume's disk as it is; "always" maps every volume (a path added later
-    # joins the map); "never" uses one path's disk (as with Nova's volume_use_multipath = false)
+    # kernel paths (iSCSI, FC, NVMe/TCP with native NVMe multipath off) on a host with multipathd: "auto"
+    # maps volumes announced with two or more paths and uses a single-path volume's disk as it is;
+    # "always" maps every volume (a path added later joins the map); "never" uses one path's disk (as
+    # with Nova's volume_use_multipath = false)
     multipath: str = "auto"
     listen_unix: str = "/run/blockwire/agent.sock"
     listen_tcp: str = ""  # "127.0.0.1:50052"; empty: no TCP listener

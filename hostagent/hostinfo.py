@@ -142,8 +142,16 @@ def build_connector(
     multipath_allowed: bool = True,
     rbd: bool = False,
     nvme_tcp: bool = False,
+    multipathd: bool | None = None,
 ) -> Connector:
+    """This host's connector. It announces `multipath` (dm-multipath maps can be built here) when the
+    agent may use it (`multipath_allowed`), multipathd is installed (`multipathd`; None: looked up on
+    PATH) and a kernel path that dm-multipath serves is usable: the kernel iSCSI initiator, an FC HBA,
+    or NVMe/TCP (its fallback where native NVMe multipath is off: an NVMe-only host gets it too)."""
     wwpns, wwnns = fc_ports(sysfs)
+    if multipathd is None:
+        multipathd = shutil.which("multipathd") is not None
+    kernel_paths = kernel_iscsi or bool(wwpns) or nvme_tcp
     nqn, hostid = host_nqn(files)
     transports = [Transport.ISCSI]
     if wwpns:
@@ -161,7 +169,7 @@ def build_connector(
         wwnns=wwnns,
         nvme_host_nqn=nqn,
         nvme_host_id=hostid,
-        multipath=multipath_allowed and kernel_iscsi and shutil.which("multipathd") is not None,
+        multipath=multipath_allowed and multipathd and kernel_paths,
         transports=tuple(transports),
         kernel_iscsi=kernel_iscsi,
         platform=platform.machine(),

@@ -5,9 +5,30 @@ outside `[A-Za-z0-9._-]` becomes `%XX`), so the name is a reversible, collision-
 pair: "hv 1" and "hv_1" are two records, never one. A name that would pass the file system's limit is
 replaced by a digest of the encoded pair (collision-free for any practical purpose). Every record read
 is checked against the pair it was asked for. The directory is 0700 and every file 0600: records hold
-connection info with its CHAP secrets, needed to undo an attach after a crash. Writes are atomic
-(temporary file, complete write, fsync, rename, directory fsync), so a crash leaves either the old
-record or the new one, never half of one.
+connection info with its CHAP secrets, needed to undo an attach after a crash.
+
+A record file holds JSON lines, each a whole record; the last complete line is the record (a file with
+one line is a plain JSON document, and files written by older agents, one indented JSON document, are
+read as they are). `put` returns only when the new record is durable, and a crash at any point inside
+it leaves the old record or the new one, never half of one:
+
+* a new file (the first record of a pair, or a rewrite) is made atomically: temporary file, complete
+  write, fsync, rename, directory fsync. A crash before the rename leaves the old file or none (the
+  temporary file is removed on open); after it, the new one.
+* a later record is appended to the existing file (O_APPEND, complete write, fdatasync), with no
+  directory fsync: the directory entry does not change, and fdatasync makes the data and the file size
+  (the metadata needed to read the data back) durable. A crash during the append leaves at most a torn
+  last line, which never parses as a JSON object (its closing brace is its last byte) and is skipped:
+  the record is the line before it, the old record, and the side effect the new record was to announce
+  had not started (put had not returned). A line whose object is whole but whose newline is missing
+  counts as the new record: that is the state after a crash right after put returned, which recovery
+  handles anyway (every record is written before the side effect it announces). After a torn tail
+  the next append starts on a new line, so the tail never glues to the next record; a failed append
+  (a write error, a full disk) is cut back to the old size.
+* a file that grew past `_COMPACT_AT`, or was written by an older agent, is rewritten as a new file.
+
+So an attach costs one fsync'd creation (file + directory) and one fdatasync per later record, instead
+of two fsyncs per record.
 
 Records written under the older, lossy naming (`[^A-Za-z0-9._-]` replaced by `_`) are renamed to their
 new name when the journal opens.
@@ -114,6 +135,38 @@ def _placeholder(d: dict[str, Any]) -> model.ConnectionInfo:
 
 
 _TMP_PREFIX = ".tmp-"
+_COMPACT_AT = 64 * 1024  # bytes of a record file past which the next put rewrites it with one record
+
+
+def encode_record(a: JournalRecord) -> bytes:
+    """One record as one line (compact JSON, no newline inside: json escapes control characters)."""
+    return json.dumps(to_json(a), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_record_file(data: bytes) -> dict[str, Any]:
+    """A record file's content -> its record: the last line that is a complete JSON object (a torn last
+    line, left by a crash during an append, is skipped); a whole indented document as older agents wrote
+    it. ValueError when there is none."""
+    if data.startswith(b"{\n"):
+        d = json.loads(data)  # an older agent's record: written atomically, as one document
+        if isinstance(d, dict):
+            return d
+        raise ValueError("not a JSON object")
+    for line in reversed(data.split(b"\n")):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue  # torn (a crash during an append): the line before it is the record
+        if isinstance(d, dict):
+            return d
+    raise ValueError("no complete record in the file")
+
+
+def read_record_file(path: str | Path) -> dict[str, Any]:
+    """The record a journal file holds, as JSON (for tools and tests that look at the files)."""
+    return parse_record_file(Path(path).read_bytes())
 
 
 Writer = Callable[[int, memoryview], int]
@@ -136,7 +189,7 @@ class Journal:
         """Gives records named by the older, lossy scheme their collision-free name."""
         for p in sorted(self.dir.glob("*.json")):
             try:
-                a = from_json(json.loads(p.read_bytes()))
+                a = from_json(read_record_file(p))
             except (OSError, ValueError, KeyError):
                 continue  # all() reports it
             want = self._path(a.volume_id, a.domain)
@@ -149,24 +202,62 @@ class Journal:
         return self.dir / f"{_key(volume_id, domain)}.json"
 
     def put(self, a: JournalRecord) -> None:
-        """Writes the record atomically and durably, replacing any previous one."""
-        data = json.dumps(to_json(a), indent=1, sort_keys=True).encode()
+        """Writes the record durably, replacing any previous one: appended to the pair's file when it
+        exists, else a new file made atomically (the module's docstring says why a crash at any point
+        leaves the old record or the new one)."""
+        data = encode_record(a)
+        path = self._path(a.volume_id, a.domain)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._create(path, data)
+            return
+        try:
+            if not self._append(fd, data):
+                self._create(path, data)
+        finally:
+            os.close(fd)
+
+    def _append(self, fd: int, data: bytes) -> bool:
+        """Appends one record line and fdatasyncs it. False when the file is to be rewritten instead (an
+        older agent's document, or grown past _COMPACT_AT)."""
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 2, 0)
+        if size == 0 or size + len(data) > _COMPACT_AT or head == b"{\n":
+            return False
+        if os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a torn line left by a crash: the record starts on a line of its own
+        try:
+            self._write_all(fd, data)
+            os.fdatasync(fd)
+        except BaseException:
+            # cut what this append wrote (a torn line would be skipped anyway; the old record stands)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+        return True
+
+    def _create(self, path: Path, data: bytes) -> None:
+        """The pair's file made anew, atomically: temporary file, fsync, rename, directory fsync."""
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=_TMP_PREFIX, suffix=".json")
         try:
             try:
                 os.fchmod(fd, 0o600)
-                view = memoryview(data)
-                while view:  # os.write may write less than asked (a signal, a full disk)
-                    view = view[self._write(fd, view) :]
+                self._write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self._path(a.volume_id, a.domain))
+            os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         self._sync_dir()
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (a signal, a full disk)
+            view = view[self._write(fd, view) :]
 
     def update(self, a: JournalRecord, **changes: Any) -> JournalRecord:
         new = replace(a, **changes)
@@ -183,7 +274,7 @@ class Journal:
     def get(self, volume_id: str, domain: str) -> JournalRecord | None:
         path = self._path(volume_id, domain)
         try:
-            a = from_json(json.loads(path.read_bytes()))
+            a = from_json(read_record_file(path))
         except FileNotFoundError:
             return None
         if (a.volume_id, a.domain) != (volume_id, domain):
@@ -211,7 +302,7 @@ class Journal:
             if p.name.startswith(_TMP_PREFIX) or not wanted(p.name):
                 continue  # (a temporary file: a record being written by put(); its rename is atomic)
             try:
-                found.append(from_json(json.loads(p.read_bytes())))
+                found.append(from_json(read_record_file(p)))
             except FileNotFoundError:
                 continue  # deleted since the listing
             except (OSError, ValueError, KeyError) as exc:

@@ -12,7 +12,7 @@ The calls a virt manager makes (README "Live migration"):
 Destination, `prepare`, per volume (journal first: a record in state MIGRATING, linked to the source's
 storage attachment by `migration_source_id`): storage CreateMigrationAttachment (the destination's
 attachment beside the live source's: same export, this initiator admitted) -> connect, the device's
-identity verified as in an attach (QEMU-native iSCSI: iscsi-inq reads the LUN's WWN with this host's
+identity verified as in an attach (QEMU-native iSCSI: libiscsi reads the LUN's WWN with this host's
 initiator name and CHAP; the libvirt secret is defined here) -> the source's disk element with only its
 <source> replaced (target dev, address, serial, driver, iotune, boot order kept). A failure undoes every
 volume of the call. `finish_incoming`: the domain runs here with the disk (found by its serial) ->

@@ -3,20 +3,25 @@ each step of an attach or detach took to a `StepObserver` (the daemon's Promethe
 `blockwire_step_duration_seconds{step}`), without a line of timing code in the connectors or the api.
 
 Steps: export / complete / unexport, migration_export / migration_complete / migration_rollback
-(storage), udev / udev_gone (waits for a device), hotplug / unplug / block_resize / migrate (libvirt);
-the commands (login, logout, identity, multipath ...) are timed by `blockwire.observability.TimedRunner`.
+(storage), udev / udev_gone (waits for a device), hotplug / unplug / block_resize / migrate (libvirt),
+rbd_identity (the RBD image's id and size read through librados/librbd); the commands (login, logout,
+identity, multipath ...) are timed by `blockwire.observability.TimedRunner`;
+the in-process LUN reader (`hostagent.host.libiscsi`, no command to time) reports the same "identity"
+step through `TimedLunReader`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from blockwire.model import AccessMode, Connector
+from blockwire.model import AccessMode, Chap, Connector
 from blockwire.observability import StepObserver, timed
 from blockwire.runtime.clock import Clock, Deadline
+from hostagent.host.ceph import CephAccess, CephProbe, RbdImage
 from hostagent.host.udev import Match, UdevDevice, UdevWaiter
 from hostagent.model import Bus
 from hostagent.storage import StorageApi, StorageAttachment
+from hostagent.tools.libiscsi import Lun, LunReader
 from hostagent.virt.diskxml import DiskSpec
 from hostagent.virt.domains import LibvirtHypervisor
 
@@ -51,6 +56,34 @@ class TimedUdev:
 
     def find(self, subsystem: str, match: Match) -> list[UdevDevice]:
         return self.udev.find(subsystem, match)
+
+
+class TimedCephProbe:
+    def __init__(self, probe: CephProbe, steps: StepObserver, clock: Clock) -> None:
+        self.probe, self.steps, self.clock = probe, steps, clock
+
+    def image(self, access: CephAccess, pool: str, name: str, timeout: float) -> RbdImage:
+        with timed(self.steps, self.clock, "rbd_identity"):
+            return self.probe.image(access, pool, name, timeout)
+
+
+class TimedLunReader:
+    """A LunReader whose reads are the "identity" step, as iscsi-inq and iscsi-readcapacity16 are."""
+
+    def __init__(self, reader: LunReader, steps: StepObserver, clock: Clock) -> None:
+        self.reader, self.steps, self.clock = reader, steps, clock
+
+    def identities(self, lun: Lun, chap: Chap | None, initiator: str) -> list[str]:
+        with timed(self.steps, self.clock, "identity"):
+            return self.reader.identities(lun, chap, initiator)
+
+    def serial(self, lun: Lun, chap: Chap | None, initiator: str) -> str:
+        with timed(self.steps, self.clock, "identity"):
+            return self.reader.serial(lun, chap, initiator)
+
+    def size(self, lun: Lun, chap: Chap | None, initiator: str) -> int:
+        with timed(self.steps, self.clock, "identity"):
+            return self.reader.size(lun, chap, initiator)
 
 
 class TimedStorage:

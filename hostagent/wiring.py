@@ -24,7 +24,8 @@ from hostagent.connectors.local import LocalConnector
 from hostagent.connectors.rbd import QemuRbdConnector
 from hostagent.encryption import VolumeKeys
 from hostagent.events import EventBus
-from hostagent.host.ceph import RadosProbe
+from hostagent.host.ceph import CephProbe, RadosProbe
+from hostagent.host.libiscsi import InprocLibiscsi, lun_reader
 from hostagent.host.sysfs import Sysfs
 from hostagent.host.udev import PyudevWaiter, UdevWaiter
 from hostagent.hostinfo import (
@@ -37,8 +38,8 @@ from hostagent.hostinfo import (
 from hostagent.journal import Journal
 from hostagent.model import ConnectorKind
 from hostagent.storage import StorageApi
-from hostagent.timing import TimedHypervisor, TimedStorage, TimedUdev
-from hostagent.tools.libiscsi import Libiscsi
+from hostagent.timing import TimedCephProbe, TimedHypervisor, TimedLunReader, TimedStorage, TimedUdev
+from hostagent.tools.libiscsi import Libiscsi, LunReader
 from hostagent.virt.domains import LibvirtHypervisor
 
 if TYPE_CHECKING:
@@ -53,6 +54,18 @@ def use_kernel_iscsi(config: AgentConfig, sysfs: Sysfs) -> bool:
     return config.iscsi_mode == "kernel"
 
 
+def build_lun_reader(
+    config: AgentConfig, runner: Runner, clock: SystemClock, steps: StepObserver
+) -> LunReader:
+    """libiscsi in process when it loads (no process per identity read), its tools otherwise."""
+    reader: LunReader = lun_reader(
+        Libiscsi(runner, timeout=config.login_timeout), clock, timeout=config.login_timeout
+    )
+    if isinstance(reader, InprocLibiscsi) and steps is not NO_STEPS:
+        reader = TimedLunReader(reader, steps, clock)  # the tools are timed as commands by the runner
+    return reader
+
+
 def build_agent(
     config: AgentConfig, storage: StorageApi | None, steps: StepObserver = NO_STEPS
 ) -> tuple[HostAgent, LibvirtHypervisor]:
@@ -65,10 +78,12 @@ def build_agent(
     runner: Runner = Executor()
     sysfs = Sysfs(config.sysfs_root)
     udev: UdevWaiter = PyudevWaiter()
+    ceph: CephProbe = RadosProbe()
     if steps is NO_STEPS:
         hypervisor = LibvirtHypervisor(config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout)
     else:
         runner, udev = TimedRunner(runner, steps, clock), TimedUdev(udev, steps, clock)
+        ceph = TimedCephProbe(ceph, steps, clock)
         storage = TimedStorage(storage, steps, clock) if storage is not None else None
         hypervisor = TimedHypervisor(
             config.libvirt_uri, connect_timeout=config.libvirt_connect_timeout, steps=steps, clock=clock
@@ -87,14 +102,13 @@ def build_agent(
     )
     if config.host_name:
         connector = replace(connector, host=config.host_name)
-    qemu_iscsi = QemuIscsiConnector(
-        hypervisor, Libiscsi(runner, timeout=config.login_timeout), initiator_iqn=connector.initiator_iqn
-    )
+    reader = build_lun_reader(config, runner, clock, steps)
+    qemu_iscsi = QemuIscsiConnector(hypervisor, reader, initiator_iqn=connector.initiator_iqn)
     connectors: dict[Transport, VolumeConnector] = {
         Transport.LOCAL: LocalConnector(udev, sysfs, clock, device_timeout=config.device_timeout),
         Transport.ISCSI: qemu_iscsi,
     }
-    qemu_rbd = QemuRbdConnector(hypervisor, RadosProbe(), timeout=config.rbd_timeout)
+    qemu_rbd = QemuRbdConnector(hypervisor, ceph, timeout=config.rbd_timeout)
     connectors[Transport.RBD] = qemu_rbd
     extra: tuple[VolumeConnector, ...] = ()
     if config.rbd_mode == "kernel":

@@ -2,14 +2,20 @@
 (the source's goes) or roll back (the destination's goes).
 
 The destination attachment is an ordinary attachment (`Exports._create`: record first, act second, undo
-on failure) that shares the source's export (target, LUN, CHAP account) and adds the destination's
-initiator to the ACL, also for a volume that is not multiattach, marked with `migration_source_id`. A
-volume has at most one such pair. Every step is idempotent, so a caller that crashed repeats it:
+on failure) that shares the source's export and admits the destination host beside the source's, also
+for a volume that is not multiattach, marked with `migration_source_id`. Over iSCSI (tgt, lio) that is
+the target, LUN and CHAP account, and the destination's initiator IQN in the ACL; over NVMe/TCP (nvmet)
+the subsystem and namespace, and the destination's host NQN among the subsystem's allowed hosts, with
+the DH-HMAC-CHAP secrets of that host (the kernel keeps them per host NQN) in its connection info. A
+volume that hosts open themselves (a direct backend: rbd) is refused (FAILED_PRECONDITION): it has no
+export to share yet. A volume has at most one such pair. Every step is idempotent, so a caller that
+crashed repeats it:
 
 * create: a repeat (same source, host, domain, initiator) returns the destination attachment;
-* complete: the source attachment is removed first (`Exports.remove`: its ACL entry unless the
-  destination shares the initiator; never the target, which the destination uses), then the mark is
-  cleared and the attachment is ATTACHED; a crash between the two is finished by a repeat;
+* complete: the source attachment is removed first (`Exports.remove`: its ACL or allowed-host entry
+  unless the destination shares the initiator or host NQN; never the target or subsystem, which the
+  destination uses), then the mark is cleared and the attachment is ATTACHED; a crash between the two
+  is finished by a repeat;
 * rollback: the destination attachment is removed the same way; the source's is untouched.
 """
 
@@ -20,10 +26,12 @@ from dataclasses import replace
 
 from blockwire import validate
 from blockwire.errors import FailedPrecondition, NotFound
-from blockwire.model import Connector, Transport
+from blockwire.model import Connector
+from storagesvc.backends.base import DirectBackend
 from storagesvc.context import Context
-from storagesvc.exports import Exports
+from storagesvc.exports import Exports, initiator_of
 from storagesvc.model import Attachment, AttachmentState, VolumeState
+from storagesvc.targets.base import transport_of
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +45,27 @@ class Migrations:
         ctx = self.ctx
         with ctx.stats.measure("create_migration_attachment"):
             validate.object_id(source_attachment_id, "source_attachment_id")
-            validate.connector(connector, transport=Transport.ISCSI)
+            validate.connector(connector)
             validate.domain(domain, required=False)
             source = self._source(source_attachment_id)
             with ctx.hold_volume(source.volume_id):
                 source = self._source(source_attachment_id)
+                self._check_transport(source, connector)
                 return self._create(source, connector, domain or source.domain)
+
+    def _check_transport(self, source: Attachment, connector: Connector) -> None:
+        """The destination host must be able to reach the volume's export the way its exporter offers it
+        (an initiator IQN for iSCSI, a host NQN for NVMe/TCP); a volume without an export (a direct
+        backend) cannot migrate yet."""
+        v = self.ctx.volume(source.volume_id)
+        pool = self.ctx.pools[v.backend]
+        if isinstance(pool.backend, DirectBackend):
+            raise FailedPrecondition(
+                f"volume {v.id} is on backend {v.backend} ({pool.backend.kind}, opened by the hosts "
+                "themselves): live migration of its volumes is not supported yet; the volume stays attached "
+                "to the source"
+            )
+        validate.connector(connector, transport=transport_of(pool.target_exporter()))
 
     def _source(self, attachment_id: str) -> Attachment:
         a = self.ctx.catalog.get_attachment(attachment_id)
@@ -52,6 +75,7 @@ class Migrations:
 
     def _create(self, source: Attachment, connector: Connector, domain: str) -> Attachment:
         ctx = self.ctx
+        exporter = ctx.pools[ctx.volume(source.volume_id).backend].exporter
         pending = [
             a
             for a in ctx.catalog.attachments_of(source.volume_id)
@@ -61,7 +85,7 @@ class Migrations:
             if (
                 a.migration_source_id == source.id
                 and a.connector.host == connector.host
-                and a.connector.initiator_iqn == connector.initiator_iqn
+                and initiator_of(a.connector, exporter) == initiator_of(connector, exporter)
                 and a.domain == domain
                 and a.state in (AttachmentState.ATTACHING, AttachmentState.ATTACHED)
             ):

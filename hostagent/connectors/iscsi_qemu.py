@@ -3,8 +3,9 @@
 Used on hosts without a kernel iSCSI initiator (no /sys/module/iscsi_tcp), or when configured. CHAP goes
 through a private libvirt secret (usage type iscsi) defined at connect and undefined at disconnect; the
 disk's <source><initiator> carries the initiator name the target's ACL admits. Before QEMU is given the
-LUN, libiscsi's iscsi-inq reads its VPD page 0x83 with the same credentials: a wrong password is
-refused here (PERMISSION_DENIED), and a LUN whose WWN is not the announced one is never attached.
+LUN, a `LunReader` (libiscsi in process, or its iscsi-inq tool) reads its VPD page 0x83 with the same
+credentials: a wrong password is refused here (PERMISSION_DENIED), and a LUN whose WWN is not the
+announced one is never attached.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from hostagent.connectors.base import (
 )
 from hostagent.identity import normalize_wwn, verify_wwn
 from hostagent.model import ConnectorKind, HostDevice, NetworkTarget, SecretRef
-from hostagent.tools.libiscsi import Libiscsi, Lun
+from hostagent.tools.libiscsi import Lun, LunReader
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def secret_usage(info: ConnectionInfo) -> str:
 class QemuIscsiConnector(PrivateSecretsOwner):
     kind = ConnectorKind.ISCSI_QEMU
 
-    def __init__(self, secrets: SecretStore, libiscsi: Libiscsi, *, initiator_iqn: str) -> None:
+    def __init__(self, secrets: SecretStore, libiscsi: LunReader, *, initiator_iqn: str) -> None:
         self.secrets = secrets
         self._private = PrivateSecrets(secrets, SECRET_PREFIX, SECRET_TYPE, "an iSCSI CHAP secret")
         self.libiscsi = libiscsi
@@ -89,9 +90,10 @@ class QemuIscsiConnector(PrivateSecretsOwner):
         raise Unavailable(f"no portal of the LUN answered: {'; '.join(errors)}")
 
     def _verify(self, info: ConnectionInfo, lun: Lun, found: list[str], t: IscsiConnection) -> None:
-        """The LUN must carry the announced WWN. iscsi-inq prints binary NAA designators as raw text
-        (cut at the first NUL byte), so when no readable designator has the WWN, the LUN's VPD 0x80
-        serial must equal the announced serial; when neither matches, the LUN is refused."""
+        """The LUN must carry the announced WWN. The in-process reader reads binary NAA designators in hex;
+        iscsi-inq prints them as raw text (cut at the first NUL byte), so when no readable designator has
+        the WWN, the LUN's VPD 0x80 serial must equal the announced serial; when neither matches, the LUN
+        is refused."""
         if not info.wwn and not info.serial:
             log.warning("connection info of %s announces no identity; not verified", info.volume_id)
             return

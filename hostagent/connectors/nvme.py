@@ -23,6 +23,10 @@ other namespace hangs on them: a namespace with another identity in the subsyste
 a per-host subsystem, or the namespace reused) keeps them, and itself, untouched. A namespace head that
 something holds open (QEMU, a mount; `Openers`) is FAILED_PRECONDITION naming the holder unless forced
 (the agent checks the running domains first; force overrides "open", never "not this volume's").
+With native multipath, when the kernel's subsystem has other controllers besides the volume's (another
+host NQN of this machine, e.g. a live migration's destination identity on one kernel), the head stays
+on them: only the volume's controllers go, and a holder of the head is not refused (its I/O goes on
+over the others).
 Without native multipath the volume's map is flushed first, under the same rules as the iSCSI kernel
 path (refused while a process, a mount or a dm device on it holds it, unless forced; `multipath -f`
 retried while udev's blkid briefly holds it), then the controllers deleted.
@@ -576,6 +580,16 @@ class NvmeConnector:
             ours = [ns for ns in there if is_volume(ns, info)]
             others = [ns for ns in there if ns not in ours]
             maps = self._volume_maps(ours)
+            kept = self._other_controllers(subsystem, ctrls) if not maps and not others else []
+            if kept:  # the head stays, served by them: only this connection's paths go
+                for c in ctrls.values():
+                    self.host.delete_controller(c.name)
+                log.info(
+                    "disconnected %s: controllers %s; %s kept by the subsystem's other controllers %s",
+                    t.subsystem_nqn, " ".join(c.name for c in ctrls.values()),
+                    " ".join(f"/dev/{ns.name}" for ns in ours) or "the subsystem", " ".join(kept),
+                )  # fmt: skip
+                return
             if maps or not others:  # something of the volume's goes: not while a user holds it
                 self._refuse_held(info, ours, maps, force)
             for m in sorted(maps.values(), key=lambda m: m.name):
@@ -607,6 +621,22 @@ class NvmeConnector:
             log.info(
                 "disconnected %s: controllers %s", t.subsystem_nqn, " ".join(c.name for c in ctrls.values())
             )
+
+    def _other_controllers(self, subsystem: str, ctrls: dict[Portal, Controller]) -> list[str]:
+        """With native multipath: the controllers of the kernel's `subsystem` that are not this
+        connection's and not on their way out, such as those of another host NQN of this machine (the
+        destination identity of a live migration between two host identities of one kernel) or of a
+        portal storage does not announce. The namespace heads hang on them too, so they stay when this
+        connection's controllers go."""
+        if not subsystem or not self.host.native_multipath():
+            return []
+        mine = {c.name for c in ctrls.values()}
+        kept = []
+        for name in self.host.subsystem_controllers(subsystem):
+            c = self.host.controller(name) if name not in mine else None
+            if c is not None and c.state not in GONE_STATES:
+                kept.append(name)
+        return kept
 
     def _namespace(self, info: ConnectionInfo) -> Namespace | None:
         ctrls = self._controllers(nvme_of(info))

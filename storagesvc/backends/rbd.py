@@ -64,6 +64,8 @@ from blockwire.errors import (
     Unavailable,
 )
 from blockwire.model import RbdConnection, Transport
+from blockwire.observability import StepObserver, timed
+from blockwire.runtime.clock import Clock
 from blockwire.runtime.executor import Runner
 from blockwire.secret import Secret
 from storagesvc.backends.base import ImageInfo, ProgressFn, Space
@@ -168,6 +170,21 @@ class RbdSession(Protocol):
 
 class RbdCluster(Protocol):
     def session(self) -> contextlib.AbstractContextManager[RbdSession]: ...
+
+
+class TimedRbdCluster:
+    """An `RbdCluster` whose sessions report their duration as the step `rbd` (the daemon's
+    `StepObserver`): the backend's time on the cluster, i.e. the shared connection (made on first use),
+    the monitor check, the pool and whatever the session's body asks (an attachment's image id and the
+    fsid; a create, a snapshot ...)."""
+
+    def __init__(self, cluster: RbdCluster, steps: StepObserver, clock: Clock) -> None:
+        self.cluster, self.steps, self.clock = cluster, steps, clock
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[RbdSession]:
+        with timed(self.steps, self.clock, "rbd"), self.cluster.session() as s:
+            yield s
 
 
 # -- settings

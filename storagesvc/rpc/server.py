@@ -32,8 +32,8 @@ from typing import Any
 import grpc
 
 from blockwire.errors import BlockwireError, Unavailable
-from blockwire.observability import SPANS_ONLY, TimedRunner
-from blockwire.runtime.clock import SystemClock
+from blockwire.observability import NO_STEPS, SPANS_ONLY, StepObserver, TimedRunner
+from blockwire.runtime.clock import Clock, SystemClock
 from blockwire.runtime.executor import Executor, Runner
 from blockwire.runtime.failpoints import NO_FAILPOINTS, Failpoints
 from blockwire.server import serving
@@ -44,7 +44,15 @@ from storagesvc import placement
 from storagesvc.backends.base import Backend
 from storagesvc.backends.file import FileBackend
 from storagesvc.backends.lvm_thin import LvmThinBackend
-from storagesvc.backends.rbd import Librbd, RbdBackend, RbdSettings, monitors_from_conf, read_key
+from storagesvc.backends.rbd import (
+    Librbd,
+    RbdBackend,
+    RbdCluster,
+    RbdSettings,
+    TimedRbdCluster,
+    monitors_from_conf,
+    read_key,
+)
 from storagesvc.catalog import Catalog
 from storagesvc.catalog.sqlite import SqliteCatalog
 from storagesvc.config import BackendConfig, Config, ConfigError, ExporterConfig, load
@@ -131,10 +139,16 @@ def rbd_settings(cfg: BackendConfig) -> RbdSettings:
     )
 
 
-def make_backend(cfg: BackendConfig, runner: Runner) -> Backend:
+def make_backend(
+    cfg: BackendConfig, runner: Runner, steps: StepObserver = NO_STEPS, clock: Clock | None = None
+) -> Backend:
+    """The backend of `cfg`; with `steps`, an rbd backend's cluster sessions are timed (step `rbd`)."""
     if cfg.kind == "rbd":
         settings = rbd_settings(cfg)
-        return RbdBackend(cfg.name, settings, Librbd(settings), runner)
+        cluster: RbdCluster = Librbd(settings)
+        if steps is not NO_STEPS:
+            cluster = TimedRbdCluster(cluster, steps, clock or SystemClock())
+        return RbdBackend(cfg.name, settings, cluster, runner)
     if cfg.kind == "file":
         return FileBackend(cfg.name, cfg.path, runner, oversubscription_ratio=cfg.oversubscription_ratio)
     return LvmThinBackend(
@@ -201,8 +215,10 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     runner = runner or Executor()
+    steps: StepObserver = NO_STEPS
     if metrics is not None or stop_tracing is not None:
-        runner = TimedRunner(runner, metrics or SPANS_ONLY, clock)
+        steps = metrics or SPANS_ONLY
+        runner = TimedRunner(runner, steps, clock)
     failpoints = Failpoints.from_environment(os.environ)
     exporters = {
         name: make_exporter(cfg, runner, config.service.naa_oui, failpoints)
@@ -210,7 +226,9 @@ def build(config: Config, runner: Runner | None = None) -> Daemon:
     }
     pools = {
         b.name: Pool(
-            backend=make_backend(b, runner), exporter=exporters.get(b.exporter), exporter_name=b.exporter
+            backend=make_backend(b, runner, steps, clock),
+            exporter=exporters.get(b.exporter),
+            exporter_name=b.exporter,
         )
         for b in config.backends
     }

@@ -201,3 +201,21 @@ def test_source_must_be_attached_and_on_another_host(rig: tuple[StorageRig, Any]
     same_host = spb.CreateMigrationAttachmentRequest(source_attachment_id=a.id, connector=HOST_A)
     assert code_of(stub.CreateMigrationAttachment, same_host) == grpc.StatusCode.FAILED_PRECONDITION
     assert len(rows(stub, v.id)) == 1
+
+
+def test_a_destination_the_exporter_cannot_admit_is_invalid_argument_and_changes_nothing(
+    rig: tuple[StorageRig, Any],
+) -> None:
+    """An iSCSI export admits initiator IQNs: a destination that has only an NVMe host NQN is refused
+    before anything is made (an nvmet export admits host NQNs: tests/unit/storagesvc/test_nvmet.py)."""
+    r, stub = rig
+    v, source = attached(stub)
+    nvme_only = pb.Connector(
+        host="host-b",
+        nvme_host_nqn="nqn.2014-08.org.nvmexpress:uuid:6f1c0a4e-9d2b-4c1e-8a77-3e5d2c1b0a99",
+        transports=[pb.TRANSPORT_NVME_TCP],
+    )
+    request = spb.CreateMigrationAttachmentRequest(source_attachment_id=source.id, connector=nvme_only)
+    assert code_of(stub.CreateMigrationAttachment, request) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rows(stub, v.id) == [("host-a", pb.ATTACHMENT_STATE_ATTACHED, "")]
+    assert acl(r) == [HOST_A.initiator_iqn]

@@ -62,6 +62,8 @@ class Rig:
     storage_socket: Path | None = None
     # both daemons' log level (benchmarks run them at the deployed default, INFO)
     log_level: str = "DEBUG"
+    # the backend create_volume uses ("file"; another one is added through storage_config)
+    backend: str = "file"
 
     def lv(self) -> libvirt.virConnect:
         """The libvirt connection, opened again when libvirtd restarted under it."""
@@ -166,7 +168,9 @@ log_level = "{self.log_level}"
 
     def create_volume(self, size: int = 8 * MIB) -> pb.Volume:
         v = self.storage.CreateVolume(
-            spb.CreateVolumeRequest(name=f"vol-{uuid.uuid4().hex[:10]}", size_bytes=size, backend="file"),
+            spb.CreateVolumeRequest(
+                name=f"vol-{uuid.uuid4().hex[:10]}", size_bytes=size, backend=self.backend
+            ),
             timeout=60,
         ).volume
         assert v.state == pb.VOLUME_STATE_AVAILABLE, v

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from blockwire.errors import BlockwireError, FailedPrecondition, NotFound
-from blockwire.model import AccessMode, ConnectionInfo, Connector, IscsiConnection
+from blockwire.model import AccessMode, ConnectionInfo, Connector, IscsiConnection, NvmeofConnection
 from hostagent.storage import StorageAttachment
 
 
@@ -66,6 +66,8 @@ class FakeStorage:
         info = self.infos[volume_id]
         if isinstance(info.transport, IscsiConnection):  # as the real one: the destination's initiator
             info = replace(info, transport=replace(info.transport, initiator_iqn=connector.initiator_iqn))
+        if isinstance(info.transport, NvmeofConnection):  # ... or the destination's host NQN
+            info = replace(info, transport=replace(info.transport, host_nqn=connector.nvme_host_nqn))
         for dest, source in self.migrations.items():
             if source == source_attachment_id and self.domains.get(dest) == domain:
                 return StorageAttachment(dest, replace(info, attachment_id=dest))

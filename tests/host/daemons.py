@@ -226,12 +226,17 @@ def ensure_libvirtd(started: Started) -> None:
     virsh = _need("virsh", "libvirt-clients")
 
     def answers() -> bool:
-        return (
-            subprocess.run(
-                [virsh, "-c", "qemu:///system", "version"], capture_output=True, timeout=30, check=False
-            ).returncode
-            == 0
-        )
+        # a libvirtd still starting (under the guest's TCG on a loaded machine) may not answer within a
+        # call's 30 s: not ready yet, asked again until the wait's deadline
+        try:
+            return (
+                subprocess.run(
+                    [virsh, "-c", "qemu:///system", "version"], capture_output=True, timeout=30, check=False
+                ).returncode
+                == 0
+            )
+        except subprocess.TimeoutExpired:
+            return False
 
     if answers():
         return
@@ -251,7 +256,7 @@ def ensure_libvirtd(started: Started) -> None:
 
         started.stops.append(stop_libvirtd)
         return
-    _wait_for("libvirtd", answers, 60)
+    _wait_for("libvirtd", answers, 120)
 
 
 def ensure_udevd(started: Started) -> None:

@@ -9,7 +9,6 @@ started by the test under its temp dir with generated certificates, mutual TLS),
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from blockwire.v1 import hostagent_pb2 as hpb
 from blockwire.v1 import storage_pb2 as spb
 from blockwire.v1 import types_pb2 as pb
+from hostagent.journal import read_record_file
 from storagesvc.keys.base import KeysConfig
 from tests.conftest import tier_unavailable
 from tests.fakes.daemon_rig import Rig, define_domain, force_cleanup, remove_domain
@@ -139,7 +139,7 @@ def test_kmip_server_down_is_unavailable_naming_it_and_nothing_is_attached(
         assert luks_secrets(rig) == []
         # the agent cannot tell "storage refused" from "storage lost the answer" in an UNAVAILABLE: it
         # keeps its record (ERROR) for a detach or a repeat to settle; storage exported nothing
-        records = [json.loads((rig.state / "attachments" / r).read_text()) for r in rig.journal()]
+        records = [read_record_file(rig.state / "attachments" / r) for r in rig.journal()]
         assert [r["state"] for r in records] in ([], ["error"]), records
         assert rig.attachments(v.id) == []
         assert rig.volume(v.id).state == pb.VOLUME_STATE_AVAILABLE

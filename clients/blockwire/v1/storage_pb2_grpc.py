@@ -402,17 +402,21 @@ class StorageServiceServicer:
     def CreateMigrationAttachment(self, request, context):
         """Live migration, storage side. The destination host's attachment of a volume while the source's is
         still live, also for a volume that is not multiattach: it shares the source's export (target, LUN,
-        CHAP account) and adds the destination initiator to the ACL. It is marked a migration
+        CHAP account; or the nvmet subsystem and namespace) and admits the destination beside the source
+        (its initiator IQN in the ACL; for nvmet its host NQN among the allowed hosts, with that host's
+        DH-HMAC-CHAP secrets in the connection info). It is marked a migration
         (Attachment.migration_source_id names the source attachment); a volume has at most one such pair.
         States: the destination attachment is ATTACHING (connection info issued), then CompleteMigration
-        makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry unless the
-        destination uses the same initiator; the target stays), or RollbackMigration removes it and
-        leaves the source's untouched.
+        makes it ATTACHED and an ordinary attachment and removes the source's (its ACL entry or allowed
+        host unless the destination uses the same initiator; the target stays), or RollbackMigration
+        removes it and leaves the source's untouched.
         Idempotent: a repeat with the same source, connector, domain returns the existing destination
         attachment and the same connection info. For an encrypted volume the answer (and a repeat's) carries
         the key as CreateAttachment's does: the destination defines its own secret for it.
-        Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain), NOT_FOUND (source attachment),
-        FAILED_PRECONDITION (the source attachment is not ATTACHED or is itself an unfinished migration, the
+        Errors: INVALID_ARGUMENT (source_attachment_id, connector, domain; a connector without the name the
+        volume's exporter admits hosts by: initiator_iqn for iSCSI, nvme_host_nqn for NVMe/TCP), NOT_FOUND
+        (source attachment), FAILED_PRECONDITION (a volume on a direct backend such as rbd: not supported
+        yet; the source attachment is not ATTACHED or is itself an unfinished migration, the
         destination is the source's host, the volume already has a migration to another host or domain: the
         message names it), UNAVAILABLE (the target daemon). The agent of the destination host may call it
         for its own host.

@@ -77,3 +77,40 @@ def test_kernel_iscsi_detection(tmp_path: Path) -> None:
     assert not kernel_iscsi_available(Sysfs(tmp_path))
     (tmp_path / "module/iscsi_tcp").mkdir(parents=True)
     assert kernel_iscsi_available(Sysfs(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("kernel_iscsi", "fc", "nvme_tcp", "multipathd", "allowed", "announced"),
+    [
+        (True, False, False, True, True, True),  # kernel iSCSI
+        (False, False, True, True, True, True),  # NVMe/TCP only: dm-multipath is its fallback
+        (False, True, False, True, True, True),  # an FC HBA
+        (False, False, False, True, True, False),  # QEMU's iSCSI only: no kernel path to map
+        (False, False, True, False, True, False),  # no multipathd
+        (True, False, True, True, False, False),  # multipath = "never"
+    ],
+)
+def test_multipath_is_announced_for_every_kernel_path_when_multipathd_is_there(
+    tmp_path: Path,
+    kernel_iscsi: bool,
+    fc: bool,
+    nvme_tcp: bool,
+    multipathd: bool,
+    allowed: bool,
+    announced: bool,
+) -> None:
+    sys = tmp_path / "sys"
+    sys.mkdir()
+    if fc:
+        (sys / "class/fc_host/host3").mkdir(parents=True)
+        (sys / "class/fc_host/host3/port_name").write_text("0x10000090fa000001\n")
+    files = HostFiles(str(tmp_path / "state"), str(tmp_path / "i"), str(tmp_path / "n"), str(tmp_path / "h"))
+    c = build_connector(
+        Sysfs(sys),
+        files,
+        kernel_iscsi=kernel_iscsi,
+        multipath_allowed=allowed,
+        nvme_tcp=nvme_tcp,
+        multipathd=multipathd,
+    )
+    assert c.multipath is announced

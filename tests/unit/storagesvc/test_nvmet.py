@@ -383,3 +383,56 @@ def test_the_nvmet_exporter_config() -> None:
     )
     with pytest.raises(ConfigError, match="nqn_prefix"):
         parse(_config('[exporters.nv]\nkind = "nvmet"\nportals = ["127.0.0.1:4420"]\nnqn_prefix = "iqn.x"\n'))
+
+
+# -- live migration
+
+
+def test_a_migration_admits_the_destination_host_nqn_beside_the_source_then_only_one(rig: Rig) -> None:
+    """CreateMigrationAttachment of an nvmet volume: the destination host (an NVMe-only connector: no
+    initiator IQN) is admitted beside the source with its own DH-HMAC-CHAP secrets; CompleteMigration
+    removes the source's allowed host (and its host entry), RollbackMigration only the destination's."""
+    vid = rig.service.create_volume(CreateVolumeSpec(name="v", size_bytes=4 * MIB)).id
+    nqn = identity.subsystem_nqn(NQN_PREFIX, vid)
+    allowed = rig.root / "subsystems" / nqn / "allowed_hosts"
+    a = nvme_connector("a", HOST_A)
+    b = Connector(host="b", nvme_host_nqn=HOST_B, transports=(Transport.NVME_TCP,))
+    src = rig.service.create_attachment(vid, a, AccessMode.READ_WRITE, "vm1")
+    rig.service.complete_attachment(src.id)
+
+    dest = rig.service.create_migration_attachment(src.id, b)
+    t = dest.connection_info.transport if dest.connection_info else None
+    assert isinstance(t, NvmeofConnection)
+    assert (t.subsystem_nqn, t.namespace_id, t.host_nqn) == (nqn, 1, HOST_B)
+    assert (t.dhchap_host_secret, t.dhchap_ctrl_secret) == rig.exporter.host_secrets(HOST_B)
+    assert t.dhchap_host_secret != rig.exporter.host_secrets(HOST_A)[0]
+    assert sorted(p.name for p in allowed.iterdir()) == sorted([HOST_A, HOST_B])
+    assert rig.service.create_migration_attachment(src.id, b).id == dest.id  # a repeat
+    # another host NQN on the same host name is no repeat: one migration a volume
+    with pytest.raises(FailedPrecondition, match="already being migrated"):
+        rig.service.create_migration_attachment(src.id, nvme_connector("b", HOST_A.replace("1b4e", "2b4e")))
+
+    rig.service.rollback_migration(dest.id)
+    assert [p.name for p in allowed.iterdir()] == [HOST_A]
+    assert not (rig.root / "hosts" / HOST_B).exists()
+
+    dest = rig.service.create_migration_attachment(src.id, b)
+    done = rig.service.complete_migration(dest.id, "sda")
+    assert done.migration_source_id == ""
+    assert [p.name for p in allowed.iterdir()] == [HOST_B]
+    assert not (rig.root / "hosts" / HOST_A).exists()
+    assert (rig.root / "subsystems" / nqn / "namespaces" / "1").is_dir()  # the subsystem stays for B
+    rig.service.delete_attachment(done.id)
+    assert list((rig.root / "subsystems").iterdir()) == []
+
+
+def test_a_migration_destination_without_a_host_nqn_is_refused(rig: Rig) -> None:
+    vid = rig.service.create_volume(CreateVolumeSpec(name="v", size_bytes=4 * MIB)).id
+    src = rig.service.create_attachment(vid, nvme_connector("a"), AccessMode.READ_WRITE, "vm1")
+    rig.service.complete_attachment(src.id)
+    iscsi_only = Connector(host="b", initiator_iqn="iqn.2026-01.io.example:b")
+    with pytest.raises(InvalidArgument, match="nvme_host_nqn"):
+        rig.service.create_migration_attachment(src.id, iscsi_only)
+    allowed = rig.root / "subsystems" / identity.subsystem_nqn(NQN_PREFIX, vid) / "allowed_hosts"
+    assert [p.name for p in allowed.iterdir()] == [HOST_A]
+    assert len(rig.service.get_volume(vid).attachment_ids) == 1

@@ -363,6 +363,19 @@ def test_an_rbd_attachment_has_a_connection_and_no_export(rig: Rig) -> None:
     assert svc.get_volume(v.id).state is VolumeState.AVAILABLE
 
 
+def test_a_live_migration_of_an_rbd_volume_is_refused_and_changes_nothing(rig: Rig) -> None:
+    """FAILED_PRECONDITION (not an argument error about the destination's iSCSI name): hosts open RBD
+    images themselves, there is no export to share; the source attachment stays as it was."""
+    svc = rig.service
+    v = svc.create_volume(CreateVolumeSpec(name="v", size_bytes=4 * MIB))
+    a = svc.create_attachment(v.id, HOST_A, AccessMode.READ_WRITE, "dom")
+    svc.complete_attachment(a.id)
+    with pytest.raises(FailedPrecondition, match="live migration of its volumes is not supported yet"):
+        svc.create_migration_attachment(a.id, HOST_B)
+    assert svc.get_volume(v.id).attachment_ids == (a.id,)
+    assert svc.get_volume(v.id).state is VolumeState.IN_USE
+
+
 def test_multiattach_rbd_volumes_take_two_hosts(rig: Rig) -> None:
     svc = rig.service
     v = svc.create_volume(CreateVolumeSpec(name="shared", size_bytes=MIB, multiattach=True))
