@@ -70,6 +70,7 @@ VOLUMES = Path("/var/tmp/attach-bench-volumes")
 RESULTS = Path(os.environ.get("BLOCKWIRE_GUEST_RESULTS", "/tmp"))
 CONTENDERS = ("floor", "os-brick", "bw-lib", "bw-e2e")
 IDBM = 6  # iscsiadm: node database failure, retry
+SIGABRT = -6  # a tool killed by abort(): subprocess's return code
 # blockwire's limit on each iscsiadm run (the agent's login_timeout, default 30 s), raised for the bench:
 # with 32 attaches at once under TCG an iscsiadm may wait its own full 30 s for open-iscsi's node-database
 # lock, and one killed at our 30 s while holding it leaves /run/lock/iscsi/lock.write behind, which fails
@@ -927,7 +928,16 @@ class NvmeFloor:
 
     def disconnect(self, info: Any, device: Any) -> None:
         nqn = info.transport.subsystem_nqn
-        run(["nvme", "disconnect", "-n", nqn], timeout=120)
+        # nvme-cli 2.3 walks every controller in sysfs and, when another one goes away during its walk
+        # (parallel disconnects), can crash ("double free detected", SIGABRT) before disconnecting: any
+        # caller of the tool must try again, so the floor does (bounded, short backoff).
+        for attempt in range(6):
+            proc = run(["nvme", "disconnect", "-n", nqn], ok=(0, SIGABRT), timeout=120)
+            if proc.returncode == 0 or not nvme_subsystem_there(nqn):
+                break
+            time.sleep(0.05 * 2**attempt)
+        else:
+            raise AssertionError(f"nvme disconnect -n {nqn}: crashed six times")
         wait_until("subsystem gone", lambda: not nvme_subsystem_there(nqn), 60, 0.01)
 
 
