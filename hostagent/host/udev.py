@@ -97,6 +97,33 @@ def _size(dev: Any) -> int | None:
     return int(text.strip()) * 512 if text.strip().isdigit() else None
 
 
+class _Properties(Mapping[str, str]):
+    """A device's udev properties, read on first use. A wait describes every event of its subsystem and
+    every device it enumerates (32 attaches at once: each of 32 waits sees the events of all 32 volumes),
+    and most are told apart by name alone; copying each one's whole property list cost more than all
+    the rest of the description. Read-only, like the copy it replaces."""
+
+    __slots__ = ("_dev", "_read")
+
+    def __init__(self, dev: Any) -> None:
+        self._dev = dev
+        self._read: dict[str, str] | None = None
+
+    def _all(self) -> dict[str, str]:
+        if self._read is None:
+            self._read = dict(self._dev.properties)
+        return self._read
+
+    def __getitem__(self, key: str) -> str:
+        return self._all()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 def _describe(dev: Any, action: str) -> UdevDevice:
     return UdevDevice(
         sys_name=dev.sys_name,
@@ -104,7 +131,7 @@ def _describe(dev: Any, action: str) -> UdevDevice:
         subsystem=dev.subsystem or "",
         device_node=dev.device_node or "",
         action=action,
-        properties=MappingProxyType(dict(dev.properties)),
+        properties=_Properties(dev),
         links=tuple(sorted(dev.device_links)),
         size_bytes=_size(dev) if action != "remove" else None,
     )
