@@ -29,7 +29,7 @@ from bench.facts import host_facts, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
-    "full": 2700.0, "quick": 1200.0, "scale": 1800.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
+    "full": 2700.0, "quick": 1200.0, "scale": 3000.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
     "nvme32": 2400.0, "storm": 3300.0, "storm-small": 900.0,
 }  # fmt: skip
 STORM_PLANS = ("storm", "storm-small")  # bench/storm_guest.py
