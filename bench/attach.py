@@ -3,6 +3,7 @@
     sudo python -m bench.attach            # full plan, ~15-20 min of guest time; writes bench/results/
     sudo python -m bench.attach --plan quick
     sudo python -m bench.attach --plan single   # 1 path x 1 volume x 5, every contender
+    sudo python -m bench.attach --plan storm    # boot storm: 64 volumes at once to 8 domains (storm_guest.py)
     sudo python -m bench.attach --from-raw /var/tmp/blockwire-guest/run-.../results/attach-raw.json
 
 Boots the guest tier once (tests/guest/image.py) and runs bench/attach_guest.py in it: the same tgtd
@@ -28,8 +29,10 @@ from bench.facts import host_facts, pct
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
-    "full": 2700.0, "quick": 1200.0, "scale": 900.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
+    "full": 2700.0, "quick": 1200.0, "scale": 3000.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
+    "nvme32": 2400.0, "storm": 3300.0, "storm-small": 900.0,
 }  # fmt: skip
+STORM_PLANS = ("storm", "storm-small")  # bench/storm_guest.py
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -373,6 +376,67 @@ def write(
     return stem
 
 
+def storm_markdown(results: dict[str, Any]) -> str:
+    plan, g, m = results["plan"], results["guest"], results["machine"]
+    rows = results["rows"]
+    floor = next((r for r in rows if r["contender"] == "floor"), None)
+    lines = [
+        f"# Boot storm in the guest, {results['date'][:10]}",
+        "",
+        f"Host: {m.get('cpu', '?')}, {m.get('cores', '?')} cores; load average before "
+        f"{m.get('load_before')}, after {m.get('load_after')}. Guest: Debian 12 under QEMU **TCG**, "
+        f"{g.get('guest_cpus')} vCPUs, "
+        f"kernel {g.get('kernel')}, {g.get('open-iscsi', 'open-iscsi')}, os-brick {g.get('os_brick', '-')}. "
+        f"Guest time {results.get('guest_seconds')} s.",
+        "",
+        f"{plan['volumes']} volumes (32 MiB, tgtd, CHAP, per-initiator ACL, {plan['paths']} path(s)) "
+        f"attached at once (one thread each) to {plan['domains']} running no-OS domains, volume i to "
+        "domain i mod "
+        f"{plan['domains']}; then all detached at once. floor = iscsiadm + udev link + attachDeviceFlags; "
+        "os-brick = connect_volume + attachDeviceFlags; bw-e2e = AttachVolume/DetachVolume over gRPC. "
+        "Seconds; wall = the whole batch; ratios against the floor's wall time.",
+        "",
+        "| contender | attach wall | p50 | p95 | p99 | wall / floor | detach wall | p50 | p99 | wall / floor "
+        "| errors | leftovers |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, d = r["attach"], r["detach"]
+        ra = _ratio(a["wall"], floor["attach"]["wall"]) if floor else None
+        rd = _ratio(d["wall"], floor["detach"]["wall"]) if floor else None
+        lines.append(
+            f"| {r['contender']} | {a['wall']} | {a['p50']} | {a['p95']} | {a['p99']} | {fmt(ra)} "
+            f"| {d['wall']} | {d['p50']} | {d['p99']} | {fmt(rd)} | {len(r['errors'])} "
+            f"| {r['leftovers'] or 0} |"
+        )
+    errors = [(r["contender"], e) for r in rows for e in r["errors"]]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"* {c}: {e}" for c, e in errors[:20]]
+    for note in results.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def write_storm(raw: dict[str, Any], machine: dict[str, Any], out: Path, notes: list[str]) -> Path:
+    date = datetime.now(UTC)
+    for r in raw["rows"]:
+        r["errors"] = [scrub(e, []) for e in r["errors"]]
+    results = {
+        "date": date.isoformat(timespec="seconds"),
+        "machine": machine,
+        "guest": raw.get("versions", {}),
+        "guest_seconds": raw.get("guest_seconds"),
+        "plan": raw["plan"],
+        "rows": raw["rows"],
+        "notes": notes,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"storm-guest-{date:%Y-%m-%d}"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(storm_markdown(results))
+    return stem
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attach", description=__doc__.splitlines()[0])
     parser.add_argument("--plan", choices=sorted(GUEST_TIMEOUT), default="full")
@@ -395,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"bench: {missing}", file=sys.stderr)
             return 2
-        run = image.run_guest(
-            [f"bench/attach_guest.py::test_attach_bench[{args.plan}]"], timeout=GUEST_TIMEOUT[args.plan]
+        module, raw_name = (
+            ("storm_guest.py::test_storm_bench", "storm-raw.json")
+            if args.plan in STORM_PLANS
+            else ("attach_guest.py::test_attach_bench", "attach-raw.json")
         )
-        raw_file = run.results / "attach-raw.json"
+        run = image.run_guest([f"bench/{module}[{args.plan}]"], timeout=GUEST_TIMEOUT[args.plan])
+        raw_file = run.results / raw_name
         print(f"bench: guest run {run.directory} rc={run.returncode} {run.seconds:.0f}s", file=sys.stderr)
         if not raw_file.exists():
             print(
@@ -413,6 +480,10 @@ def main(argv: list[str] | None = None) -> int:
         raw["host_machine"] = machine
         raw_file.write_text(json.dumps(raw, indent=1) + "\n")
     machine.setdefault("load_after", list(os.getloadavg()))
+    if "rows" in raw and "plan" in raw:  # a storm run
+        stem = write_storm(raw, machine, args.out, args.note)
+        print(stem.with_suffix(".md").read_text())
+        return 0
     before = json.loads(args.before.read_text()) if args.before else None
     stem = write(raw, machine, args.out, args.note, before)
     print(stem.with_suffix(".md").read_text())
