@@ -75,6 +75,16 @@ RAW_PREFIX = "bench-floor"
 METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
 
 
+def unplug(dom: libvirt.virDomain, xml: str, serial: str, timeout: float) -> None:
+    """The floor's unplug: detachDeviceFlags, then the live XML read until the disk is gone."""
+    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    deadline = time.perf_counter() + timeout
+    while f"<serial>{serial}</serial>" in dom.XMLDesc(0):
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"floor detach of {serial}: still there after {timeout:g}s")
+        time.sleep(0.002)
+
+
 class Steps:
     """A StepObserver that sums each step's seconds per operation (the library contender's profile)."""
 
@@ -196,14 +206,8 @@ class Floor:
         return time.perf_counter() - began
 
     def detach(self, domain: str, t: RawTarget, timeout: float = 30) -> float:
-        dom = self.lv().lookupByName(domain)
         began = time.perf_counter()
-        dom.detachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        deadline = began + timeout
-        while f"<serial>{t.serial}</serial>" in dom.XMLDesc(0):
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"floor detach of {t.serial}: still there after {timeout:g}s")
-            time.sleep(0.002)
+        unplug(self.lv().lookupByName(domain), t.xml, t.serial, timeout)
         self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, t.usage).undefine()
         self.adm("--op", "delete", "--mode", "target", "--tid", str(t.tid), "--force")
         self.adm("--op", "delete", "--mode", "account", "--user", t.user)
@@ -308,14 +312,8 @@ class RbdFloor:
         return end - began
 
     def detach(self, domain: str, t: RawImage, timeout: float = 30) -> float:
-        dom = self.lv().lookupByName(domain)
         began = time.perf_counter()
-        dom.detachDeviceFlags(t.xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        deadline = began + timeout
-        while f"<serial>{t.serial}</serial>" in dom.XMLDesc(0):
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"floor detach of {t.serial}: still there after {timeout:g}s")
-            time.sleep(0.002)
+        unplug(self.lv().lookupByName(domain), t.xml, t.serial, timeout)
         t1 = time.perf_counter()
         self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, t.usage).undefine()
         end = time.perf_counter()
