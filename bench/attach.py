@@ -30,9 +30,9 @@ from bench.facts import host_facts, pct
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
     "full": 2700.0, "quick": 1200.0, "scale": 3000.0, "single": 900.0, "smoke": 600.0, "nvme": 3600.0,
-    "nvme32": 2400.0, "storm": 3300.0, "storm-small": 900.0,
+    "nvme32": 2400.0, "storm": 3300.0, "storm-small": 900.0, "storm-osbrick": 3300.0,
 }  # fmt: skip
-STORM_PLANS = ("storm", "storm-small")  # bench/storm_guest.py
+STORM_PLANS = ("storm", "storm-small", "storm-osbrick")  # bench/storm_guest.py
 
 
 def _stats(values: list[float]) -> dict[str, float]:

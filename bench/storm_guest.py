@@ -67,7 +67,10 @@ class StormPlan:
 
 
 PLANS = {
-    "storm": StormPlan(volumes=64, domains=8),
+    # os-brick is left out of the 64: its host-wide lock makes its storm 64 connects one after another
+    # (the 32-volume rows of the attach plans measure that), which alone would take longer than the rest.
+    "storm": StormPlan(volumes=64, domains=8, contenders=("floor", "bw-e2e")),
+    "storm-osbrick": StormPlan(volumes=32, domains=8),
     # The same shape, small: a check that the storm machinery works (minutes, not half an hour).
     "storm-small": StormPlan(volumes=8, domains=2, contenders=("floor", "bw-e2e")),
 }
