@@ -372,15 +372,24 @@ class _Client:
         deadline = self._clock.monotonic() + budget
         metadata = tracing.inject(self._metadata)
         attempt = 0
+        unavailable: grpc.RpcError | None = None  # the daemon's last "unavailable", while retried
         while True:
             attempt += 1
             remaining = deadline - self._clock.monotonic()
             if remaining <= 0:
+                if unavailable is not None:  # it never answered: say so, not only that time ran out
+                    raise error_from_rpc(unavailable) from None
                 raise DeadlineExceeded(f"{self._service}.{name} did not finish within {budget:g}s")
             try:
                 return method(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
                 code = err.code()
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED and unavailable is not None:
+                    # A retry of an unreachable daemon ran out of time (a reconnect under load, or the
+                    # daemon still starting): UNAVAILABLE is what the caller can act on.
+                    raise error_from_rpc(unavailable) from None
+                if code is grpc.StatusCode.UNAVAILABLE:
+                    unavailable = err
                 if _should_retry(self._retry, err, attempt):
                     wait = self._retry.backoff(attempt, self._rand)
                     if self._clock.monotonic() + wait < deadline:

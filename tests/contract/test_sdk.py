@@ -231,6 +231,21 @@ def test_retries_stop_at_the_deadline(server: Running, fake: Faults, clock: Fake
     assert fake.count("ListVolumes") == 2
 
 
+def test_a_retry_of_an_unavailable_daemon_that_runs_out_of_time_is_unavailable(
+    server: Running, fake: Faults
+) -> None:
+    fake.refuse["ListVolumes"] = [UNAVAILABLE]
+    fake.hold.add("ListVolumes")  # the retry: no answer before the deadline
+    policy = RetryPolicy(max_attempts=3, initial_backoff=0.05, multiplier=1.0, jitter=0.0)
+    try:
+        client = StorageClient(server.address, retry=policy, timeout=0.5)
+        with client, pytest.raises(errors.Unavailable, match="backend restarting"):
+            client.list_volumes()
+        assert fake.count("ListVolumes") == 2
+    finally:
+        fake.release.set()
+
+
 def test_deadline_exceeded(storage: StorageClient, fake: Faults) -> None:
     fake.hold.add("GetVolume")
     try:
@@ -252,7 +267,8 @@ def test_watch_volume_until_settled(storage: StorageClient, tmp_path: Path) -> N
     seen: list[int] = []
     final = storage.wait_volume(vol.id, on_update=lambda v: seen.append(v.progress.done_bytes))
     assert final.state == types_pb2.VOLUME_STATE_AVAILABLE
-    assert seen[0] == 0
+    # The first update is the volume as the watch finds it: on a loaded machine the copy of the sparse
+    # image may be done by then, so only the order and the end are certain.
     assert seen == sorted(seen)  # progress only grows
     assert seen[-1] == 3 * GIB
 
