@@ -378,7 +378,7 @@ def test_health(server: Running, storage: StorageClient) -> None:
 
 
 def test_health_of_an_unreachable_daemon() -> None:
-    with StorageClient("127.0.0.1:1", timeout=0.5) as client, pytest.raises(errors.Unavailable):
+    with StorageClient("127.0.0.1:1", timeout=2.0) as client, pytest.raises(errors.Unavailable):
         client.health()
 
 
