@@ -376,6 +376,11 @@ def write(
     return stem
 
 
+def left_counts(left: dict[str, Any]) -> str:
+    """What a contender left, counted per kind ("0" for nothing); the names are in the JSON."""
+    return ", ".join(f"{k}: {len(v)}" for k, v in left.items()) or "0"
+
+
 def storm_markdown(results: dict[str, Any]) -> str:
     plan, g, m = results["plan"], results["guest"], results["machine"]
     rows = results["rows"]
@@ -407,7 +412,7 @@ def storm_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['contender']} | {a['wall']} | {a['p50']} | {a['p95']} | {a['p99']} | {fmt(ra)} "
             f"| {d['wall']} | {d['p50']} | {d['p99']} | {fmt(rd)} | {len(r['errors'])} "
-            f"| {r['leftovers'] or 0} |"
+            f"| {left_counts(r['leftovers'])} |"
         )
     errors = [(r["contender"], e) for r in rows for e in r["errors"]]
     if errors:
