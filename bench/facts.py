@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +54,16 @@ def stats(seconds: list[float]) -> dict[str, float]:
         "min_ms": round(min(ms), 1) if ms else 0.0,
         "max_ms": round(max(ms), 1) if ms else 0.0,
     }
+
+
+def unplug_disk(dom: Any, xml: str, marker: str, what: str, timeout: float, poll: float = 0.002) -> None:
+    """A raw caller's unplug: libvirt's detachDeviceFlags (live), then the live XML read until `marker`
+    (the disk's serial or source) is gone from it; RuntimeError naming `what` after `timeout` seconds."""
+    import libvirt  # noqa: PLC0415 - only the benchmarks that hot-plug need it
+
+    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    deadline = time.monotonic() + timeout
+    while marker in dom.XMLDesc(0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: still there after {timeout:g}s")
+        time.sleep(poll)

@@ -63,7 +63,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "clients")]
 import libvirt  # noqa: E402
 from lxml import etree  # noqa: E402
 
-from bench.facts import host_facts, stats  # noqa: E402
+from bench.facts import host_facts, stats, unplug_disk  # noqa: E402
 from hostagent.virt.diskxml import Auth, DiskSpec, DriveAddress, NetHost, NetworkSource, disk_xml  # noqa: E402
 from tests.ceph import CephCluster, CephUser  # noqa: E402
 from tests.fakes.daemon_rig import Rig, define_domain, remove_domain  # noqa: E402
@@ -73,16 +73,6 @@ PORTAL_HOSTS = ("127.0.0.1",)
 MIB = 1 << 20
 RAW_PREFIX = "bench-floor"
 METRICS: dict[str, str] = {}  # daemon -> its metrics endpoint (address:port)
-
-
-def unplug(dom: libvirt.virDomain, xml: str, serial: str, timeout: float) -> None:
-    """The floor's unplug: detachDeviceFlags, then the live XML read until the disk is gone."""
-    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    deadline = time.perf_counter() + timeout
-    while f"<serial>{serial}</serial>" in dom.XMLDesc(0):
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"floor detach of {serial}: still there after {timeout:g}s")
-        time.sleep(0.002)
 
 
 class Steps:
@@ -207,7 +197,8 @@ class Floor:
 
     def detach(self, domain: str, t: RawTarget, timeout: float = 30) -> float:
         began = time.perf_counter()
-        unplug(self.lv().lookupByName(domain), t.xml, t.serial, timeout)
+        dom = self.lv().lookupByName(domain)
+        unplug_disk(dom, t.xml, f"<serial>{t.serial}</serial>", f"floor detach of {t.serial}", timeout)
         self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_ISCSI, t.usage).undefine()
         self.adm("--op", "delete", "--mode", "target", "--tid", str(t.tid), "--force")
         self.adm("--op", "delete", "--mode", "account", "--user", t.user)
@@ -313,7 +304,8 @@ class RbdFloor:
 
     def detach(self, domain: str, t: RawImage, timeout: float = 30) -> float:
         began = time.perf_counter()
-        unplug(self.lv().lookupByName(domain), t.xml, t.serial, timeout)
+        dom = self.lv().lookupByName(domain)
+        unplug_disk(dom, t.xml, f"<serial>{t.serial}</serial>", f"floor detach of {t.serial}", timeout)
         t1 = time.perf_counter()
         self.lv().secretLookupByUsage(libvirt.VIR_SECRET_USAGE_TYPE_CEPH, t.usage).undefine()
         end = time.perf_counter()

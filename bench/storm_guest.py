@@ -48,7 +48,7 @@ from bench.attach_guest import (
     single_path,
     versions,
 )
-from bench.facts import pct
+from bench.facts import pct, unplug_disk
 from tests.guest.inside import kernel
 from tests.host.daemons import Tgtd
 from tests.rig import domain_xml
@@ -107,15 +107,8 @@ class Hotplug:
         return xml
 
     def detach(self, domain: str, xml: str, device: str, timeout: float = 300) -> None:
-        import libvirt  # noqa: PLC0415
-
         dom = self.virt.lookupByName(domain)
-        dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        deadline = time.monotonic() + timeout
-        while f"dev='{device}'" in dom.XMLDesc(0):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{device} still in {domain} after {timeout:g}s")
-            time.sleep(0.01)
+        unplug_disk(dom, xml, f"dev='{device}'", f"{device} in {domain}", timeout, poll=0.01)
 
 
 class RawStorm:
