@@ -8,6 +8,7 @@ what blockwire's own code did.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import subprocess
@@ -27,6 +28,29 @@ PORTALS = ("127.0.0.1:3260", "127.0.0.2:3260")
 BY_PATH = Path("/dev/disk/by-path")
 BY_ID = Path("/dev/disk/by-id")
 SYS_BLOCK = Path("/sys/block")
+_GONE = (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ENXIO)
+
+
+def attr(path: Path) -> str | None:
+    """A sysfs attribute's text, None when its object is gone: the kernel removes controllers, sessions
+    and devices while a test walks them (a disconnect in flight), so a walk must not fail on a vanished
+    entry."""
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise
+
+
+def entries(directory: Path) -> list[Path]:
+    """A sysfs directory's entries, [] when it is gone (see `attr`)."""
+    try:
+        return sorted(directory.iterdir())
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return []
+        raise
 
 
 def run(

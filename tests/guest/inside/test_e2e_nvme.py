@@ -191,7 +191,9 @@ def host_ana_states(nqn: str) -> dict[str, str]:
             continue
         addr = attrs["address"].split(",")[0].removeprefix("traddr=")
         for path in Path("/sys/class/nvme", name).glob("nvme*c*n*"):
-            out[addr] = (path / "ana_state").read_text().strip()
+            state = kernel.attr(path / "ana_state")
+            if state is not None:  # None: the controller went away during the walk
+                out[addr] = state
     return out
 
 
@@ -415,8 +417,7 @@ def controller_secrets(nqn: str) -> dict[str, tuple[bool, bool]]:
         addr = attrs["address"].split(",")[0].removeprefix("traddr=")
         found = []
         for attr in ("dhchap_secret", "dhchap_ctrl_secret"):
-            f = Path("/sys/class/nvme", name, attr)
-            found.append(f.exists() and f.read_text().strip() not in ("", "none"))
+            found.append(kernel.attr(Path("/sys/class/nvme", name, attr)) not in (None, "", "none"))
         out[addr] = (found[0], found[1])
     return out
 

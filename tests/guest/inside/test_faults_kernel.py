@@ -51,8 +51,9 @@ def _session_states(iqn: str) -> dict[str, str]:
     """SID -> the kernel's state of each session to `iqn` (LOGGED_IN, FAILED, ...)."""
     found = {}
     for d in Path("/sys/class/iscsi_session").glob("session*"):
-        if (d / "targetname").read_text().strip() == iqn:
-            found[d.name] = (d / "state").read_text().strip()
+        state = kernel.attr(d / "state")
+        if kernel.attr(d / "targetname") == iqn and state is not None:
+            found[d.name] = state
     return found
 
 

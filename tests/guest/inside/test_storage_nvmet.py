@@ -192,24 +192,27 @@ def disconnect(nqn: str) -> None:
 
 def disconnect_all(prefix: str) -> None:
     for sub in subsystems(prefix):
-        disconnect((sub / "subsysnqn").read_text().strip())
+        nqn = kernel.attr(sub / "subsysnqn")
+        if nqn:
+            disconnect(nqn)
 
 
 def subsystems(prefix: str) -> list[Path]:
-    if not SUBSYS_CLASS.is_dir():
-        return []
-    return [s for s in SUBSYS_CLASS.iterdir() if (s / "subsysnqn").read_text().strip().startswith(prefix)]
+    """The host's subsystems whose NQN starts with `prefix`; one going away during the walk is skipped."""
+    return [
+        s for s in kernel.entries(SUBSYS_CLASS) if (kernel.attr(s / "subsysnqn") or "").startswith(prefix)
+    ]
 
 
 def host_subsystem(nqn: str) -> Path | None:
-    return next((s for s in subsystems(nqn) if (s / "subsysnqn").read_text().strip() == nqn), None)
+    return next((s for s in subsystems(nqn) if kernel.attr(s / "subsysnqn") == nqn), None)
 
 
 def controllers(nqn: str) -> list[Path]:
     sub = host_subsystem(nqn)
     if sub is None:
         return []
-    return sorted(p for p in sub.iterdir() if p.name.startswith("nvme") and (p / "transport").exists())
+    return [p for p in kernel.entries(sub) if p.name.startswith("nvme") and (p / "transport").exists()]
 
 
 def head(nqn: str) -> str | None:
@@ -217,19 +220,14 @@ def head(nqn: str) -> str | None:
     sub = host_subsystem(nqn)
     if sub is None:
         return None
-    heads = sorted(
-        p.name
-        for p in sub.iterdir()
-        if p.name.startswith("nvme") and "n" in p.name[4:] and "c" not in p.name[4:]
-    )
+    heads = [p.name for p in kernel.entries(sub) if re.fullmatch(r"nvme\d+n\d+", p.name)]
     return heads[0] if heads else None
 
 
 def path_devices(nqn: str) -> list[str]:
     """The per-path (hidden) namespace devices, nvmeXcYnZ, of the subsystem's controllers."""
-    return sorted(
-        p.name for c in controllers(nqn) for p in c.iterdir() if re.fullmatch(r"nvme\d+c\d+n\d+", p.name)
-    )
+    path = re.compile(r"nvme\d+c\d+n\d+")
+    return sorted(p.name for c in controllers(nqn) for p in kernel.entries(c) if path.fullmatch(p.name))
 
 
 def sys_block(dev: str, attr: str) -> str:
@@ -282,8 +280,9 @@ def _connector(host_nqn: str = HOST_NQN, host_id: str = HOST_ID) -> pb.Connector
 
 def _ana_state(path_device: str) -> str:
     for c in SUBSYS_CLASS.glob("*/nvme*"):
-        if (c / path_device / "ana_state").exists():
-            return (c / path_device / "ana_state").read_text().strip()
+        state = kernel.attr(c / path_device / "ana_state")
+        if state is not None:
+            return state
     return "-"
 
 
