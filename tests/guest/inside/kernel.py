@@ -289,7 +289,7 @@ def force_cleanup() -> None:
 def dm_device(map_name: str) -> str:
     """Map name -> dm-N, from sysfs (/dev/mapper/NAME may still be a plain node before udev links it)."""
     for dm in SYS_BLOCK.glob("dm-*"):
-        if (dm / "dm" / "name").read_text().strip() == map_name:
+        if attr(dm / "dm" / "name") == map_name:
             return dm.name
     raise AssertionError(f"no dm device is named {map_name}")
 

@@ -70,8 +70,8 @@ def nvme_maps() -> list[str]:
     """Multipath maps whose paths are NVMe namespace devices."""
     out = []
     for dm in Path("/sys/block").glob("dm-*"):
-        if (dm / "dm/uuid").read_text().startswith("mpath-") and any(
-            p.name.startswith("nvme") for p in (dm / "slaves").iterdir()
+        if (kernel.attr(dm / "dm/uuid") or "").startswith("mpath-") and any(
+            p.name.startswith("nvme") for p in kernel.entries(dm / "slaves")
         ):
             out.append(dm.name)
     return sorted(out)

@@ -340,7 +340,7 @@ def test_a_file_volume_over_two_ports_is_one_namespace_with_the_announced_identi
             "two live controllers",
             lambda: (
                 len(controllers(nqn)) == 2
-                and all((c / "state").read_text().strip() == "live" for c in controllers(nqn))
+                and all(kernel.attr(c / "state") == "live" for c in controllers(nqn))
             ),
             60,
         )
