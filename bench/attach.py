@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.attach_guest import CONTENDERS, scrub
-from bench.facts import host_facts, pct
+from bench.facts import host_facts, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 GUEST_TIMEOUT = {
@@ -33,15 +33,6 @@ GUEST_TIMEOUT = {
     "nvme32": 2400.0, "storm": 3300.0, "storm-small": 900.0, "storm-osbrick": 3300.0,
 }  # fmt: skip
 STORM_PLANS = ("storm", "storm-small", "storm-osbrick")  # bench/storm_guest.py
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": round(pct(values, 50), 3),
-        "p95": round(pct(values, 95), 3),
-        "max": round(max(values), 3) if values else 0.0,
-    }
 
 
 def scrub_raw(raw: dict[str, Any]) -> None:
@@ -82,10 +73,10 @@ def aggregate(raw: dict[str, Any]) -> list[dict[str, Any]]:
         row["errors"] += r["errors"]
     out = []
     for row in rows.values():
-        row["connect"] = _stats(row.pop("_c"))
-        row["disconnect"] = _stats(row.pop("_d"))
-        row["connect_wall"] = _stats(row.pop("_cw"))
-        row["disconnect_wall"] = _stats(row.pop("_dw"))
+        row["connect"] = summary(row.pop("_c"))
+        row["disconnect"] = summary(row.pop("_d"))
+        row["connect_wall"] = summary(row.pop("_cw"))
+        row["disconnect_wall"] = summary(row.pop("_dw"))
         out.append(row)
     by_key = {(r["paths"], r["volumes"], r["contender"]): r for r in out}
     for r in out:

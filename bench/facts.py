@@ -56,6 +56,15 @@ def stats(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def summary(seconds: list[float], pcts: tuple[int, ...] = (50, 95)) -> dict[str, float]:
+    """Count, the given percentiles (keys pNN) and max of durations, in seconds to the millisecond."""
+    return {
+        "n": len(seconds),
+        **{f"p{p}": round(pct(seconds, p), 3) for p in pcts},
+        "max": round(max(seconds), 3) if seconds else 0.0,
+    }
+
+
 def unplug_disk(dom: Any, xml: str, marker: str, what: str, timeout: float, poll: float = 0.002) -> None:
     """A raw caller's unplug: libvirt's detachDeviceFlags (live), then the live XML read until `marker`
     (the disk's serial or source) is gone from it; RuntimeError naming `what` after `timeout` seconds."""

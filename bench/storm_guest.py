@@ -48,7 +48,7 @@ from bench.attach_guest import (
     single_path,
     versions,
 )
-from bench.facts import pct, unplug_disk
+from bench.facts import summary, unplug_disk
 from tests.guest.inside import kernel
 from tests.host.daemons import Tgtd
 from tests.rig import domain_xml
@@ -74,16 +74,6 @@ PLANS = {
     # The same shape, small: a check that the storm machinery works (minutes, not half an hour).
     "storm-small": StormPlan(volumes=8, domains=2, contenders=("floor", "bw-e2e")),
 }
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {
-        "n": len(values),
-        "p50": round(pct(values, 50), 3),
-        "p95": round(pct(values, 95), 3),
-        "p99": round(pct(values, 99), 3),
-        "max": round(max(values), 3) if values else 0.0,
-    }
 
 
 class Hotplug:
@@ -199,8 +189,8 @@ def storm(contender: Any, infos: list[Any], doms: list[str]) -> dict[str, Any]:
     secrets = [i.transport.chap.password.reveal() for i in infos if i.transport.chap is not None]
     return {
         "contender": contender.name,
-        "attach": {**stats(times["attach"]), "wall": round(walls["attach"], 3)},
-        "detach": {**stats(times["detach"]), "wall": round(walls["detach"], 3)},
+        "attach": {**summary(times["attach"], (50, 95, 99)), "wall": round(walls["attach"], 3)},
+        "detach": {**summary(times["detach"], (50, 95, 99)), "wall": round(walls["detach"], 3)},
         "errors": [scrub(e, secrets) for e in errors[:20]],
     }
 
