@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -272,14 +271,8 @@ def two_paths_scenario(
     (`iscsiadm -m session -r SID -u`), I/O goes on -> the agent restarted: its reconcile logs the path
     in again -> DetachVolume -> nothing left on the host -> DeleteVolume. Returns the target IQN and
     the time of each step."""
-    timings: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def took(step: str) -> None:
-        nonlocal mark
-        now = time.monotonic()
-        timings[step] = round(now - mark, 2)
-        mark = now
+    steps = kernel.Steps()
+    took, timings = steps.took, steps.timings
 
     vol = s.storage.create_volume(f"e2e-mp-{uuid.uuid4().hex[:6]}", 64 * kernel.MiB, backend=backend)
     vol = s.storage.wait_volume(vol.id, timeout=120)

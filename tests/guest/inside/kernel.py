@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +231,20 @@ def dm_maps() -> list[str]:
 
 def map_for(wwid: str) -> str | None:
     return next((name for name, w in maps().items() if w == wwid), None)
+
+
+class Steps:
+    """How long each step of a scenario took, from the end of the step before (seconds, to 10 ms):
+    `took("attach")` after each step, `timings` printed or returned by the test."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._mark = time.monotonic()
+
+    def took(self, step: str) -> None:
+        now = time.monotonic()
+        self.timings[step] = round(now - self._mark, 2)
+        self._mark = now
 
 
 # --- SCSI --------------------------------------------------------------------------------------------

@@ -110,13 +110,8 @@ def test_two_ports_hotplug_port_down_and_back_then_nothing_left(
     clean_nvme: None, nvme_stack: Stack, domain: str
 ) -> None:
     s = nvme_stack
-    timings: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def took(step: str) -> None:
-        nonlocal mark
-        timings[step] = round(time.monotonic() - mark, 2)
-        mark = time.monotonic()
+    steps = kernel.Steps()
+    took, timings = steps.took, steps.timings
 
     vol = s.storage.create_volume(f"e2e-nvme-{uuid.uuid4().hex[:6]}", 64 * MiB, backend="file")
     attached = False

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -122,13 +121,8 @@ def test_two_ports_one_dm_map_port_down_and_back_then_nothing_left(
 ) -> None:
     s = dm_nvme_stack
     assert not nvmet.native_multipath()
-    timings: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def took(step: str) -> None:
-        nonlocal mark
-        timings[step] = round(time.monotonic() - mark, 2)
-        mark = time.monotonic()
+    steps = kernel.Steps()
+    took, timings = steps.took, steps.timings
 
     vol = s.storage.create_volume(f"e2e-nvme-dm-{uuid.uuid4().hex[:6]}", 64 * MiB, backend="file")
     attached = False

@@ -153,13 +153,8 @@ def test_source_lets_go_while_io_goes_on_over_the_destinations_controllers(
     clean_nvme: None, two_hosts: tuple[Stack, Destination], domain: str
 ) -> None:
     s, b = two_hosts
-    timings: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def took(step: str) -> None:
-        nonlocal mark
-        timings[step] = round(time.monotonic() - mark, 2)
-        mark = time.monotonic()
+    steps = kernel.Steps()
+    took, timings = steps.took, steps.timings
 
     nqn_a = s.agent.get_connector().nvme_host_nqn
     nqn_b = b.agent.get_connector().nvme_host_nqn

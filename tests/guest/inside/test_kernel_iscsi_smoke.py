@@ -5,7 +5,6 @@ logged out while I/O goes on -> clean up -> nothing left."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from tests.guest.inside import kernel
@@ -28,14 +27,8 @@ def _write_read(device: Path, offset_mib: int, tmp_path: Path) -> None:
 
 
 def test_two_portals_multipath_io_and_clean_teardown(lun: kernel.Lun, tmp_path: Path) -> None:
-    timings: dict[str, float] = {}
-    mark = time.monotonic()
-
-    def took(step: str) -> None:
-        nonlocal mark
-        now = time.monotonic()
-        timings[step] = round(now - mark, 2)
-        mark = now
+    steps = kernel.Steps()
+    took, timings = steps.took, steps.timings
 
     # Static node records (no discovery) on both portals, then log in to each.
     for portal in PORTALS:
