@@ -30,7 +30,7 @@ from blockwire.model import Connector
 from storagesvc.backends.base import DirectBackend
 from storagesvc.context import Context
 from storagesvc.exports import Exports, initiator_of
-from storagesvc.model import Attachment, AttachmentState, VolumeState
+from storagesvc.model import Attachment, AttachmentState, Volume, VolumeState
 from storagesvc.targets.base import transport_of
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,14 @@ class Migrations:
             source = self._source(source_attachment_id)
             with ctx.hold_volume(source.volume_id):
                 source = self._source(source_attachment_id)
-                self._check_transport(source, connector)
-                return self._create(source, connector, domain or source.domain)
+                v = ctx.volume(source.volume_id)
+                self._check_transport(v, connector)
+                return self._create(source, v, connector, domain or source.domain)
 
-    def _check_transport(self, source: Attachment, connector: Connector) -> None:
+    def _check_transport(self, v: Volume, connector: Connector) -> None:
         """The destination host must be able to reach the volume's export the way its exporter offers it
         (an initiator IQN for iSCSI, a host NQN for NVMe/TCP); a volume without an export (a direct
         backend) cannot migrate yet."""
-        v = self.ctx.volume(source.volume_id)
         pool = self.ctx.pools[v.backend]
         if isinstance(pool.backend, DirectBackend):
             raise FailedPrecondition(
@@ -73,9 +73,10 @@ class Migrations:
             raise NotFound(f"source attachment {attachment_id} does not exist")
         return a
 
-    def _create(self, source: Attachment, connector: Connector, domain: str) -> Attachment:
+    def _create(self, source: Attachment, v: Volume, connector: Connector, domain: str) -> Attachment:
+        """`v`: the source's volume, read under its hold."""
         ctx = self.ctx
-        exporter = ctx.pools[ctx.volume(source.volume_id).backend].exporter
+        exporter = ctx.pools[v.backend].exporter
         pending = [
             a
             for a in ctx.catalog.attachments_of(source.volume_id)
@@ -110,7 +111,6 @@ class Migrations:
                 f"the destination host {connector.host} is the source attachment's host; a migration goes "
                 "to another host"
             )
-        v = ctx.volume(source.volume_id)
         if v.state is not VolumeState.IN_USE:
             raise FailedPrecondition(f"volume {v.id} is {v.state.value}, not in use")
         a = self.exports._create(v, connector, source.access_mode, domain, migration_source_id=source.id)
